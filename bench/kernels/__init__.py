@@ -1,0 +1,1 @@
+"""Kernel labs: one per op (STYLE.md habit 10)."""

@@ -1,0 +1,1 @@
+"""octavo: a small vLLM-class inference engine."""

@@ -1,0 +1,1 @@
+"""octavo.models: architectures, shared layers, loader and registry."""
