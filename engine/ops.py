@@ -1,0 +1,94 @@
+"""Python entry points for the compiled kernels (torch.ops.octavo.*, built into octavo._C).
+
+Each wrapper allocates its output and calls the registered op; signatures match octavo.ops_native.
+If the extension is missing (a Python-only install) the plain-PyTorch references are used with a
+warning; if it exists but fails to load, importing this module raises ImportError with the cause.
+Set OCTAVO_USE_NATIVE_OPS=1 to use the references on purpose.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from octavo import ops_native
+
+
+def _load_extension() -> bool:
+    if os.environ.get("OCTAVO_USE_NATIVE_OPS", "0") == "1":
+        return False
+    if importlib.util.find_spec("octavo._C") is None:
+        warnings.warn("octavo._C is not built: octavo.ops uses the slow PyTorch references. "
+                      "Build it with `pip install -e . --no-build-isolation`.", stacklevel=3)
+        return False
+    try:
+        importlib.import_module("octavo._C")
+    except ImportError as e:
+        raise ImportError(f"octavo._C exists but failed to load ({e}); rebuild with "
+                          "`pip install -e . --no-build-isolation` against torch "
+                          f"{torch.__version__}") from e
+    return True
+
+
+USING_NATIVE = not _load_extension()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [T, H], weight: [H] -> [T, H]
+    out = torch.empty_like(x)
+    torch.ops.octavo.rms_norm(out, x, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> None:
+    # in place: residual <- x + residual ; x <- rms_norm(residual) * weight
+    torch.ops.octavo.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    # x: [T, 2*D] -> [T, D]
+    out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
+    torch.ops.octavo.silu_and_mul(out, x)
+    return out
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    # x: [T, 2*D] -> [T, D]; approximate: "none" | "tanh"
+    out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
+    torch.ops.octavo.gelu_and_mul(out, x, approximate)
+    return out
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+                     head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
+    # in place on query [T, Hq*hd] and key [T, Hk*hd] (views with unit last stride are fine)
+    torch.ops.octavo.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    # key/value: [T, Hk, hd] -> caches [num_blocks, block_size, Hk, hd] at slot_mapping (-1 skipped)
+    torch.ops.octavo.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor, scale: float, sliding_window: int = 0,
+                    soft_cap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    # query: [T, Hq, hd] -> out [T, Hq, hd]; see INTERFACES.md for the masking rules
+    if out is None:
+        out = torch.empty_like(query)
+    torch.ops.octavo.paged_attention(out, query, key_cache, value_cache, query_start_loc,
+                                     seq_lens, block_table, scale, sliding_window, soft_cap,
+                                     alibi_slopes)
+    return out
+
+
+if USING_NATIVE:
+    from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, paged_attention,  # noqa: F811
+                                   reshape_and_cache, rms_norm, rotary_embedding, silu_and_mul)
