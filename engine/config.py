@@ -1,0 +1,115 @@
+"""EngineConfig: every engine setting in one dataclass that validates itself (STYLE.md habit 12)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | None = None          # bytes for K and V of all layers (CPU)
+    gpu_memory_utilization: float = 0.9          # share of device memory (CUDA)
+    device: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    quantization: str | None = None
+    generation_config: str = "auto"
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    # filled by resolve(): the HF config and the chosen torch dtype / device
+    hf_config: Any = field(default=None, repr=False)
+    torch_dtype: torch.dtype | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a path to a local Hugging Face model directory")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu'")
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("block_size", self.block_size)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.kv_cache_memory is not None:
+            _positive("kv_cache_memory", self.kv_cache_memory)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
+            raise ValueError("tensor/pipeline parallelism is not supported yet: "
+                             "use tensor_parallel_size=1 and pipeline_parallel_size=1")
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet; use quantization=None")
+        if self.generation_config not in ("auto", "octavo") and not os.path.isdir(self.generation_config):
+            raise ValueError("generation_config must be 'auto', 'octavo' or a directory holding "
+                             f"generation_config.json, got {self.generation_config!r}")
+        if self.kv_cache_memory is None and self.device == "cpu":
+            self.kv_cache_memory = int(float(os.environ.get("OCTAVO_CPU_KVCACHE_SPACE", "4")) * GiB)
+
+    def resolve(self, hf_config: Any) -> None:
+        """Fill in what depends on the model's config: dtype, max_model_len, token budget."""
+        self.hf_config = hf_config
+        self.torch_dtype = self._pick_dtype(hf_config)
+        limit = _max_positions(hf_config)
+        if self.max_model_len is None:
+            self.max_model_len = limit or 2048
+        elif limit is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's maximum of "
+                             f"{limit} positions (max_position_embeddings); lower max_model_len")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = max(2048, min(self.max_model_len, 8192))
+
+    def _pick_dtype(self, hf_config: Any) -> torch.dtype:
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype != "auto":
+            if self.dtype not in _DTYPES:
+                raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            return _DTYPES[self.dtype]
+        cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(cfg_dtype, str):
+            cfg_dtype = _DTYPES.get(cfg_dtype, torch.float32)
+        if cfg_dtype is None:
+            return torch.float32
+        if cfg_dtype == torch.float16 and self.device == "cpu":
+            return torch.bfloat16          # fp16 math on CPU is slow and overflows more easily
+        return cfg_dtype
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _max_positions(hf_config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
