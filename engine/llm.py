@@ -1,0 +1,84 @@
+"""LLM: the offline API (`LLM(model=...).generate(prompts, sampling_params)`)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine, PromptType, next_request_id
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model from a local Hugging Face directory and generate from batches of prompts.
+
+    Keyword arguments are EngineConfig's fields (dtype, max_model_len, max_num_seqs,
+    max_num_batched_tokens, block_size, enable_prefix_caching, kv_cache_memory, seed, ...).
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.llm_engine.get_default_sampling_params()
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts.
+
+        A prompt is a string, {"prompt_token_ids": [...]} or {"prompt": str}. Every prompt is
+        validated before any is queued: one bad prompt raises ValueError naming it and leaves
+        the engine as it was.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: "
+                                 "pass one, or one per prompt")
+        engine = self.llm_engine
+        checked = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                _, ids = engine.tokenize_prompt(prompt)
+                engine.validate(ids, p)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from e
+            checked.append(({"prompt": prompt, "prompt_token_ids": ids}
+                             if isinstance(prompt, str) else prompt))
+        ids = []
+        for prompt, p in zip(checked, params):
+            rid = next_request_id()
+            engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in done])
+            raise
+        finally:
+            bar.close()
+        return [done[r] for r in request_ids]

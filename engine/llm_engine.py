@@ -1,0 +1,256 @@
+"""LLMEngine: requests in, one scheduled forward + sample per step(), RequestOutputs out."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, decode_token
+from .kv_cache import KVCacheManager
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .request import Request, RequestStatus
+from .sampler import Sampler, SamplingState, compute_prompt_logprobs
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class _Parent:
+    """A user request; n > 1 fans out into n child Requests that share the prompt's blocks."""
+    request_id: str
+    children: list[Request]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        hf_config = _load_hf_config(config)
+        config.resolve(hf_config)
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model,
+                                                       trust_remote_code=config.trust_remote_code)
+        self.generation_config = _load_generation_config(config)
+        self.eos_token_ids = _eos_ids(hf_config, self.generation_config, self.tokenizer)
+        self.vocab_size = hf_config.vocab_size
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.init_kv_cache()
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.parents: dict[str, _Parent] = {}
+        self._child_parent: dict[str, _Parent] = {}
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
+
+    @classmethod
+    def from_config(cls, **kwargs: Any) -> "LLMEngine":
+        return cls(EngineConfig(**kwargs))
+
+    # ---- requests in ------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': "
+                         f"[int, ...]}}, got {type(prompt).__name__}")
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        n, limit = len(prompt_token_ids), self.config.max_model_len
+        if n > limit:
+            raise ValueError(f"the prompt is {n} tokens long, more than max_model_len={limit}: "
+                             "shorten the prompt or raise max_model_len")
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        params.verify_token_ids(self.vocab_size)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+        """Validate and queue a request; a bad request raises ValueError and changes nothing."""
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate(token_ids, params)
+        bad_words = params.bad_words_token_ids(self.tokenizer) if params.bad_words else None
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                child_params.n = 1
+                if params.seed is not None:
+                    child_params.seed = params.seed + i
+            rid = request_id if params.n == 1 else f"{i}_{request_id}"
+            req = Request(rid, token_ids, child_params, self.eos_token_ids, text,
+                          self.config.max_model_len)
+            req.index = i
+            req.bad_words_token_ids = bad_words
+            if params.detokenize:
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, token_ids)
+            children.append(req)
+        parent = _Parent(request_id, children)
+        self.parents[request_id] = parent
+        for req in children:
+            self._child_parent[req.request_id] = parent
+            self.scheduler.add_request(req)
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        for rid in ids:
+            parent = self.parents.pop(rid, None)
+            if parent is None:
+                continue
+            for req in parent.children:
+                self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
+                del self._child_parent[req.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.parents)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out)
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, Any] = {}
+        if result.sample_requests:
+            batch = [SamplingState(r.sampling_params, r.prompt_token_ids, r.output_token_ids,
+                                   r.generator, r.bad_words_token_ids)
+                     for r in result.sample_requests]
+            s = self.sampler(result.logits, batch)
+            for r, tok, lp in zip(result.sample_requests, s.sampled_token_ids, s.logprobs):
+                sampled[r.request_id] = tok
+                logprobs[r.request_id] = lp
+        for req, logits, targets in result.prompt_logits:
+            entries = compute_prompt_logprobs(logits, targets, req.sampling_params.prompt_logprobs)
+            req.prompt_logprobs.extend(self._decoded(e) for e in entries)
+        updated = self.scheduler.update(out, sampled)
+        touched: dict[str, _Parent] = {}
+        for req in updated:
+            self._process_token(req, req.output_token_ids[-1], logprobs.get(req.request_id))
+            touched[req.request_id] = self._child_parent[req.request_id]
+        outputs = []
+        for parent in {id(p): p for p in touched.values()}.values():
+            outputs.append(self._make_output(parent))
+        return outputs
+
+    def _decoded(self, entry: dict | None) -> dict | None:
+        if entry is not None:
+            for tok, lp in entry.items():
+                lp.decoded_token = decode_token(self.tokenizer, tok)
+        return entry
+
+    def _process_token(self, req: Request, token: int, lp: dict | None) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        if lp is not None:
+            req.logprobs.append(self._decoded(lp))
+            req.cumulative_logprob += lp[token].logprob
+        if req.detokenizer is None:
+            return
+        params = req.sampling_params
+        stopped_by_token = (req.status == RequestStatus.FINISHED_STOPPED)
+        if stopped_by_token and not params.include_stop_str_in_output:
+            return                                   # EOS / stop id: its text is not output
+        stop = req.detokenizer.update(token)
+        if stop is not None:                         # a stop string outranks the length limit
+            self.scheduler.finish_request(req, RequestStatus.FINISHED_STOPPED)
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = stop
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        finished = all(c.is_finished for c in parent.children)
+        first = parent.children[0]
+        completions = [CompletionOutput(
+            index=c.index,
+            text=c.detokenizer.output_text if c.detokenizer is not None else "",
+            token_ids=list(c.output_token_ids),
+            cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None,
+            logprobs=c.logprobs,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        ) for c in parent.children]
+        if finished:
+            del self.parents[parent.request_id]
+            for c in parent.children:
+                del self._child_parent[c.request_id]
+        return RequestOutput(request_id=parent.request_id, prompt=first.prompt,
+                             prompt_token_ids=first.prompt_token_ids,
+                             prompt_logprobs=first.prompt_logprobs, outputs=completions,
+                             finished=finished, num_cached_tokens=max(first.num_cached_tokens, 0))
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        if self.generation_config is None:
+            return SamplingParams()
+        defaults = self.generation_config.to_diff_dict()
+        return SamplingParams(**{ours: defaults[theirs] for theirs, ours in _GEN_FIELDS.items()
+                                 if theirs in defaults})
+
+
+def _load_hf_config(config: EngineConfig) -> Any:
+    if not os.path.isdir(config.model):
+        raise ValueError(f"model {config.model!r} is not a local directory; octavo loads Hugging "
+                         "Face model directories (config.json + *.safetensors) from disk")
+    try:
+        return AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code,
+                                          revision=config.revision)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"could not read the model config in {config.model!r}: {e}") from e
+
+
+_GEN_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+               "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
+               "min_p": "min_p"}
+
+
+def _load_generation_config(config: EngineConfig) -> GenerationConfig | None:
+    """The model's generation_config.json ("auto" or a directory), or none ("octavo")."""
+    if config.generation_config == "octavo":
+        return None
+    path = config.model if config.generation_config == "auto" else config.generation_config
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
+
+
+def _eos_ids(hf_config: Any, gen: GenerationConfig | None, tokenizer: Any) -> tuple[int, ...]:
+    ids: list[int] = []
+    gen_eos = gen.eos_token_id if gen is not None else None
+    for value in (gen_eos, getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v not in ids:
+                ids.append(v)
+    return tuple(ids)
+
+
+_counter = itertools.count()
+
+
+def next_request_id() -> str:
+    return str(next(_counter))

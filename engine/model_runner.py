@@ -1,0 +1,212 @@
+"""ModelRunner: loads the model, owns the KV cache and turns a scheduler step into one forward.
+
+The flat batch is every scheduled token of every request, back to back; attention finds each
+request's rows through `query_start_loc` and its context through its block table. Inputs go
+through preallocated buffers (no per-step allocation; the same buffers are what CUDA graphs
+will replay from).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from octavo.models.layers.attention import Attention, AttentionMetadata
+from octavo.models.loader import load_weights
+from octavo.models.registry import get_model_class
+
+from .config import EngineConfig
+from .request import Request
+from .scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclass
+class StepInputs:
+    """One step's flat batch, as views into the runner's buffers."""
+    input_ids: torch.Tensor                 # [T] int64
+    positions: torch.Tensor                 # [T] int64
+    attn: AttentionMetadata
+    sample_rows: torch.Tensor               # [N] int64: row of each sampling request's last token
+    sample_requests: list[Request]
+    # requests that asked for prompt logprobs: (request, first row, rows, first target position)
+    prompt_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    sample_requests: list[Request]
+    logits: torch.Tensor | None             # [N, vocab] float32
+    prompt_logits: list[tuple[Request, torch.Tensor, list[int]]]   # (req, [P, vocab], targets)
+
+
+class InputBuffers:
+    """Preallocated host-side inputs, sized for the largest step the scheduler can make."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
+        self.input_ids = np.zeros(max_tokens, dtype=np.int64)
+        self.positions = np.zeros(max_tokens, dtype=np.int64)
+        self.slot_mapping = np.full(max_tokens, -1, dtype=np.int64)
+        self.query_start_loc = np.zeros(max_seqs + 1, dtype=np.int32)
+        self.seq_lens = np.zeros(max_seqs, dtype=np.int32)
+        self.block_table = np.zeros((max_seqs, max_blocks), dtype=np.int32)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        hf_config = config.hf_config
+        model_cls = get_model_class(hf_config)
+        t0 = time.perf_counter()
+        with _default_dtype(self.dtype), self.device:
+            self.model = model_cls(hf_config)
+        load_weights(self.model, config.model)
+        self.model.eval()
+        logger.info("loaded %s in %.2fs", model_cls.__name__, time.perf_counter() - t0)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.buf = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
+                                self.max_blocks_per_seq)
+        self.num_blocks = 0
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_size * elt for a in self.attn_layers)
+
+    def _allocate(self, num_blocks: int) -> None:
+        for a in self.attn_layers:
+            shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_size)
+            a.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            a.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def init_kv_cache(self) -> int:
+        """Run one max-size forward to profile memory, then turn the KV budget into blocks."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.profile_run()
+        per_block = self.bytes_per_block()
+        if self.device.type == "cuda":
+            total = torch.cuda.mem_get_info()[1]
+            budget = int(total * self.config.gpu_memory_utilization) - torch.cuda.max_memory_allocated()
+            hint = "raise gpu_memory_utilization"
+        else:
+            budget = self.config.kv_cache_memory
+            hint = "raise kv_cache_memory (bytes)"
+        num_blocks = max(0, budget // per_block)
+        needed = self.max_blocks_per_seq
+        if num_blocks < needed:
+            raise ValueError(
+                f"max_model_len={self.config.max_model_len} needs {needed} KV blocks of "
+                f"{self.block_size} tokens ({needed * per_block} bytes) but the KV budget of "
+                f"{budget} bytes holds only {num_blocks}: {hint} to at least "
+                f"{needed * per_block}, or lower max_model_len")
+        self._allocate(num_blocks)
+        self.num_blocks = num_blocks
+        return num_blocks
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        cfg = self.config
+        total = cfg.max_num_batched_tokens
+        seq_len = min(cfg.max_model_len, total)
+        lens = [seq_len] * (total // seq_len) + ([total % seq_len] if total % seq_len else [])
+        lens = lens[:cfg.max_num_seqs]
+        blocks_each = [-(-n // self.block_size) for n in lens]
+        self._allocate(sum(blocks_each))
+        reqs, next_block = [], 0
+        for i, n in enumerate(lens):
+            r = _DummyRequest(f"profile-{i}", n, list(range(next_block, next_block + blocks_each[i])))
+            next_block += blocks_each[i]
+            reqs.append(r)
+        from .scheduler import ScheduledRequest
+        out = SchedulerOutput([ScheduledRequest(r, n, 0) for r, n in zip(reqs, lens)])
+        self.execute(out)
+        for a in self.attn_layers:
+            a.k_cache = a.v_cache = None
+
+    # ---- one step ---------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        b, bs = self.buf, self.block_size
+        t = 0
+        sample_rows, sample_reqs, prompt_rows = [], [], []
+        b.query_start_loc[0] = 0
+        for i, s in enumerate(out.scheduled):
+            req, start, n = s.request, s.start, s.num_new_tokens
+            end = start + n
+            b.input_ids[t:t + n] = req.all_token_ids[start:end]
+            pos = b.positions[t:t + n]
+            pos[:] = np.arange(start, end)
+            table = np.asarray(req.block_ids, dtype=np.int64)
+            b.slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
+            b.block_table[i, :len(table)] = table
+            b.seq_lens[i] = end
+            b.query_start_loc[i + 1] = t + n
+            if req.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
+                rows = min(end, req.num_prompt_tokens - 1) - start
+                prompt_rows.append((req, t, rows, start + 1))
+            t += n
+            if s.samples:
+                sample_rows.append(t - 1)
+                sample_reqs.append(req)
+        S = len(out.scheduled)
+        max_blocks = max(len(s.request.block_ids) for s in out.scheduled)
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.from_numpy(b.slot_mapping[:t]).to(dev),
+            query_start_loc=torch.from_numpy(b.query_start_loc[:S + 1]).to(dev),
+            seq_lens=torch.from_numpy(b.seq_lens[:S]).to(dev),
+            block_table=torch.from_numpy(b.block_table[:S, :max_blocks]).to(dev),
+            max_query_len=max(s.num_new_tokens for s in out.scheduled),
+            max_seq_len=int(b.seq_lens[:S].max()),
+        )
+        return StepInputs(torch.from_numpy(b.input_ids[:t]).to(dev),
+                          torch.from_numpy(b.positions[:t]).to(dev), attn,
+                          torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+                          sample_reqs, prompt_rows)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        inputs = self.prepare(out)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+        logits = None
+        if inputs.sample_requests:
+            logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        prompt_logits = []
+        for req, row, rows, first in inputs.prompt_rows:
+            targets = req.prompt_token_ids[first:first + rows]
+            prompt_logits.append((req, self.model.compute_logits(hidden[row:row + rows]).float(), targets))
+        return StepOutput(inputs.sample_requests, logits, prompt_logits)
+
+
+class _DummyRequest:
+    """Just enough of a Request for the profiling forward."""
+
+    def __init__(self, request_id: str, n: int, block_ids: list[int]) -> None:
+        self.request_id = request_id
+        self.all_token_ids = [0] * n
+        self.block_ids = block_ids
+        self.num_prompt_tokens = n
+        self.prompt_logprobs = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
