@@ -189,8 +189,9 @@ def _min_tokens_bans(s: SamplingState, eos_token_ids: Sequence[int]) -> list[int
 def apply_penalties(logits: torch.Tensor, batch: Sequence[SamplingState]) -> torch.Tensor:
     """Repetition (prompt + output tokens), frequency and presence (output tokens) penalties.
 
-    Token lists are padded with V into [N, L] tensors; counts come from one scatter_add into
-    [N, V + 1] whose last column collects the padding.
+    Works on the token positions only, O(N * seq_len), not O(N * V): token lists are padded
+    with V into [N, L] index tensors over a copy of the logits with one extra column (V) that
+    absorbs the padding. Gather-then-scatter is idempotent for repeated tokens.
     """
     rep = [s.params.repetition_penalty for s in batch]
     freq = [s.params.frequency_penalty for s in batch]
@@ -199,38 +200,29 @@ def apply_penalties(logits: torch.Tensor, batch: Sequence[SamplingState]) -> tor
     if not use_rep and not any(freq) and not any(pres):
         return logits
     num_rows, vocab_size = logits.shape
-    device = logits.device
-    output_counts = _token_counts([s.output_token_ids for s in batch], vocab_size, device)
-    output_mask = output_counts > 0
+    ext = torch.cat([logits, logits.new_zeros(num_rows, 1)], dim=1)        # [N, V + 1]
     if use_rep:
-        prompt_mask = _token_counts([s.prompt_token_ids for s in batch], vocab_size, device) > 0
-        seen = prompt_mask | output_mask
-        penalty = torch.tensor(rep, dtype=logits.dtype, device=device).unsqueeze(1)
-        penalty = torch.where(seen, penalty, torch.ones_like(logits[:1]))
-        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+        seen = _pad_tokens([[*s.prompt_token_ids, *s.output_token_ids] for s in batch],
+                           vocab_size, logits.device)
+        penalty = torch.tensor(rep, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+        vals = ext.gather(1, seen)
+        ext.scatter_(1, seen, torch.where(vals > 0, vals / penalty, vals * penalty))
+    out = _pad_tokens([s.output_token_ids for s in batch], vocab_size, logits.device)
     if any(freq):
-        f = torch.tensor(freq, dtype=logits.dtype, device=device).unsqueeze(1)
-        logits = logits - f * output_counts.to(logits.dtype)
+        f = torch.tensor(freq, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+        ext.scatter_add_(1, out, (-f).expand(out.shape).contiguous())
     if any(pres):
-        pr = torch.tensor(pres, dtype=logits.dtype, device=device).unsqueeze(1)
-        logits = logits - pr * output_mask.to(logits.dtype)
-    return logits
+        pr = torch.tensor(pres, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+        ext.scatter_(1, out, ext.gather(1, out) - pr)
+    return ext[:, :vocab_size]
 
 
-def _token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int,
-                  device: torch.device) -> torch.Tensor:
-    """[N, V] int32 counts of each token id in each row's list."""
-    max_len = max((len(t) for t in token_lists), default=0)
-    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.int32, device=device)
-    if max_len == 0:
-        return counts[:, :vocab_size]
-    padded = torch.full((len(token_lists), max_len), vocab_size, dtype=torch.int64)
-    for i, toks in enumerate(token_lists):
-        if len(toks):
-            padded[i, :len(toks)] = torch.as_tensor(list(toks), dtype=torch.int64)
-    padded = padded.to(device)
-    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
-    return counts[:, :vocab_size]
+def _pad_tokens(token_lists: Sequence[Sequence[int]], pad: int,
+                device: torch.device) -> torch.Tensor:
+    """[N, max(1, L)] int64, each row's tokens followed by `pad`."""
+    width = max(1, max((len(t) for t in token_lists), default=0))
+    rows = [[*t, *([pad] * (width - len(t)))] for t in token_lists]
+    return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
 def sample_random(logits: torch.Tensor, batch: Sequence[SamplingState],
@@ -254,31 +246,70 @@ def sample_random(logits: torch.Tensor, batch: Sequence[SamplingState],
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p * (the row's top probability)."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    """Drop tokens whose probability is below min_p * (the row's top probability).
+
+    p_v < min_p * p_max  <=>  logit_v < logit_max + log(min_p): no softmax needed."""
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+# Top-p without top-k first tries the largest _TOP_P_WINDOW logits: when they already hold
+# probability >= p the answer is exact without sorting the whole vocabulary.
+_TOP_P_WINDOW = 1024
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
                       top_p: torch.Tensor | None) -> torch.Tensor:
     """top_k [N] int64 (V = off) keeps the k largest logits (and ties with the k-th);
-    top_p [N] keeps the smallest set of top tokens whose probability (after top-k) reaches p."""
-    if top_p is None:
-        # Top-k only: a topk of the largest k is much cheaper than a full sort.
-        max_k = int(top_k.max())
-        kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k - 1).clamp(max=max_k - 1)
-                                                       .unsqueeze(1))
-        return logits.masked_fill(logits < kth, float("-inf"))
+    top_p [N] keeps the smallest set of top tokens whose probability (after top-k) reaches p.
+
+    Only a window of the largest logits is ever kept when every row has a top-k, or has a
+    top-p that the window's probability mass covers; one topk then replaces a full sort."""
+    num_rows, vocab_size = logits.shape
+    k = top_k if top_k is not None else torch.full((num_rows,), vocab_size,
+                                                    dtype=torch.int64, device=logits.device)
+    limited = k < vocab_size
+    max_finite_k = int(k[limited].max()) if bool(limited.any()) else 0
+    window = max_finite_k if bool(limited.all()) else max(max_finite_k, _TOP_P_WINDOW)
+    if window >= vocab_size:
+        return _top_k_top_p_sorted(logits, top_k, top_p)
+    vals, idx = logits.topk(window, dim=-1)                                # descending
+    lse_full = None
+    if not bool(limited.all()):
+        if top_p is None:
+            return _top_k_top_p_sorted(logits, top_k, top_p)
+        lse_full = torch.logsumexp(logits, dim=-1)
+        mass = torch.exp(torch.logsumexp(vals, dim=-1) - lse_full)
+        if not bool((limited | (mass >= top_p)).all()):
+            return _top_k_top_p_sorted(logits, top_k, top_p)
+    kth = vals.gather(1, (k.clamp(max=window) - 1).unsqueeze(1))
+    vals = vals.masked_fill(vals < kth, float("-inf"))
+    if top_p is not None:
+        # Probabilities over the top-k set: the window for limited rows, else the vocabulary.
+        lse = torch.logsumexp(vals, dim=-1)
+        if lse_full is not None:
+            lse = torch.where(limited, lse, lse_full)
+        probs = torch.exp(vals - lse.unsqueeze(1))
+        # Drop a token once the tokens above it already reach p (keeps at least the top one).
+        mass_above = probs.cumsum(dim=-1) - probs
+        drop = (mass_above >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+        vals = vals.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, idx, vals)
+
+
+def _top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor | None,
+                        top_p: torch.Tensor | None) -> torch.Tensor:
+    """The general case (some row has no top-k): one ascending sort of each row."""
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     vocab_size = logits.shape[1]
     if top_k is not None:
         kth = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
         sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = cum <= (1.0 - top_p).unsqueeze(1)
-    drop[:, -1] = False
-    sorted_logits.masked_fill_(drop, float("-inf"))
+    if top_p is not None:
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1.0 - top_p).unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
