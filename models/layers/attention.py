@@ -1,0 +1,87 @@
+"""Paged attention layer: write this step's K/V into the block cache, then attend through it.
+
+The model runner builds one AttentionMetadata per step and sets `k_cache` / `v_cache`
+([num_blocks, block_size, num_kv_heads, head_size]) on every Attention module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from octavo import ops, ops_native
+from octavo.models.layers.custom_op import CustomOp
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor      # [T] int64, -1 for padding
+    query_start_loc: torch.Tensor   # [S+1] int32
+    seq_lens: torch.Tensor          # [S] int32, context length including this step's tokens
+    block_table: torch.Tensor       # [S, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+class Attention(CustomOp):
+    def __init__(self, num_heads: int, head_size: int, scale: float,
+                 num_kv_heads: int | None = None, sliding_window: int | None = None,
+                 logit_soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None):
+        super().__init__()
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads "
+                             f"{self.num_kv_heads}")
+        self.sliding_window = sliding_window or 0
+        self.logit_soft_cap = logit_soft_cap or 0.0
+        self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.float()  # [Hq] fp32
+        self.k_cache = torch.tensor([])  # [num_blocks, block_size, Hk, hd], set by the runner
+        self.v_cache = torch.tensor([])
+
+    def _forward(self, impl, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # q: [T, Hq*hd]; k, v: [T, Hk*hd] (views of a fused qkv are fine) -> [T, Hq*hd]
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_size)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_size)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_size)
+        if self.k_cache.numel() == 0:  # no cache yet (memory profiling): prompts only
+            return _attention_without_cache(impl, q, k, v, attn_metadata, self).flatten(1)
+        slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(q.device)
+        impl.reshape_and_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping)
+        out = impl.paged_attention(q, self.k_cache, self.v_cache, attn_metadata.query_start_loc,
+                                   attn_metadata.seq_lens, attn_metadata.block_table, self.scale,
+                                   self.sliding_window, self.logit_soft_cap, slopes)
+        return out.view(num_tokens, self.num_heads * self.head_size)
+
+    def forward_ops(self, q, k, v, attn_metadata):
+        return self._forward(ops, q, k, v, attn_metadata)
+
+    def forward_native(self, q, k, v, attn_metadata):
+        return self._forward(ops_native, q, k, v, attn_metadata)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_size={self.head_size}, "
+                f"scale={self.scale:.4g}, sliding_window={self.sliding_window}, "
+                f"soft_cap={self.logit_soft_cap}, alibi={self.alibi_slopes is not None}")
+
+
+def _attention_without_cache(impl, q, k, v, md: AttentionMetadata, layer: Attention) -> torch.Tensor:
+    # Each sequence's context must be exactly its query rows (a whole prompt, nothing cached):
+    # attend within the step's own K/V through a temporary one-block-per-sequence cache.
+    starts = md.query_start_loc.tolist()
+    lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    if lens != md.seq_lens.tolist():
+        raise RuntimeError("Attention has no KV cache: only whole prompts can run before the "
+                           "runner sets k_cache/v_cache")
+    block = max(lens + [1])
+    cache_shape = (len(lens), block, layer.num_kv_heads, layer.head_size)
+    k_cache, v_cache = k.new_zeros(cache_shape), v.new_zeros(cache_shape)
+    slots = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)  # padding: -1
+    for s, (start, n) in enumerate(zip(starts, lens)):
+        slots[start:start + n] = torch.arange(n, device=q.device) + s * block
+    table = torch.arange(len(lens), dtype=torch.int32, device=q.device).view(-1, 1)
+    impl.reshape_and_cache(k, v, k_cache, v_cache, slots)
+    slopes = None if layer.alibi_slopes is None else layer.alibi_slopes.to(q.device)
+    return impl.paged_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens, table,
+                                layer.scale, layer.sliding_window, layer.logit_soft_cap, slopes)

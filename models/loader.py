@@ -1,0 +1,152 @@
+"""Load a local Hugging Face checkpoint into an octavo model, one tensor at a time.
+
+Files: model.safetensors, a sharded model.safetensors.index.json, other *.safetensors, or the
+pytorch_model.bin(.index.json) fallback. Each checkpoint tensor is routed through the model's
+`packed_modules_mapping` (q_proj -> qkv_proj shard 'q', ...) to a parameter's `weight_loader`,
+which copies (and shards / casts) it in place, so at most one checkpoint tensor is in memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from octavo.models.layers.linear import default_weight_loader
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint tensors that are buffers recomputed at init, never parameters.
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached",
+                  "attn.bias", "attn.masked_bias")
+
+
+def weight_files(model_dir: str) -> list[str]:
+    """The checkpoint files to read, in order; raises naming what was expected."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(model_dir, index_name)
+        if os.path.isfile(index_path):
+            return _files_from_index(model_dir, index_path)
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    others = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(model_dir, f) for f in others]
+    bin_file = os.path.join(model_dir, "pytorch_model.bin")
+    if os.path.isfile(bin_file):
+        return [bin_file]
+    raise FileNotFoundError(
+        f"no weights found in {model_dir!r}: expected model.safetensors, "
+        "model.safetensors.index.json (+ shards), *.safetensors, pytorch_model.bin or "
+        "pytorch_model.bin.index.json")
+
+
+def _files_from_index(model_dir: str, index_path: str) -> list[str]:
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path} is not a valid checkpoint index (need a 'weight_map' "
+                         f"object): {e}") from e
+    files = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{index_path} lists shard files that are missing: "
+                                f"{', '.join(os.path.basename(f) for f in missing)}")
+    return files
+
+
+def iterate_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every checkpoint tensor, streamed file by file."""
+    for path in files:
+        if path.endswith(".safetensors"):
+            yield from _iterate_safetensors(path)
+        else:
+            yield from _iterate_bin(path)
+
+
+def _iterate_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+        names = list(handle.keys())
+    except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+        raise ValueError(f"cannot read safetensors file {path!r} (truncated or corrupt?): {e}") from e
+    for name in names:
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {name!r} from {path!r} (truncated or "
+                             f"corrupt?): {e}") from e
+        yield name, tensor
+
+
+def _iterate_bin(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    try:  # mmap keeps the storage on disk; tensors are paged in as they are copied
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read PyTorch checkpoint {path!r} (truncated or corrupt?): {e}") from e
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def _route(name: str, packed: dict) -> tuple[str, object]:
+    # 'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 'q')
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            target, shard_id = packed[part]
+            return ".".join(parts[:i] + [target] + parts[i + 1:]), shard_id
+    return name, None
+
+
+def load_weights(model: nn.Module, model_dir: str) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`."""
+    files = weight_files(model_dir)
+    params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
+    packed = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    loaded: dict[str, set] = {}
+    unexpected = []
+    for name, tensor in iterate_weights(files):
+        if name.endswith(_SKIP_SUFFIXES) or (tied and name.startswith("lm_head.")):
+            continue
+        target, shard_id = _route(name, packed)
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {name!r} cannot be loaded into {target!r}: {e}") from e
+        loaded.setdefault(target, set()).add(shard_id)
+    if unexpected:
+        logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s",
+                       len(unexpected), unexpected[:5])
+    _check_complete(params, loaded, packed, model_dir)
+
+
+def _check_complete(params: dict, loaded: dict, packed: dict, model_dir: str) -> None:
+    shards_of: dict[str, set] = {}
+    for target, shard_id in packed.values():
+        shards_of.setdefault(target, set()).add(shard_id)
+    missing = []
+    for name in params:
+        got = loaded.get(name)
+        if got is None:
+            missing.append(name)
+            continue
+        module = name.split(".")[-2] if "." in name else ""
+        if module in shards_of and None not in got and not shards_of[module] <= got:
+            missing.append(f"{name} (shards {sorted(map(str, shards_of[module] - got))})")
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir!r} is missing {len(missing)} parameters the "
+                         f"model needs, e.g. {', '.join(missing[:8])}")
