@@ -280,7 +280,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
             return _top_k_top_p_sorted(logits, top_k, top_p)
         lse_full = torch.logsumexp(logits, dim=-1)
         mass = torch.exp(torch.logsumexp(vals, dim=-1) - lse_full)
-        if not bool((limited | (mass >= top_p)).all()):
+        if not bool((limited | ((top_p < 1.0) & (mass >= top_p))).all()):
             return _top_k_top_p_sorted(logits, top_k, top_p)
     kth = vals.gather(1, (k.clamp(max=window) - 1).unsqueeze(1))
     vals = vals.masked_fill(vals < kth, float("-inf"))
