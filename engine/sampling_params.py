@@ -54,7 +54,9 @@ class SamplingParams:
     output_text_buffer_length: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
-        if 0 < self.temperature < _MIN_TEMP:
+        # vLLM raises every temperature in (0, 0.01) to 0.01; here those below _SAMPLING_EPS
+        # stay greedy, as the docs promise.
+        if _SAMPLING_EPS <= self.temperature < _MIN_TEMP:
             logger.warning("temperature %s is below %s and may give inf/nan; using %s.",
                            self.temperature, _MIN_TEMP, _MIN_TEMP)
             self.temperature = _MIN_TEMP
