@@ -28,6 +28,14 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def _take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, full: int) -> torch.Tensor:
+    # Slice `index` (of width `size`) of a checkpoint tensor whose dim must be `full` wide.
+    if loaded.dim() <= dim or loaded.shape[dim] != full:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} should have size "
+                         f"{full} in dim {dim}")
+    return loaded.narrow(dim, index * size, size)
+
+
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor,
                           shard_id=None) -> None:
     """Copy a whole, unsharded tensor (casting to the parameter's dtype)."""
@@ -119,7 +127,7 @@ class ColumnParallelLinear(LinearBase):
         dim = getattr(param, "output_dim", None)
         if dim is not None:
             size = param.data.shape[dim]
-            loaded_weight = loaded_weight.narrow(dim, self.tp_rank * size, size)
+            loaded_weight = _take_shard(loaded_weight, dim, self.tp_rank, size, self.output_size)
         _copy_checked(param.data, loaded_weight)
 
 
@@ -136,6 +144,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if shard_id is None:
             if dim is None:
                 return _copy_checked(param.data, loaded_weight)
+            _take_shard(loaded_weight, dim, 0, 0, sum(self.output_sizes))  # checks the size
             offset = 0  # an already-fused checkpoint tensor: split it into its projections
             for i, size in enumerate(self.output_sizes):
                 self.weight_loader(param, loaded_weight.narrow(dim, offset, size), i)
@@ -147,7 +156,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         dst = param.data.narrow(dim, offset, size)
-        _copy_checked(dst, loaded_weight.narrow(dim, self.tp_rank * size, size))
+        _copy_checked(dst, _take_shard(loaded_weight, dim, self.tp_rank, size,
+                                       self.output_sizes[shard_id]))
         return None
 
 
@@ -174,15 +184,17 @@ class QKVParallelLinear(ColumnParallelLinear):
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
         super().__init__(hidden_size, output_size, bias, **kwargs)
 
-    def _shard(self, shard_id: str) -> tuple[int, int, int]:
-        # -> (offset in this rank's parameter, size, index of the checkpoint slice to take)
+    def _shard(self, shard_id: str) -> tuple[int, int, int, int]:
+        # -> (offset in this rank's parameter, size, index of the checkpoint slice to take,
+        #     full checkpoint size of this projection)
         if shard_id == "q":
-            return 0, self.q_size, self.tp_rank
+            return 0, self.q_size, self.tp_rank, self.total_num_heads * self.head_size
         kv_rank = self.tp_rank // self.num_kv_head_replicas
         if shard_id == "k":
-            return self.q_size, self.kv_size, kv_rank
+            return self.q_size, self.kv_size, kv_rank, self.total_num_kv_heads * self.head_size
         if shard_id == "v":
-            return self.q_size + self.kv_size, self.kv_size, kv_rank
+            return (self.q_size + self.kv_size, self.kv_size, kv_rank,
+                    self.total_num_kv_heads * self.head_size)
         raise ValueError(f"QKVParallelLinear shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
@@ -192,13 +204,14 @@ class QKVParallelLinear(ColumnParallelLinear):
                 return _copy_checked(param.data, loaded_weight)
             total_q = self.total_num_heads * self.head_size
             total_kv = self.total_num_kv_heads * self.head_size
+            _take_shard(loaded_weight, dim, 0, 0, total_q + 2 * total_kv)  # checks the size
             for sid, offset, size in (("q", 0, total_q), ("k", total_q, total_kv),
                                       ("v", total_q + total_kv, total_kv)):
                 self.weight_loader(param, loaded_weight.narrow(dim, offset, size), sid)
             return None
-        offset, size, index = self._shard(shard_id)
+        offset, size, index, full = self._shard(shard_id)
         dst = param.data.narrow(dim, offset, size)
-        _copy_checked(dst, loaded_weight.narrow(dim, index * size, size))
+        _copy_checked(dst, _take_shard(loaded_weight, dim, index, size, full))
         return None
 
 
@@ -219,7 +232,7 @@ class RowParallelLinear(LinearBase):
         dim = getattr(param, "input_dim", None)
         if dim is not None:
             size = param.data.shape[dim]
-            loaded_weight = loaded_weight.narrow(dim, self.tp_rank * size, size)
+            loaded_weight = _take_shard(loaded_weight, dim, self.tp_rank, size, self.input_size)
         _copy_checked(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
