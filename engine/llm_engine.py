@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer, decode_token
+from .detokenizer import IncrementalDetokenizer, fill_decoded_tokens
 from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -104,7 +104,7 @@ class LLMEngine:
             req.index = i
             req.bad_words_token_ids = bad_words
             if params.detokenize:
-                req.detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, token_ids)
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             children.append(req)
         parent = _Parent(request_id, children)
         self.parents[request_id] = parent
@@ -146,7 +146,8 @@ class LLMEngine:
                 logprobs[r.request_id] = lp
         for req, logits, targets in result.prompt_logits:
             entries = compute_prompt_logprobs(logits, targets, req.sampling_params.prompt_logprobs)
-            req.prompt_logprobs.extend(self._decoded(e) for e in entries)
+            fill_decoded_tokens(self.tokenizer, entries)
+            req.prompt_logprobs.extend(entries)
         updated = self.scheduler.update(out, sampled)
         touched: dict[str, _Parent] = {}
         for req in updated:
@@ -157,17 +158,12 @@ class LLMEngine:
             outputs.append(self._make_output(parent))
         return outputs
 
-    def _decoded(self, entry: dict | None) -> dict | None:
-        if entry is not None:
-            for tok, lp in entry.items():
-                lp.decoded_token = decode_token(self.tokenizer, tok)
-        return entry
-
     def _process_token(self, req: Request, token: int, lp: dict | None) -> None:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         if lp is not None:
-            req.logprobs.append(self._decoded(lp))
+            fill_decoded_tokens(self.tokenizer, [lp])
+            req.logprobs.append(lp)
             req.cumulative_logprob += lp[token].logprob
         if req.detokenizer is None:
             return
@@ -175,7 +171,7 @@ class LLMEngine:
         stopped_by_token = (req.status == RequestStatus.FINISHED_STOPPED)
         if stopped_by_token and not params.include_stop_str_in_output:
             return                                   # EOS / stop id: its text is not output
-        stop = req.detokenizer.update(token)
+        stop = req.detokenizer.update([token])
         if stop is not None:                         # a stop string outranks the length limit
             self.scheduler.finish_request(req, RequestStatus.FINISHED_STOPPED)
             req.status = RequestStatus.FINISHED_STOPPED
