@@ -36,8 +36,9 @@ class Attention(CustomOp):
         self.sliding_window = sliding_window or 0
         self.logit_soft_cap = logit_soft_cap or 0.0
         self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.float()  # [Hq] fp32
-        self.k_cache = torch.tensor([])  # [num_blocks, block_size, Hk, hd], set by the runner
-        self.v_cache = torch.tensor([])
+        # [num_blocks, block_size, Hk, hd], set by the runner; None/empty: no cache yet
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
 
     def _forward(self, impl, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:
         # q: [T, Hq*hd]; k, v: [T, Hk*hd] (views of a fused qkv are fine) -> [T, Hq*hd]
@@ -45,7 +46,7 @@ class Attention(CustomOp):
         q = q.view(num_tokens, self.num_heads, self.head_size)
         k = k.view(num_tokens, self.num_kv_heads, self.head_size)
         v = v.view(num_tokens, self.num_kv_heads, self.head_size)
-        if self.k_cache.numel() == 0:  # no cache yet (memory profiling): prompts only
+        if self.k_cache is None or self.k_cache.numel() == 0:  # no cache (profiling): prompts only
             return _attention_without_cache(impl, q, k, v, attn_metadata, self).flatten(1)
         slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(q.device)
         impl.reshape_and_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping)
