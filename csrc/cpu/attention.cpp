@@ -1,0 +1,376 @@
+// Paged attention on CPU: one kernel for prefill and decode over the block table.
+// Work item = (sequence, kv head, chunk of query tokens); the query heads sharing the kv head
+// are processed together so each K/V block is loaded once. Online softmax in fp32 per block.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_types.h"
+
+namespace octavo::cpu::CPU_CAPABILITY {
+
+namespace {
+
+constexpr int kTargetRows = 64;  // rows (tokens x grouped heads) per prefill work item
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct WorkItem {
+  int seq, kv_head, t0, t1;  // query tokens [t0, t1) local to the sequence
+  int64_t cost;
+};
+
+// Per-thread buffers, grown on demand and reused across calls.
+struct Scratch {
+  std::vector<float> q, acc, scores, vf, m, l, pos;
+  void reserve(int rows, int hdp, int bsp) {
+    auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
+    grow(q, size_t(rows) * hdp);
+    grow(acc, size_t(rows) * hdp);
+    grow(scores, size_t(rows) * bsp);
+    grow(vf, size_t(bsp) * hdp);
+    grow(m, rows);
+    grow(l, rows);
+    grow(pos, rows);
+  }
+};
+
+// scores[r * lds] = dot(q_r, k) for NR rows of Q (fp32, padded to nfull + (tail > 0) chunks).
+template <int NR, typename T>
+inline void dot_rows(const float* q, int ldq, const T* k, int nfull, int tail, float* s, int lds) {
+  fVec acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = fVec(0.f);
+  for (int c = 0; c < nfull; ++c) {
+    const fVec kv = load_f(k + c * kVec);
+    for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(fVec::loadu(q + r * ldq + c * kVec), kv, acc[r]);
+  }
+  if (tail > 0) {
+    const fVec kv = load_f_partial(k + nfull * kVec, tail);
+    for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(fVec::loadu(q + r * ldq + nfull * kVec), kv, acc[r]);
+  }
+  for (int r = 0; r < NR; ++r) s[r * lds] = hsum(acc[r]);
+}
+
+// acc[0:NC chunks] += sum_j p[j] * vf[j]  (NC independent accumulators per row)
+template <int NC>
+inline void pv_row(float* acc, const float* p, const float* vf, int ldv, int nk) {
+  fVec a[NC];
+  for (int c = 0; c < NC; ++c) a[c] = fVec::loadu(acc + c * kVec);
+  for (int j = 0; j < nk; ++j) {
+    const fVec pj(p[j]);
+    for (int c = 0; c < NC; ++c) a[c] = at::vec::fmadd(pj, fVec::loadu(vf + j * ldv + c * kVec), a[c]);
+  }
+  for (int c = 0; c < NC; ++c) a[c].store(acc + c * kVec);
+}
+
+template <typename T>
+class Attention {
+ public:
+  explicit Attention(const PagedAttentionParams& p)
+      : p_(p), group_(p.num_heads / p.num_kv_heads), hd_(p.head_size),
+        nfull_(p.head_size / kVec), tail_(p.head_size % kVec),
+        hdp_((p.head_size + kVec - 1) / kVec * kVec),
+        bsp_((p.block_size + kVec - 1) / kVec * kVec) {}
+
+  int group() const { return group_; }
+  int hdp() const { return hdp_; }
+  int bsp() const { return bsp_; }
+
+  void run(const WorkItem& w, Scratch& sc) const {
+    const int q_start = p_.query_start_loc[w.seq];
+    const int q_len = p_.query_start_loc[w.seq + 1] - q_start;
+    const int ctx = p_.seq_lens[w.seq];
+    const int rows = (w.t1 - w.t0) * group_;
+    sc.reserve(rows, hdp_, bsp_);
+    load_queries(w, q_start, ctx - q_len, sc);
+    const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
+    const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
+    const int hi = std::min(ctx, last_pos + 1);
+    const int32_t* blocks = p_.block_table + int64_t(w.seq) * p_.bt_stride;
+    for (int b = lo / p_.block_size; b * p_.block_size < hi; ++b) {
+      const int j0 = std::max(lo, b * p_.block_size);
+      const int j1 = std::min(hi, (b + 1) * p_.block_size);
+      process_block(w, blocks[b], b * p_.block_size, j0, j1, rows, sc);
+    }
+    store_output(w, q_start, rows, sc);
+  }
+
+ private:
+  const T* key_row(int64_t block, int off, int kvh) const {
+    return static_cast<const T*>(p_.key_cache) + block * p_.kc_stride_block +
+           off * p_.kc_stride_token + kvh * p_.kc_stride_head;
+  }
+  const T* value_row(int64_t block, int off, int kvh) const {
+    return static_cast<const T*>(p_.value_cache) + block * p_.vc_stride_block +
+           off * p_.vc_stride_token + kvh * p_.vc_stride_head;
+  }
+
+  // Q rows (token-major, then grouped head) into fp32 scratch, pre-scaled, zero padded.
+  void load_queries(const WorkItem& w, int q_start, int pos0, Scratch& sc) const {
+    const fVec vscale(p_.scale);
+    for (int t = w.t0; t < w.t1; ++t) {
+      for (int g = 0; g < group_; ++g) {
+        const int r = (t - w.t0) * group_ + g;
+        const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + t) * p_.q_stride_token +
+                       int64_t(w.kv_head * group_ + g) * p_.q_stride_head;
+        float* dst = sc.q.data() + size_t(r) * hdp_;
+        for (int c = 0; c < nfull_; ++c) (load_f(src + c * kVec) * vscale).store(dst + c * kVec);
+        if (tail_ > 0) (load_f_partial(src + nfull_ * kVec, tail_) * vscale).store(dst + nfull_ * kVec);
+        std::fill(sc.acc.data() + size_t(r) * hdp_, sc.acc.data() + size_t(r + 1) * hdp_, 0.f);
+        sc.m[r] = kNegInf;
+        sc.l[r] = 0.f;
+        sc.pos[r] = float(pos0 + t);
+      }
+    }
+  }
+
+  void scores(const float* q, const T* kbase, int nk, int rows, float* s) const {
+    for (int j = 0; j < nk; ++j) {
+      const T* k = kbase + int64_t(j) * p_.kc_stride_token;
+      int r = 0;
+      for (; r + 8 <= rows; r += 8) dot_rows<8>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * bsp_ + j, bsp_);
+      for (; r + 4 <= rows; r += 4) dot_rows<4>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * bsp_ + j, bsp_);
+      for (; r < rows; ++r) dot_rows<1>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * bsp_ + j, bsp_);
+    }
+  }
+
+  // Masks, caps and exponentiates one row's scores in place; returns false if all masked.
+  bool softmax_row(float* s, int r, int h, int j0, int nk, Scratch& sc, float& corr) const {
+    const float pos = sc.pos[r];
+    const fVec vpos(pos), vlo(p_.sliding_window > 0 ? pos - p_.sliding_window : -1.f);
+    const fVec vinf(kNegInf), vnk(float(j0 + nk));
+    const float slope = p_.alibi_slopes != nullptr ? p_.alibi_slopes[h] : 0.f;
+    fVec vmax(kNegInf);
+    for (int c = 0; c < bsp_; c += kVec) {
+      const fVec j = fVec::arange(float(j0 + c), 1.f);
+      fVec x = fVec::loadu(s + c);
+      if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
+      if (slope != 0.f) x = at::vec::fmadd(fVec(slope), j - vpos, x);
+      const fVec ok = (j <= vpos) & (j > vlo) & (j < vnk);
+      x = fVec::blendv(vinf, x, ok);
+      x.store(s + c);
+      vmax = at::vec::maximum(vmax, x);
+    }
+    const float bmax = hmax(vmax);
+    if (bmax == kNegInf) return false;
+    const float m_new = std::max(sc.m[r], bmax);
+    corr = std::exp(sc.m[r] - m_new);
+    fVec vsum(0.f);
+    const fVec vm(m_new);
+    for (int c = 0; c < bsp_; c += kVec) {
+      const fVec e = (fVec::loadu(s + c) - vm).exp();
+      e.store(s + c);
+      vsum = vsum + e;
+    }
+    sc.l[r] = sc.l[r] * corr + hsum(vsum);
+    sc.m[r] = m_new;
+    return true;
+  }
+
+  void process_block(const WorkItem& w, int64_t block, int block_start, int j0, int j1, int rows,
+                     Scratch& sc) const {
+    const int nk = j1 - j0, off = j0 - block_start;
+    float* s = sc.scores.data();
+    scores(sc.q.data(), key_row(block, off, w.kv_head), nk, rows, s);
+    // V rows of this block in fp32 (zero padded) so every query row reuses them.
+    for (int j = 0; j < nk; ++j) {
+      const T* v = value_row(block, off + j, w.kv_head);
+      float* dst = sc.vf.data() + size_t(j) * hdp_;
+      for (int c = 0; c < nfull_; ++c) load_f(v + c * kVec).store(dst + c * kVec);
+      if (tail_ > 0) load_f_partial(v + nfull_ * kVec, tail_).store(dst + nfull_ * kVec);
+    }
+    const int nchunks = hdp_ / kVec;
+    for (int r = 0; r < rows; ++r) {
+      float corr = 1.f;
+      const int h = w.kv_head * group_ + r % group_;
+      if (!softmax_row(s + r * bsp_, r, h, j0, nk, sc, corr)) continue;
+      float* acc = sc.acc.data() + size_t(r) * hdp_;
+      if (corr != 1.f) {
+        const fVec vc(corr);
+        for (int c = 0; c < hdp_; c += kVec) (fVec::loadu(acc + c) * vc).store(acc + c);
+      }
+      const float* prow = s + r * bsp_;
+      for (int c0 = 0; c0 < nchunks; c0 += 8) {
+        const int nc = std::min(8, nchunks - c0);
+        float* a = acc + c0 * kVec;
+        const float* vf = sc.vf.data() + c0 * kVec;
+        switch (nc) {
+          case 8: pv_row<8>(a, prow, vf, hdp_, nk); break;
+          case 7: pv_row<7>(a, prow, vf, hdp_, nk); break;
+          case 6: pv_row<6>(a, prow, vf, hdp_, nk); break;
+          case 5: pv_row<5>(a, prow, vf, hdp_, nk); break;
+          case 4: pv_row<4>(a, prow, vf, hdp_, nk); break;
+          case 3: pv_row<3>(a, prow, vf, hdp_, nk); break;
+          case 2: pv_row<2>(a, prow, vf, hdp_, nk); break;
+          default: pv_row<1>(a, prow, vf, hdp_, nk); break;
+        }
+      }
+    }
+  }
+
+  void store_output(const WorkItem& w, int q_start, int rows, const Scratch& sc) const {
+    for (int r = 0; r < rows; ++r) {
+      const int t = w.t0 + r / group_, g = r % group_;
+      T* dst = static_cast<T*>(p_.out) + int64_t(q_start + t) * p_.o_stride_token +
+               int64_t(w.kv_head * group_ + g) * p_.o_stride_head;
+      const float* acc = sc.acc.data() + size_t(r) * hdp_;
+      const fVec inv(sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f);
+      for (int c = 0; c < nfull_; ++c) store_f(dst + c * kVec, fVec::loadu(acc + c * kVec) * inv);
+      if (tail_ > 0) store_f_partial(dst + nfull_ * kVec, fVec::loadu(acc + nfull_ * kVec) * inv, tail_);
+    }
+  }
+
+  const PagedAttentionParams& p_;
+  const int group_, hd_, nfull_, tail_, hdp_, bsp_;
+};
+
+// Splits every sequence into (kv head, token chunk) items with an estimated cost.
+void make_items(const PagedAttentionParams& p, int group, std::vector<WorkItem>& items) {
+  items.clear();
+  const int chunk = std::max(1, kTargetRows / group);
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
+    const int ctx = p.seq_lens[s];
+    for (int t0 = 0; t0 < q_len; t0 += chunk) {
+      const int t1 = std::min(q_len, t0 + chunk);
+      int64_t keys = ctx - q_len + t1;  // keys seen by the last row
+      if (p.sliding_window > 0) keys = std::min<int64_t>(keys, p.sliding_window + t1 - t0);
+      const int64_t cost = int64_t(t1 - t0) * group * (keys + 16) + keys * 4;
+      for (int h = 0; h < p.num_kv_heads; ++h) items.push_back({s, h, t0, t1, cost});
+    }
+  }
+}
+
+template <typename T>
+void paged_attention_impl(const PagedAttentionParams& p) {
+  const Attention<T> attn(p);
+  // Reused across calls; bound to references so worker threads see the caller's vectors.
+  static thread_local std::vector<WorkItem> items_buf;
+  static thread_local std::vector<int64_t> prefix_buf;
+  std::vector<WorkItem>& items = items_buf;
+  std::vector<int64_t>& prefix = prefix_buf;
+  make_items(p, attn.group(), items);
+  const int64_t n = int64_t(items.size());
+  if (n == 0) return;
+  prefix.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
+  // Contiguous item ranges of equal cost, a few per thread.
+  const int64_t parts = std::min<int64_t>(n, int64_t(at::get_num_threads()) * 4);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    static thread_local Scratch scratch;
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t lo_cost = prefix[n] * part / parts, hi_cost = prefix[n] * (part + 1) / parts;
+      const int64_t i0 = std::lower_bound(prefix.begin(), prefix.begin() + n, lo_cost) - prefix.begin();
+      const int64_t i1 = part + 1 == parts ? n
+          : std::lower_bound(prefix.begin(), prefix.begin() + n, hi_cost) - prefix.begin();
+      for (int64_t i = i0; i < i1; ++i) attn.run(items[i], scratch);
+    }
+  });
+}
+
+}  // namespace
+
+void paged_attention_kernel(const PagedAttentionParams& p) {
+  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { paged_attention_impl<scalar_t>(p); });
+}
+
+}  // namespace octavo::cpu::CPU_CAPABILITY
+
+#if defined(OCTAVO_CPU_LAUNCHERS)
+#include "cpu/check.h"
+#include "cpu/dispatch.h"
+#include "ops.h"
+
+OCTAVO_DECLARE_CPU_KERNEL(paged_attention_kernel, PagedAttentionParams)
+
+namespace octavo {
+
+void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                         const at::Tensor& value_cache, const at::Tensor& query_start_loc,
+                         const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
+                         int64_t sliding_window, double soft_cap,
+                         const std::optional<at::Tensor>& alibi_slopes) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &query, &key_cache, &value_cache, &query_start_loc,
+                              &seq_lens, &block_table})
+    TORCH_CHECK(t->device().is_cpu(), "paged_attention: all tensors must be on the CPU");
+  TORCH_CHECK(query.dim() == 3, "paged_attention: query must be [T, Hq, hd], got ", query.sizes());
+  TORCH_CHECK(out.sizes() == query.sizes(), "paged_attention: out ", out.sizes(),
+              " must match query ", query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
+              "paged_attention: caches must be [num_blocks, block_size, Hk, hd], got ",
+              key_cache.sizes(), " and ", value_cache.sizes());
+  const int64_t num_heads = query.size(1), num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == query.size(2), "paged_attention: cache head size ",
+              key_cache.size(3), " != query head size ", query.size(2));
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "paged_attention: Hq=",
+              num_heads, " is not a multiple of Hk=", num_kv_heads);
+  OCTAVO_CHECK_SAME_DTYPE(query, out);
+  OCTAVO_CHECK_SAME_DTYPE(query, key_cache);
+  OCTAVO_CHECK_SAME_DTYPE(query, value_cache);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &query, &key_cache, &value_cache})
+    TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1,
+                "paged_attention: query/out/caches must have a unit last stride");
+  const int64_t num_seqs = seq_lens.size(0);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&query_start_loc, &seq_lens, &block_table})
+    TORCH_CHECK(t->scalar_type() == at::kInt, "paged_attention: query_start_loc, seq_lens and "
+                "block_table must be int32");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.is_contiguous(), "paged_attention: seq_lens must be contiguous [S]");
+  TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.size(0) == num_seqs + 1 &&
+                  query_start_loc.is_contiguous(),
+              "paged_attention: query_start_loc must be contiguous [S+1]");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == num_seqs && block_table.stride(1) == 1,
+              "paged_attention: block_table must be [S, max_blocks] with a unit last stride");
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t block_size = key_cache.size(1), max_blocks = block_table.size(1);
+  TORCH_CHECK(num_seqs == 0 || (qsl[0] == 0 && qsl[num_seqs] <= query.size(0)),
+              "paged_attention: query_start_loc must start at 0 and end within T");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = qsl[s + 1] - qsl[s];
+    TORCH_CHECK(q_len >= 0 && lens[s] >= q_len && lens[s] <= max_blocks * block_size,
+                "paged_attention: sequence ", s, " has q_len ", q_len, " and seq_len ", lens[s],
+                " (need q_len <= seq_len <= max_blocks * block_size = ", max_blocks * block_size, ")");
+  }
+  if (alibi_slopes.has_value()) {
+    TORCH_CHECK(alibi_slopes->device().is_cpu() && alibi_slopes->scalar_type() == at::kFloat &&
+                    alibi_slopes->numel() == num_heads && alibi_slopes->is_contiguous(),
+                "paged_attention: alibi_slopes must be a contiguous float32 [Hq] CPU tensor");
+  }
+  TORCH_CHECK(sliding_window >= 0, "paged_attention: sliding_window must be >= 0");
+  TORCH_CHECK(soft_cap >= 0, "paged_attention: soft_cap must be >= 0");
+  cpu::PagedAttentionParams p{};
+  p.out = out.data_ptr();
+  p.query = query.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.query_start_loc = qsl;
+  p.seq_lens = lens;
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  p.q_stride_token = query.stride(0);
+  p.q_stride_head = query.stride(1);
+  p.o_stride_token = out.stride(0);
+  p.o_stride_head = out.stride(1);
+  p.kc_stride_block = key_cache.stride(0);
+  p.kc_stride_token = key_cache.stride(1);
+  p.kc_stride_head = key_cache.stride(2);
+  p.vc_stride_block = value_cache.stride(0);
+  p.vc_stride_token = value_cache.stride(1);
+  p.vc_stride_head = value_cache.stride(2);
+  p.bt_stride = block_table.stride(0);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.head_size = static_cast<int>(query.size(2));
+  p.block_size = static_cast<int>(block_size);
+  p.scale = static_cast<float>(scale);
+  p.soft_cap = static_cast<float>(soft_cap);
+  p.sliding_window = static_cast<int>(sliding_window);
+  p.dtype = cpu::to_dtype(query, "paged_attention");
+  OCTAVO_CALL_CPU_KERNEL(paged_attention_kernel, p);
+}
+
+}  // namespace octavo
+#endif  // OCTAVO_CPU_LAUNCHERS

@@ -1,0 +1,108 @@
+// reshape_and_cache on CPU: scatter each token's K/V heads into its cache slot (-1 = skip).
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+#include "cpu/cpu_types.h"
+
+namespace octavo::cpu::CPU_CAPABILITY {
+
+template <typename T>
+static void copy_heads(T* dst, int64_t dst_head_stride, const T* src, int64_t src_head_stride,
+                       int heads, int head_size) {
+  if (dst_head_stride == head_size && src_head_stride == head_size) {
+    std::memcpy(dst, src, sizeof(T) * heads * head_size);
+    return;
+  }
+  for (int h = 0; h < heads; ++h)
+    std::memcpy(dst + h * dst_head_stride, src + h * src_head_stride, sizeof(T) * head_size);
+}
+
+template <typename T>
+static bool cache_impl(const CacheParams& p) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, p.num_tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = p.slot_mapping[t];
+      if (slot < 0) continue;
+      if (slot >= p.num_slots) {
+        ok = false;
+        continue;
+      }
+      const int64_t block = slot / p.block_size, off = slot % p.block_size;
+      copy_heads(static_cast<T*>(p.key_cache) + block * p.kc_stride_block + off * p.kc_stride_token,
+                 p.kc_stride_head, static_cast<const T*>(p.key) + t * p.k_stride_token,
+                 p.k_stride_head, p.num_kv_heads, p.head_size);
+      copy_heads(static_cast<T*>(p.value_cache) + block * p.vc_stride_block + off * p.vc_stride_token,
+                 p.vc_stride_head, static_cast<const T*>(p.value) + t * p.v_stride_token,
+                 p.v_stride_head, p.num_kv_heads, p.head_size);
+    }
+  });
+  return ok.load();
+}
+
+bool reshape_and_cache_kernel(const CacheParams& p) {
+  bool ok = true;
+  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { ok = cache_impl<scalar_t>(p); });
+  return ok;
+}
+
+}  // namespace octavo::cpu::CPU_CAPABILITY
+
+#if defined(OCTAVO_CPU_LAUNCHERS)
+#include "cpu/check.h"
+#include "ops.h"
+
+namespace octavo {
+
+void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&key, &value, &key_cache, &value_cache, &slot_mapping})
+    TORCH_CHECK(t->device().is_cpu(), "reshape_and_cache: all tensors must be on the CPU");
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(),
+              "reshape_and_cache: key/value must be [T, Hk, hd], got ", key.sizes(), " and ",
+              value.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
+              "reshape_and_cache: caches must be [num_blocks, block_size, Hk, hd], got ",
+              key_cache.sizes(), " and ", value_cache.sizes());
+  TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
+              "reshape_and_cache: cache heads/head size ", key_cache.sizes(),
+              " do not match key ", key.sizes());
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "reshape_and_cache: slot_mapping must be a contiguous [T] int64 tensor");
+  OCTAVO_CHECK_SAME_DTYPE(key, value);
+  OCTAVO_CHECK_SAME_DTYPE(key, key_cache);
+  OCTAVO_CHECK_SAME_DTYPE(key, value_cache);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&key, &value, &key_cache, &value_cache})
+    TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1,
+                "reshape_and_cache: tensors must have a unit last stride");
+  cpu::CacheParams p{};
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.k_stride_token = key.stride(0);
+  p.k_stride_head = key.stride(1);
+  p.v_stride_token = value.stride(0);
+  p.v_stride_head = value.stride(1);
+  p.kc_stride_block = key_cache.stride(0);
+  p.kc_stride_token = key_cache.stride(1);
+  p.kc_stride_head = key_cache.stride(2);
+  p.vc_stride_block = value_cache.stride(0);
+  p.vc_stride_token = value_cache.stride(1);
+  p.vc_stride_head = value_cache.stride(2);
+  p.num_tokens = key.size(0);
+  p.num_slots = key_cache.size(0) * key_cache.size(1);
+  p.num_kv_heads = static_cast<int>(key.size(1));
+  p.head_size = static_cast<int>(key.size(2));
+  p.block_size = static_cast<int>(key_cache.size(1));
+  p.dtype = cpu::to_dtype(key, "reshape_and_cache");
+  // A memcpy kernel: the DEFAULT build is as fast as any other.
+  const bool ok = cpu::DEFAULT::reshape_and_cache_kernel(p);
+  TORCH_CHECK(ok, "reshape_and_cache: a slot is >= num_blocks * block_size = ", p.num_slots);
+}
+
+}  // namespace octavo
+#endif  // OCTAVO_CPU_LAUNCHERS

@@ -1,0 +1,54 @@
+// Every octavo op's C++ declaration; schemas in torch_bindings.cpp, semantics in INTERFACES.md.
+// Shapes: T tokens, H hidden, Hq/Hk query/kv heads, hd head size, S sequences.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+
+namespace octavo {
+
+// ---- CPU (csrc/cpu/*.cpp) ----
+void rms_norm_cpu(at::Tensor& out,           // [T, H]
+                  const at::Tensor& x,       // [T, H]
+                  const at::Tensor& weight,  // [H]
+                  double eps);
+void fused_add_rms_norm_cpu(at::Tensor& x,          // [T, H] in: input, out: normed
+                            at::Tensor& residual,   // [T, H] in: residual, out: x + residual
+                            const at::Tensor& weight,  // [H]
+                            double eps);
+void silu_and_mul_cpu(at::Tensor& out,      // [T, D]
+                      const at::Tensor& x);  // [T, 2*D]
+void gelu_and_mul_cpu(at::Tensor& out,       // [T, D]
+                      const at::Tensor& x,   // [T, 2*D]
+                      const std::string& approximate);  // "none" | "tanh"
+void rotary_embedding_cpu(const at::Tensor& positions,  // [T] int64
+                          at::Tensor& query,            // [T, Hq*hd] or [T, Hq, hd]
+                          const std::optional<at::Tensor>& key,  // [T, Hk*hd] or [T, Hk, hd]
+                          int64_t head_size,
+                          const at::Tensor& cos_sin_cache,  // [max_pos, rot_dim]
+                          bool is_neox);
+void reshape_and_cache_cpu(const at::Tensor& key,      // [T, Hk, hd]
+                           const at::Tensor& value,    // [T, Hk, hd]
+                           at::Tensor& key_cache,      // [num_blocks, block_size, Hk, hd]
+                           at::Tensor& value_cache,    // [num_blocks, block_size, Hk, hd]
+                           const at::Tensor& slot_mapping);  // [T] int64, -1 = skip
+void paged_attention_cpu(at::Tensor& out,                    // [T, Hq, hd]
+                         const at::Tensor& query,            // [T, Hq, hd]
+                         const at::Tensor& key_cache,        // [num_blocks, block_size, Hk, hd]
+                         const at::Tensor& value_cache,      // [num_blocks, block_size, Hk, hd]
+                         const at::Tensor& query_start_loc,  // [S+1] int32
+                         const at::Tensor& seq_lens,         // [S] int32
+                         const at::Tensor& block_table,      // [S, max_blocks] int32
+                         double scale, int64_t sliding_window, double soft_cap,
+                         const std::optional<at::Tensor>& alibi_slopes);  // [Hq] float32
+
+// ---- CUDA (csrc/cuda/*.cu, Tensor-level wrappers in csrc/cuda/torch_ops_cuda.cpp) ----
+void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
+                             double eps);
+void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& x);
+void gelu_and_mul_cuda(at::Tensor& out, const at::Tensor& x, const std::string& approximate);
+
+}  // namespace octavo
