@@ -169,3 +169,32 @@ def test_forward_without_kv_cache_runs_whole_prompts(pair):
         logits = fresh.compute_logits(fresh(ids, positions, md))
     torch.testing.assert_close(logits[:7], hf_logits(hf, seqs[0]), atol=ATOL, rtol=0)
     torch.testing.assert_close(logits[7:], hf_logits(hf, seqs[1]), atol=ATOL, rtol=0)
+
+
+def test_bfloat16_kernels_as_close_as_the_bfloat16_reference(pair):
+    """bf16 weights and cache: the kernel path's error against HF fp32 is at most about twice
+    the plain-PyTorch path's error in the same dtype."""
+    hf, model = pair
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model16 = get_model_class(hf.config)(hf.config)
+    finally:
+        torch.set_default_dtype(previous)
+    model16.load_state_dict(model.state_dict())
+    seqs = _sequences(hf.config.vocab_size, [14, 9], seed=6)
+    refs = [hf_logits(hf, s) for s in seqs]
+    errors = {}
+    for native in (False, True):
+        runner = MiniRunner(model16, seed=7)
+        for m in model16.modules():
+            if isinstance(m, Attention):
+                m.k_cache, m.v_cache = m.k_cache.bfloat16(), m.v_cache.bfloat16()
+        with native_ops(native):
+            prefill = runner.step([(0, seqs[0][:12]), (1, seqs[1][:7])])
+            decode = runner.step([(0, seqs[0][12:13]), (1, seqs[1][7:8])])
+        got = torch.cat([prefill[:12], prefill[12:], decode])
+        want = torch.cat([refs[0][:12], refs[1][:7], refs[0][12:13], refs[1][7:8]])
+        errors[native] = (got - want).abs().max().item()
+    assert errors[True] < 0.25, errors
+    assert errors[False] <= 2 * errors[True] + 1e-2, errors
