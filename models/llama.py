@@ -45,7 +45,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(self.num_heads * tp * hd, config.hidden_size,
                                         bias=opts.o_bias)
         base, scaling = rope_parameters(config)
-        rotary_dim = int(hd * (scaling or {}).get("partial_rotary_factor", 1.0))
+        partial = (scaling or {}).get("partial_rotary_factor",
+                                      getattr(config, "partial_rotary_factor", 1.0))
+        rotary_dim = int(hd * partial)
         self.rotary_emb = get_rope(hd, rotary_dim, config.max_position_embeddings, base,
                                    is_neox_style=True, rope_scaling=scaling)
         self.attn = Attention(self.num_heads, hd, hd ** -0.5, self.num_kv_heads,
