@@ -1,16 +1,14 @@
 """Python entry points for the compiled kernels (torch.ops.octavo.*, built into octavo._C).
 
 Each wrapper allocates its output and calls the registered op; signatures match octavo.ops_native.
-If the extension is missing (a Python-only install) the plain-PyTorch references are used with a
-warning; if it exists but fails to load, importing this module raises ImportError with the cause.
-Set OCTAVO_USE_NATIVE_OPS=1 to use the references on purpose.
+Importing this module raises ImportError (saying why) if octavo._C is missing or fails to load;
+there is no silent fallback. Set OCTAVO_USE_NATIVE_OPS=1 to use the references on purpose.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-import warnings
 
 import torch
 
@@ -21,9 +19,9 @@ def _load_extension() -> bool:
     if os.environ.get("OCTAVO_USE_NATIVE_OPS", "0") == "1":
         return False
     if importlib.util.find_spec("octavo._C") is None:
-        warnings.warn("octavo._C is not built: octavo.ops uses the slow PyTorch references. "
-                      "Build it with `pip install -e . --no-build-isolation`.", stacklevel=3)
-        return False
+        raise ImportError("octavo._C (the compiled kernels) is not built. Build it with "
+                          "`pip install -e . --no-build-isolation` (or `pip install .`), or set "
+                          "OCTAVO_USE_NATIVE_OPS=1 to run the slow PyTorch references.")
     try:
         importlib.import_module("octavo._C")
     except ImportError as e:
