@@ -88,7 +88,6 @@ class CMakeBuild(build_ext):
             f"-DOCTAVO_PYTHON_INCLUDE_DIR={sysconfig.get_paths()['include']}",
             f"-DOCTAVO_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DOCTAVO_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
-            f"-DOCTAVO_OUTPUT_DIR={ext_path.parent}",
             f"-DOCTAVO_ENABLE_CUDA={'ON' if device == 'cuda' else 'OFF'}",
         ]
         if device == "cuda":
@@ -110,6 +109,11 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         print(f"octavo: building {device} kernels in {build_dir}", flush=True)
         subprocess.check_call([cmake, "--build", str(build_dir), "--", "-j", jobs])
+        # The output dir differs between editable / wheel builds (often a temp dir), so the
+        # library is built in build_dir and copied, keeping build_dir stable and incremental.
+        built = build_dir / ext_path.name
+        ext_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, ext_path)
 
 
 def _nvidia_roots():
