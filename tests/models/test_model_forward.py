@@ -47,23 +47,34 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def pair(request, tmp_path_factory):
-    """(HF model, octavo model) sharing one saved random checkpoint."""
+_PAIRS: dict[str, tuple] = {}
+
+
+def _build_pair(name: str, tmp_path_factory):
+    """(HF model, octavo model, checkpoint dir) sharing one saved random checkpoint."""
+    if name in _PAIRS:
+        return _PAIRS[name]
     torch.manual_seed(0)
-    config = CONFIGS[request.param]()
+    config = CONFIGS[name]()
     config._attn_implementation = "eager"
     hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # make norm weights and biases non-trivial so they are tested
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+        for pname, p in hf.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    model_dir = tmp_path_factory.mktemp(request.param)
+    model_dir = tmp_path_factory.mktemp(name)
     hf.save_pretrained(model_dir)
     hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     torch.set_default_dtype(torch.float32)
     model = get_model_class(hf_config)(hf_config)
     load_weights(model, str(model_dir))
+    _PAIRS[name] = hf, model, model_dir
+    return _PAIRS[name]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf, model, _ = _build_pair(request.param, tmp_path_factory)
     return hf, model
 
 
@@ -198,3 +209,60 @@ def test_bfloat16_kernels_as_close_as_the_bfloat16_reference(pair):
         errors[native] = (got - want).abs().max().item()
     assert errors[True] < 0.25, errors
     assert errors[False] <= 2 * errors[True] + 1e-2, errors
+
+
+_TP_WORKER = r'''
+import os, sys
+import torch, torch.distributed as dist, transformers
+sys.path.insert(0, sys.argv[1])
+from test_model_forward import MiniRunner
+from octavo.models.layers.parallel_state import set_tensor_parallel
+from octavo.models.loader import load_weights
+from octavo.models.registry import get_model_class
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+set_tensor_parallel(rank, 2)
+config = transformers.AutoConfig.from_pretrained(sys.argv[2])
+model = get_model_class(config)(config)
+load_weights(model, sys.argv[2])
+assert model.model.layers[0].mlp.down_proj.weight.shape[1] * 2 == config.intermediate_size
+assert model.model.layers[0].self_attn.attn.num_kv_heads == 1
+seqs = torch.load(sys.argv[3])
+runner = MiniRunner(model)
+logits = [runner.step([(i, s[:-1]) for i, s in enumerate(seqs)])]
+logits.append(runner.step([(i, s[-1:]) for i, s in enumerate(seqs)]))
+if rank == 0:
+    torch.save(torch.cat(logits), sys.argv[4])
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("name", ["llama-bias-tied-llama3", "qwen3"])
+def test_tensor_parallel_two_ranks_match_one(name, tmp_path, tmp_path_factory):
+    """Two gloo ranks (heads, MLP and vocab split; kv heads split) give one rank's logits."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    hf, model, model_dir = _build_pair(name, tmp_path_factory)
+    seqs = _sequences(hf.config.vocab_size, [9, 14], seed=8)
+    torch.save(seqs, tmp_path / "seqs.pt")
+    runner = MiniRunner(model)
+    want = torch.cat([runner.step([(i, s[:-1]) for i, s in enumerate(seqs)]),
+                      runner.step([(i, s[-1:]) for i, s in enumerate(seqs)])])
+    (tmp_path / "worker.py").write_text(_TP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), os.path.dirname(__file__),
+             str(model_dir), str(tmp_path / "seqs.pt"), str(tmp_path / "out.pt")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=ATOL, rtol=0)
