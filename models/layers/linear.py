@@ -137,6 +137,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, **kwargs):
         self.output_sizes = list(output_sizes)
+        for size in self.output_sizes:
+            _divide(size, get_tp_size(), "merged output size")
         super().__init__(input_size, sum(output_sizes), bias, **kwargs)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
