@@ -1,7 +1,8 @@
 """Plain-PyTorch references for every kernel op (same Python signatures as octavo.ops).
 
 These define the semantics the C++/CUDA kernels are tested against (tests/kernels). They compute
-in fp32 and store in the inputs' dtype, like the kernels do.
+in fp32 (fp64 for fp64 inputs, which the tests use as the exact reference) and store in the
+inputs' dtype, like the kernels do.
 """
 from __future__ import annotations
 
@@ -9,24 +10,29 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    # The accumulation type: fp64 stays fp64, everything else computes in fp32.
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x: [T, H], weight: [H] -> [T, H]
-    xf = x.float()
+    xf = _acc(x)
     var = xf.pow(2).mean(dim=-1, keepdim=True)
-    return (xf * torch.rsqrt(var + eps) * weight.float()).to(x.dtype)
+    return (xf * torch.rsqrt(var + eps) * _acc(weight)).to(x.dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> None:
     # In place: residual <- x + residual (rounded to the dtype); x <- rms_norm(residual) * weight.
-    residual.copy_((x.float() + residual.float()).to(residual.dtype))
+    residual.copy_((_acc(x) + _acc(residual)).to(residual.dtype))
     x.copy_(rms_norm(residual, weight, eps))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]
     d = x.shape[-1] // 2
-    xf = x.float()
+    xf = _acc(x)
     return (F.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
 
 
@@ -35,7 +41,7 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', got {approximate!r}")
     d = x.shape[-1] // 2
-    xf = x.float()
+    xf = _acc(x)
     return (F.gelu(xf[..., :d], approximate=approximate) * xf[..., d:]).to(x.dtype)
 
 
@@ -43,7 +49,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     # x: [T, H, head_size] view, rotated in place over its first rot_dim = 2 * cos.shape[-1] dims.
     half = cos.shape[-1]
     rot = x[..., : 2 * half]
-    rf = rot.float()
+    rf = _acc(rot)
+    cos, sin = cos.to(rf.dtype), sin.to(rf.dtype)
     cos, sin = cos[:, None, :], sin[:, None, :]
     if is_neox:
         x1, x2 = rf[..., :half], rf[..., half:]
@@ -59,7 +66,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     # positions: [T] int64; query: [T, Hq*head_size]; key: [T, Hk*head_size] or None (in place)
     # cos_sin_cache: [max_pos, rot_dim]: cos in [:, :rot_dim//2], sin in [:, rot_dim//2:]
     half = cos_sin_cache.shape[-1] // 2
-    cs = cos_sin_cache.float()[positions.long()]
+    cs = _acc(cos_sin_cache)[positions.long()]
     cos, sin = cs[:, :half], cs[:, half:]
     for t in (query, key):
         if t is not None:
@@ -78,11 +85,11 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
 
 
 def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, ctx: int) -> torch.Tensor:
-    # cache: [num_blocks, block_size, Hk, hd] -> [ctx, Hk, hd] float32
+    # cache: [num_blocks, block_size, Hk, hd] -> [ctx, Hk, hd] in the accumulation type
     block_size = cache.shape[1]
     nb = (ctx + block_size - 1) // block_size
     blocks = block_row[:nb].long()
-    return cache[blocks].flatten(0, 1)[:ctx].float()
+    return _acc(cache[blocks].flatten(0, 1)[:ctx])
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -99,7 +106,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    slopes = None if alibi_slopes is None else alibi_slopes.float().view(num_kv_heads, group, 1, 1)
+    acc_dtype = _acc(query[:0]).dtype
+    slopes = None if alibi_slopes is None else alibi_slopes.to(acc_dtype).view(num_kv_heads, group, 1, 1)
     for s, ctx in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
         q_len = q1 - q0
@@ -111,7 +119,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         # Chunk the query rows so a long prefill does not materialize [Hq, q_len, ctx] at once.
         for c0 in range(0, q_len, 256):
             c1 = min(q_len, c0 + 256)
-            q = query[q0 + c0:q0 + c1].float().view(c1 - c0, num_kv_heads, group, head_size)
+            q = _acc(query[q0 + c0:q0 + c1]).view(c1 - c0, num_kv_heads, group, head_size)
             q = q.permute(1, 2, 0, 3)  # [Hk, group, rows, hd]
             logits = torch.matmul(q, k[:, None]) * scale  # [Hk, group, rows, ctx]
             if soft_cap > 0:

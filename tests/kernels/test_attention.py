@@ -1,0 +1,122 @@
+"""paged_attention kernel vs octavo.ops_native (and the reference vs a dense-mask softmax)."""
+import math
+
+import pytest
+import torch
+
+from attention_cases import make_batch, to_dtype
+from kernel_utils import DTYPES, assert_close_to_ref
+from octavo import ops, ops_native
+
+# (q_len, seq_len): decode, chunked prefill, full prefill, mixed in one batch
+MIXED = [(1, 1), (1, 37), (17, 17), (5, 90), (40, 70), (1, 300), (0, 12), (3, 3)]
+HEADS = [(4, 4), (8, 2), (16, 2), (8, 1)]  # GQA ratios 1, 4, 8 and MQA
+
+
+def check(batch, dtype, **kw):
+    b = to_dtype(batch, dtype)
+    out = ops.paged_attention(**b, **kw)
+    native = ops_native.paged_attention(**b, **kw)
+    exact = ops_native.paged_attention(**to_dtype(b, torch.float64), **kw)
+    assert out.dtype == dtype and out.shape == b["query"].shape
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(out, native, exact, what=f"paged_attention {kw}")
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", [64, 80, 128, 72])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_paged_attention_mixed_batch(dtype, head_size, block_size, num_heads, num_kv_heads):
+    batch = make_batch(MIXED, num_heads, num_kv_heads, head_size, block_size, torch.float32,
+                       seed=head_size + block_size + num_heads)
+    check(batch, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("variant", [dict(sliding_window=20), dict(sliding_window=1),
+                                     dict(soft_cap=5.0), dict(alibi=True),
+                                     dict(sliding_window=33, soft_cap=30.0, alibi=True)])
+def test_paged_attention_variants(dtype, head_size, variant):
+    num_heads, num_kv_heads = 8, 2
+    batch = make_batch(MIXED, num_heads, num_kv_heads, head_size, 16, torch.float32, seed=3)
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = torch.tensor([2 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
+    check(batch, dtype, **kw)
+
+
+def test_paged_attention_fp16_and_out():
+    batch = make_batch(MIXED[:4], 8, 2, 64, 16, torch.float32, seed=5)
+    check(batch, torch.float16)
+    out = torch.empty_like(batch["query"])
+    assert ops.paged_attention(**batch, out=out) is out
+    torch.testing.assert_close(out, ops_native.paged_attention(**batch))
+
+
+def test_paged_attention_decode_large():
+    # a decode batch big enough to spread over the threads unevenly (different contexts)
+    seqs = [(1, c) for c in (1, 700, 33, 250, 512, 64, 999, 17)]
+    check(make_batch(seqs, 16, 4, 128, 16, torch.float32, seed=9), torch.bfloat16)
+
+
+def test_paged_attention_long_prefill():
+    check(make_batch([(300, 300), (129, 400)], 8, 8, 64, 32, torch.float32, seed=11), torch.bfloat16,
+          sliding_window=100)
+
+
+def test_empty_batch():
+    batch = make_batch([(0, 5)], 4, 2, 64, 16, torch.float32)
+    assert ops.paged_attention(**batch).shape == (0, 4, 64)
+
+
+def test_native_reference_vs_dense_softmax():
+    """ops_native.paged_attention is the reference for everything else: check it against a
+    dense masked softmax written out here, with every feature on."""
+    seqs = [(3, 10), (1, 7), (6, 6)]
+    hq, hk, hd, window, cap = 4, 2, 16, 4, 2.0
+    b = make_batch(seqs, hq, hk, hd, 4, torch.float64, seed=1)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    out = ops_native.paged_attention(**b, sliding_window=window, soft_cap=cap, alibi_slopes=slopes)
+    q0 = 0
+    for s, (q_len, ctx) in enumerate(seqs):
+        bt = b["block_table"][s]
+        k = torch.stack([b["key_cache"][bt[j // 4], j % 4] for j in range(ctx)])    # [ctx, hk, hd]
+        v = torch.stack([b["value_cache"][bt[j // 4], j % 4] for j in range(ctx)])
+        for i in range(q_len):
+            p = ctx - q_len + i
+            for h in range(hq):
+                kh = h // (hq // hk)
+                logits = torch.empty(ctx, dtype=torch.float64)
+                for j in range(ctx):
+                    x = b["scale"] * float(b["query"][q0 + i, h] @ k[j, kh])
+                    x = cap * math.tanh(x / cap) + float(slopes[h]) * (j - p)
+                    allowed = j <= p and j > p - window
+                    logits[j] = x if allowed else -math.inf
+                w = torch.softmax(logits, 0)
+                torch.testing.assert_close(out[q0 + i, h], w @ v[:, kh], rtol=1e-10, atol=1e-12)
+        q0 += q_len
+
+
+def test_errors():
+    b = make_batch([(2, 5)], 4, 2, 64, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="multiple"):
+        ops.paged_attention(**{**b, "query": torch.randn(2, 3, 64)})
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.paged_attention(**{**b, "seq_lens": b["seq_lens"].long()})
+    with pytest.raises(RuntimeError, match="seq_len"):
+        ops.paged_attention(**{**b, "seq_lens": torch.tensor([1], dtype=torch.int32)})
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.paged_attention(**to_dtype(b, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    b = to_dtype(make_batch([(2, 5), (1, 20)], 4, 2, 32, 16, torch.float32, fill_unused=0.0), dtype)
+    args = (torch.empty_like(b["query"]), b["query"], b["key_cache"], b["value_cache"],
+            b["query_start_loc"], b["seq_lens"], b["block_table"], b["scale"], 0, 0.0, None)
+    torch.library.opcheck(torch.ops.octavo.paged_attention.default, args)
+    args = args[:8] + (3, 10.0, torch.rand(4))
+    torch.library.opcheck(torch.ops.octavo.paged_attention.default, args)
