@@ -233,6 +233,7 @@ logits = [runner.step([(i, s[:-1]) for i, s in enumerate(seqs)])]
 logits.append(runner.step([(i, s[-1:]) for i, s in enumerate(seqs)]))
 if rank == 0:
     torch.save(torch.cat(logits), sys.argv[4])
+dist.barrier()  # no rank tears down gloo while the other still has traffic in flight
 dist.destroy_process_group()
 '''
 
