@@ -2,7 +2,7 @@
 
 Order (as vLLM V1): logprobs from the raw logits; allowed_token_ids, logit_bias, bad_words,
 min_tokens; repetition / frequency / presence penalties; greedy argmax; temperature, min_p,
-top_k, top_p; random sampling by the exponential race argmax(probs / q), q ~ Exp(1), with a
+top_k, top_p; random sampling by inverse CDF (one uniform draw per row), with a
 per-request torch.Generator for seeded requests (so a seeded request samples the same tokens
 alone or in any batch).
 """
@@ -234,15 +234,19 @@ def sample_random(logits: torch.Tensor, batch: Sequence[SamplingState],
     if meta.top_k is not None or meta.top_p is not None:
         logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
     probs = torch.softmax(logits, dim=-1)
-    q = torch.empty_like(probs)
-    # Greedy rows leave their generator untouched: only sampling advances a seeded stream.
+    # Inverse-CDF sampling: one uniform draw per row (not one per vocabulary entry), u in (0, 1]
+    # so that a zero-probability head can never be picked. Greedy rows leave their generator
+    # untouched: only sampling advances a seeded stream.
+    u = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
     seeded = [i for i, s in enumerate(batch)
               if s.generator is not None and not s.params.is_greedy]
     if len(seeded) < len(batch):
-        q.exponential_()
+        u.uniform_()
     for i in seeded:
-        q[i].exponential_(generator=batch[i].generator)
-    return probs.div_(q).argmax(dim=-1)
+        u[i].uniform_(generator=batch[i].generator)
+    cdf = probs.cumsum_(dim=-1)
+    target = (1.0 - u) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).clamp_(max=probs.shape[1] - 1).squeeze(1)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
