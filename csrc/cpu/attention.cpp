@@ -14,22 +14,24 @@ namespace octavo::cpu::CPU_CAPABILITY {
 
 namespace {
 
-constexpr int kTargetRows = 64;  // rows (tokens x grouped heads) per prefill work item
+constexpr int kTargetRows = 64;    // rows (tokens x grouped heads) per prefill work item
+constexpr int kDecodeRows = 256;   // sequences with q_len * Hq <= this take all kv heads per item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Query tokens [t0, t1) (local to the sequence) of kv heads [h0, h1).
 struct WorkItem {
-  int seq, kv_head, t0, t1;  // query tokens [t0, t1) local to the sequence
+  int seq, h0, h1, t0, t1;
   int64_t cost;
 };
 
 // Per-thread buffers, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> q, acc, scores, vf, m, l, pos;
-  void reserve(int rows, int hdp, int bsp) {
+  void reserve(int rows, int rows_per_head, int hdp, int bsp) {
     auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
     grow(q, size_t(rows) * hdp);
     grow(acc, size_t(rows) * hdp);
-    grow(scores, size_t(rows) * bsp);
+    grow(scores, size_t(rows_per_head) * bsp);
     grow(vf, size_t(bsp) * hdp);
     grow(m, rows);
     grow(l, rows);
@@ -65,6 +67,8 @@ inline void pv_row(float* acc, const float* p, const float* vf, int ldv, int nk)
   for (int c = 0; c < NC; ++c) a[c].store(acc + c * kVec);
 }
 
+// Rows of a work item are ordered (kv head, token, grouped query head), so the rows that share
+// one kv head are contiguous: [kvh_local * rows_per_head, (kvh_local + 1) * rows_per_head).
 template <typename T>
 class Attention {
  public:
@@ -74,27 +78,36 @@ class Attention {
         hdp_((p.head_size + kVec - 1) / kVec * kVec),
         bsp_((p.block_size + kVec - 1) / kVec * kVec) {}
 
-  int group() const { return group_; }
-  int hdp() const { return hdp_; }
-  int bsp() const { return bsp_; }
-
   void run(const WorkItem& w, Scratch& sc) const {
     const int q_start = p_.query_start_loc[w.seq];
     const int q_len = p_.query_start_loc[w.seq + 1] - q_start;
     const int ctx = p_.seq_lens[w.seq];
-    const int rows = (w.t1 - w.t0) * group_;
-    sc.reserve(rows, hdp_, bsp_);
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    sc.reserve(rows_per_head * (w.h1 - w.h0), rows_per_head, hdp_, bsp_);
     load_queries(w, q_start, ctx - q_len, sc);
     const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
     const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
     const int hi = std::min(ctx, last_pos + 1);
     const int32_t* blocks = p_.block_table + int64_t(w.seq) * p_.bt_stride;
-    for (int b = lo / p_.block_size; b * p_.block_size < hi; ++b) {
+    const int b_first = lo / p_.block_size, b_end = (hi + p_.block_size - 1) / p_.block_size;
+    prefetch_rows(key_row(blocks[b_first], 0, w.h0), p_.kc_stride_token);
+    for (int b = b_first; b < b_end; ++b) {
       const int j0 = std::max(lo, b * p_.block_size);
       const int j1 = std::min(hi, (b + 1) * p_.block_size);
-      process_block(w, blocks[b], b * p_.block_size, j0, j1, rows, sc);
+      for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+        // Blocks are scattered in memory: fetch this V and the next K early, otherwise every
+        // key row is a dependent cache miss.
+        prefetch_rows(value_row(blocks[b], 0, kvh), p_.vc_stride_token);
+        if (kvh + 1 < w.h1) {
+          prefetch_rows(key_row(blocks[b], 0, kvh + 1), p_.kc_stride_token);
+        } else if (b + 1 < b_end) {
+          prefetch_rows(key_row(blocks[b + 1], 0, w.h0), p_.kc_stride_token);
+        }
+        process_block(blocks[b], b * p_.block_size, j0, j1, kvh,
+                      (kvh - w.h0) * rows_per_head, rows_per_head, sc);
+      }
     }
-    store_output(w, q_start, rows, sc);
+    store_output(w, q_start, sc);
   }
 
  private:
@@ -107,22 +120,36 @@ class Attention {
            off * p_.vc_stride_token + kvh * p_.vc_stride_head;
   }
 
-  // Q rows (token-major, then grouped head) into fp32 scratch, pre-scaled, zero padded.
+  void prefetch_rows(const T* row, int64_t stride) const {
+    const int bytes = hd_ * int(sizeof(T));
+    for (int j = 0; j < p_.block_size; ++j)
+      for (int b = 0; b < bytes; b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(row + j * stride) + b);
+  }
+
+  int head_of(const WorkItem& w, int r) const {
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    return (w.h0 + r / rows_per_head) * group_ + r % group_;
+  }
+  int token_of(const WorkItem& w, int r) const {
+    return w.t0 + (r % ((w.t1 - w.t0) * group_)) / group_;
+  }
+
+  // Q rows into fp32 scratch, pre-scaled, zero padded; softmax state reset.
   void load_queries(const WorkItem& w, int q_start, int pos0, Scratch& sc) const {
     const fVec vscale(p_.scale);
-    for (int t = w.t0; t < w.t1; ++t) {
-      for (int g = 0; g < group_; ++g) {
-        const int r = (t - w.t0) * group_ + g;
-        const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + t) * p_.q_stride_token +
-                       int64_t(w.kv_head * group_ + g) * p_.q_stride_head;
-        float* dst = sc.q.data() + size_t(r) * hdp_;
-        for (int c = 0; c < nfull_; ++c) (load_f(src + c * kVec) * vscale).store(dst + c * kVec);
-        if (tail_ > 0) (load_f_partial(src + nfull_ * kVec, tail_) * vscale).store(dst + nfull_ * kVec);
-        std::fill(sc.acc.data() + size_t(r) * hdp_, sc.acc.data() + size_t(r + 1) * hdp_, 0.f);
-        sc.m[r] = kNegInf;
-        sc.l[r] = 0.f;
-        sc.pos[r] = float(pos0 + t);
-      }
+    const int rows = (w.t1 - w.t0) * group_ * (w.h1 - w.h0);
+    for (int r = 0; r < rows; ++r) {
+      const int t = token_of(w, r);
+      const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + t) * p_.q_stride_token +
+                     int64_t(head_of(w, r)) * p_.q_stride_head;
+      float* dst = sc.q.data() + size_t(r) * hdp_;
+      for (int c = 0; c < nfull_; ++c) (load_f(src + c * kVec) * vscale).store(dst + c * kVec);
+      if (tail_ > 0) (load_f_partial(src + nfull_ * kVec, tail_) * vscale).store(dst + nfull_ * kVec);
+      std::fill(sc.acc.data() + size_t(r) * hdp_, sc.acc.data() + size_t(r + 1) * hdp_, 0.f);
+      sc.m[r] = kNegInf;
+      sc.l[r] = 0.f;
+      sc.pos[r] = float(pos0 + t);
     }
   }
 
@@ -143,8 +170,9 @@ class Attention {
     const fVec vinf(kNegInf), vnk(float(j0 + nk));
     const float slope = p_.alibi_slopes != nullptr ? p_.alibi_slopes[h] : 0.f;
     fVec vmax(kNegInf);
+    const fVec iota = fVec::arange(0.f, 1.f);
     for (int c = 0; c < bsp_; c += kVec) {
-      const fVec j = fVec::arange(float(j0 + c), 1.f);
+      const fVec j = iota + fVec(float(j0 + c));
       fVec x = fVec::loadu(s + c);
       if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
       if (slope != 0.f) x = at::vec::fmadd(fVec(slope), j - vpos, x);
@@ -169,29 +197,30 @@ class Attention {
     return true;
   }
 
-  void process_block(const WorkItem& w, int64_t block, int block_start, int j0, int j1, int rows,
+  // One cache block of kv head kvh against rows [r0, r0 + rows) (all of which use kvh).
+  void process_block(int64_t block, int block_start, int j0, int j1, int kvh, int r0, int rows,
                      Scratch& sc) const {
     const int nk = j1 - j0, off = j0 - block_start;
     float* s = sc.scores.data();
-    scores(sc.q.data(), key_row(block, off, w.kv_head), nk, rows, s);
+    scores(sc.q.data() + size_t(r0) * hdp_, key_row(block, off, kvh), nk, rows, s);
     // V rows of this block in fp32 (zero padded) so every query row reuses them.
     for (int j = 0; j < nk; ++j) {
-      const T* v = value_row(block, off + j, w.kv_head);
+      const T* v = value_row(block, off + j, kvh);
       float* dst = sc.vf.data() + size_t(j) * hdp_;
       for (int c = 0; c < nfull_; ++c) load_f(v + c * kVec).store(dst + c * kVec);
       if (tail_ > 0) load_f_partial(v + nfull_ * kVec, tail_).store(dst + nfull_ * kVec);
     }
     const int nchunks = hdp_ / kVec;
-    for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < rows; ++i) {
       float corr = 1.f;
-      const int h = w.kv_head * group_ + r % group_;
-      if (!softmax_row(s + r * bsp_, r, h, j0, nk, sc, corr)) continue;
+      const int r = r0 + i;
+      if (!softmax_row(s + i * bsp_, r, kvh * group_ + i % group_, j0, nk, sc, corr)) continue;
       float* acc = sc.acc.data() + size_t(r) * hdp_;
       if (corr != 1.f) {
         const fVec vc(corr);
         for (int c = 0; c < hdp_; c += kVec) (fVec::loadu(acc + c) * vc).store(acc + c);
       }
-      const float* prow = s + r * bsp_;
+      const float* prow = s + i * bsp_;
       for (int c0 = 0; c0 < nchunks; c0 += 8) {
         const int nc = std::min(8, nchunks - c0);
         float* a = acc + c0 * kVec;
@@ -210,11 +239,11 @@ class Attention {
     }
   }
 
-  void store_output(const WorkItem& w, int q_start, int rows, const Scratch& sc) const {
+  void store_output(const WorkItem& w, int q_start, const Scratch& sc) const {
+    const int rows = (w.t1 - w.t0) * group_ * (w.h1 - w.h0);
     for (int r = 0; r < rows; ++r) {
-      const int t = w.t0 + r / group_, g = r % group_;
-      T* dst = static_cast<T*>(p_.out) + int64_t(q_start + t) * p_.o_stride_token +
-               int64_t(w.kv_head * group_ + g) * p_.o_stride_head;
+      T* dst = static_cast<T*>(p_.out) + int64_t(q_start + token_of(w, r)) * p_.o_stride_token +
+               int64_t(head_of(w, r)) * p_.o_stride_head;
       const float* acc = sc.acc.data() + size_t(r) * hdp_;
       const fVec inv(sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f);
       for (int c = 0; c < nfull_; ++c) store_f(dst + c * kVec, fVec::loadu(acc + c * kVec) * inv);
@@ -226,19 +255,37 @@ class Attention {
   const int group_, hd_, nfull_, tail_, hdp_, bsp_;
 };
 
-// Splits every sequence into (kv head, token chunk) items with an estimated cost.
-void make_items(const PagedAttentionParams& p, int group, std::vector<WorkItem>& items) {
+// Decode-like sequences (few query rows) take all kv heads in one item, so each cache block is
+// read as one contiguous run; they are split over kv heads only when there are too few items
+// for the threads. Prefill sequences get one item per (kv head, chunk of tokens).
+void make_items(const PagedAttentionParams& p, int num_threads, std::vector<WorkItem>& items) {
   items.clear();
+  const int group = p.num_heads / p.num_kv_heads;
   const int chunk = std::max(1, kTargetRows / group);
+  int64_t base_items = 0;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
+    base_items += q_len * p.num_heads <= kDecodeRows ? (q_len > 0)
+                                                     : int64_t(p.num_kv_heads) * ((q_len + chunk - 1) / chunk);
+  }
+  const int64_t want = 4 * int64_t(num_threads);
+  const int splits = int(std::min<int64_t>(p.num_kv_heads, (want + base_items - 1) / std::max<int64_t>(base_items, 1)));
+  const int heads_per_split = (p.num_kv_heads + splits - 1) / splits;
   for (int s = 0; s < p.num_seqs; ++s) {
     const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
     const int ctx = p.seq_lens[s];
-    for (int t0 = 0; t0 < q_len; t0 += chunk) {
-      const int t1 = std::min(q_len, t0 + chunk);
+    const bool decode_like = q_len * p.num_heads <= kDecodeRows;
+    const int tok_chunk = decode_like ? std::max(q_len, 1) : chunk;
+    const int head_step = decode_like ? heads_per_split : 1;
+    for (int t0 = 0; t0 < q_len; t0 += tok_chunk) {
+      const int t1 = std::min(q_len, t0 + tok_chunk);
       int64_t keys = ctx - q_len + t1;  // keys seen by the last row
       if (p.sliding_window > 0) keys = std::min<int64_t>(keys, p.sliding_window + t1 - t0);
-      const int64_t cost = int64_t(t1 - t0) * group * (keys + 16) + keys * 4;
-      for (int h = 0; h < p.num_kv_heads; ++h) items.push_back({s, h, t0, t1, cost});
+      for (int h0 = 0; h0 < p.num_kv_heads; h0 += head_step) {
+        const int h1 = std::min(p.num_kv_heads, h0 + head_step);
+        const int64_t cost = (int64_t(t1 - t0) * group * (keys + 16) + keys * 4) * (h1 - h0);
+        items.push_back({s, h0, h1, t0, t1, cost});
+      }
     }
   }
 }
@@ -251,7 +298,7 @@ void paged_attention_impl(const PagedAttentionParams& p) {
   static thread_local std::vector<int64_t> prefix_buf;
   std::vector<WorkItem>& items = items_buf;
   std::vector<int64_t>& prefix = prefix_buf;
-  make_items(p, attn.group(), items);
+  make_items(p, at::get_num_threads(), items);
   const int64_t n = int64_t(items.size());
   if (n == 0) return;
   prefix.assign(n + 1, 0);
