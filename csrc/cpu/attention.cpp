@@ -40,31 +40,91 @@ struct Scratch {
 };
 
 // scores[r * lds] = dot(q_r, k) for NR rows of Q (fp32, padded to nfull + (tail > 0) chunks).
+#define OCTAVO_UNROLL _Pragma("GCC unroll 16")
+#define OCTAVO_INLINE inline __attribute__((always_inline))
+#define OCTAVO_INLINE_LAMBDA __attribute__((always_inline))
+
+// Rows per register block: 4 rows x 4 keys (or 4 chunks) of accumulators fit the 32 AVX-512
+// registers; AVX2 has 16, so 2 rows.
+constexpr int kRowBlock = kVec == 16 ? 4 : 2;
+
 template <int NR, typename T>
-inline void dot_rows(const float* q, int ldq, const T* k, int nfull, int tail, float* s, int lds) {
+OCTAVO_INLINE void dot_rows(const float* q, int ldq, const T* k, int nfull, int tail, float* s, int lds) {
   fVec acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = fVec(0.f);
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) acc[r] = fVec(0.f);
   for (int c = 0; c < nfull; ++c) {
     const fVec kv = load_f(k + c * kVec);
-    for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(fVec::loadu(q + r * ldq + c * kVec), kv, acc[r]);
+    OCTAVO_UNROLL for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(fVec::loadu(q + r * ldq + c * kVec), kv, acc[r]);
   }
   if (tail > 0) {
     const fVec kv = load_f_partial(k + nfull * kVec, tail);
-    for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(fVec::loadu(q + r * ldq + nfull * kVec), kv, acc[r]);
+    OCTAVO_UNROLL for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(fVec::loadu(q + r * ldq + nfull * kVec), kv, acc[r]);
   }
-  for (int r = 0; r < NR; ++r) s[r * lds] = hsum(acc[r]);
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) s[r * lds] = hsum(acc[r]);
+}
+
+// s[r * lds + i] = dot(q_r, k_i) for NR rows and 4 keys (k_i = k + i * kstride): each loaded
+// K and Q vector is used 4 times, and the 4 sums of a row share one reduction.
+template <int NR, typename T>
+OCTAVO_INLINE void dot_rows_4keys(const float* q, int ldq, const T* k, int64_t kstride, int nfull,
+                                  int tail, float* s, int lds) {
+  fVec acc[NR][4];
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int i = 0; i < 4; ++i) acc[r][i] = fVec(0.f);
+  }
+  auto step = [&](const fVec (&kv)[4], int c) OCTAVO_INLINE_LAMBDA {
+    OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+      const fVec qv = fVec::loadu(q + r * ldq + c * kVec);
+      OCTAVO_UNROLL for (int i = 0; i < 4; ++i) acc[r][i] = at::vec::fmadd(qv, kv[i], acc[r][i]);
+    }
+  };
+  for (int c = 0; c < nfull; ++c) {
+    const fVec kv[4] = {load_f(k + c * kVec), load_f(k + kstride + c * kVec),
+                        load_f(k + 2 * kstride + c * kVec), load_f(k + 3 * kstride + c * kVec)};
+    step(kv, c);
+  }
+  if (tail > 0) {
+    const int c = nfull;
+    const fVec kv[4] = {load_f_partial(k + c * kVec, tail), load_f_partial(k + kstride + c * kVec, tail),
+                        load_f_partial(k + 2 * kstride + c * kVec, tail),
+                        load_f_partial(k + 3 * kstride + c * kVec, tail)};
+    step(kv, c);
+  }
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) hsum4(acc[r], s + r * lds);
+}
+
+// acc_r[c0 + 0:NC chunks] += sum_j p_r[j] * v_j for NR rows, reading V straight from the cache
+// (converted once per key and chunk, reused by the NR rows).
+template <int NR, int NC, typename T>
+OCTAVO_INLINE void pv_rows_direct(float* acc, int ldacc, const float* p, int ldp, const T* v,
+                           int64_t vstride, int nk) {
+  fVec a[NR][NC];
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c] = fVec::loadu(acc + r * ldacc + c * kVec);
+  }
+  for (int j = 0; j < nk; ++j) {
+    fVec vv[NC];
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) vv[c] = load_f(v + j * vstride + c * kVec);
+    OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+      const fVec pj(p[r * ldp + j]);
+      OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c] = at::vec::fmadd(pj, vv[c], a[r][c]);
+    }
+  }
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c].store(acc + r * ldacc + c * kVec);
+  }
 }
 
 // acc[0:NC chunks] += sum_j p[j] * vf[j]  (NC independent accumulators per row)
 template <int NC>
-inline void pv_row(float* acc, const float* p, const float* vf, int ldv, int nk) {
+OCTAVO_INLINE void pv_row(float* acc, const float* p, const float* vf, int ldv, int nk) {
   fVec a[NC];
-  for (int c = 0; c < NC; ++c) a[c] = fVec::loadu(acc + c * kVec);
+  OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[c] = fVec::loadu(acc + c * kVec);
   for (int j = 0; j < nk; ++j) {
     const fVec pj(p[j]);
-    for (int c = 0; c < NC; ++c) a[c] = at::vec::fmadd(pj, fVec::loadu(vf + j * ldv + c * kVec), a[c]);
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[c] = at::vec::fmadd(pj, fVec::loadu(vf + j * ldv + c * kVec), a[c]);
   }
-  for (int c = 0; c < NC; ++c) a[c].store(acc + c * kVec);
+  OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[c].store(acc + c * kVec);
 }
 
 // Rows of a work item are ordered (kv head, token, grouped query head), so the rows that share
@@ -154,7 +214,16 @@ class Attention {
   }
 
   void scores(const float* q, const T* kbase, int nk, int rows, float* s) const {
-    for (int j = 0; j < nk; ++j) {
+    const int64_t ks = p_.kc_stride_token;
+    int j = 0;
+    for (; j + 4 <= nk; j += 4) {
+      const T* k = kbase + j * ks;
+      int r = 0;
+      for (; r + kRowBlock <= rows; r += kRowBlock)
+        dot_rows_4keys<kRowBlock>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * bsp_ + j, bsp_);
+      for (; r < rows; ++r) dot_rows_4keys<1>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * bsp_ + j, bsp_);
+    }
+    for (; j < nk; ++j) {
       const T* k = kbase + int64_t(j) * p_.kc_stride_token;
       int r = 0;
       for (; r + 8 <= rows; r += 8) dot_rows<8>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * bsp_ + j, bsp_);
@@ -203,24 +272,61 @@ class Attention {
     const int nk = j1 - j0, off = j0 - block_start;
     float* s = sc.scores.data();
     scores(sc.q.data() + size_t(r0) * hdp_, key_row(block, off, kvh), nk, rows, s);
-    // V rows of this block in fp32 (zero padded) so every query row reuses them.
+    // Softmax of every row first (rows with no visible key get p = 0).
+    for (int i = 0; i < rows; ++i) {
+      float corr = 1.f;
+      const int r = r0 + i;
+      float* prow = s + i * bsp_;
+      if (!softmax_row(prow, r, kvh * group_ + i % group_, j0, nk, sc, corr)) {
+        std::fill(prow, prow + bsp_, 0.f);
+        continue;
+      }
+      if (corr != 1.f) {
+        float* acc = sc.acc.data() + size_t(r) * hdp_;
+        const fVec vc(corr);
+        for (int c = 0; c < hdp_; c += kVec) (fVec::loadu(acc + c) * vc).store(acc + c);
+      }
+    }
+    const int nchunks = hdp_ / kVec;
+    float* acc0 = sc.acc.data() + size_t(r0) * hdp_;
+    const T* v0 = value_row(block, off, kvh);
+    const int64_t vs = p_.vc_stride_token;
+    if (rows <= 8 && tail_ == 0) {
+      // Few rows (decode): read V once per key straight from the cache.
+      for (int c = 0; c < nchunks; c += 4) {
+        const int nc = std::min(4, nchunks - c);
+        for (int i = 0; i < rows; i += kRowBlock) {
+          float* a = acc0 + size_t(i) * hdp_ + c * kVec;
+          const float* pr = s + i * bsp_;
+          const T* v = v0 + c * kVec;
+          if (rows - i >= kRowBlock && nc == 4) {
+            pv_rows_direct<kRowBlock, 4>(a, hdp_, pr, bsp_, v, vs, nk);
+          } else {
+            for (int ii = i; ii < std::min(rows, i + kRowBlock); ++ii) {
+              float* a1 = acc0 + size_t(ii) * hdp_ + c * kVec;
+              const float* p1 = s + ii * bsp_;
+              switch (nc) {
+                case 4: pv_rows_direct<1, 4>(a1, hdp_, p1, bsp_, v, vs, nk); break;
+                case 3: pv_rows_direct<1, 3>(a1, hdp_, p1, bsp_, v, vs, nk); break;
+                case 2: pv_rows_direct<1, 2>(a1, hdp_, p1, bsp_, v, vs, nk); break;
+                default: pv_rows_direct<1, 1>(a1, hdp_, p1, bsp_, v, vs, nk); break;
+              }
+            }
+          }
+        }
+      }
+      return;
+    }
+    // Many rows (prefill): V rows of this block in fp32 (zero padded), reused by every row.
     for (int j = 0; j < nk; ++j) {
-      const T* v = value_row(block, off + j, kvh);
+      const T* v = v0 + j * vs;
       float* dst = sc.vf.data() + size_t(j) * hdp_;
       for (int c = 0; c < nfull_; ++c) load_f(v + c * kVec).store(dst + c * kVec);
       if (tail_ > 0) load_f_partial(v + nfull_ * kVec, tail_).store(dst + nfull_ * kVec);
     }
-    const int nchunks = hdp_ / kVec;
     for (int i = 0; i < rows; ++i) {
-      float corr = 1.f;
-      const int r = r0 + i;
-      if (!softmax_row(s + i * bsp_, r, kvh * group_ + i % group_, j0, nk, sc, corr)) continue;
-      float* acc = sc.acc.data() + size_t(r) * hdp_;
-      if (corr != 1.f) {
-        const fVec vc(corr);
-        for (int c = 0; c < hdp_; c += kVec) (fVec::loadu(acc + c) * vc).store(acc + c);
-      }
       const float* prow = s + i * bsp_;
+      float* acc = acc0 + size_t(i) * hdp_;
       for (int c0 = 0; c0 < nchunks; c0 += 8) {
         const int nc = std::min(8, nchunks - c0);
         float* a = acc + c0 * kVec;

@@ -137,4 +137,20 @@ inline float hmax(const fVec& v) {
 #endif
 }
 
+// out[i] = hsum(v[i]) for 4 vectors, sharing the shuffles.
+inline void hsum4(const fVec* v, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 a0 = v[0], a1 = v[1], a2 = v[2], a3 = v[3];
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  // each 128-bit lane now holds partial sums [a0, a1, a2, a3]
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+  for (int i = 0; i < 4; ++i) out[i] = hsum(v[i]);
+#endif
+}
+
 }  // namespace octavo::cpu::CPU_CAPABILITY
