@@ -1,0 +1,13 @@
+"""The kernel labs (bench/kernels) run end to end in --quick mode (STYLE habit 15)."""
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("lab", ["paged_attention", "rms_norm"])
+def test_lab_quick(lab):
+    res = subprocess.run([sys.executable, "-m", f"octavo.bench.kernels.{lab}", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "GB/s" in res.stdout and "FAIL" not in res.stdout
