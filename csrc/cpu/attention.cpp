@@ -154,6 +154,13 @@ class Attention {
     for (int b = b_first; b < b_end; ++b) {
       const int j0 = std::max(lo, b * p_.block_size);
       const int j1 = std::min(hi, (b + 1) * p_.block_size);
+      if (b + 1 < b_end) {
+        // Pull the next block of every kv head of this item into L2 a whole block ahead.
+        for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+          prefetch_rows<2>(key_row(blocks[b + 1], 0, kvh), p_.kc_stride_token);
+          prefetch_rows<2>(value_row(blocks[b + 1], 0, kvh), p_.vc_stride_token);
+        }
+      }
       for (int kvh = w.h0; kvh < w.h1; ++kvh) {
         // Blocks are scattered in memory: fetch this V and the next K early, otherwise every
         // key row is a dependent cache miss.
@@ -180,11 +187,13 @@ class Attention {
            off * p_.vc_stride_token + kvh * p_.vc_stride_head;
   }
 
+  // LOCALITY 3: into L1 (prefetcht0), 2: into L2 (prefetcht1).
+  template <int LOCALITY = 3>
   void prefetch_rows(const T* row, int64_t stride) const {
     const int bytes = hd_ * int(sizeof(T));
     for (int j = 0; j < p_.block_size; ++j)
       for (int b = 0; b < bytes; b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(row + j * stride) + b);
+        __builtin_prefetch(reinterpret_cast<const char*>(row + j * stride) + b, 0, LOCALITY);
   }
 
   int head_of(const WorkItem& w, int r) const {
