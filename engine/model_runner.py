@@ -79,6 +79,9 @@ class ModelRunner:
         with _default_dtype(self.dtype), self.device:
             self.model = model_cls(hf_config)
         load_weights(self.model, config.model)
+        for module in self.model.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
         self.model.eval()
         logger.info("loaded %s in %.2fs", model_cls.__name__, time.perf_counter() - t0)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from octavo.models.layers import cpu_gemm
 from octavo.models.layers.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 
 
@@ -70,9 +71,14 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, input_ids):
         raise RuntimeError("ParallelLMHead is applied by compute_logits, not called directly")
 
+    def process_weights_after_loading(self) -> None:
+        # the plain weight stays: a tied embedding still looks rows up in it
+        self.packed_weight = cpu_gemm.pack(self.weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, H] -> [N, vocab] float32 (matmul in the model dtype, like HF)
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = cpu_gemm.linear_or_packed(hidden, self.weight,
+                                           getattr(self, "packed_weight", None), self.bias)
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings].float()

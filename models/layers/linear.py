@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from octavo.models.layers import cpu_gemm
 from octavo.models.layers.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 
 
@@ -53,6 +54,9 @@ class LinearMethodBase:
               bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn loaded checkpoint weights into the layout `apply` runs fastest on."""
+
 
 class UnquantizedLinearMethod(LinearMethodBase):
     def create_weights(self, layer, input_size_per_partition, output_size_per_partition,
@@ -63,8 +67,15 @@ class UnquantizedLinearMethod(LinearMethodBase):
         weight.weight_loader = layer.weight_loader
         layer.register_parameter("weight", weight)
 
+    def process_weights_after_loading(self, layer):
+        if getattr(layer, "packed_weight", None) is not None:
+            return
+        layer.packed_weight = cpu_gemm.pack(layer.weight)
+        if layer.packed_weight is not None:          # the packed copy replaces the plain one
+            layer.weight.data = layer.weight.data.new_empty(0)
+
     def apply(self, layer, x, bias=None):
-        return F.linear(x, layer.weight, bias)
+        return cpu_gemm.linear_or_packed(x, layer.weight, getattr(layer, "packed_weight", None), bias)
 
 
 class LinearBase(nn.Module):
@@ -99,6 +110,9 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size_per_partition}, out={self.output_size_per_partition}, "
