@@ -17,7 +17,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -124,21 +124,27 @@ def _nvidia_roots():
     return [Path(p) / sub for p in nvidia.__path__ for sub in ("cu13", "cuda_runtime", "cusparse")]
 
 
+def _packages():
+    """Every package under the three mapped folders, named in the one import name `octavo`."""
+    pkgs = []
+    for name, folder in (("octavo", "engine"), ("octavo.models", "models"), ("octavo.bench", "bench")):
+        pkgs.append(name)
+        pkgs += [f"{name}.{sub}" for sub in find_packages(folder)]
+    return sorted(set(pkgs))
+
+
 setup(
     name="octavo",
     version="0.1.0",
-    packages=["octavo", "octavo.models", "octavo.models.layers", "octavo.bench", "octavo.bench.kernels"],
-    package_dir={
-        "octavo": "engine",
-        "octavo.models": "models",
-        "octavo.models.layers": "models/layers",
-        "octavo.bench": "bench",
-        "octavo.bench.kernels": "bench/kernels",
-    },
+    packages=_packages(),
+    package_dir={"octavo": "engine", "octavo.models": "models", "octavo.bench": "bench"},
     ext_modules=[CMakeExtension("octavo._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "transformers", "tokenizers", "safetensors", "numpy",
-                      "tqdm", "jinja2"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+                      "tqdm", "jinja2", "gguf", "fastapi", "uvicorn", "prometheus_client",
+                      "pydantic>=2"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx"],
+                    "bench": ["matplotlib"]},
+    entry_points={"console_scripts": ["octavo = octavo.entrypoints.cli:main"]},
 )

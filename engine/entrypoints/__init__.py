@@ -1,0 +1,1 @@
+"""Entry points: the `octavo` command line and the OpenAI-compatible server."""
