@@ -25,19 +25,34 @@ TINY_ARCHS = {
 }
 
 
-def build_tiny_model(path: str, arch: str, seed: int = 0, **overrides) -> str:
-    """Save a random-weight `arch` model in fp32 and the test tokenizer into `path`."""
+# A small ChatML-style template for tests of chat features (the test tokenizer has none).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def save_tiny_model(path: str, model_type: str, arch: str, seed: int = 0,
+                    chat_template: str | None = None, **fields) -> str:
+    """Save a random-weight model of `model_type` (any transformers config fields) in fp32,
+    with the test tokenizer, into `path`. vocab_size defaults to the tokenizer's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = make_llama_tokenizer()
-    fields = {**TINY_COMMON, **TINY_ARCHS[arch], **overrides}
-    model_type = fields.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), architectures=[arch], **fields)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    fields.setdefault("vocab_size", len(tok))
+    config = AutoConfig.for_model(model_type, architectures=[arch], **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def build_tiny_model(path: str, arch: str, seed: int = 0, **overrides) -> str:
+    """Save one of TINY_ARCHS (the foundation's architectures) into `path`."""
+    fields = {**TINY_COMMON, **TINY_ARCHS[arch], **overrides}
+    return save_tiny_model(path, fields.pop("model_type"), arch, seed, **fields)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +72,9 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model_factory):
     return tiny_model_factory("LlamaForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_model_factory):
+    """A tiny Llama whose tokenizer has a chat template (CHAT_TEMPLATE)."""
+    return tiny_model_factory("LlamaForCausalLM", chat_template=CHAT_TEMPLATE)
