@@ -100,8 +100,7 @@ class LLMEngine:
                     child_params.seed = params.seed + i
             rid = request_id if params.n == 1 else f"{i}_{request_id}"
             req = Request(rid, token_ids, child_params, self.eos_token_ids, text,
-                          self.config.max_model_len)
-            req.index = i
+                          self.config.max_model_len, index=i)
             req.bad_words_token_ids = bad_words
             if params.detokenize:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)

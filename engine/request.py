@@ -31,8 +31,9 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any,
                  eos_token_ids: tuple[int, ...] = (), prompt: str | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, index: int = 0) -> None:
         self.request_id = request_id
+        self.index = index                   # which of the parent request's n samples
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -55,6 +56,7 @@ class Request:
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
+        self.bad_words_token_ids: list[list[int]] | None = None
         # filled by the engine's output side
         self.detokenizer: Any = None
         self.logprobs: list[dict] | None = [] if sampling_params.logprobs is not None else None
