@@ -1,7 +1,16 @@
-"""Llama and Mistral (and the shared decoder that Qwen2/Qwen3 reuse).
+"""Llama and Mistral, and the shared decoder of the Llama-like families.
 
-Per-family differences are one `attention_options(config, layer_idx)` hook: qkv/o biases,
-per-head q/k RMSNorm (Qwen3) and the sliding window of each layer.
+A family is a subclass of LlamaForCausalLM that overrides a few hooks (staticmethods):
+  attention_options(config, layer_idx)  per-layer attention: biases, q/k norm, sliding window,
+                                        scale, logit soft-cap, rotary on/off and style
+  make_norm(config, size)               the norm (RMSNorm; Gemma's (1 + w); Cohere's LayerNorm)
+  make_qk_norm(config, heads, head_dim) the q/k norm over [T, heads * head_dim] (default: per head)
+  norm_names                            which norms sit around attention and MLP, by checkpoint name
+  mlp_options(config)                   (hidden_act, bias) of the gated MLP
+  scale_embeddings(config, hidden)      Gemma's sqrt(hidden), Granite's embedding_multiplier
+  residual_scale(config)                multiplier on each block's output (Granite)
+  decoder_layer_cls                     the layer class (Cohere's parallel block overrides forward)
+and compute_logits where a family scales or soft-caps the logits.
 """
 from __future__ import annotations
 
@@ -24,17 +33,43 @@ from octavo.models.layers.rotary import get_rope, rope_parameters
 class AttentionOptions:
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool = False                 # q/k norm before rotary (Qwen3, Gemma3, OLMo2, Cohere)
     sliding_window: int | None = None
+    scale: float | None = None            # None: head_dim ** -0.5
+    logit_soft_cap: float | None = None   # Gemma2: cap * tanh(logits / cap)
+    rope: bool = True                     # False: no rotary on this layer (NoPE, SmolLM3)
+    rope_neox: bool = True                # False: GPT-J pairs (2i, 2i+1) (GLM4, Ernie4.5, Cohere)
+    rope_layer_type: str = "full_attention"  # which per-layer-type rope_parameters (Gemma3 local)
+
+
+@dataclass(frozen=True)
+class NormNames:
+    """Checkpoint names of the norms before/after attention and MLP; None where there is none."""
+    pre_attn: str | None = "input_layernorm"
+    post_attn: str | None = None
+    pre_mlp: str | None = "post_attention_layernorm"
+    post_mlp: str | None = None
 
 
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def add_and_norm(norm, hidden: torch.Tensor, residual: torch.Tensor | None):
+    """(norm(hidden + residual), hidden + residual); the first layer has no residual yet.
+    Without a norm (OLMo2 has no pre-norms) the sum itself is the next input."""
+    if norm is None:
+        residual = hidden if residual is None else hidden + residual
+        return residual, residual
+    if residual is None:
+        return norm(hidden), hidden
+    return norm(hidden, residual)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, opts: AttentionOptions):
+    def __init__(self, config, opts: AttentionOptions, family=None):
         super().__init__()
+        family = family or LlamaForCausalLM
         tp = get_tp_size()
         self.head_dim = hd = head_dim_of(config)
         total_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -44,73 +79,94 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(self.num_heads * tp * hd, config.hidden_size,
                                         bias=opts.o_bias)
-        base, scaling = rope_parameters(config)
+        self.rotary_emb = self._rope(config, opts, hd) if opts.rope else None
+        scale = hd ** -0.5 if opts.scale is None else opts.scale
+        self.attn = Attention(self.num_heads, hd, scale, self.num_kv_heads,
+                              sliding_window=opts.sliding_window,
+                              logit_soft_cap=opts.logit_soft_cap)
+        if opts.qk_norm:
+            self.q_norm = family.make_qk_norm(config, self.num_heads, hd)
+            self.k_norm = family.make_qk_norm(config, self.num_kv_heads, hd)
+        self.qk_norm = opts.qk_norm
+
+    @staticmethod
+    def _rope(config, opts: AttentionOptions, hd: int):
+        base, scaling = rope_parameters(config, opts.rope_layer_type)
         partial = (scaling or {}).get("partial_rotary_factor",
                                       getattr(config, "partial_rotary_factor", 1.0))
-        rotary_dim = int(hd * partial)
-        self.rotary_emb = get_rope(hd, rotary_dim, config.max_position_embeddings, base,
-                                   is_neox_style=True, rope_scaling=scaling)
-        self.attn = Attention(self.num_heads, hd, hd ** -0.5, self.num_kv_heads,
-                              sliding_window=opts.sliding_window)
-        if opts.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps)
-        self.qk_norm = opts.qk_norm
+        return get_rope(hd, int(hd * partial), config.max_position_embeddings, base,
+                        is_neox_style=opts.rope_neox, rope_scaling=scaling)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hk) * hd]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:  # per-head RMSNorm before rotary (Qwen3)
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.q_size)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.kv_size)
-        q, k = self.rotary_emb(positions, q, k)
+        if self.qk_norm:  # before rotary; [T, H * hd] in and out
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, bias: bool = False):
+    def __init__(self, config, bias: bool = False, hidden_act: str | None = None):
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
-        self.act_fn = get_gated_activation(getattr(config, "hidden_act", "silu"))
+        self.act_fn = get_gated_activation(hidden_act or getattr(config, "hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, opts: AttentionOptions):
+    def __init__(self, config, opts: AttentionOptions, family=None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, opts)
-        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        family = family or LlamaForCausalLM
+        self.self_attn = LlamaAttention(config, opts, family)
+        hidden_act, bias = family.mlp_options(config)
+        self.mlp = LlamaMLP(config, bias=bias, hidden_act=hidden_act)
+        self.norm_names = family.norm_names
+        for name in vars(self.norm_names).values():
+            if name is not None:
+                self.add_module(name, family.make_norm(config, config.hidden_size))
+        self.residual_scale = family.residual_scale(config)
+
+    def _norm(self, slot: str):
+        name = getattr(self.norm_names, slot)
+        return None if name is None else getattr(self, name)
+
+    def _finish(self, out: torch.Tensor, slot: str) -> torch.Tensor:
+        # a block's output: post-norm (Gemma, GLM4, OLMo2) and residual multiplier (Granite)
+        norm = self._norm(slot)
+        out = out if norm is None else norm(out)
+        return out if self.residual_scale == 1.0 else out * self.residual_scale
 
     def forward(self, positions, hidden, residual, attn_metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = add_and_norm(self._norm("pre_attn"), hidden, residual)
+        hidden = self._finish(self.self_attn(positions, hidden, attn_metadata), "post_attn")
+        hidden, residual = add_and_norm(self._norm("pre_mlp"), hidden, residual)
+        return self._finish(self.mlp(hidden), "post_mlp"), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, attention_options):
+    def __init__(self, config, family=None):
         super().__init__()
+        self.family = family = family or LlamaForCausalLM
+        self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_options(config, i))
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            family.decoder_layer_cls(config, family.attention_options(config, i), family)
+            for i in range(config.num_hidden_layers))
+        self.norm = family.make_norm(config, config.hidden_size)
 
     def forward(self, input_ids, positions, attn_metadata):
-        hidden, residual = self.embed_tokens(input_ids), None
+        hidden = self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
+        residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, attn_metadata)
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = add_and_norm(self.norm, hidden, residual)
         return hidden
 
 
@@ -123,11 +179,13 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    norm_names = NormNames()
+    decoder_layer_cls = LlamaDecoderLayer
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.attention_options)
+        self.model = LlamaModel(config, type(self))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -136,6 +194,27 @@ class LlamaForCausalLM(nn.Module):
     def attention_options(config, layer_idx: int) -> AttentionOptions:
         bias = getattr(config, "attention_bias", False)
         return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @staticmethod
+    def make_norm(config, size: int) -> nn.Module:
+        return RMSNorm(size, eps=config.rms_norm_eps)
+
+    @classmethod
+    def make_qk_norm(cls, config, num_heads: int, head_dim: int) -> nn.Module:
+        # one norm of head_dim applied to every head (RMSNorm views [T, H*hd] as [T*H, hd])
+        return cls.make_norm(config, head_dim)
+
+    @staticmethod
+    def mlp_options(config) -> tuple[str, bool]:
+        return getattr(config, "hidden_act", "silu"), getattr(config, "mlp_bias", False)
+
+    @staticmethod
+    def scale_embeddings(config, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    @staticmethod
+    def residual_scale(config) -> float:
+        return 1.0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:

@@ -166,12 +166,13 @@ class YaRNScalingRotaryEmbedding(RotaryEmbedding):
         return self.attention_factor
 
 
-def rope_parameters(hf_config) -> tuple[float, dict | None]:
+def rope_parameters(hf_config, layer_type: str = "full_attention") -> tuple[float, dict | None]:
     """(base, scaling dict or None) from a config in transformers 5 form (`rope_parameters` with
-    rope_type/rope_theta) or the older `rope_theta` + `rope_scaling` (with "type"/"rope_type")."""
+    rope_type/rope_theta) or the older `rope_theta` + `rope_scaling` (with "type"/"rope_type").
+    Per-layer-type configs (Gemma3: a local base for sliding layers) give `layer_type`'s entry."""
     params = getattr(hf_config, "rope_parameters", None)
     if isinstance(params, dict) and params and "full_attention" in params:
-        params = params["full_attention"]  # per-layer-type configs: take the full-attention one
+        params = params.get(layer_type) or params["full_attention"]
     if not params:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
     params = dict(params)
@@ -231,5 +232,10 @@ def _build_rope(head_size, rotary_dim, max_position, base, neox, scaling: dict) 
             beta_fast=scaling.get("beta_fast") or 32, beta_slow=scaling.get("beta_slow") or 1,
             attention_factor=scaling.get("attention_factor"), mscale=scaling.get("mscale"),
             mscale_all_dim=scaling.get("mscale_all_dim"), truncate=scaling.get("truncate", True))
+    if rope_type in ("longrope", "su"):
+        from octavo.models.layers.longrope import LongRoPEScaledRotaryEmbedding
+        return LongRoPEScaledRotaryEmbedding(
+            *args, scaling["original_max_position_embeddings"], scaling["short_factor"],
+            scaling["long_factor"], factor, scaling.get("attention_factor"))
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, "
-                     "llama3, yarn")
+                     "llama3, yarn, longrope")
