@@ -85,8 +85,9 @@ def beam_search(llm: "LLM", prompts: Any, params: BeamSearchParams,
         raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
     engine = llm.llm_engine
     instances = [_Instance(ids) for ids in _tokenize_all(engine, prompts)]
+    # With ignore_eos an EOS is an ordinary token: it neither ends a beam nor its length.
     eos = () if params.ignore_eos else engine.eos_token_ids
-    key = _sort_key(engine.eos_token_ids, params.length_penalty)
+    key = _sort_key(eos, params.length_penalty)
     step_params = SamplingParams(max_tokens=1, temperature=params.temperature,
                                  logprobs=min(2 * params.beam_width, engine.vocab_size),
                                  detokenize=False)
