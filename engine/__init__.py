@@ -13,6 +13,7 @@ _EXPORTS = {
     "LLM": "llm", "LLMEngine": "llm_engine", "EngineConfig": "config",
     "SamplingParams": "sampling_params", "RequestOutput": "outputs",
     "CompletionOutput": "outputs", "Logprob": "outputs",
+    "BeamSearchParams": "beam_search",
 }
 __all__ = list(_EXPORTS)
 
