@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `octavo serve MODEL` (api_server.run_server)."""

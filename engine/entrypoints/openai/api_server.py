@@ -1,0 +1,169 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine, run by uvicorn.
+
+`python -m octavo.entrypoints.openai.api_server MODEL [options]` or `octavo serve MODEL`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from transformers import AutoTokenizer
+
+from octavo.async_engine import AsyncLLMEngine
+from octavo.chat_utils import load_chat_template
+from octavo.llm_engine import LLMEngine
+
+from .cli_args import engine_config, make_arg_parser
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                       ModelList, TokenizeRequest)
+from .serving_chat import OpenAIServingChat
+from .serving_completion import OpenAIServingCompletion
+from .serving_engine import APIError, ServerContext, error_response
+from .serving_tokenization import OpenAIServingTokenization
+
+logger = logging.getLogger(__name__)
+
+
+def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetrics]:
+    """Load the model and start the engine thread."""
+    config = engine_config(args)
+    names = args.served_model_name or [args.model]
+    metrics = ServerMetrics(names[0])
+    engine = AsyncLLMEngine(LLMEngine(config), observer=metrics)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model,
+                                              trust_remote_code=config.trust_remote_code)
+    ctx = ServerContext(engine=engine, served_model_names=names, model_path=args.model,
+                        tokenizer=tokenizer, chat_template=load_chat_template(args.chat_template))
+    return ctx, metrics
+
+
+def build_app(args: argparse.Namespace, ctx: ServerContext, metrics: ServerMetrics) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        ctx.engine.shutdown()
+
+    app = FastAPI(lifespan=lifespan)
+    _add_error_handlers(app)
+    if args.api_key:
+        _add_api_key_check(app, args.api_key)
+    app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
+                       allow_credentials=args.allow_credentials,
+                       allow_methods=args.allowed_methods, allow_headers=args.allowed_headers)
+    completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
+    tokenization = OpenAIServingTokenization(ctx, chat)
+    app.state.ctx = ctx
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not ctx.engine.is_running:
+            return JSONResponse(error_response("the engine thread has stopped", 500).model_dump(),
+                                status_code=500)
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=ctx.model_path,
+                                         max_model_len=ctx.max_model_len)
+                               for name in ctx.served_model_names])
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        return tokenization.tokenize(req)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        return tokenization.detokenize(req)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return _reply(await completion.create(req))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        return _reply(await chat.create(req))
+
+    return app
+
+
+def _reply(result):
+    if hasattr(result, "__aiter__"):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump())
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def reply(message: str, status: int, param: str | None = None) -> JSONResponse:
+        return JSONResponse(error_response(message, status, param).model_dump(),
+                            status_code=status)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return reply(e.message, e.status, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return reply(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                         .rstrip(": "), 400)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        return reply(f"invalid request body: {where + ': ' if where else ''}"
+                     f"{first.get('msg', 'malformed')}", 400, where or None)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_: Request, e: ValueError) -> JSONResponse:
+        return reply(str(e), 400)
+
+
+def _add_api_key_check(app: FastAPI, api_key: str) -> None:
+    # Plain ASGI rather than @app.middleware: BaseHTTPMiddleware buffers streaming responses'
+    # disconnects, and a client that leaves must abort its request at once.
+    app.add_middleware(_APIKeyMiddleware, expected=f"Bearer {api_key}".encode())
+
+
+class _APIKeyMiddleware:
+    def __init__(self, app, expected: bytes) -> None:
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] != "http" or scope["method"] == "OPTIONS"
+                or not scope["path"].startswith("/v1")):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if secrets.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        response = JSONResponse(error_response(
+            "Unauthorized: give the server's API key as 'Authorization: Bearer KEY'",
+            401).model_dump(), status_code=401)
+        await response(scope, receive, send)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    ctx, metrics = build_context(args)
+    app = build_app(args, ctx, metrics)
+    logger.info("serving %s on http://%s:%d", ctx.served_model_names, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_server(make_arg_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
