@@ -1,0 +1,80 @@
+"""Shared pieces of the bench suites: engine flags, machine info, JSON-lines results."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """EngineConfig fields as flags; only the ones given reach LLM(...)."""
+    g = p.add_argument_group("engine (octavo.EngineConfig)")
+    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--max-num-seqs", type=int)
+    g.add_argument("--max-num-batched-tokens", type=int)
+    g.add_argument("--block-size", type=int)
+    g.add_argument("--kv-cache-memory", type=parse_bytes,
+                   help="bytes of KV cache (CPU); suffixes K/M/G/KiB/MiB/GiB accepted")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0)
+
+
+_ENGINE_FIELDS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                  "block_size", "kv_cache_memory", "enable_prefix_caching", "device", "seed")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _ENGINE_FIELDS if getattr(args, k, None) is not None}
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KIB": 1 << 10, "MIB": 1 << 20,
+             "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+    s = text.strip().upper()
+    num = s.rstrip("KMGIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2147483648 or 2GiB")
+    return int(value)
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    return {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_jsonl(path: str | None, record: dict[str, Any]) -> None:
+    """Append one result (with machine info and the command line) as one JSON line."""
+    if not path:
+        return
+    full = {**record, "machine": machine_info(), "command": " ".join(sys.argv)}
+    with open(path, "a") as f:
+        f.write(json.dumps(full) + "\n")
+
+
+def percentiles(values: list[float], points=(10, 25, 50, 75, 90, 99)) -> dict[str, float]:
+    import numpy as np
+    if not values:
+        return {str(p): float("nan") for p in points}
+    return {str(p): float(np.percentile(values, p)) for p in points}

@@ -1,0 +1,31 @@
+"""make_random_model: the llama-100m preset's shape, and a saved model octavo and HF both load."""
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from octavo.bench.make_random_model import PRESETS, main
+
+
+def test_llama_100m_preset_size():
+    fields = dict(PRESETS["llama-100m"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert 100e6 < n < 120e6
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == \
+        (768, 12, 12, 2048, 32000, True)
+
+
+def test_saved_tiny_model_is_bf16_with_full_vocab_tokenizer(tmp_path, capsys):
+    out = str(tmp_path / "m")
+    main(["--out", out, "--preset", "llama-tiny"])
+    assert "llama-tiny" in capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(out)
+    config = AutoConfig.from_pretrained(out)
+    assert len(tok) == config.vocab_size
+    assert isinstance(tok.decode(list(range(config.vocab_size))), str)
+    assert tok.decode(tok.encode("Hello world", add_special_tokens=False)) == "Hello world"
+    with safe_open(f"{out}/model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
