@@ -1,4 +1,4 @@
-"""Run the real OpenAI-compatible server (uvicorn) on a free loopback port in a background thread."""
+"""Run the real OpenAI-compatible server (uvicorn) on a free loopback port, in a thread."""
 from __future__ import annotations
 
 import socket

@@ -11,6 +11,7 @@ import torch
 from server_util import RunningServer, metric_value
 
 from octavo import LLM, SamplingParams
+from octavo.async_engine import AsyncLLMEngine
 
 KEY = "sk-octavo-test"
 MODEL = "tiny"
@@ -160,6 +161,19 @@ def test_logprobs_match_transformers(client, llm, chat_model_dir):
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(want_top, abs=1e-4)
 
 
+def test_prompt_logprobs_match_transformers(client, llm, chat_model_dir):
+    ids = llm.get_tokenizer().encode(PROMPTS[2])
+    resp = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                     extra_body={"prompt_logprobs": 2})
+    got = resp.choices[0].model_extra["prompt_logprobs"]
+    ref = _hf_logprobs(chat_model_dir, ids[:1], ids[1:], 2)
+    assert got[0] is None and len(got) == len(ids)
+    for entry, tok, (want, want_top) in zip(got[1:], ids[1:], ref):
+        assert entry[str(tok)]["logprob"] == pytest.approx(want, abs=1e-4)
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        assert ranked[0]["logprob"] == pytest.approx(want_top[0], abs=1e-4)
+
+
 def test_n2_sampling(client):
     resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], n=2, max_tokens=8,
                                      temperature=1.0, seed=7, extra_body=NO_EOS)
@@ -192,6 +206,13 @@ def test_bad_requests_get_openai_errors(client, server, llm):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user"}], n=2,
                                        temperature=0)
+    _assert_error_shape(e.value.response.json(), 400)
+    with pytest.raises(openai.BadRequestError) as e:      # refused by the engine itself
+        client.completions.create(model=MODEL, prompt="Hi", logit_bias={"100000": 5})
+    assert "out of vocabulary" in e.value.response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", stream=True,
+                                  extra_body={"prompt_logprobs": 1})
     _assert_error_shape(e.value.response.json(), 400)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny", "prompt": ',
@@ -238,6 +259,26 @@ def test_aborted_stream_frees_blocks(client, server):
     assert aborted == before + 1, "the disconnected stream was not aborted"
     assert metric_value(text, "octavo:kv_cache_usage_perc") == 0.0
     assert metric_value(text, "octavo:num_requests_running") == 0.0
+    kv = server.ctx.engine.engine.kv
+    assert kv.pool.num_free == kv.num_blocks
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it(server):
+    before = metric_value(_metrics(server), "octavo:request_success_total",
+                          finished_reason="abort")
+    body = {"model": MODEL, "prompt": [f"{p} again" for p in PROMPTS] * 2, "max_tokens": 480,
+            "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.2,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = _metrics(server)
+        aborted = metric_value(text, "octavo:request_success_total", finished_reason="abort")
+        if aborted == before + 8 and metric_value(text, "octavo:num_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert aborted == before + 8
     kv = server.ctx.engine.engine.kv
     assert kv.pool.num_free == kv.num_blocks
 
@@ -304,3 +345,36 @@ def test_cors_preflight(server):
     assert r.headers["access-control-allow-origin"] in ("*", "http://example.com")
     assert json.loads(httpx.get(server.url + "/v1/models",
                                 headers={"Authorization": f"Bearer {KEY}"}).text)["data"]
+
+
+def test_failing_step_fails_its_requests_not_the_loop(llm):
+    """A step that raises fails the requests in flight; the loop keeps serving new ones."""
+    engine = llm.llm_engine
+    real_step, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    engine.step = flaky_step
+    aengine = AsyncLLMEngine(engine)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="boom"):
+            async for _ in aengine.generate("fails", PROMPTS[0], params):
+                pass
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await aengine.add_request("bad", {"prompt_token_ids": [10 ** 6]}, params)
+        return [o async for o in aengine.generate("works", PROMPTS[0], params)][-1]
+
+    try:
+        last = asyncio.run(run())
+    finally:
+        aengine.shutdown()
+        del engine.step
+    assert last.finished and last.outputs[0].text == greedy(llm, [PROMPTS[0]], 5,
+                                                            ignore_eos=True)[0].text
+    assert engine.kv.pool.num_free == engine.kv.num_blocks

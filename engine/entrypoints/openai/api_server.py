@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -87,17 +88,38 @@ def build_app(args: argparse.Namespace, ctx: ServerContext, metrics: ServerMetri
         return tokenization.detokenize(req)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return _reply(await completion.create(req))
+    async def completions(req: CompletionRequest, raw: Request):
+        return _reply(await _cancel_on_disconnect(completion.create(req), raw))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return _reply(await chat.create(req))
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        return _reply(await _cancel_on_disconnect(chat.create(req), raw))
 
     return app
 
 
+async def _cancel_on_disconnect(coro, raw: Request):
+    """Run a handler; if the client goes away first, cancel it, which aborts its requests
+    (Starlette does not cancel a non-streaming handler by itself; streams watch on their own)."""
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(coro), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return None
+    return task.result()
+
+
 def _reply(result):
+    if result is None:                        # the client left: nobody reads the reply
+        return Response(status_code=499)
     if hasattr(result, "__aiter__"):
         return StreamingResponse(result, media_type="text/event-stream")
     return JSONResponse(result.model_dump())
@@ -117,8 +139,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         errors = e.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return reply(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-                         .rstrip(": "), 400)
+            detail = first.get("ctx", {}).get("error", "")
+            return reply(f"the request body is not valid JSON: {detail}".rstrip(": "), 400)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         return reply(f"invalid request body: {where + ': ' if where else ''}"

@@ -1,4 +1,5 @@
-"""Prometheus metrics for /metrics, in a registry of the server's own (vLLM's series, octavo: prefix).
+"""Prometheus metrics for /metrics in a registry of the server's own: vLLM's series, with an
+octavo: prefix.
 
 The engine thread calls the StatsObserver methods (prometheus_client is thread-safe).
 """

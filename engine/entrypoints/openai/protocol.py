@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from octavo.sampling_params import SamplingParams
 
@@ -70,6 +70,13 @@ class SamplingRequest(OpenAIModel):
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
 
+    def check_stream_fields(self) -> None:
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs are not available when stream=true: "
+                             "leave one of them out")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream=true")
+
     def sampling_params(self, defaults: SamplingParams, max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
         """SamplingParams for this request; unset fields take the server's defaults (the
@@ -113,12 +120,17 @@ class CompletionLogprobs(OpenAIModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+# vLLM's prompt_logprobs: per prompt token, token id -> {logprob, rank, decoded_token}.
+PromptLogprobsJSON = list[dict[int, dict[str, Any]] | None]
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsJSON | None = None
 
 
 class CompletionResponse(OpenAIModel):
@@ -167,8 +179,13 @@ class ChatMessage(OpenAIModel):
 
 
 class DeltaMessage(OpenAIModel):
+    """A streamed piece of the message; only the fields it carries are sent, as OpenAI does."""
     role: str | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChoice(OpenAIModel):
@@ -186,6 +203,7 @@ class ChatResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobsJSON | None = None
 
 
 class ChatStreamChoice(OpenAIModel):

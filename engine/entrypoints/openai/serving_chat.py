@@ -10,7 +10,8 @@ from octavo.sampling_params import SamplingParams
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatLogprobs, ChatMessage,
                        ChatResponse, ChatStreamChoice, ChatStreamResponse, DeltaMessage,
                        TokenLogprob, TopLogprob, UsageInfo, random_id)
-from .serving_engine import SSE_DONE, APIError, ChoiceState, ServerContext, merge_streams, sse
+from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, merge_streams,
+                             prompt_logprobs_json, sse)
 
 # OpenAI's limit on top_logprobs.
 _MAX_TOP_LOGPROBS = 20
@@ -42,6 +43,7 @@ class OpenAIServingChat:
         max_tokens = req.max_completion_tokens or req.max_tokens
         ctx.check_length(len(prompt["prompt_token_ids"]), max_tokens)
         try:
+            req.check_stream_fields()
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             params = req.sampling_params(ctx.default_params(), max_tokens, logprobs)
         except ValueError as e:
@@ -101,7 +103,8 @@ class _ChatRun:
                               logprobs=self._logprobs(c.token_ids, c.logprobs),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in out.outputs]
-        return ChatResponse(id=self.id, model=self.model, choices=choices, usage=self.usage(out))
+        return ChatResponse(id=self.id, model=self.model, choices=choices, usage=self.usage(out),
+                            prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs))
 
     def _chunk(self, choice: ChatStreamChoice | None, usage: UsageInfo | None = None) -> str:
         return sse(ChatStreamResponse(id=self.id, model=self.model,

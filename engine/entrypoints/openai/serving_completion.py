@@ -9,7 +9,7 @@ from octavo.sampling_params import SamplingParams
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, UsageInfo, random_id)
 from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, merge_streams,
-                             sse, visible_text)
+                             prompt_logprobs_json, sse, visible_text)
 
 
 class OpenAIServingCompletion:
@@ -25,6 +25,7 @@ class OpenAIServingCompletion:
         for p in prompts:
             ctx.check_length(len(p["prompt_token_ids"]), req.max_tokens)
         try:
+            req.check_stream_fields()
             params = req.sampling_params(ctx.default_params(), req.max_tokens, req.logprobs)
             if req.echo and req.logprobs is not None:
                 params.prompt_logprobs = req.logprobs
@@ -85,7 +86,9 @@ class _Run:
                 text, logprobs = self._choice_text(out, c, 0, len(c.token_ids), True, c.text)
                 choices.append(CompletionChoice(
                     index=i * self.n + c.index, text=text, logprobs=logprobs,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    prompt_logprobs=prompt_logprobs_json(
+                        out.prompt_logprobs if self.req.prompt_logprobs is not None else None)))
         return CompletionResponse(id=self.id, model=self.model, choices=choices,
                                   usage=self.usage(outputs))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
 from octavo.async_engine import AsyncLLMEngine
-from octavo.outputs import CompletionOutput, RequestOutput
+from octavo.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from octavo.sampling_params import SamplingParams
 
 from .protocol import ErrorInfo, ErrorResponse
@@ -151,6 +151,15 @@ class ChoiceState:
         self.text_len, self.num_tokens = max(self.text_len, len(text)), end
         self.finished = c.finish_reason is not None
         return new_text, start, end
+
+
+def prompt_logprobs_json(entries: PromptLogprobs | None) -> list | None:
+    if entries is None:
+        return None
+    return [None if e is None else
+            {tok: {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank,
+                   "decoded_token": lp.decoded_token} for tok, lp in e.items()}
+            for e in entries]
 
 
 def visible_text(c: CompletionOutput, params: SamplingParams) -> str:
