@@ -2,16 +2,20 @@
 the official `openai` client and httpx, checked against LLM.generate and transformers."""
 import asyncio
 import json
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-from server_util import RunningServer, metric_value
+from conftest import CHAT_TEMPLATE
+from server_util import RunningServer, free_port, metric_value
 
 from octavo import LLM, SamplingParams
 from octavo.async_engine import AsyncLLMEngine
+from octavo.entrypoints.openai.cli_args import engine_config, make_arg_parser, parse_bytes
 
 KEY = "sk-octavo-test"
 MODEL = "tiny"
@@ -378,3 +382,44 @@ def test_failing_step_fails_its_requests_not_the_loop(llm):
     assert last.finished and last.outputs[0].text == greedy(llm, [PROMPTS[0]], 5,
                                                             ignore_eos=True)[0].text
     assert engine.kv.pool.num_free == engine.kv.num_blocks
+
+
+def test_cli_args():
+    args = make_arg_parser().parse_args(["/m", "--kv-cache-memory", "512MiB",
+                                         "--no-enable-prefix-caching", "--max-model-len", "256",
+                                         "--served-model-name", "a", "b"])
+    config = engine_config(args)
+    assert config.kv_cache_memory == 512 * MIB and not config.enable_prefix_caching
+    assert config.max_model_len == 256 and args.served_model_name == ["a", "b"]
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1e6") == 10 ** 6
+    with pytest.raises(SystemExit):
+        make_arg_parser().parse_args(["/m", "--kv-cache-memory", "lots"])
+
+
+def test_run_server_subprocess(llama_dir):
+    """The entry point `octavo serve` calls (run_server) as its own process, on a model whose
+    tokenizer has no chat template, so chat works only through --chat-template."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "octavo.entrypoints.openai.api_server", llama_dir,
+         "--port", str(port), "--dtype", "float32", "--kv-cache-memory", "16MiB",
+         "--served-model-name", MODEL, "--chat-template", CHAT_TEMPLATE,
+         "--uvicorn-log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        r = httpx.post(url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert "Traceback" not in out, out

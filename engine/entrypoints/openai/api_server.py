@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import logging
 import secrets
 
@@ -14,7 +15,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from transformers import AutoTokenizer
 
 from octavo.async_engine import AsyncLLMEngine
 from octavo.chat_utils import load_chat_template
@@ -35,13 +35,15 @@ logger = logging.getLogger(__name__)
 def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetrics]:
     """Load the model and start the engine thread."""
     config = engine_config(args)
+    chat_template = load_chat_template(args.chat_template)     # a bad path fails before loading
     names = args.served_model_name or [args.model]
     metrics = ServerMetrics(names[0])
-    engine = AsyncLLMEngine(LLMEngine(config), observer=metrics)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model,
-                                              trust_remote_code=config.trust_remote_code)
+    llm_engine = LLMEngine(config)
+    # A copy for the event loop: the engine thread's tokenizer is not shared across threads.
+    tokenizer = copy.deepcopy(llm_engine.tokenizer)
+    engine = AsyncLLMEngine(llm_engine, observer=metrics)
     ctx = ServerContext(engine=engine, served_model_names=names, model_path=args.model,
-                        tokenizer=tokenizer, chat_template=load_chat_template(args.chat_template))
+                        tokenizer=tokenizer, chat_template=chat_template)
     return ctx, metrics
 
 
