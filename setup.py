@@ -144,7 +144,8 @@ setup(
     install_requires=["torch==2.14.1", "transformers", "tokenizers", "safetensors", "numpy",
                       "tqdm", "jinja2", "gguf", "fastapi", "uvicorn", "prometheus_client",
                       "pydantic>=2"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx"],
+    # ninja: tests/simt builds the emulated CUDA kernels with torch.utils.cpp_extension.load.
+    extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx", "ninja"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["octavo = octavo.entrypoints.cli:main"]},
 )

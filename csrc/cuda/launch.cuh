@@ -2,18 +2,34 @@
 // launch(...) instead of <<<>>> so the same source can also build under the SIMT emulator.
 #pragma once
 
+#include "cuda/params.h"
+
+#ifdef OCTAVO_SIMT
+#include "simt/simt.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "cuda/params.h"
+// Dynamic shared memory, spelled so that the emulator can provide it too (simt/simt.h).
+#define OCTAVO_DYNAMIC_SHARED(T, name)                                  \
+  extern __shared__ __align__(16) unsigned char octavo_dynamic_smem_[]; \
+  T* name = reinterpret_cast<T*>(octavo_dynamic_smem_)
+#endif
 
 namespace octavo::cuda {
 
+// kernel<<<grid, block, smem, stream>>>(args...) on a GPU; under OCTAVO_SIMT every block runs
+// on the CPU emulator before launch returns (the stream is ignored there).
 template <typename... KArgs, typename... Args>
 inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, Args&&... args) {
+#ifdef OCTAVO_SIMT
+  (void)stream;
+  ::octavo::simt::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
+#else
   kernel<<<grid, block, smem, stream>>>(static_cast<KArgs>(args)...);
+#endif
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -1,0 +1,5 @@
+// The csrc/cuda launchers and kernels compiled as C++ for the SIMT emulator (one translation
+// unit, no torch headers): g++ -DOCTAVO_SIMT turns the CUDA spellings into simt/simt.h.
+#include "cuda/activation.cu"
+#include "cuda/layernorm.cu"
+#include "simt/selftest.cu"
