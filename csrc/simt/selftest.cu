@@ -6,9 +6,14 @@
 namespace octavo::simt_selftest {
 namespace k {
 
+// mode 0: correct; 1: __syncthreads after some threads returned; 2: two __syncthreads sites;
+// 3: a lane calls a shuffle whose mask leaves it out; 4: a shuffle mask names exited lanes.
 __global__ void sync_kernel(int mode, int32_t* out) {
   __shared__ int seen[64];
   seen[threadIdx.x] = threadIdx.x;
+  if (mode == 3 && threadIdx.x == 0) out[0] = __shfl_sync(0x2u, 1, 1);
+  if (mode == 4 && threadIdx.x % 32 >= 16) return;
+  if (mode == 4) out[threadIdx.x] = __shfl_sync(0xffffffffu, 1, 0);
   if (mode == 1 && threadIdx.x >= 16) return;
   if (mode == 2 && threadIdx.x % 2) {
     __syncthreads();

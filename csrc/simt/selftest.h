@@ -5,7 +5,7 @@
 
 namespace octavo::simt_selftest {
 
-void divergent_sync(int32_t* out, int mode);  // out [64]; mode 0 ok, 1 early exit, 2 if/else
+void divergent_sync(int32_t* out, int mode);  // out [64]; modes: selftest.cu sync_kernel
 void shuffle(float* out, const float* x, int n, int kind, int arg, int width);
 void votes(int32_t* out, const int32_t* pred, uint32_t mask);  // out: [32, 3]
 void shared_poison(uint32_t* out, int blocks);            // out: [blocks, 2]

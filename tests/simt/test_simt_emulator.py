@@ -20,12 +20,19 @@ def test_syncthreads_orders_shared_memory(simt):
 @pytest.mark.parametrize("mode,expected", [
     (1, r"48 thread\(s\) exited \[threads 16\.\.63\]; 16 thread\(s\) wait at __syncthreads"),
     (2, r"32 thread\(s\) wait at __syncthreads \(selftest.cu:\d+\).*32 thread\(s\) wait at __syncthreads"),
+    (4, r"32 thread\(s\) exited.*32 thread\(s\) wait at __shfl_sync mask 0xffffffff \(selftest.cu:\d+\)"),
 ])
 def test_divergent_syncthreads_is_an_error(simt, mode, expected):
     out = torch.zeros(64, dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"kernel '[^']*sync_kernel\(int, int\*\)', block \(0,0,0\): deadlock") as e:
         simt.selftest_divergent_sync(out, mode)
     assert __import__("re").search(expected, str(e.value)), str(e.value)
+
+
+def test_lane_outside_its_mask_is_an_error(simt):
+    with pytest.raises(RuntimeError, match=r"block \(0,0,0\): thread \(0,0,0\): __shfl_sync called by "
+                       r"lane 0, which is not in its mask 0x00000002 \(selftest.cu:\d+\)"):
+        simt.selftest_divergent_sync(torch.zeros(64, dtype=torch.int32), 3)
 
 
 def shuffle_source(lane: int, kind: int, arg: int, width: int) -> int:
