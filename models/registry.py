@@ -8,8 +8,38 @@ _MODELS = {
     "MistralForCausalLM": ("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+    "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "SmolLM3ForCausalLM": ("smollm3", "SmolLM3ForCausalLM"),
+    "Ernie4_5ForCausalLM": ("ernie45", "Ernie4_5ForCausalLM"),
+    "Glm4ForCausalLM": ("glm4", "Glm4ForCausalLM"),
+    "GraniteForCausalLM": ("granite", "GraniteForCausalLM"),
+    "Olmo2ForCausalLM": ("olmo2", "Olmo2ForCausalLM"),
+    "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
 }
 
+
+# Shown in README's table (`python -m octavo.models.registry --markdown` prints it).
+EXAMPLE_MODELS = {
+    "LlamaForCausalLM": "Llama 2/3, SmolLM2, TinyLlama",
+    "MistralForCausalLM": "Mistral 7B (sliding window)",
+    "Qwen2ForCausalLM": "Qwen2, Qwen2.5",
+    "Qwen3ForCausalLM": "Qwen3 (dense)",
+    "Gemma2ForCausalLM": "Gemma 2",
+    "Gemma3ForCausalLM": "Gemma 3 (text-only checkpoints, e.g. gemma-3-1b)",
+    "SmolLM3ForCausalLM": "SmolLM3",
+    "Ernie4_5ForCausalLM": "ERNIE 4.5 (dense, e.g. 0.3B)",
+    "Glm4ForCausalLM": "GLM-4-0414",
+    "GraniteForCausalLM": "Granite 3.x (dense)",
+    "Olmo2ForCausalLM": "OLMo 2",
+    "CohereForCausalLM": "Command R, Command R+, Aya 23",
+    "GPT2LMHeadModel": "GPT-2, DistilGPT-2",
+    "OPTForCausalLM": "OPT",
+    "BloomForCausalLM": "BLOOM, BLOOMZ",
+    "GPTBigCodeForCausalLM": "StarCoder, SantaCoder",
+    "Starcoder2ForCausalLM": "StarCoder2",
+    "Phi3ForCausalLM": "Phi-3, Phi-3.5, Phi-4-mini",
+}
 
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
@@ -25,3 +55,19 @@ def get_model_class(hf_config):
     found = architectures or "no `architectures` entry in the config"
     raise ValueError(f"Model architectures {found} are not supported by octavo. "
                      f"Supported architectures: {', '.join(supported_architectures())}")
+
+
+def markdown_table() -> str:
+    """README's supported-architectures table, one row per registered architecture."""
+    rows = ["| architecture | example models |", "|---|---|"]
+    rows += [f"| `{name}` | {EXAMPLE_MODELS.get(name, '')} |" for name in _MODELS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="octavo's supported model architectures")
+    parser.add_argument("--markdown", action="store_true", help="print README's table")
+    args = parser.parse_args()
+    print(markdown_table() if args.markdown else "\n".join(supported_architectures()))
