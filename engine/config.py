@@ -42,7 +42,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a path to a local Hugging Face model directory")
+            raise ValueError("model must be a path to a local Hugging Face model directory or "
+                             "a .gguf file")
+        from octavo.models.gguf_loader import gguf_file
+        self.model = gguf_file(self.model) or self.model     # a directory holding one .gguf
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "auto":

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from octavo.models.gguf_loader import GGUF_SUFFIX, load_gguf_config, load_gguf_tokenizer
+
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, fill_decoded_tokens
 from .kv_cache import KVCacheManager
@@ -39,9 +41,12 @@ class LLMEngine:
         hf_config = _load_hf_config(config)
         config.resolve(hf_config)
         torch.manual_seed(config.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model,
-                                                       trust_remote_code=config.trust_remote_code)
+        self.tokenizer = _load_tokenizer(config)
         self.generation_config = _load_generation_config(config)
+        if self.generation_config is not None and _sampling_defaults(self.generation_config):
+            logger.info("default sampling params come from the model's generation_config.json: "
+                        "%s (generation_config='octavo' ignores it)",
+                        _sampling_defaults(self.generation_config))
         self.eos_token_ids = _eos_ids(hf_config, self.generation_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
         self.runner = ModelRunner(config)
@@ -200,15 +205,19 @@ class LLMEngine:
     def get_default_sampling_params(self) -> SamplingParams:
         if self.generation_config is None:
             return SamplingParams()
-        defaults = self.generation_config.to_diff_dict()
-        return SamplingParams(**{ours: defaults[theirs] for theirs, ours in _GEN_FIELDS.items()
-                                 if theirs in defaults})
+        return SamplingParams(**_sampling_defaults(self.generation_config))
 
 
 def _load_hf_config(config: EngineConfig) -> Any:
+    if config.model.endswith(GGUF_SUFFIX):
+        try:
+            return load_gguf_config(config.model, trust_remote_code=config.trust_remote_code)
+        except (OSError, KeyError) as e:
+            raise ValueError(f"could not read the GGUF metadata of {config.model!r}: {e}") from e
     if not os.path.isdir(config.model):
-        raise ValueError(f"model {config.model!r} is not a local directory; octavo loads Hugging "
-                         "Face model directories (config.json + *.safetensors) from disk")
+        raise ValueError(f"model {config.model!r} is not a local directory or .gguf file; octavo "
+                         "loads Hugging Face model directories (config.json + *.safetensors) "
+                         "and GGUF files from disk")
     try:
         return AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code,
                                           revision=config.revision)
@@ -221,11 +230,29 @@ _GEN_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "min_p": "min_p"}
 
 
+def _load_tokenizer(config: EngineConfig) -> Any:
+    if config.tokenizer is None and config.model.endswith(GGUF_SUFFIX):
+        return load_gguf_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    return AutoTokenizer.from_pretrained(config.tokenizer or config.model,
+                                         trust_remote_code=config.trust_remote_code)
+
+
+def _sampling_defaults(gen: GenerationConfig) -> dict[str, Any]:
+    """SamplingParams fields the generation config sets (as vLLM: only values it sets
+    explicitly, and only these fields; do_sample is ignored)."""
+    values = gen.to_diff_dict()
+    return {ours: values[theirs] for theirs, ours in _GEN_FIELDS.items()
+            if values.get(theirs) is not None}
+
+
 def _load_generation_config(config: EngineConfig) -> GenerationConfig | None:
-    """The model's generation_config.json ("auto" or a directory), or none ("octavo")."""
+    """The model's generation_config.json ("auto": next to the weights; or a directory), or
+    none ("octavo")."""
     if config.generation_config == "octavo":
         return None
-    path = config.model if config.generation_config == "auto" else config.generation_config
+    path = config.generation_config
+    if path == "auto":
+        path = os.path.dirname(config.model) if config.model.endswith(GGUF_SUFFIX) else config.model
     try:
         return GenerationConfig.from_pretrained(path)
     except OSError:

@@ -108,13 +108,12 @@ def _route(name: str, packed: dict) -> tuple[str, object]:
 
 def load_weights(model: nn.Module, model_dir: str) -> None:
     """Fill every parameter of `model` from the checkpoint in `model_dir`."""
-    files = weight_files(model_dir)
     params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: dict[str, set] = {}
     unexpected = []
-    for name, tensor in iterate_weights(files):
+    for name, tensor in _checkpoint_tensors(model, model_dir):
         if name.endswith(_SKIP_SUFFIXES) or (tied and name.startswith("lm_head.")):
             continue
         target, shard_id = _route(name, packed)
@@ -132,6 +131,13 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
         logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s",
                        len(unexpected), unexpected[:5])
     _check_complete(params, loaded, packed, model_dir)
+
+
+def _checkpoint_tensors(model: nn.Module, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.endswith(".gguf"):      # a llama.cpp file: dequantized, HF-named tensors
+        from octavo.models.gguf_loader import iterate_gguf_weights
+        return iterate_gguf_weights(path, model.config)
+    return iterate_weights(weight_files(path))
 
 
 def _check_complete(params: dict, loaded: dict, packed: dict, model_dir: str) -> None:
