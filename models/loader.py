@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # Checkpoint tensors that are buffers recomputed at init, never parameters.
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached",
-                  "attn.bias", "attn.masked_bias")
+                  ".attn.bias", ".attn.masked_bias")
 
 
 def weight_files(model_dir: str) -> list[str]:

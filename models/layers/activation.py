@@ -47,3 +47,23 @@ def get_gated_activation(hidden_act: str) -> CustomOp:
     if hidden_act not in _GATED:
         raise ValueError(f"unsupported hidden_act {hidden_act!r}; supported: {sorted(_GATED)}")
     return _GATED[hidden_act]()
+
+
+# Plain (non-gated) activations of GPT-2 / OPT / BLOOM / StarCoder MLPs, elementwise through
+# torch. gelu_new, gelu_fast, gelu_pytorch_tanh and BLOOM's gelu are all the tanh approximation.
+_PLAIN = {
+    "gelu": lambda: torch.nn.GELU(approximate="none"),
+    "gelu_new": lambda: torch.nn.GELU(approximate="tanh"),
+    "gelu_fast": lambda: torch.nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+    "relu": lambda: torch.nn.ReLU(),
+    "silu": lambda: torch.nn.SiLU(),
+    "swish": lambda: torch.nn.SiLU(),
+}
+
+
+def get_act_fn(hidden_act: str) -> torch.nn.Module:
+    """The elementwise activation for an HF `hidden_act` / `activation_function` name."""
+    if hidden_act not in _PLAIN:
+        raise ValueError(f"unsupported activation {hidden_act!r}; supported: {sorted(_PLAIN)}")
+    return _PLAIN[hidden_act]()

@@ -1,15 +1,21 @@
 """LongRoPE (Phi-3 "longrope", formerly "su"): per-dimension frequency divisors, one set for
 short contexts and one for long, and an attention factor on cos/sin.
 
-transformers chooses the set per forward call: long when max(position) + 1 (the sequence's
-length so far) exceeds original_max_position_embeddings, short otherwise; keys already cached
-keep the set they were computed with. octavo matches that per sequence: the cache holds the
-short table (original_max rows) followed by the long table (max_position rows), and
-`rope_positions` shifts the positions of every token whose sequence is longer than
-original_max into the long table. (vLLM shifts the whole batch as soon as any position in it
-is >= original_max, so there a sequence's factors can depend on what it is batched with.)
-A prompt chunked across that length uses short factors for the chunks before it, where
-transformers, which prefills in one call, would use long ones for the whole prompt.
+transformers picks the set from a sequence's length: long once it is longer than
+original_max_position_embeddings. octavo does the same per sequence: the cos/sin cache holds
+the short table (original_max rows) followed by the long table (max_position rows), and
+`rope_positions` moves the tokens of every sequence longer than original_max into the long
+table. So a prompt that starts longer than original_max, and a sequence that stays within it,
+match transformers exactly. A sequence that grows past original_max while decoding does not:
+transformers' Phi3ForCausalLM then drops its KV cache and recomputes the whole sequence with
+the long set, while octavo keeps the cached (short-set) keys and values and rotates only the
+new tokens with the long set (what transformers' rotary module alone does); the same holds for
+a prompt prefilled in chunks across that length. Matching that needs the scheduler to recompute
+such a sequence when it passes original_max (recompute preemption), and prefix-cache block
+hashes that include the set, since a block's keys depend on it.
+vLLM picks one set for the engine's lifetime instead: long whenever max_model_len >
+original_max (older versions: long for the whole batch once any position in it reached
+original_max), so there short sequences use the long factors too.
 """
 from __future__ import annotations
 
@@ -39,15 +45,18 @@ class LongRoPEScaledRotaryEmbedding(RotaryEmbedding):
         self.attention_factor = float(attention_factor)
         super().__init__(head_size, rotary_dim, max_position, base, is_neox_style)
 
-    def _table(self, factors: list[float], length: int) -> torch.Tensor:
-        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * self._compute_inv_freq(self.base))
+    def _inv_freq(self, factors: list[float]) -> torch.Tensor:
+        return self._compute_inv_freq(self.base) / torch.tensor(factors, dtype=torch.float32)
+
+    def _table(self, inv_freq: torch.Tensor, length: int) -> torch.Tensor:
         freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
         return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_factor
 
     def _compute_cos_sin_cache(self) -> torch.Tensor:
         # [original_max + max_position, rotary_dim]: short rows, then long rows
-        return torch.cat((self._table(self.short_factor, self.original_max_position),
-                          self._table(self.long_factor, self.max_position)))
+        short, long = self._inv_freq(self.short_factor), self._inv_freq(self.long_factor)
+        return torch.cat((self._table(short, self.original_max_position),
+                          self._table(long, self.max_position)))
 
     def rope_positions(self, positions: torch.Tensor, query_start_loc: torch.Tensor,
                        seq_lens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""Hugging Face parity of GPT-2, OPT, BLOOM, GPTBigCode, StarCoder2 and Phi-3 on tiny random
+configs (tests/models/parity.py: fp32, greedy tokens identical, top-5 logprobs close).
+
+The parity prompts are 2 to 69 tokens long (test tokenizer) and 20 tokens are generated, so
+sliding windows of 8 fall inside them, and Phi-3's original_max_position_embeddings of 40 lies
+between the short prompts and the long ones."""
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import save_tiny_model
+from parity import PROMPTS, assert_matches_hf
+
+IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# hidden 64, 4 heads of 16, 2 layers; 128 positions cover the longest prompt + 20 new tokens
+GPT_COMMON = dict(IDS, n_embd=64, n_head=4, n_layer=2, n_positions=128, initializer_range=0.08)
+OPT_COMMON = dict(IDS, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, word_embed_proj_dim=64, init_std=0.08)
+BLOOM_COMMON = dict(IDS, hidden_size=64, n_head=4, n_layer=2, initializer_range=0.08)
+LLAMA_LIKE = dict(IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  initializer_range=0.08)
+PHI3_ORIGINAL_MAX = 40
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(8)],
+            "long_factor": [2.0 + 1.5 * i for i in range(8)]}
+
+CASES = {
+    # GPT-2's defaults: head tied to wte, gelu_new, Conv1D weights
+    "gpt2": ("gpt2", "GPT2LMHeadModel", dict(GPT_COMMON, activation_function="gelu_new")),
+    "gpt2-untied-inverse-layer-scale": (
+        "gpt2", "GPT2LMHeadModel",
+        dict(GPT_COMMON, tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)),
+    "opt": ("opt", "OPTForCausalLM", dict(OPT_COMMON, do_layer_norm_before=True)),
+    # OPT-350m's shape: post-LayerNorm blocks, no final norm, 32-wide word embeddings
+    "opt-post-norm-projected": ("opt", "OPTForCausalLM",
+                                dict(OPT_COMMON, do_layer_norm_before=False,
+                                     word_embed_proj_dim=32)),
+    "opt-pre-norm-projected": ("opt", "OPTForCausalLM",
+                               dict(OPT_COMMON, word_embed_proj_dim=32)),
+    "bloom": ("bloom", "BloomForCausalLM", BLOOM_COMMON),
+    # 6 heads: the ALiBi slopes of a head count that is not a power of two
+    "bloom-6-heads-residual-post-norm": (
+        "bloom", "BloomForCausalLM",
+        dict(BLOOM_COMMON, hidden_size=96, n_head=6, apply_residual_connection_post_layernorm=True)),
+    "gpt-bigcode-mqa": ("gpt_bigcode", "GPTBigCodeForCausalLM",
+                        dict(GPT_COMMON, multi_query=True)),
+    "gpt-bigcode-mha": ("gpt_bigcode", "GPTBigCodeForCausalLM",
+                        dict(GPT_COMMON, multi_query=False, activation_function="gelu")),
+    "starcoder2": ("starcoder2", "Starcoder2ForCausalLM",
+                   dict(LLAMA_LIKE, sliding_window=8, use_bias=True, norm_epsilon=1e-5)),
+    "phi3-longrope": ("phi3", "Phi3ForCausalLM",
+                      dict(LLAMA_LIKE, original_max_position_embeddings=PHI3_ORIGINAL_MAX,
+                           rope_scaling=LONGROPE)),
+    # Phi-4-mini's shape: partial rotary; plus Phi-3-mini's sliding window
+    "phi3-partial-rotary-sliding": ("phi3", "Phi3ForCausalLM",
+                                    dict(LLAMA_LIKE, partial_rotary_factor=0.75, sliding_window=8,
+                                         tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transformers(case, tmp_path_factory):
+    model_type, arch, fields = CASES[case]
+    path = save_tiny_model(str(tmp_path_factory.mktemp(case)), model_type, arch, **fields)
+    prompts = PROMPTS
+    if case == "phi3-longrope":
+        prompts = phi3_prompts_with_one_factor_set(path)
+    assert_matches_hf(path, prompts=prompts, block_size=16)
+
+
+def phi3_prompts_with_one_factor_set(path, max_tokens=20):
+    """The prompts that are longer than original_max from the start (long factors) or stay within
+    it for all 20 new tokens (short factors), batched together: transformers picks the set per
+    sequence by its length, and so must octavo. A sequence that grows past original_max while
+    decoding is left out: transformers then recomputes its whole KV cache with the long factors,
+    which octavo does not do (models/layers/longrope.py)."""
+    tok = AutoTokenizer.from_pretrained(path)
+    lengths = [len(tok(p).input_ids) for p in PROMPTS]
+    long = [p for p, n in zip(PROMPTS, lengths) if n > PHI3_ORIGINAL_MAX]
+    short = [p for p, n in zip(PROMPTS, lengths) if n + max_tokens <= PHI3_ORIGINAL_MAX]
+    assert len(long) >= 2 and len(short) >= 4, (lengths, PHI3_ORIGINAL_MAX)
+    return short + long
