@@ -56,6 +56,8 @@ CASES = {
                                          tie_word_embeddings=True)),
 }
 
+ARCHITECTURES = sorted({arch for _, arch, _ in CASES.values()})  # read by test_registry.py
+
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_transformers(case, tmp_path_factory):
