@@ -4,10 +4,10 @@ python -m octavo.bench.serve --base-url http://127.0.0.1:8000 --model NAME [--to
     --dataset random --num-prompts 100 --request-rate 4 [--max-concurrency 8]
     [--output-json results.jsonl]
 Like `vllm bench serve`: requests arrive as a Poisson process (--request-rate inf sends them all
-at once), each streams its completion with ignore_eos; TTFT is the time to the first non-empty
-text chunk, ITL the gaps between later chunks, TPOT (e2e - TTFT) / (output tokens - 1). Output
-tokens are the server's usage.completion_tokens when it reports them, else the number of
-non-empty chunks. Random prompts are sent as text decoded with the tokenizer when one is
+at once), each streams its completion with ignore_eos; TTFT is the time to the first chunk that
+carries choices, ITL the gaps between later such chunks, TPOT (e2e - TTFT) / (output tokens - 1).
+Output tokens are the server's usage.completion_tokens when it reports them, else the number of
+chunks with choices. Random prompts are sent as text decoded with the tokenizer when one is
 available (--tokenizer, or --model when it is a local directory), otherwise as token-id lists.
 """
 from __future__ import annotations
@@ -60,7 +60,9 @@ async def send_request(client: Any, url: str, model: str, req: SampleRequest, pr
                     break
                 chunk = json.loads(data)
                 now = time.perf_counter()
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                # Like vLLM's bench, any chunk with choices is a token event, even one whose
+                # text is empty (a partial UTF-8 character, a skipped special token).
+                if chunk.get("choices"):
                     if chunks == 0:
                         res.ttft = now - start
                     else:
@@ -75,7 +77,7 @@ async def send_request(client: Any, url: str, model: str, req: SampleRequest, pr
         res.output_tokens = res.output_tokens or chunks
         res.success = chunks > 0
         if not res.success:
-            res.error = "the stream carried no text"
+            res.error = "the stream carried no choices"
     except Exception as e:  # noqa: BLE001  (a failed request is counted, never fatal)
         res.error = f"{type(e).__name__}: {e}"
     return res
