@@ -81,3 +81,80 @@ def phi3_prompts_with_one_factor_set(path, max_tokens=20):
     short = [p for p, n in zip(PROMPTS, lengths) if n + max_tokens <= PHI3_ORIGINAL_MAX]
     assert len(long) >= 2 and len(short) >= 4, (lengths, PHI3_ORIGINAL_MAX)
     return short + long
+
+
+_TP_WORKER = r'''
+import os, sys
+import torch, torch.distributed as dist, transformers
+sys.path.insert(0, sys.argv[1])
+from test_model_forward import MiniRunner
+from octavo.models.layers.parallel_state import set_tensor_parallel
+from octavo.models.loader import load_weights
+from octavo.models.registry import get_model_class
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+set_tensor_parallel(rank, 2)
+seqs = torch.load(sys.argv[2])
+for i, model_dir in enumerate(sys.argv[3:]):
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model = get_model_class(config)(config)
+    load_weights(model, model_dir)
+    runner = MiniRunner(model)
+    logits = [runner.step([(j, s[:-1]) for j, s in enumerate(seqs)]),
+              runner.step([(j, s[-1:]) for j, s in enumerate(seqs)])]
+    if rank == 0:
+        torch.save(torch.cat(logits), os.path.join(os.path.dirname(sys.argv[2]), f"out{i}.pt"))
+dist.barrier()  # no rank tears down gloo while the other still has traffic in flight
+dist.destroy_process_group()
+'''
+
+# Conv1D shards, ALiBi slopes per rank with interleaved qkv, one kv head replicated on both
+# ranks, OPT's replicated project_in/out
+TP_CASES = ["gpt2", "bloom-6-heads-residual-post-norm", "gpt-bigcode-mqa",
+            "opt-post-norm-projected"]
+
+
+def test_tensor_parallel_two_ranks_match_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+    from test_model_forward import MiniRunner
+    from transformers import AutoConfig
+
+    from octavo.models.loader import load_weights
+    from octavo.models.registry import get_model_class
+
+    seqs = [list(range(3, 12)), list(range(40, 54))]
+    torch.save(seqs, tmp_path / "seqs.pt")
+    dirs, wants = [], []
+    for case in TP_CASES:
+        model_type, arch, fields = CASES[case]
+        path = save_tiny_model(str(tmp_path / case), model_type, arch, **fields)
+        config = AutoConfig.from_pretrained(path)
+        model = get_model_class(config)(config)
+        load_weights(model, path)
+        runner = MiniRunner(model)
+        wants.append(torch.cat([runner.step([(j, s[:-1]) for j, s in enumerate(seqs)]),
+                                runner.step([(j, s[-1:]) for j, s in enumerate(seqs)])]))
+        dirs.append(path)
+    (tmp_path / "worker.py").write_text(_TP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), os.path.dirname(__file__),
+             str(tmp_path / "seqs.pt"), *dirs],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out[-3000:]
+    for i, (case, want) in enumerate(zip(TP_CASES, wants)):
+        got = torch.load(tmp_path / f"out{i}.pt")
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{case}: {m}")
