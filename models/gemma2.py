@@ -41,7 +41,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     @staticmethod
     def mlp_options(config) -> tuple[str, bool]:
-        return config.hidden_activation, False
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        return act or "gelu_pytorch_tanh", False
 
     @staticmethod
     def scale_embeddings(config, hidden: torch.Tensor) -> torch.Tensor:
