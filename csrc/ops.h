@@ -50,5 +50,10 @@ void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tens
                              double eps);
 void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& x);
 void gelu_and_mul_cuda(at::Tensor& out, const at::Tensor& x, const std::string& approximate);
+void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query,
+                           const std::optional<at::Tensor>& key, int64_t head_size,
+                           const at::Tensor& cos_sin_cache, bool is_neox);
+void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
 
 }  // namespace octavo

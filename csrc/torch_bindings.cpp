@@ -59,6 +59,8 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("fused_add_rms_norm", &octavo::fused_add_rms_norm_cuda);
   m.impl("silu_and_mul", &octavo::silu_and_mul_cuda);
   m.impl("gelu_and_mul", &octavo::gelu_and_mul_cuda);
+  m.impl("rotary_embedding", &octavo::rotary_embedding_cuda);
+  m.impl("reshape_and_cache", &octavo::reshape_and_cache_cuda);
 }
 #endif
 

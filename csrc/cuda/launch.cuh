@@ -7,6 +7,8 @@
 #ifdef OCTAVO_SIMT
 #include "simt/simt.h"
 #else
+#include <cstdio>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -31,6 +33,16 @@ inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
   kernel<<<grid, block, smem, stream>>>(static_cast<KArgs>(args)...);
 #endif
 }
+
+// Stops the kernel when COND is false: printf + __trap() on the GPU (the launch fails), an
+// error naming the kernel, block and thread under the emulator.
+#ifdef OCTAVO_SIMT
+#define OCTAVO_DEVICE_CHECK(COND, MSG) \
+  do { if (!(COND)) ::octavo::simt::fail(MSG, ::octavo::simt::Site::current()); } while (0)
+#else
+#define OCTAVO_DEVICE_CHECK(COND, MSG) \
+  do { if (!(COND)) { printf("octavo: %s\n", MSG); __trap(); } } while (0)
+#endif
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

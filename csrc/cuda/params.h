@@ -31,9 +31,40 @@ struct ActArgs {
   DType dtype;
 };
 
+struct RotaryArgs {
+  const int64_t* positions;  // [T]
+  void* query;               // [T, Hq, head_size] with strides
+  void* key;                 // [T, Hk, head_size] with strides, or null
+  const void* cos_sin;       // [max_pos, rot_dim]: cos in [:, :rot_dim/2], sin in [:, rot_dim/2:]
+  int64_t q_stride_token, q_stride_head, k_stride_token, k_stride_head, cos_sin_stride;
+  int64_t num_tokens, max_pos;
+  int num_q_heads, num_k_heads, rot_dim;
+  bool is_neox;
+  bool cos_sin_is_float;     // else the query dtype
+  DType dtype;
+};
+
+struct CacheArgs {
+  const void* key;           // [T, Hk, hd] with strides
+  const void* value;         // [T, Hk, hd] with strides
+  void* key_cache;           // [num_blocks, block_size, Hk, hd] with strides
+  void* value_cache;         // [num_blocks, block_size, Hk, hd] with strides
+  const int64_t* slot_mapping;  // [T]; -1 skips the token
+  int64_t k_stride_token, k_stride_head, v_stride_token, v_stride_head;
+  int64_t kc_stride_block, kc_stride_token, kc_stride_head;
+  int64_t vc_stride_block, vc_stride_token, vc_stride_head;
+  int64_t num_tokens, num_slots;
+  int num_kv_heads, head_size, block_size;
+  DType dtype;
+};
+
 // Each returns false for an unsupported dtype; launch errors are left to cudaGetLastError.
 bool launch_rms_norm(const RmsNormArgs& a, cudaStream_t stream);
 bool launch_fused_add_rms_norm(const RmsNormArgs& a, cudaStream_t stream);
 bool launch_act_and_mul(const ActArgs& a, cudaStream_t stream);
+// An out-of-range position or slot traps the kernel (a launch error on the GPU; a RuntimeError
+// under the emulator).
+bool launch_rotary_embedding(const RotaryArgs& a, cudaStream_t stream);
+bool launch_reshape_and_cache(const CacheArgs& a, cudaStream_t stream);
 
 }  // namespace octavo::cuda

@@ -1,72 +1,51 @@
 // torch.ops.octavo_simt.*: the csrc/cuda launchers run on CPU tensors under the SIMT emulator
 // (test-only extension), plus the emulator's self-test kernels. The only file here with torch.
-#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include "cuda/params.h"
+#include "cuda/torch_args.h"
 #include "simt/selftest.h"
 
 namespace octavo::simt_ops {
 namespace {
 
-cuda::DType to_dtype(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kHalf: return cuda::DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), "; use float32, bfloat16 or float16");
-  }
-}
+constexpr auto kCPU = at::DeviceType::CPU;
 
-void check_2d(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (emulated CUDA)");
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.sizes());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " needs a unit last stride");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-              " != ", like.scalar_type());
-}
-
-void check_norm(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w, const char* op) {
-  check_2d(x, x, op, "x");
-  check_2d(other, x, op, "out/residual");
-  TORCH_CHECK(other.sizes() == x.sizes(), op, ": shape mismatch ", other.sizes(), " vs ", x.sizes());
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous() &&
-                  w.scalar_type() == x.scalar_type(),
-              op, ": weight must be a contiguous [H] CPU tensor of x's dtype");
+template <typename Args>
+void run(bool (*launcher)(const Args&, cudaStream_t), const Args& a, const char* op) {
+  TORCH_CHECK(launcher(a, nullptr), op, ": unsupported dtype");
 }
 
 void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_norm(x, out, weight, "rms_norm");
-  cuda::RmsNormArgs a{out.data_ptr(), const_cast<void*>(x.data_ptr()), nullptr, weight.data_ptr(),
-                      out.stride(0), x.stride(0), 0, x.size(0), x.size(1), float(eps),
-                      to_dtype(x, "rms_norm")};
-  TORCH_CHECK(cuda::launch_rms_norm(a, nullptr), "rms_norm: bad dtype");
+  run(cuda::launch_rms_norm, cuda_args::rms_norm(out, x, weight, eps, kCPU), "rms_norm");
 }
 
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_norm(x, residual, weight, "fused_add_rms_norm");
-  cuda::RmsNormArgs a{nullptr, x.data_ptr(), residual.data_ptr(), weight.data_ptr(), 0,
-                      x.stride(0), residual.stride(0), x.size(0), x.size(1), float(eps),
-                      to_dtype(x, "fused_add_rms_norm")};
-  TORCH_CHECK(cuda::launch_fused_add_rms_norm(a, nullptr), "fused_add_rms_norm: bad dtype");
+  run(cuda::launch_fused_add_rms_norm, cuda_args::fused_add_rms_norm(x, residual, weight, eps, kCPU),
+      "fused_add_rms_norm");
 }
 
-void act_and_mul(at::Tensor& out, const at::Tensor& x, int kind, const char* op) {
-  check_2d(x, x, op, "x");
-  check_2d(out, x, op, "out");
-  TORCH_CHECK(x.size(1) % 2 == 0 && out.size(0) == x.size(0) && out.size(1) == x.size(1) / 2, op,
-              ": expected x [T, 2*D] and out [T, D], got ", x.sizes(), " and ", out.sizes());
-  cuda::ActArgs a{out.data_ptr(), x.data_ptr(), out.stride(0), x.stride(0), x.size(0),
-                  x.size(1) / 2, kind, to_dtype(x, op)};
-  TORCH_CHECK(cuda::launch_act_and_mul(a, nullptr), op, ": bad dtype");
+void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
+  run(cuda::launch_act_and_mul, cuda_args::act_and_mul(out, x, 0, "silu_and_mul", kCPU), "silu_and_mul");
 }
-
-void silu_and_mul(at::Tensor& out, const at::Tensor& x) { act_and_mul(out, x, 0, "silu_and_mul"); }
 
 void gelu_and_mul(at::Tensor& out, const at::Tensor& x, const std::string& approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh",
-              "gelu_and_mul: approximate must be 'none' or 'tanh', got '", approximate, "'");
-  act_and_mul(out, x, approximate == "none" ? 1 : 2, "gelu_and_mul");
+  const int kind = cuda_args::gelu_kind(approximate);
+  run(cuda::launch_act_and_mul, cuda_args::act_and_mul(out, x, kind, "gelu_and_mul", kCPU), "gelu_and_mul");
+}
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
+                      const std::optional<at::Tensor>& key, int64_t head_size,
+                      const at::Tensor& cos_sin_cache, bool is_neox) {
+  run(cuda::launch_rotary_embedding,
+      cuda_args::rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox, kCPU),
+      "rotary_embedding");
+}
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  run(cuda::launch_reshape_and_cache,
+      cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kCPU),
+      "reshape_and_cache");
 }
 
 // ---- self tests -----------------------------------------------------------------------------
@@ -138,6 +117,10 @@ TORCH_LIBRARY(octavo_simt, m) {
   m.def("fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps) -> ()", &fused_add_rms_norm);
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()", &silu_and_mul);
   m.def("gelu_and_mul(Tensor! out, Tensor x, str approximate) -> ()", &gelu_and_mul);
+  m.def("rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
+        "Tensor cos_sin_cache, bool is_neox) -> ()", &rotary_embedding);
+  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
+        "Tensor slot_mapping) -> ()", &reshape_and_cache);
   // self tests (simt/selftest.cu)
   m.def("selftest_divergent_sync(Tensor! out, int mode) -> ()", &divergent_sync);
   m.def("selftest_shuffle(Tensor! out, Tensor x, int kind, int arg, int width) -> ()", &shuffle);

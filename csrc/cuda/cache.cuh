@@ -1,0 +1,28 @@
+// Cache write kernel: key/value rows of each token go to their slot in the paged caches
+// (no torch headers).
+#pragma once
+
+#include "cuda/launch.cuh"
+
+namespace octavo::cuda {
+
+// grid: (T); the block copies the token's Hk * hd elements of key and value.
+template <typename T>
+__global__ void reshape_and_cache_kernel(CacheArgs a) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = a.slot_mapping[t];
+  if (slot < 0) return;  // padding token
+  OCTAVO_DEVICE_CHECK(slot < a.num_slots, "reshape_and_cache: slot >= num_blocks * block_size");
+  const int64_t block = slot / a.block_size, offset = slot % a.block_size;
+  const T* k = static_cast<const T*>(a.key) + t * a.k_stride_token;
+  const T* v = static_cast<const T*>(a.value) + t * a.v_stride_token;
+  T* kc = static_cast<T*>(a.key_cache) + block * a.kc_stride_block + offset * a.kc_stride_token;
+  T* vc = static_cast<T*>(a.value_cache) + block * a.vc_stride_block + offset * a.vc_stride_token;
+  for (int idx = threadIdx.x; idx < a.num_kv_heads * a.head_size; idx += blockDim.x) {
+    const int h = idx / a.head_size, d = idx % a.head_size;
+    kc[h * a.kc_stride_head + d] = k[h * a.k_stride_head + d];
+    vc[h * a.vc_stride_head + d] = v[h * a.v_stride_head + d];
+  }
+}
+
+}  // namespace octavo::cuda

@@ -1,0 +1,173 @@
+// Tensor checks and launcher arguments shared by the CUDA wrappers (torch_ops_cuda.cpp) and the
+// emulator's CPU wrappers (simt/torch_ops_simt.cpp): `dev` is where every tensor must live.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "cuda/params.h"
+
+namespace octavo::cuda_args {
+
+inline cuda::DType to_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kFloat16;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), "; use float32, bfloat16 or float16");
+  }
+  return cuda::DType::kFloat32;
+}
+
+inline void check_on(const at::Tensor& t, at::DeviceType dev, const char* op, const char* name) {
+  TORCH_CHECK(t.device().type() == dev, op, ": ", name, " must be a ", c10::DeviceTypeName(dev),
+              " tensor, got one on ", t.device());
+}
+
+inline void check_2d(const at::Tensor& t, const at::Tensor& like, at::DeviceType dev, const char* op,
+                     const char* name) {
+  check_on(t, dev, op, name);
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " needs a unit last stride");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+              " != ", like.scalar_type());
+}
+
+inline void check_norm(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w,
+                       at::DeviceType dev, const char* op) {
+  check_2d(x, x, dev, op, "x");
+  check_2d(other, x, dev, op, "out/residual");
+  TORCH_CHECK(other.sizes() == x.sizes(), op, ": shape mismatch ", other.sizes(), " vs ", x.sizes());
+  TORCH_CHECK(w.device() == x.device() && w.dim() == 1 && w.size(0) == x.size(1) &&
+                  w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              op, ": weight must be a contiguous [H] tensor of x's dtype and device");
+}
+
+inline cuda::RmsNormArgs rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                                  double eps, at::DeviceType dev) {
+  check_norm(x, out, w, dev, "rms_norm");
+  return {out.data_ptr(), const_cast<void*>(x.data_ptr()), nullptr, w.data_ptr(), out.stride(0),
+          x.stride(0), 0, x.size(0), x.size(1), float(eps), to_dtype(x, "rms_norm")};
+}
+
+inline cuda::RmsNormArgs fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w,
+                                            double eps, at::DeviceType dev) {
+  check_norm(x, residual, w, dev, "fused_add_rms_norm");
+  return {nullptr, x.data_ptr(), residual.data_ptr(), w.data_ptr(), 0, x.stride(0),
+          residual.stride(0), x.size(0), x.size(1), float(eps), to_dtype(x, "fused_add_rms_norm")};
+}
+
+// kind: 0 silu, 1 gelu (erf), 2 gelu (tanh)
+inline cuda::ActArgs act_and_mul(at::Tensor& out, const at::Tensor& x, int kind, const char* op,
+                                 at::DeviceType dev) {
+  check_2d(x, x, dev, op, "x");
+  check_2d(out, x, dev, op, "out");
+  TORCH_CHECK(x.size(1) % 2 == 0 && out.size(0) == x.size(0) && out.size(1) == x.size(1) / 2, op,
+              ": expected x [T, 2*D] and out [T, D], got ", x.sizes(), " and ", out.sizes());
+  return {out.data_ptr(), x.data_ptr(), out.stride(0), x.stride(0), x.size(0), x.size(1) / 2,
+          kind, to_dtype(x, op)};
+}
+
+inline int gelu_kind(const std::string& approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh",
+              "gelu_and_mul: approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return approximate == "none" ? 1 : 2;
+}
+
+// Views t ([T, H*hd] or [T, H, hd]) as (token stride, head stride, number of heads).
+inline void head_layout(const at::Tensor& t, const at::Tensor& positions, int64_t head_size,
+                        const char* name, int64_t& s_tok, int64_t& s_head, int& heads) {
+  TORCH_CHECK(t.device() == positions.device(), "rotary_embedding: ", name, " must be on ", positions.device());
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, "rotary_embedding: ", name,
+              " must be [T, H*head_size] or [T, H, head_size], got ", t.sizes());
+  TORCH_CHECK(t.size(0) == positions.size(0), "rotary_embedding: ", name, " has ", t.size(0),
+              " tokens, positions has ", positions.size(0));
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "rotary_embedding: ", name, " needs a unit last stride");
+  s_tok = t.stride(0);
+  if (t.dim() == 2) {
+    TORCH_CHECK(t.size(1) % head_size == 0, "rotary_embedding: ", name, " last dim ", t.size(1),
+                " is not a multiple of head_size ", head_size);
+    heads = static_cast<int>(t.size(1) / head_size);
+    s_head = head_size;
+  } else {
+    TORCH_CHECK(t.size(2) == head_size, "rotary_embedding: ", name, " head dim ", t.size(2),
+                " != head_size ", head_size);
+    heads = static_cast<int>(t.size(1));
+    s_head = t.stride(1);
+  }
+}
+
+inline cuda::RotaryArgs rotary_embedding(const at::Tensor& positions, at::Tensor& query,
+                                         const std::optional<at::Tensor>& key, int64_t head_size,
+                                         const at::Tensor& cos_sin, bool is_neox, at::DeviceType dev) {
+  check_on(positions, dev, "rotary_embedding", "positions");
+  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "rotary_embedding: positions must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(cos_sin.device() == positions.device() && cos_sin.dim() == 2 &&
+                  (cos_sin.size(1) <= 1 || cos_sin.stride(1) == 1),
+              "rotary_embedding: cos_sin_cache must be [max_pos, rot_dim] with a unit last stride, on ",
+              positions.device());
+  const int64_t rot_dim = cos_sin.size(1);
+  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size, "rotary_embedding: rot_dim ", rot_dim,
+              " must be even and <= head_size ", head_size);
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat || cos_sin.scalar_type() == query.scalar_type(),
+              "rotary_embedding: cos_sin_cache must be float32 or the query dtype");
+  cuda::RotaryArgs a{};
+  a.num_tokens = positions.size(0);
+  head_layout(query, positions, head_size, "query", a.q_stride_token, a.q_stride_head, a.num_q_heads);
+  if (key.has_value()) {
+    TORCH_CHECK(key->scalar_type() == query.scalar_type(), "rotary_embedding: key dtype ",
+                key->scalar_type(), " != query dtype ", query.scalar_type());
+    head_layout(*key, positions, head_size, "key", a.k_stride_token, a.k_stride_head, a.num_k_heads);
+    a.key = key->data_ptr();
+  }
+  a.positions = positions.data_ptr<int64_t>();
+  a.query = query.data_ptr();
+  a.cos_sin = cos_sin.data_ptr();
+  a.cos_sin_stride = cos_sin.stride(0);
+  a.max_pos = cos_sin.size(0);
+  a.rot_dim = static_cast<int>(rot_dim);
+  a.is_neox = is_neox;
+  a.cos_sin_is_float = cos_sin.scalar_type() == at::kFloat;
+  a.dtype = to_dtype(query, "rotary_embedding");
+  return a;
+}
+
+inline cuda::CacheArgs reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
+                                         at::Tensor& key_cache, at::Tensor& value_cache,
+                                         const at::Tensor& slot_mapping, at::DeviceType dev) {
+  const char* op = "reshape_and_cache";
+  using List = std::initializer_list<const at::Tensor*>;
+  for (const at::Tensor* t : List{&key, &value, &key_cache, &value_cache, &slot_mapping}) {
+    check_on(*t, dev, op, "every tensor");
+    TORCH_CHECK(t->device() == key.device(), op, ": all tensors must be on ", key.device());
+  }
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), op,
+              ": key/value must be [T, Hk, hd], got ", key.sizes(), " and ", value.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(), op,
+              ": caches must be [num_blocks, block_size, Hk, hd], got ", key_cache.sizes(), " and ",
+              value_cache.sizes());
+  TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2), op,
+              ": cache heads/head size ", key_cache.sizes(), " do not match key ", key.sizes());
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              op, ": slot_mapping must be a contiguous [T] int64 tensor");
+  for (const at::Tensor* t : List{&value, &key_cache, &value_cache}) {
+    TORCH_CHECK(t->scalar_type() == key.scalar_type(), op, ": dtype ", t->scalar_type(),
+                " != key dtype ", key.scalar_type());
+    TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1, op, ": tensors must have a unit last stride");
+  }
+  TORCH_CHECK(key.size(-1) <= 1 || key.stride(-1) == 1, op, ": tensors must have a unit last stride");
+  return {key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+          slot_mapping.data_ptr<int64_t>(), key.stride(0), key.stride(1), value.stride(0),
+          value.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+          value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), key.size(0),
+          key_cache.size(0) * key_cache.size(1), static_cast<int>(key.size(1)),
+          static_cast<int>(key.size(2)), static_cast<int>(key_cache.size(1)),
+          to_dtype(key, op)};
+}
+
+}  // namespace octavo::cuda_args
