@@ -20,7 +20,7 @@ def add_bench_subparsers(subparsers: argparse._SubParsersAction) -> argparse.Arg
         sub = suites.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(module)
         mod.add_args(sub)
-        sub.set_defaults(func=_runner(mod, sub))
+        sub.set_defaults(handler=_runner(mod, sub))
     return bench
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="octavo")
     add_bench_subparsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.func(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Like `vllm bench serve`: requests arrive as a Poisson process (--request-rate in
 at once), each streams its completion with ignore_eos; TTFT is the time to the first chunk that
 carries choices, ITL the gaps between later such chunks, TPOT (e2e - TTFT) / (output tokens - 1).
 Output tokens are the server's usage.completion_tokens when it reports them, else the number of
-chunks with choices. Random prompts are sent as text decoded with the tokenizer when one is
-available (--tokenizer, or --model when it is a local directory), otherwise as token-id lists.
+chunks with choices. Random prompts are sent as token-id lists (OpenAI's API accepts them), so
+the server sees exactly --input-len tokens; --prompt-format text sends them decoded with the
+tokenizer instead (--tokenizer, or --model when it is a local directory).
 """
 from __future__ import annotations
 
@@ -185,8 +186,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vocab = len(tok) if tok is not None else args.vocab_size
     requests = sample_requests(args, vocab, tok)
     prompts = [r.prompt if r.prompt is not None
-               else (tok.decode(r.prompt_token_ids, skip_special_tokens=True) if tok is not None
-                     else r.prompt_token_ids) for r in requests]
+               else (r.prompt_token_ids if args.prompt_format == "token-ids" or tok is None
+                     else tok.decode(r.prompt_token_ids, skip_special_tokens=True))
+               for r in requests]
     random.seed(args.seed)
     results, duration = asyncio.run(benchmark(args, requests, prompts))
     m = summarize(results, duration)
@@ -207,6 +209,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "tokenizer's directory when it is a local path)")
     p.add_argument("--served-model-name", help="send this name instead of --model")
     p.add_argument("--tokenizer", help="tokenizer directory for building prompts")
+    p.add_argument("--prompt-format", default="token-ids", choices=["token-ids", "text"],
+                   help="random prompts: token-id lists (exact lengths; OpenAI's API accepts "
+                        "them) or text decoded with the tokenizer (the server re-tokenizes it, "
+                        "usually into more tokens)")
     p.add_argument("--vocab-size", type=int, default=32000,
                    help="random token ids below this when there is no tokenizer")
     p.add_argument("--request-rate", type=float, default=float("inf"),

@@ -42,6 +42,13 @@ def test_fake_server_poisson_rate(tmp_path, capsys):
     assert "Successful requests:" in text and "Median TTFT (ms):" in text and "P99 ITL (ms):" in text
 
 
+def test_text_prompts(llama_dir, tmp_path):
+    with FakeServer() as srv:
+        rec = _run(srv.base_url, "fake", tmp_path, "--tokenizer", llama_dir, "--prompt-format", "text")
+        bodies = srv.app.state.requests
+    assert rec["completed"] == 6 and all(isinstance(b["prompt"], str) and b["prompt"] for b in bodies)
+
+
 def test_failed_requests_are_counted(tmp_path):
     with FakeServer() as srv:
         # max_tokens is overridden to 0: the fake server answers 400 to every request
@@ -91,5 +98,5 @@ def test_against_octavo_server(llama_dir, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert rec["completed"] == 6 and rec["failed"] == 0, rec["errors"]
-    assert rec["total_output_tokens"] == 6 * 5
+    assert rec["total_output_tokens"] == 6 * 5 and rec["total_input_tokens"] == 6 * 8
     _check_ordered(rec)
