@@ -5,7 +5,8 @@ shorter than the prompts, several layers so that alternating patterns show, soft
 multipliers large enough to change the logits. `test_feature_changes_transformers_output` proves
 that for each such feature: switching it off in transformers changes the logits, so the parity
 test could not pass with octavo ignoring it. Norm weights are randomised after saving (random
-init leaves them at 1, which would hide a norm loaded wrongly).
+init leaves them at 1, which would hide a norm loaded wrongly). Two tensor-parallel ranks must
+give one rank's logits; the norms that span all heads (OLMo 2, Cohere's q/k norm) refuse TP.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from octavo.models.registry import get_model_class
 
 from conftest import save_tiny_model
 from parity import PROMPTS, assert_matches_hf
@@ -115,3 +118,31 @@ def test_feature_changes_transformers_output(case, changes, model_dirs):
     base = _hf_logits(model_dirs(case), ids)
     changed = _hf_logits(model_dirs(case), ids, **changes)
     assert (base - changed).abs().max().item() > 1e-2, f"{case}: {changes} makes no difference"
+
+
+# Heads split across ranks under soft-cap and sandwich norms, per-head q/k norm, GPT-J partial
+# rotary with GLM-4's fused gate_up_proj split per rank, Cohere's parallel block
+TP_CASES = ["gemma2", "gemma3", "glm4", "cohere"]
+
+
+def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
+    from tp_util import one_rank_logits, two_rank_logits
+
+    seqs = [list(range(3, 16)), list(range(40, 61))]  # longer than the sliding window of 8
+    dirs = [model_dirs(case) for case in TP_CASES]
+    for case, path, got in zip(TP_CASES, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
+        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
+                                   msg=lambda m, case=case: f"{case}: {m}")
+
+
+@pytest.mark.parametrize("case", ["olmo2", "cohere-qk-norm"])
+def test_norms_across_heads_refuse_tensor_parallelism(case, model_dirs):
+    from octavo.models.layers.parallel_state import set_tensor_parallel
+
+    config = AutoConfig.from_pretrained(model_dirs(case))
+    set_tensor_parallel(0, 2)
+    try:
+        with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+            get_model_class(config)(config)
+    finally:
+        set_tensor_parallel(0, 1)
