@@ -14,7 +14,7 @@ import secrets
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from octavo.async_engine import AsyncLLMEngine
 from octavo.chat_utils import load_chat_template
@@ -122,8 +122,8 @@ async def _cancel_on_disconnect(coro, raw: Request):
 def _reply(result):
     if result is None:                        # the client left: nobody reads the reply
         return Response(status_code=499)
-    if hasattr(result, "__aiter__"):
-        return StreamingResponse(result, media_type="text/event-stream")
+    if isinstance(result, Response):
+        return result
     return JSONResponse(result.model_dump())
 
 

@@ -10,8 +10,8 @@ from octavo.sampling_params import SamplingParams
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatLogprobs, ChatMessage,
                        ChatResponse, ChatStreamChoice, ChatStreamResponse, DeltaMessage,
                        TokenLogprob, TopLogprob, UsageInfo, random_id)
-from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, merge_streams,
-                             prompt_logprobs_json, sse)
+from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, SSEStream,
+                             merge_streams, prompt_logprobs_json, sse)
 
 # OpenAI's limit on top_logprobs.
 _MAX_TOP_LOGPROBS = 20
@@ -35,7 +35,7 @@ class OpenAIServingChat:
         ids = ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         return {"prompt": text, "prompt_token_ids": ids}
 
-    async def create(self, req: ChatCompletionRequest) -> ChatResponse | AsyncIterator[str]:
+    async def create(self, req: ChatCompletionRequest) -> ChatResponse | SSEStream:
         ctx = self.ctx
         ctx.check_model(req.model)
         _check_unsupported(req)
@@ -53,7 +53,8 @@ class OpenAIServingChat:
         run = _ChatRun(ctx.model_name, request_id, req, params,
                        len(prompt["prompt_token_ids"]))
         if req.stream:
-            return run.stream(merge_streams(ctx.engine, added))
+            return SSEStream(run.stream(merge_streams(ctx.engine, added)), ctx.engine,
+                             [rid for rid, _ in added])
         final = None
         async for _, out in merge_streams(ctx.engine, added):
             final = out

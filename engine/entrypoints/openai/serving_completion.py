@@ -8,15 +8,15 @@ from octavo.sampling_params import SamplingParams
 
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, UsageInfo, random_id)
-from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, merge_streams,
-                             prompt_logprobs_json, sse, visible_text)
+from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, SSEStream,
+                             merge_streams, prompt_logprobs_json, sse, visible_text)
 
 
 class OpenAIServingCompletion:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
 
-    async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def create(self, req: CompletionRequest) -> CompletionResponse | SSEStream:
         ctx = self.ctx
         ctx.check_model(req.model)
         if req.suffix is not None:
@@ -35,7 +35,8 @@ class OpenAIServingCompletion:
         added = await ctx.add_all(request_id, prompts, params)
         run = _Run(ctx.model_name, request_id, req, params, prompts)
         if req.stream:
-            return run.stream(merge_streams(ctx.engine, added))
+            return SSEStream(run.stream(merge_streams(ctx.engine, added)), ctx.engine,
+                             [rid for rid, _ in added])
         finals: dict[int, RequestOutput] = {}
         async for i, out in merge_streams(ctx.engine, added):
             finals[i] = out

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
+from fastapi.responses import StreamingResponse
+
 from octavo.async_engine import AsyncLLMEngine
 from octavo.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from octavo.sampling_params import SamplingParams
@@ -41,6 +43,23 @@ def sse(payload: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+class SSEStream(StreamingResponse):
+    """A server-sent-event reply that aborts its engine requests however it ends: a stream the
+    client left before its first chunk never runs its generator's cleanup."""
+
+    def __init__(self, chunks: AsyncIterator[str], engine: AsyncLLMEngine,
+                 request_ids: list[str]) -> None:
+        super().__init__(chunks, media_type="text/event-stream")
+        self._engine, self._request_ids = engine, request_ids
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for rid in self._request_ids:      # a no-op for requests that finished
+                self._engine.abort(rid)
 
 
 @dataclass
