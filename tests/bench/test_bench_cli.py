@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from test_plot import RECORDS
+from test_bench_plot import RECORDS
 
 
 def test_bench_cli_module_runs_plot(tmp_path):
