@@ -3,6 +3,9 @@
 python -m octavo.bench.kernels.paged_attention [--quick] [--batch 32 --context 1024 ...]
 Checks the registered op against octavo.ops_native, then times it (median) and prints GB/s of
 K/V + Q + O traffic beside this machine's copy bandwidth, and GFLOP/s.
+--cold cycles through enough copies of the inputs that each call finds its KV cache out of the
+last-level cache, as in the engine (where the other layers' caches and weights run in between);
+without it a small decode batch is timed from L3.
 """
 import torch
 
@@ -47,17 +50,33 @@ def traffic(inp, q_lens, ctxs, sliding_window=0):
     return nbytes, 4 * qk_pairs * hq * hd
 
 
+COLD_BYTES = 256 << 20  # well above the L3 of the machines this runs on
+
+
+def cold_copies(inp, cold):
+    """How many independent input sets to cycle through so the caches are cold on each call."""
+    if not cold:
+        return 1
+    nbytes = sum(inp[k].numel() * inp[k].element_size() for k in ("key_cache", "value_cache"))
+    return max(2, -(-COLD_BYTES // nbytes))
+
+
 def run_case(name, q_lens, ctxs, args, copy_gbs, check_ref=True, **kw):
     dtype = getattr(torch, args.dtype)
     inp = make_inputs(q_lens, ctxs, args.heads, args.kv_heads, args.head_size, args.block_size, dtype)
     out = torch.empty_like(inp["query"])
+    copies = [inp] + [make_inputs(q_lens, ctxs, args.heads, args.kv_heads, args.head_size,
+                                  args.block_size, dtype, seed=i)
+                      for i in range(1, cold_copies(inp, args.cold))]
+    calls = iter(range(1 << 62))
     if check_ref:
         ops.paged_attention(**inp, out=out, **kw)
         exact = ops_native.paged_attention(**{**inp, **{k: inp[k].double() for k in
                                                          ("query", "key_cache", "value_cache")}}, **kw)
         check(name, out, ops_native.paged_attention(**inp, **kw), exact)
-    seconds = time_fn(lambda: ops.paged_attention(**inp, out=out, **kw), args.repeats)
-    report(name, seconds, *traffic(inp, q_lens, ctxs, kw.get("sliding_window", 0)), copy_gbs)
+    seconds = time_fn(lambda: ops.paged_attention(**copies[next(calls) % len(copies)], out=out, **kw),
+                      args.repeats)
+    report(name + (" cold" if args.cold else ""), seconds, *traffic(inp, q_lens, ctxs, kw.get("sliding_window", 0)), copy_gbs)
 
 
 def main():
@@ -69,6 +88,9 @@ def main():
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--prefill-seqs", type=int, default=1,
+                   help="also time this many prompts of --prefill tokens in one call (if > 1)")
+    p.add_argument("--cold", action="store_true", help="KV caches out of the LLC on every call")
     args = p.parse_args()
     if args.quick:
         args.batch, args.context, args.prefill = 8, 256, 128
@@ -82,6 +104,9 @@ def main():
     run_case(f"decode b={args.batch} ctx={args.context}", [1] * args.batch, ctx_full, args, copy_gbs)
     run_case(f"decode b={args.batch} ctx=mixed<={args.context}", [1] * args.batch, ctx_mixed, args, copy_gbs)
     run_case(f"prefill 1x{args.prefill}", [args.prefill], [args.prefill], args, copy_gbs)
+    if args.prefill_seqs > 1:
+        n = args.prefill_seqs
+        run_case(f"prefill {n}x{args.prefill}", [args.prefill] * n, [args.prefill] * n, args, copy_gbs)
     half = args.prefill // 2
     run_case(f"chunked prefill {half} on {args.prefill} + decodes", [half] + [1] * 7,
              [args.prefill] + ctx_mixed[:7], args, copy_gbs)

@@ -1,6 +1,10 @@
 // Paged attention on CPU: one kernel for prefill and decode over the block table.
-// Work item = (sequence, kv head, chunk of query tokens); the query heads sharing the kv head
-// are processed together so each K/V block is loaded once. Online softmax in fp32 per block.
+// Work item = (sequence, kv heads, chunk of query tokens); the query heads sharing a kv head are
+// processed together so each K/V block is loaded once. Softmax in fp32, online across chunks.
+// Decode items (few rows, all kv heads): scores of a whole chunk of keys, one softmax, then PV,
+// each pass reading the cache blocks in address order with the next block prefetched.
+// Prefill items (one kv head, up to kTargetRows rows): register tiles over (keys x rows) against
+// the transposed queries, softmax vectorized over the rows.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,6 +21,12 @@ namespace {
 constexpr int kTargetRows = 64;    // rows (tokens x grouped heads) per prefill work item
 constexpr int kDecodeRows = 256;   // sequences with q_len * Hq <= this take all kv heads per item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Decode items compute the scores of up to this many (row, key) pairs before one softmax and the
+// PV pass: big enough that a row normally sees its whole context at once, small enough for L2.
+constexpr int kChunkScores = 32 * 1024;
+// Decode passes walk a full cache block this many tokens at a time over all kv heads, so the block
+// (contiguous [block_size, Hk, hd]) is read nearly in address order.
+constexpr int kTokenGroup = 8;
 
 // Query tokens [t0, t1) (local to the sequence) of kv heads [h0, h1).
 struct WorkItem {
@@ -27,11 +37,12 @@ struct WorkItem {
 // Per-thread buffers, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> q, acc, scores, vf, m, l, pos;
-  void reserve(int rows, int rows_per_head, int hdp, int bsp) {
+  std::vector<float> qt, kf, slope, corr;  // prefill tiles only
+  void reserve(int rows, int rows_per_head, int hdp, int bsp, size_t logits = 0) {
     auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
     grow(q, size_t(rows) * hdp);
     grow(acc, size_t(rows) * hdp);
-    grow(scores, size_t(rows_per_head) * bsp);
+    grow(scores, std::max(size_t(rows_per_head) * bsp, logits));
     grow(vf, size_t(bsp) * hdp);
     grow(m, rows);
     grow(l, rows);
@@ -115,16 +126,80 @@ OCTAVO_INLINE void pv_rows_direct(float* acc, int ldacc, const float* p, int ldp
   }
 }
 
-// acc[0:NC chunks] += sum_j p[j] * vf[j]  (NC independent accumulators per row)
-template <int NC>
-OCTAVO_INLINE void pv_row(float* acc, const float* p, const float* vf, int ldv, int nk) {
-  fVec a[NC];
-  OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[c] = fVec::loadu(acc + c * kVec);
-  for (int j = 0; j < nk; ++j) {
-    const fVec pj(p[j]);
-    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[c] = at::vec::fmadd(pj, fVec::loadu(vf + j * ldv + c * kVec), a[c]);
+// Prefill tiles. Q is transposed once per work item (qt[d * ldq + r]), so the scores of JB keys
+// against RB vectors of rows are plain broadcast FMAs (no horizontal sums):
+// st[j * ldst + r] = sum_d kf[j * ldk + d] * qt[d * ldq + r].
+template <int JB, int RB>
+OCTAVO_INLINE void qk_tile(const float* qt, int ldq, const float* kf, int ldk, int hd, float* st,
+                           int ldst) {
+  fVec acc[JB][RB];
+  OCTAVO_UNROLL for (int j = 0; j < JB; ++j) {
+    OCTAVO_UNROLL for (int v = 0; v < RB; ++v) acc[j][v] = fVec(0.f);
   }
-  OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[c].store(acc + c * kVec);
+  for (int d = 0; d < hd; ++d) {
+    fVec qv[RB];
+    OCTAVO_UNROLL for (int v = 0; v < RB; ++v) qv[v] = fVec::loadu(qt + d * ldq + v * kVec);
+    OCTAVO_UNROLL for (int j = 0; j < JB; ++j) {
+      const fVec kb(kf[j * ldk + d]);
+      OCTAVO_UNROLL for (int v = 0; v < RB; ++v) acc[j][v] = at::vec::fmadd(kb, qv[v], acc[j][v]);
+    }
+  }
+  OCTAVO_UNROLL for (int j = 0; j < JB; ++j) {
+    OCTAVO_UNROLL for (int v = 0; v < RB; ++v) acc[j][v].store(st + j * ldst + v * kVec);
+  }
+}
+
+// acc[r * ldacc + c * kVec] += sum_j pt[j * ldp + r] * vf[j * ldv + c * kVec] for NR rows and NC
+// chunks: each V vector serves NR rows, each broadcast probability NC chunks.
+template <int NR, int NC>
+OCTAVO_INLINE void pv_tile(float* acc, int ldacc, const float* pt, int ldp, const float* vf, int ldv,
+                           int nk) {
+  fVec a[NR][NC];
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c] = fVec::loadu(acc + r * ldacc + c * kVec);
+  }
+  for (int j = 0; j < nk; ++j) {
+    fVec vv[NC];
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) vv[c] = fVec::loadu(vf + j * ldv + c * kVec);
+    OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+      const fVec pj(pt[j * ldp + r]);
+      OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c] = at::vec::fmadd(pj, vv[c], a[r][c]);
+    }
+  }
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c].store(acc + r * ldacc + c * kVec);
+  }
+}
+
+// Keys x row-vectors per QK tile: 4 x 4 accumulators fit AVX-512's 32 registers, 2 x 4 AVX2's 16.
+constexpr int kTileKeys = kVec == 16 ? 4 : 2;
+constexpr int kTileRowVecs = 4;
+
+template <int JB>
+OCTAVO_INLINE void qk_tile_rows(const float* qt, int ldq, const float* kf, int ldk, int hd, float* st,
+                                int ldst, int nvec) {
+  int v = 0;
+  for (; v + kTileRowVecs <= nvec; v += kTileRowVecs)
+    qk_tile<JB, kTileRowVecs>(qt + v * kVec, ldq, kf, ldk, hd, st + v * kVec, ldst);
+  switch (nvec - v) {
+    case 3: qk_tile<JB, 3>(qt + v * kVec, ldq, kf, ldk, hd, st + v * kVec, ldst); break;
+    case 2: qk_tile<JB, 2>(qt + v * kVec, ldq, kf, ldk, hd, st + v * kVec, ldst); break;
+    case 1: qk_tile<JB, 1>(qt + v * kVec, ldq, kf, ldk, hd, st + v * kVec, ldst); break;
+    default: break;
+  }
+}
+
+template <int NR>
+OCTAVO_INLINE void pv_tile_chunks(float* acc, int ldacc, const float* pt, int ldp, const float* vf,
+                                  int ldv, int nk, int nchunks) {
+  int c = 0;
+  for (; c + 4 <= nchunks; c += 4) pv_tile<NR, 4>(acc + c * kVec, ldacc, pt, ldp, vf + c * kVec, ldv, nk);
+  switch (nchunks - c) {
+    case 3: pv_tile<NR, 3>(acc + c * kVec, ldacc, pt, ldp, vf + c * kVec, ldv, nk); break;
+    case 2: pv_tile<NR, 2>(acc + c * kVec, ldacc, pt, ldp, vf + c * kVec, ldv, nk); break;
+    case 1: pv_tile<NR, 1>(acc + c * kVec, ldacc, pt, ldp, vf + c * kVec, ldv, nk); break;
+    default: break;
+  }
 }
 
 // Rows of a work item are ordered (kv head, token, grouped query head), so the rows that share
@@ -139,45 +214,208 @@ class Attention {
         bsp_((p.block_size + kVec - 1) / kVec * kVec) {}
 
   void run(const WorkItem& w, Scratch& sc) const {
+    if (w.h1 - w.h0 > 1 || (w.t1 - w.t0) * group_ <= 8) {
+      run_chunked(w, sc);
+    } else {
+      run_tiled(w, sc);
+    }
+  }
+
+  // Decode-like items: for a chunk of blocks, the scores of every row (K of each block read once,
+  // all kv heads together, in order), one softmax per row, then PV reading V the same way.
+  void run_chunked(const WorkItem& w, Scratch& sc) const {
     const int q_start = p_.query_start_loc[w.seq];
     const int q_len = p_.query_start_loc[w.seq + 1] - q_start;
     const int ctx = p_.seq_lens[w.seq];
-    const int rows_per_head = (w.t1 - w.t0) * group_;
-    sc.reserve(rows_per_head * (w.h1 - w.h0), rows_per_head, hdp_, bsp_);
+    const int rows_per_head = (w.t1 - w.t0) * group_, rows = rows_per_head * (w.h1 - w.h0);
+    const int bs = p_.block_size;
+    const int chunk_blocks = std::max(1, kChunkScores / (rows * bs));
+    const int ld = (chunk_blocks * bs + kVec - 1) / kVec * kVec;
+    sc.reserve(rows, rows_per_head, hdp_, bsp_, size_t(rows) * ld);
     load_queries(w, q_start, ctx - q_len, sc);
     const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
     const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
     const int hi = std::min(ctx, last_pos + 1);
     const int32_t* blocks = p_.block_table + int64_t(w.seq) * p_.bt_stride;
-    const int b_first = lo / p_.block_size, b_end = (hi + p_.block_size - 1) / p_.block_size;
-    prefetch_rows(key_row(blocks[b_first], 0, w.h0), p_.kc_stride_token);
-    for (int b = b_first; b < b_end; ++b) {
-      const int j0 = std::max(lo, b * p_.block_size);
-      const int j1 = std::min(hi, (b + 1) * p_.block_size);
-      if (b + 1 < b_end) {
-        // Pull the next block of every kv head of this item into L2 a whole block ahead.
-        for (int kvh = w.h0; kvh < w.h1; ++kvh) {
-          prefetch_rows<2>(key_row(blocks[b + 1], 0, kvh), p_.kc_stride_token);
-          prefetch_rows<2>(value_row(blocks[b + 1], 0, kvh), p_.vc_stride_token);
+    const int b_first = lo / bs, b_end = (hi + bs - 1) / bs;
+    float* logits = sc.scores.data();
+    for (int cb0 = b_first; cb0 < b_end; cb0 += chunk_blocks) {
+      const int cb1 = std::min(b_end, cb0 + chunk_blocks);
+      const int c0 = std::max(lo, cb0 * bs), c1 = std::min(hi, cb1 * bs);
+      for (int b = cb0; b < cb1; ++b) {
+        const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
+        const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
+        qk_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+      }
+      for (int kvh = w.h0; kvh < w.h1; ++kvh)
+        prefetch_rows<2>(value_row(blocks[cb0], 0, kvh), p_.vc_stride_token);
+      for (int r = 0; r < rows; ++r) {
+        float* prow = logits + size_t(r) * ld;
+        const int kvh = w.h0 + r / rows_per_head;
+        float corr = 1.f;
+        if (!softmax_span(prow, r, kvh * group_ + r % group_, c0, c1 - c0, sc, corr)) {
+          std::fill(prow, prow + ld, 0.f);
+          continue;
+        }
+        if (corr != 1.f) {
+          float* acc = sc.acc.data() + size_t(r) * hdp_;
+          const fVec vc(corr);
+          for (int c = 0; c < hdp_; c += kVec) (fVec::loadu(acc + c) * vc).store(acc + c);
         }
       }
-      for (int kvh = w.h0; kvh < w.h1; ++kvh) {
-        // Blocks are scattered in memory: fetch this V and the next K early, otherwise every
-        // key row is a dependent cache miss.
-        prefetch_rows(value_row(blocks[b], 0, kvh), p_.vc_stride_token);
-        if (kvh + 1 < w.h1) {
-          prefetch_rows(key_row(blocks[b], 0, kvh + 1), p_.kc_stride_token);
-        } else if (b + 1 < b_end) {
-          prefetch_rows(key_row(blocks[b + 1], 0, w.h0), p_.kc_stride_token);
-        }
-        process_block(blocks[b], b * p_.block_size, j0, j1, kvh,
-                      (kvh - w.h0) * rows_per_head, rows_per_head, sc);
+      for (int b = cb0; b < cb1; ++b) {
+        const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
+        const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
+        pv_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
     }
     store_output(w, q_start, sc);
   }
 
+  // Prefill items (one kv head, many rows): per block, K and V rows in fp32, scores as
+  // [keys, rows] tiles against the transposed Q, softmax vectorized over the rows, PV tiles.
+  void run_tiled(const WorkItem& w, Scratch& sc) const {
+    const int q_start = p_.query_start_loc[w.seq];
+    const int q_len = p_.query_start_loc[w.seq + 1] - q_start;
+    const int ctx = p_.seq_lens[w.seq];
+    const int rows = (w.t1 - w.t0) * group_;
+    const int rp = (rows + kVec - 1) / kVec * kVec;  // rows padded to whole vectors
+    const int bs = p_.block_size;
+    auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
+    sc.reserve(rp, rp, hdp_, bsp_, size_t(bs) * rp);
+    grow(sc.qt, size_t(hd_) * rp);
+    grow(sc.kf, size_t(bs) * hdp_);
+    grow(sc.vf, size_t(bs) * hdp_);
+    grow(sc.slope, rp);
+    grow(sc.corr, rp);
+    load_queries(w, q_start, ctx - q_len, sc);
+    // Padding rows repeat the last row (finite softmax state); their outputs are never stored.
+    for (int r = 0; r < rp; ++r) {
+      const int src = std::min(r, rows - 1);
+      for (int d = 0; d < hd_; ++d) sc.qt[size_t(d) * rp + r] = sc.q[size_t(src) * hdp_ + d];
+      sc.pos[r] = sc.pos[src];
+      sc.m[r] = kNegInf;
+      sc.l[r] = 0.f;
+      sc.slope[r] = p_.alibi_slopes != nullptr ? p_.alibi_slopes[w.h0 * group_ + src % group_] : 0.f;
+      std::fill(sc.acc.data() + size_t(r) * hdp_, sc.acc.data() + size_t(r + 1) * hdp_, 0.f);
+    }
+    const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
+    const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
+    const int hi = std::min(ctx, last_pos + 1);
+    const int32_t* blocks = p_.block_table + int64_t(w.seq) * p_.bt_stride;
+    const int b_first = lo / bs, b_end = (hi + bs - 1) / bs;
+    float* st = sc.scores.data();
+    const int nvec = rp / kVec, nchunks = hdp_ / kVec;
+    for (int b = b_first; b < b_end; ++b) {
+      const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs), nk = j1 - j0;
+      const int off = j0 - b * bs;
+      if (b + 1 < b_end) {
+        prefetch_rows<2>(key_row(blocks[b + 1], 0, w.h0), p_.kc_stride_token);
+        prefetch_rows<2>(value_row(blocks[b + 1], 0, w.h0), p_.vc_stride_token);
+      }
+      convert_rows(key_row(blocks[b], off, w.h0), p_.kc_stride_token, nk, sc.kf.data());
+      int j = 0;
+      for (; j + kTileKeys <= nk; j += kTileKeys)
+        qk_tile_rows<kTileKeys>(sc.qt.data(), rp, sc.kf.data() + size_t(j) * hdp_, hdp_, hd_, st + size_t(j) * rp, rp, nvec);
+      for (; j < nk; ++j)
+        qk_tile_rows<1>(sc.qt.data(), rp, sc.kf.data() + size_t(j) * hdp_, hdp_, hd_, st + size_t(j) * rp, rp, nvec);
+      softmax_cols(st, rp, j0, nk, sc);
+      for (int r = 0; r < rows; ++r) {
+        const float c = sc.corr[r];
+        if (c == 1.f) continue;
+        float* acc = sc.acc.data() + size_t(r) * hdp_;
+        const fVec vc(c);
+        for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
+      }
+      convert_rows(value_row(blocks[b], off, w.h0), p_.vc_stride_token, nk, sc.vf.data());
+      int r = 0;
+      for (; r + 4 <= rows; r += 4)
+        pv_tile_chunks<4>(sc.acc.data() + size_t(r) * hdp_, hdp_, st + r, rp, sc.vf.data(), hdp_, nk, nchunks);
+      for (; r < rows; ++r)
+        pv_tile_chunks<1>(sc.acc.data() + size_t(r) * hdp_, hdp_, st + r, rp, sc.vf.data(), hdp_, nk, nchunks);
+    }
+    store_output(w, q_start, sc);
+  }
+
+  // Softmax step over st[j * ld + r] (keys j0 + j, j < nk) for every row r < ld, vectorized over
+  // rows: masks, caps and exponentiates in place, updates m and l, and leaves in sc.corr the
+  // factor that rescales each row's accumulator.
+  void softmax_cols(float* st, int ld, int j0, int nk, Scratch& sc) const {
+    const fVec vinf(kNegInf), zero(0.f);
+    for (int r0 = 0; r0 < ld; r0 += kVec) {
+      const fVec vpos = fVec::loadu(sc.pos.data() + r0);
+      const fVec vlo = p_.sliding_window > 0 ? vpos - fVec(float(p_.sliding_window)) : fVec(-1.f);
+      const fVec vslope = fVec::loadu(sc.slope.data() + r0);
+      fVec vmax(kNegInf);
+      for (int j = 0; j < nk; ++j) {
+        const fVec key(float(j0 + j));
+        fVec x = fVec::loadu(st + size_t(j) * ld + r0);
+        if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
+        if (p_.alibi_slopes != nullptr) x = at::vec::fmadd(vslope, key - vpos, x);
+        x = fVec::blendv(vinf, x, (key <= vpos) & (key > vlo));
+        x.store(st + size_t(j) * ld + r0);
+        vmax = at::vec::maximum(vmax, x);
+      }
+      const fVec m_old = fVec::loadu(sc.m.data() + r0);
+      const fVec m_new = at::vec::maximum(m_old, vmax);
+      // Rows with nothing visible yet keep m = -inf; subtract 0 instead so exp gives 0, not NaN.
+      const fVec m_sub = fVec::blendv(m_new, zero, m_new == vinf);
+      const fVec corr = (m_old - m_sub).exp_u20();
+      fVec sum(0.f);
+      for (int j = 0; j < nk; ++j) {
+        const fVec e = (fVec::loadu(st + size_t(j) * ld + r0) - m_sub).exp_u20();
+        e.store(st + size_t(j) * ld + r0);
+        sum = sum + e;
+      }
+      (fVec::loadu(sc.l.data() + r0) * corr + sum).store(sc.l.data() + r0);
+      m_new.store(sc.m.data() + r0);
+      corr.store(sc.corr.data() + r0);
+    }
+  }
+
+  // nk cache rows (stride `stride`) to fp32 dst[j * hdp_], zero padded.
+  void convert_rows(const T* src0, int64_t stride, int nk, float* dst0) const {
+    for (int j = 0; j < nk; ++j) {
+      const T* src = src0 + j * stride;
+      float* dst = dst0 + size_t(j) * hdp_;
+      for (int c = 0; c < nfull_; ++c) load_f(src + c * kVec).store(dst + c * kVec);
+      if (tail_ > 0) load_f_partial(src + nfull_ * kVec, tail_).store(dst + nfull_ * kVec);
+    }
+  }
+
  private:
+  // Scores of block offsets [o0, o1) for every row of the item into s (row stride ld), pulling
+  // the same part of block `next` (if >= 0) into L2 meanwhile: a block ahead hides the DRAM latency
+  // of scattered blocks, and the prefetches are spread out so they never queue up.
+  void qk_block(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, float* s, int ld,
+                Scratch& sc) const {
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    const int step = o1 - o0 == p_.block_size && o1 % kTokenGroup == 0 ? kTokenGroup : o1 - o0;
+    for (int j = o0; j < o1; j += step) {
+      for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+        if (next >= 0) prefetch_rows<2>(key_row(next, j, kvh), p_.kc_stride_token, step);
+        const int r0 = (kvh - w.h0) * rows_per_head;
+        scores(sc.q.data() + size_t(r0) * hdp_, key_row(block, j, kvh), step, rows_per_head,
+               s + size_t(r0) * ld + (j - o0), ld);
+      }
+    }
+  }
+
+  // acc += p x V for block offsets [o0, o1), in the same order as qk_block.
+  void pv_block(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, const float* p,
+                int ld, Scratch& sc) const {
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    const int step = o1 - o0 == p_.block_size && o1 % kTokenGroup == 0 ? kTokenGroup : o1 - o0;
+    for (int j = o0; j < o1; j += step) {
+      for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+        if (next >= 0) prefetch_rows<2>(value_row(next, j, kvh), p_.vc_stride_token, step);
+        const int r0 = (kvh - w.h0) * rows_per_head;
+        pv_direct(sc.acc.data() + size_t(r0) * hdp_, p + size_t(r0) * ld + (j - o0), ld,
+                  value_row(block, j, kvh), step, rows_per_head, sc);
+      }
+    }
+  }
+
   const T* key_row(int64_t block, int off, int kvh) const {
     return static_cast<const T*>(p_.key_cache) + block * p_.kc_stride_block +
            off * p_.kc_stride_token + kvh * p_.kc_stride_head;
@@ -189,9 +427,10 @@ class Attention {
 
   // LOCALITY 3: into L1 (prefetcht0), 2: into L2 (prefetcht1).
   template <int LOCALITY = 3>
-  void prefetch_rows(const T* row, int64_t stride) const {
+  void prefetch_rows(const T* row, int64_t stride, int n = -1) const {
     const int bytes = hd_ * int(sizeof(T));
-    for (int j = 0; j < p_.block_size; ++j)
+    if (n < 0) n = p_.block_size;
+    for (int j = 0; j < n; ++j)
       for (int b = 0; b < bytes; b += 64)
         __builtin_prefetch(reinterpret_cast<const char*>(row + j * stride) + b, 0, LOCALITY);
   }
@@ -222,34 +461,36 @@ class Attention {
     }
   }
 
-  void scores(const float* q, const T* kbase, int nk, int rows, float* s) const {
+  void scores(const float* q, const T* kbase, int nk, int rows, float* s, int lds) const {
     const int64_t ks = p_.kc_stride_token;
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
       const T* k = kbase + j * ks;
       int r = 0;
       for (; r + kRowBlock <= rows; r += kRowBlock)
-        dot_rows_4keys<kRowBlock>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * bsp_ + j, bsp_);
-      for (; r < rows; ++r) dot_rows_4keys<1>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * bsp_ + j, bsp_);
+        dot_rows_4keys<kRowBlock>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * lds + j, lds);
+      for (; r < rows; ++r) dot_rows_4keys<1>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * lds + j, lds);
     }
     for (; j < nk; ++j) {
       const T* k = kbase + int64_t(j) * p_.kc_stride_token;
       int r = 0;
-      for (; r + 8 <= rows; r += 8) dot_rows<8>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * bsp_ + j, bsp_);
-      for (; r + 4 <= rows; r += 4) dot_rows<4>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * bsp_ + j, bsp_);
-      for (; r < rows; ++r) dot_rows<1>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * bsp_ + j, bsp_);
+      for (; r + 8 <= rows; r += 8) dot_rows<8>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * lds + j, lds);
+      for (; r + 4 <= rows; r += 4) dot_rows<4>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * lds + j, lds);
+      for (; r < rows; ++r) dot_rows<1>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * lds + j, lds);
     }
   }
 
-  // Masks, caps and exponentiates one row's scores in place; returns false if all masked.
-  bool softmax_row(float* s, int r, int h, int j0, int nk, Scratch& sc, float& corr) const {
+  // Masks, caps and exponentiates one row's scores s[0, n) (keys j0 + i) in place, padded to
+  // whole vectors; returns false if all masked. corr rescales the row's previous accumulator.
+  bool softmax_span(float* s, int r, int h, int j0, int n, Scratch& sc, float& corr) const {
     const float pos = sc.pos[r];
     const fVec vpos(pos), vlo(p_.sliding_window > 0 ? pos - p_.sliding_window : -1.f);
-    const fVec vinf(kNegInf), vnk(float(j0 + nk));
+    const fVec vinf(kNegInf), vnk(float(j0 + n));
     const float slope = p_.alibi_slopes != nullptr ? p_.alibi_slopes[h] : 0.f;
+    const int np = (n + kVec - 1) / kVec * kVec;
     fVec vmax(kNegInf);
     const fVec iota = fVec::arange(0.f, 1.f);
-    for (int c = 0; c < bsp_; c += kVec) {
+    for (int c = 0; c < np; c += kVec) {
       const fVec j = iota + fVec(float(j0 + c));
       fVec x = fVec::loadu(s + c);
       if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
@@ -265,8 +506,8 @@ class Attention {
     corr = std::exp(sc.m[r] - m_new);
     fVec vsum(0.f);
     const fVec vm(m_new);
-    for (int c = 0; c < bsp_; c += kVec) {
-      const fVec e = (fVec::loadu(s + c) - vm).exp();
+    for (int c = 0; c < np; c += kVec) {
+      const fVec e = (fVec::loadu(s + c) - vm).exp_u20();
       e.store(s + c);
       vsum = vsum + e;
     }
@@ -275,80 +516,32 @@ class Attention {
     return true;
   }
 
-  // One cache block of kv head kvh against rows [r0, r0 + rows) (all of which use kvh).
-  void process_block(int64_t block, int block_start, int j0, int j1, int kvh, int r0, int rows,
-                     Scratch& sc) const {
-    const int nk = j1 - j0, off = j0 - block_start;
-    float* s = sc.scores.data();
-    scores(sc.q.data() + size_t(r0) * hdp_, key_row(block, off, kvh), nk, rows, s);
-    // Softmax of every row first (rows with no visible key get p = 0).
-    for (int i = 0; i < rows; ++i) {
-      float corr = 1.f;
-      const int r = r0 + i;
-      float* prow = s + i * bsp_;
-      if (!softmax_row(prow, r, kvh * group_ + i % group_, j0, nk, sc, corr)) {
-        std::fill(prow, prow + bsp_, 0.f);
-        continue;
-      }
-      if (corr != 1.f) {
-        float* acc = sc.acc.data() + size_t(r) * hdp_;
-        const fVec vc(corr);
-        for (int c = 0; c < hdp_; c += kVec) (fVec::loadu(acc + c) * vc).store(acc + c);
-      }
-    }
-    const int nchunks = hdp_ / kVec;
-    float* acc0 = sc.acc.data() + size_t(r0) * hdp_;
-    const T* v0 = value_row(block, off, kvh);
+  // acc rows [0, rows) (stride hdp_) += p rows (stride ldp) x V rows [0, nk) read from the cache.
+  void pv_direct(float* acc0, const float* p, int ldp, const T* v0, int nk, int rows, Scratch& sc) const {
     const int64_t vs = p_.vc_stride_token;
-    if (rows <= 8 && tail_ == 0) {
-      // Few rows (decode): read V once per key straight from the cache.
-      for (int c = 0; c < nchunks; c += 4) {
-        const int nc = std::min(4, nchunks - c);
-        for (int i = 0; i < rows; i += kRowBlock) {
-          float* a = acc0 + size_t(i) * hdp_ + c * kVec;
-          const float* pr = s + i * bsp_;
-          const T* v = v0 + c * kVec;
-          if (rows - i >= kRowBlock && nc == 4) {
-            pv_rows_direct<kRowBlock, 4>(a, hdp_, pr, bsp_, v, vs, nk);
-          } else {
-            for (int ii = i; ii < std::min(rows, i + kRowBlock); ++ii) {
-              float* a1 = acc0 + size_t(ii) * hdp_ + c * kVec;
-              const float* p1 = s + ii * bsp_;
-              switch (nc) {
-                case 4: pv_rows_direct<1, 4>(a1, hdp_, p1, bsp_, v, vs, nk); break;
-                case 3: pv_rows_direct<1, 3>(a1, hdp_, p1, bsp_, v, vs, nk); break;
-                case 2: pv_rows_direct<1, 2>(a1, hdp_, p1, bsp_, v, vs, nk); break;
-                default: pv_rows_direct<1, 1>(a1, hdp_, p1, bsp_, v, vs, nk); break;
-              }
-            }
-          }
-        }
-      }
+    if (tail_ != 0) {  // partial last chunk: V rows through fp32 scratch
+      convert_rows(v0, vs, nk, sc.vf.data());
+      for (int i = 0; i < rows; ++i)
+        pv_tile_chunks<1>(acc0 + size_t(i) * hdp_, hdp_, p + i * ldp, 1, sc.vf.data(), hdp_, nk, hdp_ / kVec);
       return;
     }
-    // Many rows (prefill): V rows of this block in fp32 (zero padded), reused by every row.
-    for (int j = 0; j < nk; ++j) {
-      const T* v = v0 + j * vs;
-      float* dst = sc.vf.data() + size_t(j) * hdp_;
-      for (int c = 0; c < nfull_; ++c) load_f(v + c * kVec).store(dst + c * kVec);
-      if (tail_ > 0) load_f_partial(v + nfull_ * kVec, tail_).store(dst + nfull_ * kVec);
-    }
-    for (int i = 0; i < rows; ++i) {
-      const float* prow = s + i * bsp_;
-      float* acc = acc0 + size_t(i) * hdp_;
-      for (int c0 = 0; c0 < nchunks; c0 += 8) {
-        const int nc = std::min(8, nchunks - c0);
-        float* a = acc + c0 * kVec;
-        const float* vf = sc.vf.data() + c0 * kVec;
+    const int nchunks = hdp_ / kVec;
+    for (int c = 0; c < nchunks; c += 4) {
+      const int nc = std::min(4, nchunks - c);
+      int i = 0;
+      if (nc == 4) {
+        for (; i + kRowBlock <= rows; i += kRowBlock)
+          pv_rows_direct<kRowBlock, 4>(acc0 + size_t(i) * hdp_ + c * kVec, hdp_, p + i * ldp, ldp, v0 + c * kVec, vs, nk);
+      }
+      for (; i < rows; ++i) {
+        float* a1 = acc0 + size_t(i) * hdp_ + c * kVec;
+        const float* p1 = p + i * ldp;
+        const T* v = v0 + c * kVec;
         switch (nc) {
-          case 8: pv_row<8>(a, prow, vf, hdp_, nk); break;
-          case 7: pv_row<7>(a, prow, vf, hdp_, nk); break;
-          case 6: pv_row<6>(a, prow, vf, hdp_, nk); break;
-          case 5: pv_row<5>(a, prow, vf, hdp_, nk); break;
-          case 4: pv_row<4>(a, prow, vf, hdp_, nk); break;
-          case 3: pv_row<3>(a, prow, vf, hdp_, nk); break;
-          case 2: pv_row<2>(a, prow, vf, hdp_, nk); break;
-          default: pv_row<1>(a, prow, vf, hdp_, nk); break;
+          case 4: pv_rows_direct<1, 4>(a1, hdp_, p1, ldp, v, vs, nk); break;
+          case 3: pv_rows_direct<1, 3>(a1, hdp_, p1, ldp, v, vs, nk); break;
+          case 2: pv_rows_direct<1, 2>(a1, hdp_, p1, ldp, v, vs, nk); break;
+          default: pv_rows_direct<1, 1>(a1, hdp_, p1, ldp, v, vs, nk); break;
         }
       }
     }
