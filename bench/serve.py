@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,7 +188,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                else (r.prompt_token_ids if args.prompt_format == "token-ids" or tok is None
                      else tok.decode(r.prompt_token_ids, skip_special_tokens=True))
                for r in requests]
-    random.seed(args.seed)
     results, duration = asyncio.run(benchmark(args, requests, prompts))
     m = summarize(results, duration)
     print_metrics(m)
