@@ -62,6 +62,18 @@ def test_paged_attention_decode_large():
     check(make_batch(seqs, 16, 4, 128, 16, torch.float32, seed=9), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [{}, dict(sliding_window=700, alibi=True)])
+def test_paged_attention_decode_multi_chunk(dtype, kw):
+    # decode-like rows whose context exceeds one chunk of scores (the softmax state is carried
+    # across chunks) for any thread count: <= 1024 keys per chunk once 32 rows share a kv head
+    seqs = [(8, 2100), (8, 1500), (1, 1300), (8, 40)]
+    kw = dict(kw)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.tensor([2 ** (-8 * (i + 1) / 32) for i in range(32)])
+    check(make_batch(seqs, 32, 8, 64, 16, torch.float32, seed=13), dtype, **kw)
+
+
 def test_paged_attention_long_prefill():
     check(make_batch([(300, 300), (129, 400)], 8, 8, 64, 32, torch.float32, seed=11), torch.bfloat16,
           sliding_window=100)

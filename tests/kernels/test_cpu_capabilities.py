@@ -31,6 +31,11 @@ for dtype in (torch.float32, torch.bfloat16):
     for kw in ({}, dict(sliding_window=7, soft_cap=3.0, alibi_slopes=torch.rand(8))):
         assert_close_to_ref(ops.paged_attention(**b, **kw), ops_native.paged_attention(**b, **kw),
                             ops_native.paged_attention(**to_dtype(b, torch.float64), **kw))
+    # prefill-sized sequences take the tiled path (rows padded to whole vectors)
+    b = to_dtype(make_batch([(41, 41), (37, 60)], 8, 2, 72, 16, torch.float32, seed=4), dtype)
+    for kw in ({}, dict(sliding_window=7, soft_cap=3.0, alibi_slopes=torch.rand(8))):
+        assert_close_to_ref(ops.paged_attention(**b, **kw), ops_native.paged_attention(**b, **kw),
+                            ops_native.paged_attention(**to_dtype(b, torch.float64), **kw))
 print("ok")
 """
 
