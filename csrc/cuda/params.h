@@ -58,6 +58,27 @@ struct CacheArgs {
   DType dtype;
 };
 
+struct PagedAttentionArgs {
+  void* out;                       // [T, Hq, hd] with strides
+  const void* query;               // [T, Hq, hd] with strides
+  const void* key_cache;           // [num_blocks, block_size, Hk, hd] with strides
+  const void* value_cache;         // [num_blocks, block_size, Hk, hd] with strides
+  const int32_t* query_start_loc;  // [S+1]: request s owns query rows [qsl[s], qsl[s+1])
+  const int32_t* seq_lens;         // [S]: context length of s, its query rows included (last ones)
+  const int32_t* block_table;      // [S, max_blocks], row stride bt_stride
+  const float* alibi_slopes;       // [Hq] or null
+  float* workspace;                // split-context partials (decode), or null when unused
+  int64_t q_stride_token, q_stride_head, o_stride_token, o_stride_head;
+  int64_t kc_stride_block, kc_stride_token, kc_stride_head;
+  int64_t vc_stride_block, vc_stride_token, vc_stride_head;
+  int64_t bt_stride;
+  int64_t num_tokens;              // T
+  int num_seqs, num_heads, num_kv_heads, head_size, block_size, max_blocks;
+  float scale, soft_cap;           // soft_cap <= 0: off
+  int sliding_window;              // <= 0: off; else key j is seen by position p if p-w < j <= p
+  DType dtype;
+};
+
 // Each returns false for an unsupported dtype; launch errors are left to cudaGetLastError.
 bool launch_rms_norm(const RmsNormArgs& a, cudaStream_t stream);
 bool launch_fused_add_rms_norm(const RmsNormArgs& a, cudaStream_t stream);
