@@ -2,8 +2,8 @@
 
 The flat batch is every scheduled token of every request, back to back; attention finds each
 request's rows through `query_start_loc` and its context through its block table. Inputs go
-through preallocated buffers (no per-step allocation; the same buffers are what CUDA graphs
-will replay from).
+through preallocated buffers (no per-step allocation); decode-only steps go through the
+fixed-size static buffers of decode_graphs.py, replayed as CUDA graphs on a GPU.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
 
 from .config import EngineConfig
+from .decode_graphs import DecodeGraphs, decode_batch_sizes
 from .request import Request
 from .scheduler import SchedulerOutput
 
@@ -89,6 +90,11 @@ class ModelRunner:
         self.buf = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
                                 self.max_blocks_per_seq)
         self.num_blocks = 0
+        self.decode_graphs: DecodeGraphs | None = None
+        if not config.enforce_eager:
+            sizes = decode_batch_sizes(config.max_num_seqs, config.max_num_batched_tokens)
+            self.decode_graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq,
+                                              config.max_model_len, self.device)
 
     # ---- KV cache -------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -124,6 +130,8 @@ class ModelRunner:
                 f"{needed * per_block}, or lower max_model_len")
         self._allocate(num_blocks)
         self.num_blocks = num_blocks
+        if self.decode_graphs is not None and self.device.type == "cuda":
+            self.decode_graphs.capture()
         return num_blocks
 
     @torch.inference_mode()
@@ -147,7 +155,9 @@ class ModelRunner:
             a.k_cache = a.v_cache = None
 
     # ---- one step ---------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
+    def _fill_host(self, out: SchedulerOutput) -> tuple[int, list[int], list[Request], list]:
+        """Write the step's flat batch into the host buffers; returns (tokens, sample rows,
+        sampling requests, prompt-logprob rows)."""
         b, bs = self.buf, self.block_size
         t = 0
         sample_rows, sample_reqs, prompt_rows = [], [], []
@@ -170,6 +180,11 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(t - 1)
                 sample_reqs.append(req)
+        return t, sample_rows, sample_reqs, prompt_rows
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        b = self.buf
+        t, sample_rows, sample_reqs, prompt_rows = self._fill_host(out)
         S = len(out.scheduled)
         max_blocks = max(len(s.request.block_ids) for s in out.scheduled)
         dev = self.device
@@ -188,16 +203,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
-        inputs = self.prepare(out)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+        bucket = None
+        if self.decode_graphs is not None:
+            bucket = self.decode_graphs.bucket([s.num_new_tokens for s in out.scheduled])
+        if bucket is not None:     # decode-only step: static buffers (and a graph on CUDA)
+            n, sample_rows, sample_reqs, prompt_rows = self._fill_host(out)
+            hidden = self.decode_graphs.run(self.buf, n, bucket)
+            sample_rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        else:
+            inputs = self.prepare(out)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+            sample_rows, sample_reqs, prompt_rows = (inputs.sample_rows, inputs.sample_requests,
+                                                     inputs.prompt_rows)
         logits = None
-        if inputs.sample_requests:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        if sample_reqs:
+            logits = self.model.compute_logits(hidden[sample_rows]).float()
         prompt_logits = []
-        for req, row, rows, first in inputs.prompt_rows:
+        for req, row, rows, first in prompt_rows:
             targets = req.prompt_token_ids[first:first + rows]
             prompt_logits.append((req, self.model.compute_logits(hidden[row:row + rows]).float(), targets))
-        return StepOutput(inputs.sample_requests, logits, prompt_logits)
+        return StepOutput(sample_reqs, logits, prompt_logits)
 
 
 class _DummyRequest:
