@@ -7,14 +7,14 @@ input + output traffic beside this machine's copy bandwidth.
 import torch
 
 from octavo import ops_native
-from octavo.bench.kernels.common import check, copy_bandwidth, parser, report, time_fn
+from octavo.bench.kernels.common import check, copy_bandwidth, parse, parser, report, time_fn
 
 
 def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=11008, help="D: input is [T, 2*D]")
-    args = p.parse_args()
+    args = parse(p)
     if args.quick:
         args.tokens, args.intermediate = 32, 1024
     args.repeats = args.repeats or (5 if args.quick else 50)

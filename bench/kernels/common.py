@@ -1,4 +1,7 @@
-"""Timing and bandwidth helpers shared by the kernel labs (STYLE habit 10)."""
+"""Timing and bandwidth helpers shared by the kernel labs (STYLE habit 10).
+
+A lab runs on `--device` (a CUDA GPU when there is one, else the CPU): `parse(p)` makes it the
+default device, so the lab's tensors land there; times on a GPU come from CUDA events."""
 import argparse
 import statistics
 import time
@@ -13,19 +16,49 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (median reported)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"], help="where the kernels run (default: a GPU if any)")
     return p
 
 
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the lab's arguments and make --device the default device for its tensors."""
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    torch.set_default_device(args.device)
+    return args
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    """A seeded generator on the lab's device (randn/randperm need one there)."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
 def time_fn(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call."""
+    """Median seconds per call (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
+    if torch.get_default_device().type == "cuda":
+        return _time_cuda(fn, repeats)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _time_cuda(fn, repeats: int) -> float:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:

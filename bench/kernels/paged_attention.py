@@ -10,11 +10,12 @@ without it a small decode batch is timed from L3.
 import torch
 
 from octavo import ops, ops_native
-from octavo.bench.kernels.common import check, copy_bandwidth, parser, report, time_fn
+from octavo.bench.kernels.common import (check, copy_bandwidth, generator, parse,
+                                           parser, report, time_fn)
 
 
 def make_inputs(q_lens, ctxs, num_heads, num_kv_heads, head_size, block_size, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     blocks = [(c + block_size - 1) // block_size for c in ctxs]
     num_blocks, max_blocks = sum(blocks), max(blocks)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
@@ -91,7 +92,7 @@ def main():
     p.add_argument("--prefill-seqs", type=int, default=1,
                    help="also time this many prompts of --prefill tokens in one call (if > 1)")
     p.add_argument("--cold", action="store_true", help="KV caches out of the LLC on every call")
-    args = p.parse_args()
+    args = parse(p)
     if args.quick:
         args.batch, args.context, args.prefill = 8, 256, 128
     args.repeats = args.repeats or (3 if args.quick else 10)

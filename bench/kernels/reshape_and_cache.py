@@ -7,7 +7,7 @@ a copy), then times it (median) and prints GB/s of K/V read + written beside the
 import torch
 
 from octavo import ops_native
-from octavo.bench.kernels.common import copy_bandwidth, parser, report, time_fn
+from octavo.bench.kernels.common import copy_bandwidth, generator, parse, parser, report, time_fn
 
 
 def main():
@@ -17,7 +17,7 @@ def main():
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=4096)
-    args = p.parse_args()
+    args = parse(p)
     if args.quick:
         args.tokens, args.kv_heads, args.num_blocks = 32, 2, 64
     args.repeats = args.repeats or (5 if args.quick else 50)
@@ -25,7 +25,7 @@ def main():
     copy_gbs = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
     print(f"reshape_and_cache {args.dtype} T={args.tokens} Hk={args.kv_heads} hd={args.head_size} "
           f"block={args.block_size}; copy bandwidth {copy_gbs:.1f} GB/s")
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     shape = (args.num_blocks, args.block_size, args.kv_heads, args.head_size)
     key = torch.randn(args.tokens, args.kv_heads, args.head_size, generator=g).to(dtype)
     value = torch.randn_like(key)

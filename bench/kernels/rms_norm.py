@@ -5,14 +5,14 @@ python -m octavo.bench.kernels.rms_norm [--quick] [--tokens 256 --hidden 4096]
 import torch
 
 from octavo import ops, ops_native
-from octavo.bench.kernels.common import check, copy_bandwidth, parser, report, time_fn
+from octavo.bench.kernels.common import check, copy_bandwidth, parse, parser, report, time_fn
 
 
 def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--hidden", type=int, default=4096)
-    args = p.parse_args()
+    args = parse(p)
     if args.quick:
         args.tokens, args.hidden = 32, 1024
     args.repeats = args.repeats or (5 if args.quick else 50)

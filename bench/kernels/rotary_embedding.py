@@ -7,7 +7,8 @@ Q and K read + written (plus the cos/sin rows used) beside this machine's copy b
 import torch
 
 from octavo import ops_native
-from octavo.bench.kernels.common import check, copy_bandwidth, parser, report, time_fn
+from octavo.bench.kernels.common import (check, copy_bandwidth, generator, parse,
+                                           parser, report, time_fn)
 
 
 def cos_sin_cache(max_pos: int, rot_dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -23,7 +24,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--max-pos", type=int, default=4096)
-    args = p.parse_args()
+    args = parse(p)
     if args.quick:
         args.tokens, args.heads, args.kv_heads, args.max_pos = 32, 8, 2, 256
     args.repeats = args.repeats or (5 if args.quick else 50)
@@ -32,7 +33,7 @@ def main():
     hd = args.head_size
     print(f"rotary_embedding {args.dtype} T={args.tokens} Hq={args.heads} Hk={args.kv_heads} "
           f"hd={hd}; copy bandwidth {copy_gbs:.1f} GB/s")
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     positions = torch.randint(0, args.max_pos, (args.tokens,), generator=g)
     q = torch.randn(args.tokens, args.heads * hd, generator=g).to(dtype)    # [T, Hq*hd]
     k = torch.randn(args.tokens, args.kv_heads * hd, generator=g).to(dtype)  # [T, Hk*hd]
