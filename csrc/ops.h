@@ -55,5 +55,10 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query,
                            const at::Tensor& cos_sin_cache, bool is_neox);
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                             at::Tensor& value_cache, const at::Tensor& slot_mapping);
+void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& query_start_loc,
+                          const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
+                          int64_t sliding_window, double soft_cap,
+                          const std::optional<at::Tensor>& alibi_slopes);
 
 }  // namespace octavo

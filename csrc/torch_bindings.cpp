@@ -61,6 +61,7 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("gelu_and_mul", &octavo::gelu_and_mul_cuda);
   m.impl("rotary_embedding", &octavo::rotary_embedding_cuda);
   m.impl("reshape_and_cache", &octavo::reshape_and_cache_cuda);
+  m.impl("paged_attention", &octavo::paged_attention_cuda);
 }
 #endif
 

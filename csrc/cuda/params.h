@@ -67,12 +67,14 @@ struct PagedAttentionArgs {
   const int32_t* seq_lens;         // [S]: context length of s, its query rows included (last ones)
   const int32_t* block_table;      // [S, max_blocks], row stride bt_stride
   const float* alibi_slopes;       // [Hq] or null
-  float* workspace;                // split-context partials (decode), or null when unused
+  float* workspace;                // split-context partials (decode), or null when unused:
+                                   // paged_attention_workspace_floats(args) floats
   int64_t q_stride_token, q_stride_head, o_stride_token, o_stride_head;
   int64_t kc_stride_block, kc_stride_token, kc_stride_head;
   int64_t vc_stride_block, vc_stride_token, vc_stride_head;
   int64_t bt_stride;
   int64_t num_tokens;              // T
+  int64_t num_cache_blocks;        // num_blocks (block_table entries must be below it)
   int num_seqs, num_heads, num_kv_heads, head_size, block_size, max_blocks;
   float scale, soft_cap;           // soft_cap <= 0: off
   int sliding_window;              // <= 0: off; else key j is seen by position p if p-w < j <= p
@@ -87,5 +89,10 @@ bool launch_act_and_mul(const ActArgs& a, cudaStream_t stream);
 // under the emulator).
 bool launch_rotary_embedding(const RotaryArgs& a, cudaStream_t stream);
 bool launch_reshape_and_cache(const CacheArgs& a, cudaStream_t stream);
+// Floats of split-context workspace the launch needs (0: none); a function of shapes only, so
+// the decode path can be captured in a CUDA graph.
+int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a);
+// A bad query_start_loc / seq_lens / block_table entry traps the kernel.
+bool launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t stream);
 
 }  // namespace octavo::cuda

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <optional>
 
 #include "cuda/params.h"
@@ -168,6 +169,99 @@ inline cuda::CacheArgs reshape_and_cache(const at::Tensor& key, const at::Tensor
           key_cache.size(0) * key_cache.size(1), static_cast<int>(key.size(1)),
           static_cast<int>(key.size(2)), static_cast<int>(key_cache.size(1)),
           to_dtype(key, op)};
+}
+
+// Every check that needs no host read of the int32 metadata (a GPU launch must not sync): the
+// kernels check query_start_loc, seq_lens and block_table entries themselves.
+inline cuda::PagedAttentionArgs paged_attention(
+    at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+    const at::Tensor& value_cache, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+    const at::Tensor& block_table, double scale, int64_t sliding_window, double soft_cap,
+    const std::optional<at::Tensor>& alibi_slopes, at::DeviceType dev) {
+  const char* op = "paged_attention";
+  using List = std::initializer_list<const at::Tensor*>;
+  for (const at::Tensor* t : List{&out, &query, &key_cache, &value_cache, &query_start_loc,
+                                  &seq_lens, &block_table}) {
+    check_on(*t, dev, op, "every tensor");
+    TORCH_CHECK(t->device() == query.device(), op, ": all tensors must be on ", query.device());
+  }
+  TORCH_CHECK(query.dim() == 3, op, ": query must be [T, Hq, hd], got ", query.sizes());
+  const cuda::DType dtype = to_dtype(query, op);
+  TORCH_CHECK(out.sizes() == query.sizes(), op, ": out ", out.sizes(), " must match query ", query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(), op,
+              ": caches must be [num_blocks, block_size, Hk, hd], got ", key_cache.sizes(), " and ",
+              value_cache.sizes());
+  const int64_t num_heads = query.size(1), num_kv_heads = key_cache.size(2), head_size = query.size(2);
+  TORCH_CHECK(key_cache.size(3) == head_size, op, ": cache head size ", key_cache.size(3),
+              " != query head size ", head_size);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, op, ": Hq=", num_heads,
+              " is not a multiple of Hk=", num_kv_heads);
+  TORCH_CHECK(head_size % 8 == 0 && head_size > 0 && head_size <= 256, op,
+              ": head size must be a multiple of 8 in [8, 256], got ", head_size);
+  for (const at::Tensor* t : List{&out, &key_cache, &value_cache}) {
+    TORCH_CHECK(t->scalar_type() == query.scalar_type(), op, ": out/cache dtype ", t->scalar_type(),
+                " != query dtype ", query.scalar_type());
+  }
+  for (const at::Tensor* t : List{&out, &query, &key_cache, &value_cache})
+    TORCH_CHECK(t->stride(-1) == 1, op, ": query/out/caches must have a unit last stride");
+  // the kernels read cache rows with 16-byte loads
+  const int64_t vec = 16 / query.element_size();
+  for (const at::Tensor* t : List{&key_cache, &value_cache})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && t->stride(0) % vec == 0 &&
+                    t->stride(1) % vec == 0 && t->stride(2) % vec == 0,
+                op, ": caches must be 16-byte aligned with strides in multiples of ", vec,
+                " elements (use a contiguous cache)");
+  for (const at::Tensor* t : List{&query_start_loc, &seq_lens, &block_table})
+    TORCH_CHECK(t->scalar_type() == at::kInt, op, ": query_start_loc, seq_lens and block_table must be int32");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.is_contiguous(), op, ": seq_lens must be contiguous [S]");
+  TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.size(0) == num_seqs + 1 &&
+                  query_start_loc.is_contiguous(),
+              op, ": query_start_loc must be contiguous [S+1]");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == num_seqs &&
+                  (block_table.size(1) <= 1 || block_table.stride(1) == 1),
+              op, ": block_table must be [S, max_blocks] with a unit last stride");
+  if (alibi_slopes.has_value()) {
+    TORCH_CHECK(alibi_slopes->device() == query.device() && alibi_slopes->scalar_type() == at::kFloat &&
+                    alibi_slopes->numel() == num_heads && alibi_slopes->is_contiguous(),
+                op, ": alibi_slopes must be a contiguous float32 [Hq] tensor on ", query.device());
+  }
+  TORCH_CHECK(sliding_window >= 0 && sliding_window <= INT32_MAX, op, ": sliding_window must be >= 0");
+  TORCH_CHECK(soft_cap >= 0, op, ": soft_cap must be >= 0");
+  TORCH_CHECK(query.size(0) <= INT32_MAX && key_cache.size(1) > 0, op, ": too many tokens or empty blocks");
+  cuda::PagedAttentionArgs a{};
+  a.out = out.data_ptr();
+  a.query = query.data_ptr();
+  a.key_cache = key_cache.data_ptr();
+  a.value_cache = value_cache.data_ptr();
+  a.query_start_loc = query_start_loc.data_ptr<int32_t>();
+  a.seq_lens = seq_lens.data_ptr<int32_t>();
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  a.q_stride_token = query.stride(0);
+  a.q_stride_head = query.stride(1);
+  a.o_stride_token = out.stride(0);
+  a.o_stride_head = out.stride(1);
+  a.kc_stride_block = key_cache.stride(0);
+  a.kc_stride_token = key_cache.stride(1);
+  a.kc_stride_head = key_cache.stride(2);
+  a.vc_stride_block = value_cache.stride(0);
+  a.vc_stride_token = value_cache.stride(1);
+  a.vc_stride_head = value_cache.stride(2);
+  a.bt_stride = block_table.stride(0);
+  a.num_tokens = query.size(0);
+  a.num_cache_blocks = key_cache.size(0);
+  a.num_seqs = static_cast<int>(num_seqs);
+  a.num_heads = static_cast<int>(num_heads);
+  a.num_kv_heads = static_cast<int>(num_kv_heads);
+  a.head_size = static_cast<int>(head_size);
+  a.block_size = static_cast<int>(key_cache.size(1));
+  a.max_blocks = static_cast<int>(block_table.size(1));
+  a.scale = static_cast<float>(scale);
+  a.soft_cap = static_cast<float>(soft_cap);
+  a.sliding_window = static_cast<int>(sliding_window);
+  a.dtype = dtype;
+  return a;
 }
 
 }  // namespace octavo::cuda_args

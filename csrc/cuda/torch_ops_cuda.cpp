@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
 
 #include "cuda/torch_args.h"
 #include "ops.h"
@@ -56,6 +57,28 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::
   run(cuda::launch_reshape_and_cache,
       cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kCUDA), key,
       "reshape_and_cache");
+}
+
+void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& query_start_loc,
+                          const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
+                          int64_t sliding_window, double soft_cap,
+                          const std::optional<at::Tensor>& alibi_slopes) {
+  cuda::PagedAttentionArgs a =
+      cuda_args::paged_attention(out, query, key_cache, value_cache, query_start_loc, seq_lens,
+                                 block_table, scale, sliding_window, soft_cap, alibi_slopes, kCUDA);
+  const c10::cuda::CUDAGuard guard(query.device());
+  // [T, Hq, partitions, hd + 2] split-context partials; from the caching allocator (and the
+  // graph's pool under capture), sized by shapes only
+  const int64_t ws = cuda::paged_attention_workspace_floats(a);
+  at::Tensor workspace;
+  if (ws > 0) {
+    workspace = at::empty({ws}, query.options().dtype(at::kFloat));
+    a.workspace = workspace.data_ptr<float>();
+  }
+  TORCH_CHECK(cuda::launch_paged_attention(a, c10::cuda::getCurrentCUDAStream()),
+              "paged_attention: unsupported dtype");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace octavo

@@ -1,6 +1,9 @@
 // torch.ops.octavo_simt.*: the csrc/cuda launchers run on CPU tensors under the SIMT emulator
 // (test-only extension), plus the emulator's self-test kernels. The only file here with torch.
+#include <ATen/ops/full.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "cuda/torch_args.h"
 #include "simt/selftest.h"
@@ -46,6 +49,20 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   run(cuda::launch_reshape_and_cache,
       cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kCPU),
       "reshape_and_cache");
+}
+
+void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
+                     int64_t sliding_window, double soft_cap,
+                     const std::optional<at::Tensor>& alibi_slopes) {
+  cuda::PagedAttentionArgs a =
+      cuda_args::paged_attention(out, query, key_cache, value_cache, query_start_loc, seq_lens,
+                                 block_table, scale, sliding_window, soft_cap, alibi_slopes, kCPU);
+  // poisoned like the GPU's uninitialized memory: a partial the merge reads unwritten shows up
+  at::Tensor workspace = at::full({cuda::paged_attention_workspace_floats(a)}, NAN, at::kFloat);
+  a.workspace = workspace.numel() ? workspace.data_ptr<float>() : nullptr;
+  run(cuda::launch_paged_attention, a, "paged_attention");
 }
 
 // ---- self tests -----------------------------------------------------------------------------
@@ -121,6 +138,9 @@ TORCH_LIBRARY(octavo_simt, m) {
         "Tensor cos_sin_cache, bool is_neox) -> ()", &rotary_embedding);
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
         "Tensor slot_mapping) -> ()", &reshape_and_cache);
+  m.def("paged_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
+        "Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float scale, "
+        "int sliding_window, float soft_cap, Tensor? alibi_slopes) -> ()", &paged_attention);
   // self tests (simt/selftest.cu)
   m.def("selftest_divergent_sync(Tensor! out, int mode) -> ()", &divergent_sync);
   m.def("selftest_shuffle(Tensor! out, Tensor x, int kind, int arg, int width) -> ()", &shuffle);

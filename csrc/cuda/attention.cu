@@ -1,0 +1,70 @@
+// Launcher for the paged attention kernels (attention.cuh). Every launch configuration follows
+// from tensor shapes only (no host read of seq_lens / query_start_loc), so the decode path can
+// be captured in a CUDA graph.
+#include <type_traits>
+
+#include "cuda/attention.cuh"
+
+namespace octavo::cuda {
+namespace {
+
+// A batch with one query row per sequence (T == S) takes the split-context decode kernels.
+bool is_decode(const PagedAttentionArgs& a) { return a.num_tokens == a.num_seqs; }
+
+int num_partitions(const PagedAttentionArgs& a) {
+  const int64_t max_keys = int64_t(a.max_blocks) * a.block_size;
+  return static_cast<int>((max_keys + attn::kPartition - 1) / attn::kPartition);
+}
+
+// Runs BODY with HD_MAX bound to the head-size bucket (attn::head_bucket).
+template <typename F>
+void head_switch(int head_size, F&& body) {
+  switch (attn::head_bucket(head_size)) {
+    case 32: body(std::integral_constant<int, 32>{}); break;
+    case 64: body(std::integral_constant<int, 64>{}); break;
+    case 128: body(std::integral_constant<int, 128>{}); break;
+    default: body(std::integral_constant<int, 256>{}); break;
+  }
+}
+
+template <typename T, int HD_MAX>
+void launch_decode(const PagedAttentionArgs& a, cudaStream_t stream) {
+  const int parts = num_partitions(a);
+  PagedAttentionArgs d = a;
+  if (parts == 1) d.workspace = nullptr;  // one partition: the kernel writes the output itself
+  launch(attn::paged_decode_kernel<T, HD_MAX>, dim3(a.num_heads, a.num_seqs, parts),
+         dim3(attn::kThreads), 0, stream, d);
+  if (parts > 1)
+    launch(attn::paged_decode_merge_kernel<T>, dim3(a.num_heads, a.num_seqs), dim3(attn::kThreads),
+           0, stream, d, parts);
+}
+
+template <typename T, int HD_MAX>
+void launch_prefill(const PagedAttentionArgs& a, cudaStream_t stream) {
+  // The tensor-core prefill (launch_paged_prefill_mma, attention_prefill.cuh) goes first here
+  // once it exists; this kernel serves the shapes and dtypes it declines.
+  constexpr int rows = attn::PrefillShape<HD_MAX>::kRows;
+  const int64_t tiles = a.num_tokens / rows + a.num_seqs;  // upper bound, see attn::tile_seq
+  launch(attn::paged_prefill_kernel<T, HD_MAX>, dim3(tiles, a.num_heads), dim3(attn::kThreads), 0,
+         stream, a);
+}
+
+}  // namespace
+
+int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a) {
+  if (!is_decode(a) || a.num_tokens == 0) return 0;
+  const int64_t parts = num_partitions(a);
+  return parts > 1 ? a.num_tokens * a.num_heads * parts * (a.head_size + 2) : 0;
+}
+
+bool launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
+  if (a.num_tokens == 0 || a.num_seqs == 0) return true;
+  OCTAVO_CUDA_DTYPE_SWITCH(a.dtype, [&] {
+    head_switch(a.head_size, [&](auto hd_max) {
+      if (is_decode(a)) launch_decode<scalar_t, hd_max.value>(a, stream);
+      else launch_prefill<scalar_t, hd_max.value>(a, stream);
+    });
+  });
+}
+
+}  // namespace octavo::cuda

@@ -1,0 +1,116 @@
+"""paged_attention CUDA kernels (split-context decode + merge, tiled prefill) under the SIMT
+emulator vs octavo.ops_native (tolerance rule of tests/kernels). Shapes are small but span
+several blocks, partial KV blocks, several 512-key partitions and every GQA layout."""
+import pytest
+import torch
+
+import simt_ext
+from attention_cases import make_batch, to_dtype
+from kernel_utils import ALL_DTYPES, assert_close_to_ref
+from octavo import ops_native
+
+# one query row per sequence (the decode kernels); 1100 keys span three partitions of 512
+DECODE = [(1, 1), (1, 1100), (1, 37), (1, 600)]
+# varlen batch (the prefill kernel): decode rows, a cached prefix (q_len < seq_len), a full
+# prefill longer than one 16-row tile, an empty sequence
+MIXED = [(1, 1), (1, 37), (19, 19), (5, 70), (0, 9), (3, 3)]
+HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]  # GQA ratios 1, 2, 4 and MQA
+
+
+@pytest.fixture(scope="module")
+def simt():
+    return simt_ext.load()
+
+
+def alibi(num_heads):
+    return torch.tensor([2 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
+
+
+def check(simt, batch, dtype, sliding_window=0, soft_cap=0.0, alibi_slopes=None):
+    b = to_dtype(batch, dtype)
+    kw = dict(sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes)
+    out = torch.full_like(b["query"], float("nan"))
+    simt.paged_attention(out, b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"],
+                         b["seq_lens"], b["block_table"], b["scale"], sliding_window, soft_cap,
+                         alibi_slopes)
+    native = ops_native.paged_attention(**b, **kw)
+    exact = ops_native.paged_attention(**to_dtype(b, torch.float64), **kw)
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(out, native, exact, what=f"paged_attention {dtype} {kw}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_decode_split_context(simt, dtype, num_heads, num_kv_heads):
+    batch = make_batch(DECODE, num_heads, num_kv_heads, 64, 16, torch.float32, seed=num_heads + num_kv_heads)
+    check(simt, batch, dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_prefill_mixed(simt, dtype, num_heads, num_kv_heads):
+    batch = make_batch(MIXED, num_heads, num_kv_heads, 64, 7, torch.float32, seed=num_heads * num_kv_heads)
+    check(simt, batch, dtype)
+
+
+@pytest.mark.parametrize("head_size", [8, 32, 40, 80, 96, 128, 256])
+@pytest.mark.parametrize("block_size", [5, 16])
+def test_head_sizes(simt, head_size, block_size):
+    for seqs in ([(1, 13), (1, 530), (1, 3)], [(1, 13), (6, 40), (2, 2)]):
+        check(simt, make_batch(seqs, 4, 2, head_size, block_size, torch.float32, seed=head_size), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("variant", [dict(sliding_window=20), dict(sliding_window=1),
+                                     dict(sliding_window=700), dict(soft_cap=5.0), dict(alibi=True),
+                                     dict(sliding_window=33, soft_cap=30.0, alibi=True)],
+                         ids=["window20", "window1", "window700", "softcap", "alibi", "all"])
+def test_variants(simt, dtype, seqs, variant):
+    num_heads, num_kv_heads = 4, 2
+    batch = make_batch(seqs, num_heads, num_kv_heads, 32, 16, torch.float32, seed=3)
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = alibi(num_heads)
+    check(simt, batch, dtype, **kw)
+
+
+def test_one_row_per_sequence_but_not_decode(simt):
+    # T == S takes the decode kernels even when one sequence has two rows and another none
+    batch = make_batch([(2, 600), (0, 9), (1, 30)], 4, 2, 32, 16, torch.float32, seed=4)
+    check(simt, batch, torch.float32, sliding_window=550)
+
+
+def test_untouched_rows_and_strided_query(simt):
+    # rows past query_start_loc[-1] are left alone; the query may be a strided view
+    batch = make_batch([(3, 20), (1, 520)], 4, 2, 32, 8, torch.float32, seed=6)
+    qkv = torch.randn(6, 8, 32)
+    qkv[:4, :4] = batch["query"]
+    q = qkv[:, :4]
+    out = torch.full((6, 4, 32), 7.0)
+    simt.paged_attention(out, q, batch["key_cache"], batch["value_cache"], batch["query_start_loc"],
+                         batch["seq_lens"], batch["block_table"], batch["scale"], 0, 0.0, None)
+    torch.testing.assert_close(out[:4], ops_native.paged_attention(**batch), rtol=1e-5, atol=1e-5)
+    assert (out[4:] == 7.0).all()
+
+
+def test_errors(simt):
+    b = make_batch([(2, 5), (1, 20)], 4, 2, 32, 16, torch.float32, fill_unused=0.0)
+
+    def call(**over):
+        c = {**b, **over}
+        simt.paged_attention(torch.empty_like(c["query"]), c["query"], c["key_cache"], c["value_cache"],
+                             c["query_start_loc"], c["seq_lens"], c["block_table"], c["scale"], 0, 0.0, None)
+
+    with pytest.raises(RuntimeError, match="head size must be a multiple of 8"):
+        call(query=torch.randn(3, 4, 12), key_cache=torch.zeros(4, 16, 2, 12), value_cache=torch.zeros(4, 16, 2, 12))
+    with pytest.raises(RuntimeError, match="int32"):
+        call(seq_lens=b["seq_lens"].long())
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        call(**to_dtype(b, torch.float64))
+    with pytest.raises(RuntimeError, match=r"paged_prefill_kernel.*seq_len <= max_blocks \* block_size"):
+        call(seq_lens=torch.tensor([5, 40], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"paged_decode_kernel.*block_table entry out of range"):
+        bad = b["block_table"].clone()
+        bad[0, 0] = 99
+        call(query=b["query"][:2], query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32), block_table=bad)
