@@ -1,9 +1,10 @@
 """CUDA kernels (rms_norm, fused_add_rms_norm, silu/gelu_and_mul, rotary_embedding,
-reshape_and_cache) vs octavo.ops_native on a GPU. Skipped where torch.cuda is unavailable; the
+reshape_and_cache, paged_attention) vs octavo.ops_native on a GPU. Skipped where torch.cuda is unavailable; the
 same kernels run under the SIMT emulator on the CPU in tests/simt."""
 import pytest
 import torch
 
+from attention_cases import make_batch, to_dtype
 from kernel_utils import ALL_DTYPES, assert_close_to_ref
 from octavo import ops, ops_native
 
@@ -76,3 +77,95 @@ def test_reshape_and_cache_cuda(dtype):
     ops.reshape_and_cache(kv[:, 0], kv[:, 1], caches[0], caches[1], slots)
     ops_native.reshape_and_cache(kv[:, 0], kv[:, 1], ref[0], ref[1], slots)
     assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+
+
+# paged_attention: the cases of tests/simt/test_simt_cuda_attention.py, plus bigger ones
+ATTN_DECODE = [(1, 1), (1, 1100), (1, 37), (1, 600)]
+ATTN_MIXED = [(1, 1), (1, 37), (19, 19), (5, 70), (0, 9), (3, 3)]
+ATTN_HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]
+
+
+def attn_check(batch, dtype, sliding_window=0, soft_cap=0.0, alibi_slopes=None):
+    b = {k: v.cuda() if torch.is_tensor(v) else v for k, v in to_dtype(batch, dtype).items()}
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.cuda()
+    kw = dict(sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes)
+    out = ops.paged_attention(**b, **kw)
+    native = ops_native.paged_attention(**b, **kw)
+    exact = ops_native.paged_attention(**to_dtype(b, torch.float64), **kw)
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(out, native, exact, what=f"paged_attention {dtype} {kw}")
+
+
+def attn_alibi(num_heads):
+    return torch.tensor([2 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [ATTN_DECODE, ATTN_MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", ATTN_HEADS)
+@pytest.mark.parametrize("block_size", [7, 16])
+def test_paged_attention_cuda(dtype, seqs, num_heads, num_kv_heads, block_size):
+    check = make_batch(seqs, num_heads, num_kv_heads, 64, block_size, torch.float32, seed=num_heads)
+    attn_check(check, dtype)
+
+
+@pytest.mark.parametrize("head_size", [8, 32, 40, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("seqs", [[(1, 13), (1, 530), (1, 3)], [(1, 13), (6, 40), (2, 2), (70, 700)]],
+                         ids=["decode", "mixed"])
+def test_paged_attention_cuda_head_sizes(head_size, seqs):
+    for dtype in ALL_DTYPES:
+        attn_check(make_batch(seqs, 4, 2, head_size, 5, torch.float32, seed=head_size), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [ATTN_DECODE, ATTN_MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("variant", [dict(sliding_window=20), dict(sliding_window=1),
+                                     dict(sliding_window=700), dict(soft_cap=5.0), dict(alibi=True),
+                                     dict(sliding_window=33, soft_cap=30.0, alibi=True)],
+                         ids=["window20", "window1", "window700", "softcap", "alibi", "all"])
+def test_paged_attention_cuda_variants(dtype, seqs, variant):
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = attn_alibi(8)
+    attn_check(make_batch(seqs, 8, 2, 128, 16, torch.float32, seed=3), dtype, **kw)
+
+
+def test_paged_attention_cuda_large():
+    # long decode contexts (many partitions) and a long prefill with a cached prefix
+    decode = [(1, c) for c in (1, 7000, 33, 2500, 512, 64, 9999, 17)]
+    attn_check(make_batch(decode, 32, 8, 128, 16, torch.float32, seed=9), torch.bfloat16)
+    attn_check(make_batch([(300, 300), (129, 2000), (1, 40)], 16, 4, 128, 16, torch.float32, seed=11),
+               torch.float16, sliding_window=500)
+
+
+def test_paged_attention_cuda_graph_decode():
+    # the decode path launches by shapes only: a captured graph replays with new seq_lens
+    b = {k: v.cuda() if torch.is_tensor(v) else v
+         for k, v in to_dtype(make_batch([(1, 1500), (1, 900), (1, 20)], 8, 2, 64, 16, torch.float32,
+                                         seed=2, fill_unused=0.0), torch.bfloat16).items()}
+    out = torch.empty_like(b["query"])
+    ops.paged_attention(**b, out=out)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_attention(**b, out=out)
+    for lens in ([1500, 900, 20], [3, 1200, 700]):
+        b["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ops_native.paged_attention(**b), rtol=2e-2, atol=2e-2)
+
+
+def test_paged_attention_cuda_opcheck_and_errors():
+    b = {k: v.cuda() if torch.is_tensor(v) else v
+         for k, v in make_batch([(2, 5), (1, 20)], 4, 2, 32, 16, torch.float32, fill_unused=0.0).items()}
+    args = (torch.empty_like(b["query"]), b["query"], b["key_cache"], b["value_cache"],
+            b["query_start_loc"], b["seq_lens"], b["block_table"], b["scale"], 3, 10.0,
+            torch.rand(4, device="cuda"))
+    torch.library.opcheck(torch.ops.octavo.paged_attention.default, args)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        ops.paged_attention(**{**b, "seq_lens": b["seq_lens"].cpu()})
+    with pytest.raises(RuntimeError, match="head size must be a multiple of 8"):
+        ops.paged_attention(**{**b, "query": torch.randn(3, 4, 12, device="cuda"),
+                               "key_cache": torch.zeros(4, 16, 2, 12, device="cuda"),
+                               "value_cache": torch.zeros(4, 16, 2, 12, device="cuda")})
