@@ -11,6 +11,7 @@ Environment:
 """
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,12 +109,36 @@ class CMakeBuild(build_ext):
             subprocess.check_call([cmake, "-G", "Ninja", "-S", str(ROOT), "-B", str(build_dir), *args])
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         print(f"octavo: building {device} kernels in {build_dir}", flush=True)
-        subprocess.check_call([cmake, "--build", str(build_dir), "--", "-j", jobs])
+        _build_and_keep_ptxas_report(cmake, build_dir, jobs)
         # The output dir differs between editable / wheel builds (often a temp dir), so the
         # library is built in build_dir and copied, keeping build_dir stable and incremental.
         built = build_dir / ext_path.name
         ext_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, ext_path)
+
+
+_NINJA_CUDA_OBJECT = re.compile(r"Building CUDA object \S*?/(csrc/\S+?)\.o\b")
+
+
+def _build_and_keep_ptxas_report(cmake, build_dir, jobs):
+    """Run the build, echoing its output; ptxas' register/spill lines of each CUDA source that
+    was compiled go to <build_dir>/ptxas/<source>.txt (replacing that source's old report)."""
+    proc = subprocess.Popen([cmake, "--build", str(build_dir), "--", "-j", jobs],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reports, source = {}, None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        match = _NINJA_CUDA_OBJECT.search(line)
+        if match:
+            source = match.group(1)
+        elif source and ("ptxas info" in line or "bytes stack frame" in line):
+            reports.setdefault(source, []).append(line)
+    if proc.wait():
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    for source, lines in reports.items():
+        out = build_dir / "ptxas" / (source.replace("/", "_") + ".txt")
+        out.parent.mkdir(exist_ok=True)
+        out.write_text("".join(lines))
 
 
 def _nvidia_roots():
