@@ -22,6 +22,12 @@ _MODELS = {
     "GPTBigCodeForCausalLM": ("gpt_bigcode", "GPTBigCodeForCausalLM"),
     "Starcoder2ForCausalLM": ("starcoder2", "Starcoder2ForCausalLM"),
     "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
+    "InternLM2ForCausalLM": ("internlm2", "InternLM2ForCausalLM"),
+    "InternLM3ForCausalLM": ("internlm3", "InternLM3ForCausalLM"),
+    "BaichuanForCausalLM": ("baichuan", "BaichuanForCausalLM"),
+    "BaiChuanForCausalLM": ("baichuan", "BaiChuanForCausalLM"),
+    "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),
+    "ChatGLMModel": ("chatglm", "ChatGLMModel"),
 }
 
 
@@ -45,6 +51,12 @@ EXAMPLE_MODELS = {
     "GPTBigCodeForCausalLM": "StarCoder, SantaCoder",
     "Starcoder2ForCausalLM": "StarCoder2",
     "Phi3ForCausalLM": "Phi-3, Phi-3.5, Phi-4-mini",
+    "InternLM2ForCausalLM": "InternLM2, InternLM2.5 (trust_remote_code)",
+    "InternLM3ForCausalLM": "InternLM3 (trust_remote_code)",
+    "BaichuanForCausalLM": "Baichuan-13B, Baichuan2-7B/13B (trust_remote_code)",
+    "BaiChuanForCausalLM": "Baichuan-7B (trust_remote_code)",
+    "MiniCPMForCausalLM": "MiniCPM-1B/2B, MiniCPM 2.x (dense; trust_remote_code)",
+    "ChatGLMModel": "ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (trust_remote_code)",
 }
 
 def supported_architectures() -> list[str]:

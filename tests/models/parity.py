@@ -2,7 +2,9 @@
 
 `assert_matches_hf(model_dir)` runs a batch of prompts through octavo (fp32, greedy, top-5
 logprobs) and each prompt alone through transformers' `generate`; greedy token ids must be
-identical and the top-5 logprobs close.
+identical and the top-5 logprobs close. `reference` (another model directory, or a transformers
+model) is the equivalent transformers model when octavo loads a checkpoint transformers cannot
+(remote-code layouts rebuilt from a transformers model).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ PROMPTS = [
 ]
 
 
-def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, trust_remote_code=False):
-    """[(tokens, [logprobs per step])] from transformers, one prompt at a time."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+def hf_greedy(model_dir, prompt_ids: list[list[int]], max_tokens: int, trust_remote_code=False):
+    """[(tokens, [logprobs per step])] from transformers, one prompt at a time. `model_dir` may
+    also be an already built transformers model."""
+    model = model_dir if not isinstance(model_dir, str) else AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     results = []
     for ids in prompt_ids:
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
@@ -41,13 +44,14 @@ def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, trus
 
 
 def assert_matches_hf(model_dir: str, prompts=PROMPTS, max_tokens: int = 20, atol: float = 2e-4,
-                      **llm_kwargs) -> None:
+                      reference=None, **llm_kwargs) -> None:
     llm_kwargs.setdefault("kv_cache_memory", 1 << 24)
     llm = LLM(model=model_dir, dtype="float32", **llm_kwargs)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=5)
     outputs = llm.generate(list(prompts), params, use_tqdm=False)
-    reference = hf_greedy(model_dir, [o.prompt_token_ids for o in outputs], max_tokens,
-                          llm_kwargs.get("trust_remote_code", False))
+    reference = hf_greedy(model_dir if reference is None else reference,
+                          [o.prompt_token_ids for o in outputs], max_tokens,
+                          llm_kwargs.get("trust_remote_code", False) and reference is None)
     name = model_dir.rstrip("/").split("/")[-1]
     for prompt, out, (hf_tokens, hf_logprobs) in zip(prompts, outputs, reference):
         ours = out.outputs[0]
