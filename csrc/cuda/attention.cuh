@@ -124,32 +124,50 @@ __device__ __forceinline__ Partials partials(const PagedAttentionArgs& a, int nu
   return {out, out + a.num_tokens * a.num_heads * num_partitions * a.head_size};
 }
 
-// Scores keys [lo, hi) of the partition against q into logits[0, hi - lo).
+// q . k for the key row k (this lane's vectors; summed over the group by the caller).
+template <typename T, int HD_MAX>
+__device__ __forceinline__ float decode_dot(const T* k, const float (*q)[Vec<T>::kElems], int nv) {
+  using S = DecodeShape<T, HD_MAX>;
+  const int g_lane = threadIdx.x % S::kGroup;
+  float dot = 0.f;
+  OCTAVO_UNROLL
+  for (int sl = 0; sl < S::kSlots; ++sl) {
+    const int v = g_lane + sl * S::kGroup;
+    if (v >= nv) break;
+    float kf[S::kVec];
+    load_vec(k + v * S::kVec, kf);
+    OCTAVO_UNROLL
+    for (int e = 0; e < S::kVec; ++e) dot += q[sl][e] * kf[e];
+  }
+  return dot;
+}
+
+// Scores keys [lo, hi) of the partition against q into logits[0, hi - lo). Each step a warp
+// scores kUnroll * 32 / G keys, its loads independent of each other's shuffles.
 template <typename T, int HD_MAX>
 __device__ __forceinline__ void decode_scores(const PagedAttentionArgs& a, const int32_t* bt_row,
                                               const T* k_head, const float (*q)[Vec<T>::kElems],
                                               int lo, int hi, int pos, float slope, float* logits) {
   using S = DecodeShape<T, HD_MAX>;
+  constexpr int kUnroll = 4;
   const int lane = threadIdx.x % 32, g_lane = lane % S::kGroup;
   const int nv = a.head_size / S::kVec;
   // kb is warp-uniform, so every lane of a warp reaches the same shuffles
-  for (int kb = lo + (threadIdx.x / 32) * (32 / S::kGroup); kb < hi; kb += S::kGroups) {
-    const int key = kb + lane / S::kGroup;
-    float dot = 0.f;
-    if (key < hi) {
-      const T* k = k_head + cache_offset(a, bt_row, key, a.kc_stride_block, a.kc_stride_token);
-OCTAVO_UNROLL
-      for (int sl = 0; sl < S::kSlots; ++sl) {
-        const int v = g_lane + sl * S::kGroup;
-        if (v >= nv) break;
-        float kf[S::kVec];
-        load_vec(k + v * S::kVec, kf);
-OCTAVO_UNROLL
-        for (int e = 0; e < S::kVec; ++e) dot += q[sl][e] * kf[e];
-      }
+  for (int kb = lo + (threadIdx.x / 32) * (32 / S::kGroup); kb < hi; kb += S::kGroups * kUnroll) {
+    float dot[kUnroll];
+    OCTAVO_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int key = kb + u * S::kGroups + lane / S::kGroup;
+      dot[u] = key < hi ? decode_dot<T, HD_MAX>(k_head + cache_offset(a, bt_row, key, a.kc_stride_block,
+                                                                      a.kc_stride_token), q, nv)
+                        : 0.f;
     }
-    for (int o = S::kGroup / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
-    if (key < hi && g_lane == 0) logits[key - lo] = logit(dot, a, slope, key, pos);
+    OCTAVO_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      for (int o = S::kGroup / 2; o > 0; o >>= 1) dot[u] += __shfl_xor_sync(kFull, dot[u], o);
+      const int key = kb + u * S::kGroups + lane / S::kGroup;
+      if (key < hi && g_lane == 0) logits[key - lo] = logit(dot[u], a, slope, key, pos);
+    }
   }
 }
 
@@ -189,7 +207,7 @@ OCTAVO_UNROLL
 
 // grid: (Hq, S, P). With a workspace (P > 1) each block writes its partials; without, the output.
 template <typename T, int HD_MAX>
-__global__ void __launch_bounds__(kThreads) paged_decode_kernel(PagedAttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, 6) paged_decode_kernel(PagedAttentionArgs a) {
   using S = DecodeShape<T, HD_MAX>;
   __shared__ float logits[kPartition];           // scores, then exp(score - max)
   __shared__ float red[S::kGroups * HD_MAX];     // per-group value sums
@@ -360,7 +378,7 @@ OCTAVO_UNROLL
 
 // grid: (T / kRows + S, Hq); blocks past their sequence's rows exit at once.
 template <typename T, int HD_MAX>
-__global__ void __launch_bounds__(kThreads) paged_prefill_kernel(PagedAttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) paged_prefill_kernel(PagedAttentionArgs a) {
   using P = PrefillShape<HD_MAX>;
   __shared__ float q_s[P::kRows * HD_MAX];   // [rows, HD_MAX] query tile
   __shared__ float kv_s[P::kKeys * HD_MAX];  // K^T [HD_MAX, 32], then V [32, HD_MAX]
