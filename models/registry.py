@@ -27,6 +27,7 @@ _MODELS = {
     "BaichuanForCausalLM": ("baichuan", "BaichuanForCausalLM"),
     "BaiChuanForCausalLM": ("baichuan", "BaiChuanForCausalLM"),
     "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),
+    "MiniCPM3ForCausalLM": ("minicpm3", "MiniCPM3ForCausalLM"),
     "ChatGLMModel": ("chatglm", "ChatGLMModel"),
 }
 
@@ -56,6 +57,7 @@ EXAMPLE_MODELS = {
     "BaichuanForCausalLM": "Baichuan-13B, Baichuan2-7B/13B (trust_remote_code)",
     "BaiChuanForCausalLM": "Baichuan-7B (trust_remote_code)",
     "MiniCPMForCausalLM": "MiniCPM-1B/2B, MiniCPM 2.x (dense; trust_remote_code)",
+    "MiniCPM3ForCausalLM": "MiniCPM3-4B",
     "ChatGLMModel": "ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (trust_remote_code)",
 }
 

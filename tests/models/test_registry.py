@@ -20,7 +20,8 @@ from octavo.models.registry import EXAMPLE_MODELS, markdown_table, supported_arc
 HERE = os.path.dirname(__file__)
 README = os.path.join(HERE, "..", "..", "README.md")
 # test_hf_parity.py parametrizes over conftest.TINY_ARCHS
-PARITY_MODULES = ["test_parity_dense_a", "test_parity_dense_b", "test_parity_remote"]
+PARITY_MODULES = ["test_parity_dense_a", "test_parity_dense_b", "test_parity_remote",
+                  "test_parity_remote_mla"]
 
 
 def _string_literals(path: str) -> set[str]:
