@@ -372,3 +372,18 @@ def test_first_generation_chatglm_is_refused():
     config = PretrainedConfig(position_encoding_2d=True, num_layers=2)
     with pytest.raises(ValueError, match="ChatGLM2/3 and GLM-4"):
         ChatGLMModel(config)
+
+
+# Grouped wqkv, W_pack with ALiBi slopes and NormHead rows, multi-query and per-head interleaved
+# query_key_value: each split across ranks after the layout is fixed
+TP_CASES = ["internlm2", "baichuan2-13b", "chatglm", "chatglm-mha"]
+
+
+def test_tensor_parallel_two_ranks_match_one(case_dirs, tmp_path):
+    from tp_util import one_rank_logits, two_rank_logits
+
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    dirs = [case_dirs(name)[1] for name in TP_CASES]
+    for name, path, got in zip(TP_CASES, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
+        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -86,3 +86,16 @@ def test_feature_changes_transformers_output(case, changes, model_dirs):
     base = _hf_logits(model_dirs(case), ids)
     changed = _hf_logits(model_dirs(case), ids, **changes)
     assert (base - changed).abs().max().item() > 1e-2, f"{case}: {changes} makes no difference"
+
+
+def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
+    """Heads split across ranks: q_b_proj / q_proj and kv_b_proj by column, o_proj by row, the
+    latent projections replicated."""
+    from tp_util import one_rank_logits, two_rank_logits
+
+    seqs = [list(range(3, 16)), list(range(40, 61))]   # the second is past LongRoPE's 24
+    cases = ["minicpm3", "minicpm3-no-q-lora", "minicpm3-longrope"]
+    dirs = [model_dirs(case) for case in cases]
+    for case, path, got in zip(cases, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
+        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
+                                   msg=lambda m, case=case: f"{case}: {m}")

@@ -40,7 +40,7 @@ def one_rank_logits(model_dir: str, seqs: list[list[int]]) -> torch.Tensor:
     from test_model_forward import MiniRunner
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)  # remote-code layouts
     model = get_model_class(config)(config)
     load_weights(model, model_dir)
     runner = MiniRunner(model)
