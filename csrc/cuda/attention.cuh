@@ -36,7 +36,7 @@ __device__ __forceinline__ void load_vec(const T* p, float (&f)[Vec<T>::kElems])
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
   T vals[Vec<T>::kElems];
   memcpy(vals, &raw, sizeof(raw));
-OCTAVO_UNROLL
+  OCTAVO_UNROLL
   for (int e = 0; e < Vec<T>::kElems; ++e) f[e] = to_float(vals[e]);
 }
 
@@ -57,7 +57,7 @@ __device__ __forceinline__ float block_max(float v) {
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
   __syncthreads();
   float m = partial[0];
-OCTAVO_UNROLL
+  OCTAVO_UNROLL
   for (int w = 1; w < kWarps; ++w) m = fmaxf(m, partial[w]);
   __syncthreads();
   return m;
@@ -184,25 +184,60 @@ __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const
   for (int key = lo + group; key < hi; key += S::kGroups) {
     const float p = logits[key - lo];
     const T* v = v_head + cache_offset(a, bt_row, key, a.vc_stride_block, a.vc_stride_token);
-OCTAVO_UNROLL
+    OCTAVO_UNROLL
     for (int sl = 0; sl < S::kSlots; ++sl) {
       const int i = g_lane + sl * S::kGroup;
       if (i >= nv) break;
       float vf[S::kVec];
       load_vec(v + i * S::kVec, vf);
-OCTAVO_UNROLL
+      OCTAVO_UNROLL
       for (int e = 0; e < S::kVec; ++e) acc[sl][e] += p * vf[e];
     }
   }
-OCTAVO_UNROLL
+  OCTAVO_UNROLL
   for (int sl = 0; sl < S::kSlots; ++sl) {
     const int i = g_lane + sl * S::kGroup;
     if (i < nv) {
-OCTAVO_UNROLL
+      OCTAVO_UNROLL
       for (int e = 0; e < S::kVec; ++e) red[group * HD_MAX + i * S::kVec + e] = acc[sl][e];
     }
   }
   __syncthreads();
+}
+
+// This lane's query vectors of row t, head h (zeros past head_size).
+template <typename T, int HD_MAX>
+__device__ __forceinline__ void decode_query(const PagedAttentionArgs& a, int t, int h,
+                                             float (&q)[DecodeShape<T, HD_MAX>::kSlots][Vec<T>::kElems]) {
+  using S = DecodeShape<T, HD_MAX>;
+  const T* q_row = static_cast<const T*>(a.query) + t * a.q_stride_token + h * a.q_stride_head;
+  OCTAVO_UNROLL
+  for (int sl = 0; sl < S::kSlots; ++sl) {
+    OCTAVO_UNROLL
+    for (int e = 0; e < S::kVec; ++e) {
+      const int d = (threadIdx.x % S::kGroup + sl * S::kGroup) * S::kVec + e;
+      q[sl][e] = d < a.head_size ? to_float(q_row[d]) : 0.f;
+    }
+  }
+}
+
+struct MaxSum {
+  float m, l;
+};
+
+// logits[0, n) <- exp(logits - max) (published to the block); returns (max, sum of exp).
+__device__ __forceinline__ MaxSum softmax_in_place(float* logits, int n) {
+  __syncthreads();  // scores written
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < n; j += kThreads) mx = fmaxf(mx, logits[j]);
+  mx = block_max(mx);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    const float e = expf(logits[j] - mx);
+    logits[j] = e;
+    sum += e;
+  }
+  return {mx, block_sum(sum)};  // block_sum's barriers also publish the exp'd logits
 }
 
 // grid: (Hq, S, P). With a workspace (P > 1) each block writes its partials; without, the output.
@@ -213,12 +248,12 @@ __global__ void __launch_bounds__(kThreads, 6) paged_decode_kernel(PagedAttentio
   __shared__ float red[S::kGroups * HD_MAX];     // per-group value sums
   const int h = blockIdx.x, s = blockIdx.y, part = blockIdx.z, num_partitions = gridDim.z;
   const SeqRows r = seq_rows(a, s);
-  const int kvh = h / (a.num_heads / a.num_kv_heads), g_lane = threadIdx.x % S::kGroup;
-  const int nv = a.head_size / S::kVec;
+  const int kvh = h / (a.num_heads / a.num_kv_heads);
   const float slope = a.alibi_slopes ? a.alibi_slopes[h] : 0.f;
   const int32_t* bt_row = a.block_table + s * a.bt_stride;
   const T* k_head = static_cast<const T*>(a.key_cache) + kvh * a.kc_stride_head;
   const T* v_head = static_cast<const T*>(a.value_cache) + kvh * a.vc_stride_head;
+  const Partials ws = partials(a, num_partitions);
   // a decode batch has one row per sequence; other rows of a batch with T == S loop here
   for (int i = 0; i < r.q_len; ++i) {
     const int t = r.q0 + i, pos = r.seq_len - r.q_len + i;
@@ -227,48 +262,26 @@ __global__ void __launch_bounds__(kThreads, 6) paged_decode_kernel(PagedAttentio
     const int64_t slot = (int64_t(t) * a.num_heads + h) * num_partitions + part;
     if (lo >= hi) {  // partition outside this row's keys: zero weight in the merge
       if (a.workspace && threadIdx.x == 0) {
-        float* ml = partials(a, num_partitions).ml + 2 * slot;
-        ml[0] = -INFINITY;
-        ml[1] = 0.f;
+        ws.ml[2 * slot] = -INFINITY;
+        ws.ml[2 * slot + 1] = 0.f;
       }
       continue;
     }
     float q[S::kSlots][S::kVec];
-    const T* q_row = static_cast<const T*>(a.query) + t * a.q_stride_token + h * a.q_stride_head;
-OCTAVO_UNROLL
-    for (int sl = 0; sl < S::kSlots; ++sl)
-OCTAVO_UNROLL
-      for (int e = 0; e < S::kVec; ++e) {
-        const int d = (g_lane + sl * S::kGroup) * S::kVec + e;
-        q[sl][e] = d < nv * S::kVec ? to_float(q_row[d]) : 0.f;
-      }
+    decode_query<T, HD_MAX>(a, t, h, q);
     decode_scores<T, HD_MAX>(a, bt_row, k_head, q, lo, hi, pos, slope, logits);
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < hi - lo; j += kThreads) mx = fmaxf(mx, logits[j]);
-    mx = block_max(mx);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < hi - lo; j += kThreads) {
-      const float e = expf(logits[j] - mx);
-      logits[j] = e;
-      sum += e;
-    }
-    sum = block_sum(sum);  // its barriers also publish the exp'd logits
+    const MaxSum ml = softmax_in_place(logits, hi - lo);
     decode_values<T, HD_MAX>(a, bt_row, v_head, logits, lo, hi, red);
+    T* out = static_cast<T*>(a.out) + t * a.o_stride_token + h * a.o_stride_head;
     for (int d = threadIdx.x; d < a.head_size; d += kThreads) {
       float o = 0.f;
       for (int g = 0; g < S::kGroups; ++g) o += red[g * HD_MAX + d];
-      if (a.workspace) {
-        partials(a, num_partitions).out[slot * a.head_size + d] = o;
-      } else {
-        T* out = static_cast<T*>(a.out) + t * a.o_stride_token + h * a.o_stride_head;
-        out[d] = from_float<T>(o / sum);
-      }
+      if (a.workspace) ws.out[slot * a.head_size + d] = o;
+      else out[d] = from_float<T>(o / ml.l);
     }
     if (a.workspace && threadIdx.x == 0) {
-      float* ml = partials(a, num_partitions).ml + 2 * slot;
-      ml[0] = mx;
-      ml[1] = sum;
+      ws.ml[2 * slot] = ml.m;
+      ws.ml[2 * slot + 1] = ml.l;
     }
     __syncthreads();  // logits and red are reused by the next row
   }
@@ -335,7 +348,7 @@ __device__ __forceinline__ void load_keys_t(const PagedAttentionArgs& a, const i
     float f[kVec] = {};
     if (key < hi)
       load_vec(k_head + cache_offset(a, bt_row, key, a.kc_stride_block, a.kc_stride_token) + v * kVec, f);
-OCTAVO_UNROLL
+    OCTAVO_UNROLL
     for (int e = 0; e < kVec; ++e) kv_s[(v * kVec + e) * kKeys + j] = f[e];
   }
 }
@@ -351,7 +364,7 @@ __device__ __forceinline__ void load_values(const PagedAttentionArgs& a, const i
     float f[kVec] = {};
     if (key < hi)
       load_vec(v_head + cache_offset(a, bt_row, key, a.vc_stride_block, a.vc_stride_token) + v * kVec, f);
-OCTAVO_UNROLL
+    OCTAVO_UNROLL
     for (int e = 0; e < kVec; ++e) kv_s[j * HD_MAX + v * kVec + e] = f[e];
   }
 }
@@ -370,10 +383,47 @@ __device__ __forceinline__ float online_softmax(RowState<HD_MAX>& st, float x) {
   const float p = x == -INFINITY ? 0.f : expf(x - m_new);
   const float corr = st.m == -INFINITY ? 0.f : expf(st.m - m_new);
   st.l = st.l * corr + warp_sum(p);
-OCTAVO_UNROLL
+  OCTAVO_UNROLL
   for (int i = 0; i < PrefillShape<HD_MAX>::kDims; ++i) st.acc[i] *= corr;
   st.m = m_new;
   return p;
+}
+
+// Folds the 32 keys [k0, k0 + 32) of K^T in kv_s into the warp's rows; writes their weights
+// to p_s. Row rr of the tile sits at position pos0 + rr; rows at or past nrows see nothing.
+template <typename T, int HD_MAX>
+__device__ __forceinline__ void prefill_scores(const PagedAttentionArgs& a, const float* q_s,
+                                               const float* kv_s, float* p_s, int k0, int pos0,
+                                               int nrows, float slope,
+                                               RowState<HD_MAX> (&st)[PrefillShape<HD_MAX>::kRowsPerWarp]) {
+  using P = PrefillShape<HD_MAX>;
+  const int lane = threadIdx.x % 32, key = k0 + lane;
+  OCTAVO_UNROLL
+  for (int i = 0; i < P::kRowsPerWarp; ++i) {
+    const int rr = (threadIdx.x / 32) * P::kRowsPerWarp + i, pos = pos0 + rr;
+    float dot = 0.f;
+    for (int d = 0; d < a.head_size; ++d) dot += q_s[rr * HD_MAX + d] * kv_s[d * P::kKeys + lane];
+    const KeyRange kr = key_range(pos, a.sliding_window);
+    const bool seen = rr < nrows && key >= kr.lo && key < kr.hi;
+    p_s[rr * P::kKeys + lane] = online_softmax(st[i], seen ? logit(dot, a, slope, key, pos) : -INFINITY);
+  }
+}
+
+// acc of the warp's rows += p_s . V (V [32, HD_MAX] in kv_s); lane owns dims lane + 32 c.
+template <int HD_MAX>
+__device__ __forceinline__ void prefill_values(const float* kv_s, const float* p_s,
+                                               RowState<HD_MAX> (&st)[PrefillShape<HD_MAX>::kRowsPerWarp]) {
+  using P = PrefillShape<HD_MAX>;
+  const int lane = threadIdx.x % 32;
+  OCTAVO_UNROLL
+  for (int i = 0; i < P::kRowsPerWarp; ++i) {
+    const int rr = (threadIdx.x / 32) * P::kRowsPerWarp + i;
+    for (int j = 0; j < P::kKeys; ++j) {
+      const float p = p_s[rr * P::kKeys + j];
+      OCTAVO_UNROLL
+      for (int c = 0; c < P::kDims; ++c) st[i].acc[c] += p * kv_s[j * HD_MAX + lane + 32 * c];
+    }
+  }
 }
 
 // grid: (T / kRows + S, Hq); blocks past their sequence's rows exit at once.
@@ -394,10 +444,10 @@ __global__ void __launch_bounds__(kThreads, 4) paged_prefill_kernel(PagedAttenti
   const int32_t* bt_row = a.block_table + s * a.bt_stride;
   const T* k_head = static_cast<const T*>(a.key_cache) + kvh * a.kc_stride_head;
   const T* v_head = static_cast<const T*>(a.value_cache) + kvh * a.vc_stride_head;
+  const int64_t t0 = r.q0 + row0;
   for (int idx = threadIdx.x; idx < P::kRows * a.head_size; idx += kThreads) {
     const int rr = idx / a.head_size, d = idx % a.head_size;
-    const T* q = static_cast<const T*>(a.query) + int64_t(r.q0 + row0 + rr) * a.q_stride_token +
-                 h * a.q_stride_head;
+    const T* q = static_cast<const T*>(a.query) + (t0 + rr) * a.q_stride_token + h * a.q_stride_head;
     q_s[rr * HD_MAX + d] = rr < nrows ? to_float(q[d]) : 0.f;
   }
   RowState<HD_MAX> st[P::kRowsPerWarp];
@@ -405,37 +455,19 @@ __global__ void __launch_bounds__(kThreads, 4) paged_prefill_kernel(PagedAttenti
   for (int k0 = lo; k0 < hi; k0 += P::kKeys) {
     load_keys_t<T, HD_MAX>(a, bt_row, k_head, k0, hi, kv_s);
     __syncthreads();
-    const int key = k0 + lane;
-OCTAVO_UNROLL
-    for (int i = 0; i < P::kRowsPerWarp; ++i) {
-      const int rr = warp * P::kRowsPerWarp + i, pos = pos0 + rr;
-      float dot = 0.f;
-      for (int d = 0; d < a.head_size; ++d) dot += q_s[rr * HD_MAX + d] * kv_s[d * P::kKeys + lane];
-      const KeyRange kr = key_range(pos, a.sliding_window);
-      const bool seen = rr < nrows && key >= kr.lo && key < kr.hi;
-      p_s[rr * P::kKeys + lane] =
-          online_softmax(st[i], seen ? logit(dot, a, slope, key, pos) : -INFINITY);
-    }
+    prefill_scores<T, HD_MAX>(a, q_s, kv_s, p_s, k0, pos0, nrows, slope, st);
     __syncthreads();  // K read, weights written
     load_values<T, HD_MAX>(a, bt_row, v_head, k0, hi, kv_s);
     __syncthreads();
-OCTAVO_UNROLL
-    for (int i = 0; i < P::kRowsPerWarp; ++i) {
-      const int rr = warp * P::kRowsPerWarp + i;
-      for (int j = 0; j < P::kKeys; ++j) {
-        const float p = p_s[rr * P::kKeys + j];
-OCTAVO_UNROLL
-        for (int c = 0; c < P::kDims; ++c) st[i].acc[c] += p * kv_s[j * HD_MAX + lane + 32 * c];
-      }
-    }
+    prefill_values<HD_MAX>(kv_s, p_s, st);
     __syncthreads();  // V read before the next tile's K lands
   }
-OCTAVO_UNROLL
+  OCTAVO_UNROLL
   for (int i = 0; i < P::kRowsPerWarp; ++i) {
     const int rr = warp * P::kRowsPerWarp + i;
     if (rr >= nrows) continue;
-    T* out = static_cast<T*>(a.out) + int64_t(r.q0 + row0 + rr) * a.o_stride_token + h * a.o_stride_head;
-OCTAVO_UNROLL
+    T* out = static_cast<T*>(a.out) + (t0 + rr) * a.o_stride_token + h * a.o_stride_head;
+    OCTAVO_UNROLL
     for (int c = 0; c < P::kDims; ++c)
       if (lane + 32 * c < a.head_size) out[lane + 32 * c] = from_float<T>(st[i].acc[c] / st[i].l);
   }
