@@ -19,9 +19,14 @@ from octavo.models.llama import add_and_norm
 
 
 def _check_supported(config) -> None:
-    if getattr(config, "position_encoding_2d", False) or not hasattr(config, "num_layers"):
-        raise ValueError("this looks like a first-generation ChatGLM-6B checkpoint (2-D position "
+    if getattr(config, "position_encoding_2d", False):
+        raise ValueError("this is a first-generation ChatGLM-6B checkpoint (2-D position "
                          "encoding); octavo supports ChatGLM2/3 and GLM-4 ChatGLMModel checkpoints")
+    missing = [f for f in ("num_layers", "padded_vocab_size", "kv_channels", "ffn_hidden_size",
+                           "layernorm_epsilon") if not hasattr(config, f)]
+    if missing:
+        raise ValueError(f"ChatGLMModel config lacks {', '.join(missing)}; is this a ChatGLM2/3 "
+                         "or GLM-4 checkpoint?")
     for field, value in (("rmsnorm", True), ("post_layer_norm", True),
                          ("apply_residual_connection_post_layernorm", False)):
         if getattr(config, field, value) != value:

@@ -191,9 +191,11 @@ CASES = {
     "baichuan-7b": Case("BaiChuanForCausalLM", "baichuan", "llama",
                         dict(num_key_value_heads=HEADS), dict(num_key_value_heads=None),
                         to_baichuan),
+    # 6 heads: ALiBi slopes for a head count that is not a power of two (Baichuan-13B has 40)
     "baichuan-13b": Case("BaichuanForCausalLM", "baichuan", "llama",
-                         dict(num_key_value_heads=HEADS),
-                         dict(num_key_value_heads=None, max_position_embeddings=None,
+                         dict(hidden_size=6 * HEAD_DIM, num_attention_heads=6, num_key_value_heads=6),
+                         dict(hidden_size=6 * HEAD_DIM, num_attention_heads=6,
+                              num_key_value_heads=None, max_position_embeddings=None,
                               model_max_length=512), to_baichuan, alibi=True),
     "baichuan2-13b": Case("BaichuanForCausalLM", "baichuan", "llama",
                           dict(num_key_value_heads=HEADS),
@@ -216,17 +218,27 @@ ARCHITECTURES = sorted({case.arch for case in CASES.values()})
 
 
 # ---------------------------------------------------------------- ALiBi reference
+def _baichuan_slopes(n: int) -> list[float]:
+    """Baichuan-13B's ALiBi slopes, as its modeling code builds them: a geometric sequence for a
+    power of two, else that of the largest power of two below n followed by every other slope
+    of the next power of two."""
+    if math.log2(n).is_integer():
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    closest = 2 ** math.floor(math.log2(n))
+    return _baichuan_slopes(closest) + _baichuan_slopes(2 * closest)[0::2][: n - closest]
+
+
 def _alibi_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      **kwargs):
     """Eager attention plus Baichuan-13B's ALiBi bias slope[h] * (key_pos - query_pos), for one
     unpadded sequence: query, key, value [1, H, T, hd] (kv repeated here) -> [1, Tq, H, hd]."""
-    from octavo.models.layers.position import alibi_slopes  # same slopes as BLOOM / Baichuan
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     tq, tk = query.shape[2], key.shape[2]
     q_pos = torch.arange(tk - tq, tk).view(-1, 1)
     distance = (torch.arange(tk).view(1, -1) - q_pos).float()   # [Tq, Tk], <= 0 where visible
-    slopes = alibi_slopes(query.shape[1]).view(-1, 1, 1)
+    slopes = torch.tensor(_baichuan_slopes(query.shape[1])).view(-1, 1, 1)
     scores = query @ key.transpose(-1, -2) * scaling + slopes * distance
     scores = scores.masked_fill(distance > 0, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
@@ -275,9 +287,10 @@ def _remote_config(case: Case, vocab_size: int) -> dict:
                 auto_map={"AutoConfig": "configuration_remote.RemoteConfig"})
 
 
-def build_case(case: Case, root: str) -> tuple[str, str]:
-    """(reference dir, remote checkpoint dir) for `case` under `root`."""
-    ref_dir, remote_dir = os.path.join(root, "reference"), os.path.join(root, "remote")
+def build_case(name: str, root: str) -> tuple[str, str]:
+    """(reference dir, remote checkpoint dir) for CASES[name] under `root`."""
+    case = CASES[name]
+    ref_dir, remote_dir = os.path.join(root, "reference"), os.path.join(root, name)
     save_tiny_model(ref_dir, case.ref_type, REF_ARCH[case.ref_type], **{**COMMON, **case.ref_fields})
     file = os.path.join(ref_dir, "model.safetensors")
     tensors = load_file(file)
@@ -305,7 +318,7 @@ def case_dirs(tmp_path_factory):
 
     def make(name: str) -> tuple[str, str]:
         if name not in cache:
-            cache[name] = build_case(CASES[name], str(tmp_path_factory.mktemp(name)))
+            cache[name] = build_case(name, str(tmp_path_factory.mktemp(name)))
         return cache[name]
 
     return make
@@ -353,6 +366,12 @@ def test_alibi_and_normhead_change_reference_output(case_dirs):
     model.lm_head.weight.data.copy_(head)
     plain = _reference(CASES["baichuan2-13b"], ref_dir, alibi=False)  # no positions at all
     assert (base - _logits(plain, ids)).abs().max().item() > 1e-2, "ALiBi makes no difference"
+
+
+def test_alibi_slopes_are_baichuans():
+    from octavo.models.layers.position import alibi_slopes
+    for heads in (4, 6, 40):
+        torch.testing.assert_close(alibi_slopes(heads), torch.tensor(_baichuan_slopes(heads)))
 
 
 def test_baichuan_position_encoding_follows_model_size():
