@@ -60,6 +60,13 @@ def test_head_sizes(simt, head_size, block_size):
         check(simt, make_batch(seqs, 4, 2, head_size, block_size, torch.float32, seed=head_size), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [1, 3, 33])
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+def test_awkward_block_sizes(simt, dtype, block_size, seqs):
+    check(simt, make_batch(seqs, 4, 2, 32, block_size, torch.float32, seed=block_size), dtype)
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
 @pytest.mark.parametrize("variant", [dict(sliding_window=20), dict(sliding_window=1),
@@ -114,3 +121,19 @@ def test_errors(simt):
         bad = b["block_table"].clone()
         bad[0, 0] = 99
         call(query=b["query"][:2], query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32), block_table=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("variant", [{}, dict(sliding_window=45, soft_cap=20.0, alibi=True)],
+                         ids=["plain", "all"])
+def test_prefill_mma_tiles(simt, dtype, head_size, variant):
+    # the tensor-core prefill (attention_prefill.cuh): several 64-row query tiles per sequence
+    # (G = 4 query heads packed per kv head), a cached prefix over several 64-key tiles
+    num_heads, num_kv_heads = 8, 2
+    batch = make_batch([(70, 200), (1, 9), (33, 33)], num_heads, num_kv_heads, head_size, 7,
+                       torch.float32, seed=head_size)
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = alibi(num_heads)
+    check(simt, batch, dtype, **kw)
