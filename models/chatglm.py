@@ -22,6 +22,9 @@ def _check_supported(config) -> None:
     if getattr(config, "position_encoding_2d", False):
         raise ValueError("this is a first-generation ChatGLM-6B checkpoint (2-D position "
                          "encoding); octavo supports ChatGLM2/3 and GLM-4 ChatGLMModel checkpoints")
+    if getattr(config, "vision_config", None) is not None:
+        raise ValueError("GLM-4V (a ChatGLMModel with a vision_config) is not supported; octavo "
+                         "runs the text-only ChatGLM2/3 and GLM-4 checkpoints")
     missing = [f for f in ("num_layers", "padded_vocab_size", "kv_channels", "ffn_hidden_size",
                            "layernorm_epsilon") if not hasattr(config, f)]
     if missing:

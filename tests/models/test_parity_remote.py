@@ -384,13 +384,17 @@ def test_baichuan_position_encoding_follows_model_size():
     assert not is_baichuan2(SimpleNamespace(vocab_size=64000))  # Baichuan-13B: plain lm_head
 
 
-def test_first_generation_chatglm_is_refused():
+@pytest.mark.parametrize("fields", [dict(position_encoding_2d=True),      # ChatGLM-6B (v1)
+                                    dict(vision_config={"hidden_size": 8}),  # GLM-4V
+                                    dict(num_layers=None)],                 # not a ChatGLM config
+                         ids=["chatglm-v1", "glm-4v", "missing-fields"])
+def test_unsupported_chatglm_configs_are_refused(fields):
     from transformers import PretrainedConfig
 
     from octavo.models.chatglm import ChatGLMModel
-    config = PretrainedConfig(position_encoding_2d=True, num_layers=2)
-    with pytest.raises(ValueError, match="ChatGLM2/3 and GLM-4"):
-        ChatGLMModel(config)
+    remote = {k: v for k, v in {**_chatglm_remote(True), **fields}.items() if v is not None}
+    with pytest.raises(ValueError, match="ChatGLM2/3 (and|or) GLM-4"):
+        ChatGLMModel(PretrainedConfig(**remote))
 
 
 # Grouped wqkv, W_pack with ALiBi slopes and NormHead rows, multi-query and per-head interleaved
