@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "cuda/attention.cuh"
+#include "cuda/attention_prefill.cuh"
 
 namespace octavo::cuda {
 namespace {
@@ -27,22 +28,43 @@ void head_switch(int head_size, F&& body) {
   }
 }
 
+// Query heads per decode block: the largest of 8, 4, 2 dividing the GQA group, so they share
+// one kv head's K/V reads, while that still leaves enough blocks to fill a GPU; else 1.
+int decode_heads_per_block(const PagedAttentionArgs& a, int parts) {
+  constexpr int64_t kMinBlocks = 512;
+  const int group = a.num_heads / a.num_kv_heads;
+  for (int hc : {8, 4, 2})
+    if (group % hc == 0 && int64_t(a.num_heads / hc) * a.num_seqs * parts >= kMinBlocks) return hc;
+  return 1;
+}
+
+template <typename T, int HD_MAX, int HC>
+void launch_decode_kernels(const PagedAttentionArgs& a, int parts, cudaStream_t stream) {
+  launch(attn::paged_decode_kernel<T, HD_MAX, HC>, dim3(a.num_heads / HC, a.num_seqs, parts),
+         dim3(attn::kThreads), 0, stream, a);
+  if (parts > 1)
+    launch(attn::paged_decode_merge_kernel<T>, dim3(a.num_heads, a.num_seqs), dim3(attn::kThreads),
+           0, stream, a, parts);
+}
+
 template <typename T, int HD_MAX>
 void launch_decode(const PagedAttentionArgs& a, cudaStream_t stream) {
   const int parts = num_partitions(a);
   PagedAttentionArgs d = a;
   if (parts == 1) d.workspace = nullptr;  // one partition: the kernel writes the output itself
-  launch(attn::paged_decode_kernel<T, HD_MAX>, dim3(a.num_heads, a.num_seqs, parts),
-         dim3(attn::kThreads), 0, stream, d);
-  if (parts > 1)
-    launch(attn::paged_decode_merge_kernel<T>, dim3(a.num_heads, a.num_seqs), dim3(attn::kThreads),
-           0, stream, d, parts);
+  switch (decode_heads_per_block(a, parts)) {
+    case 8: launch_decode_kernels<T, HD_MAX, 8>(d, parts, stream); break;
+    case 4: launch_decode_kernels<T, HD_MAX, 4>(d, parts, stream); break;
+    case 2: launch_decode_kernels<T, HD_MAX, 2>(d, parts, stream); break;
+    default: launch_decode_kernels<T, HD_MAX, 1>(d, parts, stream); break;
+  }
 }
 
 template <typename T, int HD_MAX>
 void launch_prefill(const PagedAttentionArgs& a, cudaStream_t stream) {
-  // The tensor-core prefill (launch_paged_prefill_mma, attention_prefill.cuh) goes first here
-  // once it exists; this kernel serves the shapes and dtypes it declines.
+  // The tensor-core prefill (attention_prefill.cuh) goes first; this kernel serves the shapes
+  // and dtypes it declines (fp32, head sizes outside {32, 64, 80, 96, 128}, unaligned rows).
+  if (launch_paged_prefill_mma(a, stream)) return;
   constexpr int rows = attn::PrefillShape<HD_MAX>::kRows;
   const int64_t tiles = a.num_tokens / rows + a.num_seqs;  // upper bound, see attn::tile_seq
   launch(attn::paged_prefill_kernel<T, HD_MAX>, dim3(tiles, a.num_heads), dim3(attn::kThreads), 0,

@@ -27,6 +27,11 @@ constexpr int kPad = 8;           // 16 bytes of padding per shared row: conflic
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kBM == kBN, "the Q tile is staged in the V buffer");
 
+// Blocks per SM the register allocation must allow: 3 (168 registers) fits head sizes <= 64
+// without spills, larger ones get up to 255 registers (still 2 blocks) instead of spilling.
+template <int HD>
+constexpr int min_blocks() { return HD <= 64 ? 3 : 2; }
+
 template <int HD>
 constexpr int smem_bytes() { return 2 * kBN * (HD + kPad) * 2; }  // K tile + V tile, 16-bit
 
@@ -192,6 +197,8 @@ __device__ __forceinline__ const T* cache_row(const PagedAttentionArgs& a, const
                                               int64_t stride_head, int seq, int kvh, int key, int hi) {
   if (key >= hi) return nullptr;
   const int64_t block = a.block_table[seq * a.bt_stride + key / a.block_size];
+  OCTAVO_DEVICE_CHECK(block >= 0 && block < a.num_cache_blocks,
+                      "paged_attention: block_table entry out of range");
   return static_cast<const T*>(cache) + block * stride_block + (key % a.block_size) * stride_token +
          kvh * stride_head;
 }
@@ -199,7 +206,7 @@ __device__ __forceinline__ const T* cache_row(const PagedAttentionArgs& a, const
 // grid: (num_seqs + T * G / kBM, num_kv_heads), kThreads threads. Block rows are (token, group
 // head) pairs of one kv head, token-major, so the G query heads share each K/V tile.
 template <typename T, int HD>
-__global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(PagedAttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<HD>()) paged_prefill_mma_kernel(PagedAttentionArgs a) {
   static_assert(HD % 16 == 0, "head size must be a multiple of 16");
   const int group = a.num_heads / a.num_kv_heads, kvh = blockIdx.y;
   int seq;
