@@ -28,36 +28,16 @@ void head_switch(int head_size, F&& body) {
   }
 }
 
-// Query heads per decode block: the largest of 8, 4, 2 dividing the GQA group, so they share
-// one kv head's K/V reads, while that still leaves enough blocks to fill a GPU; else 1.
-int decode_heads_per_block(const PagedAttentionArgs& a, int parts) {
-  constexpr int64_t kMinBlocks = 512;
-  const int group = a.num_heads / a.num_kv_heads;
-  for (int hc : {8, 4, 2})
-    if (group % hc == 0 && int64_t(a.num_heads / hc) * a.num_seqs * parts >= kMinBlocks) return hc;
-  return 1;
-}
-
-template <typename T, int HD_MAX, int HC>
-void launch_decode_kernels(const PagedAttentionArgs& a, int parts, cudaStream_t stream) {
-  launch(attn::paged_decode_kernel<T, HD_MAX, HC>, dim3(a.num_heads / HC, a.num_seqs, parts),
-         dim3(attn::kThreads), 0, stream, a);
-  if (parts > 1)
-    launch(attn::paged_decode_merge_kernel<T>, dim3(a.num_heads, a.num_seqs), dim3(attn::kThreads),
-           0, stream, a, parts);
-}
-
 template <typename T, int HD_MAX>
 void launch_decode(const PagedAttentionArgs& a, cudaStream_t stream) {
   const int parts = num_partitions(a);
   PagedAttentionArgs d = a;
   if (parts == 1) d.workspace = nullptr;  // one partition: the kernel writes the output itself
-  switch (decode_heads_per_block(a, parts)) {
-    case 8: launch_decode_kernels<T, HD_MAX, 8>(d, parts, stream); break;
-    case 4: launch_decode_kernels<T, HD_MAX, 4>(d, parts, stream); break;
-    case 2: launch_decode_kernels<T, HD_MAX, 2>(d, parts, stream); break;
-    default: launch_decode_kernels<T, HD_MAX, 1>(d, parts, stream); break;
-  }
+  launch(attn::paged_decode_kernel<T, HD_MAX>, dim3(a.num_heads, a.num_seqs, parts),
+         dim3(attn::kThreads), 0, stream, d);
+  if (parts > 1)
+    launch(attn::paged_decode_merge_kernel<T>, dim3(a.num_heads, a.num_seqs), dim3(attn::kThreads),
+           0, stream, d, parts);
 }
 
 template <typename T, int HD_MAX>
