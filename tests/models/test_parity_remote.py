@@ -92,8 +92,8 @@ def _cat(parts):
     return torch.cat(parts)
 
 
-def to_internlm2(tensors: dict) -> dict:
-    tensors = _fuse(tensors, ["q_proj", "k_proj", "v_proj"], "wqkv", _group_qkv(HEADS, KV_HEADS))
+def to_internlm2(tensors: dict, num_kv: int = KV_HEADS) -> dict:
+    tensors = _fuse(tensors, ["q_proj", "k_proj", "v_proj"], "wqkv", _group_qkv(HEADS, num_kv))
     return _rename(tensors, [("model.embed_tokens.", "model.tok_embeddings."),
                              ("self_attn.wqkv", "attention.wqkv"), ("self_attn.o_proj", "attention.wo"),
                              ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"),
@@ -181,6 +181,11 @@ GLM_FEATURES = [dict(rope_parameters={"rope_type": "default", "rope_theta": 2000
 CASES = {
     "internlm2": Case("InternLM2ForCausalLM", "internlm2", "llama", dict(attention_bias=True),
                       dict(bias=True, rope_theta=10000.0, rope_scaling=None), to_internlm2),
+    # no biases, one q head per kv head (wqkv groups of q|k|v per head)
+    "internlm2-mha": Case("InternLM2ForCausalLM", "internlm2", "llama",
+                          dict(num_key_value_heads=HEADS),
+                          dict(num_key_value_heads=HEADS, bias=False, rope_theta=10000.0),
+                          lambda t: to_internlm2(t, num_kv=HEADS)),
     "internlm3": Case("InternLM3ForCausalLM", "internlm3", "llama",
                       dict(attention_bias=True, mlp_bias=True),
                       dict(head_dim=HEAD_DIM, qkv_bias=True, bias=True, rope_theta=10000.0)),
@@ -209,6 +214,9 @@ CASES = {
                          tie_word_embeddings=None),  # MiniCPMConfig's default: tied
                     features=[dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
                               dict(logits_scaling=1.0)]),
+    "minicpm-untied": Case("MiniCPMForCausalLM", "minicpm", "granite", _minicpm_ref(),
+                           dict(scale_emb=4.0, scale_depth=1.4, dim_model_base=16,
+                                tie_word_embeddings=False)),
     "chatglm": Case("ChatGLMModel", "chatglm", "glm", GLM_REF, _chatglm_remote(True),
                     to_chatglm(True), llama_fields=False, features=GLM_FEATURES),
     "chatglm-mha": Case("ChatGLMModel", "chatglm", "glm", dict(GLM_REF, num_key_value_heads=HEADS),
