@@ -203,121 +203,157 @@ __device__ __forceinline__ const T* cache_row(const PagedAttentionArgs& a, const
          kvh * stride_head;
 }
 
-// grid: (num_seqs + T * G / kBM, num_kv_heads), kThreads threads. Block rows are (token, group
-// head) pairs of one kv head, token-major, so the G query heads share each K/V tile.
-template <typename T, int HD>
-__global__ void __launch_bounds__(kThreads, min_blocks<HD>()) paged_prefill_mma_kernel(PagedAttentionArgs a) {
-  static_assert(HD % 16 == 0, "head size must be a multiple of 16");
-  const int group = a.num_heads / a.num_kv_heads, kvh = blockIdx.y;
-  int seq;
-  const int64_t row0 = find_tile(a.query_start_loc, a.num_seqs, group, blockIdx.x, seq);
-  if (row0 < 0) return;  // uniform over the block
-  const int q0 = a.query_start_loc[seq], q_len = a.query_start_loc[seq + 1] - q0;
-  const int ctx = a.seq_lens[seq];
-  OCTAVO_DEVICE_CHECK(q0 >= 0 && q_len >= 0 && q0 + q_len <= a.num_tokens,
+// The block's tile: sequence, kv head, its packed rows [row0, row0 + nrows) and keys [kv_lo, kv_hi).
+struct Tile {
+  int seq, kvh, group, q0, first, nrows, kv_lo, kv_hi;  // first: position of query row 0
+  int64_t row0;
+};
+
+// False when the block has no rows (uniform over the block); traps on inconsistent metadata.
+__device__ __forceinline__ bool block_tile(const PagedAttentionArgs& a, Tile& tl) {
+  tl.group = a.num_heads / a.num_kv_heads;
+  tl.kvh = blockIdx.y;
+  tl.row0 = find_tile(a.query_start_loc, a.num_seqs, tl.group, blockIdx.x, tl.seq);
+  if (tl.row0 < 0) return false;
+  tl.q0 = a.query_start_loc[tl.seq];
+  const int q_len = a.query_start_loc[tl.seq + 1] - tl.q0, ctx = a.seq_lens[tl.seq];
+  OCTAVO_DEVICE_CHECK(tl.q0 >= 0 && q_len >= 0 && tl.q0 + q_len <= a.num_tokens,
                       "paged_attention: query_start_loc must be non-decreasing within [0, T]");
   OCTAVO_DEVICE_CHECK(q_len <= ctx && int64_t(ctx) <= int64_t(a.max_blocks) * a.block_size,
                       "paged_attention: need q_len <= seq_len <= max_blocks * block_size");
-  const int nrows = int(min(int64_t(kBM), int64_t(q_len) * group - row0));
-  const int first = ctx - q_len;  // position of the sequence's first query row
-  const int p_lo = first + int(row0 / group), p_hi = first + int((row0 + nrows - 1) / group);
-  const int kv_lo = a.sliding_window > 0 ? max(0, p_lo - a.sliding_window + 1) : 0;
-  const int kv_hi = p_hi + 1, num_tiles = (kv_hi - kv_lo + kBN - 1) / kBN;
+  tl.nrows = int(min(int64_t(kBM), int64_t(q_len) * tl.group - tl.row0));
+  tl.first = ctx - q_len;
+  const int p_lo = tl.first + int(tl.row0 / tl.group);
+  tl.kv_lo = a.sliding_window > 0 ? max(0, p_lo - a.sliding_window + 1) : 0;
+  tl.kv_hi = tl.first + int((tl.row0 + tl.nrows - 1) / tl.group) + 1;  // causal: up to the last row
+  return true;
+}
 
-  OCTAVO_DYNAMIC_SHARED(T, smem);
-  T* ks = smem;                         // [kBN][HD + kPad]
-  T* vs = smem + kBN * (HD + kPad);     // [kBN][HD + kPad]; holds the Q tile first
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+// Row r of the tile in a [T, Hq, hd] tensor (query or out): token q0 + row / G, head kvh G + row % G.
+template <typename P>
+__device__ __forceinline__ P* packed_row(P* base, const Tile& tl, int r, int64_t stride_token,
+                                         int64_t stride_head) {
+  const int64_t row = tl.row0 + r;
+  return base + (tl.q0 + row / tl.group) * stride_token + (tl.kvh * tl.group + row % tl.group) * stride_head;
+}
 
-  const T* qbase = static_cast<const T*>(a.query);
-  load_tile<HD, kBM>(vs, [&](int r) -> const T* {
-    if (r >= nrows) return nullptr;
-    const int64_t row = row0 + r;
-    return qbase + (q0 + row / group) * a.q_stride_token + (kvh * group + row % group) * a.q_stride_head;
-  });
-  auto k_src = [&](int kv0) {
-    return [&, kv0](int r) {
-      return cache_row<T>(a, a.key_cache, a.kc_stride_block, a.kc_stride_token, a.kc_stride_head,
-                          seq, kvh, kv0 + r, kv_hi);
-    };
-  };
-  auto v_src = [&](int kv0) {
-    return [&, kv0](int r) {
-      return cache_row<T>(a, a.value_cache, a.vc_stride_block, a.vc_stride_token, a.vc_stride_head,
-                          seq, kvh, kv0 + r, kv_hi);
-    };
-  };
-  load_tile<HD, kBN>(ks, k_src(kv_lo));
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-
-  uint32_t qf[HD / 16][4];  // A fragments of the warp's 16 rows
-  {
-    const int mat = lane / 8, r = lane % 8;
-OCTAVO_PREFILL_UNROLL
-    for (int kk = 0; kk < HD / 16; ++kk)
-      ldmatrix_x4(qf[kk], vs + (warp * 16 + (mat % 2) * 8 + r) * (HD + kPad) + kk * 16 + (mat / 2) * 8);
-  }
+// Lane's rows (pos -1 past the tile) and the warp's first and last position (hi < lo: no rows).
+__device__ __forceinline__ RowInfo row_info(const PagedAttentionArgs& a, const Tile& tl, int warp,
+                                            int g, int& wp_lo, int& wp_hi) {
   RowInfo ri;
   for (int h = 0; h < 2; ++h) {
     const int r = warp * 16 + g + 8 * h;
-    const int64_t row = row0 + r;
-    ri.pos[h] = r < nrows ? first + int(row / group) : -1;
-    ri.slope[h] = a.alibi_slopes ? a.alibi_slopes[kvh * group + int(row % group)] : 0.f;
+    const int64_t row = tl.row0 + r;
+    ri.pos[h] = r < tl.nrows ? tl.first + int(row / tl.group) : -1;
+    ri.slope[h] = a.alibi_slopes ? a.alibi_slopes[tl.kvh * tl.group + int(row % tl.group)] : 0.f;
   }
-  // The warp's own key range (causal and window limits of its first and last row).
-  const int wr0 = warp * 16, wr1 = min(nrows, wr0 + 16) - 1;
-  const bool warp_active = wr0 < nrows;
-  const int wp_lo = warp_active ? first + int((row0 + wr0) / group) : 0;
-  const int wp_hi = warp_active ? first + int((row0 + wr1) / group) : -1;
-  __syncthreads();  // every warp has its Q fragments before V overwrites the Q tile
-  load_tile<HD, kBN>(vs, v_src(kv_lo));
+  const int wr0 = warp * 16, wr1 = min(tl.nrows, wr0 + 16) - 1;
+  const bool active = wr0 < tl.nrows;
+  wp_lo = active ? tl.first + int((tl.row0 + wr0) / tl.group) : 0;
+  wp_hi = active ? tl.first + int((tl.row0 + wr1) / tl.group) : -1;  // sees no key
+  return ri;
+}
+
+// Loader of the K or V tile starting at key kv0 (rows past kv_hi zero-filled).
+template <typename T, int HD>
+__device__ __forceinline__ void load_kv(const PagedAttentionArgs& a, const Tile& tl, T* tile,
+                                        bool value, int kv0) {
+  load_tile<HD, kBN>(tile, [&](int r) {
+    return value ? cache_row<T>(a, a.value_cache, a.vc_stride_block, a.vc_stride_token,
+                                a.vc_stride_head, tl.seq, tl.kvh, kv0 + r, tl.kv_hi)
+                 : cache_row<T>(a, a.key_cache, a.kc_stride_block, a.kc_stride_token,
+                                a.kc_stride_head, tl.seq, tl.kvh, kv0 + r, tl.kv_hi);
+  });
+}
+
+// Q tile -> the warp's A fragments (staged in vs), then V tile 0 is issued into vs; K tile 0 is
+// in ks when this returns.
+template <typename T, int HD>
+__device__ __forceinline__ void load_q_and_first_kv(const PagedAttentionArgs& a, const Tile& tl,
+                                                    T* ks, T* vs, uint32_t (&qf)[HD / 16][4]) {
+  const T* query = static_cast<const T*>(a.query);
+  load_tile<HD, kBM>(vs, [&](int r) {
+    return r < tl.nrows ? packed_row(query, tl, r, a.q_stride_token, a.q_stride_head) : nullptr;
+  });
+  load_kv<T, HD>(a, tl, ks, false, tl.kv_lo);
   cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, mat = lane / 8, r = lane % 8;
+OCTAVO_PREFILL_UNROLL
+  for (int kk = 0; kk < HD / 16; ++kk)
+    ldmatrix_x4(qf[kk], vs + (warp * 16 + (mat % 2) * 8 + r) * (HD + kPad) + kk * 16 + (mat / 2) * 8);
+  __syncthreads();  // every warp has its Q fragments before V overwrites the Q tile
+  load_kv<T, HD>(a, tl, vs, true, tl.kv_lo);
+  cp_async_commit();
+}
 
-  float o[HD / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  for (int j = 0; j < num_tiles; ++j) {
-    const int kv0 = kv_lo + j * kBN;
-    const bool work = warp_active && kv0 <= wp_hi &&
-                      (a.sliding_window <= 0 || kv0 + kBN - 1 > wp_lo - a.sliding_window);
-    float s[kBN / 8][4];
-    uint32_t pa[kBN / 16][4];
-    cp_async_wait<1>();  // K tile j has landed (V tile j may still be in flight)
-    __syncthreads();
-    if (work) {
-      qk_tile<T, HD>(s, qf, ks, lane);
-      scores_to_log2(s, a, ri, kv0, t, a.alibi_slopes != nullptr);
-      softmax_tile<T, HD>(s, m, l, o, pa);
-    }
-    __syncthreads();  // K tile j is consumed
-    if (j + 1 < num_tiles) load_tile<HD, kBN>(ks, k_src(kv0 + kBN));
-    cp_async_commit();
-    cp_async_wait<1>();  // V tile j has landed
-    __syncthreads();
-    if (work) pv_tile<T, HD>(o, pa, vs, lane);
-    __syncthreads();  // V tile j is consumed
-    if (j + 1 < num_tiles) load_tile<HD, kBN>(vs, v_src(kv0 + kBN));
-    cp_async_commit();
-  }
-  cp_async_wait_all();
-  if (!warp_active) return;
-
-  T* obase = static_cast<T*>(a.out);
+// out rows = o / l (l summed over the 4 lanes of a row); padding rows are not written.
+template <typename T, int HD>
+__device__ __forceinline__ void store_rows(const PagedAttentionArgs& a, const Tile& tl,
+                                           const float (&o)[HD / 8][4], const float (&l)[2]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
 OCTAVO_PREFILL_UNROLL
   for (int h = 0; h < 2; ++h) {
     float sum = l[h];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int r = warp * 16 + g + 8 * h;
-    if (r >= nrows) continue;
+    if (r >= tl.nrows) continue;
     const float inv = 1.f / sum;
-    const int64_t row = row0 + r;
-    T* orow = obase + (q0 + row / group) * a.o_stride_token + (kvh * group + row % group) * a.o_stride_head;
+    T* orow = packed_row(static_cast<T*>(a.out), tl, r, a.o_stride_token, a.o_stride_head);
+OCTAVO_PREFILL_UNROLL
     for (int d = 0; d < HD / 8; ++d)
       *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) =
           pack2<T>(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
   }
+}
+
+// grid: (num_seqs + T * G / kBM, num_kv_heads), kThreads threads. Block rows are (token, group
+// head) pairs of one kv head, token-major, so the G query heads share each K/V tile. Each K/V
+// tile has its own buffer: the next K tile loads during P V, the next V tile during Q K^T.
+template <typename T, int HD>
+__global__ void __launch_bounds__(kThreads, min_blocks<HD>()) paged_prefill_mma_kernel(PagedAttentionArgs a) {
+  static_assert(HD % 16 == 0, "head size must be a multiple of 16");
+  Tile tl;
+  if (!block_tile(a, tl)) return;
+  OCTAVO_DYNAMIC_SHARED(T, smem);
+  T* ks = smem;                      // [kBN][HD + kPad]
+  T* vs = smem + kBN * (HD + kPad);  // [kBN][HD + kPad]; holds the Q tile first
+  uint32_t qf[HD / 16][4];           // A fragments of the warp's 16 rows
+  load_q_and_first_kv<T, HD>(a, tl, ks, vs, qf);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int wp_lo, wp_hi;
+  const RowInfo ri = row_info(a, tl, warp, lane / 4, wp_lo, wp_hi);
+
+  float o[HD / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int num_tiles = (tl.kv_hi - tl.kv_lo + kBN - 1) / kBN;
+  for (int j = 0; j < num_tiles; ++j) {
+    const int kv0 = tl.kv_lo + j * kBN;
+    // warp-uniform: some key of the tile is seen by some row of the warp
+    const bool work = kv0 <= wp_hi && (a.sliding_window <= 0 || kv0 + kBN - 1 > wp_lo - a.sliding_window);
+    float s[kBN / 8][4];
+    uint32_t pa[kBN / 16][4];
+    cp_async_wait<1>();  // K tile j has landed (V tile j may still be in flight)
+    __syncthreads();
+    if (work) {
+      qk_tile<T, HD>(s, qf, ks, lane);
+      scores_to_log2(s, a, ri, kv0, lane % 4, a.alibi_slopes != nullptr);
+      softmax_tile<T, HD>(s, m, l, o, pa);
+    }
+    __syncthreads();  // K tile j is consumed
+    if (j + 1 < num_tiles) load_kv<T, HD>(a, tl, ks, false, kv0 + kBN);
+    cp_async_commit();
+    cp_async_wait<1>();  // V tile j has landed
+    __syncthreads();
+    if (work) pv_tile<T, HD>(o, pa, vs, lane);
+    __syncthreads();  // V tile j is consumed
+    if (j + 1 < num_tiles) load_kv<T, HD>(a, tl, vs, true, kv0 + kBN);
+    cp_async_commit();
+  }
+  cp_async_wait_all();
+  if (wp_hi >= wp_lo) store_rows<T, HD>(a, tl, o, l);
 }
 
 template <typename T, int HD>
