@@ -172,26 +172,36 @@ __device__ __forceinline__ void decode_scores(const PagedAttentionArgs& a, const
 }
 
 // acc (this group's share of sum_k p_k v_k over keys [lo, hi), p_k = logits[k - lo]) summed over
-// the block's groups into red [kGroups, HD_MAX]; returns after the sum is readable.
+// the block's groups into red [kGroups, HD_MAX]; returns after the sum is readable. kUnroll
+// keys per group are loaded before they are accumulated.
 template <typename T, int HD_MAX>
 __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const int32_t* bt_row,
                                               const T* v_head, const float* logits, int lo, int hi,
                                               float* red) {
   using S = DecodeShape<T, HD_MAX>;
+  constexpr int kUnroll = S::kSlots > 1 ? 2 : 4;  // at most 32 loaded floats per lane
   const int g_lane = threadIdx.x % S::kGroup, group = threadIdx.x / S::kGroup;
   const int nv = a.head_size / S::kVec;
   float acc[S::kSlots][S::kVec] = {};
-  for (int key = lo + group; key < hi; key += S::kGroups) {
-    const float p = logits[key - lo];
-    const T* v = v_head + cache_offset(a, bt_row, key, a.vc_stride_block, a.vc_stride_token);
+  for (int kb = lo + group; kb < hi; kb += S::kGroups * kUnroll) {
+    float vf[kUnroll][S::kSlots][S::kVec] = {};
     OCTAVO_UNROLL
-    for (int sl = 0; sl < S::kSlots; ++sl) {
-      const int i = g_lane + sl * S::kGroup;
-      if (i >= nv) break;
-      float vf[S::kVec];
-      load_vec(v + i * S::kVec, vf);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int key = kb + u * S::kGroups;
+      if (key >= hi) break;
+      const T* v = v_head + cache_offset(a, bt_row, key, a.vc_stride_block, a.vc_stride_token);
       OCTAVO_UNROLL
-      for (int e = 0; e < S::kVec; ++e) acc[sl][e] += p * vf[e];
+      for (int sl = 0; sl < S::kSlots; ++sl)
+        if (g_lane + sl * S::kGroup < nv) load_vec(v + (g_lane + sl * S::kGroup) * S::kVec, vf[u][sl]);
+    }
+    OCTAVO_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int key = kb + u * S::kGroups;
+      const float p = key < hi ? logits[key - lo] : 0.f;
+      OCTAVO_UNROLL
+      for (int sl = 0; sl < S::kSlots; ++sl)
+        OCTAVO_UNROLL
+        for (int e = 0; e < S::kVec; ++e) acc[sl][e] += p * vf[u][sl][e];
     }
   }
   OCTAVO_UNROLL
