@@ -170,7 +170,8 @@ setup(
                       "tqdm", "jinja2", "gguf", "fastapi", "uvicorn", "prometheus_client",
                       "pydantic>=2"],
     # ninja: tests/simt builds the emulated CUDA kernels with torch.utils.cpp_extension.load.
-    extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx", "ninja"],
+    # matplotlib: tests/bench runs `octavo bench plot`.
+    extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx", "ninja", "matplotlib"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["octavo = octavo.entrypoints.cli:main"]},
 )
