@@ -12,9 +12,17 @@ namespace {
 // A batch with one query row per sequence (T == S) takes the split-context decode kernels.
 bool is_decode(const PagedAttentionArgs& a) { return a.num_tokens == a.num_seqs; }
 
-int num_partitions(const PagedAttentionArgs& a) {
+// The decode split of the longest context the block table can hold: at most kMaxPartitions
+// partitions of a multiple of kChunk keys (shapes only).
+struct DecodeSplit {
+  int partitions, partition_keys;
+};
+DecodeSplit decode_split(const PagedAttentionArgs& a) {
   const int64_t max_keys = int64_t(a.max_blocks) * a.block_size;
-  return static_cast<int>((max_keys + attn::kPartition - 1) / attn::kPartition);
+  const int64_t chunks = (max_keys + attn::kChunk - 1) / attn::kChunk;
+  const int64_t per_partition = (chunks + attn::kMaxPartitions - 1) / attn::kMaxPartitions;
+  const int64_t keys = (per_partition > 0 ? per_partition : 1) * attn::kChunk;
+  return {static_cast<int>((max_keys + keys - 1) / keys), static_cast<int>(keys)};
 }
 
 // Runs BODY with HD_MAX bound to the head-size bucket (attn::head_bucket).
@@ -30,11 +38,12 @@ void head_switch(int head_size, F&& body) {
 
 template <typename T, int HD_MAX>
 void launch_decode(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const int parts = num_partitions(a);
+  const DecodeSplit split = decode_split(a);
+  const int parts = split.partitions > 0 ? split.partitions : 1;
   PagedAttentionArgs d = a;
   if (parts == 1) d.workspace = nullptr;  // one partition: the kernel writes the output itself
   launch(attn::paged_decode_kernel<T, HD_MAX>, dim3(a.num_heads, a.num_seqs, parts),
-         dim3(attn::kThreads), 0, stream, d);
+         dim3(attn::kThreads), 0, stream, d, split.partition_keys);
   if (parts > 1)
     launch(attn::paged_decode_merge_kernel<T>, dim3(a.num_heads, a.num_seqs), dim3(attn::kThreads),
            0, stream, d, parts);
@@ -55,7 +64,7 @@ void launch_prefill(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a) {
   if (!is_decode(a) || a.num_tokens == 0) return 0;
-  const int64_t parts = num_partitions(a);
+  const int64_t parts = decode_split(a).partitions;
   return parts > 1 ? a.num_tokens * a.num_heads * parts * (a.head_size + 2) : 0;
 }
 

@@ -17,7 +17,8 @@ namespace octavo::cuda::attn {
 
 constexpr int kThreads = 128;         // both kernels: 4 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kPartition = 512;       // keys per decode block (one split of the context)
+constexpr int kChunk = 512;           // keys a decode block scores at once (its shared logits)
+constexpr int kMaxPartitions = 64;    // splits of a context; longer ones get longer partitions
 constexpr unsigned kFull = 0xffffffffu;
 
 // Head sizes are bucketed: a kernel for HD_MAX serves any multiple of 8 up to it.
@@ -104,7 +105,7 @@ __device__ __forceinline__ int64_t cache_offset(const PagedAttentionArgs& a, con
 }
 
 // ---- decode ---------------------------------------------------------------------------------
-// One block per (query head, sequence, partition of kPartition keys). A group of G lanes reads
+// One block per (query head, sequence, partition of the keys). A group of G lanes reads
 // one key row with 16-byte loads (each lane SLOTS vectors), so a warp scores 32/G keys at once.
 template <typename T, int HD_MAX>
 struct DecodeShape {
@@ -171,18 +172,16 @@ __device__ __forceinline__ void decode_scores(const PagedAttentionArgs& a, const
   }
 }
 
-// acc (this group's share of sum_k p_k v_k over keys [lo, hi), p_k = logits[k - lo]) summed over
-// the block's groups into red [kGroups, HD_MAX]; returns after the sum is readable. kUnroll
+// acc += this group's share of sum_k p_k v_k over keys [lo, hi), p_k = logits[k - lo]; kUnroll
 // keys per group are loaded before they are accumulated.
 template <typename T, int HD_MAX>
 __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const int32_t* bt_row,
                                               const T* v_head, const float* logits, int lo, int hi,
-                                              float* red) {
+                                              float (&acc)[DecodeShape<T, HD_MAX>::kSlots][Vec<T>::kElems]) {
   using S = DecodeShape<T, HD_MAX>;
   constexpr int kUnroll = S::kSlots > 1 ? 2 : 4;  // at most 32 loaded floats per lane
   const int g_lane = threadIdx.x % S::kGroup, group = threadIdx.x / S::kGroup;
   const int nv = a.head_size / S::kVec;
-  float acc[S::kSlots][S::kVec] = {};
   for (int kb = lo + group; kb < hi; kb += S::kGroups * kUnroll) {
     float vf[kUnroll][S::kSlots][S::kVec] = {};
     OCTAVO_UNROLL
@@ -204,6 +203,18 @@ __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const
         for (int e = 0; e < S::kVec; ++e) acc[sl][e] += p * vf[u][sl][e];
     }
   }
+}
+
+// Sums acc over the block's groups (through red [kGroups, HD_MAX]) and writes the output row
+// (no workspace) or the partition's partials at `slot`.
+template <typename T, int HD_MAX>
+__device__ __forceinline__ void decode_store(const PagedAttentionArgs& a,
+                                             const float (&acc)[DecodeShape<T, HD_MAX>::kSlots][Vec<T>::kElems],
+                                             float m, float l, float* red, const Partials& ws, int t,
+                                             int h, int64_t slot) {
+  using S = DecodeShape<T, HD_MAX>;
+  const int g_lane = threadIdx.x % S::kGroup, group = threadIdx.x / S::kGroup;
+  const int nv = a.head_size / S::kVec;
   OCTAVO_UNROLL
   for (int sl = 0; sl < S::kSlots; ++sl) {
     const int i = g_lane + sl * S::kGroup;
@@ -213,6 +224,18 @@ __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const
     }
   }
   __syncthreads();
+  T* out = static_cast<T*>(a.out) + t * a.o_stride_token + h * a.o_stride_head;
+  for (int d = threadIdx.x; d < a.head_size; d += kThreads) {
+    float o = 0.f;
+    for (int g = 0; g < S::kGroups; ++g) o += red[g * HD_MAX + d];
+    if (a.workspace) ws.out[slot * a.head_size + d] = o;
+    else out[d] = from_float<T>(o / l);
+  }
+  if (a.workspace && threadIdx.x == 0) {
+    ws.ml[2 * slot] = m;
+    ws.ml[2 * slot + 1] = l;
+  }
+  __syncthreads();  // red is reused by the next row
 }
 
 // This lane's query vectors of row t, head h (zeros past head_size).
@@ -231,30 +254,37 @@ __device__ __forceinline__ void decode_query(const PagedAttentionArgs& a, int t,
   }
 }
 
+// Online softmax state of one (row, head) over the chunks of a partition.
 struct MaxSum {
-  float m, l;
+  float m = -INFINITY, l = 0.f;
 };
 
-// logits[0, n) <- exp(logits - max) (published to the block); returns (max, sum of exp).
-__device__ __forceinline__ MaxSum softmax_in_place(float* logits, int n) {
+// Folds the chunk's scores logits[0, n) into st: logits <- exp(logits - new max) (published to
+// the block); returns the factor exp(old max - new max) for what was accumulated before.
+__device__ __forceinline__ float softmax_chunk(float* logits, int n, MaxSum& st) {
   __syncthreads();  // scores written
   float mx = -INFINITY;
   for (int j = threadIdx.x; j < n; j += kThreads) mx = fmaxf(mx, logits[j]);
-  mx = block_max(mx);
+  const float m_new = fmaxf(st.m, block_max(mx));
   float sum = 0.f;
   for (int j = threadIdx.x; j < n; j += kThreads) {
-    const float e = expf(logits[j] - mx);
+    const float e = expf(logits[j] - m_new);
     logits[j] = e;
     sum += e;
   }
-  return {mx, block_sum(sum)};  // block_sum's barriers also publish the exp'd logits
+  const float corr = st.m == -INFINITY ? 0.f : expf(st.m - m_new);
+  st.l = st.l * corr + block_sum(sum);  // block_sum's barriers also publish the exp'd logits
+  st.m = m_new;
+  return corr;
 }
 
-// grid: (Hq, S, P). With a workspace (P > 1) each block writes its partials; without, the output.
+// grid: (Hq, S, P), partitions of partition_keys keys (a multiple of kChunk). With a workspace
+// (P > 1) each block writes its partials; without, the output.
 template <typename T, int HD_MAX>
-__global__ void __launch_bounds__(kThreads, 6) paged_decode_kernel(PagedAttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(PagedAttentionArgs a,
+                                                                   int partition_keys) {
   using S = DecodeShape<T, HD_MAX>;
-  __shared__ float logits[kPartition];           // scores, then exp(score - max)
+  __shared__ float logits[kChunk];               // scores, then exp(score - max)
   __shared__ float red[S::kGroups * HD_MAX];     // per-group value sums
   const int h = blockIdx.x, s = blockIdx.y, part = blockIdx.z, num_partitions = gridDim.z;
   const SeqRows r = seq_rows(a, s);
@@ -268,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 6) paged_decode_kernel(PagedAttentio
   for (int i = 0; i < r.q_len; ++i) {
     const int t = r.q0 + i, pos = r.seq_len - r.q_len + i;
     const KeyRange kr = key_range(pos, a.sliding_window);
-    const int lo = max(kr.lo, part * kPartition), hi = min(kr.hi, (part + 1) * kPartition);
+    const int lo = max(kr.lo, part * partition_keys), hi = min(kr.hi, (part + 1) * partition_keys);
     const int64_t slot = (int64_t(t) * a.num_heads + h) * num_partitions + part;
     if (lo >= hi) {  // partition outside this row's keys: zero weight in the merge
       if (a.workspace && threadIdx.x == 0) {
@@ -279,21 +309,20 @@ __global__ void __launch_bounds__(kThreads, 6) paged_decode_kernel(PagedAttentio
     }
     float q[S::kSlots][S::kVec];
     decode_query<T, HD_MAX>(a, t, h, q);
-    decode_scores<T, HD_MAX>(a, bt_row, k_head, q, lo, hi, pos, slope, logits);
-    const MaxSum ml = softmax_in_place(logits, hi - lo);
-    decode_values<T, HD_MAX>(a, bt_row, v_head, logits, lo, hi, red);
-    T* out = static_cast<T*>(a.out) + t * a.o_stride_token + h * a.o_stride_head;
-    for (int d = threadIdx.x; d < a.head_size; d += kThreads) {
-      float o = 0.f;
-      for (int g = 0; g < S::kGroups; ++g) o += red[g * HD_MAX + d];
-      if (a.workspace) ws.out[slot * a.head_size + d] = o;
-      else out[d] = from_float<T>(o / ml.l);
+    float acc[S::kSlots][S::kVec] = {};
+    MaxSum st;
+    for (int c0 = lo; c0 < hi; c0 += kChunk) {
+      const int c1 = min(hi, c0 + kChunk);
+      decode_scores<T, HD_MAX>(a, bt_row, k_head, q, c0, c1, pos, slope, logits);
+      const float corr = softmax_chunk(logits, c1 - c0, st);
+      OCTAVO_UNROLL
+      for (int sl = 0; sl < S::kSlots; ++sl)
+        OCTAVO_UNROLL
+        for (int e = 0; e < S::kVec; ++e) acc[sl][e] *= corr;
+      decode_values<T, HD_MAX>(a, bt_row, v_head, logits, c0, c1, acc);
+      __syncthreads();  // logits read before the next chunk's scores
     }
-    if (a.workspace && threadIdx.x == 0) {
-      ws.ml[2 * slot] = ml.m;
-      ws.ml[2 * slot + 1] = ml.l;
-    }
-    __syncthreads();  // logits and red are reused by the next row
+    decode_store<T, HD_MAX>(a, acc, st.m, st.l, red, ws, t, h, slot);
   }
 }
 

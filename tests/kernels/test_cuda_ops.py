@@ -139,6 +139,16 @@ def test_paged_attention_cuda_large():
                torch.float16, sliding_window=500)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_paged_attention_cuda_long_partitions(dtype):
+    # a block table for 67200 keys: 44 partitions of 1536 keys, each scored in three chunks
+    batch = make_batch([(1, 20000), (1, 40), (1, 3100)], 8, 2, 128, 16, torch.float32, seed=8)
+    table = batch["block_table"]
+    batch["block_table"] = torch.cat([table, torch.zeros(3, 4200 - table.shape[1], dtype=torch.int32)], 1)
+    attn_check(batch, dtype)
+    attn_check(batch, dtype, sliding_window=2000, soft_cap=30.0, alibi_slopes=attn_alibi(8))
+
+
 def test_paged_attention_cuda_graph_decode():
     # the decode path launches by shapes only: a captured graph replays with new seq_lens
     b = {k: v.cuda() if torch.is_tensor(v) else v

@@ -82,6 +82,17 @@ def test_variants(simt, dtype, seqs, variant):
     check(simt, batch, dtype, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, dict(sliding_window=1500, soft_cap=30.0)])
+def test_decode_long_partitions(simt, dtype, kw):
+    # a block table wide enough for 33600 keys: the 64 partitions at most become 33 of 1024 keys,
+    # each scored in two 512-key chunks (online softmax within the block, then the merge)
+    batch = make_batch([(1, 3000), (1, 40), (1, 1700)], 4, 2, 32, 16, torch.float32, seed=8)
+    table = batch["block_table"]
+    batch["block_table"] = torch.cat([table, torch.zeros(3, 2100 - table.shape[1], dtype=torch.int32)], 1)
+    check(simt, batch, dtype, **kw)
+
+
 def test_one_row_per_sequence_but_not_decode(simt):
     # T == S takes the decode kernels even when one sequence has two rows and another none
     batch = make_batch([(2, 600), (0, 9), (1, 30)], 4, 2, 32, 16, torch.float32, seed=4)
