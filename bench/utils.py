@@ -23,10 +23,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="run every step eagerly: no decode buckets / CUDA graphs")
+    g.add_argument("--trust-remote-code", action="store_true", default=None)
 
 
 _ENGINE_FIELDS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                  "block_size", "kv_cache_memory", "enable_prefix_caching", "device", "seed")
+                  "block_size", "kv_cache_memory", "enable_prefix_caching", "device", "seed",
+                  "enforce_eager", "trust_remote_code")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

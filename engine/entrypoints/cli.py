@@ -113,6 +113,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--engine-seed", type=int, default=0, help="engine random seed")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: no decode buckets / CUDA graphs")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow models whose config needs the checkpoint's own code (InternLM2, Baichuan, ChatGLM, MiniCPM)")
     g.add_argument("--generation-config", default="auto",
                    help="'auto' (the model's generation_config.json), 'octavo' (ignore it) or "
                         "a directory holding one")
@@ -161,7 +165,8 @@ def make_llm(args: argparse.Namespace) -> Any:
                enable_prefix_caching=args.enable_prefix_caching,
                kv_cache_memory=args.kv_cache_memory,
                gpu_memory_utilization=args.gpu_memory_utilization, device=args.device,
-               seed=args.engine_seed, generation_config=args.generation_config)
+               seed=args.engine_seed, generation_config=args.generation_config,
+               enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code)
 
 
 def sampling_params(llm: Any, args: argparse.Namespace, **fallback: Any) -> Any:

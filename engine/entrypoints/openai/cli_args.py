@@ -60,6 +60,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     eng.add_argument("--seed", type=int, default=0)
+    eng.add_argument("--enforce-eager", action="store_true",
+                     help="run every step eagerly: no decode buckets / CUDA graphs")
+    eng.add_argument("--trust-remote-code", action="store_true",
+                     help="allow models whose config needs the checkpoint's own code (InternLM2, Baichuan, ChatGLM, MiniCPM)")
     eng.add_argument("--generation-config", default="auto",
                      help="'auto' (the model's generation_config.json), 'octavo' (none) or a "
                           "directory")
@@ -78,4 +82,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, device=args.device, seed=args.seed,
-        generation_config=args.generation_config)
+        generation_config=args.generation_config, enforce_eager=args.enforce_eager,
+        trust_remote_code=args.trust_remote_code)
