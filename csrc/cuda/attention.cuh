@@ -105,8 +105,9 @@ __device__ __forceinline__ int64_t cache_offset(const PagedAttentionArgs& a, con
 }
 
 // ---- decode ---------------------------------------------------------------------------------
-// One block per (query head, sequence, partition of the keys). A group of G lanes reads
-// one key row with 16-byte loads (each lane SLOTS vectors), so a warp scores 32/G keys at once.
+// One block per (query head, sequence, partition of the keys). A group of kGroup lanes reads
+// one key row with 16-byte loads (kSlots vectors per lane): a warp scores 32 / kGroup keys at
+// once, one block 512 keys (kChunk) per round.
 template <typename T, int HD_MAX>
 struct DecodeShape {
   static constexpr int kVec = Vec<T>::kElems;
@@ -122,6 +123,7 @@ struct Partials {
 };
 __device__ __forceinline__ Partials partials(const PagedAttentionArgs& a, int num_partitions) {
   float* out = a.workspace;
+  if (!out) return {nullptr, nullptr};
   return {out, out + a.num_tokens * a.num_heads * num_partitions * a.head_size};
 }
 
