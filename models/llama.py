@@ -23,6 +23,7 @@ from octavo.models.layers.activation import get_gated_activation
 from octavo.models.layers.attention import Attention, AttentionMetadata
 from octavo.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from octavo.models.layers.layernorm import RMSNorm
+from octavo.models.layers.longrope import LongRoPEScaledRotaryEmbedding
 from octavo.models.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                          RowParallelLinear)
 from octavo.models.layers.parallel_state import get_tp_size
@@ -160,8 +161,15 @@ class LlamaModel(nn.Module):
             family.decoder_layer_cls(config, family.attention_options(config, i), family)
             for i in range(config.num_hidden_layers))
         self.norm = family.make_norm(config, config.hidden_size)
+        # LongRoPE (Phi-3, MiniCPM): one rotary module shared by all layers, whose cache has a
+        # short and a long table; each sequence's tokens read the table its length selects.
+        self.longrope = next((m for m in self.modules()
+                              if isinstance(m, LongRoPEScaledRotaryEmbedding)), None)
 
     def forward(self, input_ids, positions, attn_metadata):
+        if self.longrope is not None:
+            positions = self.longrope.rope_positions(positions, attn_metadata.query_start_loc,
+                                                     attn_metadata.seq_lens)
         hidden = self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
         residual = None
         for layer in self.layers:

@@ -8,8 +8,6 @@ import math
 
 import torch
 
-from octavo.models.layers.attention import AttentionMetadata
-from octavo.models.layers.longrope import LongRoPEScaledRotaryEmbedding
 from octavo.models.llama import LlamaForCausalLM
 
 
@@ -29,14 +27,6 @@ class MiniCPMForCausalLM(LlamaForCausalLM):
     @staticmethod
     def residual_scale(config) -> float:
         return config.scale_depth / math.sqrt(config.num_hidden_layers)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        rope = self.model.layers[0].self_attn.rotary_emb  # one shared module for all layers
-        if isinstance(rope, LongRoPEScaledRotaryEmbedding):  # rows of the short or long table
-            positions = rope.rope_positions(positions, attn_metadata.query_start_loc,
-                                            attn_metadata.seq_lens)
-        return self.model(input_ids, positions, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         width = self.config.hidden_size / self.config.dim_model_base
