@@ -106,8 +106,7 @@ def attn_alibi(num_heads):
 @pytest.mark.parametrize("num_heads,num_kv_heads", ATTN_HEADS)
 @pytest.mark.parametrize("block_size", [7, 16])
 def test_paged_attention_cuda(dtype, seqs, num_heads, num_kv_heads, block_size):
-    check = make_batch(seqs, num_heads, num_kv_heads, 64, block_size, torch.float32, seed=num_heads)
-    attn_check(check, dtype)
+    attn_check(make_batch(seqs, num_heads, num_kv_heads, 64, block_size, torch.float32, seed=num_heads), dtype)
 
 
 @pytest.mark.parametrize("head_size", [8, 32, 40, 64, 80, 96, 128, 256])
