@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from octavo import LLM, SamplingParams
 
@@ -61,3 +61,29 @@ def assert_matches_hf(model_dir: str, prompts=PROMPTS, max_tokens: int = 20, ato
             for value, token in zip(top_vals.tolist(), top_ids.tolist()):
                 assert token in entry, f"{name}: step {step} misses top-5 token {token}"
                 assert entry[token].logprob == pytest.approx(value, abs=atol)
+
+
+def longest_prompt_ids() -> list[int]:
+    from tokenizer_util import make_llama_tokenizer
+    return make_llama_tokenizer()(PROMPTS[4]).input_ids
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:
+    # a transformers model's logits of one prompt: [len(ids), vocab]
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def hf_logits(model_dir: str, ids: list[int], **changes) -> torch.Tensor:
+    """transformers' logits for ids with `changes` set on the saved config first."""
+    config = AutoConfig.from_pretrained(model_dir)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return logits(AutoModelForCausalLM.from_pretrained(model_dir, config=config,
+                                                       dtype=torch.float32), ids)
+
+
+def assert_changes_logits(base: torch.Tensor, changed: torch.Tensor, what: str) -> None:
+    """A feature switched off changes the reference logits, so parity could not pass with
+    octavo ignoring it."""
+    assert (base - changed).abs().max().item() > 1e-2, f"{what} makes no difference"

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 from conftest import save_tiny_model
-from parity import PROMPTS, assert_matches_hf
+from parity import assert_changes_logits, assert_matches_hf, logits, longest_prompt_ids
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, INTER = 64, 4, 2, 16, 4, 128
 COMMON = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
@@ -340,40 +340,33 @@ def test_greedy_and_logprobs_match_transformers(name, case_dirs):
                       trust_remote_code=True, block_size=16)
 
 
-def _logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
 FEATURES = [(name, changes) for name, case in CASES.items() for changes in case.features]
 
 
 @pytest.mark.parametrize("name, changes", FEATURES,
                          ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)))
 def test_feature_changes_reference_output(name, changes, case_dirs):
-    from tokenizer_util import make_llama_tokenizer
-    ids = make_llama_tokenizer()(PROMPTS[4]).input_ids  # the longest prompt
+    ids = longest_prompt_ids()
     ref_dir, _ = case_dirs(name)
-    base = _logits(_reference(CASES[name], ref_dir), ids)
-    changed = _logits(_reference(CASES[name], ref_dir, **changes), ids)
-    assert (base - changed).abs().max().item() > 1e-2, f"{name}: {changes} makes no difference"
+    assert_changes_logits(logits(_reference(CASES[name], ref_dir), ids),
+                          logits(_reference(CASES[name], ref_dir, **changes), ids),
+                          f"{name}: {changes}")
 
 
 def test_alibi_and_normhead_change_reference_output(case_dirs):
     """ALiBi (the reference with zero slopes is rotary-free attention without positions) and
     NormHead (the checkpoint's rescaled lm_head used as is) both change the logits."""
-    from tokenizer_util import make_llama_tokenizer
-    ids = make_llama_tokenizer()(PROMPTS[4]).input_ids
+    ids = longest_prompt_ids()
     ref_dir, remote_dir = case_dirs("baichuan2-13b")
     model = _reference(CASES["baichuan2-13b"], ref_dir)
-    base = _logits(model, ids)
+    base = logits(model, ids)
     head = model.lm_head.weight.data.clone()
     model.lm_head.weight.data.copy_(load_file(os.path.join(remote_dir, "model.safetensors"))
                                     ["lm_head.weight"])
-    assert (base - _logits(model, ids)).abs().max().item() > 1e-2, "NormHead makes no difference"
+    assert_changes_logits(base, logits(model, ids), "NormHead")
     model.lm_head.weight.data.copy_(head)
     plain = _reference(CASES["baichuan2-13b"], ref_dir, alibi=False)  # no positions at all
-    assert (base - _logits(plain, ids)).abs().max().item() > 1e-2, "ALiBi makes no difference"
+    assert_changes_logits(base, logits(plain, ids), "ALiBi")
 
 
 def test_alibi_slopes_are_baichuans():

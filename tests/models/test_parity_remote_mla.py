@@ -13,10 +13,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import save_tiny_model
-from parity import PROMPTS, assert_matches_hf
+from parity import assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
 
 ROPE_DIM = 8
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -69,23 +68,12 @@ def test_greedy_and_logprobs_match_transformers(case, model_dirs):
     assert_matches_hf(model_dirs(case), block_size=16)
 
 
-def _hf_logits(model_dir: str, ids: list[int], **changes) -> torch.Tensor:
-    config = AutoConfig.from_pretrained(model_dir)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
 @pytest.mark.parametrize("case, changes", [(c, ch) for c, chs in FEATURES.items() for ch in chs],
                          ids=lambda v: v if isinstance(v, str) else "-".join(v))
 def test_feature_changes_transformers_output(case, changes, model_dirs):
-    from tokenizer_util import make_llama_tokenizer
-    ids = make_llama_tokenizer()(PROMPTS[4]).input_ids  # the longest prompt
-    base = _hf_logits(model_dirs(case), ids)
-    changed = _hf_logits(model_dirs(case), ids, **changes)
-    assert (base - changed).abs().max().item() > 1e-2, f"{case}: {changes} makes no difference"
+    ids = longest_prompt_ids()
+    assert_changes_logits(hf_logits(model_dirs(case), ids),
+                          hf_logits(model_dirs(case), ids, **changes), f"{case}: {changes}")
 
 
 def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
