@@ -228,7 +228,8 @@ inline cuda::PagedAttentionArgs paged_attention(
   }
   TORCH_CHECK(sliding_window >= 0 && sliding_window <= INT32_MAX, op, ": sliding_window must be >= 0");
   TORCH_CHECK(soft_cap >= 0, op, ": soft_cap must be >= 0");
-  TORCH_CHECK(query.size(0) <= INT32_MAX && key_cache.size(1) > 0, op, ": too many tokens or empty blocks");
+  TORCH_CHECK(query.size(0) <= INT32_MAX, op, ": at most 2^31 - 1 query tokens, got ", query.size(0));
+  TORCH_CHECK(key_cache.size(1) > 0, op, ": cache block_size must be > 0");
   cuda::PagedAttentionArgs a{};
   a.out = out.data_ptr();
   a.query = query.data_ptr();
