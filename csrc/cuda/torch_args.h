@@ -230,6 +230,7 @@ inline cuda::PagedAttentionArgs paged_attention(
   TORCH_CHECK(soft_cap >= 0, op, ": soft_cap must be >= 0");
   TORCH_CHECK(query.size(0) <= INT32_MAX, op, ": at most 2^31 - 1 query tokens, got ", query.size(0));
   TORCH_CHECK(key_cache.size(1) > 0, op, ": cache block_size must be > 0");
+  TORCH_CHECK(num_seqs <= 65535, op, ": at most 65535 sequences per call (the decode grid's y), got ", num_seqs);
   cuda::PagedAttentionArgs a{};
   a.out = out.data_ptr();
   a.query = query.data_ptr();
