@@ -9,6 +9,8 @@ import platform
 import sys
 from typing import Any
 
+from octavo.entrypoints.openai.cli_args import parse_bytes
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """EngineConfig fields as flags; only the ones given reach LLM(...)."""
@@ -19,7 +21,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int)
     g.add_argument("--block-size", type=int)
     g.add_argument("--kv-cache-memory", type=parse_bytes,
-                   help="bytes of KV cache (CPU); suffixes K/M/G/KiB/MiB/GiB accepted")
+                   help="bytes of KV cache (CPU), e.g. 4GiB, 512MiB, 1e9")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0)
@@ -35,18 +37,6 @@ _ENGINE_FIELDS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tok
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _ENGINE_FIELDS if getattr(args, k, None) is not None}
-
-
-def parse_bytes(text: str) -> int:
-    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KIB": 1 << 10, "MIB": 1 << 20,
-             "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-    s = text.strip().upper()
-    num = s.rstrip("KMGIB")
-    try:
-        value = float(num) * units[s[len(num):]]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2147483648 or 2GiB")
-    return int(value)
 
 
 def machine_info() -> dict[str, Any]:

@@ -5,9 +5,10 @@ OpenAI-compatible server). Without --model, generate and chat use the default mo
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any
+
+from octavo.entrypoints.openai.cli_args import parse_bytes
 
 # SamplingParams fields that have a flag; unset flags keep the model's defaults.
 _SAMPLING_FLAGS = {
@@ -15,9 +16,6 @@ _SAMPLING_FLAGS = {
     "min_tokens": int, "seed": int, "n": int, "presence_penalty": float,
     "frequency_penalty": float, "repetition_penalty": float,
 }
-_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(full=argv[0] if argv else None)
@@ -108,8 +106,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)
-    g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
-                   help="KV cache size on CPU, e.g. 512M or 2G (default: 4G)")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache size on CPU, e.g. 512MiB or 2GiB (default: 4GiB)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--engine-seed", type=int, default=0, help="engine random seed")
@@ -148,13 +146,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from octavo.entrypoints.openai.api_server import run_server
     run_server(args)
     return 0
-
-
-def _parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*", text.lower())
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use bytes or e.g. 512M, 2G")
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
 
 
 def make_llm(args: argparse.Namespace) -> Any:

@@ -1,11 +1,14 @@
-"""Command-line arguments of the OpenAI-compatible server (`octavo serve MODEL ...`)."""
+"""Command-line arguments of the OpenAI-compatible server (`octavo serve MODEL ...`), and the
+size parser every command line shares. Light to import (no torch): the CLI and bench use it."""
 from __future__ import annotations
 
 import argparse
 import json
 import re
+from typing import TYPE_CHECKING
 
-from octavo.config import EngineConfig
+if TYPE_CHECKING:
+    from octavo.config import EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -75,7 +78,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
         prog="octavo serve", description="OpenAI-compatible server for a local model"))
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_config(args: argparse.Namespace) -> "EngineConfig":
+    from octavo.config import EngineConfig
     return EngineConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
