@@ -1,6 +1,7 @@
 // Launcher for the paged attention kernels (attention.cuh). Every launch configuration follows
 // from tensor shapes only (no host read of seq_lens / query_start_loc), so the decode path can
 // be captured in a CUDA graph.
+#include <algorithm>
 #include <type_traits>
 
 #include "cuda/attention.cuh"
@@ -12,16 +13,21 @@ namespace {
 // A batch with one query row per sequence (T == S) takes the split-context decode kernels.
 bool is_decode(const PagedAttentionArgs& a) { return a.num_tokens == a.num_seqs; }
 
-// The decode split of the longest context the block table can hold: at most kMaxPartitions
-// partitions of a multiple of kChunk keys (shapes only).
+// The decode split of the longest context the block table holds, from shapes only: enough
+// partitions for about kDecodeBlocks blocks and at most kMaxPartitionChunks chunks each, but
+// never more than kMaxPartitions (each a multiple of kChunk keys). A big batch fills the GPU
+// without splits; a small one splits its contexts; blocks past a short context exit at once.
 struct DecodeSplit {
   int partitions, partition_keys;
 };
 DecodeSplit decode_split(const PagedAttentionArgs& a) {
   const int64_t max_keys = int64_t(a.max_blocks) * a.block_size;
   const int64_t chunks = (max_keys + attn::kChunk - 1) / attn::kChunk;
-  const int64_t per_partition = (chunks + attn::kMaxPartitions - 1) / attn::kMaxPartitions;
-  const int64_t keys = (per_partition > 0 ? per_partition : 1) * attn::kChunk;
+  const int64_t heads_seqs = std::max<int64_t>(1, int64_t(a.num_heads) * a.num_seqs);
+  int64_t parts = std::max((attn::kDecodeBlocks + heads_seqs - 1) / heads_seqs,
+                           (chunks + attn::kMaxPartitionChunks - 1) / attn::kMaxPartitionChunks);
+  parts = std::max<int64_t>(1, std::min<int64_t>({parts, attn::kMaxPartitions, chunks}));
+  const int64_t keys = std::max<int64_t>(1, (chunks + parts - 1) / parts) * attn::kChunk;
   return {static_cast<int>((max_keys + keys - 1) / keys), static_cast<int>(keys)};
 }
 

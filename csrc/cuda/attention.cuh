@@ -18,7 +18,9 @@ namespace octavo::cuda::attn {
 constexpr int kThreads = 128;         // both kernels: 4 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 512;           // keys a decode block scores at once (its shared logits)
-constexpr int kMaxPartitions = 64;    // splits of a context; longer ones get longer partitions
+constexpr int kMaxPartitions = 64;    // splits of a context at most (bounds the workspace)
+constexpr int kMaxPartitionChunks = 16;  // a split scores at most this many chunks unless capped
+constexpr int kDecodeBlocks = 2048;   // split until the decode grid has about this many blocks
 constexpr unsigned kFull = 0xffffffffu;
 
 // Head sizes are bucketed: a kernel for HD_MAX serves any multiple of 8 up to it.

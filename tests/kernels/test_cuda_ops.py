@@ -136,6 +136,9 @@ def test_paged_attention_cuda_large():
     attn_check(make_batch(decode, 32, 8, 128, 16, torch.float32, seed=9), torch.bfloat16)
     attn_check(make_batch([(300, 300), (129, 2000), (1, 40)], 16, 4, 128, 16, torch.float32, seed=11),
                torch.float16, sliding_window=500)
+    # a batch big enough not to split: one block per (head, sequence) over up to ten chunks
+    big = [(1, 5000)] + [(1, 1 + (37 * i) % 700) for i in range(127)]
+    attn_check(make_batch(big, 32, 8, 128, 16, torch.float32, seed=10), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)

@@ -93,6 +93,13 @@ def test_decode_long_partitions(simt, dtype, kw):
     check(simt, batch, dtype, **kw)
 
 
+def test_decode_big_batch_unsplit(simt):
+    # 32 heads x 64 sequences fill the GPU: no split, one block scores a whole 1100-key context
+    # in three chunks and writes the output itself
+    seqs = [(1, 1100)] + [(1, 1 + (13 * i) % 90) for i in range(63)]
+    check(simt, make_batch(seqs, 32, 8, 32, 16, torch.float32, seed=12), torch.bfloat16, sliding_window=1050)
+
+
 def test_one_row_per_sequence_but_not_decode(simt):
     # T == S takes the decode kernels even when one sequence has two rows and another none
     batch = make_batch([(2, 600), (0, 9), (1, 30)], 4, 2, 32, 16, torch.float32, seed=4)
