@@ -18,6 +18,10 @@ void fused_add_rms_norm_cpu(at::Tensor& x,          // [T, H] in: input, out: no
                             at::Tensor& residual,   // [T, H] in: residual, out: x + residual
                             const at::Tensor& weight,  // [H]
                             double eps);
+void linear_cpu(at::Tensor& out,                      // [M, N]
+                const at::Tensor& x,                  // [M, K]
+                const at::Tensor& weight,             // [N, K]
+                const std::optional<at::Tensor>& bias);  // [N]
 void silu_and_mul_cpu(at::Tensor& out,      // [T, D]
                       const at::Tensor& x);  // [T, 2*D]
 void gelu_and_mul_cpu(at::Tensor& out,       // [T, D]

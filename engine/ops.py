@@ -47,6 +47,15 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     torch.ops.octavo.fused_add_rms_norm(x, residual, weight, eps)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] (unit last stride), weight: [N, K] contiguous, bias: [N] -> out [M, N]; CPU only
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    torch.ops.octavo.linear(out, x, weight, bias)
+    return out
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
@@ -88,5 +97,6 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 
 if USING_NATIVE:
-    from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, paged_attention,  # noqa: F811
-                                   reshape_and_cache, rms_norm, rotary_embedding, silu_and_mul)
+    from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear,  # noqa: F811
+                                   paged_attention, reshape_and_cache, rms_norm,
+                                   rotary_embedding, silu_and_mul)

@@ -29,6 +29,16 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     x.copy_(rms_norm(residual, weight, eps))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K], weight: [N, K], bias: [N] -> [M, N]
+    y = F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias)).to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]
     d = x.shape[-1] // 2

@@ -19,6 +19,16 @@ struct RmsNormParams {
   DType dtype;
 };
 
+struct LinearParams {
+  void* out;              // [M, N], row stride out_stride
+  const void* x;          // [M, K], row stride x_stride
+  const void* weight;     // [N, K] contiguous
+  const void* bias;       // [N] or null
+  int64_t out_stride, x_stride;
+  int64_t m, n, k;
+  DType dtype;
+};
+
 struct ActParams {
   void* out;              // [T, D]
   const void* x;          // [T, 2*D]

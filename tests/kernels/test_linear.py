@@ -1,0 +1,117 @@
+"""The CPU linear kernel (out = x @ weight^T + bias) vs octavo.ops_native and an fp64 reference,
+in every variant this CPU can run (avx512_bf16 dot products, generic AVX-512, AVX2, DEFAULT)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernel_utils import ALL_DTYPES, DTYPES, assert_close_to_ref
+from octavo import ops, ops_native
+
+SHAPES = [(768, 2304), (769, 5125), (64, 1), (2048, 768), (31, 17), (1, 3)]  # (K, N)
+
+
+def _case(m, k, n, dtype, bias, stride=0, seed=0):
+    g = torch.Generator().manual_seed(seed + 131 * m + 7 * k + n)
+    base = torch.randn(m, k + stride, generator=g).to(dtype)
+    x = base[:, :k]  # a row-strided view when stride > 0
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def _check(x, w, b, what=""):
+    out = ops.linear(x, w, b)
+    native = ops_native.linear(x, w, b)
+    exact = ops_native.linear(x.double(), w.double(), None if b is None else b.double())
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], w.shape[0])
+    assert_close_to_ref(out, native, exact, what=what)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17, 33, 100])
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(dtype, m, k, n, bias):
+    _check(*_case(m, k, n, dtype, bias), what=f"linear {dtype} m={m} k={k} n={n} bias={bias}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_linear_strided_rows(dtype, m):
+    x, w, b = _case(m, 769, 133, dtype, True, stride=40)
+    assert x.stride(0) == 769 + 40
+    _check(x, w, b, what="strided x")
+    # out may be a row-strided view too; the columns beyond it stay untouched
+    big = torch.full((m, 200), 7.0, dtype=dtype)
+    torch.ops.octavo.linear(big[:, :133], x, w, b)
+    torch.testing.assert_close(big[:, :133], ops.linear(x.contiguous(), w, b), rtol=0, atol=0)
+    assert (big[:, 133:] == 7).all()
+
+
+def test_linear_matches_torch_bf16_matmul_error():
+    # the brief's yardstick: no worse than 2x torch's own bf16 matmul against fp64
+    x, w, b = _case(8, 2048, 768, torch.bfloat16, True)
+    exact = ops_native.linear(x.double(), w.double(), b.double())
+    assert_close_to_ref(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), exact,
+                        what="vs torch bf16")
+
+
+def test_linear_zero_sizes():
+    w = torch.randn(5, 16, dtype=torch.bfloat16)
+    assert ops.linear(torch.randn(0, 16, dtype=torch.bfloat16), w).shape == (0, 5)
+    b = torch.randn(5, dtype=torch.bfloat16)
+    out = ops.linear(torch.randn(3, 0, dtype=torch.bfloat16), w[:, :0].contiguous(), b)
+    torch.testing.assert_close(out, b.expand(3, 5), rtol=0, atol=0)
+
+
+def test_linear_errors():
+    x = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.linear(x, torch.randn(8, 15))
+    with pytest.raises(RuntimeError, match="differ"):
+        ops.linear(x, torch.randn(8, 16, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.linear(x, torch.randn(16, 8).t())
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear(x, torch.randn(8, 16), torch.randn(7))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.linear(x.double(), torch.randn(8, 16).double())
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.octavo.linear(torch.empty(4, 9), x, torch.randn(8, 16), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    x = torch.randn(5, 96, dtype=dtype)
+    w = torch.randn(33, 96, dtype=dtype)
+    b = torch.randn(33, dtype=dtype)
+    for bias in (None, b):
+        torch.library.opcheck(torch.ops.octavo.linear.default, (torch.empty(5, 33, dtype=dtype), x, w, bias))
+
+
+VARIANT_SCRIPT = r"""
+import torch
+from kernel_utils import assert_close_to_ref
+from octavo import ops, ops_native
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for m, k, n in ((1, 769, 133), (5, 64, 1), (17, 2048, 37), (100, 31, 9)):
+        g = torch.Generator().manual_seed(m + k + n)
+        x = torch.randn(m, k + 8, generator=g).to(dtype)[:, :k]
+        w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        assert_close_to_ref(ops.linear(x, w, b), ops_native.linear(x, w, b),
+                            ops_native.linear(x.double(), w.double(), b.double()), what=f"{dtype} {m} {k} {n}")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [dict(ATEN_CPU_CAPABILITY="default"), dict(ATEN_CPU_CAPABILITY="avx2"),
+                                 dict(OCTAVO_CPU_NO_AVX512BF16="1")],
+                         ids=["default", "avx2", "avx512-without-bf16-dot"])
+def test_variant(env):
+    res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
