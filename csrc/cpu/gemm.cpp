@@ -8,7 +8,8 @@
 
 namespace octavo::cpu::CPU_CAPABILITY {
 
-// Register block: up to kMaxMB rows of x times kNB weight rows, one K-dot accumulator each.
+// Register blocks: MB rows of x times NB weight rows, one K-dot accumulator each (see
+// block_shape); at most 4 x 4 or 8 x 2.
 constexpr int kMaxMB = 4;
 constexpr int kNB = 4;
 
@@ -29,7 +30,7 @@ static inline void reduce_block(const fVec (&acc)[MB][NB], float* sums) {
 template <typename T>
 struct GenericBlock {
   template <int MB, int NB>
-  static void run(const T* x, int64_t xs, const T* w, int64_t k, float* sums) {
+  static void run(const T* x, int64_t xs, const T* w, int64_t k, const T* pf, float* sums) {
     // x: [MB, k] row stride xs; w: [NB, k] contiguous
     fVec acc[MB][NB];
     for (int m = 0; m < MB; ++m)
@@ -38,6 +39,8 @@ struct GenericBlock {
     for (; i + kVec <= k; i += kVec) {
       fVec wv[NB];
       for (int n = 0; n < NB; ++n) wv[n] = load_f(w + n * k + i);
+      if (pf != nullptr)
+        for (int n = 0; n < NB; ++n) __builtin_prefetch(pf + n * k + i, 0, 3);
       for (int m = 0; m < MB; ++m) {
         const fVec xv = load_f(x + m * xs + i);
         for (int n = 0; n < NB; ++n) acc[m][n] = at::vec::fmadd(xv, wv[n], acc[m][n]);
@@ -61,11 +64,56 @@ struct GenericBlock {
 // instruction, so weights are never widened. Built for this target only; called only when
 // the CPU reports avx512_bf16.
 struct Bf16DotBlock {
+  // One x row: the NB weight rows are read one after another (one sequential stream), with
+  // four accumulators per row to cover the dot-product latency.
+  template <int NB>
+  __attribute__((target("avx512bf16"))) static void gemv(const c10::BFloat16* x,
+                                                         const c10::BFloat16* w, int64_t k,
+                                                         const c10::BFloat16* pf, float* sums) {
+    // x: [k]; w: [NB, k] contiguous
+    fVec v[1][NB];
+    for (int n = 0; n < NB; ++n) {
+      const c10::BFloat16* wr = w + n * k;
+      const c10::BFloat16* pr = pf != nullptr ? pf + n * k : nullptr;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t i = 0;
+      for (; i + 128 <= k; i += 128) {
+        if (pr != nullptr)
+          for (int j = 0; j < 128; j += 32) __builtin_prefetch(pr + i + j, 0, 3);
+        a0 = dot32(a0, x + i, wr + i);
+        a1 = dot32(a1, x + i + 32, wr + i + 32);
+        a2 = dot32(a2, x + i + 64, wr + i + 64);
+        a3 = dot32(a3, x + i + 96, wr + i + 96);
+      }
+      for (; i + 32 <= k; i += 32) {
+        if (pr != nullptr) __builtin_prefetch(pr + i, 0, 3);
+        a0 = dot32(a0, x + i, wr + i);
+      }
+      if (i < k) {
+        const __mmask32 mask = (1u << static_cast<unsigned>(k - i)) - 1u;
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i),
+                              (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + i));
+      }
+      v[0][n] = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    }
+    reduce_block<1, NB>(v, sums);
+  }
+
+  __attribute__((target("avx512bf16"))) static inline __m512 dot32(__m512 acc,
+                                                                   const c10::BFloat16* a,
+                                                                   const c10::BFloat16* b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b));
+  }
+
   template <int MB, int NB>
   __attribute__((target("avx512bf16"))) static void run(const c10::BFloat16* x, int64_t xs,
                                                         const c10::BFloat16* w, int64_t k,
-                                                        float* sums) {
+                                                        const c10::BFloat16* pf, float* sums) {
     // x: [MB, k] row stride xs; w: [NB, k] contiguous
+    if constexpr (MB == 1) {
+      gemv<NB>(x, w, k, pf, sums);
+      return;
+    }
     __m512 acc[MB][NB];
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_setzero_ps();
@@ -73,6 +121,8 @@ struct Bf16DotBlock {
     for (; i + 32 <= k; i += 32) {
       __m512i wv[NB];
       for (int n = 0; n < NB; ++n) wv[n] = _mm512_loadu_si512(w + n * k + i);
+      if (pf != nullptr)
+        for (int n = 0; n < NB; ++n) __builtin_prefetch(pf + n * k + i, 0, 3);
       for (int m = 0; m < MB; ++m) {
         const __m512i xv = _mm512_loadu_si512(x + m * xs + i);
         for (int n = 0; n < NB; ++n)
@@ -105,24 +155,44 @@ static bool use_avx512_bf16() {
 #endif
 
 template <class Block, int MB, typename T>
-static void call_nb(int nb, const T* x, int64_t xs, const T* w, int64_t k, float* sums) {
+static void call_nb(int nb, const T* x, int64_t xs, const T* w, int64_t k, const T* pf,
+                    float* sums) {
   switch (nb) {
-    case 1: Block::template run<MB, 1>(x, xs, w, k, sums); break;
-    case 2: Block::template run<MB, 2>(x, xs, w, k, sums); break;
-    case 3: Block::template run<MB, 3>(x, xs, w, k, sums); break;
-    default: Block::template run<MB, kNB>(x, xs, w, k, sums); break;
+    case 1: Block::template run<MB, 1>(x, xs, w, k, pf, sums); break;
+    case 2: Block::template run<MB, 2>(x, xs, w, k, pf, sums); break;
+    default:  // 3 or 4 weight rows: only with up to 4 x rows (block_shape)
+      if constexpr (MB <= 4) {
+        if (nb == 3) Block::template run<MB, 3>(x, xs, w, k, pf, sums);
+        else Block::template run<MB, 4>(x, xs, w, k, pf, sums);
+      } else {
+        TORCH_INTERNAL_ASSERT(false, "linear: no ", MB, " x ", nb, " block");
+      }
+      break;
   }
 }
 
 template <class Block, typename T>
 static void call_block(int mb, int nb, const T* x, int64_t xs, const T* w, int64_t k,
-                       float* sums) {
+                       const T* pf, float* sums) {
   switch (mb) {
-    case 1: call_nb<Block, 1>(nb, x, xs, w, k, sums); break;
-    case 2: call_nb<Block, 2>(nb, x, xs, w, k, sums); break;
-    case 3: call_nb<Block, 3>(nb, x, xs, w, k, sums); break;
-    default: call_nb<Block, kMaxMB>(nb, x, xs, w, k, sums); break;
+    case 1: call_nb<Block, 1>(nb, x, xs, w, k, pf, sums); break;
+    case 2: call_nb<Block, 2>(nb, x, xs, w, k, pf, sums); break;
+    case 3: call_nb<Block, 3>(nb, x, xs, w, k, pf, sums); break;
+    case 4: call_nb<Block, 4>(nb, x, xs, w, k, pf, sums); break;
+    case 5: call_nb<Block, 5>(nb, x, xs, w, k, pf, sums); break;
+    case 6: call_nb<Block, 6>(nb, x, xs, w, k, pf, sums); break;
+    case 7: call_nb<Block, 7>(nb, x, xs, w, k, pf, sums); break;
+    default: call_nb<Block, 8>(nb, x, xs, w, k, pf, sums); break;
   }
+}
+
+// Block shape for M rows: up to 8 rows in one pass (so the weight block is read once, from
+// memory) with 2 weight rows, or 4 x 4 blocks, re-reading the weight block from L1, beyond.
+struct BlockShape { int mb, nb; };
+static BlockShape block_shape(int64_t m) {
+  if (m <= 4) return {static_cast<int>(m), kNB};
+  if (m <= 8) return {static_cast<int>(m), 2};
+  return {kMaxMB, kNB};
 }
 
 // Threads split the N blocks; each walks its weight rows once, all M rows per block of rows.
@@ -132,18 +202,23 @@ static void linear_impl(const LinearParams& p) {
   const T* w = static_cast<const T*>(p.weight);       // [N, K]
   const T* bias = static_cast<const T*>(p.bias);      // [N] or null
   T* out = static_cast<T*>(p.out);                    // [M, N] row stride out_stride
-  const int64_t k = p.k, nblocks = (p.n + kNB - 1) / kNB;
+  const BlockShape bs = block_shape(p.m);
+  const int64_t k = p.k, nblocks = (p.n + bs.nb - 1) / bs.nb;
   // at least ~64 KiB of weight per task, so small layers do not pay for a thread handoff
-  const int64_t block_bytes = std::max<int64_t>(1, kNB * k * static_cast<int64_t>(sizeof(T)));
+  const int64_t block_bytes = std::max<int64_t>(1, bs.nb * k * static_cast<int64_t>(sizeof(T)));
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / block_bytes);
+  // prefetch distance in bytes of weight, about one 4-row block of a 2048-wide layer
+  const int64_t pf_blocks = std::max<int64_t>(1, (16 << 10) / block_bytes);
   at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
-    float sums[kMaxMB * kNB];
+    float sums[8 * kNB];
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kNB;
-      const int nb = static_cast<int>(std::min<int64_t>(kNB, p.n - n0));
-      for (int64_t m0 = 0; m0 < p.m; m0 += kMaxMB) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, p.m - m0));
-        call_block<Block>(mb, nb, x + m0 * p.x_stride, p.x_stride, w + n0 * k, k, sums);
+      const int64_t n0 = b * bs.nb;
+      const int nb = static_cast<int>(std::min<int64_t>(bs.nb, p.n - n0));
+      for (int64_t m0 = 0; m0 < p.m; m0 += bs.mb) {
+        const int mb = static_cast<int>(std::min<int64_t>(bs.mb, p.m - m0));
+        // the first pass over a block prefetches the one pf_blocks ahead
+        const T* pf = (m0 == 0 && b + pf_blocks < nblocks) ? w + (n0 + pf_blocks * bs.nb) * k : nullptr;
+        call_block<Block>(mb, nb, x + m0 * p.x_stride, p.x_stride, w + n0 * k, k, pf, sums);
         for (int m = 0; m < mb; ++m) {
           T* o = out + (m0 + m) * p.out_stride + n0;
           for (int n = 0; n < nb; ++n)

@@ -72,7 +72,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         raise RuntimeError("ParallelLMHead is applied by compute_logits, not called directly")
 
     def process_weights_after_loading(self) -> None:
-        # the plain weight stays: a tied embedding still looks rows up in it
+        # the plain weight stays: a tied embedding still looks rows up in it (bf16: the
+        # packed weight is that same storage, see cpu_gemm)
         self.packed_weight = cpu_gemm.pack(self.weight)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _check(x, w, b, what=""):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17, 33, 100])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 17, 33, 100])  # every block shape
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(dtype, m, k, n, bias):
@@ -97,7 +97,7 @@ import torch
 from kernel_utils import assert_close_to_ref
 from octavo import ops, ops_native
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for m, k, n in ((1, 769, 133), (5, 64, 1), (17, 2048, 37), (100, 31, 9)):
+    for m, k, n in ((1, 769, 133), (3, 64, 1), (7, 2048, 37), (100, 31, 9)):
         g = torch.Generator().manual_seed(m + k + n)
         x = torch.randn(m, k + 8, generator=g).to(dtype)[:, :k]
         w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
@@ -115,3 +115,24 @@ def test_variant(env):
     res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_cpu_gemm_uses_the_kernel_on_plain_bf16_weights(monkeypatch):
+    from octavo.models.layers import cpu_gemm
+    from octavo.models.layers.linear import QKVParallelLinear
+    if not cpu_gemm.enabled():
+        pytest.skip("cpu_gemm disabled (OCTAVO_CPU_ONEDNN_LINEAR=0 or no oneDNN in this torch)")
+    monkeypatch.setenv("OCTAVO_CPU_LINEAR_KERNEL", "1")
+    torch.manual_seed(0)
+    layer = QKVParallelLinear(96, 16, 4, 2, bias=True, params_dtype=torch.bfloat16)
+    for p in layer.parameters():
+        p.data.normal_()
+    w = layer.weight.detach().clone()
+    storage = layer.weight.data_ptr()
+    layer.process_weights_after_loading()
+    # one copy: the plain weight itself, not a oneDNN-packed one
+    assert not layer.packed_weight.is_mkldnn and layer.packed_weight.data_ptr() == storage
+    for rows in (1, cpu_gemm.MAX_KERNEL_ROWS, cpu_gemm.MAX_KERNEL_ROWS + 1):
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        exact = ops_native.linear(x.double(), w.double(), layer.bias.double())
+        assert_close_to_ref(layer(x), ops_native.linear(x, w, layer.bias), exact, what=f"rows={rows}")

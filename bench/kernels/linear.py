@@ -1,0 +1,77 @@
+"""Kernel lab: the CPU linear (out = x @ weight^T + bias) vs oneDNN-prepacked and F.linear.
+
+python -m octavo.bench.kernels.linear [--quick] [--rows 1,8,32] [--shapes 768x2304,2048x768]
+Shapes are K x N; the defaults are the decode linears of a 100M Llama (hidden 768, vocab 32000).
+"""
+import torch
+import torch.nn.functional as F
+
+from octavo import ops_native
+from octavo.bench.kernels.common import check, copy_bandwidth, parse, parser, report, time_fn
+
+SHAPES = {"qkv": (768, 2304), "o": (768, 768), "gate_up": (768, 4096), "down": (2048, 768),
+          "lm_head": (768, 32000)}
+
+
+def _cycling(items):
+    """A zero-argument function returning the items in turn."""
+    state = {"i": -1}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+    return nxt
+
+
+def _contenders(x, ws, b):
+    """name -> zero-argument callable for each implementation that runs here; every call takes
+    the next weight copy of ws, so with enough copies the weights stream from DRAM as in a model."""
+    out = torch.empty(x.shape[0], ws[0].shape[0], dtype=x.dtype)
+    w = _cycling(ws)
+    fns = {"octavo.linear": lambda: torch.ops.octavo.linear(out, x, w(), b),
+           "F.linear": lambda: F.linear(x, w(), b)}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        packed = _cycling([torch.ops.mkldnn._reorder_linear_weight(c, 32) for c in ws])
+        fns["oneDNN prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed(), b, "none", [], "")
+    return out, fns
+
+
+def main():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,8,32", help="comma-separated M values")
+    p.add_argument("--shapes", default=None, help="comma-separated KxN (default: the 100M Llama's)")
+    p.add_argument("--bias", action="store_true")
+    p.add_argument("--cold-mib", type=int, default=256,
+                   help="cycle through weight copies totalling this much (beyond the L3 cache)")
+    args = parse(p)
+    if args.device != "cpu":
+        p.error("octavo.linear is a CPU kernel; run with --device cpu")
+    shapes = ({f"{k}x{n}": (k, n) for k, n in (tuple(map(int, s.split("x"))) for s in args.shapes.split(","))}
+              if args.shapes else dict(SHAPES))
+    rows = [int(r) for r in args.rows.split(",")]
+    if args.quick:
+        shapes, rows = {"o": (768, 768), "odd": (769, 133)}, [1, 5]
+    args.repeats = args.repeats or (5 if args.quick else 30)
+    dtype = getattr(torch, args.dtype)
+    copy_gbs = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
+    print(f"linear {args.dtype} bias={args.bias} threads={torch.get_num_threads()}; "
+          f"copy bandwidth {copy_gbs:.1f} GB/s (bytes = weight + x + out; weights cycled through "
+          f"{0 if args.quick else args.cold_mib} MiB of copies)")
+    for name, (k, n) in shapes.items():
+        w = torch.randn(n, k, dtype=dtype) / k ** 0.5
+        b = torch.randn(n, dtype=dtype) if args.bias else None
+        for m in rows:
+            x = torch.randn(m, k, dtype=dtype)
+            copies = 1 if args.quick else max(1, (args.cold_mib << 20) // (w.numel() * w.element_size()))
+            out, fns = _contenders(x, [w] + [w.clone() for _ in range(copies - 1)], b)
+            torch.ops.octavo.linear(out, x, w, b)
+            bd = None if b is None else b.double()
+            check(f"{name} M={m}", out, ops_native.linear(x, w, b), ops_native.linear(x.double(), w.double(), bd))
+            nbytes = (w.numel() + x.numel() + out.numel()) * x.element_size()
+            for label, fn in fns.items():
+                report(f"{name} [{k}->{n}] M={m} {label}", time_fn(fn, args.repeats), nbytes,
+                       2 * m * n * k, copy_gbs)
+
+
+if __name__ == "__main__":
+    main()
