@@ -12,6 +12,8 @@ void rms_norm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, double) {}
 void fused_add_rms_norm_meta(at::Tensor&, at::Tensor&, const at::Tensor&, double) {}
 void linear_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                  const std::optional<at::Tensor>&) {}
+void linear_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const std::optional<at::Tensor>&) {}
 void silu_and_mul_meta(at::Tensor&, const at::Tensor&) {}
 void gelu_and_mul_meta(at::Tensor&, const at::Tensor&, const std::string&) {}
 void rotary_embedding_meta(const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
@@ -31,6 +33,8 @@ TORCH_LIBRARY(octavo, m) {
   m.def("fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps) -> ()");
   // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); CPU only (small-M decode GEMM)
   m.def("linear(Tensor! out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  // the same with a bf16 weight packed as [ceil(N/64), ceil(K/2), 64, 2] (64-output panels of K pairs)
+  m.def("linear_packed(Tensor! out, Tensor x, Tensor packed, Tensor? bias) -> ()");
   // out [T, D] = silu(x[:, :D]) * x[:, D:]
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // out [T, D] = gelu(x[:, :D], approximate) * x[:, D:]; approximate: "none" | "tanh"
@@ -51,6 +55,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("rms_norm", &octavo::rms_norm_cpu);
   m.impl("fused_add_rms_norm", &octavo::fused_add_rms_norm_cpu);
   m.impl("linear", &octavo::linear_cpu);
+  m.impl("linear_packed", &octavo::linear_packed_cpu);
   m.impl("silu_and_mul", &octavo::silu_and_mul_cpu);
   m.impl("gelu_and_mul", &octavo::gelu_and_mul_cpu);
   m.impl("rotary_embedding", &octavo::rotary_embedding_cpu);
@@ -74,6 +79,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("rms_norm", &rms_norm_meta);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_meta);
   m.impl("linear", &linear_meta);
+  m.impl("linear_packed", &linear_packed_meta);
   m.impl("silu_and_mul", &silu_and_mul_meta);
   m.impl("gelu_and_mul", &gelu_and_mul_meta);
   m.impl("rotary_embedding", &rotary_embedding_meta);

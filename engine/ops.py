@@ -56,6 +56,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] bf16, packed: ops_native.pack_linear_panels(weight [n, K]), bias: [n] -> out [M, n]
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    torch.ops.octavo.linear_packed(out, x, packed, bias)
+    return out
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
@@ -97,6 +106,6 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 
 if USING_NATIVE:
-    from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear,  # noqa: F811
+    from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
                                    paged_attention, reshape_and_cache, rms_norm,
                                    rotary_embedding, silu_and_mul)

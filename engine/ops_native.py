@@ -39,6 +39,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
+PANEL = 64  # outputs per panel of the packed linear layout
+
+
+def pack_linear_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> [ceil(N/64), ceil(K/2), 64, 2]: for each panel of 64 outputs, K in pairs,
+    so one vector of 32 values holds the (k, k+1) weights of 16 outputs; zero padded."""
+    n, k = weight.shape
+    n_pad, k_pad = -n % PANEL, k % 2
+    w = F.pad(weight, (0, k_pad, 0, n_pad))
+    return w.view(w.shape[0] // PANEL, PANEL, w.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_linear_panels(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of pack_linear_panels: the [n, k] weight."""
+    return packed.permute(0, 2, 1, 3).reshape(packed.shape[0] * PANEL, -1)[:n, :k]
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K], packed: pack_linear_panels(weight [n, K]) -> [M, n]
+    return linear(x, unpack_linear_panels(packed, n, x.shape[1]), bias, out)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]
     d = x.shape[-1] // 2

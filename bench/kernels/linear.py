@@ -1,7 +1,9 @@
-"""Kernel lab: the CPU linear (out = x @ weight^T + bias) vs oneDNN-prepacked and F.linear.
+"""Kernel lab: the CPU linears (out = x @ weight^T + bias) vs oneDNN-prepacked and F.linear.
 
 python -m octavo.bench.kernels.linear [--quick] [--rows 1,8,32] [--shapes 768x2304,2048x768]
 Shapes are K x N; the defaults are the decode linears of a 100M Llama (hidden 768, vocab 32000).
+octavo.linear reads the plain [N, K] weight; octavo.linear_packed (bf16 only) the 64-output
+panels of ops_native.pack_linear_panels, the layout models/layers/cpu_gemm.py uses.
 """
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,11 @@ def _contenders(x, ws, b):
     the next weight copy of ws, so with enough copies the weights stream from DRAM as in a model."""
     out = torch.empty(x.shape[0], ws[0].shape[0], dtype=x.dtype)
     w = _cycling(ws)
-    fns = {"octavo.linear": lambda: torch.ops.octavo.linear(out, x, w(), b),
-           "F.linear": lambda: F.linear(x, w(), b)}
+    fns = {"octavo.linear": lambda: torch.ops.octavo.linear(out, x, w(), b)}
+    if x.dtype == torch.bfloat16:
+        panels = _cycling([ops_native.pack_linear_panels(c) for c in ws])
+        fns["octavo.linear_packed"] = lambda: torch.ops.octavo.linear_packed(out, x, panels(), b)
+    fns["F.linear"] = lambda: F.linear(x, w(), b)
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         packed = _cycling([torch.ops.mkldnn._reorder_linear_weight(c, 32) for c in ws])
         fns["oneDNN prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed(), b, "none", [], "")
@@ -64,9 +69,13 @@ def main():
             x = torch.randn(m, k, dtype=dtype)
             copies = 1 if args.quick else max(1, (args.cold_mib << 20) // (w.numel() * w.element_size()))
             out, fns = _contenders(x, [w] + [w.clone() for _ in range(copies - 1)], b)
-            torch.ops.octavo.linear(out, x, w, b)
             bd = None if b is None else b.double()
-            check(f"{name} M={m}", out, ops_native.linear(x, w, b), ops_native.linear(x.double(), w.double(), bd))
+            native, exact = ops_native.linear(x, w, b), ops_native.linear(x.double(), w.double(), bd)
+            torch.ops.octavo.linear(out, x, w, b)
+            check(f"{name} M={m} linear", out, native, exact)
+            if dtype == torch.bfloat16:
+                torch.ops.octavo.linear_packed(out, x, ops_native.pack_linear_panels(w), b)
+                check(f"{name} M={m} linear_packed", out, native, exact)
             nbytes = (w.numel() + x.numel() + out.numel()) * x.element_size()
             for label, fn in fns.items():
                 report(f"{name} [{k}->{n}] M={m} {label}", time_fn(fn, args.repeats), nbytes,

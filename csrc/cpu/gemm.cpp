@@ -1,8 +1,10 @@
-// Dense linear out[M, N] = x[M, K] @ weight[N, K]^T (+ bias) on CPU for the small M of decode:
-// each weight row is streamed from memory once per call and used for all M rows.
+// Dense linear out[M, N] = x[M, K] @ weight[N, K]^T (+ bias) on CPU, weights streamed once per
+// call for all M rows: linear (plain row-major weight, small M) and linear_packed (bf16 weight in
+// 64-output panels of K pairs, any M; what models/layers/cpu_gemm.py uses).
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include "cpu/cpu_types.h"
 
@@ -229,6 +231,128 @@ static void linear_impl(const LinearParams& p) {
   });
 }
 
+// ---- packed layout: weight [ceil(N/64), ceil(K/2), 64, 2] (pairs of K for 64 outputs) --------
+// One 64-output panel is read front to back (a single sequential stream); outputs stay in
+// vector lanes, so there are no horizontal sums. Works for any M: the panel stays in L2.
+constexpr int kPanel = 64;
+constexpr int kMaxPackedMB = 6;
+
+// Generic: fp32 math on any CPU.
+static void packed_block_generic(const LinearParams& p, const c10::BFloat16* wp, int64_t n0,
+                                 int64_t m0, int mb) {
+  const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x);
+  const c10::BFloat16* bias = static_cast<const c10::BFloat16*>(p.bias);
+  c10::BFloat16* out = static_cast<c10::BFloat16*>(p.out);
+  const int64_t kpairs = (p.k + 1) / 2;
+  const int valid = static_cast<int>(std::min<int64_t>(kPanel, p.n - n0));
+  for (int m = 0; m < mb; ++m) {
+    const c10::BFloat16* xr = x + (m0 + m) * p.x_stride;
+    float acc[kPanel] = {};
+    for (int64_t kk = 0; kk < kpairs; ++kk) {
+      const float x0 = to_f(xr[2 * kk]);
+      const float x1 = 2 * kk + 1 < p.k ? to_f(xr[2 * kk + 1]) : 0.f;
+      const c10::BFloat16* wk = wp + kk * 2 * kPanel;
+      for (int j = 0; j < kPanel; ++j) acc[j] += x0 * to_f(wk[2 * j]) + x1 * to_f(wk[2 * j + 1]);
+    }
+    c10::BFloat16* o = out + (m0 + m) * p.out_stride + n0;
+    for (int j = 0; j < valid; ++j) o[j] = from_f<c10::BFloat16>(acc[j] + (bias ? to_f(bias[n0 + j]) : 0.f));
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// acc[m][t] += (x[m][0], x[m][1]) . the weight pairs of outputs 16t..16t+15, for one K pair.
+template <int MB>
+__attribute__((target("avx512bf16"))) static inline void packed_step(__m512 (&acc)[MB][4],
+                                                                    const c10::BFloat16* wk,
+                                                                    const c10::BFloat16* x,
+                                                                    int64_t xs) {
+  const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 32),
+                w2 = _mm512_loadu_si512(wk + 64), w3 = _mm512_loadu_si512(wk + 96);
+  for (int m = 0; m < MB; ++m) {
+    int32_t pair;  // x[m][2kk], x[m][2kk + 1]
+    std::memcpy(&pair, x + m * xs, 4);
+    const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+    acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, (__m512bh)w0);
+    acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, (__m512bh)w1);
+    acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xb, (__m512bh)w2);
+    acc[m][3] = _mm512_dpbf16_ps(acc[m][3], xb, (__m512bh)w3);
+  }
+}
+
+template <int MB>
+__attribute__((target("avx512bf16"))) static void packed_block_bf16(const LinearParams& p,
+                                                                   const c10::BFloat16* wp,
+                                                                   int64_t n0, int64_t m0,
+                                                                   bool prefetch) {
+  const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x) + m0 * p.x_stride;  // [MB, K]
+  const int64_t kfull = p.k / 2;
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < 4; ++t) acc[m][t] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < kfull; ++kk) {
+    const c10::BFloat16* wk = wp + kk * 2 * kPanel;
+    if (prefetch) __builtin_prefetch(wk + 32 * 2 * kPanel, 0, 3);  // 8 KiB ahead
+    packed_step<MB>(acc, wk, x + 2 * kk, p.x_stride);
+  }
+  if (p.k & 1) {  // the last pair holds x[K-1] and 0 (the packed weight is zero there)
+    c10::BFloat16 last[MB][2];
+    for (int m = 0; m < MB; ++m) {
+      last[m][0] = x[m * p.x_stride + p.k - 1];
+      last[m][1].x = 0;
+    }
+    packed_step<MB>(acc, wp + kfull * 2 * kPanel, &last[0][0], 2);
+  }
+  const c10::BFloat16* bias = static_cast<const c10::BFloat16*>(p.bias);
+  c10::BFloat16* out = static_cast<c10::BFloat16*>(p.out);
+  for (int t = 0; t < 4; ++t) {
+    const int64_t col = n0 + 16 * t;
+    if (col >= p.n) break;
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, p.n - col)) - 1u);
+    __m512 b = _mm512_setzero_ps();
+    if (bias) b = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask, bias + col));
+    for (int m = 0; m < MB; ++m) {
+      const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][t], b));
+      _mm256_mask_storeu_epi16(out + (m0 + m) * p.out_stride + col, mask, (__m256i)r);
+    }
+  }
+}
+
+static void packed_block_bf16_any(const LinearParams& p, const c10::BFloat16* wp, int64_t n0,
+                                  int64_t m0, int mb, bool prefetch) {
+  switch (mb) {
+    case 1: packed_block_bf16<1>(p, wp, n0, m0, prefetch); break;
+    case 2: packed_block_bf16<2>(p, wp, n0, m0, prefetch); break;
+    case 3: packed_block_bf16<3>(p, wp, n0, m0, prefetch); break;
+    case 4: packed_block_bf16<4>(p, wp, n0, m0, prefetch); break;
+    case 5: packed_block_bf16<5>(p, wp, n0, m0, prefetch); break;
+    default: packed_block_bf16<6>(p, wp, n0, m0, prefetch); break;
+  }
+}
+#endif
+
+void linear_packed_kernel(const LinearParams& p) {
+  const c10::BFloat16* w = static_cast<const c10::BFloat16*>(p.weight);
+  const int64_t panels = (p.n + kPanel - 1) / kPanel, panel_elems = (p.k + 1) / 2 * 2 * kPanel;
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool bf16 = use_avx512_bf16();
+#endif
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pi = begin; pi < end; ++pi) {
+      const c10::BFloat16* wp = w + pi * panel_elems;
+      for (int64_t m0 = 0; m0 < p.m; m0 += kMaxPackedMB) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxPackedMB, p.m - m0));
+#if defined(CPU_CAPABILITY_AVX512)
+        if (bf16) {
+          packed_block_bf16_any(p, wp, pi * kPanel, m0, mb, m0 == 0);
+          continue;
+        }
+#endif
+        packed_block_generic(p, wp, pi * kPanel, m0, mb);
+      }
+    }
+  });
+}
+
 void linear_kernel(const LinearParams& p) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (p.dtype == DType::kBFloat16 && use_avx512_bf16()) {
@@ -247,6 +371,7 @@ void linear_kernel(const LinearParams& p) {
 #include "ops.h"
 
 OCTAVO_DECLARE_CPU_KERNEL(linear_kernel, LinearParams)
+OCTAVO_DECLARE_CPU_KERNEL(linear_packed_kernel, LinearParams)
 
 namespace octavo {
 
@@ -285,6 +410,43 @@ void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
   p.dtype = cpu::to_dtype(x, "linear");
   if (p.m == 0 || p.n == 0) return;
   OCTAVO_CALL_CPU_KERNEL(linear_kernel, p);
+}
+
+void linear_packed_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                       const std::optional<at::Tensor>& bias) {
+  OCTAVO_CHECK_CPU(out);
+  OCTAVO_CHECK_CPU(x);
+  OCTAVO_CHECK_CPU(packed);
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0),
+              "linear_packed: expected x [M, K] and out [M, N], got ", x.sizes(), " and ", out.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_packed: only bfloat16, got ", x.scalar_type());
+  OCTAVO_CHECK_SAME_DTYPE(x, packed);
+  OCTAVO_CHECK_SAME_DTYPE(x, out);
+  const int64_t n = out.size(1), k = x.size(1);
+  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == (n + 63) / 64 && packed.size(1) == (k + 1) / 2 &&
+                  packed.size(2) == 64 && packed.size(3) == 2 && packed.is_contiguous(),
+              "linear_packed: packed must be a contiguous [", (n + 63) / 64, ", ", (k + 1) / 2,
+              ", 64, 2] weight (cpu_gemm.pack_panels), got ", packed.sizes());
+  OCTAVO_CHECK_LAST_CONTIG(x);
+  OCTAVO_CHECK_LAST_CONTIG(out);
+  if (bias.has_value()) {
+    OCTAVO_CHECK_SAME_DTYPE(x, *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),
+                "linear_packed: bias must be a contiguous [", n, "], got ", bias->sizes());
+  }
+  cpu::LinearParams p{};
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.weight = packed.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.out_stride = out.stride(0);
+  p.x_stride = x.stride(0);
+  p.m = x.size(0);
+  p.n = n;
+  p.k = k;
+  p.dtype = cpu::DType::kBFloat16;
+  if (p.m == 0 || p.n == 0) return;
+  OCTAVO_CALL_CPU_KERNEL(linear_packed_kernel, p);
 }
 
 }  // namespace octavo

@@ -1,5 +1,6 @@
-"""The CPU linear kernel (out = x @ weight^T + bias) vs octavo.ops_native and an fp64 reference,
-in every variant this CPU can run (avx512_bf16 dot products, generic AVX-512, AVX2, DEFAULT)."""
+"""The CPU linear kernels (out = x @ weight^T + bias; plain and panel-packed weights) vs
+octavo.ops_native and an fp64 reference, in every variant this CPU can run (avx512_bf16 dot
+products, generic AVX-512, AVX2, DEFAULT)."""
 import os
 import subprocess
 import sys
@@ -102,8 +103,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(m, k + 8, generator=g).to(dtype)[:, :k]
         w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
         b = torch.randn(n, generator=g).to(dtype)
-        assert_close_to_ref(ops.linear(x, w, b), ops_native.linear(x, w, b),
-                            ops_native.linear(x.double(), w.double(), b.double()), what=f"{dtype} {m} {k} {n}")
+        exact = ops_native.linear(x.double(), w.double(), b.double())
+        assert_close_to_ref(ops.linear(x, w, b), ops_native.linear(x, w, b), exact, what=f"{dtype} {m} {k} {n}")
+        if dtype == torch.bfloat16:
+            out = ops.linear_packed(x, ops_native.pack_linear_panels(w), n, b)
+            assert_close_to_ref(out, ops_native.linear(x, w, b), exact, what=f"packed {m} {k} {n}")
 print("ok")
 """
 
@@ -117,7 +121,64 @@ def test_variant(env):
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
-def test_cpu_gemm_uses_the_kernel_on_plain_bf16_weights(monkeypatch):
+def _check_packed(x, w, b, what=""):
+    packed = ops_native.pack_linear_panels(w)
+    out = ops.linear_packed(x, packed, w.shape[0], b)
+    native = ops_native.linear(x, w, b)
+    exact = ops_native.linear(x.double(), w.double(), None if b is None else b.double())
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], w.shape[0])
+    assert_close_to_ref(out, native, exact, what=what)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 8, 17, 33, 100])
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_packed(m, k, n, bias):
+    _check_packed(*_case(m, k, n, torch.bfloat16, bias), what=f"linear_packed m={m} k={k} n={n} bias={bias}")
+
+
+def test_linear_packed_strided_rows():
+    x, w, b = _case(13, 769, 133, torch.bfloat16, True, stride=40)
+    _check_packed(x, w, b, what="strided x")
+    big = torch.full((13, 200), 7.0, dtype=torch.bfloat16)
+    torch.ops.octavo.linear_packed(big[:, :133], x, ops_native.pack_linear_panels(w), b)
+    torch.testing.assert_close(big[:, :133], ops.linear_packed(x.contiguous(), ops_native.pack_linear_panels(w), 133, b),
+                               rtol=0, atol=0)
+    assert (big[:, 133:] == 7).all()
+
+
+def test_pack_linear_panels_layout():
+    w = torch.arange(70 * 5, dtype=torch.float32).view(70, 5).bfloat16()
+    packed = ops_native.pack_linear_panels(w)
+    assert packed.shape == (2, 3, 64, 2)
+    assert packed[0, 1, 3, 0] == w[3, 2] and packed[0, 1, 3, 1] == w[3, 3] and packed[1, 0, 5, 1] == w[69, 1]
+    assert packed[0, 2, 0, 1] == 0 and (packed[1, :, 6:] == 0).all()  # K and N padding
+    assert torch.equal(ops_native.unpack_linear_panels(packed, 70, 5), w)
+
+
+def test_linear_packed_errors():
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear_packed(x, w, 8)
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear_packed(torch.randn(4, 18, dtype=torch.bfloat16), ops_native.pack_linear_panels(w), 8)
+    with pytest.raises(RuntimeError, match="only bfloat16"):
+        ops.linear_packed(x.float(), ops_native.pack_linear_panels(w.float()), 8)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear_packed(x, ops_native.pack_linear_panels(w), 8, torch.randn(7, dtype=torch.bfloat16))
+
+
+def test_opcheck_packed():
+    x = torch.randn(5, 97, dtype=torch.bfloat16)
+    w = torch.randn(33, 97, dtype=torch.bfloat16)
+    packed = ops_native.pack_linear_panels(w)
+    for bias in (None, torch.randn(33, dtype=torch.bfloat16)):
+        torch.library.opcheck(torch.ops.octavo.linear_packed.default,
+                              (torch.empty(5, 33, dtype=torch.bfloat16), x, packed, bias))
+
+
+def test_cpu_gemm_packs_bf16_for_the_kernel(monkeypatch):
     from octavo.models.layers import cpu_gemm
     from octavo.models.layers.linear import QKVParallelLinear
     if not cpu_gemm.enabled():
@@ -128,11 +189,11 @@ def test_cpu_gemm_uses_the_kernel_on_plain_bf16_weights(monkeypatch):
     for p in layer.parameters():
         p.data.normal_()
     w = layer.weight.detach().clone()
-    storage = layer.weight.data_ptr()
     layer.process_weights_after_loading()
-    # one copy: the plain weight itself, not a oneDNN-packed one
-    assert not layer.packed_weight.is_mkldnn and layer.packed_weight.data_ptr() == storage
-    for rows in (1, cpu_gemm.MAX_KERNEL_ROWS, cpu_gemm.MAX_KERNEL_ROWS + 1):
+    # one copy: the panels replace the plain weight
+    assert isinstance(layer.packed_weight, cpu_gemm.PanelWeight) and layer.weight.numel() == 0
+    for rows in (1, 7, 300):
         x = torch.randn(rows, 96, dtype=torch.bfloat16)
         exact = ops_native.linear(x.double(), w.double(), layer.bias.double())
         assert_close_to_ref(layer(x), ops_native.linear(x, w, layer.bias), exact, what=f"rows={rows}")
+    assert layer(torch.randn(0, 96, dtype=torch.bfloat16)).shape == (0, w.shape[0])
