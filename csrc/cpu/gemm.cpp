@@ -279,20 +279,35 @@ __attribute__((target("avx512bf16"))) static inline void packed_step(__m512 (&ac
   }
 }
 
+// K pairs [kk0, kk1) of one MB x 64 output block. Partial sums live in scratch [MB, 64] between
+// K ranges (first: start from zero; last: add the bias and store the outputs).
+struct PackedRange {
+  int64_t kk0, kk1;
+  float* scratch;
+  bool first, last, prefetch;
+};
+
 template <int MB>
 __attribute__((target("avx512bf16"))) static void packed_block_bf16(const LinearParams& p,
                                                                    const c10::BFloat16* wp,
                                                                    int64_t n0, int64_t m0,
-                                                                   bool prefetch) {
+                                                                   const PackedRange& r) {
   const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x) + m0 * p.x_stride;  // [MB, K]
   const int64_t kfull = p.k / 2;
+  const bool prefetch = r.prefetch;
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
-    for (int t = 0; t < 4; ++t) acc[m][t] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < kfull; ++kk) {
+    for (int t = 0; t < 4; ++t)
+      acc[m][t] = r.first ? _mm512_setzero_ps() : _mm512_loadu_ps(r.scratch + m * kPanel + 16 * t);
+  for (int64_t kk = r.kk0; kk < std::min(r.kk1, kfull); ++kk) {
     const c10::BFloat16* wk = wp + kk * 2 * kPanel;
     if (prefetch) __builtin_prefetch(wk + 32 * 2 * kPanel, 0, 3);  // 8 KiB ahead
     packed_step<MB>(acc, wk, x + 2 * kk, p.x_stride);
+  }
+  if (!r.last) {
+    for (int m = 0; m < MB; ++m)
+      for (int t = 0; t < 4; ++t) _mm512_storeu_ps(r.scratch + m * kPanel + 16 * t, acc[m][t]);
+    return;
   }
   if (p.k & 1) {  // the last pair holds x[K-1] and 0 (the packed weight is zero there)
     c10::BFloat16 last[MB][2];
@@ -318,14 +333,42 @@ __attribute__((target("avx512bf16"))) static void packed_block_bf16(const Linear
 }
 
 static void packed_block_bf16_any(const LinearParams& p, const c10::BFloat16* wp, int64_t n0,
-                                  int64_t m0, int mb, bool prefetch) {
+                                  int64_t m0, int mb, const PackedRange& r) {
   switch (mb) {
-    case 1: packed_block_bf16<1>(p, wp, n0, m0, prefetch); break;
-    case 2: packed_block_bf16<2>(p, wp, n0, m0, prefetch); break;
-    case 3: packed_block_bf16<3>(p, wp, n0, m0, prefetch); break;
-    case 4: packed_block_bf16<4>(p, wp, n0, m0, prefetch); break;
-    case 5: packed_block_bf16<5>(p, wp, n0, m0, prefetch); break;
-    default: packed_block_bf16<6>(p, wp, n0, m0, prefetch); break;
+    case 1: packed_block_bf16<1>(p, wp, n0, m0, r); break;
+    case 2: packed_block_bf16<2>(p, wp, n0, m0, r); break;
+    case 3: packed_block_bf16<3>(p, wp, n0, m0, r); break;
+    case 4: packed_block_bf16<4>(p, wp, n0, m0, r); break;
+    case 5: packed_block_bf16<5>(p, wp, n0, m0, r); break;
+    default: packed_block_bf16<6>(p, wp, n0, m0, r); break;
+  }
+}
+
+// Many rows (prefill): chunks of kChunkRows rows x K ranges of kKPairs pairs, so the 64 x
+// 2*kKPairs weight tile (32 KiB) stays in L1 while all the chunk's row blocks use it.
+constexpr int64_t kChunkRows = 96;
+constexpr int64_t kKPairs = 128;
+
+static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, int64_t n0) {
+  const int64_t kfull = p.k / 2;
+  if (p.m <= 2 * kMaxPackedMB) {  // decode: one pass over the panel, the weights from memory
+    for (int64_t m0 = 0; m0 < p.m; m0 += kMaxPackedMB)
+      packed_block_bf16_any(p, wp, n0, m0, static_cast<int>(std::min<int64_t>(kMaxPackedMB, p.m - m0)),
+                            PackedRange{0, kfull, nullptr, true, true, m0 == 0});
+    return;
+  }
+  alignas(64) float scratch[kChunkRows * kPanel];  // [kChunkRows, 64] partial sums
+  const int64_t nranges = std::max<int64_t>(1, (kfull + kKPairs - 1) / kKPairs);
+  for (int64_t c0 = 0; c0 < p.m; c0 += kChunkRows) {
+    const int64_t c1 = std::min(p.m, c0 + kChunkRows);
+    for (int64_t r = 0; r < nranges; ++r) {
+      for (int64_t m0 = c0; m0 < c1; m0 += kMaxPackedMB) {
+        const PackedRange range{r * kKPairs, (r + 1) * kKPairs, scratch + (m0 - c0) * kPanel,
+                                r == 0, r == nranges - 1, false};
+        packed_block_bf16_any(p, wp, n0, m0, static_cast<int>(std::min<int64_t>(kMaxPackedMB, c1 - m0)),
+                              range);
+      }
+    }
   }
 }
 #endif
@@ -339,16 +382,15 @@ void linear_packed_kernel(const LinearParams& p) {
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pi = begin; pi < end; ++pi) {
       const c10::BFloat16* wp = w + pi * panel_elems;
-      for (int64_t m0 = 0; m0 < p.m; m0 += kMaxPackedMB) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMaxPackedMB, p.m - m0));
 #if defined(CPU_CAPABILITY_AVX512)
-        if (bf16) {
-          packed_block_bf16_any(p, wp, pi * kPanel, m0, mb, m0 == 0);
-          continue;
-        }
-#endif
-        packed_block_generic(p, wp, pi * kPanel, m0, mb);
+      if (bf16) {
+        packed_panel_bf16(p, wp, pi * kPanel);
+        continue;
       }
+#endif
+      for (int64_t m0 = 0; m0 < p.m; m0 += kMaxPackedMB)
+        packed_block_generic(p, wp, pi * kPanel, m0,
+                             static_cast<int>(std::min<int64_t>(kMaxPackedMB, p.m - m0)));
     }
   });
 }
