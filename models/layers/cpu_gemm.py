@@ -6,7 +6,8 @@ fastest on.
   On the 2-core Zen 5 machines (100M Llama, interleaved runs vs oneDNN prepacked, medians) batch-1
   TPOT 21.0 -> 14.4 ms, batch-8 34.3 -> 24.4 ms, 32-prompt throughput 414 -> 509 output tok/s;
   per GEMM it is on par with oneDNN for 8..64 rows and 10-25% slower at 2048 rows
-  (bench/kernels/linear.py). OCTAVO_CPU_LINEAR_KERNEL=0 goes back to oneDNN for bf16.
+  (bench/kernels/linear.py). Used only on CPUs with avx512_bf16 (elsewhere oneDNN stays);
+  OCTAVO_CPU_LINEAR_KERNEL=0 goes back to oneDNN for bf16.
 - fp32: oneDNN's prepacked layout (the one torch.compile's CPU backend uses), 1.3x faster than
   `F.linear` for batch-32 decode and about 2x for batch 1 (bench/README.md).
 Either packed copy replaces the plain weight in linear layers (one copy in memory; the LM head
@@ -15,6 +16,7 @@ OCTAVO_CPU_ONEDNN_LINEAR=0 to fall back to plain `F.linear` for everything.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -38,9 +40,21 @@ def enabled() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+@functools.cache
+def _has_avx512_bf16() -> bool:
+    # the kernel's generic path (any other CPU) is correct but far slower than oneDNN
+    if os.environ.get("ATEN_CPU_CAPABILITY") in ("default", "avx2") or os.environ.get("OCTAVO_CPU_NO_AVX512BF16"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def kernel_enabled(dtype: torch.dtype) -> bool:
     """Whether weights of this dtype go to octavo's own kernel rather than oneDNN."""
-    return (dtype == torch.bfloat16 and not ops.USING_NATIVE
+    return (dtype == torch.bfloat16 and not ops.USING_NATIVE and _has_avx512_bf16()
             and os.environ.get("OCTAVO_CPU_LINEAR_KERNEL", "1") == "1")
 
 
