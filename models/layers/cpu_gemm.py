@@ -3,10 +3,9 @@ fastest on.
 
 - bf16: octavo's own layout and kernel (`ops.linear_packed`, csrc/cpu/gemm.cpp): 64-output panels
   of K pairs, read front to back, avx512_bf16 dot products; one kernel for every row count.
-  On the 2-core Zen 5 machines (100M Llama, interleaved runs vs oneDNN prepacked, medians) batch-1
-  TPOT 21.0 -> 14.4 ms, batch-8 34.3 -> 24.4 ms, 32-prompt throughput 414 -> 509 output tok/s;
-  per GEMM it is on par with oneDNN for 8..64 rows and 10-25% slower at 2048 rows
-  (bench/kernels/linear.py). Used only on CPUs with avx512_bf16 (elsewhere oneDNN stays);
+  On the 2-core Zen 5 machines (100M Llama, runs interleaved with oneDNN prepacked) it is about
+  15-30% faster at batch 1 and level at batch 32 (bench/README.md, 2026-12-01 set); per GEMM it
+  is on par with oneDNN for 8..64 rows and 10-25% slower at 2048 rows (bench/kernels/linear.py). Used only on CPUs with avx512_bf16 (elsewhere oneDNN stays);
   OCTAVO_CPU_LINEAR_KERNEL=0 goes back to oneDNN for bf16.
 - fp32: oneDNN's prepacked layout (the one torch.compile's CPU backend uses), 1.3x faster than
   `F.linear` for batch-32 decode and about 2x for batch 1 (bench/README.md).
