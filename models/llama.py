@@ -9,6 +9,7 @@ A family is a subclass of LlamaForCausalLM that overrides a few hooks (staticmet
   mlp_options(config)                   (hidden_act, bias) of the gated MLP
   scale_embeddings(config, hidden)      Gemma's sqrt(hidden), Granite's embedding_multiplier
   residual_scale(config)                multiplier on each block's output (Granite)
+  make_attention(config, opts)          the attention module (MiniCPM3's MLA replaces LlamaAttention)
   decoder_layer_cls                     the layer class (Cohere's parallel block overrides forward)
 and compute_logits where a family scales or soft-caps the logits.
 """
@@ -125,7 +126,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, opts: AttentionOptions, family=None):
         super().__init__()
         family = family or LlamaForCausalLM
-        self.self_attn = LlamaAttention(config, opts, family)
+        self.self_attn = family.make_attention(config, opts)
         hidden_act, bias = family.mlp_options(config)
         self.mlp = LlamaMLP(config, bias=bias, hidden_act=hidden_act)
         self.norm_names = family.norm_names
@@ -202,6 +203,10 @@ class LlamaForCausalLM(nn.Module):
     def attention_options(config, layer_idx: int) -> AttentionOptions:
         bias = getattr(config, "attention_bias", False)
         return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_attention(cls, config, opts: AttentionOptions) -> nn.Module:
+        return LlamaAttention(config, opts, cls)
 
     @staticmethod
     def make_norm(config, size: int) -> nn.Module:

@@ -17,7 +17,7 @@ from octavo.models.layers.layernorm import RMSNorm
 from octavo.models.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from octavo.models.layers.parallel_state import get_tp_size
 from octavo.models.layers.rotary import get_rope, rope_parameters
-from octavo.models.llama import AttentionOptions, LlamaDecoderLayer, LlamaMLP
+from octavo.models.llama import AttentionOptions
 from octavo.models.minicpm import MiniCPMForCausalLM
 
 
@@ -71,22 +71,10 @@ class MiniCPM3Attention(nn.Module):
         return self.o_proj(out.view(T, H, self.head_size)[..., :self.v_dim].reshape(T, -1))
 
 
-class MiniCPM3DecoderLayer(LlamaDecoderLayer):
-    """LlamaDecoderLayer's norms, residual scale and forward around MLA."""
-
-    def __init__(self, config, opts: AttentionOptions, family=None):
-        nn.Module.__init__(self)
-        self.self_attn = MiniCPM3Attention(config)
-        hidden_act, bias = family.mlp_options(config)
-        self.mlp = LlamaMLP(config, bias=bias, hidden_act=hidden_act)
-        self.norm_names = family.norm_names
-        for name in vars(self.norm_names).values():
-            if name is not None:
-                self.add_module(name, family.make_norm(config, config.hidden_size))
-        self.residual_scale = family.residual_scale(config)
-
-
 class MiniCPM3ForCausalLM(MiniCPMForCausalLM):
     # q_proj (no q_lora) is a projection of its own here, not a shard of a fused qkv
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    decoder_layer_cls = MiniCPM3DecoderLayer
+
+    @classmethod
+    def make_attention(cls, config, opts: AttentionOptions) -> nn.Module:
+        return MiniCPM3Attention(config)

@@ -8,7 +8,7 @@ from torch import nn
 from octavo.models.layers.activation import get_act_fn
 from octavo.models.layers.layernorm import LayerNorm
 from octavo.models.layers.linear import ColumnParallelLinear, RowParallelLinear
-from octavo.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM, add_and_norm
+from octavo.models.llama import AttentionOptions, LlamaForCausalLM, add_and_norm
 
 
 class Starcoder2MLP(nn.Module):
@@ -26,7 +26,7 @@ class Starcoder2MLP(nn.Module):
 class Starcoder2DecoderLayer(nn.Module):
     def __init__(self, config, opts: AttentionOptions, family):
         super().__init__()
-        self.self_attn = LlamaAttention(config, opts, family)
+        self.self_attn = family.make_attention(config, opts)
         self.mlp = Starcoder2MLP(config)
         self.input_layernorm = family.make_norm(config, config.hidden_size)
         self.post_attention_layernorm = family.make_norm(config, config.hidden_size)
