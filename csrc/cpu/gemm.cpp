@@ -468,7 +468,7 @@ void linear_packed_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   TORCH_CHECK(packed.dim() == 4 && packed.size(0) == (n + 63) / 64 && packed.size(1) == (k + 1) / 2 &&
                   packed.size(2) == 64 && packed.size(3) == 2 && packed.is_contiguous(),
               "linear_packed: packed must be a contiguous [", (n + 63) / 64, ", ", (k + 1) / 2,
-              ", 64, 2] weight (cpu_gemm.pack_panels), got ", packed.sizes());
+              ", 64, 2] weight (ops_native.pack_linear_panels), got ", packed.sizes());
   OCTAVO_CHECK_LAST_CONTIG(x);
   OCTAVO_CHECK_LAST_CONTIG(out);
   if (bias.has_value()) {
