@@ -1,6 +1,11 @@
 """Random paged-attention batches shared by the tests and the kernel lab."""
 import torch
 
+# masking / scoring options every paged-attention backend is tested with ("alibi": pass slopes)
+VARIANTS = [dict(sliding_window=20), dict(sliding_window=1), dict(sliding_window=700),
+            dict(soft_cap=5.0), dict(alibi=True), dict(sliding_window=33, soft_cap=30.0, alibi=True)]
+VARIANT_IDS = ["window20", "window1", "window700", "softcap", "alibi", "all"]
+
 
 def make_batch(seqs, num_heads, num_kv_heads, head_size, block_size, dtype, seed=0,
                fill_unused=float("nan")):

@@ -4,7 +4,7 @@ same kernels run under the SIMT emulator on the CPU in tests/simt."""
 import pytest
 import torch
 
-from attention_cases import make_batch, to_dtype
+from attention_cases import VARIANT_IDS, VARIANTS, make_batch, to_dtype
 from kernel_utils import ALL_DTYPES, assert_close_to_ref
 from octavo import ops, ops_native
 
@@ -119,10 +119,7 @@ def test_paged_attention_cuda_head_sizes(head_size, seqs):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("seqs", [ATTN_DECODE, ATTN_MIXED], ids=["decode", "mixed"])
-@pytest.mark.parametrize("variant", [dict(sliding_window=20), dict(sliding_window=1),
-                                     dict(sliding_window=700), dict(soft_cap=5.0), dict(alibi=True),
-                                     dict(sliding_window=33, soft_cap=30.0, alibi=True)],
-                         ids=["window20", "window1", "window700", "softcap", "alibi", "all"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_paged_attention_cuda_variants(dtype, seqs, variant):
     kw = {k: v for k, v in variant.items() if k != "alibi"}
     if variant.get("alibi"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import simt_ext
-from attention_cases import make_batch, to_dtype
+from attention_cases import VARIANT_IDS, VARIANTS, make_batch, to_dtype
 from kernel_utils import ALL_DTYPES, assert_close_to_ref
 from octavo import ops_native
 
@@ -69,10 +69,7 @@ def test_awkward_block_sizes(simt, dtype, block_size, seqs):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
-@pytest.mark.parametrize("variant", [dict(sliding_window=20), dict(sliding_window=1),
-                                     dict(sliding_window=700), dict(soft_cap=5.0), dict(alibi=True),
-                                     dict(sliding_window=33, soft_cap=30.0, alibi=True)],
-                         ids=["window20", "window1", "window700", "softcap", "alibi", "all"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_variants(simt, dtype, seqs, variant):
     num_heads, num_kv_heads = 4, 2
     batch = make_batch(seqs, num_heads, num_kv_heads, 32, 16, torch.float32, seed=3)
