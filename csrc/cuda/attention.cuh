@@ -2,16 +2,7 @@
 // log-sum-exp merge, and a tiled online-softmax prefill kernel for varlen query batches.
 #pragma once
 
-#include <cstring>
-
-#include "cuda/launch.cuh"
-
-// g++ (the emulator) has no `#pragma unroll`
-#ifdef OCTAVO_SIMT
-#define OCTAVO_UNROLL
-#else
-#define OCTAVO_UNROLL _Pragma("unroll")
-#endif
+#include "cuda/vec.cuh"
 
 namespace octavo::cuda::attn {
 
@@ -26,21 +17,6 @@ constexpr unsigned kFull = 0xffffffffu;
 // Head sizes are bucketed: a kernel for HD_MAX serves any multiple of 8 up to it.
 constexpr int head_bucket(int head_size) {
   return head_size <= 32 ? 32 : head_size <= 64 ? 64 : head_size <= 128 ? 128 : 256;
-}
-
-template <typename T>
-struct Vec {
-  static constexpr int kElems = 16 / sizeof(T);  // elements in one 16-byte load
-};
-
-// f[0:N] = p[0:N] as floats, one 16-byte load (p 16-byte aligned).
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&f)[Vec<T>::kElems]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  T vals[Vec<T>::kElems];
-  memcpy(vals, &raw, sizeof(raw));
-  OCTAVO_UNROLL
-  for (int e = 0; e < Vec<T>::kElems; ++e) f[e] = to_float(vals[e]);
 }
 
 __device__ __forceinline__ float warp_max(float v) {

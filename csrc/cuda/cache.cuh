@@ -2,12 +2,13 @@
 // (no torch headers).
 #pragma once
 
-#include "cuda/launch.cuh"
+#include "cuda/vec.cuh"
 
 namespace octavo::cuda {
 
-// grid: (T); the block copies the token's Hk * hd elements of key and value.
-template <typename T>
+// grid: (T); the block copies the token's Hk * hd elements of key and value, N at a time
+// (hd % N == 0).
+template <typename T, int N>
 __global__ void reshape_and_cache_kernel(CacheArgs a) {
   const int64_t t = blockIdx.x;
   const int64_t slot = a.slot_mapping[t];
@@ -18,10 +19,11 @@ __global__ void reshape_and_cache_kernel(CacheArgs a) {
   const T* v = static_cast<const T*>(a.value) + t * a.v_stride_token;
   T* kc = static_cast<T*>(a.key_cache) + block * a.kc_stride_block + offset * a.kc_stride_token;
   T* vc = static_cast<T*>(a.value_cache) + block * a.vc_stride_block + offset * a.vc_stride_token;
-  for (int idx = threadIdx.x; idx < a.num_kv_heads * a.head_size; idx += blockDim.x) {
-    const int h = idx / a.head_size, d = idx % a.head_size;
-    kc[h * a.kc_stride_head + d] = k[h * a.k_stride_head + d];
-    vc[h * a.vc_stride_head + d] = v[h * a.v_stride_head + d];
+  const int nv = a.head_size / N;
+  for (int idx = threadIdx.x; idx < a.num_kv_heads * nv; idx += blockDim.x) {
+    const int h = idx / nv, d = idx % nv * N;
+    copy_n<T, N>(kc + h * a.kc_stride_head + d, k + h * a.k_stride_head + d);
+    copy_n<T, N>(vc + h * a.vc_stride_head + d, v + h * a.v_stride_head + d);
   }
 }
 

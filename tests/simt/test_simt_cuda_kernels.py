@@ -21,7 +21,8 @@ def strided(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("num_tokens,hidden,pad", [(1, 64, 0), (7, 769, 3), (3, 5125, 0), (4, 20, 5)])
+@pytest.mark.parametrize("num_tokens,hidden,pad", [(1, 64, 0), (7, 769, 3), (3, 5125, 0), (4, 20, 5),
+                                                    (5, 4096, 8)])
 def test_rms_norms(simt, dtype, num_tokens, hidden, pad):
     torch.manual_seed(0)
     x = strided(torch.randn(num_tokens, hidden, dtype=dtype), pad)
@@ -42,9 +43,10 @@ def test_rms_norms(simt, dtype, num_tokens, hidden, pad):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("num_tokens,d", [(9, 1), (5, 769), (3, 2816)])
-def test_act_and_mul(simt, dtype, num_tokens, d):
+@pytest.mark.parametrize("pad", [0, 2])  # 2816 with pad 0: 16-byte accesses; pad 2: scalar
+def test_act_and_mul(simt, dtype, num_tokens, d, pad):
     torch.manual_seed(1)
-    x = strided(torch.randn(num_tokens, 2 * d, dtype=dtype) * 3, 2)
+    x = strided(torch.randn(num_tokens, 2 * d, dtype=dtype) * 3, pad)
     out = torch.empty(num_tokens, d, dtype=dtype)
     simt.silu_and_mul(out, x)
     assert_close_to_ref(out, ops_native.silu_and_mul(x), ops_native.silu_and_mul(x.double()), what="silu")

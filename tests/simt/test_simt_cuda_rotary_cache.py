@@ -67,7 +67,9 @@ def test_rotary_cache_in_query_dtype_and_bad_position(simt):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("num_kv_heads,head_size,block_size", [(3, 40, 4), (1, 128, 16), (8, 8, 1)])
+# head sizes 40/128/8 allow 16-byte copies; 20 (16-bit types) and 6 take the scalar path
+@pytest.mark.parametrize("num_kv_heads,head_size,block_size", [(3, 40, 4), (1, 128, 16), (8, 8, 1),
+                                                            (2, 20, 3), (2, 6, 3)])
 def test_reshape_and_cache(simt, dtype, num_kv_heads, head_size, block_size):
     torch.manual_seed(head_size)
     num_tokens, num_blocks = 11, 12
