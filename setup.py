@@ -1,4 +1,4 @@
-"""Build and install octavo: Python packages from engine/, models/, bench/ (see DESIGN.md §1)
+"""Build and install octavo: Python packages from engine/, models/, bench/
 and the kernel extension octavo._C, built from csrc/ by CMake + ninja.
 
 Environment:

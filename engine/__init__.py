@@ -2,7 +2,7 @@
 import importlib
 import os
 
-# Spinning OpenMP workers are disastrous on a shared 2-core machine (CPU-NOTES.md); this only
+# Spinning OpenMP workers are disastrous on a shared 2-core machine; this only
 # takes effect if torch is not imported yet.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

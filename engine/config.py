@@ -1,4 +1,4 @@
-"""EngineConfig: every engine setting in one dataclass that validates itself (STYLE.md habit 12)."""
+"""EngineConfig: every engine setting in one dataclass that validates itself."""
 from __future__ import annotations
 
 import os

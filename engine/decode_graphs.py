@@ -1,5 +1,5 @@
 """Decode steps on fixed batch-size buckets: static input buffers, padding, and on CUDA one
-captured graph per bucket, replayed from those buffers (DESIGN.md §6, STYLE.md habit 13).
+captured graph per bucket, replayed from those buffers.
 
 Bucket choice, padding and the copy into the static buffers are the same on every device; on
 the CPU the padded batch runs eagerly, so every CPU test exercises this path. A padding row is a

@@ -1,1 +1,1 @@
-"""Kernel labs: one per op (STYLE.md habit 10)."""
+"""Kernel labs: one per op."""
