@@ -105,6 +105,42 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return out
 
 
+
+# ---- mixture of experts (signatures and semantics: ops_native) ----
+
+def topk_routing(gating_output: torch.Tensor, top_k: int, scoring: str = "softmax",
+                 renormalize: bool = True, bias: torch.Tensor | None = None, n_group: int = 1,
+                 topk_group: int = 1, group_score: str = "max",
+                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    # gating_output: [T, E] -> (weights [T, top_k] fp32, ids [T, top_k] int32)
+    return ops_native.topk_routing(gating_output, top_k, scoring, renormalize, bias, n_group,
+                                   topk_group, group_score, routed_scaling_factor)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int,
+              block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # topk_ids: [T, k] int32 -> (sorted_token_ids [P], expert_ids [P // block_size], post_pad [1])
+    return ops_native.moe_align(topk_ids, num_experts, block_size)
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              activation: str = "silu") -> torch.Tensor:
+    # hidden: [T, H], w13: [E, 2I, H], w2: [E, H, I] -> out [T, H]
+    return ops_native.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+
+def prepare_moe_weights(w13: torch.Tensor, w2: torch.Tensor):
+    """Repacks the expert weights once after loading; pass the result to fused_moe_prepared."""
+    return ops_native.prepare_moe_weights(w13, w2)
+
+
+def fused_moe_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    # prepared: prepare_moe_weights(w13, w2) -> out [T, H]
+    return ops_native.fused_moe_prepared(hidden, prepared, topk_weights, topk_ids, activation)
+
+
 if USING_NATIVE:
     from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
                                    paged_attention, reshape_and_cache, rms_norm,

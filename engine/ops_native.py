@@ -169,3 +169,169 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             o = torch.matmul(probs, v[:, None])  # [Hk, group, rows, hd]
             out[q0 + c0:q0 + c1] = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_heads, head_size).to(out.dtype)
     return out
+
+
+# ---- mixture of experts: routing, alignment into expert tiles, the expert MLPs ----------------
+
+_SCORINGS = ("softmax", "sigmoid")
+_GROUP_SCORES = ("max", "top2_sum")
+_MOE_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu,
+                    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def check_topk_routing_args(gating_output: torch.Tensor, top_k: int, scoring: str,
+                            bias: torch.Tensor | None, n_group: int, topk_group: int,
+                            group_score: str) -> None:
+    """Raises ValueError (saying what to change) on arguments topk_routing cannot honour."""
+    if gating_output.dim() != 2:
+        raise ValueError(f"topk_routing: gating_output must be [T, E], got {tuple(gating_output.shape)}")
+    e = gating_output.shape[1]
+    if scoring not in _SCORINGS:
+        raise ValueError(f"topk_routing: scoring must be one of {_SCORINGS}, got {scoring!r}")
+    if group_score not in _GROUP_SCORES:
+        raise ValueError(f"topk_routing: group_score must be one of {_GROUP_SCORES}, got {group_score!r}")
+    if bias is not None and tuple(bias.shape) != (e,):
+        raise ValueError(f"topk_routing: bias must be [E] = [{e}], got {tuple(bias.shape)}")
+    if n_group < 1 or e % n_group != 0:
+        raise ValueError(f"topk_routing: n_group ({n_group}) must divide the {e} experts")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_routing: topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    if group_score == "top2_sum" and n_group > 1 and e // n_group < 2:
+        raise ValueError("topk_routing: group_score 'top2_sum' needs at least 2 experts per group")
+    allowed = e if n_group == 1 else topk_group * (e // n_group)
+    if not 1 <= top_k <= allowed:
+        raise ValueError(f"topk_routing: top_k must be in [1, {allowed}] (experts in the chosen "
+                         f"groups), got {top_k}")
+
+
+def topk_routing(gating_output: torch.Tensor, top_k: int, scoring: str = "softmax",
+                 renormalize: bool = True, bias: torch.Tensor | None = None, n_group: int = 1,
+                 topk_group: int = 1, group_score: str = "max",
+                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    # gating_output: [T, E] router logits -> (weights [T, top_k] fp32, ids [T, top_k] int32).
+    # bias only steers the choice (DeepSeek-V3 noaux_tc); weights are the unbiased scores.
+    check_topk_routing_args(gating_output, top_k, scoring, bias, n_group, topk_group, group_score)
+    t, e = gating_output.shape
+    logits = gating_output.float()
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    if n_group > 1:
+        groups = choice.view(t, n_group, e // n_group)
+        if group_score == "max":
+            gscore = groups.amax(-1)
+        else:
+            gscore = groups.sort(-1, descending=True).values[..., :2].sum(-1)
+        keep = gscore.sort(dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        mask = torch.zeros(t, n_group, dtype=torch.bool, device=choice.device)
+        mask.scatter_(1, keep, True)
+        choice = choice.masked_fill(~mask.repeat_interleave(e // n_group, 1), float("-inf"))
+    # a stable descending sort: among equal scores the lower expert id comes first
+    ids = choice.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def moe_align_sizes(num_pairs: int, num_experts: int, block_size: int) -> tuple[int, int]:
+    """(P, P // block_size): the padded length of moe_align's outputs, from shapes only (so a
+    CUDA graph can capture it): every non-empty expert wastes at most block_size - 1 slots."""
+    p = num_pairs + min(num_pairs, num_experts) * (block_size - 1)
+    p = (p + block_size - 1) // block_size * block_size
+    return p, p // block_size
+
+
+def check_moe_align_args(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> None:
+    if topk_ids.dim() != 2 or topk_ids.dtype != torch.int32:
+        raise ValueError(f"moe_align: topk_ids must be a [T, k] int32 tensor, got "
+                         f"{tuple(topk_ids.shape)} {topk_ids.dtype}")
+    if num_experts < 1 or block_size < 1:
+        raise ValueError(f"moe_align: num_experts ({num_experts}) and block_size ({block_size}) "
+                         "must be positive")
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int,
+              block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # topk_ids: [T, k] int32 -> sorted_token_ids [P] int32 (pair index t*k + j grouped by expert,
+    # in pair order inside an expert, each run padded to a multiple of block_size with T*k),
+    # expert_ids [P // block_size] int32 (-1 past the used tiles), num_tokens_post_pad [1] int32.
+    check_moe_align_args(topk_ids, num_experts, block_size)
+    flat = topk_ids.flatten().long()
+    n = flat.numel()
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        raise ValueError(f"moe_align: expert ids must be in [0, {num_experts})")
+    p, nblocks = moe_align_sizes(n, num_experts, block_size)
+    dev = topk_ids.device
+    sorted_ids = torch.full((p,), n, dtype=torch.int32, device=dev)
+    expert_ids = torch.full((nblocks,), -1, dtype=torch.int32, device=dev)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    order = flat.sort(stable=True).indices
+    pos, src = 0, 0
+    for ex, c in enumerate(counts):
+        if c == 0:
+            continue
+        sorted_ids[pos:pos + c] = order[src:src + c].to(torch.int32)
+        padded = (c + block_size - 1) // block_size * block_size
+        expert_ids[pos // block_size:(pos + padded) // block_size] = ex
+        pos, src = pos + padded, src + c
+    return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32, device=dev)
+
+
+def check_fused_moe_args(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                         activation: str) -> None:
+    """Raises ValueError (saying what to change) on inconsistent fused_moe arguments."""
+    if activation not in _MOE_ACTIVATIONS:
+        raise ValueError(f"fused_moe: activation must be one of {tuple(_MOE_ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"fused_moe: expected hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], got "
+                         f"{tuple(hidden.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
+    t, h = hidden.shape
+    e, i2, h13 = w13.shape
+    if i2 % 2 or h13 != h or tuple(w2.shape) != (e, h, i2 // 2):
+        raise ValueError(f"fused_moe: w13 must be [E, 2I, {h}] and w2 [E, {h}, I], got "
+                         f"{tuple(w13.shape)} and {tuple(w2.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_ids.dtype != torch.int32:
+        raise ValueError(f"fused_moe: topk_ids must be [T={t}, k] int32, got "
+                         f"{tuple(topk_ids.shape)} {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape or topk_weights.dtype != torch.float32:
+        raise ValueError(f"fused_moe: topk_weights must be {tuple(topk_ids.shape)} float32, got "
+                         f"{tuple(topk_weights.shape)} {topk_weights.dtype}")
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              activation: str = "silu") -> torch.Tensor:
+    # hidden: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I];
+    # topk_weights: [T, k] fp32; topk_ids: [T, k] int32 -> out [T, H] in hidden's dtype.
+    # out[t] = sum_j w[t, j] * w2[e] @ (act(gate_e @ h) * (up_e @ h)), fp32 accumulation.
+    check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids, activation)
+    act = _MOE_ACTIVATIONS[activation]
+    t, k = topk_ids.shape
+    e, i = w13.shape[0], w13.shape[1] // 2
+    flat = topk_ids.flatten().long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= e):
+        raise ValueError(f"fused_moe: expert ids must be in [0, {e})")
+    tokens = torch.arange(t, device=hidden.device).repeat_interleave(k)
+    pair_w = _acc(topk_weights.flatten())
+    out = torch.zeros(t, hidden.shape[1], dtype=_acc(hidden[:0]).dtype, device=hidden.device)
+    for ex in flat.unique().tolist():
+        sel = flat == ex
+        rows = tokens[sel]
+        gate_up = _acc(hidden[rows]) @ _acc(w13[ex]).t()
+        inter = act(gate_up[:, :i]) * gate_up[:, i:]
+        out.index_add_(0, rows, (inter @ _acc(w2[ex]).t()) * pair_w[sel, None])
+    return out.to(hidden.dtype)
+
+
+def prepare_moe_weights(w13: torch.Tensor, w2: torch.Tensor):
+    """The expert weights in the form fused_moe_prepared takes (here: unchanged)."""
+    return (w13, w2)
+
+
+def fused_moe_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    # prepared: what prepare_moe_weights returned
+    w13, w2 = prepared
+    return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)

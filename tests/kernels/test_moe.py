@@ -1,0 +1,187 @@
+"""MoE ops (topk_routing, moe_align, fused_moe): the references vs independent computations
+(transformers' routers and experts, a dense per-token einsum), then octavo.ops vs the references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_utils import DTYPES, assert_close_to_ref
+from octavo import ops, ops_native
+
+ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def dense_moe(hidden, w13, w2, topk_weights, topk_ids, activation="silu"):
+    """Every token gathers its experts' weights and runs them with einsums, in fp64."""
+    i = w13.shape[1] // 2
+    ids = topk_ids.long()
+    gate_up = torch.einsum("th,tkih->tki", hidden.double(), w13.double()[ids])
+    inter = ACTS[activation](gate_up[..., :i]) * gate_up[..., i:]
+    y = torch.einsum("tki,tkhi->tkh", inter, w2.double()[ids])
+    return (y * topk_weights.double()[..., None]).sum(1)
+
+
+def make_moe(t, h, i, e, k, dtype, seed=0, ids=None):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(t, h, generator=g).to(dtype)
+    w13 = (torch.randn(e, 2 * i, h, generator=g) / h ** 0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, generator=g) / i ** 0.5).to(dtype)
+    if ids is None:
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else \
+            torch.zeros(0, k, dtype=torch.long)
+    weights = torch.rand(t, k, generator=g) + 0.1
+    return hidden, w13, w2, weights.float(), ids.to(torch.int32)
+
+
+# ---- references vs independent computations ------------------------------------------------
+
+def test_topk_routing_hand_computed():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 0.0]])
+    w, ids = ops_native.topk_routing(logits, 2, renormalize=False)
+    p = torch.softmax(logits, -1)
+    assert ids.tolist() == [[3, 2], [0, 1]]  # the tie in row 1: lower ids first
+    torch.testing.assert_close(w, torch.stack([p[0, [3, 2]], p[1, [0, 1]]]))
+    w, _ = ops_native.topk_routing(logits, 2, renormalize=True, routed_scaling_factor=2.5)
+    e3, e2 = torch.tensor(3.0).exp(), torch.tensor(2.0).exp()
+    torch.testing.assert_close(w[0], 2.5 * torch.stack([e3, e2]) / (e3 + e2))
+    # sigmoid + bias: the bias picks expert 0, the weight stays sigmoid(0) = 0.5
+    bias = torch.tensor([5.0, 0.0, 0.0, 0.0])
+    w, ids = ops_native.topk_routing(logits, 1, "sigmoid", renormalize=False, bias=bias)
+    assert ids[:, 0].tolist() == [0, 0]
+    torch.testing.assert_close(w[:, 0], torch.sigmoid(logits[:, 0]))
+
+
+def _sorted_by_id(w, ids):
+    order = ids.long().argsort(-1)
+    return w.gather(1, order), ids.long().gather(1, order)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_topk_routing_matches_transformers_deepseek_v3(norm):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    cfg = transformers.DeepseekV3Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                                        n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                        norm_topk_prob=norm)
+    router = DeepseekV3TopkRouter(cfg)
+    torch.manual_seed(0)
+    router.weight.data.normal_()
+    router.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(37, 32)
+    logits, ref_w, ref_ids = router(x)
+    w, ids = ops_native.topk_routing(logits, 4, "sigmoid", norm, router.e_score_correction_bias,
+                                     n_group=4, topk_group=2, group_score="top2_sum",
+                                     routed_scaling_factor=2.5)
+    w, ids = _sorted_by_id(w, ids)
+    ref_w, ref_ids = _sorted_by_id(ref_w, ref_ids)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w)
+
+
+def test_topk_routing_matches_transformers_mixtral():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    cfg = transformers.MixtralConfig(hidden_size=24, num_local_experts=7, num_experts_per_tok=3)
+    router = MixtralTopKRouter(cfg)
+    torch.manual_seed(1)
+    router.weight.data.normal_()
+    logits, ref_w, ref_ids = router(torch.randn(29, 24))
+    w, ids = ops_native.topk_routing(logits, 3)
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(w, ref_w)
+
+
+def test_topk_routing_group_limited_greedy_per_token():
+    # DeepSeek-V2: softmax, groups ranked by their best expert, top-k inside the kept groups
+    torch.manual_seed(2)
+    logits = torch.randn(11, 12)
+    w, ids = ops_native.topk_routing(logits, 3, renormalize=False, n_group=4, topk_group=2,
+                                     routed_scaling_factor=1.5)
+    for t in range(11):
+        p = torch.softmax(logits[t], -1).tolist()
+        best = sorted(range(4), key=lambda gi: -max(p[3 * gi:3 * gi + 3]))[:2]
+        cand = sorted((e for gi in best for e in range(3 * gi, 3 * gi + 3)), key=lambda e: -p[e])[:3]
+        assert ids[t].tolist() == cand
+        torch.testing.assert_close(w[t], 1.5 * torch.tensor([p[e] for e in cand]))
+
+
+def test_topk_routing_errors():
+    x = torch.randn(3, 8)
+    for kwargs, msg in [(dict(top_k=9), "top_k"), (dict(top_k=2, scoring="relu"), "scoring"),
+                        (dict(top_k=2, n_group=3), "n_group"),
+                        (dict(top_k=2, n_group=4, topk_group=5), "topk_group"),
+                        (dict(top_k=5, n_group=4, topk_group=2), "top_k"),
+                        (dict(top_k=2, bias=torch.zeros(7)), "bias"),
+                        (dict(top_k=2, group_score="mean", n_group=2), "group_score")]:
+        for mod in (ops_native, ops):
+            with pytest.raises(ValueError, match=msg):
+                mod.topk_routing(x, **kwargs)
+
+
+def check_align(topk_ids, num_experts, block_size, sorted_ids, expert_ids, post_pad):
+    """The invariants of moe_align, checked pair by pair."""
+    n = topk_ids.numel()
+    flat = topk_ids.flatten().tolist()
+    p, nblocks = ops_native.moe_align_sizes(n, num_experts, block_size)
+    assert sorted_ids.shape == (p,) and expert_ids.shape == (nblocks,) and post_pad.shape == (1,)
+    assert sorted_ids.dtype == expert_ids.dtype == post_pad.dtype == torch.int32
+    counts = [flat.count(e) for e in range(num_experts)]
+    total = sum(-(-c // block_size) * block_size for c in counts)
+    assert post_pad.item() == total
+    s, ex = sorted_ids.tolist(), expert_ids.tolist()
+    assert all(v == n for v in s[total:]) and all(v == -1 for v in ex[total // block_size:])
+    seen = []
+    for b in range(total // block_size):
+        tile = [v for v in s[b * block_size:(b + 1) * block_size] if v != n]
+        assert tile and all(flat[v] == ex[b] for v in tile)
+        seen += tile
+    assert sorted(seen) == list(range(n))
+    assert ex[:total // block_size] == sorted(ex[:total // block_size])  # experts in id order
+
+
+@pytest.mark.parametrize("t,k,e,block", [(1, 1, 4, 16), (13, 2, 5, 4), (64, 8, 8, 16),
+                                         (9, 3, 3, 1), (0, 2, 4, 8)])
+def test_moe_align_reference(t, k, e, block):
+    torch.manual_seed(t)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int() if t else torch.zeros(0, k).int()
+    check_align(ids, e, block, *ops_native.moe_align(ids, e, block))
+
+
+def test_moe_align_hand_computed():
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]], dtype=torch.int32)
+    s, ex, pp = ops_native.moe_align(ids, 4, 2)
+    # pairs t*2+j: expert 0 has 1, 4; expert 1 has 3 (+pad 6); expert 2 has 0, 2, 5 (+pad)
+    assert s.tolist()[:8] == [1, 4, 3, 6, 0, 2, 5, 6] and ex.tolist()[:4] == [0, 1, 2, 2]
+    assert pp.tolist() == [8]
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_fused_moe_reference_vs_dense(activation):
+    hidden, w13, w2, tw, ti = make_moe(9, 40, 24, 6, 2, torch.float64)
+    out = ops_native.fused_moe(hidden, w13, w2, tw, ti, activation)
+    torch.testing.assert_close(out, dense_moe(hidden, w13, w2, tw, ti, activation))
+
+
+def test_fused_moe_reference_vs_transformers_experts():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+    cfg = transformers.DeepseekV3Config(hidden_size=32, moe_intermediate_size=20, n_routed_experts=5)
+    experts = DeepseekV3Experts(cfg)
+    hidden, w13, w2, tw, ti = make_moe(17, 32, 20, 5, 3, torch.float32, seed=3)
+    experts.gate_up_proj.data.copy_(w13)
+    experts.down_proj.data.copy_(w2)
+    with torch.no_grad():
+        ref = experts(hidden, ti.long(), tw)
+    torch.testing.assert_close(ops_native.fused_moe(hidden, w13, w2, tw, ti), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_moe_errors():
+    hidden, w13, w2, tw, ti = make_moe(3, 16, 8, 4, 2, torch.float32)
+    bad = [((hidden, w13, w2, tw, ti, "relu"), "activation"),
+           ((hidden, w13, w2[:, :, :4], tw, ti, "silu"), "w2"),
+           ((hidden, w13, w2, tw.double(), ti, "silu"), "topk_weights"),
+           ((hidden, w13, w2, tw, ti.long(), "silu"), "int32"),
+           ((hidden, w13, w2, tw, ti + 4, "silu"), "expert ids")]
+    for args, msg in bad:
+        for mod in (ops_native, ops):
+            with pytest.raises(ValueError, match=msg):
+                mod.fused_moe(*args)
