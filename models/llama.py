@@ -10,12 +10,14 @@ A family is a subclass of LlamaForCausalLM that overrides a few hooks (staticmet
   scale_embeddings(config, hidden)      Gemma's sqrt(hidden), Granite's embedding_multiplier
   residual_scale(config)                multiplier on each block's output (Granite)
   make_attention(config, opts)          the attention module (MiniCPM3's MLA replaces LlamaAttention)
+  make_mlp(config, layer_idx)           the MLP module of a layer (MoE families: a sparse MoE block,
+                                        dense on the layers their config keeps dense)
   decoder_layer_cls                     the layer class (Cohere's parallel block overrides forward)
 and compute_logits where a family scales or soft-caps the logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -42,6 +44,8 @@ class AttentionOptions:
     rope: bool = True                     # False: no rotary on this layer (NoPE, SmolLM3)
     rope_neox: bool = True                # False: GPT-J pairs (2i, 2i+1) (GLM4, Ernie4.5, Cohere)
     rope_layer_type: str = "full_attention"  # which per-layer-type rope_parameters (Gemma3 local)
+    clip_qkv: float | None = None         # clamp q, k, v to [-c, c] after the q/k norm (DBRX, OLMoE)
+    layer_idx: int = 0                    # set by LlamaModel: the layer these options are for
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = family.make_qk_norm(config, self.num_heads, hd)
             self.k_norm = family.make_qk_norm(config, self.num_kv_heads, hd)
         self.qk_norm = opts.qk_norm
+        self.clip_qkv = opts.clip_qkv
 
     @staticmethod
     def _rope(config, opts: AttentionOptions, hd: int):
@@ -105,15 +110,19 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:  # before rotary; [T, H * hd] in and out
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, bias: bool = False, hidden_act: str | None = None):
+    def __init__(self, config, bias: bool = False, hidden_act: str | None = None,
+                 intermediate_size: int | None = None):
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
         self.act_fn = get_gated_activation(hidden_act or getattr(config, "hidden_act", "silu"))
@@ -127,8 +136,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         family = family or LlamaForCausalLM
         self.self_attn = family.make_attention(config, opts)
-        hidden_act, bias = family.mlp_options(config)
-        self.mlp = LlamaMLP(config, bias=bias, hidden_act=hidden_act)
+        self.mlp = family.make_mlp(config, opts.layer_idx)
         self.norm_names = family.norm_names
         for name in vars(self.norm_names).values():
             if name is not None:
@@ -159,7 +167,8 @@ class LlamaModel(nn.Module):
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            family.decoder_layer_cls(config, family.attention_options(config, i), family)
+            family.decoder_layer_cls(
+                config, replace(family.attention_options(config, i), layer_idx=i), family)
             for i in range(config.num_hidden_layers))
         self.norm = family.make_norm(config, config.hidden_size)
         # LongRoPE (Phi-3, MiniCPM): one rotary module shared by all layers, whose cache has a
@@ -207,6 +216,11 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def make_attention(cls, config, opts: AttentionOptions) -> nn.Module:
         return LlamaAttention(config, opts, cls)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+        hidden_act, bias = cls.mlp_options(config)
+        return LlamaMLP(config, bias=bias, hidden_act=hidden_act)
 
     @staticmethod
     def make_norm(config, size: int) -> nn.Module:

@@ -110,13 +110,17 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     """Fill every parameter of `model` from the checkpoint in `model_dir`."""
     params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
     packed = getattr(model, "packed_modules_mapping", {})
+    # a model may route names the packed mapping cannot express (one expert's tensor into a
+    # stacked parameter): route_weight(name) -> (target, shard_id), or None for the usual way
+    route = getattr(model, "route_weight", None)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: dict[str, set] = {}
     unexpected = []
     for name, tensor in _checkpoint_tensors(model, model_dir):
         if name.endswith(_SKIP_SUFFIXES) or (tied and name.startswith("lm_head.")):
             continue
-        target, shard_id = _route(name, packed)
+        routed = route(name) if route is not None else None
+        target, shard_id = routed if routed is not None else _route(name, packed)
         param = params.get(target)
         if param is None:
             unexpected.append(name)

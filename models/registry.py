@@ -29,6 +29,12 @@ _MODELS = {
     "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),
     "MiniCPM3ForCausalLM": ("minicpm3", "MiniCPM3ForCausalLM"),
     "ChatGLMModel": ("chatglm", "ChatGLMModel"),
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
+    "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+    "GraniteMoeSharedForCausalLM": ("granitemoe", "GraniteMoeSharedForCausalLM"),
 }
 
 
@@ -59,6 +65,12 @@ EXAMPLE_MODELS = {
     "MiniCPMForCausalLM": "MiniCPM-1B/2B, MiniCPM 2.x (dense; trust_remote_code)",
     "MiniCPM3ForCausalLM": "MiniCPM3-4B",
     "ChatGLMModel": "ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (trust_remote_code)",
+    "MixtralForCausalLM": "Mixtral 8x7B, 8x22B",
+    "Qwen2MoeForCausalLM": "Qwen1.5-MoE, Qwen2-57B-A14B",
+    "Qwen3MoeForCausalLM": "Qwen3-30B-A3B, Qwen3-235B-A22B",
+    "OlmoeForCausalLM": "OLMoE-1B-7B",
+    "GraniteMoeForCausalLM": "Granite 3.0/3.1 MoE (1B-A400M, 3B-A800M)",
+    "GraniteMoeSharedForCausalLM": "Granite MoE with a shared expert",
 }
 
 def supported_architectures() -> list[str]:

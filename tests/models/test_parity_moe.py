@@ -1,0 +1,207 @@
+"""Hugging Face parity of the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+Granite MoE and Granite MoE Shared) on tiny random configs: 8 experts, top-2, 3 layers.
+
+The configs switch each family's features on (shared experts with their gate, dense layers by
+mlp_only_layers / decoder_sparse_step, norm_topk_prob on and off, clip_qkv, sliding windows,
+Granite's multipliers). `test_feature_changes_transformers_output` shows that each config switch
+changes transformers' logits, `test_routing_uses_many_experts` that the random routers really
+spread the tokens over the experts (a router that sends everything to one expert would hide a
+wrong expert order). Two tensor-parallel ranks (the experts' intermediate size split) must give
+one rank's logits, and transformers 5's stacked expert layout must load like the per-expert one.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from octavo.models.layers.fused_moe import FusedMoE
+from octavo.models.loader import load_weights
+from octavo.models.registry import get_model_class
+
+from conftest import save_tiny_model
+from parity import assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
+
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=0.08,
+              num_experts_per_tok=2)
+QWEN_MOE = dict(num_experts=8, moe_intermediate_size=48, norm_topk_prob=False)
+
+# case -> (architecture, model_type, config fields)
+CASES = {
+    "mixtral": ("MixtralForCausalLM", "mixtral", dict(num_local_experts=8)),
+    "mixtral-sliding-top3": ("MixtralForCausalLM", "mixtral",
+                             dict(num_local_experts=6, num_experts_per_tok=3, sliding_window=8)),
+    # a shared expert with its sigmoid gate; layer 1 dense (mlp_only_layers)
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2_moe",
+                  dict(QWEN_MOE, shared_expert_intermediate_size=80, mlp_only_layers=[1])),
+    # experts on every second layer only; renormalised top-k
+    "qwen2_moe-sparse-step": ("Qwen2MoeForCausalLM", "qwen2_moe",
+                              dict(QWEN_MOE, shared_expert_intermediate_size=80,
+                                   decoder_sparse_step=2, norm_topk_prob=True)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe",
+                  dict(QWEN_MOE, norm_topk_prob=True, mlp_only_layers=[0])),
+    "olmoe": ("OlmoeForCausalLM", "olmoe", dict(num_experts=8, clip_qkv=0.6, norm_topk_prob=False)),
+    "granitemoe": ("GraniteMoeForCausalLM", "granitemoe", dict(
+        num_local_experts=8, embedding_multiplier=4.0, attention_multiplier=0.5,
+        residual_multiplier=0.5, logits_scaling=2.0)),
+    "granitemoeshared": ("GraniteMoeSharedForCausalLM", "granitemoeshared", dict(
+        num_local_experts=8, shared_intermediate_size=80, embedding_multiplier=4.0,
+        attention_multiplier=0.5, residual_multiplier=0.5, logits_scaling=2.0)),
+}
+ARCHITECTURES = sorted({arch for arch, _, _ in CASES.values()})  # read by test_registry.py
+
+# case -> config changes, each of which switches off one feature the parity test relies on
+FEATURES = {
+    "mixtral-sliding-top3": [dict(sliding_window=None), dict(num_experts_per_tok=2)],
+    "qwen2_moe": [dict(norm_topk_prob=True)],
+    "qwen2_moe-sparse-step": [dict(norm_topk_prob=False)],
+    "qwen3_moe": [dict(norm_topk_prob=False)],
+    "olmoe": [dict(clip_qkv=None), dict(norm_topk_prob=True)],
+    "granitemoe": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0)],
+}
+# case -> (checkpoint tensor name part, what it is): zeroing those tensors in transformers
+# changes the logits, so the module they belong to is not a no-op octavo could skip
+ZEROED = {
+    "qwen2_moe": [("shared_expert.down_proj", "the shared expert"),
+                  ("shared_expert_gate", "the shared expert's sigmoid gate")],
+    "granitemoeshared": [("shared_mlp.output_linear", "the shared MLP")],
+}
+
+
+def _randomise_norms_and_biases(path: str, seed: int) -> None:
+    """Give norm weights and biases random values (transformers initialises them to 1 or 0)."""
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():
+        if "norm" in name or name.endswith("bias"):
+            tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    cache: dict[str, str] = {}
+
+    def make(case: str) -> str:
+        if case not in cache:
+            arch, model_type, fields = CASES[case]
+            path = str(tmp_path_factory.mktemp(case))
+            save_tiny_model(path, model_type, arch, **{**COMMON, **fields})
+            _randomise_norms_and_biases(path, seed=1)
+            cache[case] = path
+        return cache[case]
+
+    return make
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_and_logprobs_match_transformers(case, model_dirs):
+    assert_matches_hf(model_dirs(case), block_size=16)
+
+
+@pytest.mark.parametrize("case, changes", [(c, ch) for c, chs in FEATURES.items() for ch in chs],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_feature_changes_transformers_output(case, changes, model_dirs):
+    ids = longest_prompt_ids()
+    assert_changes_logits(hf_logits(model_dirs(case), ids),
+                          hf_logits(model_dirs(case), ids, **changes), f"{case}: {changes}")
+
+
+@pytest.mark.parametrize("case", list(ZEROED))
+def test_shared_experts_change_transformers_output(case, model_dirs, tmp_path):
+    ids = longest_prompt_ids()
+    base = hf_logits(model_dirs(case), ids)
+    for part, what in ZEROED[case]:
+        model = AutoModelForCausalLM.from_pretrained(model_dirs(case), dtype=torch.float32)
+        with torch.no_grad():
+            hit = [p.zero_() for n, p in model.named_parameters() if part in n]
+            assert hit, f"{case}: no parameter named like {part!r}"
+            changed = model(torch.tensor([ids])).logits[0]
+        assert_changes_logits(base, changed, f"{case}: {what}")
+
+
+def _octavo_model(model_dir: str):
+    config = AutoConfig.from_pretrained(model_dir)
+    model = get_model_class(config)(config)
+    load_weights(model, model_dir)
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_routing_uses_many_experts(case, model_dirs):
+    """Every MoE layer sends the longest prompt's tokens to at least half of its experts."""
+    from tp_util import one_rank_logits
+
+    original = FusedMoE.forward
+    seen = []
+
+    def spy(self, hidden, router_logits):
+        seen.append((self, router_logits.detach().clone()))
+        return original(self, hidden, router_logits)
+
+    FusedMoE.forward = spy
+    try:
+        one_rank_logits(model_dirs(case), [longest_prompt_ids()])
+    finally:
+        FusedMoE.forward = original
+    assert seen, f"{case}: no MoE layer ran"
+    used: dict[int, set] = {}
+    for module, logits in seen:
+        used.setdefault(id(module), set()).update(
+            logits.topk(module.top_k, -1).indices.flatten().tolist())
+    for module, _ in seen:
+        assert len(used[id(module)]) >= module.num_experts // 2, (
+            f"{case}: a layer used only experts {sorted(used[id(module)])}")
+
+
+def test_stacked_expert_layout_loads_like_per_expert(model_dirs, tmp_path):
+    """transformers 5's own layout (experts.gate_up_proj [E, 2I, H], experts.down_proj
+    [E, H, I], written with save_original_format=False) gives the same model."""
+    from tp_util import one_rank_logits
+
+    per_expert = model_dirs("qwen2_moe")
+    model = AutoModelForCausalLM.from_pretrained(per_expert, dtype=torch.float32)
+    stacked = str(tmp_path / "stacked")
+    model.save_pretrained(stacked, save_original_format=False)
+    names = load_file(os.path.join(stacked, "model.safetensors")).keys()
+    assert any(n.endswith("experts.gate_up_proj") for n in names), sorted(names)[:20]
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    torch.testing.assert_close(one_rank_logits(stacked, seqs), one_rank_logits(per_expert, seqs),
+                               atol=0, rtol=0)
+
+
+def test_missing_expert_weights_are_an_error(model_dirs, tmp_path):
+    path = model_dirs("mixtral")
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json",):
+        (broken / name).write_text(open(os.path.join(path, name)).read())
+    model = _octavo_model(str(broken))
+    with pytest.raises(ValueError, match="expert weights"):
+        for module in model.modules():
+            if isinstance(module, FusedMoE):
+                module.process_weights_after_loading()
+
+
+# Experts' intermediate size split across ranks (with a shared expert and a dense layer in
+# Qwen2-MoE, top-3 and a sliding window in Mixtral, a shared MLP in Granite MoE Shared)
+TP_CASES = ["mixtral-sliding-top3", "qwen2_moe", "granitemoeshared"]
+
+
+def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
+    from tp_util import one_rank_logits, two_rank_logits
+
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    dirs = [model_dirs(case) for case in TP_CASES]
+    for case, path, got in zip(TP_CASES, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
+        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
+                                   msg=lambda m, case=case: f"{case}: {m}")
