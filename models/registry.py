@@ -35,6 +35,7 @@ _MODELS = {
     "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
     "GraniteMoeSharedForCausalLM": ("granitemoe", "GraniteMoeSharedForCausalLM"),
+    "PhimoeForCausalLM": ("phimoe", "PhimoeForCausalLM"),
 }
 
 
@@ -71,6 +72,7 @@ EXAMPLE_MODELS = {
     "OlmoeForCausalLM": "OLMoE-1B-7B",
     "GraniteMoeForCausalLM": "Granite 3.0/3.1 MoE (1B-A400M, 3B-A800M)",
     "GraniteMoeSharedForCausalLM": "Granite MoE with a shared expert",
+    "PhimoeForCausalLM": "Phi-3.5-MoE",
 }
 
 def supported_architectures() -> list[str]:

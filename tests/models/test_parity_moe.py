@@ -1,5 +1,5 @@
 """Hugging Face parity of the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-Granite MoE and Granite MoE Shared) on tiny random configs: 8 experts, top-2, 3 layers.
+Granite MoE, Granite MoE Shared and PhiMoE) on tiny random configs: 8 experts, top-2, 3 layers.
 
 The configs switch each family's features on (shared experts with their gate, dense layers by
 mlp_only_layers / decoder_sparse_step, norm_topk_prob on and off, clip_qkv, sliding windows,
@@ -52,6 +52,10 @@ CASES = {
     "granitemoeshared": ("GraniteMoeSharedForCausalLM", "granitemoeshared", dict(
         num_local_experts=8, shared_intermediate_size=80, embedding_multiplier=4.0,
         attention_multiplier=0.5, residual_multiplier=0.5, logits_scaling=2.0)),
+    # a wide SparseMixer margin, so that the masked softmax differs from a plain one
+    "phimoe": ("PhimoeForCausalLM", "phimoe", dict(
+        num_local_experts=8, router_jitter_noise=0.3, attention_bias=True, lm_head_bias=True,
+        sliding_window=8)),
 }
 ARCHITECTURES = sorted({arch for arch, _, _ in CASES.values()})  # read by test_registry.py
 
@@ -63,6 +67,7 @@ FEATURES = {
     "qwen3_moe": [dict(norm_topk_prob=False)],
     "olmoe": [dict(clip_qkv=None), dict(norm_topk_prob=True)],
     "granitemoe": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0)],
+    "phimoe": [dict(router_jitter_noise=0.01), dict(lm_head_bias=False), dict(sliding_window=None)],
 }
 # case -> (checkpoint tensor name part, what it is): zeroing those tensors in transformers
 # changes the logits, so the module they belong to is not a no-op octavo could skip
