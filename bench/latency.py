@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.num_iters_warmup < 0:
         raise ValueError("--num-iters-warmup must be >= 0")
-    engine = LLM(args.model, **engine_kwargs(args)).llm_engine
+    engine = LLM(**engine_kwargs(args)).llm_engine
     special = set(engine.tokenizer.all_special_ids or [])
     reqs = random_requests(args.batch_size, args.input_len, args.output_len, 0, 1, 0.0,
                            engine.vocab_size, special, args.seed)
@@ -95,7 +95,6 @@ def print_record(r: dict[str, Any]) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)

@@ -42,7 +42,7 @@ class Result:
 def run_octavo(args: argparse.Namespace, requests: list[SampleRequest]) -> Result:
     from octavo import LLM, SamplingParams
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(**engine_kwargs(args))
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(n=args.n, temperature=1.0, top_p=1.0, ignore_eos=True,
                              max_tokens=r.expected_output_len, seed=args.seed + i)
@@ -141,6 +141,8 @@ def _load_workload(args: argparse.Namespace) -> tuple[list[SampleRequest], int]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.n <= 0 or args.hf_max_batch_size <= 0:
         raise ValueError("--n and --hf-max-batch-size must be positive")
+    if args.model is None:      # the workload needs the model's own config and tokenizer
+        raise ValueError("--model is required: a Hugging Face model directory")
     requests, pad_id = _load_workload(args)
     results = []
     if args.backend in ("octavo", "both"):
@@ -167,8 +169,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     p.add_argument("--backend", default="octavo", choices=["octavo", "hf", "both"])
     p.add_argument("--n", type=int, default=1, help="sequences per prompt")
     p.add_argument("--hf-max-batch-size", type=int, default=32,

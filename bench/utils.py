@@ -1,4 +1,5 @@
-"""Shared pieces of the bench suites: engine flags, machine info, JSON-lines results."""
+"""Shared pieces of the bench suites: engine flags (EngineArgs), machine info, JSON-lines
+results."""
 from __future__ import annotations
 
 import argparse
@@ -9,34 +10,17 @@ import platform
 import sys
 from typing import Any
 
-from octavo.entrypoints.openai.cli_args import parse_bytes
+from octavo.arg_utils import EngineArgs
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """EngineConfig fields as flags; only the ones given reach LLM(...)."""
-    g = p.add_argument_group("engine (octavo.EngineConfig)")
-    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
-    g.add_argument("--max-model-len", type=int)
-    g.add_argument("--max-num-seqs", type=int)
-    g.add_argument("--max-num-batched-tokens", type=int)
-    g.add_argument("--block-size", type=int)
-    g.add_argument("--kv-cache-memory", type=parse_bytes,
-                   help="bytes of KV cache (CPU), e.g. 4GiB, 512MiB, 1e9")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="run every step eagerly: no decode buckets / CUDA graphs")
-    g.add_argument("--trust-remote-code", action="store_true", default=None)
-
-
-_ENGINE_FIELDS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                  "block_size", "kv_cache_memory", "enable_prefix_caching", "device", "seed",
-                  "enforce_eager", "trust_remote_code")
+    """The engine's flags (EngineArgs: --model, --dtype, --max-num-seqs, --seed, ...)."""
+    EngineArgs.add_cli_args(p, title="engine (octavo.arg_utils.EngineArgs)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _ENGINE_FIELDS if getattr(args, k, None) is not None}
+    """LLM(**engine_kwargs(args)): every engine option, as given or defaulted."""
+    return EngineArgs.from_cli_args(args).engine_kwargs()
 
 
 def machine_info() -> dict[str, Any]:

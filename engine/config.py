@@ -36,11 +36,22 @@ class EngineConfig:
     enforce_eager: bool = False
     trust_remote_code: bool = False
     revision: str | None = None
+    download_dir: str | None = None
+    tokenizer_revision: str | None = None
+    # vLLM's names, so that its code and command lines run unchanged (octavo.arg_utils)
+    runner: str = "auto"                         # "auto" resolves to "generate"
+    max_logprobs: int = 20                       # most logprobs a request may ask for; -1: any
+    kv_cache_dtype: str = "auto"
+    load_format: str = "auto"
+    tokenizer_mode: str = "auto"
+    swap_space: float = 4.0                      # accepted, no effect (preemption recomputes)
+    disable_log_stats: bool = False              # accepted, no effect (no periodic stats)
     # filled by resolve(): the HF config and the chosen torch dtype / device
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_vllm_options()
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a path to a local Hugging Face model directory or "
                              "a .gguf file")
@@ -69,11 +80,61 @@ class EngineConfig:
                              "use tensor_parallel_size=1 and pipeline_parallel_size=1")
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet; use quantization=None")
-        if self.generation_config not in ("auto", "octavo") and not os.path.isdir(self.generation_config):
-            raise ValueError("generation_config must be 'auto', 'octavo' or a directory holding "
-                             f"generation_config.json, got {self.generation_config!r}")
+        if self.generation_config not in ("auto", "octavo", "vllm") and not os.path.isdir(self.generation_config):
+            raise ValueError("generation_config must be 'auto', 'octavo' (or 'vllm', the same) "
+                             "or a directory holding generation_config.json, got "
+                             f"{self.generation_config!r}")
         if self.kv_cache_memory is None and self.device == "cpu":
             self.kv_cache_memory = int(float(os.environ.get("OCTAVO_CPU_KVCACHE_SPACE", "4")) * GiB)
+        self._check_load_format()
+
+    def _check_vllm_options(self) -> None:
+        """The options that exist for vLLM compatibility: accept what octavo does, reject the
+        rest with what to use instead."""
+        if self.runner == "pooling":
+            raise ValueError("runner='pooling' is not supported: octavo runs generative models "
+                             "only; use runner='generate' (or 'auto')")
+        if self.runner not in ("auto", "generate"):
+            raise ValueError(f"runner must be 'auto' or 'generate', got {self.runner!r}")
+        self.runner = "generate"
+        if self.generation_config == "vllm":          # vLLM's name for "ignore the model's"
+            self.generation_config = "octavo"
+        if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be a non-negative integer (or -1: no cap), "
+                             f"got {self.max_logprobs!r}")
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: octavo "
+                             "keeps the KV cache in the model dtype; use kv_cache_dtype='auto'")
+        if self.tokenizer_mode != "auto":
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported: use "
+                             "tokenizer_mode='auto'")
+        if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
+            raise ValueError(f"swap_space must be a non-negative number of GiB, got {self.swap_space!r}")
+
+    def _check_load_format(self) -> None:
+        """load_format names what the loader picks on its own; a mismatch is an error."""
+        formats = ("auto", "safetensors", "pt", "gguf")
+        if self.load_format not in formats:
+            raise ValueError(f"load_format must be one of {formats}, got {self.load_format!r}")
+        if self.load_format == "auto":
+            return
+        is_gguf = self.model.endswith(".gguf")
+        if (self.load_format == "gguf") != is_gguf:
+            raise ValueError(f"load_format={self.load_format!r} does not match model "
+                             f"{self.model!r} ({'a' if is_gguf else 'not a'} .gguf file): use "
+                             "load_format='auto'")
+        if not is_gguf and os.path.isdir(self.model):
+            from octavo.models.loader import weight_files   # the file the loader would read
+            try:
+                first = weight_files(self.model)[0]
+            except FileNotFoundError:
+                return                  # no weights: loading says so, naming what it expected
+            if first.endswith(".safetensors") != (self.load_format == "safetensors"):
+                raise ValueError(f"load_format={self.load_format!r}, but octavo would load "
+                                 f"{os.path.basename(first)} from {self.model!r} (safetensors "
+                                 "when present, else .bin): use load_format='auto'")
 
     def resolve(self, hf_config: Any) -> None:
         """Fill in what depends on the model's config: dtype, max_model_len, token budget."""

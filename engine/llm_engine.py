@@ -62,6 +62,14 @@ class LLMEngine:
     def from_config(cls, **kwargs: Any) -> "LLMEngine":
         return cls(EngineConfig(**kwargs))
 
+    @classmethod
+    def from_engine_args(cls, engine_args: Any) -> "LLMEngine":
+        """vLLM's constructor: an octavo.arg_utils.EngineArgs in, an engine out."""
+        return cls(engine_args.create_engine_config())
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
     # ---- requests in ------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -87,6 +95,13 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
                              f"[0, {self.vocab_size})")
         params.verify_token_ids(self.vocab_size)
+        cap = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if cap >= 0 and asked is not None and asked > cap:
+                raise ValueError(f"{name}={asked} is more than this engine allows "
+                                 f"(max_logprobs={cap}): ask for at most {cap}, or start the "
+                                 "engine with a larger max_logprobs (--max-logprobs)")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         """Validate and queue a request; a bad request raises ValueError and changes nothing."""

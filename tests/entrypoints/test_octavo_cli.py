@@ -112,3 +112,93 @@ def test_readme_example_on_default_model():
     assert text.startswith("Once upon a time") and len(text.split()) >= 8
     words = text.split()[4:]
     assert sum(w.strip(",.!?'\"").isalpha() for w in words) >= len(words) - 2   # English words
+
+
+# vLLM's common `vllm serve` flags (its documentation's engine arguments and server options),
+# which `octavo serve` accepts so that a vLLM command line runs unchanged.
+VLLM_SERVE_FLAGS = (
+    "--host", "--port", "--root-path", "--api-key", "--served-model-name", "--chat-template",
+    "--response-role", "--uvicorn-log-level", "--disable-log-requests", "--enable-log-requests",
+    "--disable-log-stats", "--model", "--tokenizer", "--revision", "--tokenizer-revision",
+    "--download-dir", "--tokenizer-mode", "--trust-remote-code", "--runner", "--dtype",
+    "--max-model-len", "--load-format", "--generation-config", "--seed", "--max-logprobs",
+    "--quantization", "-q", "--kv-cache-dtype", "--block-size", "--enable-prefix-caching",
+    "--no-enable-prefix-caching", "--gpu-memory-utilization", "--swap-space",
+    "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp", "--max-num-seqs",
+    "--max-num-batched-tokens", "--enforce-eager")
+
+
+def test_serve_help_lists_vllm_flags():
+    res = octavo("serve", "--help")
+    assert res.returncode == 0
+    words = set(res.stdout.replace(",", " ").replace("[", " ").replace("]", " ").split())
+    missing = [f for f in VLLM_SERVE_FLAGS if f not in words]
+    assert not missing, missing
+
+
+def test_generate_accepts_vllm_engine_flags(chat_model_dir):
+    """Flags that are vLLM's (some without effect) leave the output as LLM.generate gives it;
+    the ones octavo cannot honour fail with a message, not a traceback."""
+    prompt = "The capital of France is"
+    res = octavo("generate", prompt, "--model", chat_model_dir, "--temperature", "0",
+                 "--max-tokens", "5", "--runner", "auto", "--generation-config", "vllm",
+                 "--max-logprobs", "5", "--swap-space", "1", "--disable-log-stats",
+                 "--engine-seed", "3", "-tp", "1", "-pp", "1", "--load-format", "safetensors",
+                 "--kv-cache-dtype", "auto", "--tokenizer-mode", "auto", *KV)
+    assert res.returncode == 0, res.stderr
+    llm = LLM(chat_model_dir, kv_cache_memory=1 << 24, generation_config="octavo")
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert res.stdout == prompt + out[0].outputs[0].text + "\n"
+    pooling = octavo("generate", "x", "--model", chat_model_dir, "--runner", "pooling", *KV)
+    assert pooling.returncode == 2 and "Traceback" not in pooling.stderr
+    assert "not supported: octavo runs generative models only" in pooling.stderr
+    fp8 = octavo("generate", "x", "--model", chat_model_dir, "--kv-cache-dtype", "fp8", *KV)
+    assert fp8.returncode == 2 and "kv_cache_dtype='fp8' is not supported" in fp8.stderr
+    bad = octavo("generate", "x", "--load-format", "npcache")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_serve_with_vllm_flags(chat_model_dir):
+    """A vLLM-style command line: the served name, API key, response role and max_logprobs
+    all take effect; a request over max_logprobs gets a 400 in OpenAI's shape."""
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("octavo")
+    cmd = [exe] if exe else [sys.executable, "-m", "octavo.entrypoints.cli"]
+    proc = subprocess.Popen(cmd + ["serve", chat_model_dir, "--host", "127.0.0.1", "--port",
+                                   str(port), "--served-model-name", "tiny", "--api-key", "k",
+                                   "--response-role", "bot", "--max-logprobs", "2",
+                                   "--disable-log-requests", "--disable-log-stats",
+                                   "--uvicorn-log-level", "warning", "--swap-space", "0",
+                                   "--no-enable-prefix-caching", "-tp", "1",
+                                   "--kv-cache-memory", "16M"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer k"}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        models = httpx.get(url + "/v1/models", headers=auth, timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        chat = httpx.post(url + "/v1/chat/completions", headers=auth, timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "bot"
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        ok = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                        json={**body, "logprobs": 2})
+        assert ok.status_code == 200, ok.text
+        over = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                          json={**body, "logprobs": 3})
+        assert over.status_code == 400 and "max_logprobs=2" in over.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -20,7 +20,9 @@ from octavo.async_engine import AsyncLLMEngine
 from octavo.chat_utils import load_chat_template
 from octavo.llm_engine import LLMEngine
 
-from .cli_args import engine_config, make_arg_parser
+from octavo.arg_utils import EngineArgs
+
+from .cli_args import make_arg_parser
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
                        ModelList, TokenizeRequest)
@@ -34,16 +36,19 @@ logger = logging.getLogger(__name__)
 
 def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetrics]:
     """Load the model and start the engine thread."""
-    config = engine_config(args)
+    engine_args = EngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config()
     chat_template = load_chat_template(args.chat_template)     # a bad path fails before loading
-    names = args.served_model_name or [args.model]
+    model = engine_args.model or config.model
+    names = args.served_model_name or [model]
     metrics = ServerMetrics(names[0])
     llm_engine = LLMEngine(config)
     # A copy for the event loop: the engine thread's tokenizer is not shared across threads.
     tokenizer = copy.deepcopy(llm_engine.tokenizer)
     engine = AsyncLLMEngine(llm_engine, observer=metrics)
-    ctx = ServerContext(engine=engine, served_model_names=names, model_path=args.model,
-                        tokenizer=tokenizer, chat_template=chat_template)
+    ctx = ServerContext(engine=engine, served_model_names=names, model_path=model,
+                        tokenizer=tokenizer, chat_template=chat_template,
+                        response_role=getattr(args, "response_role", "assistant"))
     return ctx, metrics
 
 
@@ -182,7 +187,8 @@ def run_server(args: argparse.Namespace) -> None:
     ctx, metrics = build_context(args)
     app = build_app(args, ctx, metrics)
     logger.info("serving %s on http://%s:%d", ctx.served_model_names, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                root_path=args.root_path or "")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,7 +51,7 @@ class OpenAIServingChat:
         request_id = random_id("chatcmpl")
         added = await ctx.add_all(request_id, [prompt], params)
         run = _ChatRun(ctx.model_name, request_id, req, params,
-                       len(prompt["prompt_token_ids"]))
+                       len(prompt["prompt_token_ids"]), ctx.response_role)
         if req.stream:
             return SSEStream(run.stream(merge_streams(ctx.engine, added)), ctx.engine,
                              [rid for rid, _ in added])
@@ -78,8 +78,10 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
 
 class _ChatRun:
     def __init__(self, model: str, request_id: str, req: ChatCompletionRequest,
-                 params: SamplingParams, num_prompt_tokens: int) -> None:
+                 params: SamplingParams, num_prompt_tokens: int, role: str = "assistant"
+                 ) -> None:
         self.model, self.id, self.req, self.params = model, request_id, req, params
+        self.role = role
         self.num_prompt_tokens = num_prompt_tokens
 
     def usage(self, out: RequestOutput | None) -> UsageInfo:
@@ -100,7 +102,7 @@ class _ChatRun:
         return ChatLogprobs(content=content)
 
     def response(self, out: RequestOutput) -> ChatResponse:
-        choices = [ChatChoice(index=c.index, message=ChatMessage(role="assistant", content=c.text),
+        choices = [ChatChoice(index=c.index, message=ChatMessage(role=self.role, content=c.text),
                               logprobs=self._logprobs(c.token_ids, c.logprobs),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in out.outputs]
@@ -113,7 +115,7 @@ class _ChatRun:
 
     async def stream(self, outputs) -> AsyncIterator[str]:
         for i in range(self.params.n):     # OpenAI's first chunk of a choice names the role
-            yield self._chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+            yield self._chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role=self.role,
                                                                            content="")))
         states = [ChoiceState() for _ in range(self.params.n)]
         last = None

@@ -71,6 +71,7 @@ class ServerContext:
     # A tokenizer of the server's own: the engine thread's one is not shared across threads.
     tokenizer: Any
     chat_template: str | None = None
+    response_role: str = "assistant"            # --response-role: the role of the replies
 
     @property
     def max_model_len(self) -> int:
