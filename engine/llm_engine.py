@@ -248,8 +248,11 @@ _GEN_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
 def _load_tokenizer(config: EngineConfig) -> Any:
     if config.tokenizer is None and config.model.endswith(GGUF_SUFFIX):
         return load_gguf_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    # (revision and cache directory matter when the tokenizer is a Hub id; a local path has none)
     return AutoTokenizer.from_pretrained(config.tokenizer or config.model,
-                                         trust_remote_code=config.trust_remote_code)
+                                         trust_remote_code=config.trust_remote_code,
+                                         revision=config.tokenizer_revision,
+                                         cache_dir=config.download_dir)
 
 
 def _sampling_defaults(gen: GenerationConfig) -> dict[str, Any]:

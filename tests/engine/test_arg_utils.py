@@ -273,3 +273,36 @@ def test_arg_utils_imports_without_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_tokenizer_revision_and_download_dir_reach_the_hub_tokenizer(llama_dir, tmp_path):
+    """--tokenizer as a Hub id: the tokenizer comes from download_dir's Hub cache at
+    tokenizer_revision (laid out here, offline), and not from another revision."""
+    import subprocess
+    import sys
+    cache = tmp_path / "hub"
+    repo = cache / "models--test-org--tok"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v2").write_text(commit)
+    code = """
+import sys
+from octavo import LLM
+def load(revision):
+    return LLM(sys.argv[1], tokenizer="test-org/tok", tokenizer_revision=revision,
+               download_dir=sys.argv[2], kv_cache_memory=1 << 24).get_tokenizer()
+tok = load("v2")
+print(tok.name_or_path, tok.encode("hello world"))
+try:
+    load(None)          # main: a revision the cache does not hold
+except Exception as e:
+    print("main:", type(e).__name__)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    res = subprocess.run([sys.executable, "-c", code, llama_dir, str(cache)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    expected = AutoTokenizer.from_pretrained(llama_dir).encode("hello world")
+    first, second = res.stdout.strip().splitlines()
+    assert first == f"test-org/tok {expected}" and second.startswith("main:")
