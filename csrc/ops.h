@@ -52,6 +52,35 @@ void paged_attention_cpu(at::Tensor& out,                    // [T, Hq, hd]
                          double scale, int64_t sliding_window, double soft_cap,
                          const std::optional<at::Tensor>& alibi_slopes);  // [Hq] float32
 
+void topk_routing_cpu(at::Tensor& topk_weights,        // [T, k] float32
+                      at::Tensor& topk_ids,            // [T, k] int32
+                      const at::Tensor& gating_output,  // [T, E] router logits
+                      const std::string& scoring,       // "softmax" | "sigmoid"
+                      bool renormalize,
+                      const std::optional<at::Tensor>& bias,  // [E] choice-only score bias
+                      int64_t n_group, int64_t topk_group,
+                      const std::string& group_score,   // "max" | "top2_sum"
+                      double routed_scaling_factor);
+void moe_align_cpu(at::Tensor& sorted_token_ids,     // [P] int32 pairs grouped by expert, padded
+                   at::Tensor& expert_ids,           // [P / block_size] int32, -1 = unused tile
+                   at::Tensor& num_tokens_post_pad,  // [1] int32
+                   const at::Tensor& topk_ids,       // [T, k] int32
+                   int64_t num_experts, int64_t block_size);
+void fused_moe_cpu(at::Tensor& out,                // [T, H]
+                   const at::Tensor& hidden,       // [T, H]
+                   const at::Tensor& w13,          // [E, 2I, H] gate rows, then up rows
+                   const at::Tensor& w2,           // [E, H, I]
+                   const at::Tensor& topk_weights,  // [T, k] float32
+                   const at::Tensor& topk_ids,     // [T, k] int32
+                   const std::string& activation);  // "silu" | "gelu" | "gelu_tanh"
+void fused_moe_packed_cpu(at::Tensor& out,                 // [T, H]
+                          const at::Tensor& hidden,        // [T, H]
+                          const at::Tensor& w13_packed,    // [E, ceil(I/64), 2, ceil(H/2), 64, 2]
+                          const at::Tensor& w2_packed,     // [E, ceil(H/64), ceil(I/2), 64, 2]
+                          const at::Tensor& topk_weights,  // [T, k] float32
+                          const at::Tensor& topk_ids,      // [T, k] int32
+                          int64_t inter_size, const std::string& activation);
+
 // ---- CUDA (csrc/cuda/*.cu, Tensor-level wrappers in csrc/cuda/torch_ops_cuda.cpp) ----
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,

@@ -23,6 +23,14 @@ void reshape_and_cache_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, a
 void paged_attention_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
                           double, const std::optional<at::Tensor>&) {}
+void topk_routing_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const std::string&, bool,
+                       const std::optional<at::Tensor>&, int64_t, int64_t, const std::string&,
+                       double) {}
+void moe_align_meta(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, int64_t, int64_t) {}
+void fused_moe_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, const std::string&) {}
+void fused_moe_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, int64_t, const std::string&) {}
 
 }  // namespace
 
@@ -49,6 +57,20 @@ TORCH_LIBRARY(octavo, m) {
   m.def("paged_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
         "Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float scale, "
         "int sliding_window, float soft_cap, Tensor? alibi_slopes) -> ()");
+  // MoE router: softmax/sigmoid scores, optional choice-only bias and grouped top-k ->
+  // topk_weights [T, k] float32, topk_ids [T, k] int32 (ties: the lower expert id)
+  m.def("topk_routing(Tensor! topk_weights, Tensor! topk_ids, Tensor gating_output, str scoring, "
+        "bool renormalize, Tensor? bias, int n_group, int topk_group, str group_score, "
+        "float routed_scaling_factor) -> ()");
+  // groups the (token, slot) pairs of topk_ids [T, k] by expert into tiles of block_size rows
+  m.def("moe_align(Tensor! sorted_token_ids, Tensor! expert_ids, Tensor! num_tokens_post_pad, "
+        "Tensor topk_ids, int num_experts, int block_size) -> ()");
+  // out [T, H] = sum_j w[t, j] * w2[e] @ (act(gate_e @ h) * (up_e @ h)), e = topk_ids[t, j]
+  m.def("fused_moe(Tensor! out, Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, "
+        "Tensor topk_ids, str activation) -> ()");
+  // the same on CPU with the expert weights packed once (ops_native.pack_moe_weights)
+  m.def("fused_moe_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
+        "Tensor topk_weights, Tensor topk_ids, int inter_size, str activation) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(octavo, CPU, m) {
@@ -61,6 +83,10 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("rotary_embedding", &octavo::rotary_embedding_cpu);
   m.impl("reshape_and_cache", &octavo::reshape_and_cache_cpu);
   m.impl("paged_attention", &octavo::paged_attention_cpu);
+  m.impl("topk_routing", &octavo::topk_routing_cpu);
+  m.impl("moe_align", &octavo::moe_align_cpu);
+  m.impl("fused_moe", &octavo::fused_moe_cpu);
+  m.impl("fused_moe_packed", &octavo::fused_moe_packed_cpu);
 }
 
 #if defined(OCTAVO_WITH_CUDA)
@@ -85,6 +111,10 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("rotary_embedding", &rotary_embedding_meta);
   m.impl("reshape_and_cache", &reshape_and_cache_meta);
   m.impl("paged_attention", &paged_attention_meta);
+  m.impl("topk_routing", &topk_routing_meta);
+  m.impl("moe_align", &moe_align_meta);
+  m.impl("fused_moe", &fused_moe_meta);
+  m.impl("fused_moe_packed", &fused_moe_packed_meta);
 }
 
 // `import octavo._C` loads this library (and so registers the ops); the module itself is empty.

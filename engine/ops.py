@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -113,35 +114,85 @@ def topk_routing(gating_output: torch.Tensor, top_k: int, scoring: str = "softma
                  topk_group: int = 1, group_score: str = "max",
                  routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     # gating_output: [T, E] -> (weights [T, top_k] fp32, ids [T, top_k] int32)
-    return ops_native.topk_routing(gating_output, top_k, scoring, renormalize, bias, n_group,
-                                   topk_group, group_score, routed_scaling_factor)
+    ops_native.check_topk_routing_args(gating_output, top_k, scoring, bias, n_group, topk_group,
+                                       group_score)
+    t = gating_output.shape[0]
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=gating_output.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=gating_output.device)
+    torch.ops.octavo.topk_routing(weights, ids, gating_output, scoring, renormalize, bias, n_group,
+                                  topk_group, group_score, routed_scaling_factor)
+    return weights, ids
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int,
               block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # topk_ids: [T, k] int32 -> (sorted_token_ids [P], expert_ids [P // block_size], post_pad [1])
-    return ops_native.moe_align(topk_ids, num_experts, block_size)
+    # topk_ids: [T, k] int32 -> (sorted_token_ids [P], expert_ids [P // block_size], post_pad [1]);
+    # P = ops_native.moe_align_sizes(T * k, num_experts, block_size) depends on shapes only
+    ops_native.check_moe_align_args(topk_ids, num_experts, block_size)
+    p, nblocks = ops_native.moe_align_sizes(topk_ids.numel(), num_experts, block_size)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(p, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(nblocks, dtype=torch.int32, device=dev)
+    post_pad = torch.empty(1, dtype=torch.int32, device=dev)
+    torch.ops.octavo.moe_align(sorted_ids, expert_ids, post_pad, topk_ids, num_experts, block_size)
+    return sorted_ids, expert_ids, post_pad
+
+
+def _check_ids_on_cpu(topk_ids: torch.Tensor, num_experts: int) -> None:
+    # On CPU the check costs nothing; on CUDA it would synchronize (and break graph capture).
+    if topk_ids.device.type == "cpu" and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"fused_moe: expert ids must be in [0, {num_experts}), got {lo}..{hi}")
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               activation: str = "silu") -> torch.Tensor:
-    # hidden: [T, H], w13: [E, 2I, H], w2: [E, H, I] -> out [T, H]
-    return ops_native.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+    # hidden: [T, H], w13: [E, 2I, H], w2: [E, H, I] -> out [T, H]. On CPU this packs the weights
+    # on every call: layers call prepare_moe_weights once and fused_moe_prepared.
+    ops_native.check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids, activation)
+    _check_ids_on_cpu(topk_ids, w13.shape[0])
+    out = torch.empty_like(hidden)
+    torch.ops.octavo.fused_moe(out, hidden, w13, w2, topk_weights, topk_ids, activation)
+    return out
+
+
+class PackedMoEWeights(NamedTuple):
+    """Expert weights in the CPU kernel's panel layout (ops_native.pack_moe_weights)."""
+    w13: torch.Tensor  # [E, ceil(I/64), 2, ceil(H/2), 64, 2]
+    w2: torch.Tensor   # [E, ceil(H/64), ceil(I/2), 64, 2]
+    hidden_size: int
+    inter_size: int
 
 
 def prepare_moe_weights(w13: torch.Tensor, w2: torch.Tensor):
-    """Repacks the expert weights once after loading; pass the result to fused_moe_prepared."""
-    return ops_native.prepare_moe_weights(w13, w2)
+    """Repacks the expert weights once after loading (CPU: 64-output panels; CUDA: unchanged);
+    pass the result to fused_moe_prepared."""
+    if w13.device.type != "cpu":
+        return (w13, w2)
+    w13p, w2p = ops_native.pack_moe_weights(w13, w2)
+    return PackedMoEWeights(w13p, w2p, w13.shape[2], w13.shape[1] // 2)
 
 
 def fused_moe_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     # prepared: prepare_moe_weights(w13, w2) -> out [T, H]
-    return ops_native.fused_moe_prepared(hidden, prepared, topk_weights, topk_ids, activation)
-
+    if not isinstance(prepared, PackedMoEWeights):
+        return fused_moe(hidden, *prepared, topk_weights, topk_ids, activation)
+    e, h, i = prepared.w13.shape[0], prepared.hidden_size, prepared.inter_size
+    meta_w13 = torch.empty(e, 2 * i, h, dtype=prepared.w13.dtype, device="meta")
+    meta_w2 = torch.empty(e, h, i, dtype=prepared.w2.dtype, device="meta")
+    ops_native.check_fused_moe_args(hidden, meta_w13, meta_w2, topk_weights, topk_ids, activation)
+    _check_ids_on_cpu(topk_ids, e)
+    out = torch.empty_like(hidden)
+    torch.ops.octavo.fused_moe_packed(out, hidden, prepared.w13, prepared.w2, topk_weights,
+                                      topk_ids, i, activation)
+    return out
 
 if USING_NATIVE:
     from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
                                    paged_attention, reshape_and_cache, rms_norm,
                                    rotary_embedding, silu_and_mul)
+    from octavo.ops_native import (fused_moe, fused_moe_prepared, moe_align,  # noqa: F811
+                                   prepare_moe_weights, topk_routing)

@@ -325,6 +325,31 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.to(hidden.dtype)
 
 
+def pack_moe_panels(w: torch.Tensor) -> torch.Tensor:
+    """w [E, N, K] -> [E, ceil(N/64), ceil(K/2), 64, 2]: pack_linear_panels of every expert."""
+    e, n, k = w.shape
+    w = F.pad(w, (0, k % 2, 0, -n % PANEL))
+    return w.view(e, w.shape[1] // PANEL, PANEL, w.shape[2] // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel's layout: w13 [E, 2I, H] -> [E, ceil(I/64), 2, ceil(H/2), 64, 2] (each
+    panel of 64 gate rows beside the matching 64 up rows), w2 [E, H, I] -> pack_moe_panels(w2)."""
+    i = w13.shape[1] // 2
+    return (torch.stack((pack_moe_panels(w13[:, :i]), pack_moe_panels(w13[:, i:])), dim=2),
+            pack_moe_panels(w2))
+
+
+def unpack_moe_weights(w13_packed: torch.Tensor, w2_packed: torch.Tensor, hidden_size: int,
+                       inter_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_moe_weights: (w13 [E, 2I, H], w2 [E, H, I])."""
+    def unpack(p, n, k):  # [E, N/64, K/2, 64, 2] -> [E, n, k]
+        return p.permute(0, 1, 3, 2, 4).reshape(p.shape[0], p.shape[1] * PANEL, -1)[:, :n, :k]
+    gate = unpack(w13_packed[:, :, 0], inter_size, hidden_size)
+    up = unpack(w13_packed[:, :, 1], inter_size, hidden_size)
+    return torch.cat((gate, up), 1), unpack(w2_packed, hidden_size, inter_size)
+
+
 def prepare_moe_weights(w13: torch.Tensor, w2: torch.Tensor):
     """The expert weights in the form fused_moe_prepared takes (here: unchanged)."""
     return (w13, w2)

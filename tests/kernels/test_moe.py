@@ -185,3 +185,167 @@ def test_fused_moe_errors():
         for mod in (ops_native, ops):
             with pytest.raises(ValueError, match=msg):
                 mod.fused_moe(*args)
+
+
+# ---- octavo.ops (the compiled kernels) vs the references -----------------------------------
+
+ROUTING_CASES = [
+    dict(top_k=2),                                                     # Mixtral
+    dict(top_k=4, renormalize=False),                                  # Qwen2-MoE
+    dict(top_k=6, renormalize=False, n_group=3, topk_group=2, routed_scaling_factor=16.0),
+    dict(top_k=4, scoring="sigmoid", n_group=4, topk_group=2, group_score="top2_sum",
+         routed_scaling_factor=2.5, bias=True),                        # DeepSeek-V3 / GLM-4.5
+    dict(top_k=3, bias=True),                                          # ERNIE (softmax + bias)
+    dict(top_k=12),                                                    # top_k = E
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(ROUTING_CASES)))
+@pytest.mark.parametrize("t", [1, 37])
+def test_topk_routing_kernel(dtype, case, t):
+    kw = dict(ROUTING_CASES[case])
+    g = torch.Generator().manual_seed(case + t)
+    if kw.pop("bias", False):
+        kw["bias"] = torch.randn(12, generator=g) * 0.2
+    logits = (torch.randn(t, 12, generator=g) * 2).to(dtype)
+    w, ids = ops.topk_routing(logits, **kw)
+    ref_w, ref_ids = ops_native.topk_routing(logits, **kw)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_routing_kernel_ties():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 0.0]])
+    w, ids = ops.topk_routing(logits, 4)
+    assert ids.tolist() == [[1, 2, 3, 0]]
+    # groups (0, 1) and (2, 3) tie on their max: the lower group is kept
+    _, ids = ops.topk_routing(logits, 2, n_group=3, topk_group=1)
+    assert ids.tolist() == [[1, 0]]
+    for mod in (ops, ops_native):
+        assert mod.topk_routing(logits, 2, n_group=3, topk_group=1)[1].tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize("t,k,e,block", [(1, 1, 4, 16), (13, 2, 5, 4), (64, 8, 8, 16),
+                                         (9, 3, 3, 1), (0, 2, 4, 8), (40, 1, 6, 64)])
+def test_moe_align_kernel(t, k, e, block):
+    g = torch.Generator().manual_seed(t + k)
+    ids = (torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t
+           else torch.zeros(0, k, dtype=torch.long)).int()
+    out = ops.moe_align(ids, e, block)
+    check_align(ids, e, block, *out)
+    for a, b in zip(out, ops_native.moe_align(ids, e, block)):
+        assert torch.equal(a, b)
+
+
+def same_precision_moe(hidden, w13, w2, topk_weights, topk_ids, activation="silu"):
+    """Plain PyTorch in the inputs' dtype (every op rounds): the error yardstick of habit 9."""
+    i = w13.shape[1] // 2
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for j, e in enumerate(topk_ids[t].tolist()):
+            gu = F.linear(hidden[t:t + 1], w13[e])
+            y = F.linear(ACTS[activation](gu[:, :i]) * gu[:, i:], w2[e])
+            out[t] += (y * topk_weights[t, j].to(hidden.dtype))[0]
+    return out
+
+
+# (T, H, I, E, k, ids): one token, experts that get no token, all tokens on one expert,
+# E not a power of two, top_k = E, I and H not multiples of the 64-wide panel, odd H and I
+MOE_CASES = {
+    "one-token": (1, 64, 64, 4, 2, None),
+    "idle-experts": (3, 96, 80, 8, 1, torch.tensor([[5], [2], [5]])),
+    "all-on-one": (20, 128, 96, 4, 1, torch.zeros(20, 1, dtype=torch.long)),
+    "all-on-one-pair": (9, 72, 64, 6, 2, torch.tensor([[3, 1]] * 9)),
+    "e5-odd-sizes": (17, 67, 33, 5, 2, None),
+    "topk-equals-e": (11, 130, 200, 3, 3, None),
+    "prefill": (150, 96, 136, 6, 2, None),
+}
+
+
+def _run_case(name, dtype, activation="silu", prepared=True, stride=0):
+    t, h, i, e, k, ids = MOE_CASES[name]
+    hidden, w13, w2, tw, ti = make_moe(t, h, i, e, k, dtype, seed=t + h, ids=ids)
+    if stride:
+        hidden = torch.cat((hidden, torch.randn(t, stride).to(dtype)), 1)[:, :h]
+    if prepared:
+        out = ops.fused_moe_prepared(hidden, ops.prepare_moe_weights(w13, w2), tw, ti, activation)
+    else:
+        out = ops.fused_moe(hidden, w13, w2, tw, ti, activation)
+    assert out.shape == hidden.shape and out.dtype == dtype
+    exact = ops_native.fused_moe(hidden.double(), w13.double(), w2.double(), tw, ti, activation)
+    native = same_precision_moe(hidden, w13, w2, tw, ti, activation)
+    assert_close_to_ref(out, native, exact, what=f"fused_moe {name} {dtype} {activation}")
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(MOE_CASES))
+def test_fused_moe_kernel(dtype, name):
+    _run_case(name, dtype)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_fused_moe_kernel_activations(activation):
+    _run_case("e5-odd-sizes", torch.bfloat16, activation)
+
+
+def test_fused_moe_kernel_unprepared_and_strided():
+    # the raw-weight op packs on each call; hidden may be a row-strided view
+    a = _run_case("e5-odd-sizes", torch.bfloat16, prepared=False)
+    torch.testing.assert_close(a, _run_case("e5-odd-sizes", torch.bfloat16, stride=9), rtol=0, atol=0)
+
+
+def test_fused_moe_kernel_zero_tokens():
+    hidden, w13, w2, tw, ti = make_moe(0, 32, 16, 4, 2, torch.bfloat16)
+    assert ops.fused_moe_prepared(hidden, ops.prepare_moe_weights(w13, w2), tw, ti).shape == (0, 32)
+
+
+def test_pack_moe_weights_round_trip():
+    _, w13, w2, _, _ = make_moe(1, 67, 33, 3, 1, torch.float32)
+    w13p, w2p = ops_native.pack_moe_weights(w13, w2)
+    assert w13p.shape == (3, 1, 2, 34, 64, 2) and w2p.shape == (3, 2, 17, 64, 2)
+    back13, back2 = ops_native.unpack_moe_weights(w13p, w2p, 67, 33)
+    assert torch.equal(back13, w13) and torch.equal(back2, w2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_opcheck(dtype):
+    hidden, w13, w2, tw, ti = make_moe(5, 40, 24, 4, 2, dtype)
+    out = torch.empty_like(hidden)
+    torch.library.opcheck(torch.ops.octavo.fused_moe.default, (out, hidden, w13, w2, tw, ti, "silu"))
+    w13p, w2p = ops_native.pack_moe_weights(w13, w2)
+    torch.library.opcheck(torch.ops.octavo.fused_moe_packed.default,
+                          (out, hidden, w13p, w2p, tw, ti, 24, "gelu"))
+    logits = torch.randn(5, 8).to(dtype)
+    w = torch.empty(5, 3)
+    ids = torch.empty(5, 3, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.octavo.topk_routing.default,
+                          (w, ids, logits, "sigmoid", True, torch.zeros(8), 2, 1, "top2_sum", 1.0))
+    sorted_ids, expert_ids, post = (torch.empty(n, dtype=torch.int32)
+                                    for n in (*ops_native.moe_align_sizes(10, 4, 4), 1))
+    torch.library.opcheck(torch.ops.octavo.moe_align.default,
+                          (sorted_ids, expert_ids, post, ti, 4, 4))
+
+
+VARIANT_SCRIPT = r"""
+import torch
+import test_moe
+for dtype in (torch.float32, torch.bfloat16):
+    for name in ("one-token", "e5-odd-sizes", "prefill"):
+        test_moe._run_case(name, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [dict(ATEN_CPU_CAPABILITY="default"), dict(ATEN_CPU_CAPABILITY="avx2"),
+                                 dict(OCTAVO_CPU_NO_AVX512BF16="1")],
+                         ids=["default", "avx2", "avx512-without-bf16-dot"])
+def test_fused_moe_variants(env):
+    import os
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]

@@ -39,7 +39,8 @@ def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetric
     engine_args = EngineArgs.from_cli_args(args)
     config = engine_args.create_engine_config()
     chat_template = load_chat_template(args.chat_template)     # a bad path fails before loading
-    model = engine_args.model or config.model
+    # the model as given; with none, the default model's name (model_source), not its path
+    model = engine_args.model or getattr(config, "model_name", None) or config.model
     names = args.served_model_name or [model]
     metrics = ServerMetrics(names[0])
     llm_engine = LLMEngine(config)

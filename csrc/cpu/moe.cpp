@@ -1,0 +1,492 @@
+// Mixture of experts on CPU: top-k routing, alignment of (token, slot) pairs by expert, and the
+// expert MLPs on weights packed once into 64-output panels, so that each selected expert's
+// weights are read once per call whatever the number of tokens routed to it.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_types.h"
+
+namespace octavo::cpu {
+
+// pair = token * top_k + slot; the pairs of expert e are pair_order[expert_start[e] ..
+// expert_start[e + 1]), so each expert's rows of `inter` are contiguous.
+struct MoeParams {
+  void* out;                    // [T, H], row stride out_stride
+  const void* hidden;           // [T, H], row stride hidden_stride
+  const void* w13;              // [E, ceil(I/64), 2 (gate, up), ceil(H/2), 64, 2]
+  const void* w2;               // [E, ceil(H/64), ceil(I/2), 64, 2]
+  const float* topk_weights;    // [T * top_k]
+  const int32_t* pair_order;    // [T * top_k] pairs grouped by expert
+  const int64_t* expert_start;  // [E + 1]
+  void* inter;                  // scratch [T * top_k, I] (in expert order), hidden's dtype
+  float* partial;               // scratch [T * top_k, H] (in pair order): weighted expert outputs
+  int64_t out_stride, hidden_stride;
+  int64_t num_tokens, hidden_size, inter_size, top_k, num_experts;
+  int act;                      // 0 silu, 1 gelu (erf), 2 gelu (tanh)
+  DType dtype;
+};
+
+}  // namespace octavo::cpu
+
+namespace octavo::cpu::CPU_CAPABILITY {
+
+constexpr int kPanel = 64;   // outputs per packed panel (ops_native.PANEL)
+constexpr int kRows = 96;    // rows per chunk: the [96, 64] fp32 sums (24 KiB) stay in L1
+constexpr int kGenericMB = 4;
+
+// acc[r * 64 + j] = sum_k rows[r][k] * W[j][k] for one packed panel [ceil(K/2), 64, 2] of W.
+template <typename T>
+static void panel_generic(const T* const* rows, int m, const T* panel, int64_t k, float* acc) {
+  const int64_t kpairs = (k + 1) / 2;
+  for (int r0 = 0; r0 < m; r0 += kGenericMB) {
+    const int mb = std::min(kGenericMB, m - r0);
+    float a[kGenericMB][kPanel] = {};
+    for (int64_t kk = 0; kk < kpairs; ++kk) {
+      const T* wk = panel + kk * 2 * kPanel;
+      float w0[kPanel], w1[kPanel];
+      for (int j = 0; j < kPanel; ++j) {
+        w0[j] = to_f(wk[2 * j]);
+        w1[j] = to_f(wk[2 * j + 1]);
+      }
+      for (int r = 0; r < mb; ++r) {
+        const T* x = rows[r0 + r];
+        const float x0 = to_f(x[2 * kk]), x1 = 2 * kk + 1 < k ? to_f(x[2 * kk + 1]) : 0.f;
+        for (int j = 0; j < kPanel; ++j) a[r][j] += x0 * w0[j] + x1 * w1[j];
+      }
+    }
+    std::memcpy(acc + r0 * kPanel, a, sizeof(float) * kPanel * mb);
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kBf16MB = 6;  // 6 rows x 4 vectors of accumulators + 4 weight vectors
+
+// acc[m][t] += (x_m[2kk], x_m[2kk+1]) . the weight pairs of outputs 16t..16t+15 (one K pair)
+template <int MB>
+__attribute__((target("avx512bf16"))) static inline void bf16_step(__m512 (&a)[MB][4],
+                                                                  const c10::BFloat16* wk,
+                                                                  const int32_t* pairs) {
+  const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 32),
+                w2 = _mm512_loadu_si512(wk + 64), w3 = _mm512_loadu_si512(wk + 96);
+  for (int m = 0; m < MB; ++m) {
+    const __m512bh xb = (__m512bh)_mm512_set1_epi32(pairs[m]);
+    a[m][0] = _mm512_dpbf16_ps(a[m][0], xb, (__m512bh)w0);
+    a[m][1] = _mm512_dpbf16_ps(a[m][1], xb, (__m512bh)w1);
+    a[m][2] = _mm512_dpbf16_ps(a[m][2], xb, (__m512bh)w2);
+    a[m][3] = _mm512_dpbf16_ps(a[m][3], xb, (__m512bh)w3);
+  }
+}
+
+template <int MB>
+__attribute__((target("avx512bf16"))) static void panel_bf16_block(
+    const c10::BFloat16* const* rows, const c10::BFloat16* panel, int64_t k, bool prefetch,
+    float* acc) {
+  __m512 a[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < 4; ++t) a[m][t] = _mm512_setzero_ps();
+  const int64_t kfull = k / 2;
+  int32_t pairs[MB];
+  for (int64_t kk = 0; kk < kfull; ++kk) {
+    const c10::BFloat16* wk = panel + kk * 2 * kPanel;
+    if (prefetch) __builtin_prefetch(wk + 32 * 2 * kPanel, 0, 3);  // 8 KiB ahead
+    for (int m = 0; m < MB; ++m) std::memcpy(&pairs[m], rows[m] + 2 * kk, 4);
+    bf16_step<MB>(a, wk, pairs);
+  }
+  if (k & 1) {  // the last pair is (x[K-1], 0); the packed weight is zero there
+    for (int m = 0; m < MB; ++m) {
+      c10::BFloat16 last[2] = {rows[m][k - 1], c10::BFloat16(0.f)};
+      std::memcpy(&pairs[m], last, 4);
+    }
+    bf16_step<MB>(a, panel + kfull * 2 * kPanel, pairs);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < 4; ++t) _mm512_storeu_ps(acc + m * kPanel + 16 * t, a[m][t]);
+}
+
+static void panel_bf16(const c10::BFloat16* const* rows, int m, const c10::BFloat16* panel,
+                       int64_t k, float* acc) {
+  for (int r0 = 0; r0 < m; r0 += kBf16MB) {
+    const bool pf = r0 == 0;  // the first pass streams the panel from memory
+    switch (std::min(kBf16MB, m - r0)) {
+      case 1: panel_bf16_block<1>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
+      case 2: panel_bf16_block<2>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
+      case 3: panel_bf16_block<3>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
+      case 4: panel_bf16_block<4>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
+      case 5: panel_bf16_block<5>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
+      default: panel_bf16_block<6>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
+    }
+  }
+}
+
+static bool use_avx512_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16") &&
+                         std::getenv("OCTAVO_CPU_NO_AVX512BF16") == nullptr;
+  return ok;
+}
+#endif
+
+static inline float activate(float x, int act) {
+  switch (act) {
+    case 0: return x / (1.f + std::exp(-x));
+    case 1: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
+    default: {
+      const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      return 0.5f * x * (1.f + std::tanh(inner));
+    }
+  }
+}
+
+// (expert, panel) work items over the experts that received at least one pair.
+static std::vector<std::pair<int64_t, int64_t>> expert_tasks(const MoeParams& p, int64_t panels) {
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (int64_t e = 0; e < p.num_experts; ++e)
+    if (p.expert_start[e + 1] > p.expert_start[e])
+      for (int64_t q = 0; q < panels; ++q) tasks.emplace_back(e, q);
+  return tasks;
+}
+
+template <typename T, class Panel>
+static void moe_impl(const MoeParams& p, Panel panel_gemm) {
+  const T* hidden = static_cast<const T*>(p.hidden);
+  const T* w13 = static_cast<const T*>(p.w13);
+  const T* w2 = static_cast<const T*>(p.w2);
+  T* inter = static_cast<T*>(p.inter);
+  const int64_t h = p.hidden_size, i = p.inter_size;
+  const int64_t pi = (i + kPanel - 1) / kPanel, ph = (h + kPanel - 1) / kPanel;
+  const int64_t panel_h = (h + 1) / 2 * 2 * kPanel, panel_i = (i + 1) / 2 * 2 * kPanel;
+
+  // 1. inter[row, 64q..] = act(gate) * up for one 64-column panel pair of one expert
+  const auto up_tasks = expert_tasks(p, pi);
+  at::parallel_for(0, static_cast<int64_t>(up_tasks.size()), 1, [&](int64_t b, int64_t end) {
+    alignas(64) float g[kRows * kPanel], u[kRows * kPanel];
+    const T* rows[kRows];
+    for (int64_t task = b; task < end; ++task) {
+      const auto [e, q] = up_tasks[task];
+      const T* gate = w13 + (e * pi + q) * 2 * panel_h;
+      const int64_t s0 = p.expert_start[e], s1 = p.expert_start[e + 1];
+      const int valid = static_cast<int>(std::min<int64_t>(kPanel, i - q * kPanel));
+      for (int64_t c0 = s0; c0 < s1; c0 += kRows) {
+        const int mc = static_cast<int>(std::min<int64_t>(kRows, s1 - c0));
+        for (int r = 0; r < mc; ++r)
+          rows[r] = hidden + (p.pair_order[c0 + r] / p.top_k) * p.hidden_stride;
+        panel_gemm(rows, mc, gate, h, g);
+        panel_gemm(rows, mc, gate + panel_h, h, u);
+        for (int r = 0; r < mc; ++r) {
+          T* dst = inter + (c0 + r) * i + q * kPanel;
+          for (int j = 0; j < valid; ++j)
+            dst[j] = from_f<T>(activate(g[r * kPanel + j], p.act) * u[r * kPanel + j]);
+        }
+      }
+    }
+  });
+
+  // 2. partial[pair, 64q..] = weight * (w2[e] @ inter row) for one output panel of one expert
+  const auto down_tasks = expert_tasks(p, ph);
+  at::parallel_for(0, static_cast<int64_t>(down_tasks.size()), 1, [&](int64_t b, int64_t end) {
+    alignas(64) float y[kRows * kPanel];
+    const T* rows[kRows];
+    for (int64_t task = b; task < end; ++task) {
+      const auto [e, q] = down_tasks[task];
+      const T* panel = w2 + (e * ph + q) * panel_i;
+      const int64_t s0 = p.expert_start[e], s1 = p.expert_start[e + 1];
+      const int valid = static_cast<int>(std::min<int64_t>(kPanel, h - q * kPanel));
+      for (int64_t c0 = s0; c0 < s1; c0 += kRows) {
+        const int mc = static_cast<int>(std::min<int64_t>(kRows, s1 - c0));
+        for (int r = 0; r < mc; ++r) rows[r] = inter + (c0 + r) * i;
+        panel_gemm(rows, mc, panel, i, y);
+        for (int r = 0; r < mc; ++r) {
+          const int64_t pair = p.pair_order[c0 + r];
+          const float wgt = p.topk_weights[pair];
+          float* dst = p.partial + pair * h + q * kPanel;
+          for (int j = 0; j < valid; ++j) dst[j] = wgt * y[r * kPanel + j];
+        }
+      }
+    }
+  });
+
+  // 3. out[t] = sum over its top_k pairs, in slot order (deterministic)
+  T* out = static_cast<T*>(p.out);
+  at::parallel_for(0, p.num_tokens, 16, [&](int64_t b, int64_t end) {
+    for (int64_t t = b; t < end; ++t) {
+      const float* src = p.partial + t * p.top_k * h;
+      T* dst = out + t * p.out_stride;
+      for (int64_t c = 0; c < h; ++c) {
+        float s = 0.f;
+        for (int64_t j = 0; j < p.top_k; ++j) s += src[j * h + c];
+        dst[c] = from_f<T>(s);
+      }
+    }
+  });
+}
+
+void fused_moe_kernel(const MoeParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (p.dtype == DType::kBFloat16 && use_avx512_bf16()) {
+    moe_impl<c10::BFloat16>(p, panel_bf16);
+    return;
+  }
+#endif
+  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { moe_impl<scalar_t>(p, panel_generic<scalar_t>); });
+}
+
+}  // namespace octavo::cpu::CPU_CAPABILITY
+
+#if defined(OCTAVO_CPU_LAUNCHERS)
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "cpu/check.h"
+#include "cpu/dispatch.h"
+#include "ops.h"
+
+OCTAVO_DECLARE_CPU_KERNEL(fused_moe_kernel, MoeParams)
+
+namespace octavo {
+namespace {
+
+int activation_kind(const std::string& activation) {
+  if (activation == "silu") return 0;
+  if (activation == "gelu") return 1;
+  if (activation == "gelu_tanh") return 2;
+  TORCH_CHECK(false, "fused_moe: activation must be 'silu', 'gelu' or 'gelu_tanh', got '",
+              activation, "'");
+}
+
+// Picks k of n values by repeated arg-max; the lower index wins ties (as a stable sort).
+void pick_top(const float* v, int64_t n, int64_t k, std::vector<char>& taken, int32_t* ids) {
+  std::fill(taken.begin(), taken.begin() + n, 0);
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < n; ++e)
+      if (!taken[e] && (best < 0 || v[e] > v[best])) best = e;
+    taken[best] = 1;
+    ids[j] = static_cast<int32_t>(best);
+  }
+}
+
+// Counting sort of the pairs by expert: fills order [n] and start [E + 1]; checks the ids.
+void group_pairs(const at::Tensor& topk_ids, int64_t num_experts, std::vector<int32_t>& order,
+                 std::vector<int64_t>& start) {
+  const int32_t* ids = topk_ids.data_ptr<int32_t>();
+  const int64_t n = topk_ids.numel();
+  start.assign(num_experts + 1, 0);
+  for (int64_t pair = 0; pair < n; ++pair) {
+    TORCH_CHECK(ids[pair] >= 0 && ids[pair] < num_experts, "moe: expert id ", ids[pair],
+                " out of range [0, ", num_experts, ")");
+    ++start[ids[pair] + 1];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  order.resize(n);
+  for (int64_t pair = 0; pair < n; ++pair) order[cursor[ids[pair]]++] = static_cast<int32_t>(pair);
+}
+
+// [E, N, K] -> [E, ceil(N/64), ceil(K/2), 64, 2] (ops_native.pack_moe_panels)
+at::Tensor pack_panels(const at::Tensor& w) {
+  const int64_t e = w.size(0), n = w.size(1), k = w.size(2);
+  const int64_t n_pad = (64 - n % 64) % 64, k_pad = k % 2;
+  at::Tensor padded = at::constant_pad_nd(w, {0, k_pad, 0, n_pad}, 0);
+  return padded.view({e, (n + n_pad) / 64, 64, (k + k_pad) / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
+}
+
+}  // namespace
+
+void topk_routing_cpu(at::Tensor& topk_weights, at::Tensor& topk_ids,
+                      const at::Tensor& gating_output, const std::string& scoring,
+                      bool renormalize, const std::optional<at::Tensor>& bias, int64_t n_group,
+                      int64_t topk_group, const std::string& group_score,
+                      double routed_scaling_factor) {
+  OCTAVO_CHECK_CPU(gating_output);
+  TORCH_CHECK(gating_output.dim() == 2, "topk_routing: gating_output must be [T, E], got ",
+              gating_output.sizes());
+  const int64_t t = gating_output.size(0), e = gating_output.size(1), k = topk_ids.size(-1);
+  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.size(0) == t && topk_weights.size(1) == k &&
+                  topk_weights.scalar_type() == at::kFloat && topk_weights.is_contiguous(),
+              "topk_routing: topk_weights must be a contiguous [T, k] float32 tensor");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == t && topk_ids.scalar_type() == at::kInt &&
+                  topk_ids.is_contiguous(),
+              "topk_routing: topk_ids must be a contiguous [T, k] int32 tensor");
+  TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid", "topk_routing: scoring must be "
+              "'softmax' or 'sigmoid', got '", scoring, "'");
+  TORCH_CHECK(group_score == "max" || group_score == "top2_sum", "topk_routing: group_score must "
+              "be 'max' or 'top2_sum', got '", group_score, "'");
+  TORCH_CHECK(n_group >= 1 && e % n_group == 0 && topk_group >= 1 && topk_group <= n_group,
+              "topk_routing: n_group must divide E and 1 <= topk_group <= n_group");
+  const int64_t gsize = e / n_group;
+  TORCH_CHECK(k >= 1 && k <= (n_group > 1 ? topk_group * gsize : e),
+              "topk_routing: top_k out of range for the experts of the chosen groups");
+  TORCH_CHECK(!(n_group > 1 && group_score == "top2_sum" && gsize < 2),
+              "topk_routing: top2_sum needs 2 experts per group");
+  at::Tensor logits = gating_output.to(at::kFloat).contiguous();  // [T, E]
+  at::Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == e, "topk_routing: bias must be [E]");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const float* lp = logits.data_ptr<float>();
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  float* wout = topk_weights.data_ptr<float>();
+  int32_t* iout = topk_ids.data_ptr<int32_t>();
+  const bool softmax = scoring == "softmax", top2 = group_score == "top2_sum";
+  at::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(e), choice(e), gscore(n_group);
+    std::vector<char> taken(std::max(e, n_group));
+    std::vector<int32_t> groups(topk_group), top2ids(2);
+    for (int64_t tok = begin; tok < end; ++tok) {
+      const float* x = lp + tok * e;
+      if (softmax) {
+        float mx = x[0], sum = 0.f;
+        for (int64_t j = 1; j < e; ++j) mx = std::max(mx, x[j]);
+        for (int64_t j = 0; j < e; ++j) sum += (score[j] = std::exp(x[j] - mx));
+        for (int64_t j = 0; j < e; ++j) score[j] /= sum;
+      } else {
+        for (int64_t j = 0; j < e; ++j) score[j] = 1.f / (1.f + std::exp(-x[j]));
+      }
+      for (int64_t j = 0; j < e; ++j) choice[j] = score[j] + (bp ? bp[j] : 0.f);
+      if (n_group > 1) {
+        for (int64_t g = 0; g < n_group; ++g) {
+          const float* c = choice.data() + g * gsize;
+          if (top2) {
+            pick_top(c, gsize, 2, taken, top2ids.data());
+            gscore[g] = c[top2ids[0]] + c[top2ids[1]];
+          } else {
+            gscore[g] = *std::max_element(c, c + gsize);
+          }
+        }
+        pick_top(gscore.data(), n_group, topk_group, taken, groups.data());
+        std::vector<char> keep(n_group, 0);
+        for (int32_t g : groups) keep[g] = 1;
+        for (int64_t j = 0; j < e; ++j)
+          if (!keep[j / gsize]) choice[j] = -INFINITY;
+      }
+      int32_t* ids = iout + tok * k;
+      float* w = wout + tok * k;
+      pick_top(choice.data(), e, k, taken, ids);
+      float sum = 0.f;
+      for (int64_t j = 0; j < k; ++j) sum += (w[j] = score[ids[j]]);
+      const float scale = static_cast<float>(routed_scaling_factor) / (renormalize ? sum : 1.f);
+      for (int64_t j = 0; j < k; ++j) w[j] *= scale;
+    }
+  });
+}
+
+void moe_align_cpu(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
+                   at::Tensor& num_tokens_post_pad, const at::Tensor& topk_ids,
+                   int64_t num_experts, int64_t block_size) {
+  OCTAVO_CHECK_CPU(topk_ids);
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.scalar_type() == at::kInt && topk_ids.is_contiguous(),
+              "moe_align: topk_ids must be a contiguous [T, k] int32 tensor");
+  TORCH_CHECK(num_experts >= 1 && block_size >= 1, "moe_align: num_experts and block_size must be positive");
+  const int64_t n = topk_ids.numel();
+  const int64_t p = sorted_token_ids.numel(), nblocks = expert_ids.numel();
+  for (const at::Tensor* o : std::initializer_list<const at::Tensor*>{&sorted_token_ids, &expert_ids, &num_tokens_post_pad})
+    TORCH_CHECK(o->scalar_type() == at::kInt && o->is_contiguous() && o->dim() == 1,
+                "moe_align: outputs must be contiguous 1-D int32 tensors");
+  TORCH_CHECK(p % block_size == 0 && nblocks == p / block_size && num_tokens_post_pad.numel() == 1,
+              "moe_align: outputs must be [P], [P / block_size], [1] (ops_native.moe_align_sizes)");
+  std::vector<int32_t> order;
+  std::vector<int64_t> start;
+  group_pairs(topk_ids, num_experts, order, start);
+  int32_t* s = sorted_token_ids.data_ptr<int32_t>();
+  int32_t* ex = expert_ids.data_ptr<int32_t>();
+  std::fill(s, s + p, static_cast<int32_t>(n));
+  std::fill(ex, ex + nblocks, -1);
+  int64_t pos = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t c = start[e + 1] - start[e];
+    if (c == 0) continue;
+    const int64_t padded = (c + block_size - 1) / block_size * block_size;
+    TORCH_CHECK(pos + padded <= p, "moe_align: sorted_token_ids is too short");
+    std::copy(order.begin() + start[e], order.begin() + start[e + 1], s + pos);
+    std::fill(ex + pos / block_size, ex + (pos + padded) / block_size, static_cast<int32_t>(e));
+    pos += padded;
+  }
+  num_tokens_post_pad.data_ptr<int32_t>()[0] = static_cast<int32_t>(pos);
+}
+
+void fused_moe_packed_cpu(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13_packed,
+                          const at::Tensor& w2_packed, const at::Tensor& topk_weights,
+                          const at::Tensor& topk_ids, int64_t inter_size,
+                          const std::string& activation) {
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&out, &hidden, &w13_packed, &w2_packed, &topk_weights, &topk_ids})
+    OCTAVO_CHECK_CPU(*x);
+  TORCH_CHECK(hidden.dim() == 2 && out.sizes() == hidden.sizes(),
+              "fused_moe: hidden and out must be [T, H], got ", hidden.sizes(), " and ", out.sizes());
+  OCTAVO_CHECK_SAME_DTYPE(hidden, out);
+  OCTAVO_CHECK_SAME_DTYPE(hidden, w13_packed);
+  OCTAVO_CHECK_SAME_DTYPE(hidden, w2_packed);
+  OCTAVO_CHECK_LAST_CONTIG(hidden);
+  OCTAVO_CHECK_LAST_CONTIG(out);
+  const int64_t t = hidden.size(0), h = hidden.size(1), i = inter_size, e = w13_packed.size(0);
+  TORCH_CHECK(w13_packed.dim() == 6 && w13_packed.size(1) == (i + 63) / 64 && w13_packed.size(2) == 2 &&
+                  w13_packed.size(3) == (h + 1) / 2 && w13_packed.size(4) == 64 &&
+                  w13_packed.size(5) == 2 && w13_packed.is_contiguous(),
+              "fused_moe: w13_packed must be a contiguous [E, ", (i + 63) / 64, ", 2, ", (h + 1) / 2,
+              ", 64, 2] tensor (ops_native.pack_moe_weights), got ", w13_packed.sizes());
+  TORCH_CHECK(w2_packed.dim() == 5 && w2_packed.size(0) == e && w2_packed.size(1) == (h + 63) / 64 &&
+                  w2_packed.size(2) == (i + 1) / 2 && w2_packed.size(3) == 64 &&
+                  w2_packed.size(4) == 2 && w2_packed.is_contiguous(),
+              "fused_moe: w2_packed must be a contiguous [", e, ", ", (h + 63) / 64, ", ", (i + 1) / 2,
+              ", 64, 2] tensor (ops_native.pack_moe_weights), got ", w2_packed.sizes());
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == t && topk_ids.scalar_type() == at::kInt &&
+                  topk_ids.is_contiguous(), "fused_moe: topk_ids must be a contiguous [T, k] int32 tensor");
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes() && topk_weights.scalar_type() == at::kFloat &&
+                  topk_weights.is_contiguous(),
+              "fused_moe: topk_weights must be a contiguous float32 tensor shaped like topk_ids");
+  const int act = activation_kind(activation);
+  if (t == 0 || h == 0) return;
+  const int64_t k = topk_ids.size(1);
+  std::vector<int32_t> order;
+  std::vector<int64_t> start;
+  group_pairs(topk_ids, e, order, start);
+  at::Tensor inter = at::empty({t * k, i}, hidden.options());
+  at::Tensor partial = at::empty({t * k, h}, hidden.options().dtype(at::kFloat));
+  cpu::MoeParams p{};
+  p.out = out.data_ptr();
+  p.hidden = hidden.data_ptr();
+  p.w13 = w13_packed.data_ptr();
+  p.w2 = w2_packed.data_ptr();
+  p.topk_weights = topk_weights.data_ptr<float>();
+  p.pair_order = order.data();
+  p.expert_start = start.data();
+  p.inter = inter.data_ptr();
+  p.partial = partial.data_ptr<float>();
+  p.out_stride = out.stride(0);
+  p.hidden_stride = hidden.stride(0);
+  p.num_tokens = t;
+  p.hidden_size = h;
+  p.inter_size = i;
+  p.top_k = k;
+  p.num_experts = e;
+  p.act = act;
+  p.dtype = cpu::to_dtype(hidden, "fused_moe");
+  if (k == 0) {
+    out.zero_();
+    return;
+  }
+  OCTAVO_CALL_CPU_KERNEL(fused_moe_kernel, p);
+}
+
+void fused_moe_cpu(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                   const at::Tensor& w2, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                   const std::string& activation) {
+  OCTAVO_CHECK_CPU(w13);
+  OCTAVO_CHECK_CPU(w2);
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(1) % 2 == 0 && w2.size(0) == w13.size(0) &&
+                  w2.size(1) == w13.size(2) && w2.size(2) == w13.size(1) / 2,
+              "fused_moe: w13 must be [E, 2I, H] and w2 [E, H, I], got ", w13.sizes(), " and ", w2.sizes());
+  // Packs on every call: layers pack once with prepare_moe_weights and call fused_moe_packed.
+  const int64_t i = w13.size(1) / 2;
+  at::Tensor w13p = at::stack({pack_panels(w13.narrow(1, 0, i)), pack_panels(w13.narrow(1, i, i))}, 2);
+  fused_moe_packed_cpu(out, hidden, w13p, pack_panels(w2), topk_weights, topk_ids, i, activation);
+}
+
+}  // namespace octavo
+#endif  // OCTAVO_CPU_LAUNCHERS
