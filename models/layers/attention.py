@@ -40,16 +40,26 @@ class Attention(CustomOp):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
+    @property
+    def has_cache(self) -> bool:
+        return self.k_cache is not None and self.k_cache.numel() > 0
+
     def _forward(self, impl, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # q: [T, Hq*hd]; k, v: [T, Hk*hd] (views of a fused qkv are fine) -> [T, Hq*hd]
+        # q: [T, Hq*hd]; k, v: [T, Hk*hd] (views of a fused qkv are fine) -> [T, Hq*hd].
+        # k = v = None: attend over the cache as an earlier call of this step left it, writing
+        # nothing (a second query over the same K/V: IQuest-Coder Loop's second pass).
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_size)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_size)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_size)
-        if self.k_cache is None or self.k_cache.numel() == 0:  # no cache (profiling): prompts only
+        if k is not None:
+            k = k.view(num_tokens, self.num_kv_heads, self.head_size)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_size)
+        if not self.has_cache:  # no cache (profiling): prompts only
+            if k is None:
+                raise RuntimeError("Attention without a KV cache needs this step's k and v")
             return _attention_without_cache(impl, q, k, v, attn_metadata, self).flatten(1)
         slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(q.device)
-        impl.reshape_and_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping)
+        if k is not None:
+            impl.reshape_and_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping)
         out = impl.paged_attention(q, self.k_cache, self.v_cache, attn_metadata.query_start_loc,
                                    attn_metadata.seq_lens, attn_metadata.block_table, self.scale,
                                    self.sliding_window, self.logit_soft_cap, slopes)
