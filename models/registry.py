@@ -22,7 +22,6 @@ _MODELS = {
     "GPTBigCodeForCausalLM": ("gpt_bigcode", "GPTBigCodeForCausalLM"),
     "Starcoder2ForCausalLM": ("starcoder2", "Starcoder2ForCausalLM"),
     "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
-    "InternLMForCausalLM": ("internlm", "InternLMForCausalLM"),
     "InternLM2ForCausalLM": ("internlm2", "InternLM2ForCausalLM"),
     "InternLM3ForCausalLM": ("internlm3", "InternLM3ForCausalLM"),
     "BaichuanForCausalLM": ("baichuan", "BaichuanForCausalLM"),
@@ -30,8 +29,6 @@ _MODELS = {
     "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),
     "MiniCPM3ForCausalLM": ("minicpm3", "MiniCPM3ForCausalLM"),
     "ChatGLMModel": ("chatglm", "ChatGLMModel"),
-    "IQuestCoderForCausalLM": ("iquest_coder", "IQuestCoderForCausalLM"),
-    "IQuestLoopCoderForCausalLM": ("iquest_loopcoder", "IQuestLoopCoderForCausalLM"),
     "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
@@ -39,6 +36,7 @@ _MODELS = {
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
     "GraniteMoeSharedForCausalLM": ("granitemoe", "GraniteMoeSharedForCausalLM"),
     "PhimoeForCausalLM": ("phimoe", "PhimoeForCausalLM"),
+    "DbrxForCausalLM": ("dbrx", "DbrxForCausalLM"),
 }
 
 
@@ -62,8 +60,6 @@ EXAMPLE_MODELS = {
     "GPTBigCodeForCausalLM": "StarCoder, SantaCoder",
     "Starcoder2ForCausalLM": "StarCoder2",
     "Phi3ForCausalLM": "Phi-3, Phi-3.5, Phi-4-mini",
-    "InternLMForCausalLM": "InternLM (v1): internlm-7b, internlm-chat-7b, internlm-20b "
-                           "(trust_remote_code)",
     "InternLM2ForCausalLM": "InternLM2, InternLM2.5 (trust_remote_code)",
     "InternLM3ForCausalLM": "InternLM3 (trust_remote_code)",
     "BaichuanForCausalLM": "Baichuan-13B, Baichuan2-7B/13B (trust_remote_code)",
@@ -71,9 +67,6 @@ EXAMPLE_MODELS = {
     "MiniCPMForCausalLM": "MiniCPM-1B/2B, MiniCPM 2.x (dense; trust_remote_code)",
     "MiniCPM3ForCausalLM": "MiniCPM3-4B",
     "ChatGLMModel": "ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (trust_remote_code)",
-    "IQuestCoderForCausalLM": "IQuest-Coder-V1 Base/Instruct/Thinking (trust_remote_code)",
-    "IQuestLoopCoderForCausalLM": "IQuest-Coder-V1 Loop-Instruct/Loop-Thinking (two passes; "
-                                  "trust_remote_code)",
     "MixtralForCausalLM": "Mixtral 8x7B, 8x22B",
     "Qwen2MoeForCausalLM": "Qwen1.5-MoE, Qwen2-57B-A14B",
     "Qwen3MoeForCausalLM": "Qwen3-30B-A3B, Qwen3-235B-A22B",
@@ -81,6 +74,7 @@ EXAMPLE_MODELS = {
     "GraniteMoeForCausalLM": "Granite 3.0/3.1 MoE (1B-A400M, 3B-A800M)",
     "GraniteMoeSharedForCausalLM": "Granite MoE with a shared expert",
     "PhimoeForCausalLM": "Phi-3.5-MoE",
+    "DbrxForCausalLM": "DBRX (dbrx-base, dbrx-instruct)",
 }
 
 def supported_architectures() -> list[str]:

@@ -201,14 +201,16 @@ class MoEWeightRouting:
 
     `checkpoint_renames`: (regex, replacement) pairs applied to each name first, so that the
     family's names become octavo's (`.block_sparse_moe.` -> `.mlp.`); `expert_projections`: the
-    checkpoint's per-expert projection names -> w1 (gate) / w3 (up) / w2 (down). Recognised after
-    renaming: `<...>.experts.<e>.<proj>.weight` (one expert) and transformers 5's stacked
-    `<...>.experts.gate_up_proj [E, 2I, H]` / `<...>.experts.down_proj [E, H, I]`. A renamed name
-    that is neither goes to the renamed parameter whole."""
+    checkpoint's per-expert projection names -> w1 (gate) / w3 (up) / w2 (down);
+    `stacked_projections`: the names of all-expert tensors -> their FusedMoE shard kind. Recognised
+    after renaming: `<...>.experts.<e>.<proj>.weight` (one expert) and `<...>.experts.<stacked>`
+    (by default transformers 5's `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`). A renamed
+    name that is neither goes to the renamed parameter whole."""
 
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     expert_projections = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    _STACKED = {"gate_up_proj": "w13", "down_proj": "w2"}
+    # names after `<...>.experts.` of tensors that hold all experts -> FusedMoE shard kind
+    stacked_projections = {"gate_up_proj": "w13", "down_proj": "w2"}
 
     def route_weight(self, name: str):
         renamed = name
@@ -218,9 +220,9 @@ class MoEWeightRouting:
         if one and one.group(3) in self.expert_projections:
             kind = self.expert_projections[one.group(3)]
             return _stacked_param(one.group(1), kind), (int(one.group(2)), kind)
-        stacked = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", renamed)
-        if stacked:
-            kind = self._STACKED[stacked.group(2)]
+        stacked = re.fullmatch(r"(.*\.experts)\.(.+)", renamed)
+        if stacked and stacked.group(2) in self.stacked_projections:
+            kind = self.stacked_projections[stacked.group(2)]
             return _stacked_param(stacked.group(1), kind), kind
         return (renamed, None) if renamed != name else None
 

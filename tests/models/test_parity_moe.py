@@ -1,5 +1,5 @@
 """Hugging Face parity of the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-Granite MoE, Granite MoE Shared and PhiMoE) on tiny random configs: 8 experts, top-2, 3 layers.
+Granite MoE, Granite MoE Shared, PhiMoE and DBRX) on tiny random configs: 8 experts, top-2, 3 layers.
 
 The configs switch each family's features on (shared experts with their gate, dense layers by
 mlp_only_layers / decoder_sparse_step, norm_topk_prob on and off, clip_qkv, sliding windows,
@@ -23,12 +23,16 @@ from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
 
 from conftest import save_tiny_model
-from parity import assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
+from parity import (assert_changes_logits, assert_matches_hf, hf_logits, logits,
+                    longest_prompt_ids)
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1,
               eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=0.08,
               num_experts_per_tok=2)
+# DBRX has its own field names (and no tied embeddings)
+DBRX = dict(d_model=64, n_heads=4, n_layers=3, max_seq_len=512, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0, initializer_range=0.08)
 QWEN_MOE = dict(num_experts=8, moe_intermediate_size=48, norm_topk_prob=False)
 
 # case -> (architecture, model_type, config fields)
@@ -56,6 +60,15 @@ CASES = {
     "phimoe": ("PhimoeForCausalLM", "phimoe", dict(
         num_local_experts=8, router_jitter_noise=0.3, attention_bias=True, lm_head_bias=True,
         sliding_window=8)),
+    # fused Wqkv clamped, one tensor per projection for all experts, L1-normalised top-k
+    "dbrx": ("DbrxForCausalLM", "dbrx", dict(
+        DBRX, attn_config=dict(kv_n_heads=2, clip_qkv=0.3, rope_theta=10000.0),
+        ffn_config=dict(ffn_hidden_size=96, moe_num_experts=8, moe_top_k=2))),
+    # top-k weights divided by their L2 norm (transformers 5.24's DBRX fails without clip_qkv)
+    "dbrx-l2": ("DbrxForCausalLM", "dbrx", dict(
+        DBRX, attn_config=dict(kv_n_heads=4, clip_qkv=8.0, rope_theta=500000.0),
+        ffn_config=dict(ffn_hidden_size=96, moe_num_experts=6, moe_top_k=3,
+                        moe_normalize_expert_weights=2.0))),
 }
 ARCHITECTURES = sorted({arch for arch, _, _ in CASES.values()})  # read by test_registry.py
 
@@ -97,7 +110,8 @@ def model_dirs(tmp_path_factory):
         if case not in cache:
             arch, model_type, fields = CASES[case]
             path = str(tmp_path_factory.mktemp(case))
-            save_tiny_model(path, model_type, arch, **{**COMMON, **fields})
+            base = {} if model_type == "dbrx" else COMMON
+            save_tiny_model(path, model_type, arch, **{**base, **fields})
             _randomise_norms_and_biases(path, seed=1)
             cache[case] = path
         return cache[case]
@@ -129,6 +143,21 @@ def test_shared_experts_change_transformers_output(case, model_dirs, tmp_path):
             assert hit, f"{case}: no parameter named like {part!r}"
             changed = model(torch.tensor([ids])).logits[0]
         assert_changes_logits(base, changed, f"{case}: {what}")
+
+
+@pytest.mark.parametrize("case, sub, changes", [
+    ("dbrx", "attn_config", dict(clip_qkv=1e6)),  # no clip (None fails in transformers 5.24)
+    ("dbrx", "ffn_config", dict(moe_normalize_expert_weights=None)),
+    ("dbrx-l2", "ffn_config", dict(moe_normalize_expert_weights=1.0))])
+def test_dbrx_feature_changes_transformers_output(case, sub, changes, model_dirs):
+    ids = longest_prompt_ids()
+    config = AutoConfig.from_pretrained(model_dirs(case))
+    for key, value in changes.items():
+        setattr(getattr(config, sub), key, value)
+    model = AutoModelForCausalLM.from_pretrained(model_dirs(case), config=config,
+                                                 dtype=torch.float32)
+    assert_changes_logits(hf_logits(model_dirs(case), ids), logits(model, ids),
+                          f"{case}: {sub} {changes}")
 
 
 def _octavo_model(model_dir: str):
@@ -198,8 +227,9 @@ def test_missing_expert_weights_are_an_error(model_dirs, tmp_path):
 
 
 # Experts' intermediate size split across ranks (with a shared expert and a dense layer in
-# Qwen2-MoE, top-3 and a sliding window in Mixtral, a shared MLP in Granite MoE Shared)
-TP_CASES = ["mixtral-sliding-top3", "qwen2_moe", "granitemoeshared"]
+# Qwen2-MoE, top-3 and a sliding window in Mixtral, a shared MLP in Granite MoE Shared, DBRX's
+# all-expert tensors split per rank)
+TP_CASES = ["mixtral-sliding-top3", "qwen2_moe", "granitemoeshared", "dbrx"]
 
 
 def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
