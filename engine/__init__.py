@@ -14,6 +14,7 @@ _EXPORTS = {
     "SamplingParams": "sampling_params", "RequestOutput": "outputs",
     "CompletionOutput": "outputs", "Logprob": "outputs",
     "BeamSearchParams": "beam_search",
+    "EngineArgs": "arg_utils",
 }
 __all__ = list(_EXPORTS)
 

@@ -120,6 +120,8 @@ def test_defaults_are_engine_config_defaults():
         if f.name != "model":
             assert config_fields[f.name].default == f.default, f.name
     assert set(DTYPE_CHOICES) == {"auto", *_DTYPES}
+    import octavo
+    assert octavo.EngineArgs is EngineArgs          # `from octavo import EngineArgs`, as vLLM's
 
 
 def option_strings(parser: argparse.ArgumentParser) -> set[str]:
