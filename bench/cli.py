@@ -10,6 +10,8 @@ _SUITES = {
     "latency": ("octavo.bench.latency", "latency, TTFT and TPOT of one batch"),
     "serve": ("octavo.bench.serve", "online serving against an OpenAI-compatible server"),
     "plot": ("octavo.bench.plot", "plot JSON-lines results into a PNG"),
+    "stress": ("octavo.bench.stress", "reliability: streams that leave, fuzz, KV exhaustion "
+               "against a real server"),
 }
 
 

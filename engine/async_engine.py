@@ -2,8 +2,16 @@
 and aborts requests; each request gets its own asyncio queue of RequestOutputs.
 
 Every add / abort / step happens on the engine thread: callers only put commands on a queue and
-wait. A request that fails validation gets its ValueError back and changes nothing; a step that
-raises fails the requests in flight and the loop goes on serving new ones.
+wait. A request that fails validation gets its ValueError back and changes nothing.
+
+Failures inside a step (the policy the server documents): the engine recovers from them. A
+failure pinned on one request (its sampling, logprobs, detokenization) fails that request alone;
+a failing forward fails the requests of that step; an unexpected error outside those fails every
+request in flight. Each failed request's consumer gets a RequestFailedError (HTTP 500) and the
+loop goes on serving. The engine dies instead, when an error is marked fatal (`fatal = True`,
+as a broken device would be) or after _MAX_FAILED_STEPS failing steps in a row: then every
+request gets an EngineDeadError (HTTP 503), `dead` holds the cause, `on_dead` is called (the
+server answers /health with 503 and exits with status 1) and new requests are refused.
 """
 from __future__ import annotations
 
@@ -13,9 +21,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
-from .llm_engine import LLMEngine, PromptType
+from .llm_engine import LLMEngine, PromptType, StepError
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -23,6 +31,26 @@ logger = logging.getLogger(__name__)
 
 # How long the idle engine thread sleeps between checks for a shutdown.
 _IDLE_WAIT_S = 0.5
+# Failing steps in a row after which the engine is taken for broken.
+_MAX_FAILED_STEPS = 3
+
+
+class RequestFailedError(RuntimeError):
+    """This request failed inside an engine step; the engine goes on serving."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine has stopped (a fatal error, or shut down): no request can be served."""
+
+
+class _Died(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+
+
+def _is_fatal(e: BaseException) -> bool:
+    return bool(getattr(e, "fatal", False)) or isinstance(e, MemoryError) \
+        or "CUDA error" in str(e)
 
 
 class StatsObserver(Protocol):
@@ -32,6 +60,8 @@ class StatsObserver(Protocol):
     def on_prompt_tokens(self, n: int) -> None: ...
     def on_new_tokens(self, n: int, first: bool, seconds: float) -> None: ...
     def on_finished(self, finish_reason: str) -> None: ...
+    def on_cache(self, num_free_blocks: int, num_blocks: int, num_preemptions: int) -> None: ...
+    def on_failed_step(self) -> None: ...
 
 
 @dataclass
@@ -69,17 +99,26 @@ class _Stop:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, observer: StatsObserver | None = None) -> None:
+    def __init__(self, engine: LLMEngine, observer: StatsObserver | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self.observer = observer
+        self.on_dead = on_dead
+        self.dead: BaseException | None = None        # why the engine died, if it did
+        self.num_failed_steps = 0
+        self._failed_in_a_row = 0
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # Held while checking that the thread is still accepting and queueing a command, and
+        # while the stopping thread turns it off, so that no command is queued to a dead loop.
+        self._accepting_lock = threading.Lock()
+        self._accepting = True
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._run, name="octavo-engine", daemon=True)
         self._thread.start()
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.dead is None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._commands.put(_Stop())
@@ -90,11 +129,12 @@ class AsyncLLMEngine:
                           params: SamplingParams) -> asyncio.Queue:
         """Queue a request; raises the engine's ValueError if it is invalid. The returned queue
         yields RequestOutputs (the last has finished=True) or an Exception."""
-        if not self.is_running:
-            raise RuntimeError("the engine thread has stopped")
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), loop.create_future())
-        self._commands.put(_Add(request_id, prompt, params, stream))
+        with self._accepting_lock:
+            if not self._accepting:
+                raise self._dead_error()
+            self._commands.put(_Add(request_id, prompt, params, stream))
         try:
             await stream.added
         except asyncio.CancelledError:
@@ -130,15 +170,42 @@ class AsyncLLMEngine:
         self._commands.put(_Abort(request_id))
 
     # ---- engine thread --------------------------------------------------------------------
+    def _dead_error(self) -> EngineDeadError:
+        if self.dead is None:
+            return EngineDeadError("the engine was shut down")
+        return EngineDeadError(f"the engine has stopped after a fatal error: "
+                               f"{type(self.dead).__name__}: {self.dead}")
+
     def _run(self) -> None:
-        while True:
-            block = not self.engine.has_unfinished_requests()
-            if not self._drain_commands(block):
-                break
-            if self.engine.has_unfinished_requests():
-                self._step()
+        try:
+            self._report_step()                      # the cache gauges, before any request
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                if not self._drain_commands(block):
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except _Died as d:
+            self.dead = d.cause
+        except BaseException as e:  # noqa: BLE001 - a bug in the loop itself: nothing is safe
+            logger.exception("the engine loop failed")
+            self.dead = e
+        if self.dead is not None:
+            logger.error("the engine is dead: %s: %s", type(self.dead).__name__, self.dead)
+        with self._accepting_lock:
+            self._accepting = False
+        error = self._dead_error()
         for rid in list(self._streams):
-            self._fail(rid, RuntimeError("the engine was shut down"))
+            self._fail(rid, error)
+        while True:                                  # adds queued before accepting stopped
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add):
+                cmd.stream.loop.call_soon_threadsafe(_set_exception, cmd.stream.added, error)
+        if self.dead is not None and self.on_dead is not None:
+            self.on_dead(self.dead)
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one when idle). False means shut down."""
@@ -180,18 +247,45 @@ class AsyncLLMEngine:
             self.observer.on_finished("abort")
 
     def _fail(self, request_id: str, error: BaseException) -> None:
-        stream = self._streams.pop(request_id)
+        stream = self._streams.pop(request_id, None)
         self.engine.abort_request(request_id)
-        stream.put(error)
+        if stream is not None:
+            stream.put(error)
+            if self.observer is not None:
+                self.observer.on_finished("error")
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except StepError as e:
+            if e.whole_step:
+                self._failed_step(e.cause)        # if this kills the engine, every stream
+            else:                                 # gets the EngineDeadError instead
+                self._failed_in_a_row = 0
+            for rid, error in e.failed.items():
+                self._fail(rid, RequestFailedError(
+                    f"the engine failed while generating: {type(error).__name__}: {error}"))
+            outputs = e.outputs
         except Exception as e:  # noqa: BLE001 - keep serving; the requests in flight fail
             logger.exception("engine step failed; failing %d requests", len(self._streams))
+            self._failed_step(e)
             for rid in list(self._streams):
-                self._fail(rid, RuntimeError(f"the engine failed while generating: {e}"))
-            return
+                self._fail(rid, RequestFailedError(f"the engine failed while generating: {e}"))
+            outputs = []
+        else:
+            self._failed_in_a_row = 0
+        self._deliver(outputs)
+        self._report_step()
+
+    def _failed_step(self, error: BaseException) -> None:
+        self.num_failed_steps += 1
+        self._failed_in_a_row += 1
+        if self.observer is not None:
+            self.observer.on_failed_step()
+        if _is_fatal(error) or self._failed_in_a_row >= _MAX_FAILED_STEPS:
+            raise _Died(error)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -204,7 +298,6 @@ class AsyncLLMEngine:
                     for c in out.outputs:
                         self.observer.on_finished(c.finish_reason or "abort")
             stream.put(out)
-        self._report_step()
 
     def _record_tokens(self, stream: _Stream, out: RequestOutput, now: float) -> None:
         total = sum(len(c.token_ids) for c in out.outputs)
@@ -220,8 +313,9 @@ class AsyncLLMEngine:
     def _report_step(self) -> None:
         if self.observer is None:
             return
-        sched = self.engine.scheduler
-        self.observer.on_step(len(sched.running), len(sched.waiting), self.engine.kv.usage)
+        sched, kv = self.engine.scheduler, self.engine.kv
+        self.observer.on_step(len(sched.running), len(sched.waiting), kv.usage)
+        self.observer.on_cache(kv.pool.num_free, kv.num_blocks, sched.num_preemptions)
 
 
 def _set_result(fut: asyncio.Future) -> None:

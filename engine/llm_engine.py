@@ -15,6 +15,7 @@ from octavo.models.gguf_loader import GGUF_SUFFIX, load_gguf_config, load_gguf_t
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, fill_decoded_tokens
+from .fault_injection import FaultInjector
 from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -26,6 +27,20 @@ from .scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
+
+
+class StepError(RuntimeError):
+    """Requests failed inside LLMEngine.step(). `failed` maps their (user) request ids to the
+    error; they are finished and their blocks freed. `outputs` are the step's outputs for the
+    other requests, which go on. `whole_step` is true when the batch itself failed (the model
+    forward), so the error is no request's own fault."""
+
+    def __init__(self, failed: dict[str, BaseException], outputs: list[RequestOutput],
+                 whole_step: bool = False, cause: BaseException | None = None) -> None:
+        first = cause if cause is not None else next(iter(failed.values()))
+        super().__init__(f"{'the engine step' if whole_step else 'requests'} failed "
+                         f"({len(failed)} request(s)): {type(first).__name__}: {first}")
+        self.failed, self.outputs, self.whole_step, self.cause = failed, outputs, whole_step, first
 
 
 @dataclass
@@ -102,6 +117,22 @@ class LLMEngine:
                 raise ValueError(f"{name}={asked} is more than this engine allows "
                                  f"(max_logprobs={cap}): ask for at most {cap}, or start the "
                                  "engine with a larger max_logprobs (--max-logprobs)")
+        self._verify_params_fit(params)
+
+    def _verify_params_fit(self, params: SamplingParams) -> None:
+        """Bounds that depend on the model and the engine, checked at admission (past it, a
+        request that does not fit would fail inside a step)."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"{name}={value} is more than the vocabulary size "
+                                 f"({self.vocab_size}): ask for at most {self.vocab_size}")
+        limit = self.config.max_num_seqs
+        for name in ("n", "best_of"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name}={value} is more than max_num_seqs={limit} (the most "
+                                 f"sequences a step can run): ask for at most {limit}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         """Validate and queue a request; a bad request raises ValueError and changes nothing."""
@@ -149,33 +180,98 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch. A failure that can be pinned on a request (its sampling,
+        logprobs or detokenization) finishes that request alone; a failing forward finishes
+        the step's requests. Either way the failed requests are freed, the others go on, and
+        StepError reports both (see StepError)."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        result = self.runner.execute(out)
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, Any] = {}
-        if result.sample_requests:
-            batch = [SamplingState(r.sampling_params, r.prompt_token_ids, r.output_token_ids,
-                                   r.generator, r.bad_words_token_ids)
-                     for r in result.sample_requests]
-            s = self.sampler(result.logits, batch)
-            for r, tok, lp in zip(result.sample_requests, s.sampled_token_ids, s.logprobs):
-                sampled[r.request_id] = tok
-                logprobs[r.request_id] = lp
+        fault = FaultInjector.from_env()
+        try:
+            if fault is not None:
+                fault.before_forward(s.request for s in out.scheduled)
+            result = self.runner.execute(out)
+        except Exception as e:  # noqa: BLE001 - the batch's requests fail, not the engine
+            failed = {self._child_parent[s.request.request_id].request_id: e
+                      for s in out.scheduled}
+            self.abort_request(list(failed))
+            raise StepError(failed, [], whole_step=True, cause=e) from e
+        failed: dict[str, BaseException] = {}
+        sampled, logprobs = self._sample(result, fault, failed)
         for req, logits, targets in result.prompt_logits:
-            entries = compute_prompt_logprobs(logits, targets, req.sampling_params.prompt_logprobs)
-            fill_decoded_tokens(self.tokenizer, entries)
+            try:
+                entries = compute_prompt_logprobs(logits, targets,
+                                                  req.sampling_params.prompt_logprobs)
+                fill_decoded_tokens(self.tokenizer, entries)
+            except Exception as e:  # noqa: BLE001 - this request's alone
+                self._fail_request(req, e, failed)
+                continue
             req.prompt_logprobs.extend(entries)
         updated = self.scheduler.update(out, sampled)
         touched: dict[str, _Parent] = {}
         for req in updated:
-            self._process_token(req, req.output_token_ids[-1], logprobs.get(req.request_id))
+            if req.request_id not in self._child_parent:      # failed in this step
+                continue
+            try:
+                self._process_token(req, req.output_token_ids[-1], logprobs.get(req.request_id))
+            except Exception as e:  # noqa: BLE001 - this request's alone
+                self._fail_request(req, e, failed)
+                continue
             touched[req.request_id] = self._child_parent[req.request_id]
-        outputs = []
-        for parent in {id(p): p for p in touched.values()}.values():
-            outputs.append(self._make_output(parent))
+        outputs = [self._make_output(parent) for parent in
+                   {id(p): p for p in touched.values() if p.request_id in self.parents}.values()]
+        if failed:
+            raise StepError(failed, outputs)
         return outputs
+
+    def _sample(self, result: Any, fault: FaultInjector | None,
+                failed: dict[str, BaseException]) -> tuple[dict[str, int], dict[str, Any]]:
+        """Sample every row at once; if that fails, row by row, so that only the rows that
+        fail on their own are failed (a bad row must not take the batch with it)."""
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, Any] = {}
+        reqs = result.sample_requests
+        if not reqs:
+            return sampled, logprobs
+        batch = [SamplingState(r.sampling_params, r.prompt_token_ids, r.output_token_ids,
+                               r.generator, r.bad_words_token_ids) for r in reqs]
+        try:
+            if fault is not None:
+                for r in reqs:
+                    fault.before_sample(r)
+            s = self.sampler(result.logits, batch)
+            rows = [(r, tok, lp) for r, tok, lp in zip(reqs, s.sampled_token_ids, s.logprobs)]
+        except Exception:  # noqa: BLE001 - find the rows that fail alone
+            rows = []
+            for i, (r, state) in enumerate(zip(reqs, batch)):
+                try:
+                    if fault is not None:
+                        fault.before_sample(r)
+                    s = self.sampler(result.logits[i:i + 1], [state])
+                    rows.append((r, s.sampled_token_ids[0], s.logprobs[0]))
+                except Exception as e:  # noqa: BLE001 - this request's alone
+                    self._fail_request(r, e, failed)
+        for r, tok, lp in rows:
+            if not 0 <= tok < self.vocab_size:   # non-finite logits: never feed it back
+                self._fail_request(r, RuntimeError(
+                    f"sampled token id {tok} is outside the vocabulary [0, {self.vocab_size}) "
+                    "(non-finite logits?)"), failed)
+                continue
+            sampled[r.request_id] = tok
+            logprobs[r.request_id] = lp
+        return sampled, logprobs
+
+    def _fail_request(self, req: Request, error: BaseException,
+                      failed: dict[str, BaseException]) -> None:
+        """Finish the user request `req` belongs to (all its n samples) and free its blocks."""
+        parent = self._child_parent.get(req.request_id)
+        if parent is None:
+            return
+        logger.error("request %s failed inside a step: %s: %s", parent.request_id,
+                     type(error).__name__, error)
+        failed[parent.request_id] = error
+        self.abort_request(parent.request_id)
 
     def _process_token(self, req: Request, token: int, lp: dict | None) -> None:
         if req.first_token_time is None:

@@ -96,6 +96,9 @@ class SamplingParams:
             if not isinstance(self.best_of, int) or self.best_of < self.n:
                 raise ValueError(f"best_of must be greater than or equal to n, got n={self.n} "
                                  f"and best_of={self.best_of}.")
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or not -(1 << 63) <= self.seed <= (1 << 63) - self.n):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63 - n], got {self.seed}.")
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0.0:

@@ -10,19 +10,23 @@ import contextlib
 import copy
 import logging
 import secrets
+import sys
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from octavo.async_engine import AsyncLLMEngine
+from octavo.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from octavo.chat_utils import load_chat_template
 from octavo.llm_engine import LLMEngine
 
 from octavo.arg_utils import EngineArgs
 
 from .cli_args import make_arg_parser
+from .guards import BodyGuard, InternalErrorGuard
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
                        ModelList, TokenizeRequest)
@@ -32,6 +36,10 @@ from .serving_engine import APIError, ServerContext, error_response
 from .serving_tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger(__name__)
+
+# After the engine dies, /health answers 503 for this long before the server exits (status 1),
+# so that a health checker sees why.
+_DEAD_GRACE_S = 2.0
 
 
 def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetrics]:
@@ -61,20 +69,26 @@ def build_app(args: argparse.Namespace, ctx: ServerContext, metrics: ServerMetri
 
     app = FastAPI(lifespan=lifespan)
     _add_error_handlers(app)
+    app.add_middleware(BodyGuard)
     if args.api_key:
         _add_api_key_check(app, args.api_key)
     app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
                        allow_credentials=args.allow_credentials,
                        allow_methods=args.allowed_methods, allow_headers=args.allowed_headers)
+    app.add_middleware(InternalErrorGuard)                     # outermost
     completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
     tokenization = OpenAIServingTokenization(ctx, chat)
     app.state.ctx = ctx
 
     @app.get("/health")
     async def health() -> Response:
-        if not ctx.engine.is_running:
-            return JSONResponse(error_response("the engine thread has stopped", 500).model_dump(),
-                                status_code=500)
+        """200 while the engine serves; 503 once it is dead (see AsyncLLMEngine: failures
+        inside a step that it recovers from fail their requests, not /health)."""
+        engine = ctx.engine
+        if not engine.is_running:
+            cause = engine.dead if engine.dead is not None else "shut down"
+            return JSONResponse(error_response(f"the engine is not running: {cause}", 503)
+                                .model_dump(), status_code=503)
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -158,6 +172,23 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def bad_value(_: Request, e: ValueError) -> JSONResponse:
         return reply(str(e), 400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 400 ("error parsing the body"), unknown routes, wrong methods.
+        message = e.detail if isinstance(e.detail, str) else str(e.detail)
+        if e.status_code == 404:
+            message = f"{message}: no such endpoint"
+        return JSONResponse(error_response(message, e.status_code).model_dump(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(_: Request, e: RequestFailedError) -> JSONResponse:
+        return reply(str(e), 500)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
+        return reply(str(e), 503)
+
 
 def _add_api_key_check(app: FastAPI, api_key: str) -> None:
     # Plain ASGI rather than @app.middleware: BaseHTTPMiddleware buffers streaming responses'
@@ -188,8 +219,15 @@ def run_server(args: argparse.Namespace) -> None:
     ctx, metrics = build_context(args)
     app = build_app(args, ctx, metrics)
     logger.info("serving %s on http://%s:%d", ctx.served_model_names, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                root_path=args.root_path or "")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.uvicorn_log_level,
+                                           root_path=args.root_path or ""))
+    ctx.engine.on_dead = lambda _: threading.Timer(
+        _DEAD_GRACE_S, setattr, (server, "should_exit", True)).start()
+    server.run()
+    if ctx.engine.dead is not None:
+        logger.error("exiting: the engine died (%s)", ctx.engine.dead)
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,10 +35,22 @@ class ServerMetrics:
                               "Seconds between a request's successive engine outputs.", labels,
                               buckets=_ITL_BUCKETS, registry=r)
         self._success = Counter("octavo:request_success",
-                                "Finished sequences by finish reason (stop, length, abort).",
+                                "Finished sequences by finish reason (stop, length, abort, error).",
                                 labels + ["finished_reason"], registry=r)
+        self._free_blocks = Gauge("octavo:kv_cache_free_blocks",
+                                  "KV-cache blocks free (cached prefixes that can be evicted "
+                                  "count as free).", labels, registry=r)
+        self._total_blocks = Gauge("octavo:kv_cache_total_blocks", "KV-cache blocks in all.",
+                                   labels, registry=r)
+        self._preemptions = Gauge("octavo:num_preemptions_total",
+                                  "Requests preempted (recomputed later) since the start.",
+                                  labels, registry=r)
+        self._failed_steps = Counter("octavo:engine_failed_steps",
+                                     "Engine steps that raised (their requests failed).",
+                                     labels, registry=r)
         self._model = model_name
-        for reason in ("stop", "length", "abort"):
+        self._failed_steps.labels(model_name)
+        for reason in ("stop", "length", "abort", "error"):
             self._success.labels(model_name, reason)
         self.on_step(0, 0, 0.0)             # so every series is there before the first request
 
@@ -47,6 +59,14 @@ class ServerMetrics:
         self._running.labels(self._model).set(num_running)
         self._waiting.labels(self._model).set(num_waiting)
         self._kv.labels(self._model).set(kv_usage)
+
+    def on_cache(self, num_free_blocks: int, num_blocks: int, num_preemptions: int) -> None:
+        self._free_blocks.labels(self._model).set(num_free_blocks)
+        self._total_blocks.labels(self._model).set(num_blocks)
+        self._preemptions.labels(self._model).set(num_preemptions)
+
+    def on_failed_step(self) -> None:
+        self._failed_steps.labels(self._model).inc()
 
     def on_prompt_tokens(self, n: int) -> None:
         self._prompt.labels(self._model).inc(n)

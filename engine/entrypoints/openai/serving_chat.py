@@ -11,7 +11,7 @@ from .protocol import (ChatChoice, ChatCompletionRequest, ChatLogprobs, ChatMess
                        ChatResponse, ChatStreamChoice, ChatStreamResponse, DeltaMessage,
                        TokenLogprob, TopLogprob, UsageInfo, random_id)
 from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, SSEStream,
-                             merge_streams, prompt_logprobs_json, sse)
+                             error_status, merge_streams, prompt_logprobs_json, sse)
 
 # OpenAI's limit on top_logprobs.
 _MAX_TOP_LOGPROBS = 20
@@ -140,7 +140,7 @@ class _ChatRun:
         except APIError as e:
             yield sse(e.response())
         except Exception as e:  # noqa: BLE001 - the stream has begun: report in-band
-            yield sse(APIError(str(e), 500).response())
+            yield sse(APIError(str(e), error_status(e)).response())
         yield SSE_DONE
 
 

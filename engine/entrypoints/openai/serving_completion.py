@@ -9,7 +9,8 @@ from octavo.sampling_params import SamplingParams
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, UsageInfo, random_id)
 from .serving_engine import (SSE_DONE, APIError, ChoiceState, ServerContext, SSEStream,
-                             merge_streams, prompt_logprobs_json, sse, visible_text)
+                             error_status, merge_streams, prompt_logprobs_json, sse,
+                             visible_text)
 
 
 class OpenAIServingCompletion:
@@ -50,6 +51,11 @@ class OpenAIServingCompletion:
         if not prompt:
             raise APIError("a prompt of token ids is empty: give at least one token", 400,
                            "prompt")
+        vocab = self.ctx.vocab_size             # checked before the tokenizer sees them
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise APIError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                           f"[0, {vocab})", 400, "prompt")
         return {"prompt": tok.decode(prompt), "prompt_token_ids": list(prompt)}
 
 
@@ -119,7 +125,7 @@ class _Run:
         except APIError as e:
             yield sse(e.response())
         except Exception as e:  # noqa: BLE001 - the stream has begun: report in-band
-            yield sse(APIError(str(e), 500).response())
+            yield sse(APIError(str(e), error_status(e)).response())
         yield SSE_DONE
 
     def _choice_text(self, out: RequestOutput, c: CompletionOutput, start: int, end: int,

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from fastapi.responses import StreamingResponse
 
-from octavo.async_engine import AsyncLLMEngine
+from octavo.async_engine import AsyncLLMEngine, EngineDeadError
 from octavo.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from octavo.sampling_params import SamplingParams
 
@@ -20,7 +20,9 @@ class APIError(Exception):
     """An error answered with OpenAI's error shape and an HTTP status."""
 
     TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-             500: "InternalServerError"}
+             405: "MethodNotAllowedError", 413: "RequestTooLargeError",
+             415: "UnsupportedMediaTypeError", 500: "InternalServerError",
+             503: "ServiceUnavailableError"}
 
     def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
@@ -33,6 +35,11 @@ class APIError(Exception):
 def error_response(message: str, status: int, param: str | None = None) -> ErrorResponse:
     return ErrorResponse(error=ErrorInfo(message=message, type=APIError.TYPES.get(
         status, "BadRequestError"), param=param, code=status))
+
+
+def error_status(e: BaseException) -> int:
+    """The HTTP status of an error met while serving: 503 when the engine is dead."""
+    return 503 if isinstance(e, EngineDeadError) else 500
 
 
 def sse(payload: Any) -> str:
@@ -76,6 +83,10 @@ class ServerContext:
     @property
     def max_model_len(self) -> int:
         return self.engine.engine.config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.vocab_size
 
     @property
     def model_name(self) -> str:
