@@ -342,6 +342,34 @@ def test_loop_coder_holds_a_cache_layer_per_pass(dirs):
             [0] * LAYERS + [window] * (passes - 1) * LAYERS
 
 
+def test_loop_coder_without_a_cache_matches_reference(dirs):
+    """Before the runner allocates the cache (the profiling forward) the later passes attend
+    over pass 1's K/V of the step itself: whole prompts still give the reference logits."""
+    from transformers import AutoConfig as Config
+
+    from octavo.models.layers.attention import AttentionMetadata
+    from octavo.models.loader import load_weights
+    from octavo.models.registry import get_model_class
+
+    remote = dirs("loop")
+    config = Config.from_pretrained(remote, trust_remote_code=True)
+    model = get_model_class(config)(config)
+    load_weights(model, remote)
+    seqs = [list(range(3, 23)), list(range(40, 51))]
+    lens = [len(s) for s in seqs]
+    md = AttentionMetadata(slot_mapping=torch.full((sum(lens),), -1),
+                           query_start_loc=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32),
+                           seq_lens=torch.tensor(lens, dtype=torch.int32),
+                           block_table=torch.zeros(2, 1, dtype=torch.int32),
+                           max_query_len=max(lens), max_seq_len=max(lens))
+    positions = torch.cat([torch.arange(n) for n in lens])
+    with torch.no_grad():
+        got = model.compute_logits(model(torch.tensor(seqs[0] + seqs[1]), positions, md))
+    reference = LoopReference(remote)
+    want = torch.cat([reference.logits(s) for s in seqs])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 LOOP_FEATURES = {
     "second pass": dict(loop_num=1),
     "window": dict(loop_window_size=10_000),
