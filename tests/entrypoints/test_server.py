@@ -384,19 +384,20 @@ def test_failing_step_fails_its_requests_not_the_loop(llm):
     assert engine.kv.pool.num_free == engine.kv.num_blocks
 
 
-def test_cli_args():
-    args = make_arg_parser().parse_args(["/m", "--kv-cache-memory", "512MiB",
+def test_cli_args(llama_dir):
+    args = make_arg_parser().parse_args([llama_dir, "--kv-cache-memory", "512MiB",
                                          "--no-enable-prefix-caching", "--max-model-len", "256",
                                          "--served-model-name", "a", "b"])
     config = engine_config(args)
     assert config.kv_cache_memory == 512 * MIB and not config.enable_prefix_caching
     assert config.max_model_len == 256 and args.served_model_name == ["a", "b"]
     assert not config.enforce_eager and not config.trust_remote_code
-    flags = engine_config(make_arg_parser().parse_args(["/m", "--enforce-eager", "--trust-remote-code"]))
+    flags = engine_config(make_arg_parser().parse_args([llama_dir, "--enforce-eager",
+                                                      "--trust-remote-code"]))
     assert flags.enforce_eager and flags.trust_remote_code
     assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1e6") == 10 ** 6
     with pytest.raises(SystemExit):
-        make_arg_parser().parse_args(["/m", "--kv-cache-memory", "lots"])
+        make_arg_parser().parse_args([llama_dir, "--kv-cache-memory", "lots"])
 
 
 def test_run_server_subprocess(llama_dir):
