@@ -208,3 +208,45 @@ def test_cache_directory_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_model.cache_dir() == str(tmp_path / "home" / ".cache" / "octavo")
+
+
+def test_serve_without_a_model_serves_the_default_model(tiny_gguf, tmp_path):
+    """`octavo serve` with no model: the default model (fetched here from the test index into
+    an empty cache), under its name, answering completions."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OCTAVO_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["OCTAVO_DEFAULT_MODEL_INDEX"] = make_index(tmp_path / "index", tiny_gguf)
+    env["OCTAVO_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.Popen([sys.executable, "-m", "octavo.entrypoints.cli", "serve", "--port",
+                             str(port), "--kv-cache-memory", "16M", "--dtype", "float32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        base = f"http://127.0.0.1:{port}/v1"
+        models = httpx.get(f"{base}/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == [default_model.DEFAULT_MODEL_NAME]
+        reply = httpx.post(f"{base}/completions", timeout=60, json={
+            "model": default_model.DEFAULT_MODEL_NAME, "prompt": "Hello", "max_tokens": 3,
+            "temperature": 0}).json()
+        assert reply["usage"]["completion_tokens"] == 3
+        if default_model.installed_path() is None:
+            assert os.path.isfile(default_model.cached_path(str(tmp_path / "cache")))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
