@@ -40,6 +40,8 @@ _MODELS = {
     "GraniteMoeSharedForCausalLM": ("granitemoe", "GraniteMoeSharedForCausalLM"),
     "PhimoeForCausalLM": ("phimoe", "PhimoeForCausalLM"),
     "DbrxForCausalLM": ("dbrx", "DbrxForCausalLM"),
+    "Ernie4_5_MoeForCausalLM": ("ernie45_moe", "Ernie4_5_MoeForCausalLM"),
+    "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
 }
 
 
@@ -83,6 +85,8 @@ EXAMPLE_MODELS = {
     "GraniteMoeSharedForCausalLM": "Granite MoE with a shared expert",
     "PhimoeForCausalLM": "Phi-3.5-MoE",
     "DbrxForCausalLM": "DBRX (dbrx-base, dbrx-instruct)",
+    "Ernie4_5_MoeForCausalLM": "ERNIE 4.5 MoE (e.g. ERNIE-4.5-21B-A3B, text)",
+    "Glm4MoeForCausalLM": "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7",
 }
 
 def supported_architectures() -> list[str]:

@@ -175,18 +175,21 @@ class FusedMoE(CustomOp):
 class MoEBlock(nn.Module):
     """A sparse MoE MLP: `gate` (the router, [E, H]) -> `experts`, plus an optional
     `shared_expert` module every token goes through, scaled by sigmoid(`shared_expert_gate`)
-    where the family has that gate (Qwen2-MoE)."""
+    where the family has that gate (Qwen2-MoE). `router_fp32`: the router weight is kept and
+    applied in fp32 whatever the model's dtype (GLM-4.5, ERNIE 4.5 keep it so)."""
 
     def __init__(self, hidden_size: int, experts: FusedMoE, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: bool = False, router_bias: bool = False):
+                 shared_expert_gate: bool = False, router_fp32: bool = False):
         super().__init__()
-        self.gate = ReplicatedLinear(hidden_size, experts.num_experts, bias=router_bias)
+        self.router_fp32 = router_fp32
+        self.gate = ReplicatedLinear(hidden_size, experts.num_experts,
+                                     params_dtype=torch.float32 if router_fp32 else None)
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_expert_gate = ReplicatedLinear(hidden_size, 1) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
+        out = self.experts(x, self.gate(x.float() if self.router_fp32 else x))
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -205,7 +208,7 @@ class MoEWeightRouting:
     `stacked_projections`: the names of all-expert tensors -> their FusedMoE shard kind. Recognised
     after renaming: `<...>.experts.<e>.<proj>.weight` (one expert) and `<...>.experts.<stacked>`
     (by default transformers 5's `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`). A renamed
-    name that is neither goes to the renamed parameter whole."""
+    name that is neither goes through the model's packed_modules_mapping as any other name."""
 
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     expert_projections = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -224,7 +227,10 @@ class MoEWeightRouting:
         if stacked and stacked.group(2) in self.stacked_projections:
             kind = self.stacked_projections[stacked.group(2)]
             return _stacked_param(stacked.group(1), kind), kind
-        return (renamed, None) if renamed != name else None
+        if renamed == name:
+            return None
+        from octavo.models.loader import _route  # the packed mapping, on the renamed name
+        return _route(renamed, getattr(self, "packed_modules_mapping", {}))
 
 
 def _stacked_param(experts: str, kind: str) -> str:

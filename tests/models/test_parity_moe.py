@@ -1,8 +1,9 @@
 """Hugging Face parity of the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-Granite MoE, Granite MoE Shared, PhiMoE and DBRX) on tiny random configs: 8 experts, top-2, 3 layers.
+Granite MoE, Granite MoE Shared, PhiMoE, DBRX, ERNIE 4.5 MoE and GLM-4.5) on tiny random configs: 8 experts, top-2, 3 layers.
 
 The configs switch each family's features on (shared experts with their gate, dense layers by
-mlp_only_layers / decoder_sparse_step, norm_topk_prob on and off, clip_qkv, sliding windows,
+mlp_only_layers / decoder_sparse_step / first_k_dense_replace, grouped sigmoid routing with a
+score-correction bias, norm_topk_prob on and off, clip_qkv, sliding windows,
 Granite's multipliers). `test_feature_changes_transformers_output` shows that each config switch
 changes transformers' logits, `test_routing_uses_many_experts` that the random routers really
 spread the tokens over the experts (a router that sends everything to one expert would hide a
@@ -69,6 +70,23 @@ CASES = {
         DBRX, attn_config=dict(kv_n_heads=4, clip_qkv=8.0, rope_theta=500000.0),
         ffn_config=dict(ffn_hidden_size=96, moe_num_experts=6, moe_top_k=3,
                         moe_normalize_expert_weights=2.0))),
+    # experts from layer 1 on (layer 0 dense), a shared expert, the score-correction bias
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe", dict(
+        moe_num_experts=8, moe_intermediate_size=48, moe_num_shared_experts=1,
+        moe_layer_start_index=1, use_bias=False)),
+    # use_bias: q/k/v/o, dense-MLP, shared-expert and lm_head biases; experts every 2nd layer
+    "ernie4_5_moe-bias": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe", dict(
+        moe_num_experts=8, moe_intermediate_size=48, moe_num_shared_experts=2,
+        moe_layer_start_index=0, moe_layer_interval=2, use_bias=True)),
+    # sigmoid router, 4 groups of 2 (the best 2 groups kept), bias, scaling; layer 0 dense
+    "glm4_moe": ("Glm4MoeForCausalLM", "glm4_moe", dict(
+        n_routed_experts=8, moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True,
+        attention_bias=True)),
+    # one group, unnormalised weights, no dense layer, no q/k norm
+    "glm4_moe-flat": ("Glm4MoeForCausalLM", "glm4_moe", dict(
+        n_routed_experts=8, moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=0,
+        n_group=1, topk_group=1, norm_topk_prob=False)),
 }
 ARCHITECTURES = sorted({arch for arch, _, _ in CASES.values()})  # read by test_registry.py
 
@@ -80,14 +98,22 @@ FEATURES = {
     "qwen3_moe": [dict(norm_topk_prob=False)],
     "olmoe": [dict(clip_qkv=None), dict(norm_topk_prob=True)],
     "granitemoe": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0)],
+    "glm4_moe": [dict(n_group=1, topk_group=1), dict(routed_scaling_factor=1.0),
+                 dict(norm_topk_prob=False)],
+    "glm4_moe-flat": [dict(norm_topk_prob=True)],
+    "ernie4_5_moe-bias": [dict(use_bias=False)],
     "phimoe": [dict(router_jitter_noise=0.01), dict(lm_head_bias=False), dict(sliding_window=None)],
 }
-# case -> (checkpoint tensor name part, what it is): zeroing those tensors in transformers
-# changes the logits, so the module they belong to is not a no-op octavo could skip
+# case -> (tensor name part, what it is): zeroing those tensors in transformers changes the
+# logits, so what they belong to is not a no-op octavo could skip
 ZEROED = {
     "qwen2_moe": [("shared_expert.down_proj", "the shared expert"),
                   ("shared_expert_gate", "the shared expert's sigmoid gate")],
     "granitemoeshared": [("shared_mlp.output_linear", "the shared MLP")],
+    "ernie4_5_moe": [("shared_experts.down_proj", "the shared experts"),
+                     ("e_score_correction_bias", "the score-correction bias")],
+    "glm4_moe": [("shared_experts.down_proj", "the shared experts"),
+                 ("e_score_correction_bias", "the score-correction bias")],
 }
 
 
@@ -97,8 +123,11 @@ def _randomise_norms_and_biases(path: str, seed: int) -> None:
     tensors = load_file(file)
     gen = torch.Generator().manual_seed(seed)
     for name, t in tensors.items():
+        # a score-correction bias as large as the other biases would pick the same experts for
+        # every token; a small one still changes some choices
+        scale = 0.03 if name.endswith("e_score_correction_bias") else 0.2
         if "norm" in name or name.endswith("bias"):
-            tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
+            tensors[name] = t + scale * torch.randn(t.shape, generator=gen)
     save_file(tensors, file, metadata={"format": "pt"})
 
 
@@ -133,13 +162,14 @@ def test_feature_changes_transformers_output(case, changes, model_dirs):
 
 
 @pytest.mark.parametrize("case", list(ZEROED))
-def test_shared_experts_change_transformers_output(case, model_dirs, tmp_path):
+def test_zeroed_modules_change_transformers_output(case, model_dirs, tmp_path):
     ids = longest_prompt_ids()
     base = hf_logits(model_dirs(case), ids)
     for part, what in ZEROED[case]:
         model = AutoModelForCausalLM.from_pretrained(model_dirs(case), dtype=torch.float32)
         with torch.no_grad():
-            hit = [p.zero_() for n, p in model.named_parameters() if part in n]
+            tensors = list(model.named_parameters()) + list(model.named_buffers())
+            hit = [p.zero_() for n, p in tensors if part in n]
             assert hit, f"{case}: no parameter named like {part!r}"
             changed = model(torch.tensor([ids])).logits[0]
         assert_changes_logits(base, changed, f"{case}: {what}")
@@ -167,31 +197,29 @@ def _octavo_model(model_dir: str):
     return model
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_routing_uses_many_experts(case, model_dirs):
+# The random biases of use_bias dominate the hidden states, so that every token of that case
+# goes to the same few experts; its expert math is the other ERNIE case's.
+SPREAD_CASES = [case for case in CASES if case != "ernie4_5_moe-bias"]
+
+
+@pytest.mark.parametrize("case", SPREAD_CASES)
+def test_routing_uses_many_experts(case, model_dirs, monkeypatch):
     """Every MoE layer sends the longest prompt's tokens to at least half of its experts."""
     from tp_util import one_rank_logits
 
-    original = FusedMoE.forward
-    seen = []
+    used: dict[FusedMoE, set] = {}
+    route = FusedMoE._route
 
-    def spy(self, hidden, router_logits):
-        seen.append((self, router_logits.detach().clone()))
-        return original(self, hidden, router_logits)
+    def spy(self, impl, router_logits):
+        weights, ids = route(self, impl, router_logits)
+        used.setdefault(self, set()).update(ids.flatten().tolist())
+        return weights, ids
 
-    FusedMoE.forward = spy
-    try:
-        one_rank_logits(model_dirs(case), [longest_prompt_ids()])
-    finally:
-        FusedMoE.forward = original
-    assert seen, f"{case}: no MoE layer ran"
-    used: dict[int, set] = {}
-    for module, logits in seen:
-        used.setdefault(id(module), set()).update(
-            logits.topk(module.top_k, -1).indices.flatten().tolist())
-    for module, _ in seen:
-        assert len(used[id(module)]) >= module.num_experts // 2, (
-            f"{case}: a layer used only experts {sorted(used[id(module)])}")
+    monkeypatch.setattr(FusedMoE, "_route", spy)
+    one_rank_logits(model_dirs(case), [longest_prompt_ids()])
+    assert used, f"{case}: no MoE layer ran"
+    for module, ids in used.items():
+        assert len(ids) >= module.num_experts // 2, f"{case}: a layer used only experts {ids}"
 
 
 def test_stacked_expert_layout_loads_like_per_expert(model_dirs, tmp_path):
@@ -228,8 +256,8 @@ def test_missing_expert_weights_are_an_error(model_dirs, tmp_path):
 
 # Experts' intermediate size split across ranks (with a shared expert and a dense layer in
 # Qwen2-MoE, top-3 and a sliding window in Mixtral, a shared MLP in Granite MoE Shared, DBRX's
-# all-expert tensors split per rank)
-TP_CASES = ["mixtral-sliding-top3", "qwen2_moe", "granitemoeshared", "dbrx"]
+# all-expert tensors split per rank, GLM-4.5's grouped fp32 router)
+TP_CASES = ["mixtral-sliding-top3", "qwen2_moe", "granitemoeshared", "dbrx", "glm4_moe"]
 
 
 def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
