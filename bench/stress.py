@@ -267,14 +267,15 @@ FIELDS = {
     "/v1/chat/completions": ["messages", "logprobs", "top_logprobs", "max_completion_tokens",
                              "tools", "tool_choice", "response_format", "chat_template_kwargs",
                              "add_generation_prompt", "continue_final_message",
-                             "add_special_tokens", *SAMPLING_FIELDS],
+                             "add_special_tokens", "chat_template", *SAMPLING_FIELDS],
     "/tokenize": ["prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                  "return_token_strs", "chat_template_kwargs", "model"],
+                  "return_token_strs", "chat_template_kwargs", "chat_template", "model"],
     "/detokenize": ["tokens", "model"],
 }
 
 
 def _nasty_values(rng: random.Random, vocab: int) -> list[Any]:
+    """Values wrong for almost any field."""
     return [None, True, False, 0, -1, 1, 2, 7, 2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64,
             -(2 ** 63) - 1, 10 ** 30, vocab, vocab + 1, 10 ** 6, 1e308, -1e308, 1e-320, 0.5,
             -0.0, 3.7, "", "x", "x" * rng.choice([1000, 100_000]), "\x00", "\u2028", "🙂" * 50,
@@ -285,6 +286,45 @@ def _nasty_values(rng: random.Random, vocab: int) -> list[Any]:
             {"type": "json_object"}, {"include_usage": "yes"}, {"include_usage": True},
             [{"type": "function", "function": {"name": "f"}}], "auto", "required",
             f"@@DEEP:{rng.choice([40, 70, 3000])}:{rng.choice('LD')}@@"]
+
+
+def _typed_values(name: str, vocab: int) -> list[Any]:
+    """Values of (nearly) the field's own type that are wrong or extreme for it: the ones that
+    reach deepest, past the schema into the engine."""
+    ints = [-1, 0, 1, 2, 3, 20, 21, vocab - 1, vocab, vocab + 1, 10 ** 6, 10 ** 9, 2 ** 31,
+            2 ** 62, 2 ** 63 - 1, -(2 ** 63), 2 ** 63, 2 ** 64 - 1, 2 ** 64, "@@HUGEINT@@",
+            1.5, "5", True]
+    floats = ["@@NAN@@", "@@INF@@", "@@NINF@@", "@@BIGEXP@@", -0.0, 0.0, 1e-320, 1e-30,
+              1e-6, 0.01, 0.999, 1.0, 1.0000001, 2.0, 2.5, -1.0, 1e30, 1e308, -1e308, "0.5"]
+    strings = ["@@LONE@@", "@@LOWLONE@@", "@@BADUTF8@@", "", "\x00", "\ufeff", "\u2028",
+               "x" * 100_000, "🙂" * 1000, "</s>", "<s>" * 100, "{{ 7 * 7 }}", "\\u0000", 5]
+    ids = [[-1], [0], [vocab - 1], [vocab], [2 ** 31], [2 ** 63 - 1], [-(2 ** 63)], [2 ** 64],
+           [], [[]], [[1], []], [[1, 2], [-5]], [1.5], ["1"], [None], list(range(3000)),
+           [1] * 200, ["@@LONE@@"], "@@LONE@@"]
+    dicts = [{"-1": 1}, {str(vocab): 1}, {str(2 ** 63): 1}, {"5": "@@NAN@@"}, {"5": 1e308},
+             {"5": "@@INF@@"}, {"x": 1}, {"5": "a"}, {"return_dict": True}, {"messages": 1},
+             {"tokenize": True}, {"@@LONE@@": 1}, {"include_usage": 5},
+             {"type": "json_schema"}, {"tools": 1}, {"add_generation_prompt": "x"},
+             f"@@DEEP:{70}:D@@"]
+    kinds = {
+        "n": ints, "best_of": ints, "top_k": ints, "seed": ints, "max_tokens": ints,
+        "min_tokens": ints, "logprobs": ints + [True, False], "top_logprobs": ints,
+        "prompt_logprobs": ints, "max_completion_tokens": ints,
+        "temperature": floats, "top_p": floats, "min_p": floats, "presence_penalty": floats,
+        "frequency_penalty": floats, "repetition_penalty": floats,
+        "prompt": strings + ids, "tokens": ids, "stop_token_ids": ids,
+        "allowed_token_ids": ids, "stop": strings + [["@@LONE@@"], [""], ["x"] * 10_000],
+        "bad_words": [["@@LONE@@"], [""], [" "], ["</s>"], ["x" * 10_000], ["🙂"] * 100],
+        "user": strings, "model": strings, "suffix": strings,
+        "logit_bias": dicts, "stream_options": dicts, "response_format": dicts,
+        "chat_template_kwargs": dicts,
+        "tools": [[{"type": "function", "function": {"name": "@@LONE@@"}}], [1], [[]]],
+        "tool_choice": ["required", {"type": "function"}, "@@LONE@@", 5],
+        "chat_template": ["{% for a in range(99999) %}{% for b in range(99999) %}x{% endfor %}"
+                          "{% endfor %}", "{% for x in y %}", "{{ raise_exception('no') }}",
+                          "{{ messages[0]['content'] * 100000000 }}", "", 5],
+    }
+    return kinds.get(name, [True, False, None, "yes", 1, "@@LONE@@"])
 
 
 def _deep(match: re.Match) -> bytes:
@@ -334,7 +374,7 @@ def _encode(body: Any) -> bytes:
 def _mutate(rng: random.Random, path: str, vocab: int) -> tuple[Any, str]:
     body = json.loads(json.dumps(BASES[path]))
     what = []
-    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+    for _ in range(rng.choice([1, 1, 1, 1, 2, 3])):
         name = rng.choice(FIELDS[path])
         r = rng.random()
         if name == "messages" and r < 0.7:
@@ -343,6 +383,8 @@ def _mutate(rng: random.Random, path: str, vocab: int) -> tuple[Any, str]:
             body.pop(name, None)
             what.append(f"drop {name}")
             continue
+        elif r < 0.7:
+            body[name] = rng.choice(_typed_values(name, vocab))
         else:
             body[name] = rng.choice(_nasty_values(rng, vocab))
         what.append(f"{name}={_short(body[name])}")
@@ -444,19 +486,26 @@ def _judge(case: Case, r: httpx.Response) -> str | None:
     return None
 
 
-def run_fuzz(url: str, cases: list[Case], timeout: float = 30.0) -> dict:
+def run_fuzz(url: str, cases: list[Case], timeout: float = 30.0, max_timeouts: int = 3
+             ) -> dict:
     """Send every case (one keep-alive connection, as clients do); collect each answer that is
-    a 5xx, not OpenAI's error shape, or late. Returns the figures and the failures."""
+    a 5xx, not OpenAI's error shape, or late. After `max_timeouts` late answers the server is
+    taken for hung and the rest is not sent. Returns the figures and the failures."""
     failures, per_endpoint, statuses = [], {}, {}
+    timeouts = 0
     t0 = time.monotonic()
     with httpx.Client(base_url=url, timeout=timeout) as client:
         for case in cases:
+            if timeouts >= max_timeouts:
+                failures.append(f"stopped after {timeouts} timeouts: the server hangs")
+                break
             endpoint = case.path.split("?")[0]
             per_endpoint[endpoint] = per_endpoint.get(endpoint, 0) + 1
             try:
                 r = client.request(case.method, case.path, content=case.body,
                                    headers=case.headers)
             except httpx.HTTPError as e:
+                timeouts += isinstance(e, httpx.TimeoutException)
                 failures.append(f"{case.method} {case.path} [{case.what}]: "
                                 f"{type(e).__name__}: {e}")
                 continue

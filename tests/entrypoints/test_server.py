@@ -427,3 +427,61 @@ def test_run_server_subprocess(llama_dir):
         proc.terminate()
         out = proc.communicate(timeout=30)[0].decode(errors="replace")
     assert "Traceback" not in out, out
+
+
+def test_unhandled_error_is_a_500_in_openai_shape_on_a_live_connection(server, monkeypatch):
+    """An error no handler expects answers 500 in OpenAI's shape, and the keep-alive
+    connection it came on still serves the next request (uvicorn reset it before)."""
+    import socket
+
+    async def broken_add_request(*args, **kwargs):
+        raise TypeError("a bug nobody expected")
+
+    monkeypatch.setattr(server.ctx.engine, "add_request", broken_add_request)
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+               % (KEY.encode(), len(body), body))
+
+    def read_reply(sock):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, rest = data.split(b"\r\n\r\n", 1)
+        length = int(next(h.split(b":")[1] for h in head.split(b"\r\n")
+                          if h.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        return head, rest
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request)
+        head, rest = read_reply(sock)
+        assert head.startswith(b"HTTP/1.1 500") and b"connection: close" not in head.lower()
+        _assert_error_shape(json.loads(rest), 500)
+        assert "a bug nobody expected" in json.loads(rest)["error"]["message"]
+        monkeypatch.undo()
+        sock.sendall(request)                         # the same connection, now working
+        head, rest = read_reply(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(rest)["usage"]["completion_tokens"] == 2
+
+
+def test_prompt_token_ids_out_of_range_are_400_before_the_tokenizer(client):
+    for ids in ([5, -1], [2 ** 63 - 1], [10 ** 6]):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=ids, max_tokens=2)
+        _assert_error_shape(e.value.response.json(), 400)
+        assert "outside the vocabulary" in e.value.response.json()["error"]["message"]
+
+
+def test_request_chat_template_needs_the_servers_consent(client):
+    """A template is a program (two nested loops run for ever): refused unless the server
+    runs with --trust-request-chat-template, as vLLM does."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+            extra_body={"chat_template": "{% for a in range(99999) %}{% for b in range(99999) "
+                                         "%}x{% endfor %}{% endfor %}"})
+    _assert_error_shape(e.value.response.json(), 400)
+    assert "--trust-request-chat-template" in e.value.response.json()["error"]["message"]

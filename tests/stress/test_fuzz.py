@@ -75,6 +75,10 @@ REGRESSIONS = [
      *_raw(b'{"prompt": "hi", "logprobs": 1000000}'), 400, "logprobs"),
     ("huge prompt_logprobs", "/v1/completions",
      *_raw(b'{"prompt": "hi", "prompt_logprobs": 1000000}'), 400, "prompt_logprobs"),
+    ("a request's own chat template (a program: it can loop for ever)", "/v1/chat/completions",
+     *_raw(json.dumps({"messages": [{"role": "user", "content": "hi"}], "chat_template":
+                       "{% for a in range(99999) %}{% for b in range(99999) %}x{% endfor %}"
+                       "{% endfor %}"}).encode()), 400, "--trust-request-chat-template"),
     ("wrong content type", "/v1/completions",
      b'{"prompt": "hi"}', {"Content-Type": "text/plain"}, 415, "Content-Type"),
     ("empty body", "/v1/completions", b"", JSON, 400, "body"),

@@ -57,7 +57,9 @@ def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetric
     engine = AsyncLLMEngine(llm_engine, observer=metrics)
     ctx = ServerContext(engine=engine, served_model_names=names, model_path=model,
                         tokenizer=tokenizer, chat_template=chat_template,
-                        response_role=getattr(args, "response_role", "assistant"))
+                        response_role=getattr(args, "response_role", "assistant"),
+                        trust_request_chat_template=getattr(
+                            args, "trust_request_chat_template", False))
     return ctx, metrics
 
 

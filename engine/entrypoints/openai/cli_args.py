@@ -37,6 +37,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="require 'Authorization: Bearer KEY' on /v1 routes")
     srv.add_argument("--chat-template", default=None,
                      help="Jinja chat template, or a file holding one (default: the tokenizer's)")
+    srv.add_argument("--trust-request-chat-template", action="store_true",
+                     help="let requests bring their own chat_template (as vLLM: off by default, "
+                          "since a template is a program that can run for ever)")
     srv.add_argument("--response-role", default="assistant",
                      help="role of the generated chat messages (default: %(default)s)")
     srv.add_argument("--allowed-origins", type=_json_list, default=["*"],

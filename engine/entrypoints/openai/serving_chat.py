@@ -24,6 +24,10 @@ class OpenAIServingChat:
     def render(self, req: ChatCompletionRequest) -> dict:
         """The templated prompt and its token ids (ValueError -> 400)."""
         ctx = self.ctx
+        if req.chat_template is not None and not ctx.trust_request_chat_template:
+            raise APIError("chat_template in a request is refused: this server renders only its "
+                           "own template (start it with --trust-request-chat-template to allow "
+                           "request templates)", 400, "chat_template")
         try:
             text = apply_chat_template(
                 ctx.tokenizer, req.messages, chat_template=req.chat_template or ctx.chat_template,

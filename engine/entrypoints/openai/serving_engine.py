@@ -78,6 +78,8 @@ class ServerContext:
     # A tokenizer of the server's own: the engine thread's one is not shared across threads.
     tokenizer: Any
     chat_template: str | None = None
+    # --trust-request-chat-template: a request's own template is a program the server runs.
+    trust_request_chat_template: bool = False
     response_role: str = "assistant"            # --response-role: the role of the replies
 
     @property
