@@ -97,5 +97,15 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                           const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
                           int64_t sliding_window, double soft_cap,
                           const std::optional<at::Tensor>& alibi_slopes);
+void topk_routing_cuda(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
+                       const std::string& scoring, bool renormalize,
+                       const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
+                       const std::string& group_score, double routed_scaling_factor);
+void moe_align_cuda(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
+                    at::Tensor& num_tokens_post_pad, const at::Tensor& topk_ids,
+                    int64_t num_experts, int64_t block_size);
+void fused_moe_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                    const at::Tensor& w2, const at::Tensor& topk_weights,
+                    const at::Tensor& topk_ids, const std::string& activation);  // bf16 / fp16
 
 }  // namespace octavo

@@ -98,6 +98,9 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("rotary_embedding", &octavo::rotary_embedding_cuda);
   m.impl("reshape_and_cache", &octavo::reshape_and_cache_cuda);
   m.impl("paged_attention", &octavo::paged_attention_cuda);
+  m.impl("topk_routing", &octavo::topk_routing_cuda);
+  m.impl("moe_align", &octavo::moe_align_cuda);
+  m.impl("fused_moe", &octavo::fused_moe_cuda);
 }
 #endif
 

@@ -107,6 +107,34 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 
 
+# ---- multi-head latent attention (signatures and semantics: ops_native) ----
+
+def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> None:
+    # kv_c [T, L], k_pe [T, R] -> kv_cache [num_blocks, block_size, L+R]: the latent cache seen
+    # as a one-head K (and V) cache, written by reshape_and_cache
+    latent = torch.cat([kv_c, k_pe], dim=-1).unsqueeze(1)             # [T, 1, L+R]
+    cache = kv_cache.unsqueeze(2)                                     # [N, B, 1, L+R]
+    torch.ops.octavo.reshape_and_cache(latent, latent, cache, cache, slot_mapping)
+
+
+def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
+                        kv_lora_rank: int) -> torch.Tensor:
+    # q [T, H, L+R] -> [T, H, L]. MLA is multi-query attention with one head of size L+R whose
+    # values are the first L columns of the keys: the paged-attention kernel reads one cache
+    # as both K and V (the R extra value columns it accumulates are dropped).
+    ops_native.check_mla_args(q, kv_cache, kv_lora_rank)
+    if q.is_cuda:  # the CUDA paged-attention kernel stops at head size 256
+        return ops_native.mla_paged_attention(q, kv_cache, query_start_loc, seq_lens,
+                                              block_table, scale, kv_lora_rank)
+    cache = kv_cache.unsqueeze(2)                                     # [N, B, 1, L+R]
+    out = torch.empty_like(q)
+    torch.ops.octavo.paged_attention(out, q, cache, cache, query_start_loc, seq_lens, block_table,
+                                     scale, 0, 0.0, None)
+    return out[..., :kv_lora_rank]
+
+
 # ---- mixture of experts (signatures and semantics: ops_native) ----
 
 def topk_routing(gating_output: torch.Tensor, top_k: int, scoring: str = "softmax",
@@ -134,7 +162,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int,
     sorted_ids = torch.empty(p, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(nblocks, dtype=torch.int32, device=dev)
     post_pad = torch.empty(1, dtype=torch.int32, device=dev)
-    torch.ops.octavo.moe_align(sorted_ids, expert_ids, post_pad, topk_ids, num_experts, block_size)
+    torch.ops.octavo.moe_align(sorted_ids, expert_ids, post_pad, topk_ids.contiguous(), num_experts,
+                               block_size)
     return sorted_ids, expert_ids, post_pad
 
 
@@ -152,9 +181,13 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     # hidden: [T, H], w13: [E, 2I, H], w2: [E, H, I] -> out [T, H]. On CPU this packs the weights
     # on every call: layers call prepare_moe_weights once and fused_moe_prepared.
     ops_native.check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids, activation)
+    if hidden.is_cuda and hidden.dtype == torch.float32:
+        # the CUDA kernel runs on tensor cores (bf16 / fp16); fp32 GPU models take the reference
+        return ops_native.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
     _check_ids_on_cpu(topk_ids, w13.shape[0])
     out = torch.empty_like(hidden)
-    torch.ops.octavo.fused_moe(out, hidden, w13, w2, topk_weights, topk_ids, activation)
+    torch.ops.octavo.fused_moe(out, hidden, w13, w2, topk_weights.contiguous(),
+                               topk_ids.contiguous(), activation)
     return out
 
 
@@ -186,8 +219,8 @@ def fused_moe_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tenso
     ops_native.check_fused_moe_args(hidden, meta_w13, meta_w2, topk_weights, topk_ids, activation)
     _check_ids_on_cpu(topk_ids, e)
     out = torch.empty_like(hidden)
-    torch.ops.octavo.fused_moe_packed(out, hidden, prepared.w13, prepared.w2, topk_weights,
-                                      topk_ids, i, activation)
+    torch.ops.octavo.fused_moe_packed(out, hidden, prepared.w13, prepared.w2,
+                                      topk_weights.contiguous(), topk_ids.contiguous(), i, activation)
     return out
 
 if USING_NATIVE:
@@ -196,3 +229,4 @@ if USING_NATIVE:
                                    rotary_embedding, silu_and_mul)
     from octavo.ops_native import (fused_moe, fused_moe_prepared, moe_align,  # noqa: F811
                                    prepare_moe_weights, topk_routing)
+    from octavo.ops_native import concat_and_cache_mla, mla_paged_attention  # noqa: F811

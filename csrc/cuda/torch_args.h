@@ -3,10 +3,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <optional>
 
+#include "cuda/moe_params.h"
 #include "cuda/params.h"
 
 namespace octavo::cuda_args {
@@ -263,6 +265,155 @@ inline cuda::PagedAttentionArgs paged_attention(
   a.soft_cap = static_cast<float>(soft_cap);
   a.sliding_window = static_cast<int>(sliding_window);
   a.dtype = dtype;
+  return a;
+}
+
+// ---- mixture of experts (no host read of the ids: the kernels skip out-of-range ones) ----
+
+inline cuda::TopkRoutingArgs topk_routing(at::Tensor& topk_weights, at::Tensor& topk_ids,
+                                          const at::Tensor& gating, const std::string& scoring,
+                                          bool renormalize, const std::optional<at::Tensor>& bias,
+                                          int64_t n_group, int64_t topk_group,
+                                          const std::string& group_score, double scale,
+                                          at::DeviceType dev) {
+  const char* op = "topk_routing";
+  check_2d(gating, gating, dev, op, "gating_output");
+  const int64_t t = gating.size(0), e = gating.size(1), k = topk_ids.size(-1);
+  TORCH_CHECK(topk_weights.device() == gating.device() && topk_ids.device() == gating.device(),
+              op, ": outputs must be on ", gating.device());
+  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.size(0) == t && topk_weights.size(1) == k &&
+                  topk_weights.scalar_type() == at::kFloat && topk_weights.is_contiguous(),
+              op, ": topk_weights must be a contiguous [T, k] float32 tensor");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == t && topk_ids.scalar_type() == at::kInt &&
+                  topk_ids.is_contiguous(), op, ": topk_ids must be a contiguous [T, k] int32 tensor");
+  TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid", op, ": scoring must be 'softmax' or "
+              "'sigmoid', got '", scoring, "'");
+  TORCH_CHECK(group_score == "max" || group_score == "top2_sum", op, ": group_score must be "
+              "'max' or 'top2_sum', got '", group_score, "'");
+  TORCH_CHECK(n_group >= 1 && n_group <= cuda::kMoeMaxGroupsHost && e % n_group == 0 &&
+                  topk_group >= 1 && topk_group <= n_group,
+              op, ": n_group must divide E (at most 64 groups) and 1 <= topk_group <= n_group");
+  TORCH_CHECK(k >= 1 && k <= (n_group > 1 ? topk_group * (e / n_group) : e), op,
+              ": top_k out of range for the experts of the chosen groups");
+  TORCH_CHECK(!(n_group > 1 && group_score == "top2_sum" && e / n_group < 2), op,
+              ": top2_sum needs 2 experts per group");
+  if (bias.has_value())
+    TORCH_CHECK(bias->device() == gating.device() && bias->dim() == 1 && bias->size(0) == e &&
+                    bias->scalar_type() == at::kFloat && bias->is_contiguous(),
+                op, ": bias must be a contiguous float32 [E] tensor on ", gating.device());
+  cuda::TopkRoutingArgs a{};
+  a.topk_weights = topk_weights.data_ptr<float>();
+  a.topk_ids = topk_ids.data_ptr<int32_t>();
+  a.gating_output = gating.data_ptr();
+  a.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  a.gating_stride = gating.stride(0);
+  a.num_tokens = t;
+  a.num_experts = static_cast<int>(e);
+  a.top_k = static_cast<int>(k);
+  a.n_group = static_cast<int>(n_group);
+  a.topk_group = static_cast<int>(topk_group);
+  a.softmax = scoring == "softmax";
+  a.renormalize = renormalize;
+  a.top2_sum = group_score == "top2_sum";
+  a.routed_scaling_factor = static_cast<float>(scale);
+  a.dtype = to_dtype(gating, op);
+  return a;
+}
+
+inline cuda::MoeAlignArgs moe_align(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
+                                    at::Tensor& num_tokens_post_pad, const at::Tensor& topk_ids,
+                                    int64_t num_experts, int64_t block_size, at::DeviceType dev) {
+  const char* op = "moe_align";
+  using List = std::initializer_list<const at::Tensor*>;
+  for (const at::Tensor* t : List{&sorted_token_ids, &expert_ids, &num_tokens_post_pad, &topk_ids}) {
+    check_on(*t, dev, op, "every tensor");
+    TORCH_CHECK(t->device() == topk_ids.device() && t->scalar_type() == at::kInt && t->is_contiguous(),
+                op, ": all tensors must be contiguous int32 on ", topk_ids.device());
+  }
+  TORCH_CHECK(topk_ids.dim() == 2, op, ": topk_ids must be [T, k], got ", topk_ids.sizes());
+  TORCH_CHECK(num_experts >= 1 && block_size >= 1 && block_size <= (1 << 20), op,
+              ": num_experts and block_size must be positive");
+  const int64_t p = cuda::moe_padded_len(topk_ids.numel(), num_experts, block_size);
+  TORCH_CHECK(sorted_token_ids.numel() == p && expert_ids.numel() == p / block_size &&
+                  num_tokens_post_pad.numel() == 1,
+              op, ": outputs must be [", p, "], [", p / block_size, "], [1] (ops_native.moe_align_sizes)");
+  TORCH_CHECK(p <= INT32_MAX, op, ": too many (token, expert) pairs");
+  return {topk_ids.data_ptr<int32_t>(), sorted_token_ids.data_ptr<int32_t>(),
+          expert_ids.data_ptr<int32_t>(), num_tokens_post_pad.data_ptr<int32_t>(),
+          topk_ids.numel(), p, static_cast<int>(num_experts), static_cast<int>(block_size)};
+}
+
+inline int moe_activation(const std::string& activation) {
+  if (activation == "silu") return 0;
+  if (activation == "gelu") return 1;
+  TORCH_CHECK(activation == "gelu_tanh", "fused_moe: activation must be 'silu', 'gelu' or "
+              "'gelu_tanh', got '", activation, "'");
+  return 2;
+}
+
+// The scratch tensors of one fused_moe call, sized by shapes only (graph capture allocates
+// them from the graph's pool).
+struct MoeWorkspace {
+  at::Tensor sorted_token_ids, expert_ids, num_tokens_post_pad, inter, partial;
+};
+
+inline cuda::FusedMoeArgs fused_moe(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                                    const at::Tensor& w2, const at::Tensor& topk_weights,
+                                    const at::Tensor& topk_ids, const std::string& activation,
+                                    at::DeviceType dev, MoeWorkspace& ws) {
+  const char* op = "fused_moe";
+  check_2d(hidden, hidden, dev, op, "hidden");
+  check_2d(out, hidden, dev, op, "out");
+  TORCH_CHECK(out.sizes() == hidden.sizes(), op, ": out ", out.sizes(), " must match hidden ", hidden.sizes());
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf, op,
+              ": the CUDA kernel takes bfloat16 or float16, got ", hidden.scalar_type());
+  const int64_t t = hidden.size(0), h = hidden.size(1);
+  for (const at::Tensor* w : {&w13, &w2})
+    TORCH_CHECK(w->device() == hidden.device() && w->scalar_type() == hidden.scalar_type() &&
+                    w->is_contiguous() && w->dim() == 3,
+                op, ": w13 and w2 must be contiguous 3-D tensors of hidden's dtype and device");
+  const int64_t e = w13.size(0), i = w13.size(1) / 2;
+  TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == h && w2.size(0) == e && w2.size(1) == h &&
+                  w2.size(2) == i,
+              op, ": w13 must be [E, 2I, ", h, "] and w2 [E, ", h, ", I], got ", w13.sizes(), " and ", w2.sizes());
+  TORCH_CHECK(topk_ids.device() == hidden.device() && topk_ids.dim() == 2 && topk_ids.size(0) == t &&
+                  topk_ids.scalar_type() == at::kInt && topk_ids.is_contiguous(),
+              op, ": topk_ids must be a contiguous [T, k] int32 tensor on ", hidden.device());
+  TORCH_CHECK(topk_weights.device() == hidden.device() && topk_weights.sizes() == topk_ids.sizes() &&
+                  topk_weights.scalar_type() == at::kFloat && topk_weights.is_contiguous(),
+              op, ": topk_weights must be a contiguous float32 tensor shaped like topk_ids");
+  const int64_t k = topk_ids.size(1), n = t * k;
+  TORCH_CHECK(e <= 65536 && k >= 1, op, ": at most 65536 experts and top_k >= 1");
+  const int64_t p = cuda::moe_padded_len(n, e, cuda::kMoeBlockM);
+  TORCH_CHECK(p <= INT32_MAX && p / cuda::kMoeBlockM <= INT32_MAX, op, ": too many pairs");
+  const auto i32 = hidden.options().dtype(at::kInt);
+  ws.sorted_token_ids = at::empty({p}, i32);
+  ws.expert_ids = at::empty({p / cuda::kMoeBlockM}, i32);
+  ws.num_tokens_post_pad = at::empty({1}, i32);
+  ws.inter = at::empty({p, i}, hidden.options());
+  ws.partial = at::empty({n, h}, hidden.options().dtype(at::kFloat));
+  cuda::FusedMoeArgs a{};
+  a.out = out.data_ptr();
+  a.hidden = hidden.data_ptr();
+  a.w13 = w13.data_ptr();
+  a.w2 = w2.data_ptr();
+  a.topk_weights = topk_weights.data_ptr<float>();
+  a.topk_ids = topk_ids.data_ptr<int32_t>();
+  a.sorted_token_ids = ws.sorted_token_ids.data_ptr<int32_t>();
+  a.expert_ids = ws.expert_ids.data_ptr<int32_t>();
+  a.num_tokens_post_pad = ws.num_tokens_post_pad.data_ptr<int32_t>();
+  a.inter = ws.inter.data_ptr();
+  a.partial = ws.partial.data_ptr<float>();
+  a.out_stride = out.stride(0);
+  a.hidden_stride = hidden.stride(0);
+  a.num_tokens = t;
+  a.hidden_size = h;
+  a.inter_size = i;
+  a.padded_len = p;
+  a.num_experts = static_cast<int>(e);
+  a.top_k = static_cast<int>(k);
+  a.act = moe_activation(activation);
+  a.dtype = to_dtype(hidden, op);
   return a;
 }
 

@@ -81,4 +81,35 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void topk_routing_cuda(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
+                       const std::string& scoring, bool renormalize,
+                       const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
+                       const std::string& group_score, double routed_scaling_factor) {
+  run(cuda::launch_topk_routing,
+      cuda_args::topk_routing(topk_weights, topk_ids, gating_output, scoring, renormalize, bias,
+                              n_group, topk_group, group_score, routed_scaling_factor, kCUDA),
+      gating_output, "topk_routing");
+}
+
+void moe_align_cuda(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
+                    at::Tensor& num_tokens_post_pad, const at::Tensor& topk_ids,
+                    int64_t num_experts, int64_t block_size) {
+  run(cuda::launch_moe_align,
+      cuda_args::moe_align(sorted_token_ids, expert_ids, num_tokens_post_pad, topk_ids, num_experts,
+                           block_size, kCUDA),
+      topk_ids, "moe_align");
+}
+
+void fused_moe_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                    const at::Tensor& w2, const at::Tensor& topk_weights,
+                    const at::Tensor& topk_ids, const std::string& activation) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  cuda_args::MoeWorkspace ws;  // from the caching allocator (the graph's pool under capture)
+  const cuda::FusedMoeArgs a =
+      cuda_args::fused_moe(out, hidden, w13, w2, topk_weights, topk_ids, activation, kCUDA, ws);
+  TORCH_CHECK(cuda::launch_fused_moe(a, c10::cuda::getCurrentCUDAStream()),
+              "fused_moe: unsupported dtype");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace octavo

@@ -1,5 +1,5 @@
 """CUDA kernels (rms_norm, fused_add_rms_norm, silu/gelu_and_mul, rotary_embedding,
-reshape_and_cache, paged_attention) vs octavo.ops_native on a GPU. Skipped where torch.cuda is unavailable; the
+reshape_and_cache, paged_attention, topk_routing, moe_align, fused_moe) vs octavo.ops_native on a GPU. Skipped where torch.cuda is unavailable; the
 same kernels run under the SIMT emulator on the CPU in tests/simt."""
 import pytest
 import torch
@@ -178,3 +178,77 @@ def test_paged_attention_cuda_opcheck_and_errors():
         ops.paged_attention(**{**b, "query": torch.randn(3, 4, 12, device="cuda"),
                                "key_cache": torch.zeros(4, 16, 2, 12, device="cuda"),
                                "value_cache": torch.zeros(4, 16, 2, 12, device="cuda")})
+
+
+# ---- mixture of experts (the shared cases of tests/kernels/test_moe.py) ----
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", range(6))
+def test_topk_routing_cuda(dtype, case):
+    from test_moe import ROUTING_CASES
+    kw = dict(ROUTING_CASES[case])
+    g = torch.Generator().manual_seed(case)
+    if kw.pop("bias", False):
+        kw["bias"] = (torch.randn(12, generator=g) * 0.2).cuda()
+    logits = (torch.randn(300, 12, generator=g) * 2).to(dtype)
+    w, ids = ops.topk_routing(logits.cuda(), **kw)
+    ref_w, ref_ids = ops_native.topk_routing(logits, **{k: v.cpu() if torch.is_tensor(v) else v
+                                                        for k, v in kw.items()})
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(w.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,k,e,block", [(1, 1, 4, 16), (13, 2, 5, 4), (4096, 8, 256, 16),
+                                         (0, 2, 4, 8), (40, 1, 6, 64)])
+def test_moe_align_cuda(t, k, e, block):
+    g = torch.Generator().manual_seed(t + k)
+    ids = (torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t
+           else torch.zeros(0, k, dtype=torch.long)).int()
+    for a, b in zip(ops.moe_align(ids.cuda(), e, block), ops_native.moe_align(ids, e, block)):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["one-token", "idle-experts", "all-on-one", "all-on-one-pair",
+                                  "e5-odd-sizes", "topk-equals-e", "prefill"])
+def test_fused_moe_cuda(dtype, name):
+    from test_moe import MOE_CASES, make_moe, same_precision_moe
+    t, h, i, e, k, ids = MOE_CASES[name]
+    hidden, w13, w2, tw, ti = make_moe(t, h, i, e, k, dtype, seed=t + h, ids=ids)
+    out = ops.fused_moe_prepared(hidden.cuda(), ops.prepare_moe_weights(w13.cuda(), w2.cuda()),
+                                 tw.cuda(), ti.cuda())
+    exact = ops_native.fused_moe(hidden.double(), w13.double(), w2.double(), tw, ti)
+    assert_close_to_ref(out.cpu(), same_precision_moe(hidden, w13, w2, tw, ti), exact, what=name)
+
+
+def test_fused_moe_cuda_large_and_graph():
+    # DeepSeek-like fine-grained experts; then a CUDA graph replay with new routing
+    from test_moe import make_moe, same_precision_moe
+    hidden, w13, w2, tw, ti = make_moe(64, 1024, 512, 64, 6, torch.bfloat16, seed=1)
+    hc, w13c, w2c, twc, tic = (x.cuda() for x in (hidden, w13, w2, tw, ti))
+    exact = ops_native.fused_moe(hc.double(), w13c.double(), w2c.double(), twc, tic)
+    native = same_precision_moe(hc, w13c, w2c, twc, tic)
+    assert_close_to_ref(ops.fused_moe(hc, w13c, w2c, twc, tic), native, exact)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        ops.fused_moe(hc, w13c, w2c, twc, tic)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.fused_moe(hc, w13c, w2c, twc, tic)
+    tic.copy_(torch.roll(tic, 1, 0))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ops.fused_moe(hc, w13c, w2c, twc, tic), rtol=0, atol=0)
+
+
+def test_moe_opcheck_cuda():
+    from test_moe import make_moe
+    hidden, w13, w2, tw, ti = (x.cuda() for x in make_moe(5, 40, 24, 4, 2, torch.bfloat16))
+    torch.library.opcheck(torch.ops.octavo.fused_moe.default,
+                          (torch.empty_like(hidden), hidden, w13, w2, tw, ti, "silu"))
+    w = torch.empty(5, 3, device="cuda")
+    ids = torch.empty(5, 3, dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.octavo.topk_routing.default,
+                          (w, ids, torch.randn(5, 8, device="cuda"), "sigmoid", True, None, 2, 1,
+                           "top2_sum", 1.0))

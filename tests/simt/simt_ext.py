@@ -13,7 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 SOURCES = [CSRC / "simt" / "runtime.cpp", CSRC / "simt" / "kernels.cpp",
-           CSRC / "simt" / "torch_ops_simt.cpp"]
+           CSRC / "simt" / "torch_ops_simt.cpp", CSRC / "simt" / "moe_kernels.cpp",
+           CSRC / "simt" / "torch_ops_simt_moe.cpp"]
 
 
 @functools.cache
