@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from octavo.models.layers.attention import Attention, AttentionMetadata
+from octavo.models.layers.cache_spec import CacheLayer
 from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
 
@@ -85,7 +86,9 @@ class ModelRunner:
                 module.process_weights_after_loading()
         self.model.eval()
         logger.info("loaded %s in %.2fs", model_cls.__name__, time.perf_counter() - t0)
-        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # every module that keeps a cache (paged K/V, MLA latent, ...), each with its own spec
+        self.cache_layers = [m for m in self.model.modules() if isinstance(m, CacheLayer)]
+        self.attn_layers = [m for m in self.cache_layers if isinstance(m, Attention)]
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.buf = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
                                 self.max_blocks_per_seq)
@@ -98,14 +101,13 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
-        elt = torch.empty((), dtype=self.dtype).element_size()
-        return sum(2 * self.block_size * a.num_kv_heads * a.head_size * elt for a in self.attn_layers)
+        """Bytes of one block (block_size tokens) summed over every layer's cache spec."""
+        return sum(m.cache_spec().page_bytes(self.block_size, self.dtype) for m in self.cache_layers)
 
     def _allocate(self, num_blocks: int) -> None:
-        for a in self.attn_layers:
-            shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_size)
-            a.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            a.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for m in self.cache_layers:
+            m.bind_cache(m.cache_spec().allocate(num_blocks, self.block_size, self.dtype,
+                                                 self.device))
 
     def init_kv_cache(self) -> int:
         """Turn the KV budget into blocks. On CUDA the budget is what one max-size forward
@@ -153,8 +155,8 @@ class ModelRunner:
         from .scheduler import ScheduledRequest
         out = SchedulerOutput([ScheduledRequest(r, n, 0) for r, n in zip(reqs, lens)])
         self.execute(out)
-        for a in self.attn_layers:
-            a.k_cache = a.v_cache = None
+        for m in self.cache_layers:
+            m.bind_cache(None)
 
     # ---- one step ---------------------------------------------------------------------------
     def _fill_host(self, out: SchedulerOutput) -> tuple[int, list[int], list[Request], list]:

@@ -171,6 +171,54 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return out
 
 
+# ---- multi-head latent attention (MLA) over a paged latent cache ------------------------------
+
+def check_mla_args(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> None:
+    if q.dim() != 3 or kv_cache.dim() != 3 or q.shape[-1] != kv_cache.shape[-1]:
+        raise ValueError(f"MLA attention takes q [T, H, L+R] and a latent cache [num_blocks, "
+                         f"block_size, L+R]; got {tuple(q.shape)} and {tuple(kv_cache.shape)}")
+    if not 0 < kv_lora_rank <= kv_cache.shape[-1]:
+        raise ValueError(f"kv_lora_rank {kv_lora_rank} must be in (0, {kv_cache.shape[-1]}]")
+
+
+def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> None:
+    # kv_c: [T, L] (normed latent), k_pe: [T, R] (rotated key) -> kv_cache [num_blocks,
+    # block_size, L+R] at slot_mapping [T] (-1 skipped)
+    block_size = kv_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kv_cache[slots // block_size, slots % block_size] = torch.cat(
+        [kv_c[keep], k_pe[keep]], dim=-1).to(kv_cache.dtype)
+
+
+def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
+                        kv_lora_rank: int) -> torch.Tensor:
+    """Causal attention of every head over one shared latent per token: q [T, H, L+R] (the
+    absorbed q_nope @ W_UK, then the rotated q_pe) against keys kv_cache[..., :L+R], values
+    kv_cache[..., :L] -> out [T, H, L] (still to be multiplied by W_UV). query_start_loc [S+1],
+    seq_lens [S] (context including this step's rows, which are its last ones), block_table
+    [S, max_blocks]: as paged_attention."""
+    check_mla_args(q, kv_cache, kv_lora_rank)
+    num_tokens, num_heads, _ = q.shape
+    out = q.new_empty(num_tokens, num_heads, kv_lora_rank)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    block_size = kv_cache.shape[1]
+    for s, ctx in enumerate(lens):
+        q0, q1 = starts[s], starts[s + 1]
+        if q1 == q0:
+            continue
+        blocks = block_table[s, :(ctx + block_size - 1) // block_size].long()
+        latent = _acc(kv_cache[blocks].flatten(0, 1)[:ctx])          # [ctx, L+R]
+        logits = torch.einsum("thd,cd->htc", _acc(q[q0:q1]), latent) * scale
+        pos = ctx - (q1 - q0) + torch.arange(q1 - q0, device=q.device)  # each row's position
+        future = torch.arange(ctx, device=q.device)[None, :] > pos[:, None]
+        probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+        out[q0:q1] = torch.einsum("htc,cl->thl", probs, latent[:, :kv_lora_rank]).to(out.dtype)
+    return out
+
+
 # ---- mixture of experts: routing, alignment into expert tiles, the expert MLPs ----------------
 
 _SCORINGS = ("softmax", "sigmoid")

@@ -1,7 +1,7 @@
 """Paged attention layer: write this step's K/V into the block cache, then attend through it.
 
-The model runner builds one AttentionMetadata per step and sets `k_cache` / `v_cache`
-([num_blocks, block_size, num_kv_heads, head_size]) on every Attention module.
+The model runner builds one AttentionMetadata per step and binds `k_cache` / `v_cache`
+([num_blocks, block_size, num_kv_heads, head_size], as its PagedKVSpec says) on every Attention.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from octavo import ops, ops_native
+from octavo.models.layers.cache_spec import CacheLayer, PagedKVSpec
 from octavo.models.layers.custom_op import CustomOp
 
 
@@ -23,7 +24,7 @@ class AttentionMetadata:
     max_seq_len: int
 
 
-class Attention(CustomOp):
+class Attention(CustomOp, CacheLayer):
     def __init__(self, num_heads: int, head_size: int, scale: float,
                  num_kv_heads: int | None = None, sliding_window: int | None = None,
                  logit_soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None):
@@ -43,6 +44,12 @@ class Attention(CustomOp):
     @property
     def has_cache(self) -> bool:
         return self.k_cache is not None and self.k_cache.numel() > 0
+
+    def cache_spec(self) -> PagedKVSpec:
+        return PagedKVSpec(self.num_kv_heads, self.head_size)
+
+    def bind_cache(self, caches: tuple[torch.Tensor, ...] | None) -> None:
+        self.k_cache, self.v_cache = caches if caches is not None else (None, None)
 
     def _forward(self, impl, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:
         # q: [T, Hq*hd]; k, v: [T, Hk*hd] (views of a fused qkv are fine) -> [T, Hq*hd].

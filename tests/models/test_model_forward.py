@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from octavo.models.layers.attention import Attention, AttentionMetadata
+from octavo.models.layers.cache_spec import CacheLayer
 from octavo.models.layers.custom_op import native_ops
 from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
@@ -86,10 +87,9 @@ class MiniRunner:
         self.free = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free)  # non-trivial, non-monotonic block tables
         for m in model.modules():
-            if isinstance(m, Attention):
-                shape = (NUM_BLOCKS, BLOCK_SIZE, m.num_kv_heads, m.head_size)
-                m.k_cache = torch.full(shape, float("nan"))  # unwritten slots must never be read
-                m.v_cache = torch.full(shape, float("nan"))
+            if isinstance(m, CacheLayer):  # unwritten slots must never be read
+                m.bind_cache(tuple(torch.full(shape, float("nan"))
+                                   for shape in m.cache_spec().shapes(NUM_BLOCKS, BLOCK_SIZE)))
         self.tables: dict[int, list[int]] = {}
         self.computed: dict[int, int] = {}
 
