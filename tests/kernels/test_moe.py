@@ -349,3 +349,16 @@ def test_fused_moe_variants(env):
     res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_fused_moe_lab_quick():
+    # the kernel lab (bench/kernels/fused_moe.py) runs end to end and its checks pass
+    import re
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "octavo.bench.kernels.fused_moe", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "FAIL" not in res.stdout and res.stdout.count("OK") == 4
+    assert re.search(r"copy bandwidth [\d.]+ GB/s", res.stdout)
+    assert len(re.findall(r"octavo.fused_moe +[\d.]+ ms +[\d.]+ GB/s", res.stdout)) == 4
