@@ -8,8 +8,9 @@ Failures inside a step (the policy the server documents): the engine recovers fr
 failure pinned on one request (its sampling, logprobs, detokenization) fails that request alone;
 a failing forward fails the requests of that step; an unexpected error outside those fails every
 request in flight. Each failed request's consumer gets a RequestFailedError (HTTP 500) and the
-loop goes on serving. The engine dies instead, when an error is marked fatal (`fatal = True`,
-as a broken device would be) or after _MAX_FAILED_STEPS failing steps in a row: then every
+loop goes on serving. The engine dies instead, when an error is fatal (marked `fatal = True`,
+a MemoryError, a CUDA error: a broken device) or after _MAX_FAILED_STEPS failing steps in a
+row: then every
 request gets an EngineDeadError (HTTP 503), `dead` holds the cause, `on_dead` is called (the
 server answers /health with 503 and exits with status 1) and new requests are refused.
 """
@@ -248,7 +249,10 @@ class AsyncLLMEngine:
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)
-        self.engine.abort_request(request_id)
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:  # noqa: BLE001 - a broken engine must not keep the error from its
+            logger.exception("could not abort request %s", request_id)   # consumer
         if stream is not None:
             stream.put(error)
             if self.observer is not None:

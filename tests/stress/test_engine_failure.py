@@ -134,6 +134,25 @@ def test_three_failing_steps_in_a_row_kill_the_engine(llm):
     engine.abort_request(list(engine.parents))
 
 
+def test_offline_generate_raises_for_a_failing_request_and_the_engine_goes_on(llm,
+                                                                             monkeypatch):
+    """LLM.generate: the request that fails inside a step raises (StepError names it); the
+    engine is left clean and serves the next call exactly."""
+    from octavo.llm_engine import StepError
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = llm.generate(["A quiet day"], params)[0].outputs[0].token_ids
+    monkeypatch.setenv("OCTAVO_FAULT_INJECT", "sample:@@offline-fault@@")
+    with pytest.raises(StepError, match="injected sampling fault") as e:
+        llm.generate(["A quiet day", "@@offline-fault@@ here"], params)
+    assert list(e.value.failed) and not e.value.whole_step
+    monkeypatch.delenv("OCTAVO_FAULT_INJECT")
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.pool.num_free == engine.kv.num_blocks
+    assert llm.generate(["A quiet day"], params)[0].outputs[0].token_ids == ref
+
+
 def test_logprobs_beyond_the_vocabulary_refused_at_admission(llm):
     """Checked against the model even when no max_logprobs cap applies."""
     engine = llm.llm_engine
