@@ -136,6 +136,10 @@ class FusedMoE(CustomOp):
         param.data.copy_(loaded.reshape(param.shape))
 
     def process_weights_after_loading(self) -> None:
+        """Checks every expert was loaded and prepares the weights for the kernel once. Where
+        the kernel repacks them (CPU), the packed copy replaces the plain one, as for linears."""
+        if self._prepared is not None:
+            return
         if self._loaded:
             missing = {(x, k) for x in range(self.num_experts) for k in ("w1", "w3", "w2")}
             missing -= self._loaded
@@ -143,6 +147,9 @@ class FusedMoE(CustomOp):
                 raise ValueError(f"the checkpoint lacks {len(missing)} expert weights, e.g. "
                                  f"(expert, projection) {sorted(missing)[:4]}")
         self._prepared = ops.prepare_moe_weights(self.w13_weight.data, self.w2_weight.data)
+        if self._prepared[0].data_ptr() != self.w13_weight.data_ptr():
+            self.w13_weight.data = self.w13_weight.data.new_empty(0)
+            self.w2_weight.data = self.w2_weight.data.new_empty(0)
 
     # ---- forward ------------------------------------------------------------------------------
     def _route(self, impl, router_logits: torch.Tensor):
@@ -160,8 +167,11 @@ class FusedMoE(CustomOp):
 
     def forward_native(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = self._route(ops_native, router_logits)
-        out = ops_native.fused_moe(hidden, self.w13_weight, self.w2_weight, weights, ids,
-                                   self.activation)
+        w13, w2 = self.w13_weight, self.w2_weight
+        if w13.numel() == 0:  # released for a packed copy: the reference reads it unpacked
+            p = self._prepared
+            w13, w2 = ops_native.unpack_moe_weights(p.w13, p.w2, p.hidden_size, p.inter_size)
+        out = ops_native.fused_moe(hidden, w13, w2, weights, ids, self.activation)
         return self._reduce(out)
 
     def _reduce(self, out: torch.Tensor) -> torch.Tensor:

@@ -222,6 +222,45 @@ def test_routing_uses_many_experts(case, model_dirs, monkeypatch):
         assert len(ids) >= module.num_experts // 2, f"{case}: a layer used only experts {ids}"
 
 
+def _runner_logits(model_dir: str, dtype: torch.dtype, native: bool) -> torch.Tensor:
+    """Logits of the longest prompt through the kernels (packed expert weights, the plain copy
+    released) or through the plain-PyTorch references, with weights in `dtype`."""
+    from test_model_forward import MiniRunner
+
+    from octavo.models.layers.custom_op import native_ops
+
+    config = AutoConfig.from_pretrained(model_dir)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the model's weights and the test runner's KV caches
+    try:
+        model = get_model_class(config)(config)
+        load_weights(model, model_dir)
+        for module in model.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
+        moe = [m for m in model.modules() if isinstance(m, FusedMoE)]
+        assert moe and all(m.w13_weight.numel() == 0 for m in moe), "plain expert weights kept"
+        with native_ops(native):
+            return MiniRunner(model).step([(0, longest_prompt_ids())])
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("case", ["mixtral-sliding-top3", "glm4_moe"])
+def test_kernel_path_matches_reference_path(case, model_dirs, monkeypatch):
+    """The fused-MoE kernel path gives the plain-PyTorch reference path's logits in fp32; in
+    bf16 its error against fp32 is at most about twice the bf16 reference's."""
+    # the dense layers' oneDNN packing is beside the point here (and needs AVX-512 for bf16)
+    monkeypatch.setenv("OCTAVO_CPU_ONEDNN_LINEAR", "0")
+    path = model_dirs(case)
+    exact = _runner_logits(path, torch.float32, native=True)
+    torch.testing.assert_close(_runner_logits(path, torch.float32, native=False), exact,
+                               atol=1e-4, rtol=0)
+    fast_err = (_runner_logits(path, torch.bfloat16, native=False) - exact).abs().max().item()
+    ref_err = (_runner_logits(path, torch.bfloat16, native=True) - exact).abs().max().item()
+    assert 0 < ref_err and fast_err <= 2 * ref_err + 1e-3, (fast_err, ref_err)
+
+
 def test_stacked_expert_layout_loads_like_per_expert(model_dirs, tmp_path):
     """transformers 5's own layout (experts.gate_up_proj [E, 2I, H], experts.down_proj
     [E, H, I], written with save_original_format=False) gives the same model."""
