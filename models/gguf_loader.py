@@ -256,16 +256,17 @@ def dequantize_blocks(raw: np.ndarray, ggml_type: int) -> torch.Tensor | None:
     rows = raw.shape[0]
     b = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(-1, nbytes)    # [blocks, bytes]
     d = b[:, 0:2].contiguous().view(torch.float16).float()                  # [blocks, 1]
+    # in place after the one float32 allocation: each pass over fresh memory costs here
     if ggml_type == _Q8_0:
         q = b[:, 2:].contiguous().view(torch.int8).float()                  # [blocks, 32]
-        return (d * q).view(rows, -1)
+        return q.mul_(d).view(rows, -1)
     qs = b[:, 4:] if ggml_type == _Q4_1 else b[:, 2:]                       # [blocks, 16]
     # element j of a block is the low nibble of byte j, element j + 16 its high nibble
     q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()                      # [blocks, 32]
     if ggml_type == _Q4_0:
-        return (d * (q - 8)).view(rows, -1)
+        return q.sub_(8).mul_(d).view(rows, -1)
     m = b[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * q + m).view(rows, -1)
+    return q.mul_(d).add_(m).view(rows, -1)
 
 
 def hf_name(gguf_name: str) -> str | None:
