@@ -1,9 +1,11 @@
 """Phi-3.5-MoE: the Llama decoder with LayerNorms (with bias), optional attention and lm_head
-biases, an optional sliding window, and a sparse MoE MLP routed by SparseMixer (inference form,
+biases, an optional sliding window, LongRoPE as transformers applies it here (short factors,
+short_mscale), and a sparse MoE MLP routed by SparseMixer (inference form,
 always two experts: the best one, then the best of the rest, each weighted by a softmax over the
 experts within a relative `router_jitter_noise` margin of it)."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -35,12 +37,30 @@ def sparsemixer_routing(router_logits: torch.Tensor, top_k: int,
     return torch.cat([w1, w2], -1), torch.cat([first, second], -1).to(torch.int32)
 
 
+def _short_factors_only(config):
+    """transformers' PhiMoE builds its LongRoPE frequencies without a sequence length, so always
+    from short_factor, and scales cos/sin by short_mscale (long_mscale once the batch passes
+    original_max_position_embeddings; Phi-3.5-MoE has the two equal). A copy of the config whose
+    long table equals the short one and whose scale is short_mscale gives that here."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not params or params.get("rope_type", params.get("type")) not in ("longrope", "su"):
+        return config
+    config = copy.deepcopy(config)
+    params = {**params, "long_factor": params["short_factor"],
+              "attention_factor": params.get("short_mscale")}
+    if getattr(config, "rope_parameters", None):
+        config.rope_parameters = params
+    else:
+        config.rope_scaling = params
+    return config
+
+
 class PhimoeForCausalLM(MoEWeightRouting, LlamaForCausalLM):
     checkpoint_renames = ((r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.router\.", ".mlp.gate."))
     expert_projections = {"w1": "w1", "w3": "w3", "w2": "w2"}
 
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_short_factors_only(config))
         if getattr(config, "lm_head_bias", False):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=True)
             if getattr(config, "tie_word_embeddings", False):

@@ -61,6 +61,14 @@ CASES = {
     "phimoe": ("PhimoeForCausalLM", "phimoe", dict(
         num_local_experts=8, router_jitter_noise=0.3, attention_bias=True, lm_head_bias=True,
         sliding_window=8)),
+    # LongRoPE as transformers' PhiMoE applies it: short factors always, times short_mscale
+    "phimoe-longrope": ("PhimoeForCausalLM", "phimoe", dict(
+        num_local_experts=4, original_max_position_embeddings=40,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0 + 0.25 * i for i in range(8)],
+                         "long_factor": [2.0 + 1.5 * i for i in range(8)],
+                         "short_mscale": 1.1, "long_mscale": 1.1,
+                         "original_max_position_embeddings": 40})),
     # fused Wqkv clamped, one tensor per projection for all experts, L1-normalised top-k
     "dbrx": ("DbrxForCausalLM", "dbrx", dict(
         DBRX, attn_config=dict(kv_n_heads=2, clip_qkv=0.3, rope_theta=10000.0),
@@ -103,6 +111,7 @@ FEATURES = {
     "glm4_moe-flat": [dict(norm_topk_prob=True)],
     "ernie4_5_moe-bias": [dict(use_bias=False)],
     "phimoe": [dict(router_jitter_noise=0.01), dict(lm_head_bias=False), dict(sliding_window=None)],
+    "phimoe-longrope": [dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})],
 }
 # case -> (tensor name part, what it is): zeroing those tensors in transformers changes the
 # logits, so what they belong to is not a no-op octavo could skip
