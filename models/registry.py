@@ -42,6 +42,8 @@ _MODELS = {
     "DbrxForCausalLM": ("dbrx", "DbrxForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("ernie45_moe", "Ernie4_5_MoeForCausalLM"),
     "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
 }
 
 
@@ -87,6 +89,8 @@ EXAMPLE_MODELS = {
     "DbrxForCausalLM": "DBRX (dbrx-base, dbrx-instruct)",
     "Ernie4_5_MoeForCausalLM": "ERNIE 4.5 MoE (e.g. ERNIE-4.5-21B-A3B, text)",
     "Glm4MoeForCausalLM": "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7",
+    "DeepseekV2ForCausalLM": "DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-V2.5 (MLA latent cache)",
+    "DeepseekV3ForCausalLM": "DeepSeek-V3, DeepSeek-R1 (bf16 weights; MTP layers skipped)",
 }
 
 def supported_architectures() -> list[str]:
