@@ -41,26 +41,38 @@ constexpr int kRows = 96;    // rows per chunk: the [96, 64] fp32 sums (24 KiB) 
 constexpr int kGenericMB = 4;
 
 // acc[r * 64 + j] = sum_k rows[r][k] * W[j][k] for one packed panel [ceil(K/2), 64, 2] of W.
+// Any dtype, any capability: each K pair's 128 weights are widened once and multiplied by the
+// (x[2kk], x[2kk+1], x[2kk], ...) vector of every row, into [rows, 128] sums kept in L1.
 template <typename T>
 static void panel_generic(const T* const* rows, int m, const T* panel, int64_t k, float* acc) {
+  constexpr int kW = 2 * kPanel;
+  static_assert(kW % kVec == 0 && kVec % 2 == 0, "pairs must not straddle vectors");
   const int64_t kpairs = (k + 1) / 2;
   for (int r0 = 0; r0 < m; r0 += kGenericMB) {
     const int mb = std::min(kGenericMB, m - r0);
-    float a[kGenericMB][kPanel] = {};
+    alignas(64) float sums[kGenericMB][kW] = {};
     for (int64_t kk = 0; kk < kpairs; ++kk) {
-      const T* wk = panel + kk * 2 * kPanel;
-      float w0[kPanel], w1[kPanel];
-      for (int j = 0; j < kPanel; ++j) {
-        w0[j] = to_f(wk[2 * j]);
-        w1[j] = to_f(wk[2 * j + 1]);
-      }
+      fVec xp[kGenericMB];
       for (int r = 0; r < mb; ++r) {
         const T* x = rows[r0 + r];
+        alignas(64) float pat[kVec];
         const float x0 = to_f(x[2 * kk]), x1 = 2 * kk + 1 < k ? to_f(x[2 * kk + 1]) : 0.f;
-        for (int j = 0; j < kPanel; ++j) a[r][j] += x0 * w0[j] + x1 * w1[j];
+        for (int l = 0; l < kVec; l += 2) {
+          pat[l] = x0;
+          pat[l + 1] = x1;
+        }
+        xp[r] = fVec::loadu(pat);
+      }
+      const T* wk = panel + kk * kW;
+      for (int i = 0; i < kW; i += kVec) {
+        const fVec wv = load_f(wk + i);
+        for (int r = 0; r < mb; ++r)
+          at::vec::fmadd(xp[r], wv, fVec::loadu(sums[r] + i)).store(sums[r] + i);
       }
     }
-    std::memcpy(acc + r0 * kPanel, a, sizeof(float) * kPanel * mb);
+    for (int r = 0; r < mb; ++r)
+      for (int j = 0; j < kPanel; ++j)
+        acc[(r0 + r) * kPanel + j] = sums[r][2 * j] + sums[r][2 * j + 1];
   }
 }
 
