@@ -5,6 +5,8 @@ weights are divided by their p-norm (moe_normalize_expert_weights). Each expert 
 tensor for all experts, [E * I, H]; w2 holds the down projections transposed."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -46,10 +48,8 @@ class DbrxForCausalLM(MoEWeightRouting, LlamaForCausalLM):
     def make_mlp(cls, config, layer_idx: int) -> nn.Module:
         ffn = config.ffn_config
         p = ffn.moe_normalize_expert_weights
-        routing = None
-        if p is not None and p != 1:
-            def routing(logits, top_k, p=float(p)):
-                return pnorm_routing(logits, top_k, p)
+        # p = 1 is topk_routing's renormalisation (the weights are positive); other p in Python
+        routing = functools.partial(pnorm_routing, p=float(p)) if p not in (None, 1) else None
         experts = FusedMoE(ffn.moe_num_experts, ffn.moe_top_k, config.hidden_size,
                            ffn.ffn_hidden_size, renormalize=p is not None, routing_fn=routing,
                            activation=moe_activation((ffn.ffn_act_fn or {}).get("name", "silu")))

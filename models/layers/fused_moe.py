@@ -19,6 +19,7 @@ from octavo import ops, ops_native
 from octavo.models.layers.custom_op import CustomOp
 from octavo.models.layers.linear import ReplicatedLinear
 from octavo.models.layers.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from octavo.models.loader import _route  # the packed mapping, applied to renamed names
 
 # transformers' hidden_act -> the activation names fused_moe takes
 MOE_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
@@ -239,7 +240,6 @@ class MoEWeightRouting:
             return _stacked_param(stacked.group(1), kind), kind
         if renamed == name:
             return None
-        from octavo.models.loader import _route  # the packed mapping, on the renamed name
         return _route(renamed, getattr(self, "packed_modules_mapping", {}))
 
 

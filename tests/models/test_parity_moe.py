@@ -1,5 +1,6 @@
 """Hugging Face parity of the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-Granite MoE, Granite MoE Shared, PhiMoE, DBRX, ERNIE 4.5 MoE and GLM-4.5) on tiny random configs: 8 experts, top-2, 3 layers.
+Granite MoE, Granite MoE Shared, PhiMoE, DBRX, ERNIE 4.5 MoE and GLM-4.5) on tiny random
+configs: mostly 8 experts, top-2, 3 layers.
 
 The configs switch each family's features on (shared experts with their gate, dense layers by
 mlp_only_layers / decoder_sparse_step / first_k_dense_replace, grouped sigmoid routing with a
