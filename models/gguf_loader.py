@@ -188,11 +188,54 @@ def gguf_config_dict(header: GGUFHeader) -> dict[str, Any]:
 
 def load_gguf_config(path: str, **kwargs: Any) -> Any:
     """The transformers config of a GGUF file, from the one cached header parse."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(**gguf_config_dict(read_header(path)))
+    fields = gguf_config_dict(read_header(path))
+    if fields["model_type"] == "llama":
+        config = llama_config(**{k: v for k, v in fields.items() if k != "model_type"})
+    else:
+        from transformers import AutoConfig
+        config = AutoConfig.for_model(**fields)
     config.architectures = [_ARCHITECTURES[config.model_type]]
     return config
+
+
+# LlamaConfig's defaults (transformers 5), for the fields a GGUF may leave out.
+_LLAMA_DEFAULTS = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=None, hidden_act="silu",
+    max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
+    pad_token_id=None, bos_token_id=1, eos_token_id=2, pretraining_tp=1,
+    tie_word_embeddings=False, attention_bias=False, attention_dropout=0.0, mlp_bias=False,
+    head_dim=None)
+
+
+def llama_config(rope_theta: float = 10000.0, **fields: Any) -> Any:
+    """A config equal to transformers' LlamaConfig(**fields) (to_dict(); tests compare them),
+    built on the base class: LlamaConfig's module imports transformers' type validators, which
+    import torch.distributed, about a third of the default model's start-up."""
+    values = {**_LLAMA_DEFAULTS, **fields}
+    if values["head_dim"] is None:
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+    if values["num_key_value_heads"] is None:
+        values["num_key_value_heads"] = values["num_attention_heads"]
+    values["rope_parameters"] = {"rope_theta": rope_theta, "rope_type": "default"}
+    config = _llama_config_class()(**values)
+    for key, value in values.items():        # the base class sets generation keys (use_cache) aside
+        if not hasattr(config, key):
+            setattr(config, key, value)
+    return config
+
+
+@functools.cache
+def _llama_config_class() -> type:
+    try:
+        from transformers.configuration_utils import PreTrainedConfig
+    except ImportError:                                   # transformers 4's spelling
+        from transformers.configuration_utils import PretrainedConfig as PreTrainedConfig
+
+    class GGUFLlamaConfig(PreTrainedConfig):
+        model_type = "llama"
+
+    return GGUFLlamaConfig
 
 
 def load_gguf_tokenizer(path: str, **kwargs: Any) -> Any:

@@ -107,6 +107,21 @@ def test_gguf_config_and_tokenizer_match_transformers(tiny_gguf):
         assert tok.chat_template == ref_tok.chat_template and len(tok) == len(ref_tok)
 
 
+@pytest.mark.parametrize("fields", [
+    {},
+    dict(hidden_size=96, num_attention_heads=6, rope_theta=500000.0, vocab_size=77,
+         tie_word_embeddings=True, pad_token_id=0, eos_token_id=5),
+    dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+         rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=None)])
+def test_llama_config_equals_transformers(fields):
+    from transformers import LlamaConfig
+    ours = gguf_loader.llama_config(**fields)
+    ref = LlamaConfig(**fields)
+    assert ours.to_dict() | {"transformers_version": None} == \
+        ref.to_dict() | {"transformers_version": None}
+    assert ours.model_type == "llama" and ours.rope_parameters == ref.rope_parameters
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("shape", [(1, 32), (3, 96), (17, 160)])
 def test_block_dequantization_matches_the_gguf_package(qtype, shape):
