@@ -145,6 +145,8 @@ def topk_routing(gating_output: torch.Tensor, top_k: int, scoring: str = "softma
     ops_native.check_topk_routing_args(gating_output, top_k, scoring, bias, n_group, topk_group,
                                        group_score)
     t = gating_output.shape[0]
+    if bias is not None:  # the kernels read an fp32 bias (checkpoints may store it in bf16)
+        bias = bias.to(torch.float32).contiguous()
     weights = torch.empty(t, top_k, dtype=torch.float32, device=gating_output.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=gating_output.device)
     torch.ops.octavo.topk_routing(weights, ids, gating_output, scoring, renormalize, bias, n_group,

@@ -216,6 +216,17 @@ def test_topk_routing_kernel(dtype, case, t):
     torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
 
 
+def test_topk_routing_kernel_bf16_bias_and_strided_logits():
+    g = torch.Generator().manual_seed(7)
+    bias = (torch.randn(16, generator=g) * 0.3).bfloat16()
+    logits = torch.randn(9, 40, generator=g)[:, 3:19]  # a row-strided view
+    kw = dict(scoring="sigmoid", bias=bias, n_group=4, topk_group=2, group_score="top2_sum")
+    w, ids = ops.topk_routing(logits, 4, **kw)
+    ref_w, ref_ids = ops_native.topk_routing(logits, 4, **kw)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+
+
 def test_topk_routing_kernel_ties():
     logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 0.0]])
     w, ids = ops.topk_routing(logits, 4)
