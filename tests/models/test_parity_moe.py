@@ -303,6 +303,40 @@ def test_missing_expert_weights_are_an_error(model_dirs, tmp_path):
                 module.process_weights_after_loading()
 
 
+def test_expert_weight_loader_layouts_and_errors():
+    """Per-expert, stacked, flattened and transposed layouts land in the same w13/w2; a wrong
+    shape or expert index is a ValueError naming it."""
+    e, i, h = 3, 4, 5
+    gate, up, down = torch.randn(e, i, h), torch.randn(e, i, h), torch.randn(e, h, i)
+    layouts = {
+        "per expert": [(g, (x, "w1")) for x, g in enumerate(gate)]
+        + [(u, (x, "w3")) for x, u in enumerate(up)] + [(d, (x, "w2")) for x, d in enumerate(down)],
+        "stacked": [(torch.cat([gate, up], 1), "w13"), (down, "w2")],
+        "flattened (DBRX)": [(gate.reshape(e * i, h), "w1"), (up.reshape(e * i, h), "w3"),
+                             (down.transpose(1, 2).reshape(e * i, h), "w2_t")],
+    }
+    for what, tensors in layouts.items():
+        moe = FusedMoE(e, 2, h, i)
+        for tensor, shard in tensors:
+            kind = shard[1] if isinstance(shard, tuple) else shard
+            param = moe.w2_weight if kind in ("w2", "w2_t") else moe.w13_weight
+            moe.weight_loader(param, tensor, shard)
+        torch.testing.assert_close(moe.w13_weight.data, torch.cat([gate, up], 1), msg=what)
+        torch.testing.assert_close(moe.w2_weight.data, down, msg=what)
+    moe = FusedMoE(e, 2, h, i)
+    with pytest.raises(ValueError, match=r"\(4, 6\) should be \(4, 5\)"):
+        moe.weight_loader(moe.w13_weight, torch.randn(i, h + 1), (0, "w1"))
+    with pytest.raises(ValueError, match="expert 3 is out of range"):
+        moe.weight_loader(moe.w13_weight, gate[0], (3, "w1"))
+    with pytest.raises(ValueError, match="intermediate size"):
+        from octavo.models.layers.parallel_state import set_tensor_parallel
+        set_tensor_parallel(0, 3)
+        try:
+            FusedMoE(e, 2, h, i)
+        finally:
+            set_tensor_parallel(0, 1)
+
+
 # Experts' intermediate size split across ranks (with a shared expert and a dense layer in
 # Qwen2-MoE, top-3 and a sliding window in Mixtral, a shared MLP in Granite MoE Shared, DBRX's
 # all-expert tensors split per rank, GLM-4.5's grouped fp32 router)
