@@ -19,20 +19,29 @@ bool launch_moe_align(const MoeAlignArgs& a, cudaStream_t stream) {
   return true;
 }
 
+template <typename T, int N>
+static void launch_gemms(const FusedMoeArgs& a, unsigned tiles, cudaStream_t stream) {
+  const dim3 up_grid(tiles, static_cast<unsigned>((a.inter_size + kMoeBlockN - 1) / kMoeBlockN));
+  switch (a.act) {
+    case 0: launch(moe_gate_up_kernel<T, 0, N>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
+    case 1: launch(moe_gate_up_kernel<T, 1, N>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
+    default: launch(moe_gate_up_kernel<T, 2, N>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
+  }
+  const dim3 down_grid(tiles, static_cast<unsigned>((a.hidden_size + kMoeBlockN - 1) / kMoeBlockN));
+  launch(moe_down_kernel<T, N>, down_grid, dim3(kMoeThreads), 0, stream, a);
+}
+
 template <typename T>
 static void launch_fused_moe_t(const FusedMoeArgs& a, cudaStream_t stream) {
   MoeAlignArgs al{a.topk_ids, a.sorted_token_ids, a.expert_ids, a.num_tokens_post_pad,
                   a.num_tokens * a.top_k, a.padded_len, a.num_experts, kMoeBlockM};
   launch_moe_align(al, stream);
   const unsigned tiles = static_cast<unsigned>(a.padded_len / kMoeBlockM);
-  const dim3 up_grid(tiles, static_cast<unsigned>((a.inter_size + kMoeBlockN - 1) / kMoeBlockN));
-  switch (a.act) {
-    case 0: launch(moe_gate_up_kernel<T, 0>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
-    case 1: launch(moe_gate_up_kernel<T, 1>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
-    default: launch(moe_gate_up_kernel<T, 2>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
-  }
-  const dim3 down_grid(tiles, static_cast<unsigned>((a.hidden_size + kMoeBlockN - 1) / kMoeBlockN));
-  launch(moe_down_kernel<T>, down_grid, dim3(kMoeThreads), 0, stream, a);
+  // 16-byte staging copies where every row start is 16-byte aligned
+  if (can_vectorize<T>({a.hidden, a.w13, a.w2, a.inter}, {a.hidden_size, a.inter_size, a.hidden_stride}))
+    launch_gemms<T, Vec<T>::kElems>(a, tiles, stream);
+  else
+    launch_gemms<T, 1>(a, tiles, stream);
   launch(moe_sum_kernel<T>, dim3(static_cast<unsigned>(a.num_tokens)), dim3(256), 0, stream, a);
 }
 

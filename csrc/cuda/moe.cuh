@@ -8,6 +8,7 @@
 #include "cuda/activation.cuh"
 #include "cuda/moe_params.h"
 #include "cuda/ptx.cuh"
+#include "cuda/vec.cuh"
 
 namespace octavo::cuda {
 
@@ -174,26 +175,40 @@ __device__ __forceinline__ void mma_slice(float (&acc)[M][2][4], const T (*xs)[k
 }
 
 // Stages a [16, BK] slice of the tile's rows (row_ptr[r] or zero) and M [64, BK] weight slices
-// (rows w[m] + n * ldw, n < n_valid) into shared memory, zero past k_valid.
-template <typename T, int M>
+// (rows w[m] + n * ldw, n < n_valid) into shared memory, zero past k_valid. N elements per copy:
+// 8 (16 bytes; rows, strides and k_valid multiples of 8, pointers 16-byte aligned) or 1.
+template <typename T, int M, int N>
 __device__ __forceinline__ void stage_slice(T (*xs)[kMoeSmemK], T (*ws)[kMoeBlockN][kMoeSmemK],
                                             const T* const* row_ptr, const T* const (&w)[M],
                                             int64_t ldw, int n_valid, int64_t k0, int64_t k_valid) {
   const T zero = from_float<T>(0.f);
-  for (int idx = threadIdx.x; idx < kMoeBlockM * kMoeBlockK; idx += blockDim.x) {
-    const int r = idx / kMoeBlockK, c = idx % kMoeBlockK;
-    xs[r][c] = (row_ptr[r] != nullptr && k0 + c < k_valid) ? row_ptr[r][k0 + c] : zero;
+  constexpr int kPer = kMoeBlockK / N;  // copies per row
+  for (int idx = threadIdx.x; idx < kMoeBlockM * kPer; idx += blockDim.x) {
+    const int r = idx / kPer, c = idx % kPer * N;
+    const T* src = row_ptr[r];
+    if (src != nullptr && k0 + c + N <= k_valid) {
+      copy_n<T, N>(&xs[r][c], src + k0 + c);
+    } else {
+      OCTAVO_UNROLL
+      for (int i = 0; i < N; ++i) xs[r][c + i] = (src != nullptr && k0 + c + i < k_valid) ? src[k0 + c + i] : zero;
+    }
   }
-  for (int idx = threadIdx.x; idx < M * kMoeBlockN * kMoeBlockK; idx += blockDim.x) {
-    const int m = idx / (kMoeBlockN * kMoeBlockK), rem = idx % (kMoeBlockN * kMoeBlockK);
-    const int n = rem / kMoeBlockK, c = rem % kMoeBlockK;
-    ws[m][n][c] = (n < n_valid && k0 + c < k_valid) ? w[m][n * ldw + k0 + c] : zero;
+  for (int idx = threadIdx.x; idx < M * kMoeBlockN * kPer; idx += blockDim.x) {
+    const int m = idx / (kMoeBlockN * kPer), rem = idx % (kMoeBlockN * kPer);
+    const int n = rem / kPer, c = rem % kPer * N;
+    const T* src = w[m] + n * ldw + k0 + c;
+    if (n < n_valid && k0 + c + N <= k_valid) {
+      copy_n<T, N>(&ws[m][n][c], src);
+    } else {
+      OCTAVO_UNROLL
+      for (int i = 0; i < N; ++i) ws[m][n][c + i] = (n < n_valid && k0 + c + i < k_valid) ? src[i] : zero;
+    }
   }
 }
 
 // grid: (P / 16, ceil(I / 64)), 128 threads. inter[tile row, n] = act(gate) * up for one tile of
 // moe_align's output; tiles past num_tokens_post_pad exit (the grid depends on shapes only).
-template <typename T, int ACT>
+template <typename T, int ACT, int N>
 __global__ void moe_gate_up_kernel(FusedMoeArgs a) {
   const int tile = blockIdx.x;
   if (tile * kMoeBlockM >= a.num_tokens_post_pad[0]) return;
@@ -216,7 +231,7 @@ __global__ void moe_gate_up_kernel(FusedMoeArgs a) {
   float acc[2][2][4] = {};
   __syncthreads();
   for (int64_t k0 = 0; k0 < H; k0 += kMoeBlockK) {
-    stage_slice<T, 2>(xs, ws, rows, w, H, n_valid, k0, H);
+    stage_slice<T, 2, N>(xs, ws, rows, w, H, n_valid, k0, H);
     __syncthreads();
     mma_slice<T, 2>(acc, xs, ws, warp, lane);
     __syncthreads();
@@ -233,7 +248,7 @@ __global__ void moe_gate_up_kernel(FusedMoeArgs a) {
 }
 
 // grid: (P / 16, ceil(H / 64)), 128 threads. partial[pair, n] = weight * (w2[e] @ inter row).
-template <typename T>
+template <typename T, int N>
 __global__ void moe_down_kernel(FusedMoeArgs a) {
   const int tile = blockIdx.x;
   if (tile * kMoeBlockM >= a.num_tokens_post_pad[0]) return;
@@ -252,7 +267,7 @@ __global__ void moe_down_kernel(FusedMoeArgs a) {
   float acc[1][2][4] = {};
   __syncthreads();
   for (int64_t k0 = 0; k0 < I; k0 += kMoeBlockK) {
-    stage_slice<T, 1>(xs, ws, rows, w, I, n_valid, k0, I);
+    stage_slice<T, 1, N>(xs, ws, rows, w, I, n_valid, k0, I);
     __syncthreads();
     mma_slice<T, 1>(acc, xs, ws, warp, lane);
     __syncthreads();
