@@ -125,9 +125,9 @@ def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     # values are the first L columns of the keys: the paged-attention kernel reads one cache
     # as both K and V (the R extra value columns it accumulates are dropped).
     ops_native.check_mla_args(q, kv_cache, kv_lora_rank)
-    if q.is_cuda:  # the CUDA paged-attention kernel stops at head size 256
-        return ops_native.mla_paged_attention(q, kv_cache, query_start_loc, seq_lens,
-                                              block_table, scale, kv_lora_rank)
+    if q.is_cuda:  # the CUDA paged-attention kernel stops at head size 256; this one is capturable
+        return ops_native.mla_paged_attention_gathered(q, kv_cache, query_start_loc, seq_lens,
+                                                       block_table, scale, kv_lora_rank)
     cache = kv_cache.unsqueeze(2)                                     # [N, B, 1, L+R]
     out = torch.empty_like(q)
     torch.ops.octavo.paged_attention(out, q, cache, cache, query_start_loc, seq_lens, block_table,

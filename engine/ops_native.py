@@ -219,6 +219,39 @@ def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     return out
 
 
+_MLA_GATHER_BYTES = 256 << 20   # gathered context per row chunk in mla_paged_attention_gathered
+
+
+def mla_paged_attention_gathered(q: torch.Tensor, kv_cache: torch.Tensor,
+                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                                 block_table: torch.Tensor, scale: float,
+                                 kv_lora_rank: int) -> torch.Tensor:
+    """mla_paged_attention without a host sync or a shape that depends on values, so that a CUDA
+    graph can capture it: every row gathers its sequence's whole block-table row and masks the
+    keys after its position. Rows go in fixed-size chunks (from the shapes alone) so that the
+    gathered context stays under about 256 MiB."""
+    check_mla_args(q, kv_cache, kv_lora_rank)
+    num_tokens, num_heads, width = q.shape
+    num_seqs, max_blocks = block_table.shape
+    keys = max_blocks * kv_cache.shape[1]
+    out = q.new_empty(num_tokens, num_heads, kv_lora_rank)
+    rows_per_chunk = max(1, _MLA_GATHER_BYTES // max(1, keys * width * 4))
+    qsl = query_start_loc.long()
+    key_pos = torch.arange(keys, device=q.device)
+    for r0 in range(0, num_tokens, rows_per_chunk):
+        rows = torch.arange(r0, min(num_tokens, r0 + rows_per_chunk), device=q.device)
+        seq = torch.searchsorted(qsl[1:num_seqs + 1], rows, right=True).clamp_(max=num_seqs - 1)
+        pos = seq_lens.long()[seq] - (qsl[seq + 1] - rows)                 # [rows]
+        latent = _acc(kv_cache[block_table[seq].long()].flatten(1, 2))     # [rows, keys, L+R]
+        logits = torch.einsum("thd,tcd->thc", _acc(q[rows]), latent) * scale
+        future = key_pos[None, :] > pos[:, None]                           # [rows, keys]
+        # unwritten slots may hold anything (NaN): zero them so 0-weight x NaN cannot leak
+        latent = latent.masked_fill(future[..., None], 0.0)
+        probs = torch.softmax(logits.masked_fill(future[:, None], float("-inf")), dim=-1)
+        out[rows] = torch.einsum("thc,tcl->thl", probs, latent[..., :kv_lora_rank]).to(out.dtype)
+    return out
+
+
 # ---- mixture of experts: routing, alignment into expert tiles, the expert MLPs ----------------
 
 _SCORINGS = ("softmax", "sigmoid")
