@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_utils import DTYPES, assert_close_to_ref
+from kernel_utils import ALL_DTYPES, DTYPES, assert_close_to_ref
 from octavo import ops, ops_native
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -291,7 +291,7 @@ def _run_case(name, dtype, activation="silu", prepared=True, stride=0):
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("name", list(MOE_CASES))
 def test_fused_moe_kernel(dtype, name):
     _run_case(name, dtype)
