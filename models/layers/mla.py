@@ -32,7 +32,7 @@ class MLAAttention(CustomOp, CacheLayer):
         super().__init__()
         self.num_heads, self.kv_lora_rank, self.rope_dim = num_heads, kv_lora_rank, rope_dim
         self.scale = float(scale)
-        self.kv_cache: torch.Tensor | None = None   # [num_blocks, block_size, L+R], set by the runner
+        self.kv_cache: torch.Tensor | None = None   # [num_blocks, block_size, L+R], from the runner
 
     def cache_spec(self) -> PagedLatentSpec:
         return PagedLatentSpec(self.kv_lora_rank + self.rope_dim)

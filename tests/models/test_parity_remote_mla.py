@@ -1,9 +1,9 @@
 """Hugging Face parity of MiniCPM3 (multi-head latent attention; transformers has the class).
 
-Tiny configs with q_lora (and without), a value head smaller than the q/k head (the cache pads V
-to K's size), muP scales that change the logits, and LongRoPE whose original context is shorter
-than the longer prompts, so both the short and the long table are used (and a sequence grows
-past it while decoding). `test_feature_changes_transformers_output` shows those features bite.
+Tiny configs with q_lora (and without), a value head smaller than the q/k head (the latent
+cache of models/layers/mla.py holds neither head: W_UV comes after attention), muP scales that
+change the logits, and LongRoPE whose original context is shorter than the longer prompts, so
+both the short and the long table are used (and a sequence grows past it while decoding). `test_feature_changes_transformers_output` shows those features bite.
 """
 from __future__ import annotations
 
