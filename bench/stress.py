@@ -527,8 +527,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuzz-per-endpoint", type=int, default=None,
                    help="fuzz bodies per POST endpoint (200; long 2000)")
     p.add_argument("--small-kv-cache", default="192KiB",
-                   help="KV budget of the exhaustion server (default fits the random model's "
-                        "max_model_len 256 a few times over)")
+                   help="the server's KV budget, far too small for the load on purpose (the "
+                        "default holds the random model's max_model_len 256 about 1.5 times)")
+    p.add_argument("--vocab-size", type=int, default=1000,
+                   help="the model's vocabulary, for token-id fuzz values (random model: 1000)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -540,17 +542,23 @@ def run(args: argparse.Namespace) -> dict:
             from octavo.bench.make_random_model import make_random_model
             model = make_random_model(tmp, "llama-tiny", "float32") and tmp
         report: dict[str, Any] = {}
-        common = ["--dtype", "float32", "--max-model-len", "256"]
-        with ServerProcess(model, [*common, "--kv-cache-memory", "64MiB"]) as srv:
+        # One server whose KV cache is far too small for the offered load: the streams run
+        # through preemptions too.
+        with ServerProcess(model, ["--dtype", "float32", "--max-model-len", "256",
+                                   "--block-size", "16",
+                                   "--kv-cache-memory", args.small_kv_cache]) as srv:
             report["streams"] = stream_workload(srv.url, streams, 32, seed=args.seed)
-            report["fuzz"] = run_fuzz(srv.url, fuzz_cases(args.seed, per_endpoint, 1000))
-            report["idle"] = wait_idle(srv.url)
-        with ServerProcess(model, [*common, "--kv-cache-memory", args.small_kv_cache,
-                                   "--block-size", "16"]) as srv:
+            report["fuzz"] = run_fuzz(srv.url, fuzz_cases(args.seed, per_endpoint,
+                                                          args.vocab_size))
+            before = metrics(srv.url)["octavo:num_preemptions_total"]
             report["kv_exhaustion"] = stream_workload(srv.url, streams // 2, 48,
-                                                      leave_every=None, seed=args.seed)
-            report["kv_exhaustion"]["preemptions"] = metrics(srv.url)[
-                "octavo:num_preemptions_total"]
+                                                      leave_every=None, seed=args.seed + 1)
+            preempted = metrics(srv.url)["octavo:num_preemptions_total"] - before
+            report["kv_exhaustion"]["preemptions"] = preempted
+            if not preempted:
+                report["kv_exhaustion"]["problems"].append(
+                    "nothing was preempted: give a smaller --small-kv-cache")
+            report["idle"] = wait_idle(srv.url)
     failures = 0
     for name, part in report.items():
         if name == "idle":
