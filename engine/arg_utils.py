@@ -100,10 +100,14 @@ class EngineArgs:
                              type=float, metavar="GiB")
     device: str = _opt("auto", "device to run on (auto: cuda when torch sees one)",
                        choices=("auto", "cpu", "cuda"))
-    tensor_parallel_size: int = _opt(1, "tensor-parallel ranks; only 1 is supported yet",
-                                     type=int, aliases=("-tp",))
-    pipeline_parallel_size: int = _opt(1, "pipeline-parallel stages; only 1 is supported yet",
-                                       type=int, aliases=("-pp",))
+    tensor_parallel_size: int = _opt(1, "tensor-parallel ranks (each holds a slice of every "
+                                     "layer)", type=int, aliases=("-tp",))
+    pipeline_parallel_size: int = _opt(1, "pipeline-parallel stages (each holds a range of "
+                                       "layers)", type=int, aliases=("-pp",))
+    distributed_executor_backend: str | None = _opt(
+        None, "how ranks run: 'mp' (a worker process per rank; the default for more than one), "
+        "'external_launcher' (torchrun started every rank), 'uni' (one process)",
+        choices=("uni", "mp", "external_launcher", "ray"))
     max_num_seqs: int = _opt(256, "most requests running at once", type=int)
     max_num_batched_tokens: int | None = _opt(
         None, "token budget of one engine step (default: max(2048, min(max_model_len, 8192)))",

@@ -1,6 +1,7 @@
 """EngineConfig: every engine setting in one dataclass that validates itself."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ _DTYPES = {
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
 }
 GiB = 1 << 30
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +34,9 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # None: "uni" (this process) for one rank, "mp" (a worker process per rank) for more;
+    # "external_launcher": torchrun started every rank; "ray" is not built in (see executor.py)
+    distributed_executor_backend: str | None = None
     quantization: str | None = None
     generation_config: str = "auto"
     enforce_eager: bool = False
@@ -76,9 +81,7 @@ class EngineConfig:
             _positive("kv_cache_memory", self.kv_cache_memory)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
-            raise ValueError("tensor/pipeline parallelism is not supported yet: "
-                             "use tensor_parallel_size=1 and pipeline_parallel_size=1")
+        self._check_parallel()
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet; use quantization=None")
         if self.generation_config not in ("auto", "octavo", "vllm") and not os.path.isdir(self.generation_config):
@@ -114,6 +117,65 @@ class EngineConfig:
         if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
             raise ValueError(f"swap_space must be a non-negative number of GiB, got {self.swap_space!r}")
 
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def _check_parallel(self) -> None:
+        """Rank counts and the executor backend (model-dependent sizes: check_parallel_sizes)."""
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        backends = ("uni", "mp", "external_launcher", "ray")
+        backend = self.distributed_executor_backend
+        if backend is None:
+            backend = "uni" if self.world_size == 1 else "mp"
+        if backend not in backends:
+            raise ValueError(f"distributed_executor_backend must be one of {backends} (or None), "
+                             f"got {backend!r}")
+        if backend == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError("distributed_executor_backend='ray' needs Ray: pip install ray "
+                                 "(or use 'mp', the default, on one machine)") from None
+            raise ValueError("distributed_executor_backend='ray' is not implemented in octavo: "
+                             "use 'mp' on one machine, or 'external_launcher' under torchrun "
+                             "across machines")
+        if backend == "uni" and self.world_size > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one rank, but tensor_parallel"
+                             f"_size * pipeline_parallel_size = {self.world_size}: use 'mp'")
+        self.distributed_executor_backend = backend
+        if backend != "mp":
+            return
+        if self.device == "cuda" and self.world_size > torch.cuda.device_count():
+            raise ValueError(f"{self.world_size} ranks (tensor_parallel_size="
+                             f"{self.tensor_parallel_size} x pipeline_parallel_size="
+                             f"{self.pipeline_parallel_size}) need {self.world_size} GPUs, but "
+                             f"this machine has {torch.cuda.device_count()}: lower the sizes, or "
+                             "span machines with torchrun (external_launcher)")
+        cpus = os.cpu_count() or 1
+        if self.device == "cpu" and self.world_size > cpus:
+            logger.warning("%d CPU ranks on %d cores: the ranks oversubscribe the cores (each "
+                           "gets one thread) and run slower than fewer ranks would",
+                           self.world_size, cpus)
+
+    def check_parallel_sizes(self, hf_config: Any) -> None:
+        """Heads and layers must split evenly over the ranks (the vocabulary need not: the
+        last rank's embedding rows are padded)."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        heads = getattr(hf_config, "num_attention_heads", None)
+        if isinstance(heads, int) and heads % tp:
+            raise ValueError(f"the model's {heads} attention heads do not divide into "
+                             f"tensor_parallel_size={tp} ranks: pick a divisor of {heads}")
+        kv = getattr(hf_config, "num_key_value_heads", None)
+        if isinstance(kv, int) and kv % tp and tp % kv:
+            raise ValueError(f"the model's {kv} KV heads neither divide into nor replicate over "
+                             f"tensor_parallel_size={tp} ranks: pick a divisor or multiple of {kv}")
+        layers = getattr(hf_config, "num_hidden_layers", None)
+        if pp > 1 and isinstance(layers, int) and layers % pp:
+            raise ValueError(f"the model's {layers} layers do not divide into "
+                             f"pipeline_parallel_size={pp} stages: pick a divisor of {layers}")
+
     def _check_load_format(self) -> None:
         """load_format names what the loader picks on its own; a mismatch is an error."""
         formats = ("auto", "safetensors", "pt", "gguf")
@@ -140,6 +202,7 @@ class EngineConfig:
     def resolve(self, hf_config: Any) -> None:
         """Fill in what depends on the model's config: dtype, max_model_len, token budget."""
         self.hf_config = hf_config
+        self.check_parallel_sizes(hf_config)
         self.torch_dtype = self._pick_dtype(hf_config)
         limit = _max_positions(hf_config)
         if self.max_model_len is None:

@@ -15,9 +15,9 @@ from octavo.models.gguf_loader import GGUF_SUFFIX, load_gguf_config, load_gguf_t
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, fill_decoded_tokens
+from .executor import make_executor
 from .fault_injection import FaultInjector
 from .kv_cache import KVCacheManager
-from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .request import Request, RequestStatus
 from .sampler import Sampler, SamplingState, compute_prompt_logprobs
@@ -64,8 +64,10 @@ class LLMEngine:
                         _sampling_defaults(self.generation_config))
         self.eos_token_ids = _eos_ids(hf_config, self.generation_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
-        self.runner = ModelRunner(config)
-        num_blocks = self.runner.init_kv_cache()
+        self.executor = make_executor(config)
+        # the in-process runner (None when workers hold the model)
+        self.runner = getattr(self.executor, "runner", None)
+        num_blocks = self.executor.init_kv_cache()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.eos_token_ids)
@@ -191,7 +193,7 @@ class LLMEngine:
         try:
             if fault is not None:
                 fault.before_forward(s.request for s in out.scheduled)
-            result = self.runner.execute(out)
+            result = self.executor.execute(out)
         except Exception as e:  # noqa: BLE001 - the batch's requests fail, not the engine
             failed = {self._child_parent[s.request.request_id].request_id: e
                       for s in out.scheduled}

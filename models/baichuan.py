@@ -32,7 +32,7 @@ class BaichuanForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         if self._uses_alibi(config):
             slopes = alibi_slopes_for_rank(config.num_attention_heads)
-            for layer in self.model.layers:
+            for layer in self.model.stage_layers:
                 layer.self_attn.attn.alibi_slopes = slopes
         if is_baichuan2(config) and not getattr(config, "tie_word_embeddings", False):
             load_row_normalized(self.lm_head)

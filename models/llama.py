@@ -29,7 +29,7 @@ from octavo.models.layers.layernorm import RMSNorm
 from octavo.models.layers.longrope import LongRoPEScaledRotaryEmbedding
 from octavo.models.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                          RowParallelLinear)
-from octavo.models.layers.parallel_state import get_tp_size
+from octavo.models.layers.parallel_state import get_pp_rank, get_pp_size, get_tp_size, pp_layer_range
 from octavo.models.layers.rotary import get_rope, rope_parameters
 
 
@@ -160,15 +160,27 @@ class LlamaDecoderLayer(nn.Module):
         return self._finish(self.mlp(hidden), "post_mlp"), residual
 
 
+class PPMissingLayer(nn.Identity):
+    """Stands in for a layer another pipeline stage holds: no weights, never called."""
+
+
 class LlamaModel(nn.Module):
+    """Pipeline parallelism: a stage builds only layers [start_layer, end_layer) (the others are
+    PPMissingLayer, so checkpoint names keep their indices); every stage keeps the embedding,
+    final norm and LM head (the last stage needs the embedding when the head is tied). forward
+    takes the previous stage's (hidden, residual) and, except on the last stage, returns them."""
+
     def __init__(self, config, family=None):
         super().__init__()
         self.family = family = family or LlamaForCausalLM
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers)
+        self.is_last_stage = get_pp_rank() == get_pp_size() - 1
         self.layers = nn.ModuleList(
             family.decoder_layer_cls(
                 config, replace(family.attention_options(config, i), layer_idx=i), family)
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers))
         self.norm = family.make_norm(config, config.hidden_size)
         # LongRoPE (Phi-3, MiniCPM): one rotary module shared by all layers, whose cache has a
@@ -176,14 +188,24 @@ class LlamaModel(nn.Module):
         self.longrope = next((m for m in self.modules()
                               if isinstance(m, LongRoPEScaledRotaryEmbedding)), None)
 
-    def forward(self, input_ids, positions, attn_metadata):
+    @property
+    def stage_layers(self) -> list[nn.Module]:
+        """The layers this pipeline stage holds (all of them without pipeline parallelism)."""
+        return list(self.layers[self.start_layer:self.end_layer])
+
+    def forward(self, input_ids, positions, attn_metadata, intermediate=None):
         if self.longrope is not None:
             positions = self.longrope.rope_positions(positions, attn_metadata.query_start_loc,
                                                      attn_metadata.seq_lens)
-        hidden = self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
-        residual = None
-        for layer in self.layers:
+        if intermediate is None:
+            hidden = self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
+            residual = None
+        else:
+            hidden, residual = intermediate        # from the previous pipeline stage
+        for layer in self.layers[self.start_layer:self.end_layer]:
             hidden, residual = layer(positions, hidden, residual, attn_metadata)
+        if not self.is_last_stage:
+            return hidden, residual
         hidden, _ = add_and_norm(self.norm, hidden, residual)
         return hidden
 
@@ -243,10 +265,13 @@ class LlamaForCausalLM(nn.Module):
     def residual_scale(config) -> float:
         return 1.0
 
+    supports_pipeline_parallel = True
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] int64 -> hidden [T, hidden_size]
-        return self.model(input_ids, positions, attn_metadata)
+                attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:
+        # input_ids, positions: [T] int64 -> hidden [T, hidden_size] (on a pipeline stage but
+        # the last: (hidden, residual), both [T, hidden_size])
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden_size] -> [N, vocab] float32
