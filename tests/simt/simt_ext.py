@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 SOURCES = [CSRC / "simt" / "runtime.cpp", CSRC / "simt" / "kernels.cpp",
            CSRC / "simt" / "torch_ops_simt.cpp", CSRC / "simt" / "moe_kernels.cpp",
-           CSRC / "simt" / "torch_ops_simt_moe.cpp"]
+           CSRC / "simt" / "torch_ops_simt_moe.cpp", CSRC / "simt" / "mla_kernels.cpp",
+           CSRC / "simt" / "torch_ops_simt_mla.cpp"]
 
 
 @functools.cache
