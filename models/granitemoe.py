@@ -11,10 +11,12 @@ from octavo.models.granite import GraniteForCausalLM
 from octavo.models.layers.fused_moe import FusedMoE, MoEBlock, MoEWeightRouting, moe_activation
 from octavo.models.llama import LlamaMLP
 
+# checkpoint names (and transformers 5's own: router.weight, experts.gate_up_proj / down_proj)
 _RENAMES = (
-    (r"\.block_sparse_moe\.router\.layer\.", ".mlp.gate."),
+    (r"\.block_sparse_moe\.router\.(layer\.)?", ".mlp.gate."),
     (r"\.block_sparse_moe\.input_linear\.weight$", ".mlp.experts.gate_up_proj"),
     (r"\.block_sparse_moe\.output_linear\.weight$", ".mlp.experts.down_proj"),
+    (r"\.block_sparse_moe\.experts\.", ".mlp.experts."),
     (r"\.shared_mlp\.input_linear\.", ".mlp.shared_expert.gate_up_proj."),
     (r"\.shared_mlp\.output_linear\.", ".mlp.shared_expert.down_proj."),
 )

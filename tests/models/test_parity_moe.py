@@ -271,12 +271,15 @@ def test_kernel_path_matches_reference_path(case, model_dirs, monkeypatch):
     assert 0 < ref_err and fast_err <= 2 * ref_err + 1e-3, (fast_err, ref_err)
 
 
-def test_stacked_expert_layout_loads_like_per_expert(model_dirs, tmp_path):
+@pytest.mark.parametrize("case", ["qwen2_moe", "mixtral", "phimoe", "granitemoeshared",
+                                  "ernie4_5_moe", "glm4_moe"])
+def test_stacked_expert_layout_loads_like_per_expert(case, model_dirs, tmp_path):
     """transformers 5's own layout (experts.gate_up_proj [E, 2I, H], experts.down_proj
-    [E, H, I], written with save_original_format=False) gives the same model."""
+    [E, H, I] and its module names, written with save_original_format=False) gives the same
+    model."""
     from tp_util import one_rank_logits
 
-    per_expert = model_dirs("qwen2_moe")
+    per_expert = model_dirs(case)
     model = AutoModelForCausalLM.from_pretrained(per_expert, dtype=torch.float32)
     stacked = str(tmp_path / "stacked")
     model.save_pretrained(stacked, save_original_format=False)
