@@ -529,6 +529,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small-kv-cache", default="192KiB",
                    help="the server's KV budget, far too small for the load on purpose (the "
                         "default holds the random model's max_model_len 256 about 1.5 times)")
+    p.add_argument("--output-json", default=None,
+                   help="append the figures as one JSON line (with machine and command)")
     p.add_argument("--vocab-size", type=int, default=1000,
                    help="the model's vocabulary, for token-id fuzz values (random model: 1000)")
 
@@ -573,6 +575,11 @@ def run(args: argparse.Namespace) -> dict:
     print(f"after the load: running {idle['octavo:num_requests_running']:.0f}, waiting "
           f"{idle['octavo:num_requests_waiting']:.0f}, free KV blocks "
           f"{idle['octavo:kv_cache_free_blocks']:.0f}/{idle['octavo:kv_cache_total_blocks']:.0f}")
+    from octavo.bench.utils import write_jsonl
+    write_jsonl(args.output_json, {"suite": "stress", "long": args.long, "failures": failures,
+                                   **{name: {k: v for k, v in part.items()
+                                             if k not in ("problems", "failures")}
+                                      for name, part in report.items() if name != "idle"}})
     if failures:
         raise SystemExit(1)
     return report
