@@ -354,3 +354,16 @@ def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
     for case, path, got in zip(TP_CASES, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
         torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
                                    msg=lambda m, case=case: f"{case}: {m}")
+
+
+def test_olmoe_refuses_tensor_parallelism(model_dirs):
+    """OLMoE's q/k norm spans all heads, which two ranks would split."""
+    from octavo.models.layers.parallel_state import set_tensor_parallel
+
+    config = AutoConfig.from_pretrained(model_dirs("olmoe"))
+    set_tensor_parallel(0, 2)
+    try:
+        with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+            get_model_class(config)(config)
+    finally:
+        set_tensor_parallel(0, 1)
