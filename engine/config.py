@@ -83,7 +83,11 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self._check_parallel()
         if self.quantization is not None:
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet; use quantization=None")
+            from octavo.models.layers.quantization import SUPPORTED
+            if not isinstance(self.quantization, str) or self.quantization.lower() not in SUPPORTED:
+                raise ValueError(f"quantization={self.quantization!r} is not supported; supported "
+                                 f"methods: {', '.join(SUPPORTED)} (or None: as the checkpoint says)")
+            self.quantization = self.quantization.lower()
         if self.generation_config not in ("auto", "octavo", "vllm") and not os.path.isdir(self.generation_config):
             raise ValueError("generation_config must be 'auto', 'octavo' (or 'vllm', the same) "
                              "or a directory holding generation_config.json, got "

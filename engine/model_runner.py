@@ -80,7 +80,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         with _default_dtype(self.dtype), self.device:
             self.model = model_cls(hf_config)
-        load_weights(self.model, config.model)
+        load_weights(self.model, config.model, config.quantization)
         for module in self.model.modules():
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()

@@ -106,8 +106,12 @@ def _route(name: str, packed: dict) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(model: nn.Module, model_dir: str) -> None:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`."""
+def load_weights(model: nn.Module, model_dir: str, quantization: str | None = None) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`. Linear layers first
+    get the method of the checkpoint's `quantization_config` (or of `quantization`, e.g.
+    "int4" to quantize a float checkpoint at load), whose parameters the tensors then fill."""
+    from octavo.models.layers.quantization import apply_quantization, get_quantization_config
+    apply_quantization(model, get_quantization_config(getattr(model, "config", None), quantization))
     params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
     packed = getattr(model, "packed_modules_mapping", {})
     # a model may route names the packed mapping cannot express (one expert's tensor into a
@@ -149,10 +153,11 @@ def _check_complete(params: dict, loaded: dict, packed: dict, model_dir: str) ->
     for target, shard_id in packed.values():
         shards_of.setdefault(target, set()).add(shard_id)
     missing = []
-    for name in params:
+    for name, param in params.items():
         got = loaded.get(name)
         if got is None:
-            missing.append(name)
+            if not getattr(param, "optional", False):   # e.g. GPTQ's g_idx without act-order
+                missing.append(name)
             continue
         module = name.split(".")[-2] if "." in name else ""
         if module in shards_of and None not in got and not shards_of[module] <= got:

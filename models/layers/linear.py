@@ -3,7 +3,9 @@
 Sharding follows Megatron/vLLM: column-parallel layers split the output dim across ranks,
 row-parallel layers split the input dim and all-reduce. Fused layers (gate_up, qkv) load each
 checkpoint projection into its slice via `shard_id`. The math lives in a `quant_method`
-(`UnquantizedLinearMethod` by default), the seam where quantized methods (GPTQ/AWQ/FP8) plug in.
+(`UnquantizedLinearMethod` by default), the seam where quantized methods plug in
+(models/layers/quantization: GPTQ, AWQ, INT4 at load). Parameters are [out, in]-shaped (group
+scales [out, groups]), so one weight_loader shards and fuses every kind.
 """
 from __future__ import annotations
 
@@ -90,12 +92,11 @@ class LinearBase(nn.Module):
         self.input_size_per_partition = input_size_per_partition
         self.output_size_per_partition = output_size_per_partition
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        params_dtype = params_dtype or torch.get_default_dtype()
-        self.quant_method = quant_method or UnquantizedLinearMethod()
-        self.quant_method.create_weights(self, input_size_per_partition,
-                                         output_size_per_partition, params_dtype)
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.quant_method: LinearMethodBase = UnquantizedLinearMethod()
+        self.set_quant_method(quant_method or self.quant_method)
         if bias:
-            self.bias = nn.Parameter(torch.empty(self._bias_size(), dtype=params_dtype),
+            self.bias = nn.Parameter(torch.empty(self._bias_size(), dtype=self.params_dtype),
                                      requires_grad=False)
             self.bias.output_dim = 0
             self.bias.weight_loader = self.weight_loader
@@ -104,6 +105,20 @@ class LinearBase(nn.Module):
 
     def _bias_size(self) -> int:
         return self.output_size_per_partition
+
+    def set_quant_method(self, method: LinearMethodBase) -> None:
+        """Hand the layer's weights to `method` (quantization.apply_quantization calls this
+        before loading): the previous method's parameters go, the new method creates its own."""
+        old = getattr(self, "weight", None)
+        device = old.device if isinstance(old, torch.Tensor) else torch.get_default_device()
+        for name in getattr(self, "_method_params", ()):
+            delattr(self, name)
+        before = set(self._parameters)
+        self.quant_method = method
+        with torch.device(device):
+            method.create_weights(self, self.input_size_per_partition,
+                                  self.output_size_per_partition, self.params_dtype)
+        self._method_params = [n for n in self._parameters if n not in before]
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         raise NotImplementedError
@@ -141,7 +156,7 @@ class ColumnParallelLinear(LinearBase):
         dim = getattr(param, "output_dim", None)
         if dim is not None:
             size = param.data.shape[dim]
-            loaded_weight = _take_shard(loaded_weight, dim, self.tp_rank, size, self.output_size)
+            loaded_weight = _take_shard(loaded_weight, dim, self.tp_rank, size, size * self.tp_size)
         _copy_checked(param.data, loaded_weight)
 
 
@@ -166,6 +181,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                 self.weight_loader(param, loaded_weight.narrow(dim, offset, size), i)
                 offset += size
             return None
+        if dim is None:                 # not split by output (g_idx): the same for every shard
+            return _copy_checked(param.data, loaded_weight)
         if not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"shard_id {shard_id} out of range for {len(self.output_sizes)} "
                              "merged projections")
@@ -225,6 +242,8 @@ class QKVParallelLinear(ColumnParallelLinear):
                                       ("v", total_q + total_kv, total_kv)):
                 self.weight_loader(param, loaded_weight.narrow(dim, offset, size), sid)
             return None
+        if dim is None:                 # not split by output (g_idx): the same for every shard
+            return _copy_checked(param.data, loaded_weight)
         offset, size, index, full = self._shard(shard_id)
         dst = param.data.narrow(dim, offset, size)
         _copy_checked(dst, _take_shard(loaded_weight, dim, index, size, full))
@@ -248,7 +267,7 @@ class RowParallelLinear(LinearBase):
         dim = getattr(param, "input_dim", None)
         if dim is not None:
             size = param.data.shape[dim]
-            loaded_weight = _take_shard(loaded_weight, dim, self.tp_rank, size, self.input_size)
+            loaded_weight = _take_shard(loaded_weight, dim, self.tp_rank, size, size * self.tp_size)
         _copy_checked(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
