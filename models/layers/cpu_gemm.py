@@ -51,6 +51,11 @@ def _has_avx512_bf16() -> bool:
         return False
 
 
+@functools.cache
+def _onednn_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def kernel_enabled(dtype: torch.dtype) -> bool:
     """Whether weights of this dtype go to octavo's own kernel rather than oneDNN."""
     return (dtype == torch.bfloat16 and not ops.USING_NATIVE and _has_avx512_bf16()
@@ -63,6 +68,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor | PanelWeight | None:
         return None
     if kernel_enabled(weight.dtype):
         return PanelWeight(ops_native.pack_linear_panels(weight.detach()), weight.shape[0])
+    if weight.dtype == torch.bfloat16 and not _onednn_bf16():
+        return None        # oneDNN's bf16 GEMM needs AVX-512 (or AVX-NE-CONVERT): plain F.linear
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)
 
 
