@@ -52,6 +52,15 @@ void paged_attention_cpu(at::Tensor& out,                    // [T, Hq, hd]
                          double scale, int64_t sliding_window, double soft_cap,
                          const std::optional<at::Tensor>& alibi_slopes);  // [Hq] float32
 
+// MLA over the paged latent cache: keys are all L+R columns, values the first L
+void mla_paged_attention_cpu(at::Tensor& out,                    // [T, H, L]
+                             const at::Tensor& q,                // [T, H, L+R]
+                             const at::Tensor& kv_cache,         // [num_blocks, block_size, L+R]
+                             const at::Tensor& query_start_loc,  // [S+1] int32
+                             const at::Tensor& seq_lens,         // [S] int32
+                             const at::Tensor& block_table,      // [S, max_blocks] int32
+                             double scale, int64_t kv_lora_rank);
+
 void topk_routing_cpu(at::Tensor& topk_weights,        // [T, k] float32
                       at::Tensor& topk_ids,            // [T, k] int32
                       const at::Tensor& gating_output,  // [T, E] router logits
@@ -97,6 +106,9 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                           const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
                           int64_t sliding_window, double soft_cap,
                           const std::optional<at::Tensor>& alibi_slopes);
+void mla_paged_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                              const at::Tensor& block_table, double scale, int64_t kv_lora_rank);
 void topk_routing_cuda(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
                        const std::string& scoring, bool renormalize,
                        const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,

@@ -23,6 +23,8 @@ void reshape_and_cache_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, a
 void paged_attention_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
                           double, const std::optional<at::Tensor>&) {}
+void mla_paged_attention_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, double, int64_t) {}
 void topk_routing_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const std::string&, bool,
                        const std::optional<at::Tensor>&, int64_t, int64_t, const std::string&,
                        double) {}
@@ -57,6 +59,10 @@ TORCH_LIBRARY(octavo, m) {
   m.def("paged_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
         "Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float scale, "
         "int sliding_window, float soft_cap, Tensor? alibi_slopes) -> ()");
+  // MLA: causal attention of q [T, H, L+R] over the paged latent cache [N, B, L+R] (keys: all
+  // L+R columns, values: the first L) -> out [T, H, L]
+  m.def("mla_paged_attention(Tensor! out, Tensor q, Tensor kv_cache, Tensor query_start_loc, "
+        "Tensor seq_lens, Tensor block_table, float scale, int kv_lora_rank) -> ()");
   // MoE router: softmax/sigmoid scores, optional choice-only bias and grouped top-k ->
   // topk_weights [T, k] float32, topk_ids [T, k] int32 (ties: the lower expert id)
   m.def("topk_routing(Tensor! topk_weights, Tensor! topk_ids, Tensor gating_output, str scoring, "
@@ -83,6 +89,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("rotary_embedding", &octavo::rotary_embedding_cpu);
   m.impl("reshape_and_cache", &octavo::reshape_and_cache_cpu);
   m.impl("paged_attention", &octavo::paged_attention_cpu);
+  m.impl("mla_paged_attention", &octavo::mla_paged_attention_cpu);
   m.impl("topk_routing", &octavo::topk_routing_cpu);
   m.impl("moe_align", &octavo::moe_align_cpu);
   m.impl("fused_moe", &octavo::fused_moe_cpu);
@@ -98,6 +105,7 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("rotary_embedding", &octavo::rotary_embedding_cuda);
   m.impl("reshape_and_cache", &octavo::reshape_and_cache_cuda);
   m.impl("paged_attention", &octavo::paged_attention_cuda);
+  m.impl("mla_paged_attention", &octavo::mla_paged_attention_cuda);
   m.impl("topk_routing", &octavo::topk_routing_cuda);
   m.impl("moe_align", &octavo::moe_align_cuda);
   m.impl("fused_moe", &octavo::fused_moe_cuda);
@@ -114,6 +122,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("rotary_embedding", &rotary_embedding_meta);
   m.impl("reshape_and_cache", &reshape_and_cache_meta);
   m.impl("paged_attention", &paged_attention_meta);
+  m.impl("mla_paged_attention", &mla_paged_attention_meta);
   m.impl("topk_routing", &topk_routing_meta);
   m.impl("moe_align", &moe_align_meta);
   m.impl("fused_moe", &fused_moe_meta);

@@ -121,18 +121,13 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
 def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                         seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
                         kv_lora_rank: int) -> torch.Tensor:
-    # q [T, H, L+R] -> [T, H, L]. MLA is multi-query attention with one head of size L+R whose
-    # values are the first L columns of the keys: the paged-attention kernel reads one cache
-    # as both K and V (the R extra value columns it accumulates are dropped).
+    # q [T, H, L+R] -> [T, H, L]; CPU: the paged-attention kernel reading the latent cache as a
+    # one-head K and V; CUDA: csrc/cuda/mla.cuh (one warp per head)
     ops_native.check_mla_args(q, kv_cache, kv_lora_rank)
-    if q.is_cuda:  # the CUDA paged-attention kernel stops at head size 256; this one is capturable
-        return ops_native.mla_paged_attention_gathered(q, kv_cache, query_start_loc, seq_lens,
-                                                       block_table, scale, kv_lora_rank)
-    cache = kv_cache.unsqueeze(2)                                     # [N, B, 1, L+R]
-    out = torch.empty_like(q)
-    torch.ops.octavo.paged_attention(out, q, cache, cache, query_start_loc, seq_lens, block_table,
-                                     scale, 0, 0.0, None)
-    return out[..., :kv_lora_rank]
+    out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
+    torch.ops.octavo.mla_paged_attention(out, q, kv_cache, query_start_loc, seq_lens, block_table,
+                                         scale, kv_lora_rank)
+    return out
 
 
 # ---- mixture of experts (signatures and semantics: ops_native) ----
@@ -225,6 +220,34 @@ def fused_moe_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tenso
                                       topk_weights.contiguous(), topk_ids.contiguous(), i, activation)
     return out
 
+
+# ---- INT4 weight-only GEMM (semantics and layout: ops_native.int4_* / pack_int4_panels) ----
+
+class Int4Weight(NamedTuple):
+    """A 4-bit weight [n, k] repacked once for the CPU kernel (ops_native.int4_prepare)."""
+    packed: torch.Tensor          # uint8 [ceil(n/32), ceil(k/2), 32]
+    scales_offsets: torch.Tensor  # float32 [ceil(n/32), G, 2, 32]
+    n: int
+    k: int
+    group_size: int               # of the packed (permuted) K order
+    perm: torch.Tensor | None     # act-order: x[:, perm] is the packed K order
+
+
+def int4_gemm_packed(x: torch.Tensor, packed: torch.Tensor, scales_offsets: torch.Tensor, n: int,
+                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] (unit last stride) -> [M, n]
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    torch.ops.octavo.int4_gemm(out, x, packed, scales_offsets, group_size, bias)
+    return out
+
+
+def int4_gemm_prepared(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [..., K] -> [..., N]; w: ops_native.int4_prepare(...)
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2[:, w.perm] if w.perm is not None else x2.contiguous() if x2.stride(-1) != 1 else x2
+    return int4_gemm_packed(x2, w.packed, w.scales_offsets, w.n, w.group_size, bias).view(*x.shape[:-1], w.n)
+
+
 if USING_NATIVE:
     from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
                                    paged_attention, reshape_and_cache, rms_norm,
@@ -232,3 +255,4 @@ if USING_NATIVE:
     from octavo.ops_native import (fused_moe, fused_moe_prepared, moe_align,  # noqa: F811
                                    prepare_moe_weights, topk_routing)
     from octavo.ops_native import concat_and_cache_mla, mla_paged_attention  # noqa: F811
+    from octavo.ops_native import int4_gemm_packed, int4_gemm_prepared  # noqa: F811

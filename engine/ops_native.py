@@ -219,39 +219,6 @@ def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     return out
 
 
-_MLA_GATHER_BYTES = 256 << 20   # gathered context per row chunk in mla_paged_attention_gathered
-
-
-def mla_paged_attention_gathered(q: torch.Tensor, kv_cache: torch.Tensor,
-                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                                 block_table: torch.Tensor, scale: float,
-                                 kv_lora_rank: int) -> torch.Tensor:
-    """mla_paged_attention without a host sync or a shape that depends on values, so that a CUDA
-    graph can capture it: every row gathers its sequence's whole block-table row and masks the
-    keys after its position. Rows go in fixed-size chunks (from the shapes alone) so that the
-    gathered context stays under about 256 MiB."""
-    check_mla_args(q, kv_cache, kv_lora_rank)
-    num_tokens, num_heads, width = q.shape
-    num_seqs, max_blocks = block_table.shape
-    keys = max_blocks * kv_cache.shape[1]
-    out = q.new_empty(num_tokens, num_heads, kv_lora_rank)
-    rows_per_chunk = max(1, _MLA_GATHER_BYTES // max(1, keys * width * 4))
-    qsl = query_start_loc.long()
-    key_pos = torch.arange(keys, device=q.device)
-    for r0 in range(0, num_tokens, rows_per_chunk):
-        rows = torch.arange(r0, min(num_tokens, r0 + rows_per_chunk), device=q.device)
-        seq = torch.searchsorted(qsl[1:num_seqs + 1], rows, right=True).clamp_(max=num_seqs - 1)
-        pos = seq_lens.long()[seq] - (qsl[seq + 1] - rows)                 # [rows]
-        latent = _acc(kv_cache[block_table[seq].long()].flatten(1, 2))     # [rows, keys, L+R]
-        logits = torch.einsum("thd,tcd->thc", _acc(q[rows]), latent) * scale
-        future = key_pos[None, :] > pos[:, None]                           # [rows, keys]
-        # unwritten slots may hold anything (NaN): zero them so 0-weight x NaN cannot leak
-        latent = latent.masked_fill(future[..., None], 0.0)
-        probs = torch.softmax(logits.masked_fill(future[:, None], float("-inf")), dim=-1)
-        out[rows] = torch.einsum("thc,tcl->thl", probs, latent[..., :kv_lora_rank]).to(out.dtype)
-    return out
-
-
 # ---- mixture of experts: routing, alignment into expert tiles, the expert MLPs ----------------
 
 _SCORINGS = ("softmax", "sigmoid")
@@ -441,3 +408,120 @@ def fused_moe_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tenso
     # prepared: what prepare_moe_weights returned
     w13, w2 = prepared
     return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+
+# ---- INT4 weight-only GEMM -----------------------------------------------------------------
+# A 4-bit weight is codes q [N, K] (0..15), scales [N, G] and zero points [N, G] (None:
+# symmetric, zero point 8): W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] with g = g_idx[k],
+# or k // group_size without g_idx (group_size -1: one group per output channel).
+
+INT4_PANEL = 32  # outputs per panel of the packed INT4 layout
+
+
+def int4_groups(k: int, group_size: int) -> tuple[int, int]:
+    """(group size, number of groups) of K; group_size -1 is per-channel (one group of K)."""
+    gs = k if group_size == -1 else group_size
+    if gs <= 0:
+        raise ValueError(f"int4 group_size must be positive or -1 (per channel), got {group_size}")
+    return gs, -(-k // gs)
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """codes [N, K], scales / zeros [N, G] -> the fp32 weight [N, K]."""
+    n, k = qweight.shape
+    gs, _ = int4_groups(k, group_size)
+    g = g_idx.long() if g_idx is not None else torch.arange(k, device=qweight.device) // gs
+    s = scales.float()[:, g]
+    z = 8.0 if zeros is None else zeros.float()[:, g]
+    return (qweight.float() - z) * s
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              zeros: torch.Tensor | None = None, group_size: int = 128,
+              g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] -> [M, N]: dequantize, then matmul (in fp32, fp64 for fp64 x)
+    w = int4_dequantize(qweight, scales, zeros, group_size, g_idx)
+    return linear(x, w.to(_acc(x).dtype), bias)
+
+
+def int4_act_order(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor | None:
+    """The K permutation that makes each group contiguous (GPTQ act-order), or None when the
+    groups already are. Raises ValueError unless every group but the last has group_size
+    members (as GPTQ's g_idx = position // group_size always does)."""
+    gs, groups = int4_groups(k, group_size)
+    if g_idx is None:
+        return None
+    g = g_idx.long().cpu()
+    if g.shape != (k,) or (k and (int(g.min()) < 0 or int(g.max()) >= groups)):
+        raise ValueError(f"g_idx must be [{k}] group indices in [0, {groups})")
+    if torch.equal(g, torch.arange(k) // gs):
+        return None
+    counts = torch.bincount(g, minlength=groups)
+    expect = torch.full((groups,), gs)
+    expect[-1] = k - gs * (groups - 1)
+    if not torch.equal(counts, expect):
+        raise ValueError("g_idx groups must each hold group_size columns (the last may hold "
+                         "fewer) to be packed for the INT4 kernel")
+    return torch.sort(g, stable=True).indices
+
+
+def pack_int4_panels(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                     group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel's layout of W[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k // gs:
+    codes [N, K] -> uint8 [ceil(N/32), ceil(K/2), 32], byte 2j+i of row kk holding the code of
+    (output j, k = 2kk+i) in its low nibble and of (output j+16, same k) in its high nibble;
+    scales / offsets [N, G] -> float32 [ceil(N/32), G, 2, 32]. Zero padded."""
+    n, k = qweight.shape
+    _, groups = int4_groups(k, group_size)
+    n_pad = -n % INT4_PANEL
+    q = F.pad(qweight.to(torch.uint8), (0, k % 2, 0, n_pad))
+    p, k2 = q.shape[0] // INT4_PANEL, q.shape[1] // 2
+    q = q.view(p, 2, 16, k2, 2)                       # [P, half, j, kk, i]
+    packed = (q[:, 0] | (q[:, 1] << 4)).permute(0, 2, 1, 3).reshape(p, k2, INT4_PANEL)
+    so = torch.stack((scales.float(), offsets.float()), dim=1)   # [N, 2, G]
+    so = F.pad(so, (0, 0, 0, 0, 0, n_pad)).view(p, INT4_PANEL, 2, groups).permute(0, 3, 2, 1)
+    return packed.contiguous(), so.contiguous()
+
+
+def unpack_int4_panels(packed: torch.Tensor, scales_offsets: torch.Tensor, n: int, k: int,
+                       group_size: int) -> torch.Tensor:
+    """The fp32 weight [n, k] that pack_int4_panels' output stands for."""
+    p, k2, _ = packed.shape
+    lo, hi = packed & 15, packed >> 4                                   # [P, K2, 32]
+    q = torch.stack((lo, hi), 1).view(p, 2, k2, 16, 2).permute(0, 1, 3, 2, 4)
+    q = q.reshape(p * INT4_PANEL, 2 * k2)[:n, :k].float()
+    gs, _ = int4_groups(k, group_size)
+    g = torch.arange(k, device=packed.device) // gs
+    so = scales_offsets.permute(0, 3, 2, 1).reshape(p * INT4_PANEL, 2, -1)[:n]
+    return q * so[:, 0][:, g] + so[:, 1][:, g]
+
+
+def int4_gemm_packed(x: torch.Tensor, packed: torch.Tensor, scales_offsets: torch.Tensor, n: int,
+                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] (K in the packed order) -> [M, n]
+    w = unpack_int4_panels(packed, scales_offsets, n, x.shape[1], group_size)
+    return linear(x, w.to(_acc(x).dtype), bias)
+
+
+def int4_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, g_idx: torch.Tensor | None = None):
+    """Repack a 4-bit weight once after loading for int4_gemm_prepared (ops.Int4Weight)."""
+    from octavo.ops import Int4Weight
+    n, k = qweight.shape
+    gs, _ = int4_groups(k, group_size)
+    perm = int4_act_order(g_idx, k, group_size)
+    if perm is not None:
+        qweight = qweight[:, perm.to(qweight.device)]
+    z = torch.full_like(scales, 8.0, dtype=torch.float32) if zeros is None else zeros.float()
+    packed, so = pack_int4_panels(qweight, scales, -z * scales.float(), gs)
+    return Int4Weight(packed, so, n, k, gs, perm)
+
+
+def int4_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [..., K] -> [..., N]; w: int4_prepare(...)
+    x2 = x.reshape(-1, x.shape[-1])
+    if w.perm is not None:
+        x2 = x2[:, w.perm.to(x.device)]
+    out = int4_gemm_packed(x2, w.packed, w.scales_offsets, w.n, w.group_size, bias)
+    return out.view(*x.shape[:-1], w.n)

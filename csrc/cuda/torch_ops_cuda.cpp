@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 
+#include "cuda/mla_args.h"
 #include "cuda/torch_args.h"
 #include "ops.h"
 
@@ -57,6 +58,15 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::
   run(cuda::launch_reshape_and_cache,
       cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kCUDA), key,
       "reshape_and_cache");
+}
+
+void mla_paged_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                              const at::Tensor& block_table, double scale, int64_t kv_lora_rank) {
+  run(cuda::launch_mla_paged_attention,
+      cuda_args::mla_paged_attention(out, q, kv_cache, query_start_loc, seq_lens, block_table,
+                                     scale, kv_lora_rank, kCUDA),
+      q, "mla_paged_attention");
 }
 
 void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
