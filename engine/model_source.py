@@ -62,7 +62,9 @@ def hub_id(model: str) -> tuple[str, str | None] | None:
 
     parts = model.split("/")
     repo, filename = model, None
-    if len(parts) > 2 and model.endswith(GGUF_SUFFIX):
+    if model.endswith(GGUF_SUFFIX):
+        if len(parts) <= 2:           # 'x.gguf', 'dir/x.gguf': a local file that is missing
+            return None
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         validate_repo_id(repo)

@@ -157,6 +157,7 @@ def test_hub_id_forms():
     assert hub_id("gpt2") == ("gpt2", None)
     assert hub_id("org/name-GGUF/sub/m.Q4_K.gguf") == ("org/name-GGUF", "sub/m.Q4_K.gguf")
     assert hub_id("a/b/c") is None and hub_id("bad--name/x") is None
+    assert hub_id("model.gguf") is None and hub_id("models/m.gguf") is None   # missing files
 
 
 def test_download_command_prints_the_snapshot(hub_cache):
