@@ -140,8 +140,14 @@ class MultiprocExecutor(Executor):
 
     def execute(self, out: SchedulerOutput):
         self._check_alive()
-        self._broadcast(("step", to_wire(out)))
-        result = self._gather("a step")[self.output_rank]
+        try:
+            self._broadcast(("step", to_wire(out)))
+            result = self._gather("a step")[self.output_rank]
+        except KeyboardInterrupt:
+            # the workers may be inside the step's collectives: they cannot be reused
+            self.dead = "interrupted (Ctrl-C) during a step"
+            self.shutdown()
+            raise
         return to_step_output(out, result)
 
     def shutdown(self) -> None:
