@@ -26,6 +26,12 @@ void linear_packed_cpu(at::Tensor& out,                      // [M, N]
                        const at::Tensor& x,                  // [M, K] bf16
                        const at::Tensor& packed,             // [ceil(N/64), ceil(K/2), 64, 2]
                        const std::optional<at::Tensor>& bias);  // [N]
+void int4_gemm_cpu(at::Tensor& out,                    // [M, N]
+                   const at::Tensor& x,                // [M, K] (K in the packed order)
+                   const at::Tensor& qweight,          // uint8 [ceil(N/32), ceil(K/2), 32]
+                   const at::Tensor& scales_offsets,   // float32 [ceil(N/32), G, 2, 32]
+                   int64_t group_size,
+                   const std::optional<at::Tensor>& bias);  // [N]
 void silu_and_mul_cpu(at::Tensor& out,      // [T, D]
                       const at::Tensor& x);  // [T, 2*D]
 void gelu_and_mul_cpu(at::Tensor& out,       // [T, D]

@@ -14,6 +14,8 @@ void linear_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                  const std::optional<at::Tensor>&) {}
 void linear_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const std::optional<at::Tensor>&) {}
+void int4_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                    const std::optional<at::Tensor>&) {}
 void silu_and_mul_meta(at::Tensor&, const at::Tensor&) {}
 void gelu_and_mul_meta(at::Tensor&, const at::Tensor&, const std::string&) {}
 void rotary_embedding_meta(const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
@@ -45,6 +47,10 @@ TORCH_LIBRARY(octavo, m) {
   m.def("linear(Tensor! out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   // the same with a bf16 weight packed as [ceil(N/64), ceil(K/2), 64, 2] (64-output panels of K pairs)
   m.def("linear_packed(Tensor! out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  // out [M, N] = x [M, K] @ W^T (+ bias), W = 4-bit codes * scale + offset per group of K,
+  // packed by ops_native.pack_int4_panels; CPU only
+  m.def("int4_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, int group_size, "
+        "Tensor? bias) -> ()");
   // out [T, D] = silu(x[:, :D]) * x[:, D:]
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // out [T, D] = gelu(x[:, :D], approximate) * x[:, D:]; approximate: "none" | "tanh"
@@ -84,6 +90,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("fused_add_rms_norm", &octavo::fused_add_rms_norm_cpu);
   m.impl("linear", &octavo::linear_cpu);
   m.impl("linear_packed", &octavo::linear_packed_cpu);
+  m.impl("int4_gemm", &octavo::int4_gemm_cpu);
   m.impl("silu_and_mul", &octavo::silu_and_mul_cpu);
   m.impl("gelu_and_mul", &octavo::gelu_and_mul_cpu);
   m.impl("rotary_embedding", &octavo::rotary_embedding_cpu);
@@ -117,6 +124,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_meta);
   m.impl("linear", &linear_meta);
   m.impl("linear_packed", &linear_packed_meta);
+  m.impl("int4_gemm", &int4_gemm_meta);
   m.impl("silu_and_mul", &silu_and_mul_meta);
   m.impl("gelu_and_mul", &gelu_and_mul_meta);
   m.impl("rotary_embedding", &rotary_embedding_meta);

@@ -1,0 +1,282 @@
+// INT4 weight-only GEMM on CPU: out[M, N] = x[M, K] @ W^T (+ bias), W[n, k] = q * scale + offset
+// per (n, group of K), with q the 4-bit codes repacked once at load (ops_native.pack_int4_panels):
+// 32-output panels, K in pairs, one byte holding output j's code (low nibble) and output j+16's
+// (high nibble). Weights are read once per 8 rows of x; codes never leave registers as floats on
+// avx512_bf16 CPUs (nibble | 0x4300 is the bf16 of 128 + q, fed straight to vdpbf16ps).
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_types.h"
+
+namespace octavo::cpu {
+
+struct Int4GemmParams {
+  void* out;              // [M, N], row stride out_stride
+  const void* x;          // [M, K], row stride x_stride (K already in the packed order)
+  const uint8_t* qw;      // [P, ceil(K/2), 32] packed codes, P = ceil(N/32)
+  const float* sz;        // [P, G, 2, 32]: scales, then offsets, of each panel's 32 outputs
+  const void* bias;       // [N] or null
+  const float* xsum;      // [M, G] sum of each row's x over each group
+  int64_t out_stride, x_stride;
+  int64_t m, n, k, group_size, groups;
+  DType dtype;
+};
+
+}  // namespace octavo::cpu
+
+namespace octavo::cpu::CPU_CAPABILITY {
+
+constexpr int kP = 32;   // outputs per panel
+constexpr int kMB = 8;   // x rows per pass over a panel
+
+template <typename T>
+static inline float xat(const T* xr, int64_t i, int64_t k) { return i < k ? to_f(xr[i]) : 0.f; }
+
+// Any CPU, any activation dtype: fp32 math, codes widened one at a time (the compiler vectorizes
+// the 16-wide loops).
+template <typename T>
+static void panel_generic(const Int4GemmParams& p, int64_t pi, int64_t m0, int mb, float* tot) {
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t k2 = (p.k + 1) / 2;
+  const uint8_t* wq = p.qw + pi * k2 * kP;
+  const float* sz = p.sz + pi * p.groups * 2 * kP;
+  for (int i = 0; i < mb * kP; ++i) tot[i] = 0.f;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group_size, k1 = std::min(p.k, k0 + p.group_size);
+    float acc[kMB][kP] = {};
+    for (int64_t kk = k0 / 2; kk < (k1 + 1) / 2; ++kk) {
+      const uint8_t* b = wq + kk * kP;
+      float qa[kP], qb[kP];  // codes of k = 2kk and 2kk + 1 for the 32 outputs
+      for (int j = 0; j < 16; ++j) {
+        qa[j] = b[2 * j] & 15;
+        qb[j] = b[2 * j + 1] & 15;
+        qa[16 + j] = b[2 * j] >> 4;
+        qb[16 + j] = b[2 * j + 1] >> 4;
+      }
+      for (int m = 0; m < mb; ++m) {
+        const T* xr = x + (m0 + m) * p.x_stride;
+        const float x0 = xat(xr, 2 * kk, p.k), x1 = xat(xr, 2 * kk + 1, p.k);
+        for (int j = 0; j < kP; ++j) acc[m][j] += x0 * qa[j] + x1 * qb[j];
+      }
+    }
+    const float* s = sz + g * 2 * kP;
+    for (int m = 0; m < mb; ++m) {
+      const float xs = p.xsum[(m0 + m) * p.groups + g];
+      for (int j = 0; j < kP; ++j) tot[m * kP + j] += acc[m][j] * s[j] + xs * s[kP + j];
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// acc[m][0..1] += (x[m][2kk], x[m][2kk+1]) . (128 + codes) of the panel's 32 outputs.
+template <int MB>
+__attribute__((target("avx512bf16"))) static inline void bf16_step(__m512 (&acc)[MB][2],
+                                                                  const uint8_t* b,
+                                                                  const c10::BFloat16* x,
+                                                                  int64_t xs) {
+  const __m512i magic = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(0x000F);
+  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  const __m512i lo = _mm512_ternarylogic_epi32(v, low, magic, 0xEA);  // (v & 15) | magic
+  const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+  for (int m = 0; m < MB; ++m) {
+    int32_t pair;
+    std::memcpy(&pair, x + m * xs, 4);
+    const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+    acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, (__m512bh)lo);
+    acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, (__m512bh)hi);
+  }
+}
+
+template <int MB>
+__attribute__((target("avx512bf16"))) static void panel_bf16(const Int4GemmParams& p, int64_t pi,
+                                                            int64_t m0, float* tot) {
+  const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x) + m0 * p.x_stride;
+  const int64_t k2 = (p.k + 1) / 2, kfull = p.k / 2;
+  const uint8_t* wq = p.qw + pi * k2 * kP;
+  const float* sz = p.sz + pi * p.groups * 2 * kP;
+  __m512 t[MB][2];
+  for (int m = 0; m < MB; ++m) t[m][0] = t[m][1] = _mm512_setzero_ps();
+  const __m512 c128 = _mm512_set1_ps(128.f);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group_size, k1 = std::min(p.k, k0 + p.group_size);
+    const int64_t kk1 = (k1 + 1) / 2;
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    int64_t kk = k0 / 2;
+    const int64_t kkf = std::min(kk1, kfull);
+    for (; kk < kkf; ++kk) {
+      __builtin_prefetch(wq + (kk + 64) * kP, 0, 3);  // 2 KiB ahead
+      bf16_step<MB>(acc, wq + kk * kP, x + 2 * kk, p.x_stride);
+    }
+    if (kk < kk1) {  // odd K: the last pair is (x[K-1], 0)
+      c10::BFloat16 last[MB][2];
+      for (int m = 0; m < MB; ++m) {
+        last[m][0] = x[m * p.x_stride + p.k - 1];
+        last[m][1].x = 0;
+      }
+      bf16_step<MB>(acc, wq + kk * kP, &last[0][0], 2);
+    }
+    // acc = sum x * (128 + q): W x = s * acc + (offset - 128 s) * sum(x)
+    const float* s = sz + g * 2 * kP;
+    const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+    const __m512 o0 = _mm512_fnmadd_ps(c128, s0, _mm512_loadu_ps(s + kP));
+    const __m512 o1 = _mm512_fnmadd_ps(c128, s1, _mm512_loadu_ps(s + kP + 16));
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xs = _mm512_set1_ps(p.xsum[(m0 + m) * p.groups + g]);
+      t[m][0] = _mm512_fmadd_ps(acc[m][0], s0, _mm512_fmadd_ps(xs, o0, t[m][0]));
+      t[m][1] = _mm512_fmadd_ps(acc[m][1], s1, _mm512_fmadd_ps(xs, o1, t[m][1]));
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    _mm512_storeu_ps(tot + m * kP, t[m][0]);
+    _mm512_storeu_ps(tot + m * kP + 16, t[m][1]);
+  }
+}
+
+static void panel_bf16_any(const Int4GemmParams& p, int64_t pi, int64_t m0, int mb, float* tot) {
+  switch (mb) {
+    case 1: panel_bf16<1>(p, pi, m0, tot); break;
+    case 2: panel_bf16<2>(p, pi, m0, tot); break;
+    case 3: panel_bf16<3>(p, pi, m0, tot); break;
+    case 4: panel_bf16<4>(p, pi, m0, tot); break;
+    case 5: panel_bf16<5>(p, pi, m0, tot); break;
+    case 6: panel_bf16<6>(p, pi, m0, tot); break;
+    case 7: panel_bf16<7>(p, pi, m0, tot); break;
+    default: panel_bf16<8>(p, pi, m0, tot); break;
+  }
+}
+
+// OCTAVO_CPU_NO_AVX512BF16=1 takes the generic path (tests use it on bf16 CPUs).
+static bool int4_use_avx512_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16") &&
+                         std::getenv("OCTAVO_CPU_NO_AVX512BF16") == nullptr;
+  return ok;
+}
+#endif
+
+template <typename T>
+static void int4_gemm_impl(const Int4GemmParams& p) {
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int64_t panels = (p.n + kP - 1) / kP;
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool bf16 = std::is_same_v<T, c10::BFloat16> && int4_use_avx512_bf16();
+#else
+  const bool bf16 = false;
+#endif
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float tot[kMB * kP];
+    for (int64_t pi = begin; pi < end; ++pi) {
+      const int64_t n0 = pi * kP;
+      const int valid = static_cast<int>(std::min<int64_t>(kP, p.n - n0));
+      for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMB, p.m - m0));
+#if defined(CPU_CAPABILITY_AVX512)
+        if (bf16) panel_bf16_any(p, pi, m0, mb, tot);
+        else panel_generic<T>(p, pi, m0, mb, tot);
+#else
+        (void)bf16;
+        panel_generic<T>(p, pi, m0, mb, tot);
+#endif
+        for (int m = 0; m < mb; ++m) {
+          T* o = out + (m0 + m) * p.out_stride + n0;
+          for (int j = 0; j < valid; ++j)
+            o[j] = from_f<T>(tot[m * kP + j] + (bias ? to_f(bias[n0 + j]) : 0.f));
+        }
+      }
+    }
+  });
+}
+
+void int4_gemm_kernel(const Int4GemmParams& p) {
+  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { int4_gemm_impl<scalar_t>(p); });
+}
+
+}  // namespace octavo::cpu::CPU_CAPABILITY
+
+#if defined(OCTAVO_CPU_LAUNCHERS)
+#include "cpu/check.h"
+#include "cpu/dispatch.h"
+#include "ops.h"
+
+OCTAVO_DECLARE_CPU_KERNEL(int4_gemm_kernel, Int4GemmParams)
+
+namespace octavo {
+
+void int4_gemm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+                   const at::Tensor& scales_offsets, int64_t group_size,
+                   const std::optional<at::Tensor>& bias) {
+  OCTAVO_CHECK_CPU(out);
+  OCTAVO_CHECK_CPU(x);
+  OCTAVO_CHECK_CPU(qweight);
+  OCTAVO_CHECK_CPU(scales_offsets);
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0),
+              "int4_gemm: expected x [M, K] and out [M, N], got ", x.sizes(), " and ", out.sizes());
+  OCTAVO_CHECK_SAME_DTYPE(x, out);
+  OCTAVO_CHECK_LAST_CONTIG(x);
+  OCTAVO_CHECK_LAST_CONTIG(out);
+  const int64_t n = out.size(1), k = x.size(1), panels = (n + 31) / 32;
+  TORCH_CHECK(k > 0, "int4_gemm: K must be positive");
+  TORCH_CHECK(group_size > 0 && (group_size % 2 == 0 || group_size >= k),
+              "int4_gemm: group_size must be even (or at least K = ", k, "), got ", group_size);
+  const int64_t groups = (k + group_size - 1) / group_size;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 &&
+                  qweight.size(0) == panels && qweight.size(1) == (k + 1) / 2 &&
+                  qweight.size(2) == 32 && qweight.is_contiguous(),
+              "int4_gemm: qweight must be a contiguous uint8 [", panels, ", ", (k + 1) / 2,
+              ", 32] (ops_native.pack_int4_panels), got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  TORCH_CHECK(scales_offsets.scalar_type() == at::kFloat && scales_offsets.dim() == 4 &&
+                  scales_offsets.size(0) == panels && scales_offsets.size(1) == groups &&
+                  scales_offsets.size(2) == 2 && scales_offsets.size(3) == 32 &&
+                  scales_offsets.is_contiguous(),
+              "int4_gemm: scales_offsets must be a contiguous float32 [", panels, ", ", groups,
+              ", 2, 32], got ", scales_offsets.scalar_type(), " ", scales_offsets.sizes());
+  if (bias.has_value()) {
+    OCTAVO_CHECK_CPU(*bias);
+    OCTAVO_CHECK_SAME_DTYPE(x, *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),
+                "int4_gemm: bias must be a contiguous [", n, "], got ", bias->sizes());
+  }
+  if (x.size(0) == 0 || n == 0) return;
+  // [M, G] per-group sums of x (as the kernel reads it), computed once for all panels
+  const int64_t m = x.size(0);
+  std::vector<float> xsum(m * groups, 0.f);
+  const cpu::DType dtype = cpu::to_dtype(x, "int4_gemm");
+  for (int64_t r = 0; r < m; ++r) {
+    float* xs = xsum.data() + r * groups;
+    const char* row = static_cast<const char*>(x.data_ptr()) + r * x.stride(0) * x.element_size();
+    for (int64_t i = 0; i < k; ++i) {
+      float v;
+      switch (dtype) {
+        case cpu::DType::kFloat32: v = reinterpret_cast<const float*>(row)[i]; break;
+        case cpu::DType::kBFloat16: v = reinterpret_cast<const c10::BFloat16*>(row)[i]; break;
+        default: v = reinterpret_cast<const c10::Half*>(row)[i]; break;
+      }
+      xs[i / group_size] += v;
+    }
+  }
+  cpu::Int4GemmParams p{};
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.qw = qweight.data_ptr<uint8_t>();
+  p.sz = scales_offsets.data_ptr<float>();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.xsum = xsum.data();
+  p.out_stride = out.stride(0);
+  p.x_stride = x.stride(0);
+  p.m = x.size(0);
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  p.groups = groups;
+  p.dtype = dtype;
+  OCTAVO_CALL_CPU_KERNEL(int4_gemm_kernel, p);
+}
+
+}  // namespace octavo
+#endif  // OCTAVO_CPU_LAUNCHERS
