@@ -1,0 +1,217 @@
+"""The multi-process executor's life: a killed worker makes generate raise (naming the rank)
+within a bounded time and leaves no process; Ctrl-C on the driver stops its workers; the server
+runs with --tensor-parallel-size 2; sizes that do not fit raise ValueError naming the numbers."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from octavo import LLM, SamplingParams
+from octavo.config import EngineConfig
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4)
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of pid (read from /proc), zombies excluded."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def test_killed_worker_raises_naming_the_rank_and_leaves_no_process(llama_dir):
+    before = children(os.getpid())
+    llm = LLM(model=llama_dir, dtype="float32", kv_cache_memory=1 << 22, tensor_parallel_size=2)
+    executor = llm.llm_engine.executor
+    pids = [p.pid for p in executor.procs]
+    assert set(pids) <= children(os.getpid())
+    assert llm.generate(["Hello"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker rank 1 .*(died|gone|closed)"):
+        llm.generate(["Hello again"], GREEDY, use_tqdm=False)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(RuntimeError, match="workers are shut down"):   # and stays down
+        llm.generate(["Hello"], GREEDY, use_tqdm=False)
+    # multiprocessing's resource tracker (one per driver, started by the first spawn) may stay
+    left = {p for p in children(os.getpid()) - before if "resource_tracker" not in _cmdline(p)}
+    assert not left, [(p, _cmdline(p)) for p in left]
+    assert all(not os.path.exists(f"/proc/{p}") or p not in children(os.getpid()) for p in pids)
+
+
+_CTRL_C_DRIVER = textwrap.dedent('''
+    import sys
+    from octavo import LLM, SamplingParams
+    if __name__ == "__main__":
+        llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory=1 << 22,
+                  tensor_parallel_size=2)
+        print(*[p.pid for p in llm.llm_engine.executor.procs], flush=True)
+        while True:   # busy until Ctrl-C
+            llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+''')
+
+
+def test_ctrl_c_on_the_driver_stops_every_worker(llama_dir, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(_CTRL_C_DRIVER)
+    proc = subprocess.Popen([sys.executable, str(script), llama_dir], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2, proc.stderr.read()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        assert "KeyboardInterrupt" in proc.stderr.read()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_server_with_tensor_parallel_size_2_answers_a_completion(llama_dir):
+    import httpx
+    expected = LLM(model=llama_dir, dtype="float32", kv_cache_memory=1 << 22).generate(
+        ["The capital of France is"], GREEDY, use_tqdm=False)[0].outputs[0].text
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("octavo")
+    cmd = [exe] if exe else [sys.executable, "-m", "octavo.entrypoints.cli"]
+    proc = subprocess.Popen(cmd + ["serve", llama_dir, "--host", "127.0.0.1", "--port", str(port),
+                                   "--dtype", "float32", "--kv-cache-memory", "4MiB",
+                                   "--tensor-parallel-size", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        workers = children(proc.pid)
+        res = httpx.post(url + "/v1/completions", timeout=60, json=dict(
+            model=llama_dir, prompt="The capital of France is", max_tokens=4, temperature=0))
+        assert res.status_code == 200, res.text
+        assert res.json()["choices"][0]["text"] == expected
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if os.path.exists(f"/proc/{p}")]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tensor_parallel_size=3), "4 attention heads do not divide into tensor_parallel_size=3"),
+    (dict(pipeline_parallel_size=3), "2 layers do not divide into pipeline_parallel_size=3"),
+    (dict(distributed_executor_backend="ray"), "pip install ray"),
+    (dict(distributed_executor_backend="uni", tensor_parallel_size=2), "runs one rank"),
+    (dict(distributed_executor_backend="external_launcher", tensor_parallel_size=2),
+     "expects torchrun to set"),
+])
+def test_sizes_and_backends_that_do_not_fit_raise_value_error(llama_dir, kwargs, match, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match=match):
+        LLM(model=llama_dir, kv_cache_memory=1 << 22, **kwargs)
+
+
+def test_kv_heads_that_neither_divide_nor_replicate_raise(tiny_model_factory):
+    path = tiny_model_factory("LlamaForCausalLM", num_attention_heads=6, num_key_value_heads=3,
+                              hidden_size=96)
+    with pytest.raises(ValueError, match="3 KV heads neither divide into nor replicate over "
+                                         "tensor_parallel_size=2"):
+        LLM(model=path, kv_cache_memory=1 << 22, tensor_parallel_size=2)
+
+
+def test_pipeline_parallel_on_a_model_without_it_raises(tmp_path):
+    from conftest import save_tiny_model
+    path = save_tiny_model(str(tmp_path / "bloom"), "bloom", "BloomForCausalLM", hidden_size=64,
+                           n_head=4, n_layer=2)
+    with pytest.raises(ValueError, match="BloomForCausalLM does not support pipeline parallelism"):
+        LLM(model=path, kv_cache_memory=1 << 22, pipeline_parallel_size=2)
+
+
+def test_more_gpu_ranks_than_gpus_raise(llama_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="need 2 GPUs, but this machine has 1"):
+        EngineConfig(model=llama_dir, device="cuda", tensor_parallel_size=2)
+
+
+def test_more_cpu_ranks_than_cores_warn(llama_dir, caplog, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    EngineConfig(model=llama_dir, device="cpu", tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert "4 CPU ranks on 2 cores" in caplog.text
+
+
+_TORCHRUN_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    from octavo import LLM, SamplingParams
+    llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory=1 << 22,
+              tensor_parallel_size=2, distributed_executor_backend="external_launcher")
+    outs = llm.generate(["The capital of France is", "A"],
+                        SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump([o.outputs[0].token_ids for o in outs], f)
+    llm.llm_engine.executor.shutdown()
+''')
+
+
+def test_external_launcher_under_torchrun_matches_single_process(llama_dir, tmp_path):
+    import json
+    expected = [o.outputs[0].token_ids for o in LLM(
+        model=llama_dir, dtype="float32", kv_cache_memory=1 << 22).generate(
+        ["The capital of France is", "A"], SamplingParams(temperature=0, max_tokens=4),
+        use_tqdm=False)]
+    script = tmp_path / "run.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                          str(script), llama_dir, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):     # every rank ran the same scheduler and sampled the same tokens
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
