@@ -59,6 +59,10 @@ def get_quantization_config(hf_config: Any, quantization: str | None = None) -> 
     if method not in SUPPORTED:
         raise ValueError(f"quantization method {method!r} is not supported; supported methods: "
                          f"{', '.join(SUPPORTED)}")
+    if method not in _ON_THE_FLY and ckpt is None:
+        raise ValueError(f"quantization={method!r} reads a {method.upper()} checkpoint, but this "
+                         "one has no quantization_config in config.json; to quantize a float "
+                         "checkpoint at load use quantization='int4'")
     if method in _ON_THE_FLY and ckpt is not None:
         raise ValueError(f"quantization={method!r} quantizes a float checkpoint at load, but this "
                          f"checkpoint is already quantized ({ckpt_method!r})")

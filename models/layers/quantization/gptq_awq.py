@@ -80,7 +80,15 @@ class _PackedInt4Method(Int4LinearMethod):
 
     def _loader(self, layer):
         def load(param, loaded, shard_id=None):
-            layer.weight_loader(param, self.to_logical(param, loaded), shard_id)
+            logical = self.to_logical(param, loaded)
+            if param.kind == "g_idx" and shard_id is not None:
+                # fused projections share their input and so GPTQ's act order: one g_idx
+                seen = getattr(param, "shards_seen", set())
+                if seen and not torch.equal(param.data, _shard_g_idx(layer, param, logical)):
+                    raise ValueError("the fused projections' act-order g_idx differ; octavo "
+                                     "needs them equal (as GPTQ writes them)")
+                param.shards_seen = seen | {shard_id}
+            layer.weight_loader(param, logical, shard_id)
         return load
 
     def to_logical(self, param, loaded: torch.Tensor) -> torch.Tensor:
@@ -94,6 +102,14 @@ class _PackedInt4Method(Int4LinearMethod):
             gs = layer.qweight.shape[1]      # whole-layer groups on a row shard: g_idx decides
         return (layer.qweight.data, layer.scales.data, zeros, gs,
                 g_idx.data if g_idx is not None else None)
+
+
+def _shard_g_idx(layer, param, g_idx: torch.Tensor) -> torch.Tensor:
+    # the part of a checkpoint g_idx this rank's parameter holds
+    if param.input_dim is None or g_idx.shape == param.shape:
+        return g_idx
+    size = param.shape[0]
+    return g_idx.narrow(0, layer.tp_rank * size, size)
 
 
 class GPTQLinearMethod(_PackedInt4Method):
