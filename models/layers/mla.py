@@ -4,12 +4,14 @@ Per token the cache keeps one vector shared by all heads: the normalised kv late
 values) and the rotated key (qk_rope_head_dim), 576 values for DeepSeek-V3 instead of
 2 x heads x head_dim. Attention runs in the latent space with the absorbed projections, as in
 vLLM's MLA decode: kv_b_proj = [W_UK; W_UV] per head, so q_nope . (W_UK c) = (W_UK^T q_nope) . c
-and sum_j p_j (W_UV c_j) = W_UV (sum_j p_j c_j). Prefill takes the same path (exact, but more
-FLOPs than decompressing the context: see MLAAttention).
+and sum_j p_j (W_UV c_j) = W_UV (sum_j p_j c_j). A step of whole prompts of at least
+`decompress_min_tokens` tokens decompresses instead (K, V per head from kv_b_proj, ordinary causal
+attention), which needs fewer FLOPs once prompts are long; the latents are cached either way.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from octavo import ops, ops_native
@@ -24,9 +26,7 @@ from octavo.models.layers.rotary import get_rope, rope_parameters
 
 class MLAAttention(CustomOp, CacheLayer):
     """Writes this step's latents into the paged latent cache ([num_blocks, block_size, L+R])
-    and attends q [T, H, L+R] over it -> [T, H, L]. Every query row, decode or prefill, attends
-    in the latent space; a prefill that decompressed its context would do fewer FLOPs per key
-    (qk_head_dim + v_head_dim instead of 2L + R), which matters only for long prompts."""
+    and attends q [T, H, L+R] over it -> [T, H, L] (decode, chunked prefill, prefix hits)."""
 
     def __init__(self, num_heads: int, kv_lora_rank: int, rope_dim: int, scale: float):
         super().__init__()
@@ -39,6 +39,12 @@ class MLAAttention(CustomOp, CacheLayer):
 
     def bind_cache(self, caches: tuple[torch.Tensor, ...] | None) -> None:
         self.kv_cache = caches[0] if caches is not None else None
+
+    def write(self, kv_c: torch.Tensor, k_pe: torch.Tensor, md: AttentionMetadata) -> None:
+        """Only cache this step's latents (a prefill that attends over them decompressed)."""
+        if self.kv_cache is not None and self.kv_cache.numel() > 0:
+            impl = ops_native if self.use_native or CustomOp.use_native else ops
+            impl.concat_and_cache_mla(kv_c, k_pe, self.kv_cache, md.slot_mapping)
 
     def _forward(self, impl, q, kv_c, k_pe, md: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, L+R]; kv_c: [T, L]; k_pe: [T, R] -> [T, H, L]
@@ -90,6 +96,11 @@ class MultiHeadLatentAttention(nn.Module):
     `rope_neox`: neox halves (MiniCPM3, DeepSeek-V3 with rope_interleave off) or GPT-J pairs
     (DeepSeek-V2, V3's interleaved rope). `scale`: the softmax scale (yarn's mscale included)."""
 
+    # Per head and key, latent attention costs 2L+R multiply-adds, decompressed attention
+    # qk_head_dim + v_head_dim plus decompressing each key once (nope + v per latent column):
+    # decompressing pays from prompts of a few hundred tokens (DeepSeek-V3: about 340).
+    decompress_min_tokens = 256
+
     def __init__(self, config, rope_neox: bool, scale: float | None = None):
         super().__init__()
         hidden, total_heads = config.hidden_size, config.num_attention_heads
@@ -140,8 +151,36 @@ class MultiHeadLatentAttention(nn.Module):
         kv_c = self.kv_a_layernorm(latent.contiguous())                # [T, L]
         q_pe = q[..., self.nope:].reshape(T, H * self.rope_dim)        # copies: rotated in place
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.contiguous())
+        if self._decompress(attn_metadata):
+            self.attn.write(kv_c, k_pe, attn_metadata)
+            out = self._prefill_decompressed(q[..., :self.nope], q_pe.view(T, H, self.rope_dim),
+                                             kv_c, k_pe, attn_metadata)
+            return self.o_proj(out.reshape(T, H * self.v_dim))
         q_lat = torch.bmm(q[..., :self.nope].transpose(0, 1), self.w_uk)     # [H, T, L]
         q_full = torch.cat([q_lat.transpose(0, 1), q_pe.view(T, H, self.rope_dim)], dim=-1)
         out_lat = self.attn(q_full, kv_c, k_pe, attn_metadata)               # [T, H, L]
         out = torch.bmm(out_lat.transpose(0, 1), self.w_uv_t)                # [H, T, v]
         return self.o_proj(out.transpose(0, 1).reshape(T, H * self.v_dim))
+
+    def _decompress(self, md: AttentionMetadata) -> bool:
+        """Whole prompts only (nothing cached before this step), the longest long enough."""
+        if md.max_query_len < self.decompress_min_tokens:
+            return False
+        starts = md.query_start_loc.tolist()
+        return [b - a for a, b in zip(starts[:-1], starts[1:])] == md.seq_lens.tolist()
+
+    def _prefill_decompressed(self, q_nope, q_pe, kv_c, k_pe, md: AttentionMetadata):
+        # [T, H, nope], [T, H, R], [T, L], [T, R] -> [T, H, v]: per head K = [W_UK c | k_pe],
+        # V = W_UV c, causal attention within each prompt
+        T, H = q_nope.shape[:2]
+        kv = self.kv_b_proj(kv_c).view(T, H, self.nope + self.v_dim)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)               # [H, T, nope+R]
+        k = torch.cat([kv[..., :self.nope],
+                       k_pe.view(T, 1, self.rope_dim).expand(T, H, self.rope_dim)], -1)
+        k, v = k.transpose(0, 1), kv[..., self.nope:].transpose(0, 1)       # [H, T, .]
+        out = q_nope.new_zeros(H, T, self.v_dim)
+        starts = md.query_start_loc.tolist()
+        for a, b in zip(starts[:-1], starts[1:]):
+            out[:, a:b] = F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b],
+                                                         is_causal=True, scale=self.attn.scale)
+        return out.transpose(0, 1)

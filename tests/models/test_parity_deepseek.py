@@ -124,6 +124,25 @@ def test_zeroed_modules_change_transformers_output(case, model_dirs):
         assert_changes_logits(base, changed, f"{case}: {what}")
 
 
+@pytest.mark.parametrize("case", ["deepseek_v3", "deepseek_v2-lite"])
+def test_decompressed_prefill_matches_transformers(case, model_dirs, monkeypatch):
+    """Prompts attended with decompressed K/V (as long prompts are), decode over the latents the
+    prefill cached."""
+    from octavo.models.layers.mla import MultiHeadLatentAttention
+
+    calls = []
+    original = MultiHeadLatentAttention._prefill_decompressed
+
+    def spy(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(MultiHeadLatentAttention, "decompress_min_tokens", 2)
+    monkeypatch.setattr(MultiHeadLatentAttention, "_prefill_decompressed", spy)
+    assert_matches_hf(model_dirs(case), block_size=16)
+    assert calls, "no step took the decompressed prefill"
+
+
 # ---- the latent cache in the engine --------------------------------------------------------
 
 def _tokens(outputs):
