@@ -143,6 +143,31 @@ def test_decompressed_prefill_matches_transformers(case, model_dirs, monkeypatch
     assert calls, "no step took the decompressed prefill"
 
 
+def test_mtp_layers_in_the_checkpoint_are_skipped(model_dirs, tmp_path):
+    """DeepSeek-V3 checkpoints carry num_nextn_predict_layers MTP layers after the last decoder
+    layer (model.layers.<num_hidden_layers>.*: enorm, hnorm, eh_proj, a whole decoder layer);
+    they load as ignored tensors and change nothing."""
+    from tp_util import one_rank_logits
+
+    src = model_dirs("deepseek_v3")
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    n, hidden = COMMON["num_hidden_layers"], COMMON["hidden_size"]
+    extra = {f"model.layers.{n}.{k[len('model.layers.2.'):]}": v.clone()
+             for k, v in tensors.items() if k.startswith("model.layers.2.")}
+    extra.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden),
+                  f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
+                  f"model.layers.{n}.eh_proj.weight": torch.zeros(hidden, 2 * hidden)})
+    dst = tmp_path / "with_mtp"
+    dst.mkdir()
+    save_file({**tensors, **extra}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(src):
+        if name != "model.safetensors":
+            (dst / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    torch.testing.assert_close(one_rank_logits(str(dst), seqs), one_rank_logits(src, seqs),
+                               atol=0, rtol=0)
+
+
 # ---- the latent cache in the engine --------------------------------------------------------
 
 def _tokens(outputs):
