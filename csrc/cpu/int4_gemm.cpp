@@ -36,8 +36,9 @@ constexpr int kMB = 8;   // x rows per pass over a panel
 template <typename T>
 static inline float xat(const T* xr, int64_t i, int64_t k) { return i < k ? to_f(xr[i]) : 0.f; }
 
-// Any CPU, any activation dtype: fp32 math, codes widened one at a time (the compiler vectorizes
-// the 16-wide loops).
+// Any CPU, any activation dtype: fp32 math. Each K pair's 32 bytes are widened in order (low
+// nibbles, then high ones) and multiplied by the repeating (x[2kk], x[2kk+1]) pattern, so every
+// loop runs over contiguous lanes and vectorizes; adjacent lanes are summed once per group.
 template <typename T>
 static void panel_generic(const Int4GemmParams& p, int64_t pi, int64_t m0, int mb, float* tot) {
   const T* x = static_cast<const T*>(p.x);
@@ -47,26 +48,33 @@ static void panel_generic(const Int4GemmParams& p, int64_t pi, int64_t m0, int m
   for (int i = 0; i < mb * kP; ++i) tot[i] = 0.f;
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t k0 = g * p.group_size, k1 = std::min(p.k, k0 + p.group_size);
-    float acc[kMB][kP] = {};
+    alignas(64) float acc[kMB][2 * kP] = {};  // lane 2j+i: output j (low) / j+16 (high), k = 2kk+i
     for (int64_t kk = k0 / 2; kk < (k1 + 1) / 2; ++kk) {
       const uint8_t* b = wq + kk * kP;
-      float qa[kP], qb[kP];  // codes of k = 2kk and 2kk + 1 for the 32 outputs
-      for (int j = 0; j < 16; ++j) {
-        qa[j] = b[2 * j] & 15;
-        qb[j] = b[2 * j + 1] & 15;
-        qa[16 + j] = b[2 * j] >> 4;
-        qb[16 + j] = b[2 * j + 1] >> 4;
+      alignas(64) float lo[kP], hi[kP];
+      for (int j = 0; j < kP; ++j) {
+        lo[j] = static_cast<float>(b[j] & 15);
+        hi[j] = static_cast<float>(b[j] >> 4);
       }
       for (int m = 0; m < mb; ++m) {
         const T* xr = x + (m0 + m) * p.x_stride;
         const float x0 = xat(xr, 2 * kk, p.k), x1 = xat(xr, 2 * kk + 1, p.k);
-        for (int j = 0; j < kP; ++j) acc[m][j] += x0 * qa[j] + x1 * qb[j];
+        alignas(64) float xp[kP];
+        for (int j = 0; j < kP; ++j) xp[j] = (j & 1) ? x1 : x0;
+        float* a = acc[m];
+        for (int j = 0; j < kP; ++j) a[j] += xp[j] * lo[j];
+        for (int j = 0; j < kP; ++j) a[kP + j] += xp[j] * hi[j];
       }
     }
     const float* s = sz + g * 2 * kP;
     for (int m = 0; m < mb; ++m) {
       const float xs = p.xsum[(m0 + m) * p.groups + g];
-      for (int j = 0; j < kP; ++j) tot[m * kP + j] += acc[m][j] * s[j] + xs * s[kP + j];
+      for (int j = 0; j < 16; ++j) {
+        const float d_lo = acc[m][2 * j] + acc[m][2 * j + 1];
+        const float d_hi = acc[m][kP + 2 * j] + acc[m][kP + 2 * j + 1];
+        tot[m * kP + j] += d_lo * s[j] + xs * s[kP + j];
+        tot[m * kP + 16 + j] += d_hi * s[16 + j] + xs * s[kP + 16 + j];
+      }
     }
   }
 }
