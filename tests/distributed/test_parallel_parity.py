@@ -21,7 +21,9 @@ PROMPTS = [
     "Numbers like 12345 and 6789 appear in text, as do symbols: #, $, %, &.",
     "The capital of France is",
 ]
-GREEDY = SamplingParams(temperature=0, max_tokens=6)
+GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
+# one request alone (never preempted) with the logprobs of its prompt tokens
+PROMPT_LOGPROBS = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
 ENGINE = dict(dtype="float32", max_model_len=64, block_size=8, max_num_batched_tokens=16,
               enable_prefix_caching=False)
 # 9 blocks of 8 tokens per rank (8 hold max_model_len): the four requests need 12 at once
@@ -67,12 +69,13 @@ def case(tmp_path_factory):
     cache: dict[str, tuple[str, dict, list, int]] = {}
 
     def make(name: str):
-        """(dir, kwargs, single-process greedy ids, single-process bytes per KV block)"""
+        """(dir, kwargs, single-process outputs and prompt logprobs, bytes per KV block)"""
         if name not in cache:
             path, kw = _build(name, str(tmp_path_factory.mktemp("models")))
             llm = LLM(model=path, kv_cache_memory=1 << 22, **ENGINE, **kw)
-            ids = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-            cache[name] = (path, kw, ids, llm.llm_engine.runner.bytes_per_block())
+            outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+            prompt = llm.generate(PROMPTS[0], PROMPT_LOGPROBS, use_tqdm=False)[0].prompt_logprobs
+            cache[name] = (path, kw, outs, prompt, llm.llm_engine.runner.bytes_per_block())
         return cache[name]
 
     return make
@@ -96,16 +99,31 @@ CASES = [
 
 @pytest.mark.parametrize("name,tp,pp", CASES, ids=[f"{n}-tp{t}-pp{p}" for n, t, p in CASES])
 def test_parallel_greedy_ids_match_single_process(case, name, tp, pp):
-    path, kw, expected, single_bytes = case(name)
+    path, kw, expected, expected_prompt, single_bytes = case(name)
     per_block = _per_rank_bytes(path, kw, single_bytes, tp, pp)
     llm = LLM(model=path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
               kv_cache_memory=KV_BLOCKS * per_block, **ENGINE, **kw)
     try:
         engine = llm.llm_engine
         assert engine.runner is None and engine.kv.num_blocks == KV_BLOCKS
-        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-        assert got == expected
+        got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
         assert engine.scheduler.num_preemptions > 0
+        for ours, ref in zip(got, expected):
+            _assert_logprobs_close(ours.outputs[0].logprobs, ref.outputs[0].logprobs)
+        prompt = llm.generate(PROMPTS[0], PROMPT_LOGPROBS, use_tqdm=False)[0].prompt_logprobs
+        _assert_logprobs_close(prompt, expected_prompt)
     finally:
         llm.llm_engine.executor.shutdown()
     assert all(not p.is_alive() for p in llm.llm_engine.executor.procs)
+
+
+def _assert_logprobs_close(ours: list, ref: list) -> None:
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        if b is None:                   # the first prompt token has none
+            assert a is None
+            continue
+        assert a.keys() == b.keys()
+        for token in b:
+            assert a[token].logprob == pytest.approx(b[token].logprob, abs=1e-4)
