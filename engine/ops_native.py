@@ -505,16 +505,22 @@ def int4_gemm_packed(x: torch.Tensor, packed: torch.Tensor, scales_offsets: torc
 
 
 def int4_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 group_size: int, g_idx: torch.Tensor | None = None):
-    """Repack a 4-bit weight once after loading for int4_gemm_prepared (ops.Int4Weight)."""
+                 group_size: int, g_idx: torch.Tensor | None = None,
+                 offsets: torch.Tensor | None = None):
+    """Repack a 4-bit weight once after loading for int4_gemm_prepared (ops.Int4Weight).
+    `offsets` [N, G], when given, replaces -zeros * scales (GGUF's Q4_1 min, exactly)."""
     from octavo.ops import Int4Weight
     n, k = qweight.shape
     gs, _ = int4_groups(k, group_size)
     perm = int4_act_order(g_idx, k, group_size)
     if perm is not None:
         qweight = qweight[:, perm.to(qweight.device)]
-    z = torch.full_like(scales, 8.0, dtype=torch.float32) if zeros is None else zeros.float()
-    packed, so = pack_int4_panels(qweight, scales, -z * scales.float(), gs)
+    if offsets is None:
+        z = torch.full_like(scales, 8.0, dtype=torch.float32) if zeros is None else zeros.float()
+        offsets = -z * scales.float()
+    elif perm is not None:
+        raise ValueError("int4_prepare: offsets with act-order g_idx are not supported")
+    packed, so = pack_int4_panels(qweight, scales, offsets, gs)
     return Int4Weight(packed, so, n, k, gs, perm)
 
 

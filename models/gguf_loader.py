@@ -253,8 +253,33 @@ def load_gguf_tokenizer(path: str, **kwargs: Any) -> Any:
     return backend.from_pretrained(folder, gguf_file=name, **kwargs)
 
 
-def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
+def q4_weight_names(path: str) -> set[str]:
+    """HF names of the file's Q4_0 / Q4_1 tensors (those an INT4 layer can keep as they are)."""
+    names = set()
+    for info in read_header(path).tensors:
+        name = hf_name(info.name)
+        if name is not None and info.ggml_type in (_Q4_0, _Q4_1) and len(info.dims) == 2:
+            names.add(name)
+    return names
+
+
+def q4_blocks(raw: np.ndarray, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[rows, row bytes] of Q4_0 / Q4_1 blocks -> (codes uint8 [rows, K], d [rows, K/32],
+    offset [rows, K/32]) with W = codes * d + offset (Q4_1: offset m; Q4_0: -8 d)."""
+    elements, nbytes = _BLOCKS[ggml_type]
+    rows = raw.shape[0]
+    b = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(-1, nbytes)    # [blocks, bytes]
+    d = b[:, 0:2].contiguous().view(torch.float16).float()                  # [blocks, 1]
+    qs = b[:, 4:] if ggml_type == _Q4_1 else b[:, 2:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=1).view(rows, -1)
+    m = b[:, 2:4].contiguous().view(torch.float16).float() if ggml_type == _Q4_1 else -8 * d
+    return codes, d.view(rows, -1), m.view(rows, -1)
+
+
+def iterate_gguf_weights(path: str, hf_config: Any,
+                         keep_q4: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time; the
+    Q4_0 / Q4_1 weights named in `keep_q4` come as X.qweight / X.scales / X.offsets instead."""
     from gguf.quants import dequantize
 
     header = read_header(path)
@@ -268,6 +293,13 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
         shape = [int(d) for d in reversed(info.dims)]          # torch order
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         raw = data[info.offset:info.offset + info.nbytes].reshape(rows, info.nbytes // rows)
+        if name in keep_q4 and info.ggml_type in (_Q4_0, _Q4_1):
+            n_rows = n_head if name.endswith("q_proj.weight") else n_kv
+            permuted = name.endswith(("q_proj.weight", "k_proj.weight"))
+            stem = name[:-len("weight")]
+            for kind, t in zip(("qweight", "scales", "offsets"), q4_blocks(raw, info.ggml_type)):
+                yield stem + kind, unpermute_rows(t, n_rows) if permuted else t
+            continue
         weight = dequantize_blocks(raw, info.ggml_type)
         if weight is None:
             # dequantize turns each row of bytes into a row of values (F32 and F16 included)

@@ -111,7 +111,13 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     get the method of the checkpoint's `quantization_config` (or of `quantization`, e.g.
     "int4" to quantize a float checkpoint at load), whose parameters the tensors then fill."""
     from octavo.models.layers.quantization import apply_quantization, get_quantization_config
-    apply_quantization(model, get_quantization_config(getattr(model, "config", None), quantization))
+    quant = get_quantization_config(getattr(model, "config", None), quantization)
+    if quant is None and model_dir.endswith(".gguf") and _gguf_int4_enabled():
+        from octavo.models.gguf_loader import q4_weight_names
+        from octavo.models.layers.quantization.gguf import GGUFConfig
+        quant = GGUFConfig(q4_weight_names(model_dir), getattr(model, "packed_modules_mapping", {}))
+    apply_quantization(model, quant)
+    keep_q4 = getattr(quant, "kept", set())
     params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
     packed = getattr(model, "packed_modules_mapping", {})
     # a model may route names the packed mapping cannot express (one expert's tensor into a
@@ -120,7 +126,7 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: dict[str, set] = {}
     unexpected = []
-    for name, tensor in _checkpoint_tensors(model, model_dir):
+    for name, tensor in _checkpoint_tensors(model, model_dir, keep_q4):
         if name.endswith(_SKIP_SUFFIXES) or (tied and name.startswith("lm_head.")):
             continue
         routed = route(name) if route is not None else None
@@ -141,10 +147,16 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     _check_complete(params, loaded, packed, model_dir)
 
 
-def _checkpoint_tensors(model: nn.Module, path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if path.endswith(".gguf"):      # a llama.cpp file: dequantized, HF-named tensors
+def _gguf_int4_enabled() -> bool:
+    # OCTAVO_GGUF_INT4=0 dequantizes GGUF Q4_0 / Q4_1 weights at load as before
+    return os.environ.get("OCTAVO_GGUF_INT4", "1") == "1"
+
+
+def _checkpoint_tensors(model: nn.Module, path: str,
+                        keep_q4: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.endswith(".gguf"):      # a llama.cpp file: HF-named tensors, dequantized but keep_q4
         from octavo.models.gguf_loader import iterate_gguf_weights
-        return iterate_gguf_weights(path, model.config)
+        return iterate_gguf_weights(path, model.config, keep_q4)
     return iterate_weights(weight_files(path))
 
 

@@ -245,3 +245,89 @@ def test_errors(float_dir, quant_dirs, tmp_path):
         json.dump(config, f)
     with pytest.raises(ValueError, match="'bitsandbytes' is not supported; supported methods"):
         LLM(model=bad, kv_cache_memory=1 << 24)
+
+
+# ---- GGUF Q4_0 / Q4_1 kept in 4 bits ----------------------------------------------------------
+
+def _write_q4_gguf(hf_dir, out_path, qtype):
+    """gguf_util's tiny-Llama writer with every 2-D layer weight quantized to `qtype`."""
+    import gguf
+    import gguf_util
+    import numpy as np
+
+    real_add = gguf.GGUFWriter.add_tensor
+
+    def add_tensor(self, name, tensor, *args, **kwargs):
+        if tensor.ndim == 2 and name.startswith("blk."):
+            return real_add(self, name, gguf.quants.quantize(tensor.astype(np.float32), qtype),
+                            raw_dtype=qtype)
+        return real_add(self, name, tensor, *args, **kwargs)
+
+    gguf.GGUFWriter.add_tensor = add_tensor
+    try:
+        return gguf_util.write_llama_gguf(hf_dir, out_path)
+    finally:
+        gguf.GGUFWriter.add_tensor = real_add
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_q4_kept_in_4_bits_matches_transformers(qtype, tmp_path):
+    import gguf
+    import numpy as np
+    from parity import hf_greedy
+    from tokenizer_util import make_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_COMMON
+
+    hf_dir = str(tmp_path / "hf")
+    tok = make_tokenizer()
+    config = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"],
+                                  **{**TINY_COMMON, "vocab_size": len(tok)})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    path = _write_q4_gguf(hf_dir, str(tmp_path / f"tiny-{qtype}.gguf"), t)
+    llm = LLM(path, dtype="float32", kv_cache_memory=1 << 24)
+    outs = llm.generate(PROMPTS[:5], SamplingParams(temperature=0, max_tokens=10, logprobs=5,
+                                                    ignore_eos=True), use_tqdm=False)
+    with torch.no_grad():   # transformers on the same blocks, dequantized by the gguf package
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and ".layers." in name:
+                q = gguf.quants.quantize(p.numpy().astype(np.float32), t)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, t).reshape(p.shape)))
+    ref = hf_greedy(model.eval(), [o.prompt_token_ids for o in outs], 10)
+    for out, (tokens, logprobs) in zip(outs, ref):
+        assert out.outputs[0].token_ids == tokens
+        for entry, lp in zip(out.outputs[0].logprobs, logprobs):
+            tok_id = int(lp.argmax())
+            assert entry[tok_id].logprob == pytest.approx(lp[tok_id].item(), abs=2e-4)
+
+
+def test_gguf_q4_layers_hold_4_bit_codes(tmp_path):
+    # the layers really are INT4 layers (codes + group scales), not dequantized copies
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_COMMON
+    from octavo.models.loader import load_weights
+    from octavo.models.registry import get_model_class
+    from octavo.models.gguf_loader import load_gguf_config
+    from octavo.models.layers.quantization.gguf import GGUFInt4LinearMethod
+    from tokenizer_util import make_tokenizer
+
+    hf_dir = str(tmp_path / "hf")
+    tok = make_tokenizer()
+    config = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"],
+                                  **{**TINY_COMMON, "vocab_size": len(tok)})
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    path = _write_q4_gguf(hf_dir, str(tmp_path / "t.gguf"), gguf.GGMLQuantizationType.Q4_1)
+    cfg = load_gguf_config(path)
+    model = get_model_class(cfg)(cfg)
+    load_weights(model, path)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.quant_method, GGUFInt4LinearMethod)
+    assert qkv.qweight.dtype == torch.uint8 and qkv.scales.shape[1] == qkv.input_size // 32

@@ -34,18 +34,28 @@ class Int4LinearMethod(LinearMethodBase):
         """-> (codes [N, K] uint8, scales [N, G], zeros [N, G] or None (8), group_size, g_idx)."""
         raise NotImplementedError
 
+    def offsets(self, layer) -> torch.Tensor | None:
+        """[N, G] offsets W = q * scale + offset, where the format stores them (else None)."""
+        return None
+
     def process_weights_after_loading(self, layer):
         if getattr(layer, "int4_weight", None) is not None or getattr(layer, "dequantized", None) is not None:
             return
         q, scales, zeros, group_size, g_idx = self.codes(layer)
+        offsets = self.offsets(layer)
         layer.int4_weight = layer.dequantized = None
         try:
             if q.device.type != "cpu":
                 raise ValueError("the INT4 kernel runs on CPU only")
-            layer.int4_weight = ops_native.int4_prepare(q, scales, zeros, group_size, g_idx)
+            layer.int4_weight = ops_native.int4_prepare(q, scales, zeros, group_size, g_idx, offsets)
         except ValueError as e:
             logger.debug("INT4 layer dequantized at load: %s", e)
-            w = ops_native.int4_dequantize(q, scales, zeros, group_size, g_idx)
+            if offsets is not None:
+                gs, _ = ops_native.int4_groups(q.shape[1], group_size)
+                g = torch.arange(q.shape[1], device=q.device) // gs
+                w = q.float() * scales[:, g] + offsets[:, g]
+            else:
+                w = ops_native.int4_dequantize(q, scales, zeros, group_size, g_idx)
             layer.dequantized = w.to(layer.params_dtype)
         for name in layer._method_params:              # the packed copy replaces the checkpoint's
             getattr(layer, name).data = torch.empty(0, device=q.device)
