@@ -47,7 +47,7 @@ def field_cases(model: str, tmp: str) -> dict[str, tuple[list[str] | None, objec
         "generation_config": (["vllm"], "octavo"),      # vLLM's name for octavo's
         "seed": (["7"], 7),
         "max_logprobs": (["5"], 5),
-        "quantization": (None, None),                   # any value is an error (tested below)
+        "quantization": (None, None),                   # gptq, awq, int4 (bad values tested below)
         "kv_cache_dtype": (["auto"], "auto"),
         "block_size": (["8"], 8),
         "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
@@ -183,7 +183,7 @@ def test_bad_flag_values_exit_2(argv, match, llama_dir, capsys):
     (["-tp", "0"], "tensor_parallel_size must be a positive integer"),
     (["--pipeline-parallel-size", "0"], "pipeline_parallel_size must be a positive integer"),
     (["--distributed-executor-backend", "ray"], "pip install ray"),
-    (["-q", "awq"], "quantization='awq' is not supported"),
+    (["-q", "fp9"], "quantization='fp9' is not supported"),
     (["--max-logprobs", "-2"], "max_logprobs must be"),
     (["--swap-space", "-1"], "swap_space must be"),
     (["--load-format", "gguf"], "does not match model"),
