@@ -6,6 +6,8 @@ ranks (one TP group) and rank r of stage s sends its hidden states to rank r of 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -75,7 +77,12 @@ class Worker:
         self.info = info
         if info.pp_size > 1:
             config.enforce_eager = True   # the pipelined forward replaces the decode buckets
-        self.runner = ModelRunner(config)
+            # the loader would list the other stages' layers as "checkpoint tensors the model
+            # does not use" on every rank; a pp=1 run still reports truly unused tensors
+            with _quiet_loader():
+                self.runner = ModelRunner(config)
+        else:
+            self.runner = ModelRunner(config)
         self.hidden_size = config.hf_config.hidden_size
 
     def init_kv_cache(self) -> int:
@@ -133,6 +140,22 @@ class Worker:
         if not info.is_last_stage:
             return None
         return StepOutput(sample_reqs, torch.cat(logits) if logits else None, prompt_logits)
+
+
+@contextlib.contextmanager
+def _quiet_loader():
+    log = logging.getLogger("octavo.models.loader")
+    drop = _DropIgnored()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+class _DropIgnored(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("ignored ")
 
 
 def _micro_batches(out: SchedulerOutput, count: int) -> list[SchedulerOutput]:
