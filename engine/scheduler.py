@@ -99,6 +99,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        if req.prompt_logprobs is not None:     # the prompt is recomputed: collect them anew
+            req.prompt_logprobs = [None]
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1

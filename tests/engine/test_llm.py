@@ -72,6 +72,23 @@ def test_preemption_keeps_outputs(llama_dir, alone):
     assert small.llm_engine.kv.pool.num_free == 16
 
 
+def test_preemption_keeps_prompt_logprobs(llama_dir, llm):
+    # a preempted request recomputes its prompt: its prompt logprobs must not be collected twice
+    params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1)
+    expected = [llm.generate(p, params, use_tqdm=False)[0].prompt_logprobs for p in PROMPTS]
+    engine_kw = dict(block_size=4, max_model_len=64, max_num_seqs=8)
+    per_block = make_llm(llama_dir, **engine_kw).llm_engine.runner.bytes_per_block()
+    small = make_llm(llama_dir, kv_cache_memory=16 * per_block, **engine_kw)
+    out = small.generate(PROMPTS, params, use_tqdm=False)
+    assert small.llm_engine.scheduler.num_preemptions > 0
+    for o, want in zip(out, expected):
+        assert len(o.prompt_logprobs) == len(o.prompt_token_ids) == len(want)
+        for got_pos, want_pos in zip(o.prompt_logprobs[1:], want[1:]):
+            assert got_pos.keys() == want_pos.keys()
+            for tok in want_pos:
+                assert abs(got_pos[tok].logprob - want_pos[tok].logprob) < 1e-4
+
+
 def test_chunked_prefill_matches(llama_dir, alone):
     chunked = make_llm(llama_dir, max_num_batched_tokens=7, max_model_len=256)
     assert tokens(chunked.generate(PROMPTS, GREEDY, use_tqdm=False)) == alone
