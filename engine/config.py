@@ -224,7 +224,8 @@ class EngineConfig:
             if self.dtype not in _DTYPES:
                 raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
             return _DTYPES[self.dtype]
-        cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # (getattr of the deprecated torch_dtype makes transformers print a warning)
+        cfg_dtype = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
         if isinstance(cfg_dtype, str):
             cfg_dtype = _DTYPES.get(cfg_dtype, torch.float32)
         if cfg_dtype is None:
