@@ -173,5 +173,5 @@ setup(
     # matplotlib: tests/bench runs `octavo bench plot`.
     extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx", "ninja", "matplotlib"],
                     "bench": ["matplotlib"]},
-    entry_points={"console_scripts": ["octavo = octavo.entrypoints.cli:main"]},
+    entry_points={"console_scripts": ["octavo = octavo.entrypoints.cli:run"]},
 )

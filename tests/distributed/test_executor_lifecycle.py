@@ -173,7 +173,7 @@ def test_kv_heads_that_neither_divide_nor_replicate_raise(tiny_model_factory):
 
 
 def test_pipeline_parallel_on_a_model_without_it_raises(tmp_path):
-    from conftest import save_tiny_model
+    from tiny_models import save_tiny_model
     path = save_tiny_model(str(tmp_path / "bloom"), "bloom", "BloomForCausalLM", hidden_size=64,
                            n_head=4, n_layer=2)
     with pytest.raises(ValueError, match="BloomForCausalLM does not support pipeline parallelism"):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import build_tiny_model, save_tiny_model
+from tiny_models import build_tiny_model, save_tiny_model
 from octavo import LLM, SamplingParams
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "models"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 from octavo import LLM, SamplingParams
 from octavo.beam_search import BeamSearchParams
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import TINY_COMMON
+from tiny_models import TINY_COMMON
 from octavo import LLM, SamplingParams, default_model
 from tokenizer_util import make_tokenizer
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 from octavo import LLM, SamplingParams
 from octavo.model_source import files_to_fetch, hub_id, resolve_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY_COMMON
+from tiny_models import TINY_COMMON
 from octavo import LLM, SamplingParams, default_model
 from octavo.model_runner import ModelRunner
 from octavo.models import gguf_loader

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE
+from tiny_models import CHAT_TEMPLATE
 from server_util import RunningServer, free_port, metric_value
 
 from octavo import LLM, SamplingParams

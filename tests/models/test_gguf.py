@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import TINY_COMMON
+from tiny_models import TINY_COMMON
 from gguf_util import write_llama_gguf
 from octavo import LLM, SamplingParams, default_model
 from octavo.models.gguf_loader import DEFAULT_MODEL_FILE, hf_name, unpermute_rows

@@ -1,7 +1,7 @@
 """Hugging Face parity of the foundation's architectures (tests/models/parity.py)."""
 import pytest
 
-from conftest import TINY_ARCHS
+from tiny_models import TINY_ARCHS
 from parity import assert_matches_hf
 
 

@@ -21,7 +21,7 @@ from octavo import LLM, SamplingParams
 from octavo.models.layers.cache_spec import PagedKVSpec, PagedLatentSpec
 from octavo.models.layers.mla import MLAAttention
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import PROMPTS, assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
 
 MLA = dict(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,

@@ -7,7 +7,7 @@ between the short prompts and the long ones."""
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import PROMPTS, assert_matches_hf
 
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from octavo.models.registry import get_model_class
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

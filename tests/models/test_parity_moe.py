@@ -24,7 +24,7 @@ from octavo.models.layers.fused_moe import FusedMoE
 from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import (assert_changes_logits, assert_matches_hf, hf_logits, logits,
                     longest_prompt_ids)
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import assert_changes_logits, assert_matches_hf, logits, longest_prompt_ids
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, INTER = 64, 4, 2, 16, 4, 128

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import assert_changes_logits, assert_matches_hf, logits, longest_prompt_ids
 from test_parity_remote import COMMON, CONFIG_PY, HEADS, LLAMA_FIELDS, _randomise_norms
 

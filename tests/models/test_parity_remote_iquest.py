@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from octavo import LLM, SamplingParams
 from parity import PROMPTS, assert_changes_logits, assert_matches_hf, logits, longest_prompt_ids
 from test_parity_remote import (COMMON, CONFIG_PY, HEAD_DIM, HEADS, LAYERS, LLAMA_FIELDS,

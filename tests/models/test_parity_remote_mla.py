@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
 
 ROPE_DIM = 8

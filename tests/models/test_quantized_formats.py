@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny_model
+from tiny_models import save_tiny_model
 from parity import PROMPTS, assert_matches_hf
 
 from octavo import LLM, SamplingParams
@@ -278,7 +278,7 @@ def test_gguf_q4_kept_in_4_bits_matches_transformers(qtype, tmp_path):
     from tokenizer_util import make_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conftest import TINY_COMMON
+    from tiny_models import TINY_COMMON
 
     hf_dir = str(tmp_path / "hf")
     tok = make_tokenizer()
@@ -311,7 +311,7 @@ def test_gguf_q4_layers_hold_4_bit_codes(tmp_path):
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conftest import TINY_COMMON
+    from tiny_models import TINY_COMMON
     from octavo.models.loader import load_weights
     from octavo.models.registry import get_model_class
     from octavo.models.gguf_loader import load_gguf_config

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 
-from conftest import TINY_ARCHS
+from tiny_models import TINY_ARCHS
 from octavo.models.registry import EXAMPLE_MODELS, markdown_table, supported_architectures
 
 HERE = os.path.dirname(__file__)

@@ -5,16 +5,7 @@ from __future__ import annotations
 import pytest
 
 from octavo.bench.stress import ServerProcess
-
-# Markers that make the main server's engine fail (octavo/fault_injection.py); the fuzz never
-# writes them.
-FORWARD_FAULT = "@@fault-forward@@"
-SAMPLE_FAULT = "@@fault-sample@@"
-FATAL_FAULT = "@@fault-fatal@@"
-# 32 blocks of 16 tokens (512 B a token for the tiny model in fp32): far too few for the
-# streams the tests offer at once, so the scheduler has to preempt.
-MAIN_ARGS = ["--dtype", "float32", "--max-model-len", "128", "--block-size", "16",
-             "--kv-cache-memory", "256KiB"]
+from stress_faults import FATAL_FAULT, FORWARD_FAULT, MAIN_ARGS, SAMPLE_FAULT
 
 
 @pytest.fixture(scope="session")

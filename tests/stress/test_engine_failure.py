@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import FATAL_FAULT, FORWARD_FAULT, SAMPLE_FAULT
+from stress_faults import FATAL_FAULT, FORWARD_FAULT, SAMPLE_FAULT
 
 from octavo import LLM, SamplingParams
 from octavo.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
