@@ -35,7 +35,11 @@ def _contenders(x, ws, b):
         panels = _cycling([ops_native.pack_linear_panels(c) for c in ws])
         fns["octavo.linear_packed"] = lambda: torch.ops.octavo.linear_packed(out, x, panels(), b)
     fns["F.linear"] = lambda: F.linear(x, w(), b)
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    if onednn and x.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("oneDNN prepacked: skipped, this CPU has no bf16 GEMM for it (needs AVX-512 or AVX-NE-CONVERT)")
+        onednn = False
+    if onednn:
         packed = _cycling([torch.ops.mkldnn._reorder_linear_weight(c, 32) for c in ws])
         fns["oneDNN prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed(), b, "none", [], "")
     return out, fns
