@@ -185,7 +185,7 @@ def test_cpu_gemm_packs_bf16_for_the_kernel(monkeypatch):
         pytest.skip("cpu_gemm disabled (OCTAVO_CPU_ONEDNN_LINEAR=0 or no oneDNN in this torch)")
     monkeypatch.setenv("OCTAVO_CPU_LINEAR_KERNEL", "1")
     if not cpu_gemm.kernel_enabled(torch.bfloat16):
-        pytest.skip("this CPU has no avx512_bf16: cpu_gemm keeps oneDNN for bf16")
+        pytest.skip("this CPU has no avx512_bf16: cpu_gemm uses oneDNN (or F.linear) for bf16, not the panel kernel")
     torch.manual_seed(0)
     layer = QKVParallelLinear(96, 16, 4, 2, bias=True, params_dtype=torch.bfloat16)
     for p in layer.parameters():
