@@ -248,6 +248,31 @@ def int4_gemm_prepared(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None
     return int4_gemm_packed(x2, w.packed, w.scales_offsets, w.n, w.group_size, bias).view(*x.shape[:-1], w.n)
 
 
+# ---- Mamba-2 SSD (signatures and semantics: ops_native, section "Mamba-2 SSD") ----
+
+def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor, chunk_size: int, D_skip: torch.Tensor | None = None,
+                   dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+                   dt_limit=(0.0, float("inf")), ssm_states: torch.Tensor | None = None,
+                   query_start_loc: torch.Tensor | None = None,
+                   state_indices: torch.Tensor | None = None,
+                   has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
+    # x [T, H, P], dt [T, H], B/C [T, G, N], ssm_states [S, H, P, N] (in place) -> [T, H, P]
+    return ops_native.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D_skip, dt_bias, dt_softplus,
+                                     dt_limit, ssm_states, query_start_loc, state_indices,
+                                     has_initial_state)
+
+
+def ssd_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                     A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     D_skip: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+                     dt_softplus: bool = False, dt_limit=(0.0, float("inf")),
+                     state_indices: torch.Tensor | None = None) -> torch.Tensor:
+    # one token per sequence: x [B, H, P], dt [B, H], B/C [B, G, N] -> out [B, H, P]
+    return ops_native.ssd_state_update(ssm_states, x, dt, A, B, C, D_skip, dt_bias, dt_softplus,
+                                       dt_limit, state_indices)
+
+
 if USING_NATIVE:
     from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
                                    paged_attention, reshape_and_cache, rms_norm,

@@ -531,3 +531,109 @@ def int4_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> 
         x2 = x2[:, w.perm.to(x.device)]
     out = int4_gemm_packed(x2, w.packed, w.scales_offsets, w.n, w.group_size, bias)
     return out.view(*x.shape[:-1], w.n)
+
+
+# ---- Mamba-2 SSD (state-space duality): prefill scan and decode update ---------------------------
+# Heads H of dim P, state size N, groups G (head h reads B/C of group h // (H // G)). Per token:
+#   dt' = clamp(softplus(dt + dt_bias) if dt_softplus else dt + dt_bias, *dt_limit)
+#   h = exp(dt' * A) * h + dt' * outer(x[t], B[t])  (h [H, P, N], fp32);  y = h @ C[t] + D_skip * x
+# Flat varlen batches: sequence b owns rows query_start_loc[b]:query_start_loc[b+1] and the state
+# slot state_indices[b] (read when has_initial_state[b], else zeros; the final state is written
+# back in place). A negative state index marks a padding row: output zeros, no slot touched.
+# These references are the plain recurrence; the kernels use the chunked SSD form.
+
+def check_ssd_args(name: str, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                   B: torch.Tensor, C: torch.Tensor, D_skip: torch.Tensor | None,
+                   dt_bias: torch.Tensor | None, ssm_states: torch.Tensor | None,
+                   state_indices: torch.Tensor | None, dt_limit) -> tuple[int, int, int, int]:
+    # -> (H, P, G, N); ValueError naming what to change
+    if ssm_states is None or state_indices is None:
+        raise ValueError(f"{name}: ssm_states and state_indices are required")
+    if x.dim() != 3:
+        raise ValueError(f"{name}: x must be [tokens, heads, head_dim], got {tuple(x.shape)}")
+    t, h, p = x.shape
+    if B.dim() != 3 or C.shape != B.shape or B.shape[0] != t:
+        raise ValueError(f"{name}: B and C must both be [{t}, groups, state], got "
+                         f"{tuple(B.shape)} and {tuple(C.shape)}")
+    g, n = B.shape[1], B.shape[2]
+    if g == 0 or h % g:
+        raise ValueError(f"{name}: heads ({h}) must be a multiple of groups ({g})")
+    if dt.shape != (t, h):
+        raise ValueError(f"{name}: dt must be [{t}, {h}], got {tuple(dt.shape)}")
+    for what, v in (("A", A), ("D_skip", D_skip), ("dt_bias", dt_bias)):
+        if v is not None and v.shape != (h,):
+            raise ValueError(f"{name}: {what} must be [{h}], got {tuple(v.shape)}")
+    if ssm_states.dim() != 4 or tuple(ssm_states.shape[1:]) != (h, p, n):
+        raise ValueError(f"{name}: ssm_states must be [slots, {h}, {p}, {n}], got "
+                         f"{tuple(ssm_states.shape)}")
+    if state_indices.dim() != 1 or state_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: state_indices must be a 1-D int32 tensor")
+    if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
+        raise ValueError(f"{name}: dt_limit must be (low, high) with low <= high, got {dt_limit}")
+    return h, p, g, n
+
+
+def ssd_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
+           dt_limit=(0.0, float("inf"))) -> torch.Tensor:
+    # dt [..., H] -> the discretization step dt' in the accumulation dtype
+    d = _acc(dt)
+    if dt_bias is not None:
+        d = d + dt_bias.to(d.dtype)
+    if dt_softplus:
+        d = F.softplus(d)
+    return d.clamp(min=float(dt_limit[0]), max=float(dt_limit[1]))
+
+
+def _ssd_step(h: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+              Bh: torch.Tensor, Ch: torch.Tensor) -> torch.Tensor:
+    # h [H, P, N] updated in place; x [H, P], dt [H], A [H], Bh/Ch [H, N] -> y [H, P] (no D)
+    h.mul_(torch.exp(dt * A)[:, None, None]).add_((dt[:, None] * x)[:, :, None] * Bh[:, None, :])
+    return torch.einsum("hpn,hn->hp", h, Ch)
+
+
+def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor, chunk_size: int, D_skip: torch.Tensor | None = None,
+                   dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+                   dt_limit=(0.0, float("inf")), ssm_states: torch.Tensor | None = None,
+                   query_start_loc: torch.Tensor | None = None,
+                   state_indices: torch.Tensor | None = None,
+                   has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
+    # x [T, H, P], dt [T, H], A [H], B/C [T, G, N], ssm_states [S, H, P, N] (in place) -> [T, H, P]
+    h_, p, g, n = check_ssd_args("ssd_chunk_scan", x, dt, A, B, C, D_skip, dt_bias, ssm_states,
+                                 state_indices, dt_limit)
+    if chunk_size <= 0:
+        raise ValueError(f"ssd_chunk_scan: chunk_size must be positive, got {chunk_size}")
+    if query_start_loc is None or query_start_loc.shape != (state_indices.shape[0] + 1,):
+        raise ValueError("ssd_chunk_scan: query_start_loc must be [num_seqs + 1]")
+    acc = _acc(x).dtype
+    d = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
+    a = A.to(acc)
+    rep = h_ // g
+    bh, ch = (v.to(acc).repeat_interleave(rep, dim=1) for v in (B, C))   # [T, H, N]
+    xa = x.to(acc)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    starts = query_start_loc.tolist()
+    init = [True] * len(state_indices) if has_initial_state is None else has_initial_state.tolist()
+    for b, slot in enumerate(state_indices.tolist()):
+        if slot < 0:
+            continue
+        st = ssm_states[slot].to(acc) if init[b] else torch.zeros(h_, p, n, dtype=acc, device=x.device)
+        for t in range(starts[b], starts[b + 1]):
+            out[t] = _ssd_step(st, xa[t], d[t], a, bh[t], ch[t])
+            if D_skip is not None:
+                out[t] += D_skip.to(acc)[:, None] * xa[t]
+        ssm_states[slot] = st.to(ssm_states.dtype)
+    return out.to(x.dtype)
+
+
+def ssd_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                     A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     D_skip: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+                     dt_softplus: bool = False, dt_limit=(0.0, float("inf")),
+                     state_indices: torch.Tensor | None = None) -> torch.Tensor:
+    # one token per sequence: x [B, H, P], dt [B, H], B/C [B, G, N] -> out [B, H, P]
+    if state_indices is None:
+        raise ValueError("ssd_state_update: state_indices is required")
+    qsl = torch.arange(x.shape[0] + 1, dtype=torch.int32, device=x.device)
+    return ssd_chunk_scan(x, dt, A, B, C, 1, D_skip, dt_bias, dt_softplus, dt_limit, ssm_states,
+                          qsl, state_indices, None)
