@@ -248,6 +248,45 @@ def int4_gemm_prepared(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None
     return int4_gemm_packed(x2, w.packed, w.scales_offsets, w.n, w.group_size, bias).view(*x.shape[:-1], w.n)
 
 
+# ---- state-space models, Mamba-1 (signatures and semantics: ops_native's SSM section) ----
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  conv_states: torch.Tensor, query_start_loc: torch.Tensor,
+                  state_indices: torch.Tensor, has_initial_state: torch.Tensor | None = None,
+                  activation: str | None = "silu") -> torch.Tensor:
+    # x: [T, D], weight: [D, W], conv_states: [S, D, W-1] (updated in place) -> out [T, D]
+    return ops_native.causal_conv1d(x, weight, bias, conv_states, query_start_loc, state_indices,
+                                    has_initial_state, activation)
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_states: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None, state_indices: torch.Tensor,
+                         activation: str | None = "silu") -> torch.Tensor:
+    # x: [B, D] one token per sequence -> out [B, D]
+    return ops_native.causal_conv1d_update(x, conv_states, weight, bias, state_indices, activation)
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor, D_skip: torch.Tensor | None, z: torch.Tensor | None,
+                   delta_bias: torch.Tensor | None, delta_softplus: bool,
+                   ssm_states: torch.Tensor, query_start_loc: torch.Tensor,
+                   state_indices: torch.Tensor,
+                   has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
+    # u, delta, z: [T, D]; A: [D, N]; B, C: [T, N]; ssm_states: [S, D, N] (in place) -> [T, D]
+    return ops_native.selective_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus,
+                                     ssm_states, query_start_loc, state_indices, has_initial_state)
+
+
+def selective_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                           A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           D_skip: torch.Tensor | None, z: torch.Tensor | None,
+                           dt_bias: torch.Tensor | None, dt_softplus: bool,
+                           state_indices: torch.Tensor) -> torch.Tensor:
+    # x, dt, z: [B, D]; B, C: [B, N]; ssm_states: [S, D, N] (in place) -> out [B, D]
+    return ops_native.selective_state_update(ssm_states, x, dt, A, B, C, D_skip, z, dt_bias,
+                                             dt_softplus, state_indices)
+
+
 # ---- Mamba-2 SSD (signatures and semantics: ops_native, section "Mamba-2 SSD") ----
 
 def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -533,6 +533,307 @@ def int4_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> 
     return out.view(*x.shape[:-1], w.n)
 
 
+# ---- LoRA: batched shrink / expand over rows that use different adapter slots ----------------
+# punica's BGMV/SGMV shape: slot s of the stacked weights holds one adapter; row t uses slot
+# indices[t], or none when indices[t] == -1. The rank-sized intermediate is float32.
+
+def check_lora_shrink_args(x: torch.Tensor, w: torch.Tensor, indices: torch.Tensor) -> None:
+    if x.dim() != 2 or w.dim() != 3 or indices.dim() != 1:
+        raise ValueError(f"lora_shrink: expected x [T, K], w [L, R, K], indices [T], got "
+                         f"{tuple(x.shape)}, {tuple(w.shape)}, {tuple(indices.shape)}")
+    if w.shape[2] != x.shape[1] or indices.shape[0] != x.shape[0]:
+        raise ValueError(f"lora_shrink: shapes do not match: x {tuple(x.shape)}, w "
+                         f"{tuple(w.shape)}, indices {tuple(indices.shape)}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"lora_shrink: w is {w.dtype} but x is {x.dtype}")
+
+
+def check_lora_expand_args(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                           indices: torch.Tensor, offset: int) -> None:
+    if out.dim() != 2 or x.dim() != 2 or w.dim() != 3 or indices.dim() != 1:
+        raise ValueError(f"lora_expand: expected out [T, N_total], x [T, R], w [L, N, R], "
+                         f"indices [T], got {tuple(out.shape)}, {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}, {tuple(indices.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"lora_expand: x (the shrink output) must be float32, got {x.dtype}")
+    if (w.shape[2] != x.shape[1] or x.shape[0] != out.shape[0]
+            or indices.shape[0] != out.shape[0]):
+        raise ValueError(f"lora_expand: shapes do not match: out {tuple(out.shape)}, x "
+                         f"{tuple(x.shape)}, w {tuple(w.shape)}, indices {tuple(indices.shape)}")
+    if not 0 <= offset <= out.shape[1] - w.shape[1]:
+        raise ValueError(f"lora_expand: columns [{offset}, {offset + w.shape[1]}) are outside "
+                         f"out's {out.shape[1]}")
+    if w.dtype != out.dtype:
+        raise ValueError(f"lora_expand: w is {w.dtype} but out is {out.dtype}")
+
+
+def lora_shrink(x: torch.Tensor, w: torch.Tensor, indices: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
+    # x: [T, K], w: [L, R, K], indices: [T] (-1: no adapter) -> [T, R] float32
+    # out[t] = scale * w[indices[t]] @ x[t]; rows without an adapter are 0
+    check_lora_shrink_args(x, w, indices)
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+    for slot in torch.unique(indices).tolist():
+        if slot < 0:
+            continue
+        rows = indices == slot
+        out[rows] = scale * (x[rows].float() @ w[slot].float().t())
+    return out
+
+
+def lora_expand(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, indices: torch.Tensor,
+                offset: int = 0) -> None:
+    # in place: out[t, offset:offset + N] += w[indices[t]] @ x[t] (summed in float32, rounded
+    # once); out: [T, N_total], x: [T, R] float32, w: [L, N, R]; rows with index -1 unchanged
+    check_lora_expand_args(out, x, w, indices, offset)
+    n = w.shape[1]
+    for slot in torch.unique(indices).tolist():
+        if slot < 0:
+            continue
+        rows = indices == slot
+        cols = out[rows, offset:offset + n].float() + x[rows] @ w[slot].float().t()
+        out[rows, offset:offset + n] = cols.to(out.dtype)
+
+
+# ---- state-space models (Mamba-1): causal conv1d, selective scan, decode updates ------------
+# Flat varlen batches (rows query_start_loc[b]:query_start_loc[b+1] belong to sequence b) over
+# per-layer state slots: sequence b reads slot state_indices[b] when has_initial_state[b] (None:
+# all True), else starts from zeros, and writes its final state back into that slot. A negative
+# state index marks a padding sequence (CUDA-graph buckets): its state is neither read nor
+# written and its output rows are zero. A sequence with no tokens leaves its slot as it is.
+
+_SSM_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _ssm_acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    # fp64 anywhere (the tests' exact reference) computes in fp64, everything else in fp32
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
+        else torch.float32
+
+
+def _check_ssm_batch(op: str, num_states: int, query_start_loc: torch.Tensor | None,
+                     state_indices: torch.Tensor, has_initial_state: torch.Tensor | None,
+                     num_seqs: int, num_tokens: int | None = None) -> None:
+    if state_indices.dim() != 1 or state_indices.shape[0] != num_seqs \
+            or state_indices.dtype != torch.int32:
+        raise ValueError(f"{op}: state_indices must be int32 [{num_seqs}], got "
+                         f"{state_indices.dtype} {tuple(state_indices.shape)}")
+    if query_start_loc is not None and (query_start_loc.dim() != 1
+                                        or query_start_loc.shape[0] != num_seqs + 1
+                                        or query_start_loc.dtype != torch.int32):
+        raise ValueError(f"{op}: query_start_loc must be int32 [B+1] = [{num_seqs + 1}], got "
+                         f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}")
+    if has_initial_state is not None and (has_initial_state.dtype != torch.bool
+                                          or tuple(has_initial_state.shape) != (num_seqs,)):
+        raise ValueError(f"{op}: has_initial_state must be bool [{num_seqs}], got "
+                         f"{has_initial_state.dtype} {tuple(has_initial_state.shape)}")
+    if state_indices.device.type == "cpu" and num_seqs:
+        # on CPU these checks are free; on CUDA they would synchronize (and break graph capture)
+        if int(state_indices.max()) >= num_states:
+            raise ValueError(f"{op}: state_indices must be < the {num_states} state slots, got "
+                             f"{int(state_indices.max())}")
+        if query_start_loc is not None:
+            q = query_start_loc
+            if int(q[0]) != 0 or bool((q[1:] < q[:-1]).any()) or int(q[-1]) != num_tokens:
+                raise ValueError(f"{op}: query_start_loc must rise from 0 to the {num_tokens} "
+                                 f"tokens, got {q.tolist()}")
+
+
+def check_causal_conv1d_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             conv_states: torch.Tensor, activation: str | None,
+                             op: str = "causal_conv1d") -> None:
+    """Raises ValueError (saying what to change) on inconsistent conv shapes."""
+    if activation not in _SSM_ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {_SSM_ACTIVATIONS}, got {activation!r}")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"{op}: x must be [T, D] and weight [D, W], got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    d, w = weight.shape
+    if x.shape[1] != d or w < 1:
+        raise ValueError(f"{op}: weight must be [D={x.shape[1]}, W>=1], got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"{op}: bias must be [{d}], got {tuple(bias.shape)}")
+    if conv_states.dim() != 3 or tuple(conv_states.shape[1:]) != (d, w - 1):
+        raise ValueError(f"{op}: conv_states must be [S, {d}, {w - 1}], got "
+                         f"{tuple(conv_states.shape)}")
+
+
+def _conv_act(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return y if activation is None else F.silu(y)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  conv_states: torch.Tensor, query_start_loc: torch.Tensor,
+                  state_indices: torch.Tensor, has_initial_state: torch.Tensor | None = None,
+                  activation: str | None = "silu") -> torch.Tensor:
+    # x: [T, D], weight: [D, W], bias: [D], conv_states: [S, D, W-1] (oldest column first)
+    # -> out [T, D]; out[t] = act(bias + sum_j weight[:, j] * xx[t - (W-1) + j]) over the sequence
+    # preceded by its W-1 state columns; the slot gets the last W-1 columns of that sequence.
+    check_causal_conv1d_args(x, weight, bias, conv_states, activation)
+    nseq = state_indices.shape[0]
+    _check_ssm_batch("causal_conv1d", conv_states.shape[0], query_start_loc, state_indices,
+                     has_initial_state, nseq, x.shape[0])
+    acc = _ssm_acc_dtype(x, weight)
+    d, w = weight.shape
+    out = torch.zeros_like(x)
+    starts = query_start_loc.tolist()
+    slots = state_indices.tolist()
+    init = [True] * nseq if has_initial_state is None else has_initial_state.tolist()
+    for b in range(nseq):
+        s, e, slot = starts[b], starts[b + 1], slots[b]
+        if slot < 0 or e == s:
+            continue
+        if init[b]:
+            state = conv_states[slot].to(acc)
+        else:
+            state = torch.zeros(d, w - 1, dtype=acc, device=x.device)
+        xx = torch.cat([state, x[s:e].t().to(acc)], dim=1)                 # [D, W-1+L]
+        y = F.conv1d(xx[None], weight.to(acc)[:, None, :],
+                     None if bias is None else bias.to(acc), groups=d)[0]   # [D, L]
+        out[s:e] = _conv_act(y, activation).t().to(x.dtype)
+        conv_states[slot] = xx[:, xx.shape[1] - (w - 1):].to(conv_states.dtype)
+    return out
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_states: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None, state_indices: torch.Tensor,
+                         activation: str | None = "silu") -> torch.Tensor:
+    # x: [B, D] one token per sequence, conv_states: [S, D, W-1] -> out [B, D]; the slot shifts
+    # left by one column and takes x as its newest column.
+    check_causal_conv1d_args(x, weight, bias, conv_states, activation, "causal_conv1d_update")
+    _check_ssm_batch("causal_conv1d_update", conv_states.shape[0], None, state_indices, None,
+                     x.shape[0])
+    acc = _ssm_acc_dtype(x, weight)
+    out = torch.zeros_like(x)
+    for b, slot in enumerate(state_indices.tolist()):
+        if slot < 0:
+            continue
+        xx = torch.cat([conv_states[slot].to(acc), x[b, :, None].to(acc)], dim=1)   # [D, W]
+        y = (xx * weight.to(acc)).sum(1)
+        if bias is not None:
+            y = y + bias.to(acc)
+        out[b] = _conv_act(y, activation).to(x.dtype)
+        conv_states[slot] = xx[:, 1:].to(conv_states.dtype)
+    return out
+
+
+def check_selective_scan_args(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                              B: torch.Tensor, C: torch.Tensor, D_skip: torch.Tensor | None,
+                              z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                              ssm_states: torch.Tensor, op: str = "selective_scan") -> None:
+    """Raises ValueError (saying what to change) on inconsistent selective-scan shapes."""
+    if u.dim() != 2 or A.dim() != 2:
+        raise ValueError(f"{op}: u must be [T, D] and A [D, N], got {tuple(u.shape)}, "
+                         f"{tuple(A.shape)}")
+    t, d = u.shape
+    n = A.shape[1]
+    if A.shape[0] != d:
+        raise ValueError(f"{op}: A must be [D={d}, N], got {tuple(A.shape)}")
+    for name, ten in (("delta", delta), ("z", z)):
+        if ten is not None and tuple(ten.shape) != (t, d):
+            raise ValueError(f"{op}: {name} must be [{t}, {d}] like u, got {tuple(ten.shape)}")
+    for name, ten in (("B", B), ("C", C)):
+        if tuple(ten.shape) != (t, n):
+            raise ValueError(f"{op}: {name} must be [T={t}, N={n}], got {tuple(ten.shape)}")
+    for name, ten in (("D_skip", D_skip), ("delta_bias", delta_bias)):
+        if ten is not None and tuple(ten.shape) != (d,):
+            raise ValueError(f"{op}: {name} must be [{d}], got {tuple(ten.shape)}")
+    if ssm_states.dim() != 3 or tuple(ssm_states.shape[1:]) != (d, n):
+        raise ValueError(f"{op}: ssm_states must be [S, {d}, {n}], got {tuple(ssm_states.shape)}")
+
+
+def _scan_sequence(h: torch.Tensor, u, dt, A, B, C, chunk: int = 64):
+    # h [D, N] (updated), u/dt [L, D], B/C [L, N], all in the accumulation dtype -> y [L, D]
+    ys = []
+    for c0 in range(0, u.shape[0], chunk):   # chunks bound the [L, D, N] temporaries
+        dA = torch.exp(dt[c0:c0 + chunk, :, None] * A)                      # [l, D, N]
+        dBu = (dt[c0:c0 + chunk] * u[c0:c0 + chunk])[:, :, None] * B[c0:c0 + chunk, None, :]
+        for i in range(dA.shape[0]):
+            h = dA[i] * h + dBu[i]
+            ys.append(h @ C[c0 + i])
+    return h, torch.stack(ys) if ys else u.new_zeros(0, u.shape[1])
+
+
+def _ssm_dt(delta: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool, acc) -> torch.Tensor:
+    dt = delta.to(acc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(acc)
+    return F.softplus(dt) if softplus else dt
+
+
+def _ssm_output(y: torch.Tensor, u: torch.Tensor, D_skip, z, acc) -> torch.Tensor:
+    if D_skip is not None:
+        y = y + u * D_skip.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor, D_skip: torch.Tensor | None, z: torch.Tensor | None,
+                   delta_bias: torch.Tensor | None, delta_softplus: bool,
+                   ssm_states: torch.Tensor, query_start_loc: torch.Tensor,
+                   state_indices: torch.Tensor,
+                   has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
+    # u, delta, z: [T, D]; A: [D, N] fp32; B, C: [T, N]; D_skip, delta_bias: [D];
+    # ssm_states: [S, D, N] -> out [T, D] in u's dtype.
+    # dt = softplus(delta + delta_bias) (or without softplus); h = exp(dt A) h + dt B[t] u[t];
+    # y = h C[t] + D_skip u; out = y * silu(z). State math in fp32 whatever ssm_states holds.
+    check_selective_scan_args(u, delta, A, B, C, D_skip, z, delta_bias, ssm_states)
+    nseq = state_indices.shape[0]
+    _check_ssm_batch("selective_scan", ssm_states.shape[0], query_start_loc, state_indices,
+                     has_initial_state, nseq, u.shape[0])
+    acc = _ssm_acc_dtype(u, ssm_states)
+    d, n = A.shape
+    out = torch.zeros_like(u)
+    starts = query_start_loc.tolist()
+    slots = state_indices.tolist()
+    init = [True] * nseq if has_initial_state is None else has_initial_state.tolist()
+    Af = A.to(acc)
+    for b in range(nseq):
+        s, e, slot = starts[b], starts[b + 1], slots[b]
+        if slot < 0 or e == s:
+            continue
+        h = ssm_states[slot].to(acc) if init[b] else torch.zeros(d, n, dtype=acc, device=u.device)
+        ub = u[s:e].to(acc)
+        dt = _ssm_dt(delta[s:e], delta_bias, delta_softplus, acc)
+        h, y = _scan_sequence(h, ub, dt, Af, B[s:e].to(acc), C[s:e].to(acc))
+        y = _ssm_output(y, ub, D_skip, None if z is None else z[s:e], acc)
+        out[s:e] = y.to(u.dtype)
+        ssm_states[slot] = h.to(ssm_states.dtype)
+    return out
+
+
+def selective_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                           A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           D_skip: torch.Tensor | None, z: torch.Tensor | None,
+                           dt_bias: torch.Tensor | None, dt_softplus: bool,
+                           state_indices: torch.Tensor) -> torch.Tensor:
+    # One decode step of selective_scan: x, dt, z: [B, D]; B, C: [B, N]; ssm_states [S, D, N]
+    # (slot state_indices[b] read and written in place) -> out [B, D]
+    check_selective_scan_args(x, dt, A, B, C, D_skip, z, dt_bias, ssm_states,
+                              "selective_state_update")
+    _check_ssm_batch("selective_state_update", ssm_states.shape[0], None, state_indices, None,
+                     x.shape[0])
+    acc = _ssm_acc_dtype(x, ssm_states)
+    out = torch.zeros_like(x)
+    slots = state_indices.to(torch.long)
+    live = (slots >= 0).nonzero().flatten()
+    if live.numel() == 0:
+        return out
+    sl = slots[live]
+    h = ssm_states[sl].to(acc)                                               # [b, D, N]
+    xf = x[live].to(acc)
+    dtf = _ssm_dt(dt[live], dt_bias, dt_softplus, acc)
+    h = torch.exp(dtf[:, :, None] * A.to(acc)) * h \
+        + (dtf * xf)[:, :, None] * B[live].to(acc)[:, None, :]
+    y = (h @ C[live].to(acc)[:, :, None])[:, :, 0]
+    y = _ssm_output(y, xf, D_skip, None if z is None else z[live], acc)
+    out[live] = y.to(x.dtype)
+    ssm_states[sl] = h.to(ssm_states.dtype)
+    return out
+
+
 # ---- Mamba-2 SSD (state-space duality): prefill scan and decode update ---------------------------
 # Heads H of dim P, state size N, groups G (head h reads B/C of group h // (H // G)). Per token:
 #   dt' = clamp(softplus(dt + dt_bias) if dt_softplus else dt + dt_bias, *dt_limit)
