@@ -44,6 +44,8 @@ _MODELS = {
     "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeForCausalLM"),
     "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
+    "LongcatFlashForCausalLM": ("longcat_flash", "LongcatFlashForCausalLM"),
+    "ArcticForCausalLM": ("arctic", "ArcticForCausalLM"),
 }
 
 
@@ -91,6 +93,8 @@ EXAMPLE_MODELS = {
     "Glm4MoeForCausalLM": "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7",
     "DeepseekV2ForCausalLM": "DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-V2.5 (MLA latent cache)",
     "DeepseekV3ForCausalLM": "DeepSeek-V3, DeepSeek-R1 (bf16 weights; MTP layers skipped)",
+    "LongcatFlashForCausalLM": "LongCat-Flash-Chat (zero-computation experts; MTP layers skipped)",
+    "ArcticForCausalLM": "Snowflake Arctic Base/Instruct (trust_remote_code)",
 }
 
 def supported_architectures() -> list[str]:

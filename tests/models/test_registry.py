@@ -22,7 +22,8 @@ README = os.path.join(HERE, "..", "..", "README.md")
 # test_hf_parity.py parametrizes over conftest.TINY_ARCHS
 PARITY_MODULES = ["test_parity_dense_a", "test_parity_dense_b", "test_parity_remote",
                   "test_parity_remote_mla", "test_parity_moe", "test_parity_remote_internlm",
-                  "test_parity_remote_iquest", "test_parity_deepseek"]
+                  "test_parity_remote_iquest", "test_parity_deepseek",
+                  "test_parity_longcat", "test_parity_remote_arctic"]
 
 
 def _string_literals(path: str) -> set[str]:
