@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from octavo.models.gguf_loader import GGUF_SUFFIX, load_gguf_config, load_gguf_tokenizer
 
@@ -331,6 +330,8 @@ def _load_hf_config(config: EngineConfig) -> Any:
         raise ValueError(f"model {config.model!r} is not a local directory or .gguf file; octavo "
                          "loads Hugging Face model directories (config.json + *.safetensors) "
                          "and GGUF files from disk")
+    from transformers import AutoConfig     # here: `transformers.models` scans every model's files
+
     try:
         return AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code,
                                           revision=config.revision)
@@ -346,6 +347,7 @@ _GEN_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
 def _load_tokenizer(config: EngineConfig) -> Any:
     if config.tokenizer is None and config.model.endswith(GGUF_SUFFIX):
         return load_gguf_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    from transformers import AutoTokenizer
     # (revision and cache directory matter when the tokenizer is a Hub id; a local path has none)
     return AutoTokenizer.from_pretrained(config.tokenizer or config.model,
                                          trust_remote_code=config.trust_remote_code,
@@ -369,6 +371,8 @@ def _load_generation_config(config: EngineConfig) -> GenerationConfig | None:
     path = config.generation_config
     if path == "auto":
         path = os.path.dirname(config.model) if config.model.endswith(GGUF_SUFFIX) else config.model
+    from transformers import GenerationConfig
+
     try:
         return GenerationConfig.from_pretrained(path)
     except OSError:

@@ -242,7 +242,8 @@ def load_gguf_tokenizer(path: str, **kwargs: Any) -> Any:
     """transformers' tokenizer for a GGUF file. AutoTokenizer would first rebuild the config
     with its slow reader (seconds); for a file with no tokenizer_config.json beside it,
     AutoTokenizer picks TokenizersBackend (transformers 5), so that is called directly (the
-    test compares the two)."""
+    test compares the two). The tokenizer transformers builds from the file is saved in
+    octavo's cache the first time and loaded from there afterwards (see _tokenizer_cache)."""
     import transformers
 
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
@@ -250,7 +251,55 @@ def load_gguf_tokenizer(path: str, **kwargs: Any) -> Any:
     if backend is None or os.path.exists(os.path.join(folder, "tokenizer_config.json")):
         return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
     kwargs.pop("trust_remote_code", None)
-    return backend.from_pretrained(folder, gguf_file=name, **kwargs)
+    cache = _tokenizer_cache(path)
+    if cache is not None and os.path.isfile(os.path.join(cache, "tokenizer.json")):
+        try:
+            return backend.from_pretrained(cache, **kwargs)
+        except Exception:                 # unreadable cache: rebuild it below
+            pass
+    tokenizer = backend.from_pretrained(folder, gguf_file=name, **kwargs)
+    if cache is not None:
+        _save_tokenizer(tokenizer, cache)
+    return tokenizer
+
+
+def _tokenizer_cache(path: str) -> str | None:
+    """Where the tokenizer built from this file version is kept: building it from the GGUF
+    metadata (transformers re-reads the vocabulary and imports every model's tokenizer module)
+    took 4 of the default model's first-run seconds; loading the saved tokenizer.json takes a
+    fraction. Keyed by the file (path, size, mtime) and the transformers/tokenizers versions
+    that built it. None (no cache) when OCTAVO_TOKENIZER_CACHE=0."""
+    if os.environ.get("OCTAVO_TOKENIZER_CACHE", "1") == "0":
+        return None
+    import hashlib
+
+    import tokenizers
+    import transformers
+
+    from octavo.default_model import cache_dir
+
+    st = os.stat(path)
+    key = "|".join(map(str, (os.path.abspath(path), st.st_size, st.st_mtime_ns,
+                              transformers.__version__, tokenizers.__version__, 1)))
+    return os.path.join(cache_dir(), "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _save_tokenizer(tokenizer: Any, cache: str) -> None:
+    """Write the cache entry whole or not at all (a temporary folder renamed into place); a
+    read-only cache directory only costs the speed-up."""
+    import shutil
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(cache), prefix=".tmp-")
+        try:
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, cache)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def q4_weight_names(path: str) -> set[str]:

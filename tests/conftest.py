@@ -7,6 +7,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The tokenizers built from test GGUF files are not kept in the user's cache
+# (tests/engine/test_startup.py turns the cache on in a temporary directory).
+os.environ.setdefault("OCTAVO_TOKENIZER_CACHE", "0")
 from tiny_models import (CHAT_TEMPLATE, TINY_ARCHS, TINY_COMMON,  # noqa: E402,F401
                          build_tiny_model, save_tiny_model)
 

@@ -107,6 +107,45 @@ def test_gguf_config_and_tokenizer_match_transformers(tiny_gguf):
         assert tok.chat_template == ref_tok.chat_template and len(tok) == len(ref_tok)
 
 
+def test_gguf_tokenizer_cache_equals_the_built_tokenizer(tiny_gguf, monkeypatch, tmp_path):
+    """The second load comes from octavo's cache (transformers' GGUF tokenizer builder is not
+    called) and behaves as the tokenizer transformers builds from the file: ids, special
+    tokens, decoding, chat template; a changed file is rebuilt, not served stale."""
+    import shutil
+
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+    monkeypatch.setenv("OCTAVO_TOKENIZER_CACHE", "1")
+    monkeypatch.setenv("OCTAVO_CACHE_DIR", str(tmp_path / "cache"))
+    for i, src in enumerate(gguf_files(tiny_gguf)):
+        path = str(tmp_path / f"m{i}" / os.path.basename(src))
+        os.makedirs(os.path.dirname(path))
+        shutil.copy(src, path)
+        ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        gguf_loader.load_gguf_tokenizer(path)                          # builds and saves
+        with monkeypatch.context() as m:
+            def no_build(*a, **k):
+                raise AssertionError("the tokenizer was rebuilt from the GGUF metadata")
+            m.setattr(gguf_tokenizer_mapping, "get_gguf_tokenizer", no_build)
+            tok = gguf_loader.load_gguf_tokenizer(path)
+        ids = [tok.encode(t) for t in TEXTS]
+        assert ids == [ref.encode(t) for t in TEXTS]
+        assert [tok.decode(x) for x in ids] == [ref.decode(x) for x in ids]
+        assert [tok.decode(x, skip_special_tokens=True) for x in ids] == \
+            [ref.decode(x, skip_special_tokens=True) for x in ids]
+        assert tok.all_special_tokens == ref.all_special_tokens and len(tok) == len(ref)
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == \
+            (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
+        assert tok.chat_template == ref.chat_template
+        if ref.chat_template:
+            msgs = [{"role": "user", "content": "Hi there"}]
+            assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+                ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        cached = gguf_loader._tokenizer_cache(path)
+        os.utime(path, ns=(1, 1))                                      # a new file version
+        assert gguf_loader._tokenizer_cache(path) != cached
+
+
 @pytest.mark.parametrize("fields", [
     {},
     dict(hidden_size=96, num_attention_heads=6, rope_theta=500000.0, vocab_size=77,
