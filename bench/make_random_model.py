@@ -2,7 +2,9 @@
 
 python -m octavo.bench.make_random_model --out DIR --preset llama-100m [--dtype bfloat16]
 The llama-100m preset: hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000, tied
-embeddings (about 110M parameters). Weights are drawn with a fixed seed, so the model is the same
+embeddings (about 110M parameters). qwen3-moe-1b: a Qwen3-MoE of 986M parameters, 194M active
+per token (hidden 1024, 18 layers, 16 heads / 4 KV heads, 16 experts of intermediate 1024, top-2,
+vocab 32000, tied embeddings). Weights are drawn with a fixed seed, so the model is the same
 on every machine.
 """
 from __future__ import annotations
@@ -19,6 +21,13 @@ PRESETS = {
                        intermediate_size=2048, vocab_size=32000, tie_word_embeddings=True,
                        max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1,
                        eos_token_id=2, initializer_range=0.02),
+    "qwen3-moe-1b": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                         hidden_size=1024, num_hidden_layers=18, num_attention_heads=16,
+                         num_key_value_heads=4, head_dim=64, intermediate_size=3072,
+                         moe_intermediate_size=1024, num_experts=16, num_experts_per_tok=2,
+                         norm_topk_prob=True, vocab_size=32000, tie_word_embeddings=True,
+                         max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1,
+                         eos_token_id=2, initializer_range=0.02),
     "llama-tiny": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, vocab_size=1000, tie_word_embeddings=True,

@@ -29,3 +29,19 @@ def test_saved_tiny_model_is_bf16_with_full_vocab_tokenizer(tmp_path, capsys):
     assert tok.decode(tok.encode("Hello world", add_special_tokens=False)) == "Hello world"
     with safe_open(f"{out}/model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_qwen3_moe_1b_preset_size_and_active_parameters():
+    """About 1B parameters, of which the attention, router, norms, tied embedding and 2 of 16
+    experts per layer (about 194M) are read for each token."""
+    from octavo.bench.decode_ceiling import active_parameters
+
+    fields = dict(PRESETS["qwen3-moe-1b"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    total, active = active_parameters(config)
+    h, layers, inter, e = 1024, 18, 1024, 16
+    experts = layers * e * 3 * h * inter
+    assert 0.95e9 < total < 1.05e9
+    assert total - active == experts * (e - 2) // e
+    assert (config.num_experts, config.num_experts_per_tok, config.hidden_size,
+            config.moe_intermediate_size, config.num_hidden_layers) == (e, 2, h, inter, layers)
