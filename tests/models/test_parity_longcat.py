@@ -153,3 +153,14 @@ def test_two_latent_cache_layers_per_decoder_layer(model_dirs):
     assert len(layers) == 2 * COMMON["num_layers"]
     assert all(isinstance(m, MLAAttention) for m in layers)
     assert {m.cache_spec() for m in layers} == {PagedLatentSpec(24 + 8)}
+
+
+def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
+    """MLA heads and the routed experts' intermediate size split over two ranks; the zero
+    experts' identity terms are added once, after the experts' all-reduce."""
+    from tp_util import one_rank_logits, two_rank_logits
+
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    path = model_dirs("longcat")
+    (got,) = two_rank_logits([path], seqs, str(tmp_path))
+    torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0)

@@ -161,3 +161,13 @@ def test_features_change_reference_output(switch, dirs):
     finally:
         for layer in layers:
             layer.forward = types.MethodType(_parallel_forward, layer)
+
+
+def test_tensor_parallel_two_ranks_match_one(dirs, tmp_path):
+    """Experts, dense and residual MLPs split over two ranks."""
+    from tp_util import one_rank_logits, two_rank_logits
+
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    paths = [dirs(name)[0] for name in ("arctic", "arctic-sequential")]
+    for path, got in zip(paths, two_rank_logits(paths, seqs, str(tmp_path))):
+        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0)
