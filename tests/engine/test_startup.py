@@ -146,6 +146,22 @@ def test_gguf_tokenizer_cache_equals_the_built_tokenizer(tiny_gguf, monkeypatch,
         assert gguf_loader._tokenizer_cache(path) != cached
 
 
+def test_gguf_start_never_imports_transformers_models(tiny_gguf, tmp_path):
+    """Importing `transformers.models` scans every model's source files (seconds on a slow
+    machine); a GGUF start with its tokenizer cached must not need it."""
+    import subprocess
+
+    env = {**os.environ, "OCTAVO_TOKENIZER_CACHE": "1", "OCTAVO_CACHE_DIR": str(tmp_path)}
+    code = ("import sys; from octavo import LLM; LLM(%r, kv_cache_memory=1 << 24, "
+            "dtype='float32'); print('transformers.models' in sys.modules)" % tiny_gguf)
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    # the first start builds the tokenizer with transformers (and its model modules)
+    assert [r.stdout.split()[-1] for r in runs] == ["True", "False"]
+
+
 @pytest.mark.parametrize("fields", [
     {},
     dict(hidden_size=96, num_attention_heads=6, rope_theta=500000.0, vocab_size=77,
