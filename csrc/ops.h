@@ -96,6 +96,51 @@ void fused_moe_packed_cpu(at::Tensor& out,                 // [T, H]
                           const at::Tensor& topk_ids,      // [T, k] int32
                           int64_t inter_size, const std::string& activation);
 
+// Mamba-1 (csrc/cpu/mamba.cpp; semantics: ops_native's state-space section). Sequence b owns
+// rows query_start_loc[b]..[b+1] and state slot state_indices[b] (< 0: padding); slots update in place.
+void causal_conv1d_cpu(at::Tensor& out,                 // [T, D]
+                       const at::Tensor& x,             // [T, D]
+                       const at::Tensor& weight,        // [D, W] float32
+                       const std::optional<at::Tensor>& bias,  // [D] float32
+                       at::Tensor& conv_states,         // [S, D, W-1] x's dtype
+                       const at::Tensor& query_start_loc,  // [B+1] int32
+                       const at::Tensor& state_indices,    // [B] int32
+                       const std::optional<at::Tensor>& has_initial_state,  // [B] bool
+                       bool silu);
+void causal_conv1d_update_cpu(at::Tensor& out,          // [B, D]
+                              const at::Tensor& x,      // [B, D]
+                              at::Tensor& conv_states,  // [S, D, W-1]
+                              const at::Tensor& weight,  // [D, W] float32
+                              const std::optional<at::Tensor>& bias,  // [D] float32
+                              const at::Tensor& state_indices,        // [B] int32
+                              bool silu);
+void selective_scan_cpu(at::Tensor& out,                // [T, D]
+                        const at::Tensor& u,            // [T, D]
+                        const at::Tensor& delta,        // [T, D]
+                        const at::Tensor& A,            // [D, N] float32
+                        const at::Tensor& B,            // [T, N]
+                        const at::Tensor& C,            // [T, N]
+                        const std::optional<at::Tensor>& D_skip,      // [D] float32
+                        const std::optional<at::Tensor>& z,           // [T, D]
+                        const std::optional<at::Tensor>& delta_bias,  // [D] float32
+                        bool delta_softplus,
+                        at::Tensor& ssm_states,         // [S, D, N] (any float dtype)
+                        const at::Tensor& query_start_loc,  // [B+1] int32
+                        const at::Tensor& state_indices,    // [B] int32
+                        const std::optional<at::Tensor>& has_initial_state);  // [B] bool
+void selective_state_update_cpu(at::Tensor& out,        // [B, D]
+                                at::Tensor& ssm_states,  // [S, D, N]
+                                const at::Tensor& x,     // [B, D]
+                                const at::Tensor& dt,    // [B, D]
+                                const at::Tensor& A,     // [D, N] float32
+                                const at::Tensor& B,     // [B, N]
+                                const at::Tensor& C,     // [B, N]
+                                const std::optional<at::Tensor>& D_skip,   // [D] float32
+                                const std::optional<at::Tensor>& z,        // [B, D]
+                                const std::optional<at::Tensor>& dt_bias,  // [D] float32
+                                bool dt_softplus,
+                                const at::Tensor& state_indices);  // [B] int32
+
 // ---- CUDA (csrc/cuda/*.cu, Tensor-level wrappers in csrc/cuda/torch_ops_cuda.cpp) ----
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,

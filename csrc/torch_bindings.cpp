@@ -36,6 +36,17 @@ void fused_moe_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at:
 void fused_moe_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, int64_t, const std::string&) {}
 
+void causal_conv1d_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool) {}
+void causal_conv1d_update_meta(at::Tensor&, const at::Tensor&, at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, const at::Tensor&, bool) {}
+void selective_scan_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                         at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {}
+void selective_state_update_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&) {}
+
 }  // namespace
 
 TORCH_LIBRARY(octavo, m) {
@@ -83,6 +94,21 @@ TORCH_LIBRARY(octavo, m) {
   // the same on CPU with the expert weights packed once (ops_native.pack_moe_weights)
   m.def("fused_moe_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
         "Tensor topk_weights, Tensor topk_ids, int inter_size, str activation) -> ()");
+  // Mamba-1 causal depthwise conv over varlen sequences [T, D] preceded by their conv state
+  // slots [S, D, W-1] (updated in place); silu: apply silu. Weight [D, W] / bias float32.
+  m.def("causal_conv1d(Tensor! out, Tensor x, Tensor weight, Tensor? bias, Tensor! conv_states, "
+        "Tensor query_start_loc, Tensor state_indices, Tensor? has_initial_state, bool silu) -> ()");
+  // one decode token per sequence: x [B, D]
+  m.def("causal_conv1d_update(Tensor! out, Tensor x, Tensor! conv_states, Tensor weight, "
+        "Tensor? bias, Tensor state_indices, bool silu) -> ()");
+  // Mamba-1 selective scan: h = exp(dt A) h + dt u B[t]; out = (h C[t] + D u) * silu(z)
+  m.def("selective_scan(Tensor! out, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D_skip, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor! ssm_states, "
+        "Tensor query_start_loc, Tensor state_indices, Tensor? has_initial_state) -> ()");
+  // one decode step of selective_scan per sequence: x [B, D]
+  m.def("selective_state_update(Tensor! out, Tensor! ssm_states, Tensor x, Tensor dt, Tensor A, "
+        "Tensor B, Tensor C, Tensor? D_skip, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
+        "Tensor state_indices) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(octavo, CPU, m) {
@@ -101,6 +127,10 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("moe_align", &octavo::moe_align_cpu);
   m.impl("fused_moe", &octavo::fused_moe_cpu);
   m.impl("fused_moe_packed", &octavo::fused_moe_packed_cpu);
+  m.impl("causal_conv1d", &octavo::causal_conv1d_cpu);
+  m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cpu);
+  m.impl("selective_scan", &octavo::selective_scan_cpu);
+  m.impl("selective_state_update", &octavo::selective_state_update_cpu);
 }
 
 #if defined(OCTAVO_WITH_CUDA)
@@ -135,6 +165,10 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("moe_align", &moe_align_meta);
   m.impl("fused_moe", &fused_moe_meta);
   m.impl("fused_moe_packed", &fused_moe_packed_meta);
+  m.impl("causal_conv1d", &causal_conv1d_meta);
+  m.impl("causal_conv1d_update", &causal_conv1d_update_meta);
+  m.impl("selective_scan", &selective_scan_meta);
+  m.impl("selective_state_update", &selective_state_update_meta);
 }
 
 // `import octavo._C` loads this library (and so registers the ops); the module itself is empty.
