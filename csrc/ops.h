@@ -171,4 +171,25 @@ void fused_moe_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor&
                     const at::Tensor& w2, const at::Tensor& topk_weights,
                     const at::Tensor& topk_ids, const std::string& activation);  // bf16 / fp16
 
+void causal_conv1d_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                        const at::Tensor& query_start_loc, const at::Tensor& state_indices,
+                        const std::optional<at::Tensor>& has_initial_state, bool silu);
+void causal_conv1d_update_cuda(at::Tensor& out, const at::Tensor& x, at::Tensor& conv_states,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& state_indices, bool silu);
+void selective_scan_cuda(at::Tensor& out, const at::Tensor& u, const at::Tensor& delta,
+                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                         const std::optional<at::Tensor>& D_skip, const std::optional<at::Tensor>& z,
+                         const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                         at::Tensor& ssm_states, const at::Tensor& query_start_loc,
+                         const at::Tensor& state_indices,
+                         const std::optional<at::Tensor>& has_initial_state);
+void selective_state_update_cuda(at::Tensor& out, at::Tensor& ssm_states, const at::Tensor& x,
+                                 const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const std::optional<at::Tensor>& D_skip,
+                                 const std::optional<at::Tensor>& z,
+                                 const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                                 const at::Tensor& state_indices);
+
 }  // namespace octavo

@@ -146,6 +146,10 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("topk_routing", &octavo::topk_routing_cuda);
   m.impl("moe_align", &octavo::moe_align_cuda);
   m.impl("fused_moe", &octavo::fused_moe_cuda);
+  m.impl("causal_conv1d", &octavo::causal_conv1d_cuda);
+  m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cuda);
+  m.impl("selective_scan", &octavo::selective_scan_cuda);
+  m.impl("selective_state_update", &octavo::selective_state_update_cuda);
 }
 #endif
 

@@ -137,3 +137,226 @@ def test_reference_argument_errors():
     with pytest.raises(ValueError, match="B must be"):
         ops_native.selective_scan(x, x, torch.randn(4, 3), torch.randn(5, 2), torch.randn(5, 3),
                                   None, None, None, True, torch.zeros(2, 4, 3), q, slots)
+
+
+# ---- octavo.ops (the CPU kernels) vs the references -----------------------------------------
+
+def _exact(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+class Batch:
+    """A varlen batch over S state slots: prefill chunks and decode rows, a padding sequence
+    (slot -1), sequences with and without an initial state, slots not in order."""
+
+    def __init__(self, lens, num_slots, seed, pad=None, init=None):
+        g = torch.Generator().manual_seed(seed)
+        self.lens = lens
+        self.q = qsl(lens)
+        slots = torch.randperm(num_slots, generator=g)[:len(lens)].to(torch.int32)
+        if pad is not None:
+            slots[pad] = -1
+        self.slots = slots
+        self.init = (torch.rand(len(lens), generator=g) < 0.5) if init is None else init
+        self.g = g
+
+    def randn(self, *shape, scale=1.0):
+        return torch.randn(*shape, generator=self.g) * scale
+
+    def untouched(self, num_slots):
+        used = set(self.slots.tolist())
+        return [s for s in range(num_slots) if s not in used]
+
+
+MIXED_LENS = [1, 37, 1, 2, 0, 5, 1, 13]       # decode rows, prefill chunks, an empty sequence
+
+
+def _conv_case(b, d, w, dtype, num_slots, strided=False):
+    t = sum(b.lens)
+    xz = b.randn(t, 2 * d).to(dtype)
+    x = xz[:, :d] if strided else xz[:, :d].contiguous()   # a row-strided view, as after in_proj
+    weight, bias = b.randn(d, w, scale=0.5), b.randn(d)
+    states = b.randn(num_slots, d, w - 1).to(dtype)
+    return x, weight, bias, states
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("d,w", [(40, 4), (19, 2), (35, 3), (16, 1)])
+def test_causal_conv1d_kernel_matches_reference(dtype, d, w):
+    num_slots = 11
+    b = Batch(MIXED_LENS, num_slots, seed=d + w, pad=2)
+    x, weight, bias, states = _conv_case(b, d, w, dtype, num_slots, strided=d % 2 == 1)
+    st_kernel, st_native, st_exact = states.clone(), states.clone(), states.double()
+    for act in ("silu", None):
+        out = ops.causal_conv1d(x, weight, bias, st_kernel, b.q, b.slots, b.init, act)
+        native = ops_native.causal_conv1d(x, weight, bias, st_native, b.q, b.slots, b.init, act)
+        exact = ops_native.causal_conv1d(*_exact(x, weight, bias, st_exact), b.q, b.slots, b.init,
+                                         act)
+        assert_close_to_ref(out, native, exact, what=f"causal_conv1d {act}")
+        # the states hold raw inputs: the same values whatever the precision of the arithmetic
+        assert torch.equal(st_kernel, st_native)
+    assert torch.equal(out[b.q[2]:b.q[3]], torch.zeros_like(out[b.q[2]:b.q[3]]))  # padding row
+    keep = b.untouched(num_slots)
+    assert torch.equal(st_kernel[keep], states[keep])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_conv1d_update_kernel_matches_reference(dtype):
+    d, w, num_slots = 37, 4, 9
+    b = Batch([1] * 6, num_slots, seed=5, pad=4)
+    x, weight, bias, states = _conv_case(b, d, w, dtype, num_slots, strided=True)
+    st_kernel, st_native = states.clone(), states.clone()
+    out = ops.causal_conv1d_update(x, st_kernel, weight, None, b.slots, "silu")
+    native = ops_native.causal_conv1d_update(x, st_native, weight, None, b.slots, "silu")
+    exact = ops_native.causal_conv1d_update(*_exact(x, states), weight.double(), None, b.slots,
+                                            "silu")
+    assert_close_to_ref(out, native, exact, what="causal_conv1d_update")
+    assert torch.equal(st_kernel, st_native)
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+    keep = b.untouched(num_slots)
+    assert torch.equal(st_kernel[keep], states[keep])
+
+
+def _scan_case(b, d, n, dtype, num_slots, state_dtype=torch.float32, with_z=True):
+    t = sum(b.lens)
+    proj = b.randn(t, 3 * d).to(dtype)           # u, delta, z as row-strided views of one buffer
+    u, delta, z = proj[:, :d], proj[:, d:2 * d] * 0.5, proj[:, 2 * d:]
+    bc = b.randn(t, 2 * n + 3).to(dtype)
+    B, C = bc[:, 3:3 + n], bc[:, 3 + n:]
+    A = -torch.exp(b.randn(d, n, scale=0.5))
+    D_skip, delta_bias = b.randn(d), b.randn(d, scale=0.5) - 1.0
+    states = b.randn(num_slots, d, n).to(state_dtype)
+    return u, delta.to(dtype), A, B, C, D_skip, z if with_z else None, delta_bias, states
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("d,n", [(40, 16), (23, 5), (17, 1)])
+def test_selective_scan_kernel_matches_reference(dtype, d, n):
+    num_slots = 12
+    b = Batch(MIXED_LENS, num_slots, seed=d * n, pad=6)
+    u, delta, A, B, C, D_skip, z, delta_bias, states = _scan_case(b, d, n, dtype, num_slots)
+    st_kernel, st_native, st_exact = states.clone(), states.clone(), states.double()
+    for softplus in (True, False):
+        dbias = delta_bias if softplus else delta_bias.abs() + 0.1   # keep dt positive
+        args = (A, B, C, D_skip, z, dbias, softplus)
+        out = ops.selective_scan(u, delta.abs() if not softplus else delta, *args, st_kernel,
+                                 b.q, b.slots, b.init)
+        native = ops_native.selective_scan(u, delta.abs() if not softplus else delta, *args,
+                                           st_native, b.q, b.slots, b.init)
+        exact = ops_native.selective_scan(
+            *_exact(u, delta.abs() if not softplus else delta, A, B, C, D_skip, z, dbias),
+            softplus, st_exact, b.q, b.slots, b.init)
+        assert_close_to_ref(out, native, exact, what=f"selective_scan softplus={softplus}")
+        assert_close_to_ref(st_kernel, st_native, st_exact, what="ssm_states")
+    pad = slice(int(b.q[6]), int(b.q[7]))
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))
+    keep = b.untouched(num_slots)
+    assert torch.equal(st_kernel[keep], states[keep])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_selective_scan_kernel_without_optional_inputs(state_dtype):
+    num_slots, d, n = 5, 21, 4
+    b = Batch([3, 1, 9], num_slots, seed=7, init=torch.tensor([True, False, True]))
+    u, delta, A, B, C, _, _, _, states = _scan_case(b, d, n, torch.bfloat16, num_slots,
+                                                    state_dtype=state_dtype)
+    st_kernel, st_native = states.clone(), states.clone()
+    out = ops.selective_scan(u, delta, A, B, C, None, None, None, True, st_kernel, b.q, b.slots)
+    native = ops_native.selective_scan(u, delta, A, B, C, None, None, None, True, st_native, b.q,
+                                       b.slots)
+    exact = ops_native.selective_scan(*_exact(u, delta, A, B, C), None, None, None, True,
+                                      states.double(), b.q, b.slots)
+    assert_close_to_ref(out, native, exact, what="selective_scan (no D, z, bias)")
+    assert st_kernel.dtype == state_dtype
+    torch.testing.assert_close(st_kernel.float(), st_native.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selective_state_update_kernel_matches_reference(dtype):
+    d, n, num_slots = 37, 16, 10
+    b = Batch([1] * 7, num_slots, seed=11, pad=3)
+    x, dt, A, B, C, D_skip, z, dt_bias, states = _scan_case(b, d, n, dtype, num_slots)
+    st_kernel, st_native = states.clone(), states.clone()
+    out = ops.selective_state_update(st_kernel, x, dt, A, B, C, D_skip, z, dt_bias, True, b.slots)
+    native = ops_native.selective_state_update(st_native, x, dt, A, B, C, D_skip, z, dt_bias,
+                                               True, b.slots)
+    st_exact = states.double()
+    exact = ops_native.selective_state_update(st_exact, *_exact(x, dt, A, B, C, D_skip, z,
+                                                                dt_bias), True, b.slots)
+    assert_close_to_ref(out, native, exact, what="selective_state_update")
+    assert_close_to_ref(st_kernel, st_native, st_exact, what="ssm_states")
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    keep = b.untouched(num_slots)
+    assert torch.equal(st_kernel[keep], states[keep])
+    # a decode step is the one-token case of the varlen scan
+    st_scan = states.clone()
+    scan = ops.selective_scan(x, dt, A, B, C, D_skip, z, dt_bias, True, st_scan,
+                              qsl([1] * 7), b.slots)
+    assert torch.equal(scan, out) and torch.equal(st_scan, st_kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_sequences_carry_state_exactly(dtype):
+    """A sequence split into chunks (prefill chunks, then decode steps through the update ops)
+    gives the same outputs and final states as one unchunked pass."""
+    d, n, w, num_slots = 29, 8, 4, 4
+    total = 23
+    b = Batch([total], num_slots, seed=13, init=torch.tensor([False]))
+    x, weight, bias, cstates = _conv_case(b, d, w, dtype, num_slots)
+    u, delta, A, B, C, D_skip, z, delta_bias, sstates = _scan_case(b, d, n, dtype, num_slots)
+    cs_full, ss_full = cstates.clone(), sstates.clone()
+    conv_full = ops.causal_conv1d(x, weight, bias, cs_full, b.q, b.slots, b.init)
+    scan_full = ops.selective_scan(u, delta, A, B, C, D_skip, z, delta_bias, True, ss_full, b.q,
+                                   b.slots, b.init)
+    cs, ss = cstates.clone(), sstates.clone()
+    conv_parts, scan_parts, pos = [], [], 0
+    for i, L in enumerate([2, 1, 7, 3, 8]):   # the first chunk is shorter than W-1
+        r = slice(pos, pos + L)
+        init = torch.tensor([i > 0])
+        conv_parts.append(ops.causal_conv1d(x[r], weight, bias, cs, qsl([L]), b.slots, init))
+        scan_parts.append(ops.selective_scan(u[r], delta[r], A, B[r], C[r], D_skip, z[r],
+                                             delta_bias, True, ss, qsl([L]), b.slots, init))
+        pos += L
+    for t in range(pos, total):                # decode steps
+        r = slice(t, t + 1)
+        conv_parts.append(ops.causal_conv1d_update(x[r], cs, weight, bias, b.slots))
+        scan_parts.append(ops.selective_state_update(ss, u[r], delta[r], A, B[r], C[r], D_skip,
+                                                     z[r], delta_bias, True, b.slots))
+    assert torch.equal(torch.cat(conv_parts), conv_full)
+    assert torch.equal(torch.cat(scan_parts), scan_full)
+    assert torch.equal(cs, cs_full) and torch.equal(ss, ss_full)
+
+
+def test_kernel_argument_errors():
+    x = torch.randn(5, 4)
+    states = torch.zeros(2, 4, 3)
+    q, slots = qsl([5]), torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        ops.causal_conv1d(x, torch.randn(4, 4), None, states, qsl([2, 2]),
+                          torch.tensor([0, 1], dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="state_indices"):
+        ops.selective_state_update(torch.zeros(2, 4, 3), x, x, torch.randn(4, 3),
+                                   torch.randn(5, 3), torch.randn(5, 3), None, None, None, True,
+                                   torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="A must be"):
+        ops.selective_scan(x, x, torch.randn(3, 3), torch.randn(5, 3), torch.randn(5, 3),
+                           None, None, None, True, torch.zeros(2, 4, 3), q, slots)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba_opcheck(dtype):
+    b = Batch([3, 1, 4], 5, seed=17, pad=1)
+    x, weight, bias, cstates = _conv_case(b, 12, 4, dtype, 5)
+    out = torch.empty_like(x)
+    torch.library.opcheck(torch.ops.octavo.causal_conv1d.default,
+                          (out, x, weight, bias, cstates, b.q, b.slots, b.init, True))
+    torch.library.opcheck(torch.ops.octavo.causal_conv1d_update.default,
+                          (out[:3], x[:3], cstates, weight, None, b.slots, False))
+    u, delta, A, B, C, D_skip, z, delta_bias, sstates = _scan_case(b, 12, 4, dtype, 5)
+    out = torch.empty_like(u)
+    torch.library.opcheck(torch.ops.octavo.selective_scan.default,
+                          (out, u, delta, A, B, C, D_skip, z, delta_bias, True, sstates, b.q,
+                           b.slots, b.init))
+    torch.library.opcheck(torch.ops.octavo.selective_state_update.default,
+                          (out[:3], sstates, u[:3], delta[:3], A, B[:3], C[:3], D_skip, z[:3],
+                           delta_bias, True, b.slots))
