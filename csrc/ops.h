@@ -32,6 +32,13 @@ void int4_gemm_cpu(at::Tensor& out,                    // [M, N]
                    const at::Tensor& scales_offsets,   // float32 [ceil(N/32), G, 2, 32]
                    int64_t group_size,
                    const std::optional<at::Tensor>& bias);  // [N]
+void fp8_gemm_cpu(at::Tensor& out,                       // [M, N]
+                  const at::Tensor& x,                   // [M, K] (e4m3 bytes with x_scale)
+                  const at::Tensor& weight,              // float8_e4m3fn / uint8 [N, K]
+                  const at::Tensor& scale,               // float32 [ceil(N/bn), ceil(K/bk)]
+                  int64_t block_n, int64_t block_k,
+                  const std::optional<at::Tensor>& x_scale,  // float32 [M] (W8A8)
+                  const std::optional<at::Tensor>& bias);    // [N]
 void silu_and_mul_cpu(at::Tensor& out,      // [T, D]
                       const at::Tensor& x);  // [T, 2*D]
 void gelu_and_mul_cpu(at::Tensor& out,       // [T, D]
@@ -143,6 +150,10 @@ void selective_state_update_cpu(at::Tensor& out,        // [B, D]
 
 // ---- CUDA (csrc/cuda/*.cu, Tensor-level wrappers in csrc/cuda/torch_ops_cuda.cpp) ----
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void fp8_gemm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                   const at::Tensor& scale, int64_t block_n, int64_t block_k,
+                   const std::optional<at::Tensor>& x_scale,
+                   const std::optional<at::Tensor>& bias);  // bf16 / fp16 out
 void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
                              double eps);
 void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& x);

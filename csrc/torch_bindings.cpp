@@ -16,6 +16,8 @@ void linear_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const std::optional<at::Tensor>&) {}
 void int4_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                     const std::optional<at::Tensor>&) {}
+void fp8_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                   int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {}
 void silu_and_mul_meta(at::Tensor&, const at::Tensor&) {}
 void gelu_and_mul_meta(at::Tensor&, const at::Tensor&, const std::string&) {}
 void rotary_embedding_meta(const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
@@ -62,6 +64,10 @@ TORCH_LIBRARY(octavo, m) {
   // packed by ops_native.pack_int4_panels; CPU only
   m.def("int4_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, int group_size, "
         "Tensor? bias) -> ()");
+  // out [M, N] = x [M, K] @ W^T (+ bias), W = e4m3 weight [N, K] * scale [N/block_n, K/block_k];
+  // x holds e4m3 codes when x_scale [M] is given (W8A8); CPU only
+  m.def("fp8_gemm(Tensor! out, Tensor x, Tensor weight, Tensor scale, int block_n, int block_k, "
+        "Tensor? x_scale, Tensor? bias) -> ()");
   // out [T, D] = silu(x[:, :D]) * x[:, D:]
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // out [T, D] = gelu(x[:, :D], approximate) * x[:, D:]; approximate: "none" | "tanh"
@@ -117,6 +123,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("linear", &octavo::linear_cpu);
   m.impl("linear_packed", &octavo::linear_packed_cpu);
   m.impl("int4_gemm", &octavo::int4_gemm_cpu);
+  m.impl("fp8_gemm", &octavo::fp8_gemm_cpu);
   m.impl("silu_and_mul", &octavo::silu_and_mul_cpu);
   m.impl("gelu_and_mul", &octavo::gelu_and_mul_cpu);
   m.impl("rotary_embedding", &octavo::rotary_embedding_cpu);
@@ -146,6 +153,7 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("topk_routing", &octavo::topk_routing_cuda);
   m.impl("moe_align", &octavo::moe_align_cuda);
   m.impl("fused_moe", &octavo::fused_moe_cuda);
+  m.impl("fp8_gemm", &octavo::fp8_gemm_cuda);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cuda);
   m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cuda);
   m.impl("selective_scan", &octavo::selective_scan_cuda);
@@ -159,6 +167,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("linear", &linear_meta);
   m.impl("linear_packed", &linear_packed_meta);
   m.impl("int4_gemm", &int4_gemm_meta);
+  m.impl("fp8_gemm", &fp8_gemm_meta);
   m.impl("silu_and_mul", &silu_and_mul_meta);
   m.impl("gelu_and_mul", &gelu_and_mul_meta);
   m.impl("rotary_embedding", &rotary_embedding_meta);

@@ -320,3 +320,31 @@ if USING_NATIVE:
                                    prepare_moe_weights, topk_routing)
     from octavo.ops_native import concat_and_cache_mla, mla_paged_attention  # noqa: F811
     from octavo.ops_native import int4_gemm_packed, int4_gemm_prepared  # noqa: F811
+
+
+# ---- FP8 (E4M3) weight GEMM (semantics and scale layouts: ops_native's FP8 section) ----
+
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             block_size: tuple[int, int] | list[int] | None = None,
+             bias: torch.Tensor | None = None, act_scale=None) -> torch.Tensor:
+    # x: [..., K] -> [..., N]; weight: e4m3 [N, K]; weight_scale: per-tensor, [N] / [N, 1]
+    # per-channel, or [N/bn, K/bk] with block_size (bn, bk); act_scale: None (W8A16),
+    # "dynamic" (per-token e4m3 activations) or a static input scale
+    n, k = weight.shape
+    scale, bn, bk = ops_native.fp8_scale_blocks(weight_scale, n, k, block_size)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xq, xs = ops_native.fp8_activations(x2, act_scale)
+    if xs is not None:
+        xq = xq.view(torch.uint8)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    torch.ops.octavo.fp8_gemm(out, xq, ops_native.fp8_codes(weight), scale, bn, bk, xs, bias)
+    return out.view(*x.shape[:-1], n)
+
+
+if USING_NATIVE:
+    from octavo.ops_native import fp8_gemm  # noqa: F811
+# ---- end FP8 ----

@@ -938,3 +938,117 @@ def ssd_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor
     qsl = torch.arange(x.shape[0] + 1, dtype=torch.int32, device=x.device)
     return ssd_chunk_scan(x, dt, A, B, C, 1, D_skip, dt_bias, dt_softplus, dt_limit, ssm_states,
                           qsl, state_indices, None)
+
+
+# ---- FP8 (E4M3) weight GEMM ------------------------------------------------------------------
+# A weight is e4m3 codes [N, K] (torch.float8_e4m3fn, or their bytes as uint8) and fp32 scales
+# over blocks of block_n x block_k: W[n, k] = fp8(q[n, k]) * scale[n // block_n, k // block_k].
+# Per-tensor is one block of N x K, per-channel blocks of 1 x K, DeepSeek-V3 blocks of 128 x 128.
+# Activations stay in their dtype (W8A16) or are quantized to e4m3 themselves (W8A8): per token
+# with scale amax / 448 ("dynamic"), or with one given scale (a checkpoint's static input_scale).
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_codes(weight: torch.Tensor) -> torch.Tensor:
+    """The e4m3 bytes of a weight given as float8_e4m3fn or uint8 (same storage)."""
+    if weight.dtype == torch.float8_e4m3fn:
+        return weight.view(torch.uint8)
+    if weight.dtype != torch.uint8:
+        raise ValueError(f"fp8 weight must be float8_e4m3fn (or its bytes as uint8), got {weight.dtype}")
+    return weight
+
+
+def fp8_scale_blocks(weight_scale: torch.Tensor, n: int, k: int,
+                     block_size: tuple[int, int] | list[int] | None = None
+                     ) -> tuple[torch.Tensor, int, int]:
+    """Any supported scale -> (fp32 [ceil(N/bn), ceil(K/bk)], bn, bk): a single value is
+    per-tensor, [N] or [N, 1] per-channel, block_size=(bn, bk) a block grid (e.g. 128 x 128)."""
+    s = weight_scale.float()
+    if block_size is not None:
+        bn, bk = (int(b) for b in block_size)
+        if bn <= 0 or bk <= 0:
+            raise ValueError(f"fp8 block_size must be positive, got {tuple(block_size)}")
+        grid = (-(-n // bn), -(-k // bk))
+        if tuple(s.shape) != grid:
+            raise ValueError(f"fp8 block scales for a [{n}, {k}] weight in {bn} x {bk} blocks must "
+                             f"be {list(grid)}, got {list(s.shape)}")
+        return s.contiguous(), bn, bk
+    if s.numel() == 1:
+        return s.reshape(1, 1).contiguous(), max(n, 1), max(k, 1)
+    if tuple(s.shape) in ((n,), (n, 1)):
+        return s.reshape(n, 1).contiguous(), 1, max(k, 1)
+    raise ValueError(f"fp8 weight scale of shape {list(s.shape)} fits neither per-tensor ([] or "
+                     f"[1]) nor per-channel ([{n}] or [{n}, 1]) for a [{n}, {k}] weight; block "
+                     "scales need block_size")
+
+
+def fp8_dequantize(weight: torch.Tensor, weight_scale: torch.Tensor,
+                   block_size: tuple[int, int] | list[int] | None = None) -> torch.Tensor:
+    """e4m3 weight [N, K] and its scales -> the fp32 weight [N, K]."""
+    q = fp8_codes(weight).view(torch.float8_e4m3fn).float()
+    n, k = q.shape
+    s, bn, bk = fp8_scale_blocks(weight_scale, n, k, block_size)
+    rows = torch.arange(n, device=q.device) // bn
+    cols = torch.arange(k, device=q.device) // bk
+    return q * s.to(q.device)[rows][:, cols]
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to e4m3 (saturating at +-448); scale broadcasts against x."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_quantize_act(x: torch.Tensor, input_scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] -> (e4m3 [M, K], fp32 scales [M]): per token amax / 448 (dynamic),
+    or the one static `input_scale` for every token."""
+    if input_scale is None:
+        scale = (x.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    else:
+        scale = input_scale.float().reshape(1).to(x.device).expand(x.shape[0]).contiguous()
+    return fp8_quantize(x, scale[:, None]), scale
+
+
+def fp8_quantize_weight(w: torch.Tensor, block_size: tuple[int, int] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] -> (e4m3 [N, K], fp32 scales): per output channel ([N, 1], amax /
+    448, as vLLM's dynamic fp8) or per block ([ceil(N/bn), ceil(K/bk)])."""
+    n, k = w.shape
+    wf = w.float()
+    if block_size is None:
+        scale = (wf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        return fp8_quantize(wf, scale), scale
+    bn, bk = block_size
+    gn, gk = -(-n // bn), -(-k // bk)
+    padded = F.pad(wf.abs(), (0, gk * bk - k, 0, gn * bn - n))
+    scale = (padded.view(gn, bn, gk, bk).amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
+    full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return fp8_quantize(wf, full), scale
+
+
+def fp8_activations(x: torch.Tensor, act_scale) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x as the GEMM reads it, per-row fp32 scales or None): act_scale None keeps x (W8A16),
+    "dynamic" quantizes per token, a tensor is a static per-tensor input scale (W8A8)."""
+    if act_scale is None:
+        return x, None
+    if isinstance(act_scale, str):
+        if act_scale != "dynamic":
+            raise ValueError(f"fp8 act_scale must be None, 'dynamic' or a scale tensor, got {act_scale!r}")
+        return fp8_quantize_act(x)
+    return fp8_quantize_act(x, act_scale)
+
+
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             block_size: tuple[int, int] | list[int] | None = None,
+             bias: torch.Tensor | None = None, act_scale=None) -> torch.Tensor:
+    # x: [..., K] -> [..., N] in x's dtype: dequantize (weight and, W8A8, x), then matmul in
+    # fp32 (fp64 for fp64 x)
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = fp8_activations(x2, act_scale)
+    acc = _acc(x).dtype
+    xa = xq.float().to(acc) * xs.to(acc)[:, None] if xs is not None else _acc(x2)
+    w = fp8_dequantize(weight, weight_scale, block_size).to(acc)
+    y = F.linear(xa, w, None if bias is None else bias.to(acc))
+    return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+# ---- end FP8 ----

@@ -38,6 +38,24 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (
         "f"(c[2]), "f"(c[3]));
 }
 
+// D = A * B + C on one m16n8k32 tile of e4m3 operands (sm_89+), fp32 accumulate. Per lane
+// (g = lane / 4, t = lane % 4): a[r] = A[g + 8 (r % 2)][4t + 16 (r / 2) + 0..3],
+// b[r] = B[4t + 16 r + 0..3][g] (lowest byte = lowest k); c/d as in m16n8k16.
+__device__ __forceinline__ void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2], const float (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+#else
+  for (int i = 0; i < 4; ++i) d[i] = c[i];
+  __trap();  // launchers take this path on sm_89+ only
+#endif
+}
+
 // ldmatrix .m8n8 .b16 from shared memory: lanes 8j..8j+7 give the 16-byte aligned rows of
 // matrix j; lane l gets row l / 4, columns 2 (l % 4) + {0,1} (.trans: the transposed matrix).
 __device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* p) {

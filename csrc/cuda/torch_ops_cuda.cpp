@@ -7,6 +7,7 @@
 
 #include "cuda/mamba_args.h"
 #include "cuda/mla_args.h"
+#include "cuda/fp8_gemm_args.h"
 #include "cuda/torch_args.h"
 #include "ops.h"
 
@@ -24,6 +25,22 @@ void run(bool (*launcher)(const Args&, cudaStream_t), const Args& a, const at::T
 }
 
 }  // namespace
+
+void fp8_gemm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                   const at::Tensor& scale, int64_t block_n, int64_t block_k,
+                   const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& bias) {
+  // e4m3 tensor cores on sm_89+ for e4m3 activations (W8A8) whose K steps fit the scale blocks
+  const c10::cuda::CUDAGuard guard(x.device());
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device()));
+  const int64_t kblocks = block_k > 0 ? (x.size(1) + block_k - 1) / block_k : 1;
+  const bool fp8_mma = x_scale.has_value() && major * 10 + minor >= 89 &&
+                       (kblocks == 1 || block_k % cuda::kFp8StepK32 == 0);
+  run(cuda::launch_fp8_gemm,
+      cuda_args::fp8_gemm(out, x, weight, scale, block_n, block_k, x_scale, bias, fp8_mma, kCUDA),
+      x, "fp8_gemm");
+}
 
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   run(cuda::launch_rms_norm, cuda_args::rms_norm(out, x, weight, eps, kCUDA), x, "rms_norm");
