@@ -7,6 +7,9 @@ is timed from submitting the batch to its last token. TTFT and TPOT come from th
 iterations: the engine is driven by its own step() loop (what LLM.generate does, minus the
 progress bar) and the wall time at which each request's first token comes out is recorded.
 TTFT of a request = first token time - submit time; TPOT = (end - first token) / (output_len - 1).
+
+--profile: after the timed iterations, one more batch with each part of the step timed and one
+with the forward split by op type (octavo.bench.step_profile); printed and kept in the record.
 """
 from __future__ import annotations
 
@@ -70,6 +73,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         latencies.append(lat)
         ttfts += tt
         tpots += tp
+    profile = None
+    if args.profile:
+        from octavo.bench.step_profile import print_profile, profile_steps
+        profile = profile_steps(engine, lambda tag: run_batch(engine, prompts, params, tag))
     record = {"suite": "latency", "backend": "octavo", "model": args.model,
               "batch_size": args.batch_size, "input_len": args.input_len,
               "output_len": args.output_len, "n": args.n, "num_iters": args.num_iters,
@@ -79,7 +86,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "avg_tpot": statistics.mean(tpots), "tpot_percentiles": percentiles(tpots, PERCENTILES),
               "ttft_method": "LLMEngine.step loop, wall time of each request's first token",
               "engine": engine_kwargs(args)}
+    if profile is not None:
+        record["profile"] = profile
     print_record(record)
+    if profile is not None:
+        print_profile(profile)
     write_jsonl(args.output_json, record)
     return record
 
@@ -102,6 +113,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--num-iters", type=int, default=10)
     p.add_argument("--output-json", help="append the result as a JSON line to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where each step's time goes (sections of the step, the "
+                   "forward by op type); two extra batches")
     add_engine_args(p)
 
 

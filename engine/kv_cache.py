@@ -4,6 +4,10 @@ Blocks hold `block_size` tokens. A full block is identified by the hash chain of
 (parent block's hash + its own tokens), so two requests with the same prefix share blocks.
 Freed blocks keep their hash and go to the back of the free queue; allocation takes from the
 front, so the least recently freed cached block is the first to be reused (and forgotten).
+
+Models with a fixed per-request state (Mamba) also need one state slot per running request:
+`allocate` hands one out with a request's first blocks and refuses admission when none is free,
+so the scheduler has one admission rule for both kinds; `free` returns it.
 """
 from __future__ import annotations
 
@@ -65,18 +69,66 @@ class BlockPool:
                 self.free[block_id] = None
 
 
+def split_cache_budget(budget: int, bytes_per_block: int, bytes_per_slot: int, max_num_seqs: int,
+                       blocks_per_seq: int) -> tuple[int, int]:
+    """(num_blocks, num_slots) for a cache budget in bytes shared by paged layers and state
+    layers. Every running request holds exactly one slot, so more than max_num_seqs slots are
+    never used: slots come first, as many as the scheduler can run at once, as long as the
+    blocks of one max_model_len request still fit; the blocks take the rest. Without paged
+    layers (pure Mamba) there are no blocks. Raises ValueError when not even one request fits."""
+    if bytes_per_slot <= 0:
+        return (budget // bytes_per_block if bytes_per_block else 0), 0
+    reserve = bytes_per_block * blocks_per_seq
+    num_slots = min(max_num_seqs, max(0, budget - reserve) // bytes_per_slot)
+    if num_slots < 1:
+        raise ValueError(
+            f"the cache budget of {budget} bytes does not hold one request: its state takes "
+            f"{bytes_per_slot} bytes" + (f" and {blocks_per_seq} KV blocks of max_model_len take "
+                                          f"{reserve}" if reserve else "")
+            + f"; raise the cache budget to at least {bytes_per_slot + reserve}"
+            + (" or lower max_model_len" if reserve else ""))
+    num_blocks = (budget - num_slots * bytes_per_slot) // bytes_per_block if bytes_per_block else 0
+    return num_blocks, num_slots
+
+
+class StateSlotPool:
+    """Free list of per-request state slots (a request keeps its slot until it finishes, is
+    aborted or preempted)."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))   # pop() gives slot 0 first
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_slots)
+
+    def allocate(self) -> int:
+        return self.free_slots.pop()
+
+    def release(self, slot: int) -> None:
+        assert slot not in self.free_slots, f"double free of state slot {slot}"
+        self.free_slots.append(slot)
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_state_slots: int = 0) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        # slots of the per-request state layers; no blocks at all: a model without paged layers
+        self.slots = StateSlotPool(num_state_slots) if num_state_slots else None
+        self.paged = num_blocks > 0 or self.slots is None
         self._num_registered: dict[str, int] = {}          # request id -> full blocks hashed in pool
         self.prefix_queries = 0                             # tokens looked up in the prefix cache
         self.prefix_hits = 0                                # of which were found
 
     @property
     def usage(self) -> float:
+        if not self.paged:
+            return 1.0 - self.slots.num_free / self.slots.num_slots
         return 1.0 - self.pool.num_free / self.num_blocks
 
     def _update_hashes(self, req: Request) -> None:
@@ -105,7 +157,15 @@ class KVCacheManager:
 
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give `req` blocks for its next `num_new_tokens` tokens (after `cached_blocks`, which
-        become its first blocks). Returns False, changing nothing, if the pool is too small."""
+        become its first blocks). Returns False, changing nothing, if the pool is too small or
+        no state slot is free."""
+        needs_slot = self.slots is not None and req.state_slot is None
+        if needs_slot and self.slots.num_free == 0:
+            return False
+        if not self.paged:
+            if needs_slot:
+                req.state_slot = self.slots.allocate()
+            return True
         bs = self.block_size
         have = len(req.block_ids) + len(cached_blocks)
         total_tokens = req.num_computed_tokens + len(cached_blocks) * bs + num_new_tokens
@@ -113,6 +173,8 @@ class KVCacheManager:
         idle_hits = sum(1 for b in cached_blocks if self.pool.blocks[b].ref_cnt == 0)
         if need > self.pool.num_free - idle_hits:
             return False
+        if needs_slot:
+            req.state_slot = self.slots.allocate()
         self.pool.touch(list(cached_blocks))
         req.block_ids.extend(cached_blocks)
         req.block_ids.extend(self.pool.allocate(need))
@@ -138,6 +200,9 @@ class KVCacheManager:
         # tail blocks first, so that a prompt's shared head stays cached the longest
         self.pool.release(list(reversed(req.block_ids)))
         req.block_ids = []
+        if req.state_slot is not None:
+            self.slots.release(req.state_slot)
+            req.state_slot = None
         self._num_registered.pop(req.request_id, None)
 
     def reset_prefix_cache(self) -> bool:

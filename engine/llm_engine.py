@@ -67,7 +67,15 @@ class LLMEngine:
         # the in-process runner (None when workers hold the model)
         self.runner = getattr(self.executor, "runner", None)
         num_blocks = self.executor.init_kv_cache()
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        num_slots = getattr(self.runner, "num_state_slots", 0)
+        if num_slots and config.enable_prefix_caching:
+            # a cached block holds K/V, not the recurrent state after it: a hit could not
+            # resume the Mamba layers, so every prompt is computed whole
+            logger.info("prefix caching is off: this model keeps a per-request recurrent state "
+                        "(Mamba layers) that cached KV blocks cannot restore")
+            config.enable_prefix_caching = False
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 num_state_slots=num_slots)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.eos_token_ids)
         self.parents: dict[str, _Parent] = {}

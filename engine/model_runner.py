@@ -4,6 +4,9 @@ The flat batch is every scheduled token of every request, back to back; attentio
 request's rows through `query_start_loc` and its context through its block table. Inputs go
 through preallocated buffers (no per-step allocation); decode-only steps go through the
 fixed-size static buffers of decode_graphs.py, replayed as CUDA graphs on a GPU.
+
+Layers with a per-request state (Mamba) get slot tensors [1 + num_slots, ...] instead of blocks:
+a request's slot s (from the KV manager) is row s + 1; row 0 is scratch for padding rows.
 """
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ import numpy as np
 import torch
 
 from octavo.models.layers.attention import Attention, AttentionMetadata
-from octavo.models.layers.cache_spec import CacheLayer
+from octavo.models.layers.cache_spec import CacheLayer, StateSpec
 from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
 
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs, decode_batch_sizes
+from .kv_cache import split_cache_budget
 from .request import Request
 from .scheduler import SchedulerOutput
 
@@ -67,6 +71,8 @@ class InputBuffers:
         self.query_start_loc = np.zeros(max_seqs + 1, dtype=np.int32)
         self.seq_lens = np.zeros(max_seqs, dtype=np.int32)
         self.block_table = np.zeros((max_seqs, max_blocks), dtype=np.int32)
+        self.state_indices = np.zeros(max_seqs, dtype=np.int32)      # row of the state slot
+        self.has_initial_state = np.zeros(max_seqs, dtype=np.bool_)
 
 
 class ModelRunner:
@@ -89,6 +95,15 @@ class ModelRunner:
         # every module that keeps a cache (paged K/V, MLA latent, ...), each with its own spec
         self.cache_layers = [m for m in self.model.modules() if isinstance(m, CacheLayer)]
         self.attn_layers = [m for m in self.cache_layers if isinstance(m, Attention)]
+        # per-request state layers (Mamba) hold slots; the others are paged
+        self.state_layers = [m for m in self.cache_layers if isinstance(m.cache_spec(), StateSpec)]
+        self.paged_layers = [m for m in self.cache_layers if m not in self.state_layers]
+        if self.state_layers and config.world_size > 1:
+            raise ValueError(f"{model_cls.__name__} keeps a per-request state (Mamba layers), which "
+                             "octavo runs in one process only: use tensor_parallel_size=1 and "
+                             "pipeline_parallel_size=1")
+        self.num_state_slots = 0
+        self._state_tensors: list[torch.Tensor] = []
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.buf = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
                                 self.max_blocks_per_seq)
@@ -101,13 +116,23 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
-        """Bytes of one block (block_size tokens) summed over every layer's cache spec."""
-        return sum(m.cache_spec().page_bytes(self.block_size, self.dtype) for m in self.cache_layers)
+        """Bytes of one block (block_size tokens) summed over every paged layer's cache spec."""
+        return sum(m.cache_spec().page_bytes(self.block_size, self.dtype) for m in self.paged_layers)
 
-    def _allocate(self, num_blocks: int) -> None:
-        for m in self.cache_layers:
+    def bytes_per_slot(self) -> int:
+        """Bytes of one request's state summed over the state layers (0 without any)."""
+        return sum(m.cache_spec().slot_bytes(self.dtype) for m in self.state_layers)
+
+    def _allocate(self, num_blocks: int, num_slots: int | None = None) -> None:
+        for m in self.paged_layers:
             m.bind_cache(m.cache_spec().allocate(num_blocks, self.block_size, self.dtype,
                                                  self.device))
+        num_slots = self.num_state_slots if num_slots is None else num_slots
+        self._state_tensors = []
+        for m in self.state_layers:               # + row 0: scratch of padding rows
+            caches = m.cache_spec().allocate_slots(num_slots + 1, self.dtype, self.device)
+            m.bind_cache(caches)
+            self._state_tensors.extend(caches)
 
     def init_kv_cache(self) -> int:
         """Turn the KV budget into blocks. On CUDA the budget is what one max-size forward
@@ -124,6 +149,8 @@ class ModelRunner:
         else:
             budget = self.config.kv_cache_memory
             hint = "raise kv_cache_memory (bytes)"
+        if self.state_layers:
+            return self._init_with_state(budget, per_block, hint)
         num_blocks = max(0, budget // per_block)
         needed = self.max_blocks_per_seq
         if num_blocks < needed:
@@ -138,6 +165,22 @@ class ModelRunner:
             self.decode_graphs.capture()
         return num_blocks
 
+    def _init_with_state(self, budget: int, per_block: int, hint: str) -> int:
+        try:
+            num_blocks, num_slots = split_cache_budget(
+                budget, per_block, self.bytes_per_slot(), self.config.max_num_seqs,
+                self.max_blocks_per_seq if self.paged_layers else 0)
+        except ValueError as e:
+            raise ValueError(f"{e} ({hint})") from None
+        self.num_state_slots = num_slots
+        self._allocate(num_blocks, num_slots)
+        self.num_blocks = num_blocks
+        logger.info("state cache: %d slots of %d bytes%s", num_slots, self.bytes_per_slot(),
+                    f", KV cache: {num_blocks} blocks" if self.paged_layers else "")
+        if self.decode_graphs is not None and self.device.type == "cuda":
+            self.decode_graphs.capture()
+        return num_blocks
+
     @torch.inference_mode()
     def profile_run(self) -> None:
         cfg = self.config
@@ -146,10 +189,11 @@ class ModelRunner:
         lens = [seq_len] * (total // seq_len) + ([total % seq_len] if total % seq_len else [])
         lens = lens[:cfg.max_num_seqs]
         blocks_each = [-(-n // self.block_size) for n in lens]
-        self._allocate(sum(blocks_each))
+        self._allocate(sum(blocks_each), len(lens))
         reqs, next_block = [], 0
         for i, n in enumerate(lens):
             r = _DummyRequest(f"profile-{i}", n, list(range(next_block, next_block + blocks_each[i])))
+            r.state_slot = i
             next_block += blocks_each[i]
             reqs.append(r)
         from .scheduler import ScheduledRequest
@@ -157,6 +201,7 @@ class ModelRunner:
         self.execute(out)
         for m in self.cache_layers:
             m.bind_cache(None)
+        self._state_tensors = []
 
     # ---- one step ---------------------------------------------------------------------------
     def _fill_host(self, out: SchedulerOutput) -> tuple[int, list[int], list[Request], list]:
@@ -172,9 +217,13 @@ class ModelRunner:
             b.input_ids[t:t + n] = req.all_token_ids[start:end]
             pos = b.positions[t:t + n]
             pos[:] = np.arange(start, end)
-            table = np.asarray(req.block_ids, dtype=np.int64)
-            b.slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
-            b.block_table[i, :len(table)] = table
+            if self.paged_layers:
+                table = np.asarray(req.block_ids, dtype=np.int64)
+                b.slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
+                b.block_table[i, :len(table)] = table
+            if self.state_layers:
+                b.state_indices[i] = req.state_slot + 1
+                b.has_initial_state[i] = start > 0
             b.seq_lens[i] = end
             b.query_start_loc[i + 1] = t + n
             if req.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
@@ -200,13 +249,27 @@ class ModelRunner:
             max_query_len=max(s.num_new_tokens for s in out.scheduled),
             max_seq_len=int(b.seq_lens[:S].max()),
         )
+        if self.state_layers:
+            attn.state_indices = torch.from_numpy(b.state_indices[:S]).to(dev)
+            attn.has_initial_state = torch.from_numpy(b.has_initial_state[:S]).to(dev)
         return StepInputs(torch.from_numpy(b.input_ids[:t]).to(dev),
                           torch.from_numpy(b.positions[:t]).to(dev), attn,
                           torch.tensor(sample_rows, dtype=torch.int64, device=dev),
                           sample_reqs, prompt_rows)
 
+    def _reset_new_states(self, out: SchedulerOutput) -> None:
+        """Zero the state slots of requests that start this step (new, or recomputed after
+        preemption): the decode ops read a slot's state without a has_initial_state flag."""
+        rows = [s.request.state_slot + 1 for s in out.scheduled if s.start == 0]
+        if rows:
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            for t in self._state_tensors:
+                t.index_fill_(0, index, 0)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
+        if self._state_tensors:
+            self._reset_new_states(out)
         bucket = None
         if self.decode_graphs is not None:
             bucket = self.decode_graphs.bucket([s.num_new_tokens for s in out.scheduled])
@@ -236,6 +299,7 @@ class _DummyRequest:
         self.request_id = request_id
         self.all_token_ids = [0] * n
         self.block_ids = block_ids
+        self.state_slot: int | None = None
         self.num_prompt_tokens = n
         self.prompt_logprobs = None
 

@@ -27,6 +27,7 @@ class Request:
 
     `num_computed_tokens` catches up with `num_tokens`; the scheduler decides how fast.
     `block_ids` is the block table; `block_hashes[i]` identifies full block i for prefix caching.
+    `state_slot` is its slot in the per-request state of models with one (Mamba).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any,
@@ -45,6 +46,7 @@ class Request:
         self.num_preemptions = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[Any] = []
+        self.state_slot: int | None = None   # state slot of the Mamba layers while running
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic()

@@ -1,4 +1,5 @@
-"""octavo bench latency on the tiny Llama: percentiles ordered, TTFT/TPOT consistent."""
+"""octavo bench latency on the tiny Llama: percentiles ordered, TTFT/TPOT consistent; --profile
+splits steps into their parts and leaves the engine unchanged."""
 import json
 
 import pytest
@@ -28,3 +29,57 @@ def test_latency_rejects_bad_sizes(llama_dir, capsys):
     with pytest.raises(SystemExit):
         latency.main(["--model", llama_dir, "--batch-size", "0"])
     assert "--batch-size must be positive" in capsys.readouterr().err
+
+
+def test_latency_profile_breaks_the_step_down(llama_dir, tmp_path, capsys):
+    from octavo.bench.step_profile import SECTIONS
+    from octavo.detokenizer import IncrementalDetokenizer
+
+    original_update = IncrementalDetokenizer.update
+    out = tmp_path / "lat.jsonl"
+    latency.main(["--model", llama_dir, "--input-len", "8", "--output-len", "6",
+                  "--batch-size", "3", "--num-iters-warmup", "0", "--num-iters", "1",
+                  "--profile", "--output-json", str(out)])
+    text = capsys.readouterr().out
+    (r,) = [json.loads(line) for line in open(out)]
+    prof = r["profile"]
+    # 3 prompts of 8 tokens fit one step; then one decode step per further token
+    assert prof["prefill"]["steps"] == 1 and prof["decode"]["steps"] == 6 - 1
+    for kind in ("prefill", "decode"):
+        sections = prof[kind]["sections_ms"]
+        assert list(sections) == list(SECTIONS)
+        assert all(v >= 0 for k, v in sections.items() if k != "gap")
+        assert 0 < sections["forward"] < prof[kind]["step_ms"]
+    shares = prof["forward_ops"]["shares"]
+    assert shares and abs(sum(shares.values()) - 1) < 1e-6 and "GEMM" in shares
+    assert "decode steps: 5" in text and "forward by op type" in text
+    # the timers are gone afterwards: the class's own methods again
+    assert IncrementalDetokenizer.update is original_update
+
+
+def test_profile_leaves_the_engine_as_it_was(llama_dir):
+    from octavo import LLM, SamplingParams
+    from octavo.bench.step_profile import op_category, profile_steps
+
+    llm = LLM(llama_dir, kv_cache_memory=1 << 24, dtype="float32")
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=5)
+    before = llm.generate(["Hello there", "A"], params, use_tqdm=False)
+
+    def batch(tag):
+        for i, p in enumerate(["Hello there", "A"]):
+            engine.add_request(f"{tag}-{i}", p, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    profile_steps(engine, batch)
+    runner = engine.executor.runner
+    for obj, name in ((engine, "step"), (engine.scheduler, "schedule"), (runner, "prepare"),
+                      (runner.model, "forward"), (engine.sampler, "forward")):
+        assert name not in vars(obj), name
+    after = llm.generate(["Hello there", "A"], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in before]
+    assert [op_category(n) for n in ("octavo::paged_attention", "aten::mm",
+                                     "octavo::fused_add_rms_norm", "octavo::rotary_embedding",
+                                     "octavo::reshape_and_cache", "aten::add")] == \
+        ["attention", "GEMM", "norms", "rotary", "cache writes", "other ops"]
