@@ -170,8 +170,9 @@ setup(
                       "tqdm", "jinja2", "gguf", "fastapi", "uvicorn", "prometheus_client",
                       "pydantic>=2"],
     # ninja: tests/simt builds the emulated CUDA kernels with torch.utils.cpp_extension.load.
-    # matplotlib: tests/bench runs `octavo bench plot`.
-    extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx", "ninja", "matplotlib"],
+    # matplotlib: tests/bench runs `octavo bench plot`. peft: tests/lora builds adapters.
+    extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx", "ninja", "matplotlib",
+                             "peft"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["octavo = octavo.entrypoints.cli:run"]},
 )

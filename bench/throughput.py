@@ -47,8 +47,17 @@ def run_octavo(args: argparse.Namespace, requests: list[SampleRequest]) -> Resul
     params = [SamplingParams(n=args.n, temperature=1.0, top_p=1.0, ignore_eos=True,
                              max_tokens=r.expected_output_len, seed=args.seed + i)
               for i, r in enumerate(requests)]
+    loras = None
+    if args.num_lora_adapters:              # prompt i runs with adapter i mod K
+        import tempfile
+
+        from octavo.bench.lora_adapters import random_lora_requests
+        adapters = random_lora_requests(args.model, args.num_lora_adapters,
+                                        llm.llm_engine.config.max_lora_rank,
+                                        tempfile.mkdtemp(prefix="octavo-bench-lora-"))
+        loras = [adapters[i % len(adapters)] for i in range(len(requests))]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
+    outputs = llm.generate(prompts, params, use_tqdm=True, lora_request=loras)
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     del llm
@@ -141,6 +150,8 @@ def _load_workload(args: argparse.Namespace) -> tuple[list[SampleRequest], int]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.n <= 0 or args.hf_max_batch_size <= 0:
         raise ValueError("--n and --hf-max-batch-size must be positive")
+    if args.num_lora_adapters < 0 or (args.num_lora_adapters and not args.enable_lora):
+        raise ValueError("--num-lora-adapters needs --enable-lora (and is at least 0)")
     if args.model is None:      # the workload needs the model's own config and tokenizer
         raise ValueError("--model is required: a Hugging Face model directory")
     requests, pad_id = _load_workload(args)
@@ -161,7 +172,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "num_prompts": args.num_prompts, "input_len": args.input_len,
                 "output_len": args.output_len, "prefix_len": args.prefix_len, "n": args.n,
                 "random_range_ratio": args.random_range_ratio,
-                "hf_max_batch_size": args.hf_max_batch_size, "engine": engine_kwargs(args)}
+                "hf_max_batch_size": args.hf_max_batch_size,
+                "num_lora_adapters": args.num_lora_adapters, "engine": engine_kwargs(args)}
     for rec in records:
         rec.update(workload)
         write_jsonl(args.output_json, rec)
@@ -174,6 +186,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-max-batch-size", type=int, default=32,
                    help="transformers: prompts per padded generate() batch")
     p.add_argument("--output-json", help="append results as JSON lines to this file")
+    p.add_argument("--num-lora-adapters", type=int, default=0,
+                   help="octavo: spread the prompts over this many random LoRA adapters of rank "
+                        "--max-lora-rank (needs --enable-lora; --max-loras slots)")
     add_dataset_args(p)
     add_engine_args(p)
 

@@ -102,6 +102,21 @@ void fused_moe_packed_cpu(at::Tensor& out,                 // [T, H]
                           const at::Tensor& topk_weights,  // [T, k] float32
                           const at::Tensor& topk_ids,      // [T, k] int32
                           int64_t inter_size, const std::string& activation);
+void lora_shrink_cpu(at::Tensor& out,            // [T, R] float32
+                     const at::Tensor& x,        // [T, K]
+                     const at::Tensor& w,        // [L, R, K]
+                     const at::Tensor& indices,  // [T] (-1: no adapter)
+                     double scale);
+void lora_expand_cpu(at::Tensor& out,            // [T, N_total] (adds into columns offset..)
+                     const at::Tensor& x,        // [T, R]
+                     const at::Tensor& w,        // [L, N, R]
+                     const at::Tensor& indices,  // [T] (-1: no adapter)
+                     int64_t offset);
+// the same on CUDA (csrc/cuda/lora.cu; indices outside [0, L) mean no adapter)
+void lora_shrink_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& indices, double scale);
+void lora_expand_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& indices, int64_t offset);
 
 // Mamba-1 (csrc/cpu/mamba.cpp; semantics: ops_native's state-space section). Sequence b owns
 // rows query_start_loc[b]..[b+1] and state slot state_indices[b] (< 0: padding); slots update in place.

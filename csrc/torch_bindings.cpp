@@ -37,6 +37,10 @@ void fused_moe_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at:
                     const at::Tensor&, const at::Tensor&, const std::string&) {}
 void fused_moe_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, int64_t, const std::string&) {}
+void lora_shrink_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      double) {}
+void lora_expand_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      int64_t) {}
 
 void causal_conv1d_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                         at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool) {}
@@ -100,6 +104,10 @@ TORCH_LIBRARY(octavo, m) {
   // the same on CPU with the expert weights packed once (ops_native.pack_moe_weights)
   m.def("fused_moe_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
         "Tensor topk_weights, Tensor topk_ids, int inter_size, str activation) -> ()");
+  // LoRA shrink: out [T, R] float32 = scale * w [L, R, K][indices[t]] @ x [T, K][t]; index -1: 0
+  m.def("lora_shrink(Tensor! out, Tensor x, Tensor w, Tensor indices, float scale) -> ()");
+  // LoRA expand: out[t, offset:offset+N] += w [L, N, R][indices[t]] @ x [T, R][t]; index -1: none
+  m.def("lora_expand(Tensor! out, Tensor x, Tensor w, Tensor indices, int offset) -> ()");
   // Mamba-1 causal depthwise conv over varlen sequences [T, D] preceded by their conv state
   // slots [S, D, W-1] (updated in place); silu: apply silu. Weight [D, W] / bias float32.
   m.def("causal_conv1d(Tensor! out, Tensor x, Tensor weight, Tensor? bias, Tensor! conv_states, "
@@ -134,6 +142,8 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("moe_align", &octavo::moe_align_cpu);
   m.impl("fused_moe", &octavo::fused_moe_cpu);
   m.impl("fused_moe_packed", &octavo::fused_moe_packed_cpu);
+  m.impl("lora_shrink", &octavo::lora_shrink_cpu);
+  m.impl("lora_expand", &octavo::lora_expand_cpu);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cpu);
   m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cpu);
   m.impl("selective_scan", &octavo::selective_scan_cpu);
@@ -153,6 +163,8 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("topk_routing", &octavo::topk_routing_cuda);
   m.impl("moe_align", &octavo::moe_align_cuda);
   m.impl("fused_moe", &octavo::fused_moe_cuda);
+  m.impl("lora_shrink", &octavo::lora_shrink_cuda);
+  m.impl("lora_expand", &octavo::lora_expand_cuda);
   m.impl("fp8_gemm", &octavo::fp8_gemm_cuda);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cuda);
   m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cuda);
@@ -178,6 +190,8 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("moe_align", &moe_align_meta);
   m.impl("fused_moe", &fused_moe_meta);
   m.impl("fused_moe_packed", &fused_moe_packed_meta);
+  m.impl("lora_shrink", &lora_shrink_meta);
+  m.impl("lora_expand", &lora_expand_meta);
   m.impl("causal_conv1d", &causal_conv1d_meta);
   m.impl("causal_conv1d_update", &causal_conv1d_update_meta);
   m.impl("selective_scan", &selective_scan_meta);

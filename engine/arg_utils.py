@@ -115,6 +115,13 @@ class EngineArgs:
         type=int)
     enforce_eager: bool = _opt(False, "run every step eagerly: no decode buckets / CUDA graphs",
                                action=_BOOL)
+    enable_lora: bool = _opt(False, "serve PEFT LoRA adapters (per request: LoRARequest, or the "
+                             "server's --lora-modules / \"model\": adapter name)", action=_BOOL)
+    max_loras: int = _opt(1, "adapters one engine step can use (device slots)", type=int)
+    max_lora_rank: int = _opt(16, "largest adapter rank accepted (slots are sized for it)",
+                              type=int)
+    max_cpu_loras: int | None = _opt(None, "adapters kept loaded in host memory (default: "
+                                     "--max-loras)", type=int)
     disable_log_stats: bool = _opt(False, "accepted for vLLM compatibility, no effect: octavo "
                                    "logs no periodic statistics (the server's /metrics has "
                                    "them)", action="store_true")

@@ -88,11 +88,20 @@ class _Add:
     prompt: PromptType
     params: SamplingParams
     stream: _Stream
+    lora_request: Any = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    """Run fn(engine) on the engine thread (adapter loads touch what steps use)."""
+    fn: Callable[[LLMEngine], Any]
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
 
 
 class _Stop:
@@ -126,8 +135,18 @@ class AsyncLLMEngine:
         self._thread.join(timeout)
 
     # ---- asyncio side ---------------------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine) run on the engine thread between steps; its result or exception."""
+        loop = asyncio.get_running_loop()
+        cmd = _Call(fn, loop, loop.create_future())
+        with self._accepting_lock:
+            if not self._accepting:
+                raise self._dead_error()
+            self._commands.put(cmd)
+        return await cmd.done
+
     async def add_request(self, request_id: str, prompt: PromptType,
-                          params: SamplingParams) -> asyncio.Queue:
+                          params: SamplingParams, lora_request: Any = None) -> asyncio.Queue:
         """Queue a request; raises the engine's ValueError if it is invalid. The returned queue
         yields RequestOutputs (the last has finished=True) or an Exception."""
         loop = asyncio.get_running_loop()
@@ -135,7 +154,7 @@ class AsyncLLMEngine:
         with self._accepting_lock:
             if not self._accepting:
                 raise self._dead_error()
-            self._commands.put(_Add(request_id, prompt, params, stream))
+            self._commands.put(_Add(request_id, prompt, params, stream, lora_request))
         try:
             await stream.added
         except asyncio.CancelledError:
@@ -205,6 +224,8 @@ class AsyncLLMEngine:
                 break
             if isinstance(cmd, _Add):
                 cmd.stream.loop.call_soon_threadsafe(_set_exception, cmd.stream.added, error)
+            elif isinstance(cmd, _Call):
+                cmd.loop.call_soon_threadsafe(_set_exception, cmd.done, error)
         if self.dead is not None and self.on_dead is not None:
             self.on_dead(self.dead)
 
@@ -223,6 +244,8 @@ class AsyncLLMEngine:
                 return False
             if isinstance(cmd, _Add):
                 self._add(cmd)
+            elif isinstance(cmd, _Call):
+                self._call(cmd)
             else:
                 self._abort(cmd.request_id)
             self._report_step()
@@ -230,7 +253,8 @@ class AsyncLLMEngine:
     def _add(self, cmd: _Add) -> None:
         stream = cmd.stream
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params,
+                                    lora_request=cmd.lora_request)
         except Exception as e:  # noqa: BLE001 - any failure belongs to this request alone
             stream.loop.call_soon_threadsafe(_set_exception, stream.added, e)
             return
@@ -239,6 +263,14 @@ class AsyncLLMEngine:
         if self.observer is not None:
             self.observer.on_prompt_tokens(len(self.engine.parents[cmd.request_id]
                                                .children[0].prompt_token_ids))
+
+    def _call(self, cmd: _Call) -> None:
+        try:
+            result = cmd.fn(self.engine)
+        except Exception as e:  # noqa: BLE001 - the caller's error
+            cmd.loop.call_soon_threadsafe(_set_exception, cmd.done, e)
+            return
+        cmd.loop.call_soon_threadsafe(_set_call_result, cmd.done, result)
 
     def _abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is None:
@@ -320,6 +352,11 @@ class AsyncLLMEngine:
         sched, kv = self.engine.scheduler, self.engine.kv
         self.observer.on_step(len(sched.running), len(sched.waiting), kv.usage)
         self.observer.on_cache(kv.pool.num_free, kv.num_blocks, sched.num_preemptions)
+
+
+def _set_call_result(fut: asyncio.Future, result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
 
 
 def _set_result(fut: asyncio.Future) -> None:

@@ -52,6 +52,11 @@ class EngineConfig:
     tokenizer_mode: str = "auto"
     swap_space: float = 4.0                      # accepted, no effect (preemption recomputes)
     disable_log_stats: bool = False              # accepted, no effect (no periodic stats)
+    # multi-LoRA (octavo.lora): adapters in max_loras device slots, max_cpu_loras in host memory
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None             # None: max_loras
     # the model as given, for display (served model name); `model` becomes the path loaded
     model_name: str | None = field(default=None, init=False)
     # filled by resolve(): the HF config and the chosen torch dtype / device
@@ -82,6 +87,7 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self._check_parallel()
+        self._check_lora()
         if self.quantization is not None:
             from octavo.models.layers.quantization import SUPPORTED
             if not isinstance(self.quantization, str) or self.quantization.lower() not in SUPPORTED:
@@ -120,6 +126,20 @@ class EngineConfig:
                              "tokenizer_mode='auto'")
         if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
             raise ValueError(f"swap_space must be a non-negative number of GiB, got {self.swap_space!r}")
+
+    def _check_lora(self) -> None:
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        _positive("max_cpu_loras", self.max_cpu_loras)
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} is less than max_loras="
+                             f"{self.max_loras}: the host cache must hold every adapter in a "
+                             "slot; raise max_cpu_loras")
+        if self.enable_lora and self.world_size > 1:
+            raise ValueError("enable_lora runs in one process only: use tensor_parallel_size=1 "
+                             "and pipeline_parallel_size=1 with LoRA adapters")
 
     @property
     def world_size(self) -> int:

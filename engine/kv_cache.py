@@ -111,6 +111,12 @@ class StateSlotPool:
         self.free_slots.append(slot)
 
 
+def _first_parent(req: Request):
+    # the first block's key names the LoRA adapter: its K/V differ from the base model's
+    lora = getattr(req, "lora_request", None)
+    return None if lora is None else ("lora", lora.lora_int_id)
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  num_state_slots: int = 0) -> None:
@@ -135,7 +141,7 @@ class KVCacheManager:
         bs = self.block_size
         tokens = req.all_token_ids
         for i in range(len(req.block_hashes), len(tokens) // bs):
-            parent = hash(req.block_hashes[-1]) if req.block_hashes else None
+            parent = hash(req.block_hashes[-1]) if req.block_hashes else _first_parent(req)
             req.block_hashes.append((parent, tuple(tokens[i * bs:(i + 1) * bs])))
 
     def find_cached_prefix(self, req: Request) -> list[int]:

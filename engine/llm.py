@@ -33,12 +33,14 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: Any = None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts.
 
         A prompt is a string, {"prompt_token_ids": [...]} or {"prompt": str}. Every prompt is
         validated before any is queued: one bad prompt raises ValueError naming it and leaves
-        the engine as it was.
+        the engine as it was. lora_request: one octavo.lora.LoRARequest for every prompt, or a
+        list with one (or None: the base model) per prompt; needs enable_lora=True.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -52,20 +54,23 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: "
                                  "pass one, or one per prompt")
+        loras = _per_prompt_loras(lora_request, len(prompts))
         engine = self.llm_engine
         checked = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
+        for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras)):
             try:
                 _, ids = engine.tokenize_prompt(prompt)
                 engine.validate(ids, p)
+                if lora is not None:
+                    engine.add_lora(lora)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from e
             checked.append(({"prompt": prompt, "prompt_token_ids": ids}
                              if isinstance(prompt, str) else prompt))
         ids = []
-        for prompt, p in zip(checked, params):
+        for prompt, p, lora in zip(checked, params, loras):
             rid = next_request_id()
-            engine.add_request(rid, prompt, p)
+            engine.add_request(rid, prompt, p, lora_request=lora)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
@@ -74,7 +79,8 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None,
+             lora_request: Any = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or to
         a list of conversations, rendered with the tokenizer's chat template (or
         `chat_template`, a Jinja string; see `octavo.chat_utils.load_chat_template` for files).
@@ -97,12 +103,16 @@ class LLM:
                                  f"conversation {i}: {e}") from e
             prompts.append({"prompt": text,
                             "prompt_token_ids": encode_chat_prompt(tokenizer, text)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType],
                     params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search (octavo.beam_search) for every prompt; outputs in prompt order."""
         return beam_search(self, prompts, params, use_tqdm)
+
+    def list_loras(self) -> set[int]:
+        return self.llm_engine.list_loras()
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -121,3 +131,13 @@ class LLM:
         finally:
             bar.close()
         return [done[r] for r in request_ids]
+
+
+def _per_prompt_loras(lora_request: Any, n: int) -> list[Any]:
+    """One LoRARequest (or None) per prompt from generate's lora_request argument."""
+    if lora_request is None or not isinstance(lora_request, (list, tuple)):
+        return [lora_request] * n
+    if len(lora_request) != n:
+        raise ValueError(f"got {len(lora_request)} lora_requests for {n} prompts: pass one, or "
+                         "one (or None) per prompt")
+    return list(lora_request)

@@ -76,7 +76,8 @@ class LLMEngine:
             config.enable_prefix_caching = False
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  num_state_slots=num_slots)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   max_loras=config.max_loras if config.enable_lora else None)
         self.sampler = Sampler(self.eos_token_ids)
         self.parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, _Parent] = {}
@@ -143,12 +144,37 @@ class LLMEngine:
                 raise ValueError(f"{name}={value} is more than max_num_seqs={limit} (the most "
                                  f"sequences a step can run): ask for at most {limit}")
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+    # ---- LoRA adapters (octavo.lora) ------------------------------------------------------------
+    def _lora_manager(self):
+        if not self.config.enable_lora:
+            raise ValueError("this engine was started without LoRA support: pass "
+                             "enable_lora=True (--enable-lora) to use adapters")
+        return self.runner.lora
+
+    def add_lora(self, lora_request) -> bool:
+        """Load an adapter into the host cache (ValueError if it is bad or does not fit)."""
+        from octavo.lora.request import LoRARequest
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError("lora_request must be an octavo.lora.request.LoRARequest, got "
+                             f"{type(lora_request).__name__}")
+        self._lora_manager().add_adapter(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._lora_manager().remove_adapter(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return {r.lora_int_id for r in self._lora_manager().list_adapters()}
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    lora_request=None) -> None:
         """Validate and queue a request; a bad request raises ValueError and changes nothing."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate(token_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         bad_words = params.bad_words_token_ids(self.tokenizer) if params.bad_words else None
         children = []
         for i in range(params.n):
@@ -160,7 +186,7 @@ class LLMEngine:
                     child_params.seed = params.seed + i
             rid = request_id if params.n == 1 else f"{i}_{request_id}"
             req = Request(rid, token_ids, child_params, self.eos_token_ids, text,
-                          self.config.max_model_len, index=i)
+                          self.config.max_model_len, index=i, lora_request=lora_request)
             req.bad_words_token_ids = bad_words
             if params.detokenize:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)

@@ -92,6 +92,13 @@ class ModelRunner:
                 module.process_weights_after_loading()
         self.model.eval()
         logger.info("loaded %s in %.2fs", model_cls.__name__, time.perf_counter() - t0)
+        self.lora = None                  # octavo.lora: adapters in slots, per-token slot indices
+        if config.enable_lora:
+            from octavo.lora.manager import LoRAManager
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
+                                    config.max_cpu_loras, config.max_num_batched_tokens,
+                                    self.device, self.dtype,
+                                    always=self.device.type == "cuda" and not config.enforce_eager)
         # every module that keeps a cache (paged K/V, MLA latent, ...), each with its own spec
         self.cache_layers = [m for m in self.model.modules() if isinstance(m, CacheLayer)]
         self.attn_layers = [m for m in self.cache_layers if isinstance(m, Attention)]
@@ -273,6 +280,9 @@ class ModelRunner:
         bucket = None
         if self.decode_graphs is not None:
             bucket = self.decode_graphs.bucket([s.num_new_tokens for s in out.scheduled])
+        if self.lora is not None:
+            self.lora.prepare_step([(getattr(s.request, "lora_request", None), s.num_new_tokens)
+                                    for s in out.scheduled], bucket or 0)
         if bucket is not None:     # decode-only step: static buffers (and a graph on CUDA)
             n, sample_rows, sample_reqs, prompt_rows = self._fill_host(out)
             hidden = self.decode_graphs.run(self.buf, n, bucket)

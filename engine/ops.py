@@ -348,3 +348,25 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 if USING_NATIVE:
     from octavo.ops_native import fp8_gemm  # noqa: F811
 # ---- end FP8 ----
+
+
+# ---- LoRA shrink / expand (semantics: ops_native's LoRA section) ----
+
+def lora_shrink(x: torch.Tensor, w: torch.Tensor, indices: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
+    # x: [T, K], w: [L, R, K], indices: [T] int64 (-1: no adapter) -> [T, R] float32
+    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+    torch.ops.octavo.lora_shrink(out, x, w, indices, scale)
+    return out
+
+
+def lora_expand(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, indices: torch.Tensor,
+                offset: int = 0) -> None:
+    # in place: out[t, offset:offset + N] += w[indices[t]] @ x[t]; x: [T, R] float32,
+    # w: [L, N, R], out: [T, N_total]
+    torch.ops.octavo.lora_expand(out, x, w, indices, offset)
+
+
+if USING_NATIVE:
+    from octavo.ops_native import lora_expand, lora_shrink  # noqa: F811
+# ---- end LoRA ----

@@ -32,8 +32,10 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any,
                  eos_token_ids: tuple[int, ...] = (), prompt: str | None = None,
-                 max_model_len: int | None = None, index: int = 0) -> None:
+                 max_model_len: int | None = None, index: int = 0,
+                 lora_request: Any = None) -> None:
         self.request_id = request_id
+        self.lora_request = lora_request     # octavo.lora.LoRARequest, or None: the base model
         self.index = index                   # which of the parent request's n samples
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)

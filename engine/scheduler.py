@@ -41,8 +41,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int | None = None) -> None:
         self.kv = kv
+        self.max_loras = max_loras           # distinct LoRA adapters running at once (slots)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -82,6 +84,8 @@ class Scheduler:
         bs = self.kv.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if not self._lora_fits(req):     # waits for a running adapter's requests to finish
+                break
             cached = self.kv.find_cached_prefix(req)
             num_hit = len(cached) * bs
             n = min(req.num_tokens - num_hit, budget)
@@ -95,6 +99,16 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n, num_hit))
             budget -= n
+
+    def _lora_fits(self, req: Request) -> bool:
+        """Every running request is in each step, so the running set may use at most
+        max_loras distinct adapters (one device slot each)."""
+        lora = getattr(req, "lora_request", None)
+        if lora is None or self.max_loras is None:
+            return True
+        active = {r.lora_request.lora_int_id for r in self.running
+                  if getattr(r, "lora_request", None) is not None}
+        return lora.lora_int_id in active or len(active) < self.max_loras
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -106,6 +106,11 @@ class LinearBase(nn.Module):
     def _bias_size(self) -> int:
         return self.output_size_per_partition
 
+    def output_slices(self) -> list[tuple[object, int]]:
+        """(checkpoint shard id, width) of each projection fused on this rank's output dim,
+        in order; LoRA adapters (octavo.lora) attach per projection through it."""
+        return [(None, self.output_size_per_partition)]
+
     def set_quant_method(self, method: LinearMethodBase) -> None:
         """Hand the layer's weights to `method` (quantization.apply_quantization calls this
         before loading): the previous method's parameters go, the new method creates its own."""
@@ -170,6 +175,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             _divide(size, get_tp_size(), "merged output size")
         super().__init__(input_size, sum(output_sizes), bias, **kwargs)
 
+    def output_slices(self) -> list[tuple[object, int]]:
+        return [(i, size // self.tp_size) for i, size in enumerate(self.output_sizes)]
+
     def weight_loader(self, param, loaded_weight, shard_id=None):
         dim = getattr(param, "output_dim", None)
         if shard_id is None:
@@ -216,6 +224,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_size = self.num_kv_heads * head_size
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
         super().__init__(hidden_size, output_size, bias, **kwargs)
+
+    def output_slices(self) -> list[tuple[object, int]]:
+        return [("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size)]
 
     def _shard(self, shard_id: str) -> tuple[int, int, int, int]:
         # -> (offset in this rank's parameter, size, index of the checkpoint slice to take,

@@ -62,6 +62,10 @@ def field_cases(model: str, tmp: str) -> dict[str, tuple[list[str] | None, objec
         "max_num_batched_tokens": (["32"], 32),
         "enforce_eager": ([], True),
         "disable_log_stats": ([], True),
+        "enable_lora": ([], True),
+        "max_loras": (["2"], 2),
+        "max_lora_rank": (["8"], 8),
+        "max_cpu_loras": (["3"], 3),
     }
 
 

@@ -33,6 +33,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_engine import APIError, ServerContext, error_response
+from .serving_lora import LoadLoRAAdapterRequest, OpenAIServingLoRA, UnloadLoRAAdapterRequest
 from .serving_tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetric
     names = args.served_model_name or [model]
     metrics = ServerMetrics(names[0])
     llm_engine = LLMEngine(config)
+    loras = OpenAIServingLoRA.load_startup_modules(llm_engine, getattr(args, "lora_modules", None),
+                                                   names)
     # A copy for the event loop: the engine thread's tokenizer is not shared across threads.
     tokenizer = copy.deepcopy(llm_engine.tokenizer)
     engine = AsyncLLMEngine(llm_engine, observer=metrics)
@@ -59,7 +62,8 @@ def build_context(args: argparse.Namespace) -> tuple[ServerContext, ServerMetric
                         tokenizer=tokenizer, chat_template=chat_template,
                         response_role=getattr(args, "response_role", "assistant"),
                         trust_request_chat_template=getattr(
-                            args, "trust_request_chat_template", False))
+                            args, "trust_request_chat_template", False),
+                        lora_requests=loras)
     return ctx, metrics
 
 
@@ -80,6 +84,7 @@ def build_app(args: argparse.Namespace, ctx: ServerContext, metrics: ServerMetri
     app.add_middleware(InternalErrorGuard)                     # outermost
     completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
     tokenization = OpenAIServingTokenization(ctx, chat)
+    lora = OpenAIServingLoRA(ctx)
     app.state.ctx = ctx
 
     @app.get("/health")
@@ -97,7 +102,15 @@ def build_app(args: argparse.Namespace, ctx: ServerContext, metrics: ServerMetri
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, root=ctx.model_path,
                                          max_model_len=ctx.max_model_len)
-                               for name in ctx.served_model_names])
+                               for name in ctx.served_model_names] + lora.model_cards())
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRAAdapterRequest):
+        return await lora.load(req)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRAAdapterRequest):
+        return await lora.unload(req)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -47,6 +47,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     srv.add_argument("--allowed-methods", type=_json_list, default=["*"])
     srv.add_argument("--allowed-headers", type=_json_list, default=["*"])
     srv.add_argument("--allow-credentials", action="store_true")
+    srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                     help="LoRA adapters to serve (needs --enable-lora): name=path, or JSON "
+                          "{\"name\": ..., \"path\": ..., \"base_model_name\": ...}; a "
+                          "request's \"model\": name selects one")
     srv.add_argument("--uvicorn-log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug", "trace"])
     logs = srv.add_mutually_exclusive_group()

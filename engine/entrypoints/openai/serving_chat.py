@@ -53,8 +53,9 @@ class OpenAIServingChat:
         except ValueError as e:
             raise APIError(str(e), 400) from e
         request_id = random_id("chatcmpl")
-        added = await ctx.add_all(request_id, [prompt], params)
-        run = _ChatRun(ctx.model_name, request_id, req, params,
+        lora = ctx.lora_for(req.model)
+        added = await ctx.add_all(request_id, [prompt], params, lora_request=lora)
+        run = _ChatRun(req.model if lora is not None else ctx.model_name, request_id, req, params,
                        len(prompt["prompt_token_ids"]), ctx.response_role)
         if req.stream:
             return SSEStream(run.stream(merge_streams(ctx.engine, added)), ctx.engine,

@@ -33,8 +33,10 @@ class OpenAIServingCompletion:
         except ValueError as e:
             raise APIError(str(e), 400) from e
         request_id = random_id("cmpl")
-        added = await ctx.add_all(request_id, prompts, params)
-        run = _Run(ctx.model_name, request_id, req, params, prompts)
+        lora = ctx.lora_for(req.model)
+        added = await ctx.add_all(request_id, prompts, params, lora_request=lora)
+        run = _Run(req.model if lora is not None else ctx.model_name, request_id, req, params,
+                   prompts)
         if req.stream:
             return SSEStream(run.stream(merge_streams(ctx.engine, added)), ctx.engine,
                              [rid for rid, _ in added])

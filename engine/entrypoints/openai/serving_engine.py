@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 from fastapi.responses import StreamingResponse
@@ -81,6 +81,8 @@ class ServerContext:
     # --trust-request-chat-template: a request's own template is a program the server runs.
     trust_request_chat_template: bool = False
     response_role: str = "assistant"            # --response-role: the role of the replies
+    # LoRA adapters served under their own model names (--lora-modules, /v1/load_lora_adapter)
+    lora_requests: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_model_len(self) -> int:
@@ -95,9 +97,14 @@ class ServerContext:
         return self.served_model_names[0]
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.served_model_names:
+        if name is not None and name not in self.served_model_names \
+                and name not in self.lora_requests:
             raise APIError(f"The model `{name}` does not exist: this server serves "
-                           f"{self.served_model_names}.", 404, "model")
+                           f"{self.served_model_names + list(self.lora_requests)}.", 404, "model")
+
+    def lora_for(self, name: str | None) -> Any:
+        """The LoRARequest a request's "model" names, or None for the base model."""
+        return self.lora_requests.get(name) if name is not None else None
 
     def default_params(self) -> SamplingParams:
         return self.engine.engine.get_default_sampling_params()
@@ -115,15 +122,16 @@ class ServerContext:
                            f"({num_prompt_tokens} in the prompt, {max_tokens} for the "
                            "completion): reduce the prompt or max_tokens.", 400, "max_tokens")
 
-    async def add_all(self, request_id: str, prompts: Sequence[dict], params: SamplingParams
-                      ) -> list[tuple[str, asyncio.Queue]]:
+    async def add_all(self, request_id: str, prompts: Sequence[dict], params: SamplingParams,
+                      lora_request: Any = None) -> list[tuple[str, asyncio.Queue]]:
         """Add one engine request per prompt; if one is refused, abort those added and raise
         a 400 naming it."""
         added: list[tuple[str, asyncio.Queue]] = []
         try:
             for i, prompt in enumerate(prompts):
                 rid = f"{request_id}-{i}"
-                added.append((rid, await self.engine.add_request(rid, prompt, params)))
+                added.append((rid, await self.engine.add_request(rid, prompt, params,
+                                                                 lora_request=lora_request)))
         except ValueError as e:
             for rid, _ in added:
                 self.engine.abort(rid)
