@@ -272,13 +272,10 @@ def test_selective_scan_kernel_without_optional_inputs(state_dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,state_dtype", [(16, torch.float32), (32, torch.bfloat16),
-                                           (5, torch.float32)])
-def test_selective_state_update_kernel_matches_reference(dtype, n, state_dtype):
-    d, num_slots = 37, 10
+def test_selective_state_update_kernel_matches_reference(dtype):
+    d, n, num_slots = 37, 16, 10
     b = Batch([1] * 7, num_slots, seed=11, pad=3)
-    x, dt, A, B, C, D_skip, z, dt_bias, states = _scan_case(b, d, n, dtype, num_slots,
-                                                            state_dtype=state_dtype)
+    x, dt, A, B, C, D_skip, z, dt_bias, states = _scan_case(b, d, n, dtype, num_slots)
     st_kernel, st_native = states.clone(), states.clone()
     out = ops.selective_state_update(st_kernel, x, dt, A, B, C, D_skip, z, dt_bias, True, b.slots)
     native = ops_native.selective_state_update(st_native, x, dt, A, B, C, D_skip, z, dt_bias,
@@ -287,32 +284,21 @@ def test_selective_state_update_kernel_matches_reference(dtype, n, state_dtype):
     exact = ops_native.selective_state_update(st_exact, *_exact(x, dt, A, B, C, D_skip, z,
                                                                 dt_bias), True, b.slots)
     assert_close_to_ref(out, native, exact, what="selective_state_update")
-    if state_dtype == torch.float32:
-        assert_close_to_ref(st_kernel, st_native, st_exact, what="ssm_states")
-    else:   # stored in bf16: at most one rounding apart from the reference's
-        torch.testing.assert_close(st_kernel.float(), st_native.float(), atol=1e-2, rtol=1e-2)
+    assert_close_to_ref(st_kernel, st_native, st_exact, what="ssm_states")
     assert torch.equal(out[3], torch.zeros_like(out[3]))
     keep = b.untouched(num_slots)
     assert torch.equal(st_kernel[keep], states[keep])
-    # a decode step is the one-token case of the varlen scan (whose kernel sums in another order)
+    # a decode step is the one-token case of the varlen scan
     st_scan = states.clone()
     scan = ops.selective_scan(x, dt, A, B, C, D_skip, z, dt_bias, True, st_scan,
                               qsl([1] * 7), b.slots)
-    torch.testing.assert_close(scan, out, **_tol(dtype))
-    torch.testing.assert_close(st_scan.float(), st_kernel.float(),
-                               **(_tol(state_dtype)))
-
-
-def _tol(dtype):
-    # one rounding of the output apart: decode steps and the varlen scan sum in different orders
-    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2e-2)
+    assert torch.equal(scan, out) and torch.equal(st_scan, st_kernel)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_chunked_sequences_carry_state(dtype):
+def test_chunked_sequences_carry_state_exactly(dtype):
     """A sequence split into chunks (prefill chunks, then decode steps through the update ops)
-    gives the same outputs and final states as one unchunked pass: the prefill chunks and the
-    conv exactly, the decode steps up to the order of their sums."""
+    gives the same outputs and final states as one unchunked pass."""
     d, n, w, num_slots = 29, 8, 4, 4
     total = 23
     b = Batch([total], num_slots, seed=13, init=torch.tensor([False]))
@@ -331,15 +317,14 @@ def test_chunked_sequences_carry_state(dtype):
         scan_parts.append(ops.selective_scan(u[r], delta[r], A, B[r], C[r], D_skip, z[r],
                                              delta_bias, True, ss, qsl([L]), b.slots, init))
         pos += L
-    assert torch.equal(torch.cat(scan_parts), scan_full[:pos])
     for t in range(pos, total):                # decode steps
         r = slice(t, t + 1)
         conv_parts.append(ops.causal_conv1d_update(x[r], cs, weight, bias, b.slots))
         scan_parts.append(ops.selective_state_update(ss, u[r], delta[r], A, B[r], C[r], D_skip,
                                                      z[r], delta_bias, True, b.slots))
-    assert torch.equal(torch.cat(conv_parts), conv_full) and torch.equal(cs, cs_full)
-    torch.testing.assert_close(torch.cat(scan_parts), scan_full, **_tol(dtype))
-    torch.testing.assert_close(ss, ss_full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat(conv_parts), conv_full)
+    assert torch.equal(torch.cat(scan_parts), scan_full)
+    assert torch.equal(cs, cs_full) and torch.equal(ss, ss_full)
 
 
 def test_kernel_argument_errors():
@@ -375,28 +360,3 @@ def test_mamba_opcheck(dtype):
     torch.library.opcheck(torch.ops.octavo.selective_state_update.default,
                           (out[:3], sstates, u[:3], delta[:3], A, B[:3], C[:3], D_skip, z[:3],
                            delta_bias, True, b.slots))
-
-
-VARIANT_SCRIPT = r"""
-import torch
-import test_mamba_ops as t
-for dtype in (torch.float32, torch.bfloat16):
-    t.test_causal_conv1d_kernel_matches_reference(dtype, 35, 3)
-    t.test_selective_scan_kernel_matches_reference(dtype, 23, 5)
-    t.test_selective_state_update_kernel_matches_reference(dtype, 16, torch.float32)
-    t.test_selective_state_update_kernel_matches_reference(dtype, 32, torch.bfloat16)
-    t.test_chunked_sequences_carry_state(dtype)
-print("ok")
-"""
-
-
-@pytest.mark.parametrize("cap", ["default", "avx2"])
-def test_mamba_kernel_variants(cap):
-    """The kernels built for the lower CPU capabilities (ATEN_CPU_CAPABILITY) agree too."""
-    import os
-    import subprocess
-    import sys
-    res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
-                         env=dict(os.environ, ATEN_CPU_CAPABILITY=cap), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
