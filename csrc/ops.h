@@ -39,6 +39,21 @@ void fp8_gemm_cpu(at::Tensor& out,                       // [M, N]
                   int64_t block_n, int64_t block_k,
                   const std::optional<at::Tensor>& x_scale,  // float32 [M] (W8A8)
                   const std::optional<at::Tensor>& bias);    // [N]
+void int8_gemm_cpu(at::Tensor& out,                    // [M, N]
+                   const at::Tensor& x,                // [M, K], quantized per token inside
+                   const at::Tensor& qweight,          // int8 [ceil(N/16), ceil(K/2), 16, 2]
+                   const at::Tensor& w_scales,         // float32 [N]
+                   const at::Tensor& w_colsum,         // int32 [N]
+                   const std::optional<at::Tensor>& input_scale,       // [1] static, or dynamic
+                   const std::optional<at::Tensor>& input_zero_point,  // [1] int32
+                   bool asymmetric,
+                   const std::optional<at::Tensor>& bias);  // [N]
+void int8_woq_gemm_cpu(at::Tensor& out,                // [M, N]
+                       const at::Tensor& x,            // [M, K]
+                       const at::Tensor& qweight,      // int8 [ceil(N/16), K, 16]
+                       const at::Tensor& scales_offsets,  // float32 [ceil(N/16), G, 2, 16]
+                       int64_t group_size,
+                       const std::optional<at::Tensor>& bias);  // [N]
 void silu_and_mul_cpu(at::Tensor& out,      // [T, D]
                       const at::Tensor& x);  // [T, 2*D]
 void gelu_and_mul_cpu(at::Tensor& out,       // [T, D]

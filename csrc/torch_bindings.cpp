@@ -18,6 +18,11 @@ void int4_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at:
                     const std::optional<at::Tensor>&) {}
 void fp8_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                    int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {}
+void int8_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&) {}
+void int8_woq_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        int64_t, const std::optional<at::Tensor>&) {}
 void silu_and_mul_meta(at::Tensor&, const at::Tensor&) {}
 void gelu_and_mul_meta(at::Tensor&, const at::Tensor&, const std::string&) {}
 void rotary_embedding_meta(const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
@@ -72,6 +77,15 @@ TORCH_LIBRARY(octavo, m) {
   // x holds e4m3 codes when x_scale [M] is given (W8A8); CPU only
   m.def("fp8_gemm(Tensor! out, Tensor x, Tensor weight, Tensor scale, int block_n, int block_k, "
         "Tensor? x_scale, Tensor? bias) -> ()");
+  // W8A8: out [M, N] = sx sw (xq @ wq^T - azp colsum) (+ bias), x quantized to int8 per token
+  // (dynamic, symmetric or asymmetric) or with a static input_scale; wq packed by
+  // ops_native.pack_int8_panels; CPU only
+  m.def("int8_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor w_scales, Tensor w_colsum, "
+        "Tensor? input_scale, Tensor? input_zero_point, bool asymmetric, Tensor? bias) -> ()");
+  // W8A16: out [M, N] = x [M, K] @ W^T (+ bias), W = int8 codes * scale + offset per group of
+  // K, packed by ops_native.pack_int8_woq_panels; CPU only
+  m.def("int8_woq_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, "
+        "int group_size, Tensor? bias) -> ()");
   // out [T, D] = silu(x[:, :D]) * x[:, D:]
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // out [T, D] = gelu(x[:, :D], approximate) * x[:, D:]; approximate: "none" | "tanh"
@@ -131,6 +145,8 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("linear", &octavo::linear_cpu);
   m.impl("linear_packed", &octavo::linear_packed_cpu);
   m.impl("int4_gemm", &octavo::int4_gemm_cpu);
+  m.impl("int8_gemm", &octavo::int8_gemm_cpu);
+  m.impl("int8_woq_gemm", &octavo::int8_woq_gemm_cpu);
   m.impl("fp8_gemm", &octavo::fp8_gemm_cpu);
   m.impl("silu_and_mul", &octavo::silu_and_mul_cpu);
   m.impl("gelu_and_mul", &octavo::gelu_and_mul_cpu);
@@ -179,6 +195,8 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("linear", &linear_meta);
   m.impl("linear_packed", &linear_packed_meta);
   m.impl("int4_gemm", &int4_gemm_meta);
+  m.impl("int8_gemm", &int8_gemm_meta);
+  m.impl("int8_woq_gemm", &int8_woq_gemm_meta);
   m.impl("fp8_gemm", &fp8_gemm_meta);
   m.impl("silu_and_mul", &silu_and_mul_meta);
   m.impl("gelu_and_mul", &gelu_and_mul_meta);

@@ -370,3 +370,58 @@ def lora_expand(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, indices: to
 if USING_NATIVE:
     from octavo.ops_native import lora_expand, lora_shrink  # noqa: F811
 # ---- end LoRA ----
+
+
+# ---- INT8 GEMM (semantics and layouts: ops_native's INT8 section) ----
+
+class Int8Weight(NamedTuple):
+    """A W8A8 weight [n, k] repacked once for the CPU kernel (ops_native.int8_prepare)."""
+    packed: torch.Tensor   # int8 [ceil(n/16), ceil(k/2), 16, 2]
+    scales: torch.Tensor   # float32 [n] per-channel weight scales
+    colsum: torch.Tensor   # int32 [n] sum over K of the codes (asymmetric activations)
+    n: int
+    k: int
+
+
+class Int8WoqWeight(NamedTuple):
+    """A weight-only int8 weight [n, k] repacked once (ops_native.int8_woq_prepare)."""
+    packed: torch.Tensor          # int8 [ceil(n/16), k, 16]
+    scales_offsets: torch.Tensor  # float32 [ceil(n/16), G, 2, 16]
+    n: int
+    k: int
+    group_size: int
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2.contiguous() if x2.stride(-1) != 1 else x2
+
+
+def _bias(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+
+
+def int8_gemm_prepared(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
+                       asymmetric: bool = False, input_scale: torch.Tensor | None = None,
+                       input_zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [..., K] -> [..., N]; w: ops_native.int8_prepare(...)
+    x2 = _rows(x)
+    out = torch.empty(x2.shape[0], w.n, dtype=x.dtype, device=x.device)
+    torch.ops.octavo.int8_gemm(out, x2, w.packed, w.scales, w.colsum, input_scale,
+                               input_zero_point, asymmetric, _bias(bias, x))
+    return out.view(*x.shape[:-1], w.n)
+
+
+def int8_woq_gemm_prepared(x: torch.Tensor, w: Int8WoqWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [..., K] -> [..., N]; w: ops_native.int8_woq_prepare(...)
+    x2 = _rows(x)
+    out = torch.empty(x2.shape[0], w.n, dtype=x.dtype, device=x.device)
+    torch.ops.octavo.int8_woq_gemm(out, x2, w.packed, w.scales_offsets, w.group_size,
+                                   _bias(bias, x))
+    return out.view(*x.shape[:-1], w.n)
+
+
+if USING_NATIVE:
+    from octavo.ops_native import int8_gemm_prepared, int8_woq_gemm_prepared  # noqa: F811
+# ---- end INT8 GEMM ----

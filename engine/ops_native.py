@@ -1052,3 +1052,179 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     y = F.linear(xa, w, None if bias is None else bias.to(acc))
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 # ---- end FP8 ----
+
+
+# ---- INT8 GEMM (W8A8 and weight-only W8A16) ---------------------------------------------------
+# W8A8: weight codes wq [N, K] int8 with per-channel scales sw [N] (W = wq * sw). Activations are
+# quantized per token from their fp32 value: symmetric xq = round(x * 127/amax) (scale amax/127),
+# or asymmetric (compressed-tensors' asymmetric input_activations) over [min(x, 0), max(x, 0)]:
+# xq = round(x * 255/range) + azp with azp = round(-128 - min * 255/range) (scale range/255);
+# a static per-tensor input_scale (and input_zero_point) replaces the dynamic ones. Clamped to
+# [-128, 127]; a row of zeros gets scale 1. Then, exactly in integers:
+#   out[m, n] = sx[m] * sw[n] * (sum_k xq[m, k] wq[n, k] - azp[m] * sum_k wq[n, k]) + bias[n]
+# W8A16 (weight-only): W[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k // group_size, q
+# int8 (GPTQ 8-bit, GGUF Q8_0 / Q5_K / Q6_K).
+
+INT8_PANEL = 16  # outputs per panel of both packed INT8 layouts
+
+
+def _full(t: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full_like(t, value)
+
+
+def int8_quantize_per_token(x: torch.Tensor, asymmetric: bool = False,
+                            input_scale: torch.Tensor | None = None,
+                            input_zero_point: torch.Tensor | None = None):
+    """x [M, K] -> (xq int8 [M, K], scale float32 [M], azp int32 [M]), fp32 arithmetic."""
+    xf = x.float()
+    m = xf.shape[0]
+    # tensor / tensor divisions: torch turns `scalar / t` and `t / scalar` into products with a
+    # reciprocal, whose rounding is not the kernel's (and moves rows onto other int8 steps)
+    if input_scale is not None:
+        s = input_scale.float().reshape(1).to(xf.device).expand(m).contiguous()
+        inv = _full(s, 1.0) / s
+        zp = (input_zero_point.float().reshape(1).to(xf.device).expand(m)
+              if input_zero_point is not None else torch.zeros(m, device=xf.device))
+    elif asymmetric:
+        lo = xf.amin(1).clamp(max=0) if xf.shape[1] else torch.zeros(m, device=xf.device)
+        hi = xf.amax(1).clamp(min=0) if xf.shape[1] else torch.zeros(m, device=xf.device)
+        rng = hi - lo
+        inv = torch.where(rng > 0, _full(rng, 255.0) / rng, torch.zeros_like(rng))
+        s = torch.where(rng > 0, rng / _full(rng, 255.0), torch.ones_like(rng))
+        zp = torch.round(-128.0 - lo * inv).clamp(-128, 127)
+    else:
+        amax = xf.abs().amax(1) if xf.shape[1] else torch.zeros(m, device=xf.device)
+        inv = torch.where(amax > 0, _full(amax, 127.0) / amax, torch.zeros_like(amax))
+        s = torch.where(amax > 0, amax / _full(amax, 127.0), torch.ones_like(amax))
+        zp = torch.zeros(m, device=xf.device)
+    q = (torch.round(xf * inv[:, None]) + zp[:, None]).clamp(-128, 127)
+    return q.to(torch.int8), s.contiguous(), zp.to(torch.int32)
+
+
+def int8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, azp: torch.Tensor | None,
+                   wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The integer product (exact: float64 holds every int32 sum) scaled in fp32 (fp64 for an
+    fp64 out_dtype) -> [M, N] out_dtype."""
+    acc = xq.double() @ wq.double().t()
+    if azp is not None:
+        acc = acc - azp.double()[:, None] * wq.double().sum(1)[None, :]
+    ct = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out = acc.to(ct) * (x_scale.to(ct)[:, None] * w_scale.reshape(-1).to(ct)[None, :])
+    if bias is not None:
+        out = out + bias.to(ct)
+    return out.to(out_dtype)
+
+
+def int8_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, asymmetric: bool = False,
+              input_scale: torch.Tensor | None = None,
+              input_zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] -> [M, N]: quantize x per token, integer matmul, scale
+    xq, sx, azp = int8_quantize_per_token(x, asymmetric, input_scale, input_zero_point)
+    return int8_scaled_mm(xq, sx, azp, wq, w_scale, bias, x.dtype)
+
+
+def pack_int8_panels(wq: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> int8 [ceil(N/16), ceil(K/2), 16, 2]: element [p, kk, j, i] is output
+    16p+j at k = 2kk+i (zero padded)."""
+    n, k = wq.shape
+    w = F.pad(wq.to(torch.int8), (0, k % 2, 0, -n % INT8_PANEL))
+    p, k2 = w.shape[0] // INT8_PANEL, w.shape[1] // 2
+    return w.view(p, INT8_PANEL, k2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int8_panels(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    p, k2 = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(p * INT8_PANEL, 2 * k2)[:n, :k]
+
+
+def int8_prepare(wq: torch.Tensor, w_scale: torch.Tensor):
+    """Repack W8A8 weights [N, K] (scales [N] or [N, 1]) once for int8_gemm_prepared."""
+    from octavo.ops import Int8Weight
+    n, k = wq.shape
+    if wq.dtype != torch.int8:
+        raise ValueError(f"int8_prepare: weight codes must be int8, got {wq.dtype}")
+    if w_scale.numel() not in (1, n):
+        raise ValueError(f"int8_prepare: weight scales must be per channel [{n}] or per tensor "
+                         f"[1], got {tuple(w_scale.shape)}")
+    scale = w_scale.float().reshape(-1).expand(n).contiguous()
+    colsum = wq.to(torch.int32).sum(1).to(torch.int32)
+    return Int8Weight(pack_int8_panels(wq), scale, colsum, n, k)
+
+
+def int8_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None,
+                       asymmetric: bool = False, input_scale: torch.Tensor | None = None,
+                       input_zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [..., K] -> [..., N]; w: int8_prepare(...)
+    x2 = x.reshape(-1, x.shape[-1])
+    wq = unpack_int8_panels(w.packed, w.n, w.k)
+    out = int8_gemm(x2, wq, w.scales, bias, asymmetric, input_scale, input_zero_point)
+    return out.view(*x.shape[:-1], w.n)
+
+
+def int8_woq_dequantize(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                        group_size: int) -> torch.Tensor:
+    """codes [N, K] int8, scales / offsets [N, G] -> the fp32 weight [N, K]."""
+    n, k = q.shape
+    gs, _ = int4_groups(k, group_size)
+    g = torch.arange(k, device=q.device) // gs
+    w = q.float() * scales.float()[:, g]
+    return w if offsets is None else w + offsets.float()[:, g]
+
+
+def int8_woq_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                  offsets: torch.Tensor | None = None, group_size: int = -1,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] -> [M, N]: dequantize, then matmul (in fp32, fp64 for fp64 x)
+    w = int8_woq_dequantize(q, scales, offsets, group_size)
+    return linear(x, w.to(_acc(x).dtype), bias)
+
+
+def pack_int8_woq_panels(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                         group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K] -> int8 [ceil(N/16), K, 16] (element [p, k, j]: output 16p+j);
+    scales / offsets [N, G] -> float32 [ceil(N/16), G, 2, 16]. Zero padded."""
+    n, k = q.shape
+    _, groups = int4_groups(k, group_size)
+    n_pad = -n % INT8_PANEL
+    w = F.pad(q.to(torch.int8), (0, 0, 0, n_pad))
+    p = w.shape[0] // INT8_PANEL
+    packed = w.view(p, INT8_PANEL, k).permute(0, 2, 1).contiguous()
+    off = torch.zeros_like(scales, dtype=torch.float32) if offsets is None else offsets.float()
+    so = torch.stack((scales.float(), off), dim=1)                 # [N, 2, G]
+    so = F.pad(so, (0, 0, 0, 0, 0, n_pad)).view(p, INT8_PANEL, 2, groups).permute(0, 3, 2, 1)
+    return packed, so.contiguous()
+
+
+def unpack_int8_woq_panels(packed: torch.Tensor, scales_offsets: torch.Tensor, n: int,
+                           group_size: int) -> torch.Tensor:
+    """The fp32 weight [n, K] that pack_int8_woq_panels' output stands for."""
+    p, k, _ = packed.shape
+    q = packed.permute(0, 2, 1).reshape(p * INT8_PANEL, k)[:n]
+    so = scales_offsets.permute(0, 3, 2, 1).reshape(p * INT8_PANEL, 2, -1)[:n]
+    return int8_woq_dequantize(q, so[:, 0], so[:, 1], group_size)
+
+
+def int8_woq_prepare(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                     group_size: int):
+    """Repack a weight-only int8 weight once for int8_woq_gemm_prepared (ops.Int8WoqWeight)."""
+    from octavo.ops import Int8WoqWeight
+    n, k = q.shape
+    gs, groups = int4_groups(k, group_size)
+    if q.dtype != torch.int8:
+        raise ValueError(f"int8_woq_prepare: codes must be int8, got {q.dtype}")
+    if scales.shape != (n, groups) or (offsets is not None and offsets.shape != (n, groups)):
+        raise ValueError(f"int8_woq_prepare: scales / offsets must be [{n}, {groups}], got "
+                         f"{tuple(scales.shape)} / "
+                         f"{None if offsets is None else tuple(offsets.shape)}")
+    packed, so = pack_int8_woq_panels(q, scales, offsets, gs)
+    return Int8WoqWeight(packed, so, n, k, gs)
+
+
+def int8_woq_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [..., K] -> [..., N]; w: int8_woq_prepare(...)
+    x2 = x.reshape(-1, x.shape[-1])
+    wt = unpack_int8_woq_panels(w.packed, w.scales_offsets, w.n, w.group_size)
+    return linear(x2, wt.to(_acc(x2).dtype), bias).view(*x.shape[:-1], w.n)
+# ---- end INT8 GEMM ----
