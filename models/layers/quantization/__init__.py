@@ -18,12 +18,15 @@ __all__ = ["QuantizationConfig", "LinearMethodBase", "UnquantizedLinearMethod", 
 def _registry() -> dict[str, type[QuantizationConfig]]:
     from octavo.models.layers.quantization.gptq_awq import AWQConfig, GPTQConfig
     from octavo.models.layers.quantization.int4 import Int4RTNConfig
-    return {"gptq": GPTQConfig, "awq": AWQConfig, "int4": Int4RTNConfig}
+    from octavo.models.layers.quantization.compressed_tensors import CompressedTensorsConfig
+    from octavo.models.layers.quantization.int8 import Int8W8A8Config
+    return {"gptq": GPTQConfig, "awq": AWQConfig, "int4": Int4RTNConfig,
+            "compressed-tensors": CompressedTensorsConfig, "int8": Int8W8A8Config}
 
 
-SUPPORTED = ("gptq", "awq", "int4")
+SUPPORTED = ("gptq", "awq", "int4", "compressed-tensors", "int8")
 # methods that quantize a float checkpoint at load (the others read a quantized checkpoint)
-_ON_THE_FLY = ("int4",)
+_ON_THE_FLY = ("int4", "int8")
 
 # Linear layers whose owner reads their plain weight (a router scoring in fp32, MLA's absorbed
 # W_UK/W_UV): they stay unquantized whatever the method.

@@ -141,6 +141,9 @@ class GPTQConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict) -> "GPTQConfig":
+        if config.get("bits") == 8:           # 8-bit GPTQ: the weight-only INT8 kernel
+            from octavo.models.layers.quantization.int8 import GPTQ8Config
+            return GPTQ8Config.from_config(config)
         _check_bits("GPTQ", config)
         fmt = str(config.get("checkpoint_format", "gptq")).lower()
         if fmt not in ("gptq", "gptq_v2"):
