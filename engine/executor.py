@@ -49,6 +49,11 @@ def make_executor(config: EngineConfig) -> Executor:
         from .distributed.mp_executor import MultiprocExecutor
         return MultiprocExecutor(config)
     if backend == "external_launcher":
-        from .distributed.external import ExternalLauncherExecutor
+        import os
+
+        from .distributed.external import (DRIVER_ENV, ExternalLauncherExecutor,
+                                           TorchrunDriverExecutor)
+        if os.environ.get(DRIVER_ENV) == "1":
+            return TorchrunDriverExecutor(config)
         return ExternalLauncherExecutor(config)
     raise ValueError(f"unknown distributed_executor_backend {backend!r}")

@@ -162,8 +162,31 @@ def _unavailable(reason: str) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from octavo.distributed.external import under_torchrun
+    if under_torchrun():
+        return _serve_under_torchrun(args)
     from octavo.entrypoints.openai.api_server import run_server
     run_server(args)
+    return 0
+
+
+def _serve_under_torchrun(args: argparse.Namespace) -> int:
+    """torchrun started one `octavo serve` per rank: rank 0 serves and drives the others (the
+    external launcher's same-script mode would leave ranks 1.. without the requests)."""
+    import os
+
+    from octavo.distributed.external import DRIVER_ENV, follow_driver
+    from octavo.entrypoints.openai.api_server import run_server
+
+    if args.distributed_executor_backend not in (None, "external_launcher"):
+        raise ValueError("under torchrun, octavo serve runs with distributed_executor_backend="
+                         f"'external_launcher', not {args.distributed_executor_backend!r}")
+    args.distributed_executor_backend = "external_launcher"
+    os.environ[DRIVER_ENV] = "1"
+    if int(os.environ["RANK"]) == 0:
+        run_server(args)
+    else:
+        follow_driver(EngineArgs.from_cli_args(args).create_engine_config())
     return 0
 
 

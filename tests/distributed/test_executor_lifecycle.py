@@ -228,3 +228,49 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_serve_under_torchrun_rank0_serves_and_drives(llama_dir, tp, pp):
+    """`torchrun --nproc-per-node 2 -m octavo.entrypoints.cli serve ...`: rank 0 answers HTTP
+    and sends each step to rank 1; the completions are the single-process engine's; stopping
+    torchrun leaves no rank behind."""
+    import httpx
+    prompts = ["The capital of France is", "A", "one two three four five six"]
+    expected = [o.outputs[0].text for o in LLM(
+        model=llama_dir, dtype="float32", kv_cache_memory=1 << 22).generate(
+        prompts, GREEDY, use_tqdm=False)]
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "-m", "octavo.entrypoints.cli", "serve", llama_dir, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--kv-cache-memory", "4MiB",
+         "-tp", str(tp), "-pp", str(pp)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no /health within 300 s"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        ranks = children(proc.pid)
+        for prompt, text in zip(prompts, expected):    # one after another, then two at once
+            res = httpx.post(url + "/v1/completions", timeout=60, json=dict(
+                model=llama_dir, prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0))
+            assert res.status_code == 200, res.text
+            assert res.json()["choices"][0]["text"] == text
+        res = httpx.post(url + "/v1/completions", timeout=60, json=dict(
+            model=llama_dir, prompt=prompts[:2], max_tokens=GREEDY.max_tokens, temperature=0))
+        assert [c["text"] for c in sorted(res.json()["choices"], key=lambda c: c["index"])] == \
+            expected[:2]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    assert len(ranks) >= 2 and not _wait_gone(ranks)
