@@ -168,8 +168,7 @@ def gguf_config_dict(header: GGUFHeader) -> dict[str, Any]:
     md = header.metadata
     arch = md.get("general.architecture")
     if arch != "llama":                   # llama.cpp writes Mistral as llama too
-        raise ValueError(f"GGUF architecture {arch!r} in {header.path!r} is not supported; "
-                         f"octavo loads GGUF files of: {', '.join(sorted(_ARCHITECTURES))}")
+        return dict(_transformers_gguf(header.path, header_key(header))[0])
     model_type = "mistral" if md.get("general.name") == "mistral" else "llama"
     config: dict[str, Any] = {"model_type": model_type}
     if "general.name" in md:
@@ -188,7 +187,10 @@ def gguf_config_dict(header: GGUFHeader) -> dict[str, Any]:
 
 def load_gguf_config(path: str, **kwargs: Any) -> Any:
     """The transformers config of a GGUF file, from the one cached header parse."""
-    fields = gguf_config_dict(read_header(path))
+    header = read_header(path)
+    if header.metadata.get("general.architecture") != "llama":
+        return _transformers_gguf(header.path, header_key(header))[1]
+    fields = gguf_config_dict(header)
     if fields["model_type"] == "llama":
         config = llama_config(**{k: v for k, v in fields.items() if k != "model_type"})
     else:
@@ -302,13 +304,18 @@ def _save_tokenizer(tokenizer: Any, cache: str) -> None:
         pass
 
 
-def q4_weight_names(path: str) -> set[str]:
-    """HF names of the file's Q4_0 / Q4_1 tensors (those an INT4 layer can keep as they are)."""
-    names = set()
-    for info in read_header(path).tensors:
-        name = hf_name(info.name)
-        if name is not None and info.ggml_type in (_Q4_0, _Q4_1) and len(info.dims) == 2:
-            names.add(name)
+def q4_weight_names(path: str) -> dict[str, int]:
+    """HF name -> ggml type of the file's 2-D weights in a type a quantized layer keeps as it
+    is (Q4_0, Q4_1, Q4_K on the INT4 kernel; Q8_0, Q5_K, Q6_K on the weight-only INT8 one)."""
+    header = read_header(path)
+    names = {}
+    to_hf = _name_function(header)
+    for info in header.tensors:
+        name = to_hf(info.name)
+        if name is not None and not _keeps_layout(header, info.name):
+            continue
+        if name is not None and info.ggml_type in KEPT_TYPES and len(info.dims) == 2:
+            names[name] = info.ggml_type
     return names
 
 
@@ -326,12 +333,16 @@ def q4_blocks(raw: np.ndarray, ggml_type: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def iterate_gguf_weights(path: str, hf_config: Any,
-                         keep_q4: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+                         keep_q4: dict | set = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time; the
-    Q4_0 / Q4_1 weights named in `keep_q4` come as X.qweight / X.scales / X.offsets instead."""
+    weights `keep_q4` maps to (kernel family, group size) come as X.qweight / X.scales /
+    X.offsets instead (kept_blocks)."""
     from gguf.quants import dequantize
 
     header = read_header(path)
+    if header.metadata.get("general.architecture") != "llama":
+        yield from _iterate_generic(header, keep_q4)
+        return
     data = np.memmap(path, dtype=np.uint8, mode="r")
     n_head = hf_config.num_attention_heads
     n_kv = getattr(hf_config, "num_key_value_heads", None) or n_head
@@ -342,11 +353,12 @@ def iterate_gguf_weights(path: str, hf_config: Any,
         shape = [int(d) for d in reversed(info.dims)]          # torch order
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         raw = data[info.offset:info.offset + info.nbytes].reshape(rows, info.nbytes // rows)
-        if name in keep_q4 and info.ggml_type in (_Q4_0, _Q4_1):
+        spec = keep_q4.get(name) if isinstance(keep_q4, dict) else None
+        if spec is not None and info.ggml_type in KEPT_TYPES:
             n_rows = n_head if name.endswith("q_proj.weight") else n_kv
             permuted = name.endswith(("q_proj.weight", "k_proj.weight"))
             stem = name[:-len("weight")]
-            for kind, t in zip(("qweight", "scales", "offsets"), q4_blocks(raw, info.ggml_type)):
+            for kind, t in zip(("qweight", "scales", "offsets"), kept_blocks(raw, info.ggml_type, *spec)):
                 yield stem + kind, unpermute_rows(t, n_rows) if permuted else t
             continue
         weight = dequantize_blocks(raw, info.ggml_type)
@@ -362,6 +374,70 @@ def iterate_gguf_weights(path: str, hf_config: Any,
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = unpermute_rows(weight, n_kv)
         yield name, weight
+
+
+# ---- blocks kept quantized: codes, group scales and offsets (W = codes * scale + offset) ----
+_Q5_K, _Q4_K, _Q6_K = 13, 12, 14
+QK_K = 256
+# ggml type -> (kernel family, its own group size)
+KEPT_TYPES = {2: ("int4", 32), 3: ("int4", 32), 12: ("int4", 32), 8: ("int8", 32),
+              13: ("int8", 32), 14: ("int8", 16)}
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and mins (ggml's get_scale_min_k4)
+    d, m, md = scales.view(-1, 3, 4).unbind(1)
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc.float(), mn.float()
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+def gguf_codes(raw: np.ndarray, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor | None, int]:
+    """[rows, row bytes] of one of KEPT_TYPES -> (codes int16 [rows, K], scales [rows, K/gs],
+    offsets [rows, K/gs] or None, gs) with W = codes * scale + offset exactly as ggml
+    dequantizes (scales d * sc and offsets -dmin * m are exact in fp32)."""
+    rows = raw.shape[0]
+    if ggml_type in (_Q4_0, _Q4_1):
+        codes, d, m = q4_blocks(raw, ggml_type)
+        return codes.to(torch.int16), d, m, 32
+    nbytes = {_Q8_0: 34, _Q4_K: 144, _Q5_K: 176, _Q6_K: 210}[ggml_type]
+    b = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(-1, nbytes)   # [blocks, bytes]
+    nb = b.shape[0]
+    if ggml_type == _Q8_0:
+        q = b[:, 2:].contiguous().view(torch.int8).to(torch.int16)
+        return q.view(rows, -1), _f16(b[:, 0:2]).view(rows, -1), None, 32
+    if ggml_type == _Q6_K:
+        ql = (b[:, :128].reshape(nb, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)) & 15
+        qh = (b[:, 128:192].reshape(nb, 2, 1, 32)
+              >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
+        q = (ql.reshape(nb, 8, 32) | (qh.reshape(nb, 8, 32) << 4)).to(torch.int16) - 32
+        sc = b[:, 192:208].contiguous().view(torch.int8).float()                  # [nb, 16]
+        return q.view(rows, -1), (_f16(b[:, 208:210]) * sc).view(rows, -1), None, 16
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _k_scale_min(b[:, 4:16])
+    qs = b[:, -128:].reshape(nb, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    q = (qs & 15).reshape(nb, 8, 32).to(torch.int16)
+    if ggml_type == _Q5_K:
+        qh = (b[:, 16:48].reshape(nb, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+        q = q | (qh.reshape(nb, 8, 32).to(torch.int16) << 4)
+    return q.view(rows, -1), (d * sc).view(rows, -1), (-(dmin * mn)).view(rows, -1), 32
+
+
+def kept_blocks(raw: np.ndarray, ggml_type: int, family: str, group_size: int):
+    """The kept tensors of one weight for a layer of `family` ("int4": codes uint8; "int8":
+    codes int8) with groups of `group_size` (a divisor of the type's own: scales repeat)."""
+    codes, scales, offsets, gs = gguf_codes(raw, ggml_type)
+    if offsets is None:
+        offsets = torch.zeros_like(scales)
+    if gs != group_size:
+        scales = scales.repeat_interleave(gs // group_size, dim=1)
+        offsets = offsets.repeat_interleave(gs // group_size, dim=1)
+    return codes.to(torch.uint8 if family == "int4" else torch.int8), scales, offsets
 
 
 # llama.cpp's legacy block types: (elements, bytes) per block. The gguf package dequantizes
@@ -391,6 +467,102 @@ def dequantize_blocks(raw: np.ndarray, ggml_type: int) -> torch.Tensor | None:
         return q.sub_(8).mul_(d).view(rows, -1)
     m = b[:, 2:4].contiguous().view(torch.float16).float()
     return q.mul_(d).add_(m).view(rows, -1)
+
+
+# ---- other architectures: transformers' own GGUF mapping -------------------------------------
+# Config from transformers' GGUF_CONFIG_MAPPING (load_gguf_checkpoint), tensor names from the
+# gguf package's name map over the transformers model's parameter names (built on the meta
+# device), each tensor through transformers' per-architecture TensorProcessor (Gemma's norm
+# offset, GPT-2's transposes, Bloom's fused qkv order, ...), exactly as transformers loads it.
+
+def header_key(header: GGUFHeader) -> tuple:
+    st = os.stat(header.path)
+    return (st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _transformers_gguf(path: str, key: tuple) -> tuple[dict, Any]:
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        fields = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    except ValueError as e:
+        raise ValueError(f"GGUF file {path!r}: {e}") from e
+    fields = {k: v for k, v in fields.items() if k != "architectures"}
+    model_type = fields.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"GGUF architecture {model_type!r} of {path!r} has no causal LM in "
+                         "transformers")
+    config = AutoConfig.for_model(**fields)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    return fields, config
+
+
+@functools.lru_cache(maxsize=4)
+def _generic_map(path: str, key: tuple) -> tuple[dict[str, str], Any]:
+    """(GGUF tensor name -> HF name, transformers' TensorProcessor) of a non-Llama file."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
+
+    fields, config = _transformers_gguf(path, key)
+    arch = read_header(path).metadata.get("general.architecture")
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=dict(fields))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return get_gguf_hf_weights_map(model, processor), processor
+
+
+# processors that leave 2-D weights as they are (Gemma only shifts its norms)
+_LAYOUT_KEEPING = ("TensorProcessor", "Gemma2TensorProcessor", "LlamaTensorProcessor")
+
+
+def _name_function(header: GGUFHeader):
+    if header.metadata.get("general.architecture") == "llama":
+        return hf_name
+    mapping, _ = _generic_map(header.path, header_key(header))
+    return mapping.get
+
+
+def _keeps_layout(header: GGUFHeader, gguf_name: str) -> bool:
+    """Whether this tensor reaches the model with the file's own layout (so its blocks can be
+    kept); Llama's q/k row permutation is undone on the codes instead."""
+    if header.metadata.get("general.architecture") == "llama":
+        return True
+    _, processor = _generic_map(header.path, header_key(header))
+    return type(processor).__name__ in _LAYOUT_KEEPING
+
+
+def _iterate_generic(header: GGUFHeader, keep: dict | set) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    mapping, processor = _generic_map(header.path, header_key(header))
+    data = np.memmap(header.path, dtype=np.uint8, mode="r")
+    parsed: dict[str, dict] = {"tensors": {}, "config": dict(processor.config)}
+    for info in header.tensors:
+        shape = [int(d) for d in reversed(info.dims)]
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        raw = data[info.offset:info.offset + info.nbytes].reshape(rows, info.nbytes // rows)
+        name = mapping.get(info.name)
+        spec = keep.get(name) if isinstance(keep, dict) and name is not None else None
+        if spec is not None and info.ggml_type in KEPT_TYPES:
+            stem = name[:-len("weight")]
+            for kind, t in zip(("qweight", "scales", "offsets"), kept_blocks(raw, info.ggml_type, *spec)):
+                yield stem + kind, t
+            continue
+        weight = dequantize_blocks(raw, info.ggml_type)
+        values = (weight.numpy() if weight is not None
+                  else np.asarray(dequantize(raw, info.ggml_type), dtype=np.float32))
+        values = values.reshape(shape)
+        before = set(parsed["tensors"])
+        result = processor.process(weights=values, name=info.name, tensor_key_mapping=mapping,
+                                   parsed_parameters=parsed)
+        for added in set(parsed["tensors"]) - before:     # MoE processors write stacked experts
+            yield added, torch.as_tensor(np.array(parsed["tensors"].pop(added), dtype=np.float32))
+        if result.name in mapping:
+            yield mapping[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
 
 
 def hf_name(gguf_name: str) -> str | None:

@@ -1,0 +1,111 @@
+"""GGUF files of non-Llama architectures: a tiny random model of each architecture that
+transformers maps from GGUF is written the way llama.cpp's converter writes it (metadata keys of
+transformers' GGUF_CONFIG_MAPPING, tensor names from the gguf package's TensorNameMap, Gemma's
+norms stored as 1 + w), its layer weights in Q8_0 (kept quantized by octavo) or F32; octavo must
+generate what transformers generates from the same file."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from parity import PROMPTS, hf_greedy
+from tiny_models import TINY_COMMON
+from tokenizer_util import make_tokenizer
+
+from octavo import LLM, SamplingParams
+
+# GGUF architecture -> (transformers model_type, config fields)
+ARCHS = {
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {"pad_token_id": 0}),
+    # llama.cpp's gemma2 has no output tensor: the embedding is tied
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True}),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 8}),
+    "starcoder2": ("starcoder2", {"norm_epsilon": 1e-5, "use_bias": True}),
+}
+
+
+def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) -> str:
+    """The converter's output for `model` (a transformers model of GGUF architecture `arch`)."""
+    import gguf
+    from gguf_util import _add_tokenizer
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    cfg = model.config.to_dict()
+    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
+    cfg.setdefault("rope_theta", rope)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
+    for key, field in GGUF_CONFIG_MAPPING[arch].items():
+        value = cfg.get(field) if field else None
+        if value is None:
+            continue
+        full = f"{arch}.{key}"
+        if isinstance(value, float):
+            w.add_float32(full, value)
+        else:
+            w.add_uint32(full, int(value))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if layer_type == "Q8_0" else gguf.LlamaFileType.ALL_F32)
+    _add_tokenizer(w, json.load(open(os.path.join(tok_dir, "tokenizer.json"))))
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
+    if cfg.get("pad_token_id") is not None:
+        w.add_pad_token_id(cfg["pad_token_id"])
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for hf_name, t in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":      # the converter writes no output.weight
+            continue
+        stem, suffix = hf_name.rsplit(".", 1)
+        name = names.get_name(stem)
+        assert name is not None, hf_name
+        a = t.float().numpy()
+        if arch.startswith("gemma") and "norm" in name:
+            a = a + 1                       # Gemma's RMSNorm scales by 1 + w; GGUF stores 1 + w
+        name = f"{name}.{suffix}"
+        if a.ndim == 2 and name.startswith("blk.") and layer_type == "Q8_0":
+            t8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(a, t8), raw_dtype=t8)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("layer_type", ["Q8_0", "F32"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_matches_transformers_loading_the_same_file(arch, layer_type, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, fields = ARCHS[arch]
+    tok = make_tokenizer()
+    tok.save_pretrained(str(tmp_path))
+    config = AutoConfig.for_model(model_type, **{**TINY_COMMON, "vocab_size": len(tok), **fields})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    name = f"tiny-{arch}-{layer_type}.gguf"
+    path = write_arch_gguf(model, arch, str(tmp_path), str(tmp_path / name), layer_type)
+    os.remove(tmp_path / "tokenizer.json")          # the tokenizer comes from the file
+    os.remove(tmp_path / "tokenizer_config.json")
+
+    from octavo.models.gguf_loader import q4_weight_names
+    kept = q4_weight_names(path)         # Q8_0 layer weights are handed over as codes
+    assert (len(kept) > 0) == (layer_type == "Q8_0")
+    llm = LLM(path, dtype="float32", kv_cache_memory=1 << 24)
+    outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=8, logprobs=5,
+                                                    ignore_eos=True), use_tqdm=False)
+    ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=name,
+                                                     dtype=torch.float32).eval()
+    ref = hf_greedy(ref_model, [o.prompt_token_ids for o in outs], 8)
+    for out, (tokens, logprobs) in zip(outs, ref):
+        assert out.outputs[0].token_ids == tokens, arch
+        for entry, lp in zip(out.outputs[0].logprobs, logprobs):
+            tok_id = int(lp.argmax())
+            assert entry[tok_id].logprob == pytest.approx(lp[tok_id].item(), abs=2e-4)
