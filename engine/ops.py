@@ -250,20 +250,38 @@ def int4_gemm_prepared(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None
 
 # ---- state-space models, Mamba-1 (signatures and semantics: ops_native's SSM section) ----
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    # the kernels read the small per-channel parameters as contiguous fp32 (a no-op when they are)
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   conv_states: torch.Tensor, query_start_loc: torch.Tensor,
                   state_indices: torch.Tensor, has_initial_state: torch.Tensor | None = None,
                   activation: str | None = "silu") -> torch.Tensor:
-    # x: [T, D], weight: [D, W], conv_states: [S, D, W-1] (updated in place) -> out [T, D]
-    return ops_native.causal_conv1d(x, weight, bias, conv_states, query_start_loc, state_indices,
-                                    has_initial_state, activation)
+    # x: [T, D] (unit last stride), weight: [D, W], conv_states: [S, D, W-1] (in place) -> [T, D]
+    ops_native.check_causal_conv1d_args(x, weight, bias, conv_states, activation)
+    ops_native._check_ssm_batch("causal_conv1d", conv_states.shape[0], query_start_loc,
+                                state_indices, has_initial_state, state_indices.shape[0],
+                                x.shape[0], values=False)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ops.octavo.causal_conv1d(out, x, _f32(weight), _f32(bias), conv_states, query_start_loc,
+                                   state_indices, has_initial_state, activation is not None)
+    return out
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_states: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None, state_indices: torch.Tensor,
                          activation: str | None = "silu") -> torch.Tensor:
     # x: [B, D] one token per sequence -> out [B, D]
-    return ops_native.causal_conv1d_update(x, conv_states, weight, bias, state_indices, activation)
+    ops_native.check_causal_conv1d_args(x, weight, bias, conv_states, activation,
+                                        "causal_conv1d_update")
+    ops_native._check_ssm_batch("causal_conv1d_update", conv_states.shape[0], None, state_indices,
+                                None, x.shape[0], values=False)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ops.octavo.causal_conv1d_update(out, x, conv_states, _f32(weight), _f32(bias),
+                                          state_indices, activation is not None)
+    return out
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -272,9 +290,17 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    ssm_states: torch.Tensor, query_start_loc: torch.Tensor,
                    state_indices: torch.Tensor,
                    has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
-    # u, delta, z: [T, D]; A: [D, N]; B, C: [T, N]; ssm_states: [S, D, N] (in place) -> [T, D]
-    return ops_native.selective_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus,
-                                     ssm_states, query_start_loc, state_indices, has_initial_state)
+    # u, delta, z: [T, D]; A: [D, N]; B, C: [T, N] (unit last strides); ssm_states: [S, D, N]
+    # (in place) -> [T, D]
+    ops_native.check_selective_scan_args(u, delta, A, B, C, D_skip, z, delta_bias, ssm_states)
+    ops_native._check_ssm_batch("selective_scan", ssm_states.shape[0], query_start_loc,
+                                state_indices, has_initial_state, state_indices.shape[0],
+                                u.shape[0], values=False)
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    torch.ops.octavo.selective_scan(out, u, delta, _f32(A), B, C, _f32(D_skip), z,
+                                    _f32(delta_bias), delta_softplus, ssm_states, query_start_loc,
+                                    state_indices, has_initial_state)
+    return out
 
 
 def selective_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
@@ -283,8 +309,14 @@ def selective_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.
                            dt_bias: torch.Tensor | None, dt_softplus: bool,
                            state_indices: torch.Tensor) -> torch.Tensor:
     # x, dt, z: [B, D]; B, C: [B, N]; ssm_states: [S, D, N] (in place) -> out [B, D]
-    return ops_native.selective_state_update(ssm_states, x, dt, A, B, C, D_skip, z, dt_bias,
-                                             dt_softplus, state_indices)
+    ops_native.check_selective_scan_args(x, dt, A, B, C, D_skip, z, dt_bias, ssm_states,
+                                         "selective_state_update")
+    ops_native._check_ssm_batch("selective_state_update", ssm_states.shape[0], None,
+                                state_indices, None, x.shape[0], values=False)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ops.octavo.selective_state_update(out, ssm_states, x, dt, _f32(A), B, C, _f32(D_skip),
+                                            z, _f32(dt_bias), dt_softplus, state_indices)
+    return out
 
 
 # ---- Mamba-2 SSD (signatures and semantics: ops_native, section "Mamba-2 SSD") ----
@@ -320,6 +352,8 @@ if USING_NATIVE:
                                    prepare_moe_weights, topk_routing)
     from octavo.ops_native import concat_and_cache_mla, mla_paged_attention  # noqa: F811
     from octavo.ops_native import int4_gemm_packed, int4_gemm_prepared  # noqa: F811
+    from octavo.ops_native import (causal_conv1d, causal_conv1d_update,  # noqa: F811
+                                   selective_scan, selective_state_update)
 
 
 # ---- FP8 (E4M3) weight GEMM (semantics and scale layouts: ops_native's FP8 section) ----
