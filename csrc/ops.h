@@ -178,6 +178,29 @@ void selective_state_update_cpu(at::Tensor& out,        // [B, D]
                                 bool dt_softplus,
                                 const at::Tensor& state_indices);  // [B] int32
 
+// Mamba-2 SSD: h = exp(dt' A) h + dt' x outer B; y = h C + D x, per (sequence, head);
+// ssm_states [S, H, P, N] slots read (has_initial_state) and written in place
+void ssd_chunk_scan_cpu(at::Tensor& out,                  // [T, H, P]
+                        const at::Tensor& x,              // [T, H, P]
+                        const at::Tensor& dt,             // [T, H]
+                        const at::Tensor& A,              // [H] float32
+                        const at::Tensor& B,              // [T, G, N]
+                        const at::Tensor& C,              // [T, G, N]
+                        int64_t chunk_size,
+                        const std::optional<at::Tensor>& D_skip,   // [H]
+                        const std::optional<at::Tensor>& dt_bias,  // [H]
+                        bool dt_softplus, double dt_min, double dt_max,
+                        at::Tensor& ssm_states,                     // [S, H, P, N]
+                        const at::Tensor& query_start_loc,          // [B+1] int32
+                        const at::Tensor& state_indices,            // [B] int32, <0: padding
+                        const std::optional<at::Tensor>& has_initial_state);  // [B] bool
+void ssd_state_update_cpu(at::Tensor& out, at::Tensor& ssm_states,  // [B, H, P], [S, H, P, N]
+                          const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+                          const at::Tensor& B, const at::Tensor& C,  // [B, G, N]
+                          const std::optional<at::Tensor>& D_skip,
+                          const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                          double dt_min, double dt_max, const at::Tensor& state_indices);
+
 // ---- CUDA (csrc/cuda/*.cu, Tensor-level wrappers in csrc/cuda/torch_ops_cuda.cpp) ----
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fp8_gemm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
@@ -211,6 +234,18 @@ void moe_align_cuda(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
 void fused_moe_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
                     const at::Tensor& w2, const at::Tensor& topk_weights,
                     const at::Tensor& topk_ids, const std::string& activation);  // bf16 / fp16
+void ssd_chunk_scan_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& dt,
+                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                         int64_t chunk_size, const std::optional<at::Tensor>& D_skip,
+                         const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                         double dt_min, double dt_max, at::Tensor& ssm_states,
+                         const at::Tensor& query_start_loc, const at::Tensor& state_indices,
+                         const std::optional<at::Tensor>& has_initial_state);
+void ssd_state_update_cuda(at::Tensor& out, at::Tensor& ssm_states, const at::Tensor& x,
+                           const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                           const at::Tensor& C, const std::optional<at::Tensor>& D_skip,
+                           const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                           double dt_min, double dt_max, const at::Tensor& state_indices);
 
 void causal_conv1d_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, at::Tensor& conv_states,

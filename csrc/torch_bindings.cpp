@@ -58,6 +58,16 @@ void selective_state_update_meta(at::Tensor&, at::Tensor&, const at::Tensor&, co
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, const at::Tensor&) {}
 
+void ssd_chunk_scan_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, int64_t,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                         double, double, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const std::optional<at::Tensor>&) {}
+void ssd_state_update_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                           bool, double, double, const at::Tensor&) {}
+
 }  // namespace
 
 TORCH_LIBRARY(octavo, m) {
@@ -137,6 +147,16 @@ TORCH_LIBRARY(octavo, m) {
   m.def("selective_state_update(Tensor! out, Tensor! ssm_states, Tensor x, Tensor dt, Tensor A, "
         "Tensor B, Tensor C, Tensor? D_skip, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
         "Tensor state_indices) -> ()");
+  // Mamba-2 SSD scan over varlen sequences x [T, H, P] (B/C [T, G, N]); ssm_states [S, H, P, N]
+  // slots read when has_initial_state and written in place; dt' = clamp(softplus?(dt + dt_bias))
+  m.def("ssd_chunk_scan(Tensor! out, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "int chunk_size, Tensor? D_skip, Tensor? dt_bias, bool dt_softplus, float dt_min, "
+        "float dt_max, Tensor! ssm_states, Tensor query_start_loc, Tensor state_indices, "
+        "Tensor? has_initial_state) -> ()");
+  // the one-token decode step of the same recurrence: x [B, H, P] -> out [B, H, P]
+  m.def("ssd_state_update(Tensor! out, Tensor! ssm_states, Tensor x, Tensor dt, Tensor A, "
+        "Tensor B, Tensor C, Tensor? D_skip, Tensor? dt_bias, bool dt_softplus, float dt_min, "
+        "float dt_max, Tensor state_indices) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(octavo, CPU, m) {
@@ -164,6 +184,8 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cpu);
   m.impl("selective_scan", &octavo::selective_scan_cpu);
   m.impl("selective_state_update", &octavo::selective_state_update_cpu);
+  m.impl("ssd_chunk_scan", &octavo::ssd_chunk_scan_cpu);
+  m.impl("ssd_state_update", &octavo::ssd_state_update_cpu);
 }
 
 #if defined(OCTAVO_WITH_CUDA)
@@ -179,6 +201,8 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("topk_routing", &octavo::topk_routing_cuda);
   m.impl("moe_align", &octavo::moe_align_cuda);
   m.impl("fused_moe", &octavo::fused_moe_cuda);
+  m.impl("ssd_chunk_scan", &octavo::ssd_chunk_scan_cuda);
+  m.impl("ssd_state_update", &octavo::ssd_state_update_cuda);
   m.impl("lora_shrink", &octavo::lora_shrink_cuda);
   m.impl("lora_expand", &octavo::lora_expand_cuda);
   m.impl("fp8_gemm", &octavo::fp8_gemm_cuda);
@@ -214,6 +238,8 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("causal_conv1d_update", &causal_conv1d_update_meta);
   m.impl("selective_scan", &selective_scan_meta);
   m.impl("selective_state_update", &selective_state_update_meta);
+  m.impl("ssd_chunk_scan", &ssd_chunk_scan_meta);
+  m.impl("ssd_state_update", &ssd_state_update_meta);
 }
 
 // `import octavo._C` loads this library (and so registers the ops); the module itself is empty.

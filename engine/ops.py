@@ -321,6 +321,15 @@ def selective_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.
 
 # ---- Mamba-2 SSD (signatures and semantics: ops_native, section "Mamba-2 SSD") ----
 
+def _ssd_int32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def _ssd_f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    # the kernels read A, D and dt_bias as contiguous fp32 (no copy when they already are)
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
 def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, chunk_size: int, D_skip: torch.Tensor | None = None,
                    dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
@@ -329,9 +338,17 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
                    state_indices: torch.Tensor | None = None,
                    has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
     # x [T, H, P], dt [T, H], B/C [T, G, N], ssm_states [S, H, P, N] (in place) -> [T, H, P]
-    return ops_native.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D_skip, dt_bias, dt_softplus,
-                                     dt_limit, ssm_states, query_start_loc, state_indices,
-                                     has_initial_state)
+    ops_native.check_ssd_args("ssd_chunk_scan", x, dt, A, B, C, D_skip, dt_bias, ssm_states,
+                              state_indices, dt_limit)
+    if query_start_loc is None:
+        raise ValueError("ssd_chunk_scan: query_start_loc is required")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    A, D_skip, dt_bias = _ssd_f32(A), _ssd_f32(D_skip), _ssd_f32(dt_bias)
+    torch.ops.octavo.ssd_chunk_scan(out, x, dt, A, B, C, chunk_size, D_skip, dt_bias, dt_softplus,
+                                    float(dt_limit[0]), float(dt_limit[1]), ssm_states,
+                                    _ssd_int32(query_start_loc), _ssd_int32(state_indices),
+                                    has_initial_state)
+    return out
 
 
 def ssd_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
@@ -340,8 +357,14 @@ def ssd_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor
                      dt_softplus: bool = False, dt_limit=(0.0, float("inf")),
                      state_indices: torch.Tensor | None = None) -> torch.Tensor:
     # one token per sequence: x [B, H, P], dt [B, H], B/C [B, G, N] -> out [B, H, P]
-    return ops_native.ssd_state_update(ssm_states, x, dt, A, B, C, D_skip, dt_bias, dt_softplus,
-                                       dt_limit, state_indices)
+    ops_native.check_ssd_args("ssd_state_update", x, dt, A, B, C, D_skip, dt_bias, ssm_states,
+                              state_indices, dt_limit)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    A, D_skip, dt_bias = _ssd_f32(A), _ssd_f32(D_skip), _ssd_f32(dt_bias)
+    torch.ops.octavo.ssd_state_update(out, ssm_states, x, dt, A, B, C, D_skip, dt_bias,
+                                      dt_softplus, float(dt_limit[0]), float(dt_limit[1]),
+                                      _ssd_int32(state_indices))
+    return out
 
 
 if USING_NATIVE:
@@ -352,6 +375,7 @@ if USING_NATIVE:
                                    prepare_moe_weights, topk_routing)
     from octavo.ops_native import concat_and_cache_mla, mla_paged_attention  # noqa: F811
     from octavo.ops_native import int4_gemm_packed, int4_gemm_prepared  # noqa: F811
+    from octavo.ops_native import ssd_chunk_scan, ssd_state_update  # noqa: F811
     from octavo.ops_native import (causal_conv1d, causal_conv1d_update,  # noqa: F811
                                    selective_scan, selective_state_update)
 

@@ -7,6 +7,7 @@
 
 #include "cuda/mamba_args.h"
 #include "cuda/mla_args.h"
+#include "cuda/ssd_args.h"
 #include "cuda/fp8_gemm_args.h"
 #include "cuda/torch_args.h"
 #include "ops.h"
@@ -138,6 +139,77 @@ void fused_moe_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor&
   TORCH_CHECK(cuda::launch_fused_moe(a, c10::cuda::getCurrentCUDAStream()),
               "fused_moe: unsupported dtype");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void causal_conv1d_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                        const at::Tensor& query_start_loc, const at::Tensor& state_indices,
+                        const std::optional<at::Tensor>& has_initial_state, bool silu) {
+  run(cuda::launch_causal_conv1d,
+      cuda_args::causal_conv1d(out, x, weight, bias, conv_states, query_start_loc, state_indices,
+                               has_initial_state, silu, kCUDA, "causal_conv1d"),
+      x, "causal_conv1d");
+}
+
+void causal_conv1d_update_cuda(at::Tensor& out, const at::Tensor& x, at::Tensor& conv_states,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& state_indices, bool silu) {
+  run(cuda::launch_causal_conv1d,
+      cuda_args::causal_conv1d(out, x, weight, bias, conv_states, std::nullopt, state_indices,
+                               std::nullopt, silu, kCUDA, "causal_conv1d_update"),
+      x, "causal_conv1d_update");
+}
+
+void selective_scan_cuda(at::Tensor& out, const at::Tensor& u, const at::Tensor& delta,
+                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                         const std::optional<at::Tensor>& D_skip, const std::optional<at::Tensor>& z,
+                         const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                         at::Tensor& ssm_states, const at::Tensor& query_start_loc,
+                         const at::Tensor& state_indices,
+                         const std::optional<at::Tensor>& has_initial_state) {
+  run(cuda::launch_selective_scan,
+      cuda_args::selective_scan(out, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus,
+                                ssm_states, query_start_loc, state_indices, has_initial_state,
+                                kCUDA, "selective_scan"),
+      u, "selective_scan");
+}
+
+void selective_state_update_cuda(at::Tensor& out, at::Tensor& ssm_states, const at::Tensor& x,
+                                 const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const std::optional<at::Tensor>& D_skip,
+                                 const std::optional<at::Tensor>& z,
+                                 const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                                 const at::Tensor& state_indices) {
+  run(cuda::launch_selective_scan,
+      cuda_args::selective_scan(out, x, dt, A, B, C, D_skip, z, dt_bias, dt_softplus, ssm_states,
+                                std::nullopt, state_indices, std::nullopt, kCUDA,
+                                "selective_state_update"),
+      x, "selective_state_update");
+}
+
+void ssd_chunk_scan_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& dt,
+                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                         int64_t chunk_size, const std::optional<at::Tensor>& D_skip,
+                         const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                         double dt_min, double dt_max, at::Tensor& ssm_states,
+                         const at::Tensor& query_start_loc, const at::Tensor& state_indices,
+                         const std::optional<at::Tensor>& has_initial_state) {
+  TORCH_CHECK(chunk_size > 0, "ssd_chunk_scan: chunk_size must be positive");
+  run(cuda::launch_ssd,
+      cuda_args::ssd(out, x, dt, A, B, C, D_skip, dt_bias, dt_softplus, dt_min, dt_max, ssm_states,
+                     &query_start_loc, state_indices, has_initial_state, "ssd_chunk_scan", kCUDA),
+      x, "ssd_chunk_scan");
+}
+
+void ssd_state_update_cuda(at::Tensor& out, at::Tensor& ssm_states, const at::Tensor& x,
+                           const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                           const at::Tensor& C, const std::optional<at::Tensor>& D_skip,
+                           const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                           double dt_min, double dt_max, const at::Tensor& state_indices) {
+  run(cuda::launch_ssd,
+      cuda_args::ssd(out, x, dt, A, B, C, D_skip, dt_bias, dt_softplus, dt_min, dt_max, ssm_states,
+                     nullptr, state_indices, std::nullopt, "ssd_state_update", kCUDA),
+      x, "ssd_state_update");
 }
 
 void causal_conv1d_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
