@@ -148,7 +148,7 @@ def test_opcheck(dtype):
     x = torch.randn(3, 64).to(dtype)
     out = torch.empty(3, 40, dtype=dtype)
     torch.library.opcheck(torch.ops.octavo.fp8_gemm,
-                          (out, x, w, s.float(), 1, 64, None, torch.randn(40).to(dtype)))
+                          (out, x, w.view(torch.uint8), s.float(), 1, 64, None, torch.randn(40).to(dtype)))
     xq, xs = ops_native.fp8_quantize_act(x)
     torch.library.opcheck(torch.ops.octavo.fp8_gemm,
                           (out, xq.view(torch.uint8), w.view(torch.uint8), s.float(), 1, 64, xs, None))

@@ -18,15 +18,18 @@ __all__ = ["QuantizationConfig", "LinearMethodBase", "UnquantizedLinearMethod", 
 def _registry() -> dict[str, type[QuantizationConfig]]:
     from octavo.models.layers.quantization.gptq_awq import AWQConfig, GPTQConfig
     from octavo.models.layers.quantization.int4 import Int4RTNConfig
+    from octavo.models.layers.quantization.fp8 import Fp8Config
     from octavo.models.layers.quantization.compressed_tensors import CompressedTensorsConfig
     from octavo.models.layers.quantization.int8 import Int8W8A8Config
-    return {"gptq": GPTQConfig, "awq": AWQConfig, "int4": Int4RTNConfig,
+    return {"fp8": Fp8Config, "gptq": GPTQConfig, "awq": AWQConfig, "int4": Int4RTNConfig,
             "compressed-tensors": CompressedTensorsConfig, "int8": Int8W8A8Config}
 
 
-SUPPORTED = ("gptq", "awq", "int4", "compressed-tensors", "int8")
+SUPPORTED = ("gptq", "awq", "int4", "compressed-tensors", "int8", "fp8")
 # methods that quantize a float checkpoint at load (the others read a quantized checkpoint)
 _ON_THE_FLY = ("int4", "int8")
+# methods that read their own checkpoints and quantize a float one at load otherwise
+_EITHER = ("fp8",)
 
 # Linear layers whose owner reads their plain weight (a router scoring in fp32, MLA's absorbed
 # W_UK/W_UV): they stay unquantized whatever the method.
@@ -62,7 +65,7 @@ def get_quantization_config(hf_config: Any, quantization: str | None = None) -> 
     if method not in SUPPORTED:
         raise ValueError(f"quantization method {method!r} is not supported; supported methods: "
                          f"{', '.join(SUPPORTED)}")
-    if method not in _ON_THE_FLY and ckpt is None:
+    if method not in _ON_THE_FLY + _EITHER and ckpt is None:
         raise ValueError(f"quantization={method!r} reads a {method.upper()} checkpoint, but this "
                          "one has no quantization_config in config.json; to quantize a float "
                          "checkpoint at load use quantization='int4'")
