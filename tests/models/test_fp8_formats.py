@@ -328,3 +328,15 @@ def test_errors(fp8_dirs, tmp_path):
     bad = _with_quant_config(qdir, str(tmp_path / "ct-group"), ct)
     with pytest.raises(ValueError, match="strategy 'group' is not supported; supported: FP8"):
         LLM(model=bad, **kw)
+
+
+def test_fp8_moe_checkpoint_is_refused(tmp_path):
+    # fused-MoE experts do not take fp8 weights yet: an fp8 Qwen2-MoE must fail loudly, not load
+    # its expert codes unscaled
+    src = save_tiny_model(str(tmp_path / "moe"), "qwen2_moe", "Qwen2MoeForCausalLM",
+                          **dict(COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=64))
+    bad = _with_quant_config(src, str(tmp_path / "moe-fp8"), {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
+    with pytest.raises(ValueError, match="fused MoE experts"):
+        LLM(model=bad, kv_cache_memory=1 << 24)

@@ -83,7 +83,10 @@ def apply_quantization(model: nn.Module, quant_config: QuantizationConfig | None
     """Give every linear layer of `model` its quantized method (before its weights load)."""
     if quant_config is None:
         return
+    check = getattr(quant_config, "check_module", None)   # a method may refuse a module kind
     for parent_name, parent in model.named_modules():
+        if check is not None:
+            check(parent_name, parent)
         plain = _PLAIN_WEIGHT_CHILDREN.get(type(parent).__name__, ())
         for child_name, child in parent.named_children():
             if not isinstance(child, LinearBase) or child_name in plain:

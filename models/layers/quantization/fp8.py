@@ -163,6 +163,22 @@ class Fp8Config(QuantizationConfig):
         skip = (config.get("modules_to_not_convert") or []) + (config.get("ignored_layers") or [])
         return cls(block, scheme, skip)
 
+    def check_module(self, name: str, module: nn.Module) -> None:
+        """fp8 checkpoints whose fused-MoE experts or plain-weight linears (MLA's kv_b_proj) are
+        fp8 would load as unscaled codes: refuse them until those layers take fp8 weights."""
+        from octavo.models.layers.quantization import _PLAIN_WEIGHT_CHILDREN
+        if self.online or self.skips(name):
+            return
+        kind = type(module).__name__
+        plain = [c for c in _PLAIN_WEIGHT_CHILDREN.get(kind, ()) if kind != "MoEBlock"   # routers
+                 and isinstance(getattr(module, c, None), LinearBase)]
+        if kind == "FusedMoE" or plain:
+            what = "fused MoE experts" if kind == "FusedMoE" else f"{kind}'s {', '.join(plain)}"
+            raise ValueError(f"fp8 checkpoint: {name} ({what}) would need fp8 weights octavo does "
+                             "not run yet; supported: fp8 / compressed-tensors FP8 checkpoints "
+                             "whose quantized layers are the attention and dense MLP linears "
+                             "(list the others in modules_to_not_convert / ignore)")
+
     def get_linear_method(self, layer_name: str, layer: LinearBase):
         if self.skips(layer_name):
             return None
