@@ -388,6 +388,9 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     # x: [..., K] -> [..., N]; weight: e4m3 [N, K]; weight_scale: per-tensor, [N] / [N, 1]
     # per-channel, or [N/bn, K/bk] with block_size (bn, bk); act_scale: None (W8A16),
     # "dynamic" (per-token e4m3 activations) or a static input scale
+    if x.is_cuda and x.dtype == torch.float32:
+        # the CUDA kernel runs on tensor cores (bf16 / fp16); fp32 GPU models take the reference
+        return ops_native.fp8_gemm(x, weight, weight_scale, block_size, bias, act_scale)
     n, k = weight.shape
     scale, bn, bk = ops_native.fp8_scale_blocks(weight_scale, n, k, block_size)
     x2 = x.reshape(-1, k)
