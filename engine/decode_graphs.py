@@ -4,7 +4,8 @@ captured graph per bucket, replayed from those buffers.
 Bucket choice, padding and the copy into the static buffers are the same on every device; on
 the CPU the padded batch runs eagerly, so every CPU test exercises this path. A padding row is a
 one-token sequence whose token is never written to the cache (slot -1) and whose attention
-reads one key of block 0 (seq_len 1); its output row is dropped.
+reads one key of block 0 (seq_len 1); its output row is dropped. In models with a per-request
+state (Mamba) a padding row uses state row 0, the runner's scratch slot.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class StaticDecodeInputs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=i32, device=device)
         self.seq_lens = torch.ones(max_bs, dtype=i32, device=device)           # [B]
         self.block_table = torch.zeros(max_bs, max_blocks, dtype=i32, device=device)  # [B, M]
+        self.state_indices = torch.zeros(max_bs, dtype=i32, device=device)     # [B]
+        self.has_initial_state = torch.ones(max_bs, dtype=torch.bool, device=device)  # [B]
 
     def load(self, host, n: int, bs: int) -> None:
         """Copy the n real rows of the host InputBuffers into rows [0, n); pad rows [n, bs)."""
@@ -55,16 +58,22 @@ class StaticDecodeInputs:
         host.slot_mapping[n:bs] = -1
         host.seq_lens[n:bs] = 1
         host.block_table[n:bs] = 0
+        host.state_indices[n:bs] = 0
+        host.has_initial_state[n:bs] = True
         for dst, src in ((self.input_ids, host.input_ids), (self.positions, host.positions),
                          (self.slot_mapping, host.slot_mapping), (self.seq_lens, host.seq_lens),
-                         (self.block_table, host.block_table)):
+                         (self.block_table, host.block_table),
+                         (self.state_indices, host.state_indices),
+                         (self.has_initial_state, host.has_initial_state)):
             dst[:bs].copy_(torch.from_numpy(src[:bs]), non_blocking=True)
 
     def view(self, bs: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         md = AttentionMetadata(slot_mapping=self.slot_mapping[:bs],
                                query_start_loc=self.query_start_loc[:bs + 1],
                                seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs],
-                               max_query_len=1, max_seq_len=max_seq_len)
+                               max_query_len=1, max_seq_len=max_seq_len,
+                               state_indices=self.state_indices[:bs],
+                               has_initial_state=self.has_initial_state[:bs])
         return self.input_ids[:bs], self.positions[:bs], md
 
 

@@ -46,6 +46,10 @@ _MODELS = {
     "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
     "LongcatFlashForCausalLM": ("longcat_flash", "LongcatFlashForCausalLM"),
     "ArcticForCausalLM": ("arctic", "ArcticForCausalLM"),
+    "MambaForCausalLM": ("mamba", "MambaForCausalLM"),
+    "FalconMambaForCausalLM": ("mamba", "FalconMambaForCausalLM"),
+    "Mamba2ForCausalLM": ("mamba2", "Mamba2ForCausalLM"),
+    "JambaForCausalLM": ("jamba", "JambaForCausalLM"),
 }
 
 
@@ -95,6 +99,11 @@ EXAMPLE_MODELS = {
     "DeepseekV3ForCausalLM": "DeepSeek-V3, DeepSeek-R1 (bf16 weights; MTP layers skipped)",
     "LongcatFlashForCausalLM": "LongCat-Flash-Chat (zero-computation experts; MTP layers skipped)",
     "ArcticForCausalLM": "Snowflake Arctic Base/Instruct (trust_remote_code)",
+    "MambaForCausalLM": "Mamba (state-spaces/mamba-*-hf; per-request state, no prefix caching)",
+    "FalconMambaForCausalLM": "Falcon-Mamba-7B (per-request state, no prefix caching)",
+    "Mamba2ForCausalLM": "Mamba-2, Mamba-Codestral-7B (per-request state, no prefix caching)",
+    "JambaForCausalLM": "Jamba-v0.1, Jamba 1.5 Mini/Large (attention + Mamba + MoE; no prefix "
+                        "caching)",
 }
 
 def supported_architectures() -> list[str]:

@@ -49,3 +49,30 @@ def build_tiny_model(path: str, arch: str, seed: int = 0, **overrides) -> str:
     """Save one of TINY_ARCHS (the foundation's architectures) into `path`."""
     fields = {**TINY_COMMON, **TINY_ARCHS[arch], **overrides}
     return save_tiny_model(path, fields.pop("model_type"), arch, seed, **fields)
+
+
+# State-space models (Mamba family): small states and, for Mamba-2, a chunk shorter than the
+# test prompts so that transformers' chunked SSD runs over several chunks.
+TINY_SSM_COMMON = dict(hidden_size=64, num_hidden_layers=2, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0, initializer_range=0.08, layer_norm_epsilon=1e-5)
+TINY_SSM_ARCHS = {
+    "MambaForCausalLM": dict(model_type="mamba", state_size=8, conv_kernel=4, expand=2,
+                             tie_word_embeddings=False),
+    "FalconMambaForCausalLM": dict(model_type="falcon_mamba", state_size=8, conv_kernel=4,
+                                   expand=2, mixer_rms_eps=1e-6, tie_word_embeddings=False),
+    "Mamba2ForCausalLM": dict(model_type="mamba2", state_size=16, conv_kernel=4, expand=2,
+                              num_heads=8, head_dim=16, n_groups=2, chunk_size=8),
+    # layers: mamba + MoE, attention + MLP, mamba + MoE, attention + MLP
+    "JambaForCausalLM": dict(model_type="jamba", num_hidden_layers=4, attn_layer_period=2,
+                             attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
+                             num_experts=4, num_experts_per_tok=2, intermediate_size=96,
+                             num_attention_heads=4, num_key_value_heads=2, mamba_d_state=8,
+                             mamba_d_conv=4, mamba_expand=2, rms_norm_eps=1e-6,
+                             max_position_embeddings=512, tie_word_embeddings=False),
+}
+
+
+def build_tiny_ssm_model(path: str, arch: str, seed: int = 0, **overrides) -> str:
+    """Save one of TINY_SSM_ARCHS into `path`."""
+    fields = {**TINY_SSM_COMMON, **TINY_SSM_ARCHS[arch], **overrides}
+    return save_tiny_model(path, fields.pop("model_type"), arch, seed, **fields)

@@ -22,6 +22,10 @@ class AttentionMetadata:
     block_table: torch.Tensor       # [S, max_blocks] int32
     max_query_len: int
     max_seq_len: int
+    # models with a per-request state (Mamba): each sequence's slot, and False on a sequence's
+    # first chunk (its state starts from zeros); None for models without one
+    state_indices: torch.Tensor | None = None       # [S] int32
+    has_initial_state: torch.Tensor | None = None   # [S] bool
 
 
 class Attention(CustomOp, CacheLayer):

@@ -3,7 +3,8 @@ the model runner sizes one pool of blocks from all layers' specs without knowing
 
 A kind is a spec class (`shapes` of the tensors of `num_blocks` blocks) and a layer that takes
 those tensors (`CacheLayer.bind_cache`). Paged K/V (`PagedKVSpec`) and the paged MLA latent
-(`PagedLatentSpec`: one vector per token) exist; a fixed per-request state (Mamba) is a third.
+(`PagedLatentSpec`: one vector per token) are paged; a fixed per-request state (`StateSpec`:
+Mamba's conv and SSM states) is held in slots, one per running request, instead of blocks.
 """
 from __future__ import annotations
 
@@ -49,6 +50,31 @@ class PagedLatentSpec(CacheSpec):
 
     def shapes(self, num_blocks, block_size):
         return [(num_blocks, block_size, self.latent_size)]
+
+
+@dataclass(frozen=True)
+class StateSpec(CacheSpec):
+    """A fixed-size state per request, whatever its length: tensors [num_slots, *shape], one
+    slot per running request. `shapes_per_slot[i]` has dtype `dtypes[i]` (None: the model
+    dtype). Mamba: conv state [conv_dim, width - 1] in the model dtype, SSM state in fp32."""
+    shapes_per_slot: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype | None, ...]
+
+    def shapes(self, num_blocks, block_size):
+        raise TypeError("a StateSpec holds slots, not blocks: use slot_bytes / allocate_slots")
+
+    def page_bytes(self, block_size, dtype):
+        return 0
+
+    def slot_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one request's state in this layer."""
+        return sum(math.prod(s) * torch.empty((), dtype=d or dtype).element_size()
+                   for s, d in zip(self.shapes_per_slot, self.dtypes))
+
+    def allocate_slots(self, num_slots: int, dtype: torch.dtype,
+                       device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros((num_slots, *s), dtype=d or dtype, device=device)
+                     for s, d in zip(self.shapes_per_slot, self.dtypes))
 
 
 class CacheLayer:
