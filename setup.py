@@ -170,9 +170,11 @@ setup(
                       "tqdm", "jinja2", "gguf", "fastapi", "uvicorn", "prometheus_client",
                       "pydantic>=2"],
     # ninja: tests/simt builds the emulated CUDA kernels with torch.utils.cpp_extension.load.
-    # matplotlib: tests/bench runs `octavo bench plot`. peft: tests/lora builds adapters.
+    # matplotlib: tests/bench runs `octavo bench plot`. peft: tests/lora builds adapters. ray:
+    # distributed_executor_backend="ray" (the "ray" extra), tested in tests/distributed.
     extras_require={"test": ["pytest", "pytest-benchmark", "openai", "httpx", "ninja", "matplotlib",
-                             "peft"],
-                    "bench": ["matplotlib"]},
+                             "peft", "ray"],
+                    "bench": ["matplotlib"],
+                    "ray": ["ray"]},
     entry_points={"console_scripts": ["octavo = octavo.entrypoints.cli:run"]},
 )

@@ -35,7 +35,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # None: "uni" (this process) for one rank, "mp" (a worker process per rank) for more;
-    # "external_launcher": torchrun started every rank; "ray" is not built in (see executor.py)
+    # "external_launcher": torchrun started every rank; "ray": one Ray actor per rank
     distributed_executor_backend: str | None = None
     quantization: str | None = None
     generation_config: str = "auto"
@@ -162,9 +162,6 @@ class EngineConfig:
             except ImportError:
                 raise ValueError("distributed_executor_backend='ray' needs Ray: pip install ray "
                                  "(or use 'mp', the default, on one machine)") from None
-            raise ValueError("distributed_executor_backend='ray' is not implemented in octavo: "
-                             "use 'mp' on one machine, or 'external_launcher' under torchrun "
-                             "across machines")
         if backend == "uni" and self.world_size > 1:
             raise ValueError(f"distributed_executor_backend='uni' runs one rank, but tensor_parallel"
                              f"_size * pipeline_parallel_size = {self.world_size}: use 'mp'")

@@ -56,4 +56,7 @@ def make_executor(config: EngineConfig) -> Executor:
         if os.environ.get(DRIVER_ENV) == "1":
             return TorchrunDriverExecutor(config)
         return ExternalLauncherExecutor(config)
+    if backend == "ray":
+        from .distributed.ray_executor import RayExecutor
+        return RayExecutor(config)
     raise ValueError(f"unknown distributed_executor_backend {backend!r}")

@@ -68,7 +68,9 @@ def result_of(out: SchedulerOutput, step_output) -> WorkerResult:
 def to_step_output(out: SchedulerOutput, result: WorkerResult):
     from octavo.model_runner import StepOutput
     reqs = [s.request for s in out.scheduled]
-    logits = None if result.logits is None else torch.from_numpy(result.logits)
+    # (arrays that come out of Ray's object store are read-only views: copied, not shared)
+    logits = None if result.logits is None else torch.from_numpy(np.require(result.logits,
+                                                                           requirements="W"))
     return StepOutput([s.request for s in out.scheduled if s.samples], logits,
-                      [(reqs[i], torch.from_numpy(t), targets)
+                      [(reqs[i], torch.from_numpy(np.require(t, requirements="W")), targets)
                        for i, t, targets in result.prompt_logits])

@@ -160,6 +160,7 @@ def test_server_with_tensor_parallel_size_2_answers_a_completion(llama_dir):
 def test_sizes_and_backends_that_do_not_fit_raise_value_error(llama_dir, kwargs, match, monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)         # as if Ray were not installed
     with pytest.raises(ValueError, match=match):
         LLM(model=llama_dir, kv_cache_memory=1 << 22, **kwargs)
 
@@ -274,3 +275,30 @@ def test_serve_under_torchrun_rank0_serves_and_drives(llama_dir, tp, pp):
         proc.terminate()
         proc.wait(timeout=120)
     assert len(ranks) >= 2 and not _wait_gone(ranks)
+
+
+def test_ray_backend_matches_single_process_and_names_a_dead_rank(llama_dir):
+    """distributed_executor_backend="ray": one actor per rank on a local Ray instance; greedy ids
+    of one process; an actor that dies makes the next step raise naming its rank."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray)")
+    from octavo.distributed.mp_executor import WorkerError
+
+    prompts = ["The capital of France is", "A", "one two three four five six"]
+    expected = [o.outputs[0].token_ids for o in LLM(
+        model=llama_dir, dtype="float32", kv_cache_memory=1 << 22).generate(
+        prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(model=llama_dir, dtype="float32", kv_cache_memory=1 << 22,
+              tensor_parallel_size=2, distributed_executor_backend="ray")
+    executor = llm.llm_engine.executor
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert got == expected
+        ray.kill(executor.actors[1])
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 1 failed during a step") as info:
+            llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+        assert isinstance(info.value.__cause__, WorkerError)
+        assert time.monotonic() - t0 < 30
+    finally:
+        executor.shutdown()
+    assert not ray.is_initialized()            # the local instance went with the engine
