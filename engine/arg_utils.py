@@ -107,7 +107,8 @@ class EngineArgs:
                                        "layers)", type=int, aliases=("-pp",))
     distributed_executor_backend: str | None = _opt(
         None, "how ranks run: 'mp' (a worker process per rank; the default for more than one), "
-        "'external_launcher' (torchrun started every rank), 'uni' (one process)",
+        "'external_launcher' (torchrun started every rank), 'ray' (a Ray actor per rank), "
+        "'uni' (one process)",
         choices=("uni", "mp", "external_launcher", "ray"))
     max_num_seqs: int = _opt(256, "most requests running at once", type=int)
     max_num_batched_tokens: int | None = _opt(
