@@ -201,6 +201,20 @@ void ssd_state_update_cpu(at::Tensor& out, at::Tensor& ssm_states,  // [B, H, P]
                           const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
                           double dt_min, double dt_max, const at::Tensor& state_indices);
 
+// Gated delta rule (Kimi-Linear KDA): per (sequence, head) state S [K, V] fp32; decode when
+// query_start_loc is None (one token per sequence)
+void gated_delta_rule_cpu(at::Tensor& out,                  // [T, H, V]
+                          const at::Tensor& q,              // [T, H, K]
+                          const at::Tensor& k,              // [T, H, K]
+                          const at::Tensor& v,              // [T, H, V]
+                          const at::Tensor& g,              // [T, H, K] float32 log-decay
+                          const at::Tensor& beta,           // [T, H] float32
+                          at::Tensor& ssm_states,           // [S, H, K, V] float32
+                          const std::optional<at::Tensor>& query_start_loc,    // [B+1] int32
+                          const at::Tensor& state_indices,                     // [B] int32
+                          const std::optional<at::Tensor>& has_initial_state,  // [B] bool
+                          double scale, bool use_qk_l2norm);
+
 // ---- CUDA (csrc/cuda/*.cu, Tensor-level wrappers in csrc/cuda/torch_ops_cuda.cpp) ----
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fp8_gemm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,

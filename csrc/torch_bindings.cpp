@@ -68,6 +68,11 @@ void ssd_state_update_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const at
                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                            bool, double, double, const at::Tensor&) {}
 
+void gated_delta_rule_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, at::Tensor&,
+                           const std::optional<at::Tensor>&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, double, bool) {}
+
 }  // namespace
 
 TORCH_LIBRARY(octavo, m) {
@@ -157,6 +162,11 @@ TORCH_LIBRARY(octavo, m) {
   m.def("ssd_state_update(Tensor! out, Tensor! ssm_states, Tensor x, Tensor dt, Tensor A, "
         "Tensor B, Tensor C, Tensor? D_skip, Tensor? dt_bias, bool dt_softplus, float dt_min, "
         "float dt_max, Tensor state_indices) -> ()");
+  // gated delta rule (Kimi-Linear KDA) over varlen sequences, or one token per sequence when
+  // query_start_loc is None; ssm_states [S, H, K, V] slots read / written in place
+  m.def("gated_delta_rule(Tensor! out, Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, "
+        "Tensor! ssm_states, Tensor? query_start_loc, Tensor state_indices, "
+        "Tensor? has_initial_state, float scale, bool use_qk_l2norm) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(octavo, CPU, m) {
@@ -186,6 +196,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("selective_state_update", &octavo::selective_state_update_cpu);
   m.impl("ssd_chunk_scan", &octavo::ssd_chunk_scan_cpu);
   m.impl("ssd_state_update", &octavo::ssd_state_update_cpu);
+  m.impl("gated_delta_rule", &octavo::gated_delta_rule_cpu);
 }
 
 #if defined(OCTAVO_WITH_CUDA)
@@ -240,6 +251,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("selective_state_update", &selective_state_update_meta);
   m.impl("ssd_chunk_scan", &ssd_chunk_scan_meta);
   m.impl("ssd_state_update", &ssd_state_update_meta);
+  m.impl("gated_delta_rule", &gated_delta_rule_meta);
 }
 
 // `import octavo._C` loads this library (and so registers the ops); the module itself is empty.

@@ -367,6 +367,53 @@ def ssd_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor
     return out
 
 
+# ---- gated delta rule (Kimi-Linear KDA / GDN; semantics: ops_native, "Gated delta rule") ----
+
+def _gdr(q, k, v, g, beta, ssm_states, query_start_loc, state_indices, has_initial_state, scale,
+         use_qk_l2norm) -> torch.Tensor:
+    # CPU kernel (csrc/cpu/gated_delta_rule.cpp); no CUDA kernel yet: the reference there
+    if q.is_cuda:
+        if query_start_loc is None:
+            return ops_native.gated_delta_rule_update(ssm_states, q, k, v, g, beta, state_indices,
+                                                      scale, use_qk_l2norm)
+        return ops_native.gated_delta_rule(q, k, v, g, beta, ssm_states, query_start_loc,
+                                           state_indices, has_initial_state, scale, use_qk_l2norm)
+    if g.dim() == 2:  # one gate per head: a stride-0 key dim
+        g = g.unsqueeze(-1).expand(*q.shape)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    torch.ops.octavo.gated_delta_rule(out, q, k, v, g.to(torch.float32),
+                                      beta.to(torch.float32), ssm_states,
+                                      _ssd_int32(query_start_loc), _ssd_int32(state_indices),
+                                      has_initial_state,
+                                      q.shape[-1] ** -0.5 if scale is None else float(scale),
+                                      use_qk_l2norm)
+    return out
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                     beta: torch.Tensor, ssm_states: torch.Tensor | None = None,
+                     query_start_loc: torch.Tensor | None = None,
+                     state_indices: torch.Tensor | None = None,
+                     has_initial_state: torch.Tensor | None = None, scale: float | None = None,
+                     use_qk_l2norm: bool = True) -> torch.Tensor:
+    # q/k [T, H, K], v [T, H, V], g [T, H, K] or [T, H], beta [T, H], ssm_states [S, H, K, V]
+    ops_native.check_gdr_args("gated_delta_rule", q, k, v, g, beta, ssm_states, state_indices)
+    if query_start_loc is None:
+        raise ValueError("gated_delta_rule: query_start_loc is required")
+    return _gdr(q, k, v, g, beta, ssm_states, query_start_loc, state_indices, has_initial_state,
+                scale, use_qk_l2norm)
+
+
+def gated_delta_rule_update(ssm_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                            state_indices: torch.Tensor | None = None,
+                            scale: float | None = None, use_qk_l2norm: bool = True) -> torch.Tensor:
+    # one token per sequence: q/k [B, H, K], v [B, H, V] -> out [B, H, V]
+    ops_native.check_gdr_args("gated_delta_rule_update", q, k, v, g, beta, ssm_states,
+                              state_indices)
+    return _gdr(q, k, v, g, beta, ssm_states, None, state_indices, None, scale, use_qk_l2norm)
+
+
 if USING_NATIVE:
     from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
                                    paged_attention, reshape_and_cache, rms_norm,
@@ -376,6 +423,7 @@ if USING_NATIVE:
     from octavo.ops_native import concat_and_cache_mla, mla_paged_attention  # noqa: F811
     from octavo.ops_native import int4_gemm_packed, int4_gemm_prepared  # noqa: F811
     from octavo.ops_native import ssd_chunk_scan, ssd_state_update  # noqa: F811
+    from octavo.ops_native import gated_delta_rule, gated_delta_rule_update  # noqa: F811
     from octavo.ops_native import (causal_conv1d, causal_conv1d_update,  # noqa: F811
                                    selective_scan, selective_state_update)
 

@@ -1228,3 +1228,89 @@ def int8_woq_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None)
     wt = unpack_int8_woq_panels(w.packed, w.scales_offsets, w.n, w.group_size)
     return linear(x2, wt.to(_acc(x2).dtype), bias).view(*x.shape[:-1], w.n)
 # ---- end INT8 GEMM ----
+
+
+# ---- Gated delta rule (Kimi-Linear's KDA; Qwen3-Next's GDN when g has one value per head) -------
+# Heads H, key dim K, value dim V; state S [H, K, V] fp32 per slot. Per token (q, k l2-normalized
+# when use_qk_l2norm, q scaled by `scale`, default K ** -0.5):
+#   S = exp(g[t])[:, :, None] * S          (g [H, K] log-decays <= 0, or [H] for one per head)
+#   S = S + k outer ((v - k^T S) * beta)   (beta [H]);   o = q^T S   [H, V]
+# Same flat varlen batches, state slots, has_initial_state and negative-index padding as the SSD ops.
+
+def check_gdr_args(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   g: torch.Tensor, beta: torch.Tensor, ssm_states: torch.Tensor | None,
+                   state_indices: torch.Tensor | None) -> tuple[int, int, int, int]:
+    # -> (T, H, K, V); ValueError naming what to change
+    if ssm_states is None or state_indices is None:
+        raise ValueError(f"{name}: ssm_states and state_indices are required")
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"{name}: q and k must both be [tokens, heads, key_dim], got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    t, h, kd = q.shape
+    if v.dim() != 3 or v.shape[:2] != (t, h):
+        raise ValueError(f"{name}: v must be [{t}, {h}, value_dim], got {tuple(v.shape)}")
+    vd = v.shape[2]
+    if g.shape not in ((t, h, kd), (t, h)):
+        raise ValueError(f"{name}: g must be [{t}, {h}, {kd}] or [{t}, {h}], got {tuple(g.shape)}")
+    if beta.shape != (t, h):
+        raise ValueError(f"{name}: beta must be [{t}, {h}], got {tuple(beta.shape)}")
+    if ssm_states.dim() != 4 or tuple(ssm_states.shape[1:]) != (h, kd, vd):
+        raise ValueError(f"{name}: ssm_states must be [slots, {h}, {kd}, {vd}], got "
+                         f"{tuple(ssm_states.shape)}")
+    if state_indices.dim() != 1 or state_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: state_indices must be a 1-D int32 tensor")
+    return t, h, kd, vd
+
+
+def gdr_l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    # FLA's l2norm (as transformers' Kimi-Linear): x / sqrt(sum(x^2) + eps)
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                     beta: torch.Tensor, ssm_states: torch.Tensor | None = None,
+                     query_start_loc: torch.Tensor | None = None,
+                     state_indices: torch.Tensor | None = None,
+                     has_initial_state: torch.Tensor | None = None, scale: float | None = None,
+                     use_qk_l2norm: bool = True) -> torch.Tensor:
+    # q/k [T, H, K], v [T, H, V], g [T, H, K] or [T, H], beta [T, H],
+    # ssm_states [S, H, K, V] (in place) -> out [T, H, V]
+    _, h, kd, vd = check_gdr_args("gated_delta_rule", q, k, v, g, beta, ssm_states,
+                                  state_indices)
+    if query_start_loc is None or query_start_loc.shape != (state_indices.shape[0] + 1,):
+        raise ValueError("gated_delta_rule: query_start_loc must be [num_seqs + 1]")
+    acc = _acc(q).dtype
+    qa, ka = q.to(acc), k.to(acc)
+    if use_qk_l2norm:
+        qa, ka = gdr_l2norm(qa), gdr_l2norm(ka)
+    qa = qa * (kd ** -0.5 if scale is None else scale)
+    va, ba = v.to(acc), beta.to(acc)
+    decay = torch.exp(g.to(acc))
+    decay = decay if decay.dim() == 3 else decay[:, :, None]             # [T, H, K or 1]
+    out = torch.zeros(*v.shape, dtype=acc, device=v.device)
+    starts = query_start_loc.tolist()
+    init = [True] * len(state_indices) if has_initial_state is None else has_initial_state.tolist()
+    for b, slot in enumerate(state_indices.tolist()):
+        if slot < 0:
+            continue
+        st = ssm_states[slot].to(acc) if init[b] else torch.zeros(h, kd, vd, dtype=acc,
+                                                                  device=v.device)
+        for t in range(starts[b], starts[b + 1]):
+            st.mul_(decay[t][:, :, None])
+            delta = (va[t] - torch.einsum("hkv,hk->hv", st, ka[t])) * ba[t][:, None]
+            st.add_(ka[t][:, :, None] * delta[:, None, :])
+            out[t] = torch.einsum("hkv,hk->hv", st, qa[t])
+        ssm_states[slot] = st.to(ssm_states.dtype)
+    return out.to(v.dtype)
+
+
+def gated_delta_rule_update(ssm_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                            state_indices: torch.Tensor | None = None,
+                            scale: float | None = None, use_qk_l2norm: bool = True) -> torch.Tensor:
+    # one token per sequence: q/k [B, H, K], v [B, H, V], g [B, H, K] or [B, H], beta [B, H]
+    if state_indices is None:
+        raise ValueError("gated_delta_rule_update: state_indices is required")
+    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return gated_delta_rule(q, k, v, g, beta, ssm_states, qsl, state_indices, None, scale,
+                            use_qk_l2norm)
