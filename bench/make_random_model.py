@@ -4,7 +4,8 @@ python -m octavo.bench.make_random_model --out DIR --preset llama-100m [--dtype 
 The llama-100m preset: hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000, tied
 embeddings (about 110M parameters). qwen3-moe-1b: a Qwen3-MoE of 986M parameters, 194M active
 per token (hidden 1024, 18 layers, 16 heads / 4 KV heads, 16 experts of intermediate 1024, top-2,
-vocab 32000, tied embeddings). Weights are drawn with a fixed seed, so the model is the same
+vocab 32000, tied embeddings). llama-medium: the peers' medium Llama (852.6M parameters: hidden
+2048, 16 layers, 16 heads / 4 KV heads, intermediate 5632, vocab 32000, untied). Weights are drawn with a fixed seed, so the model is the same
 on every machine.
 """
 from __future__ import annotations
@@ -27,6 +28,11 @@ PRESETS = {
                          moe_intermediate_size=1024, num_experts=16, num_experts_per_tok=2,
                          norm_topk_prob=True, vocab_size=32000, tie_word_embeddings=True,
                          max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1,
+                         eos_token_id=2, initializer_range=0.02),
+    "llama-medium": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048,
+                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                         intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False,
+                         max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1,
                          eos_token_id=2, initializer_range=0.02),
     "llama-tiny": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

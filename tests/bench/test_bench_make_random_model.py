@@ -18,6 +18,19 @@ def test_llama_100m_preset_size():
         (768, 12, 12, 2048, 32000, True)
 
 
+def test_llama_medium_preset_size():
+    """The peers' medium Llama, counted by hand: untied 32000 x 2048 embedding and head, 16
+    layers of q/o 2048x2048, k/v 512x2048, gate/up/down 2048x5632, two norms; a final norm."""
+    fields = dict(PRESETS["llama-medium"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    h, kv, inter, vocab = 2048, 512, 5632, 32000
+    layer = 2 * h * h + 2 * kv * h + 3 * h * inter + 2 * h
+    assert sum(p.numel() for p in model.parameters()) == 2 * vocab * h + 16 * layer + h \
+        == 852_559_872
+
+
 def test_saved_tiny_model_is_bf16_with_full_vocab_tokenizer(tmp_path, capsys):
     out = str(tmp_path / "m")
     main(["--out", out, "--preset", "llama-tiny"])
