@@ -515,8 +515,10 @@ def _generic_map(path: str, key: tuple) -> tuple[dict[str, str], Any]:
     return get_gguf_hf_weights_map(model, processor), processor
 
 
-# processors that leave 2-D weights as they are (Gemma only shifts its norms)
-_LAYOUT_KEEPING = ("TensorProcessor", "Gemma2TensorProcessor", "LlamaTensorProcessor")
+# processors that leave 2-D weights as they are (Gemma only shifts its norms; Qwen2-MoE's only
+# stacks its 3-D experts)
+_LAYOUT_KEEPING = ("TensorProcessor", "Gemma2TensorProcessor", "LlamaTensorProcessor",
+                   "Qwen2MoeTensorProcessor")
 
 
 def _name_function(header: GGUFHeader):
@@ -556,13 +558,13 @@ def _iterate_generic(header: GGUFHeader, keep: dict | set) -> Iterator[tuple[str
         values = (weight.numpy() if weight is not None
                   else np.asarray(dequantize(raw, info.ggml_type), dtype=np.float32))
         values = values.reshape(shape)
-        before = set(parsed["tensors"])
         result = processor.process(weights=values, name=info.name, tensor_key_mapping=mapping,
                                    parsed_parameters=parsed)
-        for added in set(parsed["tensors"]) - before:     # MoE processors write stacked experts
-            yield added, torch.as_tensor(np.array(parsed["tensors"].pop(added), dtype=np.float32))
         if result.name in mapping:
             yield mapping[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
+    # MoE processors assemble stacked experts (gate and up from two tensors) in `parsed`
+    for name, t in parsed["tensors"].items():
+        yield name, (t.float() if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t, dtype=np.float32)))
 
 
 def hf_name(gguf_name: str) -> str | None:

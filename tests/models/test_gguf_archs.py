@@ -1,8 +1,9 @@
 """GGUF files of non-Llama architectures: a tiny random model of each architecture that
 transformers maps from GGUF is written the way llama.cpp's converter writes it (metadata keys of
 transformers' GGUF_CONFIG_MAPPING, tensor names from the gguf package's TensorNameMap, Gemma's
-norms stored as 1 + w), its layer weights in Q8_0 (kept quantized by octavo) or F32; octavo must
-generate what transformers generates from the same file."""
+norms stored as 1 + w, MoE experts stacked as ffn_{gate,up,down}_exps), its 2-D layer weights in
+Q8_0 (kept quantized by octavo) or F32; octavo must generate what transformers generates from the
+same file."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,9 @@ ARCHS = {
     "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True}),
     "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 8}),
     "starcoder2": ("starcoder2", {"norm_epsilon": 1e-5, "use_bias": True}),
+    # transformers maps no expert sizes from GGUF: the config classes' defaults must hold
+    "qwen2moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
@@ -41,8 +45,11 @@ def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) 
     cfg.setdefault("rope_theta", rope)
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"tiny-{arch}")
-    for key, field in GGUF_CONFIG_MAPPING[arch].items():
-        value = cfg.get(field) if field else None
+    # keyed by transformers' spelling (qwen2_moe) where it differs from GGUF's (qwen2moe)
+    mapping = GGUF_CONFIG_MAPPING.get(arch) or GGUF_CONFIG_MAPPING[model.config.model_type]
+    for key, field in mapping.items():
+        value = (cfg.get(field, getattr(model.config, field, None))   # (attribute aliases)
+                 if field else None)
         if value is None:
             continue
         full = f"{arch}.{key}"
@@ -60,10 +67,20 @@ def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) 
     for hf_name, t in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":      # the converter writes no output.weight
             continue
+        a = t.float().numpy()
+        if hf_name.endswith("mlp.experts.gate_up_proj"):     # [E, 2I, H] -> gate and up experts
+            blk = f"blk.{hf_name.split('.')[2]}"
+            half = a.shape[1] // 2
+            w.add_tensor(f"{blk}.ffn_gate_exps.weight", np.ascontiguousarray(a[:, :half]))
+            w.add_tensor(f"{blk}.ffn_up_exps.weight", np.ascontiguousarray(a[:, half:]))
+            continue
+        if hf_name.endswith("shared_expert_gate.weight"):    # [1, H] is written as [H]
+            a = a.reshape(-1)
         stem, suffix = hf_name.rsplit(".", 1)
+        if hf_name.endswith("experts.down_proj"):           # stacked [E, H, I]: no .weight
+            stem, suffix = hf_name, "weight"
         name = names.get_name(stem)
         assert name is not None, hf_name
-        a = t.float().numpy()
         if arch.startswith("gemma") and "norm" in name:
             a = a + 1                       # Gemma's RMSNorm scales by 1 + w; GGUF stores 1 + w
         name = f"{name}.{suffix}"
