@@ -82,9 +82,11 @@ class EngineArgs:
     seed: int = _opt(0, "engine random seed", type=int)
     max_logprobs: int = _opt(20, "most logprobs / prompt_logprobs a request may ask for "
                              "(-1: no cap)", type=int)
-    quantization: str | None = _opt(None, "quantization method: gptq or awq (read from the "
-                                    "checkpoint's config.json when unset), int4 (round-to-nearest "
-                                    "at load); GGUF Q4_0/Q4_1 stay 4-bit without it",
+    quantization: str | None = _opt(None, "quantization method: gptq, awq, compressed-tensors, "
+                                    "fp8 (read from the checkpoint's config.json when unset); "
+                                    "int4 (round-to-nearest) or fp8 (per-channel) quantize a "
+                                    "float checkpoint at load; GGUF weights stay quantized "
+                                    "without it",
                                     aliases=("-q",))
     kv_cache_dtype: str = _opt("auto", "'auto' only: the KV cache is kept in the model dtype")
     block_size: int = _opt(16, "tokens per KV-cache block (a power of two)", type=int)
