@@ -613,7 +613,8 @@ def _ssm_acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 def _check_ssm_batch(op: str, num_states: int, query_start_loc: torch.Tensor | None,
                      state_indices: torch.Tensor, has_initial_state: torch.Tensor | None,
-                     num_seqs: int, num_tokens: int | None = None) -> None:
+                     num_seqs: int, num_tokens: int | None = None, values: bool = True) -> None:
+    # values=False: shapes and dtypes only (the kernels check the index values themselves)
     if state_indices.dim() != 1 or state_indices.shape[0] != num_seqs \
             or state_indices.dtype != torch.int32:
         raise ValueError(f"{op}: state_indices must be int32 [{num_seqs}], got "
@@ -627,7 +628,7 @@ def _check_ssm_batch(op: str, num_states: int, query_start_loc: torch.Tensor | N
                                           or tuple(has_initial_state.shape) != (num_seqs,)):
         raise ValueError(f"{op}: has_initial_state must be bool [{num_seqs}], got "
                          f"{has_initial_state.dtype} {tuple(has_initial_state.shape)}")
-    if state_indices.device.type == "cpu" and num_seqs:
+    if values and state_indices.device.type == "cpu" and num_seqs:
         # on CPU these checks are free; on CUDA they would synchronize (and break graph capture)
         if int(state_indices.max()) >= num_states:
             raise ValueError(f"{op}: state_indices must be < the {num_states} state slots, got "

@@ -239,7 +239,66 @@ void causal_conv_kernel(const CausalConvParams& p) {
   OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { causal_conv_impl<scalar_t>(p); });
 }
 
+// Decode steps (one token per sequence) vectorized over the state columns instead: each
+// channel's state row [N] is contiguous, so it is loaded and stored as whole vectors (the
+// channel-vectorized scan would transpose it for a single token). N % kVec == 0, unit N stride.
+template <typename T, typename S>
+static void state_update_impl(const SelectiveScanParams& p) {
+  const T* u = static_cast<const T*>(p.u);
+  const T* delta = static_cast<const T*>(p.delta);
+  const T* z = static_cast<const T*>(p.z);
+  const T* Bm = static_cast<const T*>(p.B);
+  const T* Cm = static_cast<const T*>(p.C);
+  T* out = static_cast<T*>(p.out);
+  S* states = static_cast<S*>(p.ssm_states);
+  const int64_t ns = p.dstate, nv = ns / kVec;
+  for_seq_blocks(p.batch, p.dim, ns * kVec * 4, [&](int64_t s, int64_t d0, int n) {
+    const int64_t slot = p.batch.state_indices[s];
+    if (slot < 0) return zero_rows(out, p.out_stride, s, s + 1, d0, n);
+    fVec bv[kMaxDstate / kVec], cv[kMaxDstate / kVec];
+    for (int64_t j = 0; j < nv; ++j) {
+      bv[j] = load_f(Bm + s * p.b_stride + j * kVec);
+      cv[j] = load_f(Cm + s * p.c_stride + j * kVec);
+    }
+    const fVec uv = load_n(u + s * p.u_stride + d0, n);
+    fVec dt = load_n(delta + s * p.delta_stride + d0, n);
+    if (p.delta_bias) dt = dt + load_n(p.delta_bias + d0, n);
+    if (p.delta_softplus) dt = softplus_v(dt);
+    alignas(64) float dts[kVec], dtus[kVec], ys[kVec];
+    dt.store(dts);
+    (dt * uv).store(dtus);
+    for (int c = 0; c < n; ++c) {
+      S* h = states + slot * p.ss_stride_slot + (d0 + c) * p.ss_stride_d;
+      const float* a = p.A + (d0 + c) * ns;
+      const fVec dtc(dts[c]), dtuc(dtus[c]);
+      fVec y(0.f);
+      for (int64_t j = 0; j < nv; ++j) {
+        const fVec hv = at::vec::fmadd((dtc * fVec::loadu(a + j * kVec)).exp(),
+                                       load_f(h + j * kVec), dtuc * bv[j]);
+        store_f(h + j * kVec, hv);
+        y = at::vec::fmadd(hv, cv[j], y);
+      }
+      ys[c] = hsum(y);
+    }
+    fVec y = fVec::loadu(ys);
+    if (p.D_skip) y = at::vec::fmadd(uv, load_n(p.D_skip + d0, n), y);
+    if (z) y = y * silu_v(load_n(z + s * p.z_stride + d0, n));
+    store_n(out + s * p.out_stride + d0, y, n);
+  });
+}
+
 void selective_scan_kernel(const SelectiveScanParams& p) {
+  const bool decode = !p.batch.seq_start && !p.batch.has_initial_state;
+  if (decode && p.dstate % kVec == 0 && p.ss_stride_n == 1) {
+    OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] {
+      switch (p.state_dtype) {
+        case DType::kFloat32: state_update_impl<scalar_t, float>(p); break;
+        case DType::kBFloat16: state_update_impl<scalar_t, c10::BFloat16>(p); break;
+        case DType::kFloat16: state_update_impl<scalar_t, c10::Half>(p); break;
+      }
+    });
+    return;
+  }
   OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { selective_scan_impl<scalar_t>(p); });
 }
 
@@ -281,12 +340,13 @@ const float* f32_param(const OptT& t, at::IntArrayRef shape, const char* name, c
   return t->data_ptr<float>();
 }
 
-// The varlen batch: index dtypes and ranges (free on CPU), monotonic query_start_loc.
+// The varlen batch: index dtypes and ranges (free on CPU), monotonic query_start_loc;
+// bad values raise ValueError in Python.
 cpu::SsmBatch make_batch(const OptT& query_start_loc, const at::Tensor& state_indices,
                          const OptT& has_initial_state, int64_t num_tokens, int64_t num_slots,
                          const char* op) {
   OCTAVO_CHECK_CPU(state_indices);
-  TORCH_CHECK(state_indices.dim() == 1 && state_indices.scalar_type() == at::kInt &&
+  TORCH_CHECK_VALUE(state_indices.dim() == 1 && state_indices.scalar_type() == at::kInt &&
                   state_indices.is_contiguous(),
               op, ": state_indices must be contiguous int32 [B], got ",
               state_indices.scalar_type(), " ", state_indices.sizes());
@@ -295,28 +355,28 @@ cpu::SsmBatch make_batch(const OptT& query_start_loc, const at::Tensor& state_in
   b.num_seqs = nseq;
   b.state_indices = state_indices.data_ptr<int32_t>();
   for (int64_t s = 0; s < nseq; ++s)
-    TORCH_CHECK(b.state_indices[s] < num_slots, op, ": state_indices[", s, "] = ",
+    TORCH_CHECK_VALUE(b.state_indices[s] < num_slots, op, ": state_indices[", s, "] = ",
                 b.state_indices[s], " is not below the ", num_slots, " state slots");
   if (query_start_loc) {
     const at::Tensor& q = *query_start_loc;
     OCTAVO_CHECK_CPU(q);
-    TORCH_CHECK(q.dim() == 1 && q.size(0) == nseq + 1 && q.scalar_type() == at::kInt &&
+    TORCH_CHECK_VALUE(q.dim() == 1 && q.size(0) == nseq + 1 && q.scalar_type() == at::kInt &&
                     q.is_contiguous(),
                 op, ": query_start_loc must be contiguous int32 [", nseq + 1, "], got ",
                 q.scalar_type(), " ", q.sizes());
     b.seq_start = q.data_ptr<int32_t>();
-    TORCH_CHECK(b.seq_start[0] == 0 && b.seq_start[nseq] == num_tokens, op,
+    TORCH_CHECK_VALUE(b.seq_start[0] == 0 && b.seq_start[nseq] == num_tokens, op,
                 ": query_start_loc must run from 0 to the ", num_tokens, " tokens");
     for (int64_t s = 0; s < nseq; ++s)
-      TORCH_CHECK(b.seq_start[s] <= b.seq_start[s + 1], op, ": query_start_loc must not decrease");
+      TORCH_CHECK_VALUE(b.seq_start[s] <= b.seq_start[s + 1], op, ": query_start_loc must not decrease");
   } else {
-    TORCH_CHECK(nseq == num_tokens, op, ": one token per sequence: state_indices must be [",
+    TORCH_CHECK_VALUE(nseq == num_tokens, op, ": one token per sequence: state_indices must be [",
                 num_tokens, "], got ", state_indices.sizes());
   }
   if (has_initial_state) {
     const at::Tensor& h = *has_initial_state;
     OCTAVO_CHECK_CPU(h);
-    TORCH_CHECK(h.dim() == 1 && h.size(0) == nseq && h.scalar_type() == at::kBool &&
+    TORCH_CHECK_VALUE(h.dim() == 1 && h.size(0) == nseq && h.scalar_type() == at::kBool &&
                     h.is_contiguous(),
                 op, ": has_initial_state must be contiguous bool [", nseq, "], got ",
                 h.scalar_type(), " ", h.sizes());

@@ -15,7 +15,8 @@ CSRC = ROOT / "csrc"
 SOURCES = [CSRC / "simt" / "runtime.cpp", CSRC / "simt" / "kernels.cpp",
            CSRC / "simt" / "torch_ops_simt.cpp", CSRC / "simt" / "moe_kernels.cpp",
            CSRC / "simt" / "torch_ops_simt_moe.cpp", CSRC / "simt" / "mla_kernels.cpp",
-           CSRC / "simt" / "torch_ops_simt_mla.cpp",
+           CSRC / "simt" / "torch_ops_simt_mla.cpp", CSRC / "simt" / "mamba_kernels.cpp",
+           CSRC / "simt" / "torch_ops_simt_mamba.cpp",
            CSRC / "simt" / "ssd_kernels.cpp", CSRC / "simt" / "torch_ops_simt_ssd.cpp"]
 SOURCES += [CSRC / "simt" / "lora_kernels.cpp", CSRC / "simt" / "torch_ops_simt_lora.cpp"]
 
