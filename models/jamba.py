@@ -21,6 +21,10 @@ from octavo.models.layers.mamba import MambaMixer
 from octavo.models.llama import LlamaMLP, add_and_norm, head_dim_of
 
 
+# layer type names: released checkpoints' and current transformers'
+ATTENTION_KINDS, MAMBA_KINDS = ("attention", "full_attention"), ("mamba", "linear_attention")
+
+
 def _layer_kinds(config) -> list[str]:
     kinds = list(getattr(config, "layers_block_type", None) or [])
     if len(kinds) != config.num_hidden_layers:
@@ -50,7 +54,8 @@ class JambaAttention(nn.Module):
                                         bias=False)
         self.attn = Attention(self.qkv_proj.num_heads, hd, hd ** -0.5, self.qkv_proj.num_kv_heads)
 
-    def forward(self, hidden: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
@@ -66,19 +71,19 @@ def _mamba_mixer(config) -> MambaMixer:
 
 
 class JambaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, kind: str):
+    def __init__(self, config, layer_idx: int, kind: str, family):
         super().__init__()
-        self.kind = kind
+        self.is_attention = kind in ATTENTION_KINDS
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if kind == "attention":
-            self.self_attn = JambaAttention(config)
-        elif kind == "mamba":
-            self.mamba = _mamba_mixer(config)
+        if self.is_attention:
+            self.self_attn = family.make_attention(config, layer_idx)
+        elif kind in MAMBA_KINDS:
+            self.mamba = family.make_mamba(config)
         else:
-            raise ValueError(f"Jamba layer {layer_idx} has unknown type {kind!r} (expected "
-                             "'attention' or 'mamba')")
+            raise ValueError(f"layer {layer_idx} has unknown type {kind!r} (expected one of "
+                             f"{ATTENTION_KINDS + MAMBA_KINDS})")
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        experts = _num_experts(config, layer_idx)
+        experts = family.num_experts(config, layer_idx)
         if experts > 1:
             moe = FusedMoE(experts, config.num_experts_per_tok, config.hidden_size,
                            config.intermediate_size, renormalize=False,
@@ -87,25 +92,28 @@ class JambaDecoderLayer(nn.Module):
         else:
             self.feed_forward = LlamaMLP(config)
 
-    def forward(self, hidden, residual, attn_metadata: AttentionMetadata):
+    def forward(self, positions, hidden, residual, attn_metadata: AttentionMetadata):
         hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
-        mixer = self.self_attn if self.kind == "attention" else self.mamba
-        hidden, residual = self.pre_ff_layernorm(mixer(hidden, attn_metadata), residual)
+        if self.is_attention:
+            hidden = self.self_attn(positions, hidden, attn_metadata)
+        else:
+            hidden = self.mamba(hidden, attn_metadata)
+        hidden, residual = self.pre_ff_layernorm(hidden, residual)
         return self.feed_forward(hidden), residual
 
 
 class JambaModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, family):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(JambaDecoderLayer(config, i, kind)
-                                    for i, kind in enumerate(_layer_kinds(config)))
+        self.layers = nn.ModuleList(JambaDecoderLayer(config, i, kind, family)
+                                    for i, kind in enumerate(family.layer_kinds(config)))
         self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids, attn_metadata):
+    def forward(self, input_ids, positions, attn_metadata):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, attn_metadata)
+            hidden, residual = layer(positions, hidden, residual, attn_metadata)
         hidden, _ = self.final_layernorm(hidden, residual)
         return hidden
 
@@ -116,11 +124,19 @@ class JambaForCausalLM(MoEWeightRouting, nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
     checkpoint_renames = ((r"\.feed_forward\.router\.", ".feed_forward.gate."),)
+    # hooks of the hybrid families built on this decoder (Bamba)
+    layer_kinds = staticmethod(_layer_kinds)
+    num_experts = staticmethod(_num_experts)
+    make_mamba = staticmethod(_mamba_mixer)
+
+    @staticmethod
+    def make_attention(config, layer_idx: int) -> nn.Module:
+        return JambaAttention(config)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = JambaModel(config)
+        self.model = JambaModel(config, type(self))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -128,7 +144,7 @@ class JambaForCausalLM(MoEWeightRouting, nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] int64 (no position encoding) -> hidden [T, H]
-        return self.model(input_ids, attn_metadata)
+        return self.model(input_ids, positions, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -50,6 +50,7 @@ _MODELS = {
     "FalconMambaForCausalLM": ("mamba", "FalconMambaForCausalLM"),
     "Mamba2ForCausalLM": ("mamba2", "Mamba2ForCausalLM"),
     "JambaForCausalLM": ("jamba", "JambaForCausalLM"),
+    "BambaForCausalLM": ("bamba", "BambaForCausalLM"),
 }
 
 
@@ -104,6 +105,7 @@ EXAMPLE_MODELS = {
     "Mamba2ForCausalLM": "Mamba-2, Mamba-Codestral-7B (per-request state, no prefix caching)",
     "JambaForCausalLM": "Jamba-v0.1, Jamba 1.5 Mini/Large (attention + Mamba + MoE; no prefix "
                         "caching)",
+    "BambaForCausalLM": "Bamba-9B (attention + Mamba-2; no prefix caching)",
 }
 
 def supported_architectures() -> list[str]:

@@ -69,6 +69,13 @@ TINY_SSM_ARCHS = {
                              num_attention_heads=4, num_key_value_heads=2, mamba_d_state=8,
                              mamba_d_conv=4, mamba_expand=2, rms_norm_eps=1e-6,
                              max_position_embeddings=512, tie_word_embeddings=False),
+    # layers: mamba-2, attention (rotary on half of each head), mamba-2
+    "BambaForCausalLM": dict(model_type="bamba", num_hidden_layers=3, attn_layer_indices=[1],
+                             intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                             mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16,
+                             mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+                             rms_norm_eps=1e-6, max_position_embeddings=512,
+                             tie_word_embeddings=False),
 }
 
 
