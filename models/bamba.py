@@ -10,6 +10,16 @@ from octavo.models.layers.mamba import Mamba2Mixer
 from octavo.models.llama import AttentionOptions, LlamaAttention
 
 
+def mamba2_options(config) -> dict:
+    """The Mamba2Mixer arguments from the mamba_* fields of Bamba and Granite 4.0 configs."""
+    return dict(num_heads=config.mamba_n_heads, head_dim=config.mamba_d_head,
+                n_groups=config.mamba_n_groups, state_size=config.mamba_d_state,
+                conv_kernel=config.mamba_d_conv, chunk_size=config.mamba_chunk_size,
+                intermediate_size=int(config.mamba_expand * config.hidden_size),
+                use_bias=config.mamba_proj_bias, use_conv_bias=config.mamba_conv_bias,
+                norm_eps=config.rms_norm_eps, time_step_limit=config.time_step_limit)
+
+
 class BambaForCausalLM(JambaForCausalLM):
     @staticmethod
     def layer_kinds(config) -> list[str]:
@@ -22,12 +32,7 @@ class BambaForCausalLM(JambaForCausalLM):
 
     @staticmethod
     def make_mamba(config) -> nn.Module:
-        return Mamba2Mixer(config, num_heads=config.mamba_n_heads, head_dim=config.mamba_d_head,
-                           n_groups=config.mamba_n_groups, state_size=config.mamba_d_state,
-                           conv_kernel=config.mamba_d_conv, chunk_size=config.mamba_chunk_size,
-                           intermediate_size=int(config.mamba_expand * config.hidden_size),
-                           use_bias=config.mamba_proj_bias, use_conv_bias=config.mamba_conv_bias,
-                           norm_eps=config.rms_norm_eps, time_step_limit=config.time_step_limit)
+        return Mamba2Mixer(config, **mamba2_options(config))
 
     @staticmethod
     def make_attention(config, layer_idx: int) -> nn.Module:

@@ -51,6 +51,7 @@ _MODELS = {
     "Mamba2ForCausalLM": ("mamba2", "Mamba2ForCausalLM"),
     "JambaForCausalLM": ("jamba", "JambaForCausalLM"),
     "BambaForCausalLM": ("bamba", "BambaForCausalLM"),
+    "GraniteMoeHybridForCausalLM": ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
 }
 
 
@@ -106,6 +107,8 @@ EXAMPLE_MODELS = {
     "JambaForCausalLM": "Jamba-v0.1, Jamba 1.5 Mini/Large (attention + Mamba + MoE; no prefix "
                         "caching)",
     "BambaForCausalLM": "Bamba-9B (attention + Mamba-2; no prefix caching)",
+    "GraniteMoeHybridForCausalLM": "Granite 4.0 (H-Micro/Tiny/Small: attention + Mamba-2 + MoE; "
+                                   "no prefix caching)",
 }
 
 def supported_architectures() -> list[str]:

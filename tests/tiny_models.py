@@ -76,6 +76,16 @@ TINY_SSM_ARCHS = {
                              mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
                              rms_norm_eps=1e-6, max_position_embeddings=512,
                              tie_word_embeddings=False),
+    # layers: mamba-2, attention with rope, mamba-2; MoE + shared MLP on each; muP multipliers
+    "GraniteMoeHybridForCausalLM": dict(
+        model_type="granitemoehybrid", num_hidden_layers=3,
+        layer_types=["mamba", "attention", "mamba"], position_embedding_type="rope",
+        intermediate_size=48, shared_intermediate_size=64, num_local_experts=4,
+        num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8,
+        mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=8, rms_norm_eps=1e-6, max_position_embeddings=512,
+        embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+        logits_scaling=2.0, tie_word_embeddings=False),
 }
 
 
