@@ -68,13 +68,19 @@ class LoRAManager:
             raise ValueError(f"lora_int_id {req.lora_int_id} is already adapter "
                              f"{known.lora_name!r} ({known.lora_path}); give {req.lora_name!r} "
                              "another id, or unload the first")
+        adapter = self._host_copy(req)
+        self.registered[req.lora_int_id] = req
+        return adapter
+
+    def _host_copy(self, req: LoRARequest) -> LoRAAdapter:
+        """The adapter from the host cache, read from disk when it is not there (requests
+        still running with an unloaded adapter re-read it without registering it again)."""
         adapter = self.cpu_cache.get(req.lora_int_id)
         if adapter is not None:
             self.cpu_cache.move_to_end(req.lora_int_id)
             return adapter
         adapter = load_adapter(req, self.targets, self.packed, self.max_rank, self.dtype)
         self.num_disk_loads += 1
-        self.registered[req.lora_int_id] = req
         self.cpu_cache[req.lora_int_id] = adapter
         while len(self.cpu_cache) > self.max_cpu_loras:
             evicted, _ = self.cpu_cache.popitem(last=False)
@@ -108,7 +114,7 @@ class LoRAManager:
                 self.slot_lru.move_to_end(where[lid])
                 continue
             slot = next(s for s in self.slot_lru if self.slot_ids[s] not in needed)
-            adapter = self.add_adapter(req)
+            adapter = self._host_copy(req)
             write_adapter(self.layers, slot, adapter)
             self.num_slot_loads += 1
             self.slot_ids[slot] = lid

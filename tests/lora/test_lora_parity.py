@@ -143,17 +143,15 @@ def test_prefix_cache_is_per_adapter(base_dir, adapters):
     assert cached[:3] == [0, 0, 0] and cached[3] > 0
 
 
-def test_fused_checkpoint_projections(tmp_path, tiny_model_factory):
+def test_fused_checkpoint_projections(tmp_path):
     """An adapter of a model whose checkpoint already fuses qkv_proj / gate_up_proj (Phi-3):
     one A per fused module, B cut into octavo's projections."""
-    base = tiny_model_factory("LlamaForCausalLM")     # for the tokenizer layout only
     from tiny_models import save_tiny_model
     phi = save_tiny_model(str(tmp_path / "phi3"), "phi3", "Phi3ForCausalLM", hidden_size=64,
                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
                           eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
                           initializer_range=0.08, rms_norm_eps=1e-5)
-    assert base
     ad = save_adapter(phi, str(tmp_path / "phi3_lora"), seed=5, r=8, alpha=16,
                       targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
     llm = LLM(model=phi, dtype="float32", enable_lora=True, max_lora_rank=8, kv_cache_memory=KV)

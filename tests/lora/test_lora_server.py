@@ -78,6 +78,7 @@ def test_lora_modules_models_load_unload(setup):
         r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "poem"})
         assert r.status_code == 200
         assert {m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]} == {base, "sql"}
+        assert srv.ctx.engine.engine.list_loras() == {srv.ctx.lora_requests["sql"].lora_int_id}
         gone = httpx.post(srv.url + "/v1/completions", json={"model": "poem", "prompt": "x"})
         assert gone.status_code == 404
         missing = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "poem"})
