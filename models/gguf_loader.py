@@ -431,7 +431,11 @@ def gguf_codes(raw: np.ndarray, ggml_type: int) -> tuple[torch.Tensor, torch.Ten
 def kept_blocks(raw: np.ndarray, ggml_type: int, family: str, group_size: int):
     """The kept tensors of one weight for a layer of `family` ("int4": codes uint8; "int8":
     codes int8) with groups of `group_size` (a divisor of the type's own: scales repeat)."""
-    codes, scales, offsets, gs = gguf_codes(raw, ggml_type)
+    if ggml_type in (_Q4_0, _Q4_1) and family == "int4":
+        codes, scales, offsets = q4_blocks(raw, ggml_type)    # uint8 already: no int16 detour
+        gs = 32
+    else:
+        codes, scales, offsets, gs = gguf_codes(raw, ggml_type)
     if offsets is None:
         offsets = torch.zeros_like(scales)
     if gs != group_size:
