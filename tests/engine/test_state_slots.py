@@ -160,3 +160,32 @@ def test_prefix_caching_is_off_with_reason(mamba_dir, caplog):
         llm = _llm(mamba_dir, 2, enable_prefix_caching=True)
     assert not llm.llm_engine.kv.enable_prefix_caching
     assert "prefix caching is off" in caplog.text
+
+
+def test_one_token_prompt_joins_a_decode_step(mamba_dir):
+    """A one-token prompt admitted while the others decode makes a decode-only step: the decode
+    ops read its slot, which the runner zeroed (a slot is reused from a finished request)."""
+    llm = _llm(mamba_dir, 2)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=8)
+    engine.add_request("warm", {"prompt_token_ids": [1, 9, 8, 7]}, SamplingParams(max_tokens=2))
+    engine.add_request("long", {"prompt_token_ids": [1, 30, 31, 32]}, params)
+    while "warm" in engine.parents:                  # leaves a used slot behind
+        engine.step()
+    engine.add_request("one", {"prompt_token_ids": [1]}, params)
+    sizes = []
+    execute = engine.executor.execute
+
+    def spy(out):
+        sizes.append([s.num_new_tokens for s in out.scheduled])
+        return execute(out)
+
+    engine.executor.execute = spy
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert sizes[0] == [1, 1]                        # "one"'s prompt rides in a decode step
+    refs = hf_greedy(mamba_dir, [[1, 30, 31, 32], [1]], 8)
+    assert [done["long"], done["one"]] == refs
