@@ -1,4 +1,4 @@
-"""`octavo bench {throughput,latency,serve,plot,startup,stress}`: registered on the octavo
+"""`octavo bench {throughput,latency,serve,plot,decode-ceiling,startup,stress}`: registered on the octavo
 command line by add_bench_subparsers(subparsers)."""
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ _SUITES = {
     "latency": ("octavo.bench.latency", "latency, TTFT and TPOT of one batch"),
     "serve": ("octavo.bench.serve", "online serving against an OpenAI-compatible server"),
     "plot": ("octavo.bench.plot", "plot JSON-lines results into a PNG"),
+    "decode-ceiling": ("octavo.bench.decode_ceiling", "batch-1 TPOT of octavo and transformers "
+                       "beside the time to stream the active weights once"),
     "startup": ("octavo.bench.startup", "cold start: import, LLM(), generate, serve to /health, "
                 "against the torch import floor"),
     "stress": ("octavo.bench.stress", "reliability: streams that leave, fuzz, KV exhaustion "
