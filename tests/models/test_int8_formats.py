@@ -363,3 +363,17 @@ def test_errors(float_dir, quant_dirs, tmp_path):
         json.dump(config, f)
     with pytest.raises(ValueError, match="W8A8 int8 is"):
         LLM(model=bad, kv_cache_memory=1 << 24)
+
+
+def test_tensor_parallel_two_ranks_match_one(quant_dirs, tmp_path):
+    # (dynamic W8A8 is left out: each rank of a row-parallel layer quantizes its own slice of the
+    # input with its own scale, so two ranks legitimately differ from one, as in vLLM)
+    from tp_util import one_rank_logits, two_rank_logits
+
+    cases = ["ct-w8a8-static-llama", "ct-w4a16-g32-asym-llama", "ct-w8a16-g64-llama",
+             "gptq8-sym-g64-llama"]
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    dirs = [quant_dirs(case)[0] for case in cases]
+    for case, path, got in zip(cases, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
+        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
+                                   msg=lambda m, case=case: f"{case}: {m}")

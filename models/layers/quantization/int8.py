@@ -238,7 +238,9 @@ class GPTQ8LinearMethod(Int8WoqLinearMethod):
         offsets = -(layer.qzeros.data.float() - 128) * s
         k = layer.qweight.shape[1]
         gs = k if self.config.group_size == -1 else self.config.group_size
-        return layer.qweight.data, s, offsets, gs, layer.g_idx.data
+        # without act order g_idx is position // group_size (and a row shard's slice of it
+        # holds the global group numbers): only act-order checkpoints need it
+        return layer.qweight.data, s, offsets, gs, layer.g_idx.data if self.config.desc_act else None
 
 
 class GPTQ8Config(QuantizationConfig):
