@@ -25,7 +25,7 @@ from octavo.config import EngineConfig
 from octavo.executor import Executor
 from octavo.scheduler import SchedulerOutput
 
-from .step import from_wire, result_of, to_step_output, to_wire
+from .step import to_step_output, to_wire
 from .worker import RankInfo, Worker, init_distributed
 
 logger = logging.getLogger(__name__)
@@ -226,9 +226,7 @@ def _worker_main(config: EngineConfig, info: RankInfo, init_method: str, threads
                 worker.resize_kv_cache(payload)
                 conn.send(("ok", None))
             elif kind == "step":
-                out = from_wire(payload)
-                result = worker.execute(out)
-                conn.send(("ok", result_of(out, result) if info.returns_output else None))
+                conn.send(("ok", worker.execute_wire(payload)))
         except BaseException:  # noqa: BLE001 - reported to the driver, which raises it
             conn.send(("error", traceback.format_exc()))
             break

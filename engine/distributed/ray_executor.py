@@ -13,7 +13,7 @@ from octavo.executor import Executor
 from octavo.scheduler import SchedulerOutput
 
 from .mp_executor import WorkerError, _check_model_supports
-from .step import from_wire, result_of, to_step_output, to_wire
+from .step import to_step_output, to_wire
 from .worker import RankInfo, Worker, init_distributed
 
 STEP_TIMEOUT_S = None            # a step has no deadline; a dead actor raises RayActorError
@@ -27,7 +27,6 @@ class _RankActor:
         import torch
         torch.set_num_threads(threads)
         self.worker = None
-        self.info = None
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -36,7 +35,6 @@ class _RankActor:
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def start(self, config: EngineConfig, info: RankInfo, init_method: str) -> int:
-        self.info = info
         init_distributed(info, config.device, init_method)
         self.worker = Worker(config, info)
         return self.worker.init_kv_cache()
@@ -45,9 +43,7 @@ class _RankActor:
         self.worker.resize_kv_cache(num_blocks)
 
     def step(self, wire):
-        out = from_wire(wire)
-        result = self.worker.execute(out)
-        return result_of(out, result) if self.info.returns_output else None
+        return self.worker.execute_wire(wire)
 
     def stop(self) -> None:
         import torch.distributed as dist

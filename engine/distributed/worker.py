@@ -18,6 +18,8 @@ from octavo.config import EngineConfig
 from octavo.models.layers.parallel_state import set_pipeline_parallel, set_tensor_parallel
 from octavo.scheduler import SchedulerOutput
 
+from .step import from_wire, result_of
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -102,6 +104,13 @@ class Worker:
         if self.info.pp_size == 1:
             return self.runner.execute(out)
         return self._execute_pipelined(out)
+
+    def execute_wire(self, wire):
+        """A step received as to_wire's plain data: this rank's WorkerResult when it returns
+        the output (the last stage's first rank), else None."""
+        out = from_wire(wire)
+        result = self.execute(out)
+        return result_of(out, result) if self.info.returns_output else None
 
     def _execute_pipelined(self, out: SchedulerOutput):
         """GPipe-style micro-batches inside a step: the step's requests are cut into up to
