@@ -115,6 +115,20 @@ def test_a_driver_stopped_by_ctrl_c_or_killed_leaves_no_worker(llama_dir, tmp_pa
             proc.wait()
 
 
+def _wait_healthy(proc, url: str, seconds: float = 300) -> None:
+    """Until the server process answers /health with 200; fails if it exits or takes longer."""
+    import httpx
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"no /health within {seconds:.0f} s"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
 def test_server_with_tensor_parallel_size_2_answers_a_completion(llama_dir):
     import httpx
     expected = LLM(model=llama_dir, dtype="float32", kv_cache_memory=1 << 22).generate(
@@ -130,14 +144,7 @@ def test_server_with_tensor_parallel_size_2_answers_a_completion(llama_dir):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_healthy(proc, url)
         workers = children(proc.pid)
         res = httpx.post(url + "/v1/completions", timeout=60, json=dict(
             model=llama_dir, prompt="The capital of France is", max_tokens=4, temperature=0))
@@ -252,15 +259,7 @@ def test_serve_under_torchrun_rank0_serves_and_drives(llama_dir, tp, pp):
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no /health within 300 s"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_healthy(proc, url)
         ranks = children(proc.pid)
         for prompt, text in zip(prompts, expected):    # one after another, then two at once
             res = httpx.post(url + "/v1/completions", timeout=60, json=dict(
