@@ -456,6 +456,33 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 
 if USING_NATIVE:
     from octavo.ops_native import fp8_gemm  # noqa: F811
+
+
+def prepare_moe_fp8_weights(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
+                            w2_scale: torch.Tensor, block_size=None):
+    """e4m3 experts (w13 [E, 2I, H], w2 [E, H, I]) and their scales (ops_native.fused_moe_fp8)
+    prepared once after loading; pass the result to fused_moe_fp8_prepared."""
+    return ops_native.prepare_moe_fp8_weights(w13, w2, w13_scale, w2_scale, block_size)
+
+
+def unpack_moe_fp8_weights(prepared):
+    """What prepare_moe_fp8_weights was given, for the reference: (w13, w2, w13_scale, w2_scale,
+    block_size)."""
+    return tuple(prepared)
+
+
+def fused_moe_fp8_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    # prepared: prepare_moe_fp8_weights(...) -> out [T, H]
+    return ops_native.fused_moe_fp8_prepared(hidden, prepared, topk_weights, topk_ids, activation)
+
+
+def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  w13_scale: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, activation: str = "silu", block_size=None) -> torch.Tensor:
+    # hidden [T, H]; e4m3 w13 [E, 2I, H], w2 [E, H, I]; scales per expert (ops_native.fused_moe_fp8)
+    prepared = prepare_moe_fp8_weights(w13, w2, w13_scale, w2_scale, block_size)
+    return fused_moe_fp8_prepared(hidden, prepared, topk_weights, topk_ids, activation)
 # ---- end FP8 ----
 
 

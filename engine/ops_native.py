@@ -355,9 +355,14 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     # topk_weights: [T, k] fp32; topk_ids: [T, k] int32 -> out [T, H] in hidden's dtype.
     # out[t] = sum_j w[t, j] * w2[e] @ (act(gate_e @ h) * (up_e @ h)), fp32 accumulation.
     check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids, activation)
+    return _fused_moe_experts(hidden, lambda ex: (w13[ex], w2[ex]), w13.shape[0],
+                              w13.shape[1] // 2, topk_weights, topk_ids, activation)
+
+
+def _fused_moe_experts(hidden, expert, e: int, i: int, topk_weights, topk_ids, activation):
+    # expert(ex) -> (w13 [2I, H], w2 [H, I]) of one expert, read only for the experts chosen
     act = _MOE_ACTIVATIONS[activation]
     t, k = topk_ids.shape
-    e, i = w13.shape[0], w13.shape[1] // 2
     flat = topk_ids.flatten().long()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= e):
         raise ValueError(f"fused_moe: expert ids must be in [0, {e})")
@@ -367,9 +372,10 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     for ex in flat.unique().tolist():
         sel = flat == ex
         rows = tokens[sel]
-        gate_up = _acc(hidden[rows]) @ _acc(w13[ex]).t()
+        w13_e, w2_e = expert(ex)
+        gate_up = _acc(hidden[rows]) @ w13_e.to(out.dtype).t()
         inter = act(gate_up[:, :i]) * gate_up[:, i:]
-        out.index_add_(0, rows, (inter @ _acc(w2[ex]).t()) * pair_w[sel, None])
+        out.index_add_(0, rows, (inter @ w2_e.to(out.dtype).t()) * pair_w[sel, None])
     return out.to(hidden.dtype)
 
 
@@ -1052,6 +1058,79 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     w = fp8_dequantize(weight, weight_scale, block_size).to(acc)
     y = F.linear(xa, w, None if bias is None else bias.to(acc))
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
+# FP8 fused MoE: expert weights w13 [E, 2I, H] and w2 [E, H, I] in e4m3 with per-expert scales in
+# any form fp8_scale_blocks takes, stacked over experts: per tensor [E] (or [E, 1]), per channel
+# [E, N] (or [E, N, 1]), or blocks [E, ceil(N/bn), ceil(K/bk)] with block_size (bn, bk).
+
+def fp8_moe_row_scales(scale: torch.Tensor, n: int, k: int,
+                       block_size: tuple[int, int] | list[int] | None = None
+                       ) -> tuple[torch.Tensor, int]:
+    """Per-expert scales -> (fp32 [E, N, ceil(K/bk)] with one row per output, bk): the form the
+    CPU kernel reads (a block's scale repeated over its bn rows)."""
+    rows = []
+    bk = max(k, 1)
+    for x in range(scale.shape[0]):
+        s, bn, bk = fp8_scale_blocks(scale[x], n, k, block_size)
+        rows.append(s.repeat_interleave(bn, 0)[:n])
+    if not rows:
+        return scale.new_zeros(0, n, 1, dtype=torch.float32), bk
+    return torch.stack(rows).contiguous(), bk
+
+
+def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  w13_scale: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, activation: str = "silu",
+                  block_size: tuple[int, int] | list[int] | None = None) -> torch.Tensor:
+    # fused_moe with e4m3 experts: each chosen expert dequantized (fp8_dequantize), then the same
+    # gated MLP in fp32 -> out [T, H] in hidden's dtype
+    check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids, activation)
+    n13, h = w13.shape[1:]
+    if w13_scale.shape[0] != w13.shape[0] or w2_scale.shape[0] != w2.shape[0]:
+        raise ValueError(f"fused_moe_fp8: scales must have one entry per expert ({w13.shape[0]}), "
+                         f"got {list(w13_scale.shape)} and {list(w2_scale.shape)}")
+
+    def expert(ex: int):
+        return (fp8_dequantize(w13[ex], w13_scale[ex], block_size),
+                fp8_dequantize(w2[ex], w2_scale[ex], block_size))
+    return _fused_moe_experts(hidden, expert, w13.shape[0], n13 // 2, topk_weights, topk_ids,
+                              activation)
+
+
+def prepare_moe_fp8_weights(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
+                            w2_scale: torch.Tensor, block_size=None):
+    """The fp8 expert weights in the form fused_moe_fp8_prepared takes (here: unchanged)."""
+    return (w13, w2, w13_scale, w2_scale, block_size)
+
+
+def fused_moe_fp8_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    w13, w2, w13_scale, w2_scale, block_size = prepared
+    return fused_moe_fp8(hidden, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, activation,
+                         block_size)
+
+
+def unpack_moe_fp8_scales(w13_scale: torch.Tensor, w2_scale: torch.Tensor, hidden_size: int,
+                          inter_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_moe_fp8_scales: ([E, 2I, Kb13], [E, H, Kb2])."""
+    def unpack(p, n):  # [E, N/64, Kb, 64] -> [E, n, Kb]
+        return p.permute(0, 1, 3, 2).reshape(p.shape[0], -1, p.shape[2])[:, :n]
+    return (torch.cat((unpack(w13_scale[:, :, 0], inter_size), unpack(w13_scale[:, :, 1], inter_size)), 1),
+            unpack(w2_scale, hidden_size))
+
+
+def pack_moe_fp8_scales(w13_scale: torch.Tensor, w2_scale: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row scales ([E, 2I, Kb13], [E, H, Kb2], fp8_moe_row_scales) in the CPU kernel's panels:
+    [E, ceil(I/64), 2 (gate, up), Kb13, 64] and [E, ceil(H/64), Kb2, 64] (padding rows 0)."""
+    def panels(s):  # [E, N, Kb] -> [E, ceil(N/64), Kb, 64]
+        e, n, kb = s.shape
+        s = F.pad(s.float(), (0, 0, 0, -n % PANEL))
+        return s.view(e, -1, PANEL, kb).permute(0, 1, 3, 2).contiguous()
+    i = w13_scale.shape[1] // 2
+    return (torch.stack((panels(w13_scale[:, :i]), panels(w13_scale[:, i:])), dim=2),
+            panels(w2_scale))
 # ---- end FP8 ----
 
 

@@ -82,6 +82,13 @@ class FusedMoE(CustomOp):
             self.e_score_correction_bias = None
         self._loaded: set[tuple[int, str]] = set()
         self._prepared = None
+        self.quant_method = None   # quantized experts (quantization.apply_quantization)
+
+    def set_quant_method(self, method) -> None:
+        """Hand the expert weights to `method` (before loading): it creates its own parameters
+        (w13_weight / w2_weight and their scales) and runs the experts."""
+        self.quant_method = method
+        method.create_weights(self)
 
     # ---- loading ------------------------------------------------------------------------------
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
@@ -147,6 +154,9 @@ class FusedMoE(CustomOp):
             if missing:
                 raise ValueError(f"the checkpoint lacks {len(missing)} expert weights, e.g. "
                                  f"(expert, projection) {sorted(missing)[:4]}")
+        if self.quant_method is not None:
+            self._prepared = self.quant_method.process_weights_after_loading(self)
+            return
         self._prepared = ops.prepare_moe_weights(self.w13_weight.data, self.w2_weight.data)
         if self._prepared[0].data_ptr() != self.w13_weight.data_ptr():
             self.w13_weight.data = self.w13_weight.data.new_empty(0)
@@ -163,11 +173,17 @@ class FusedMoE(CustomOp):
         weights, ids = self._route(ops, router_logits)
         if self._prepared is None:  # a model used without the runner's after-loading step
             self.process_weights_after_loading()
+        if self.quant_method is not None:
+            return self._reduce(self.quant_method.apply(self, hidden, weights, ids))
         out = ops.fused_moe_prepared(hidden, self._prepared, weights, ids, self.activation)
         return self._reduce(out)
 
     def forward_native(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = self._route(ops_native, router_logits)
+        if self.quant_method is not None:
+            if self._prepared is None:
+                self.process_weights_after_loading()
+            return self._reduce(self.quant_method.apply_native(self, hidden, weights, ids))
         w13, w2 = self.w13_weight, self.w2_weight
         if w13.numel() == 0:  # released for a packed copy: the reference reads it unpacked
             p = self._prepared
@@ -230,10 +246,11 @@ class MoEWeightRouting:
         renamed = name
         for pattern, replacement in self.checkpoint_renames:
             renamed = re.sub(pattern, replacement, renamed)
-        one = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", renamed)
+        one = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight\w*|input_scale)", renamed)
         if one and one.group(3) in self.expert_projections:
             kind = self.expert_projections[one.group(3)]
-            return _stacked_param(one.group(1), kind), (int(one.group(2)), kind)
+            return (_stacked_param(one.group(1), kind, one.group(4)),
+                    (int(one.group(2)), kind))
         stacked = re.fullmatch(r"(.*\.experts)\.(.+)", renamed)
         if stacked and stacked.group(2) in self.stacked_projections:
             kind = self.stacked_projections[stacked.group(2)]
@@ -243,5 +260,6 @@ class MoEWeightRouting:
         return _route(renamed, getattr(self, "packed_modules_mapping", {}))
 
 
-def _stacked_param(experts: str, kind: str) -> str:
-    return f"{experts}.{'w2' if kind.startswith('w2') else 'w13'}_weight"
+def _stacked_param(experts: str, kind: str, suffix: str = "weight") -> str:
+    # suffix: weight, or a quantized checkpoint's weight_scale(_inv) / input_scale
+    return f"{experts}.{'w2' if kind.startswith('w2') else 'w13'}_{suffix}"

@@ -137,6 +137,15 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight
         if w.numel() == 0:
             raise RuntimeError("kv_b_proj was repacked before MLA took its absorbed halves")
+        dequantized = getattr(self.kv_b_proj.quant_method, "dequantized_weight", None)
+        if dequantized is not None:
+            # an fp8 kv_b_proj is dequantized once: the absorbed halves are bmm operands every
+            # step, kept in the model's dtype (as vLLM does); kv_b_proj itself stays fp8 for
+            # decompressed prefills
+            w = dequantized(self.kv_b_proj).to(self.kv_a_layernorm.weight.dtype)
+        elif not w.is_floating_point() or w.element_size() == 1:
+            raise ValueError(f"MLA cannot absorb a kv_b_proj quantized by "
+                             f"{type(self.kv_b_proj.quant_method).__name__}: keep it unquantized")
         w = w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora)
         self.w_uk = w[:, :self.nope].contiguous()
         self.w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tiny_models import save_tiny_model
+from fp8_checkpoints import LINEARS, write_fp8
 from parity import PROMPTS, assert_matches_hf
 
 from octavo import LLM, SamplingParams, ops_native
@@ -26,75 +27,6 @@ COMMON = dict(hidden_size=160, intermediate_size=288, num_hidden_layers=2, num_a
 ARCHS = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 # two tensor-parallel ranks split row-parallel inputs into whole 128-column blocks only here
 TP_SIZES = dict(hidden_size=256, intermediate_size=512)
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-# ---- the writers -----------------------------------------------------------------------------
-
-def quantize_weight(w: torch.Tensor, kind: str):
-    """-> (e4m3 weight, the scale tensor as the format stores it, dequantized fp32 weight)."""
-    if kind == "tensor":                       # AutoFP8 / llm-compressor: one fp32 scalar
-        scale = (w.abs().amax() / 448).reshape(())
-        q = ops_native.fp8_quantize(w, scale)
-        return q, scale.float(), ops_native.fp8_dequantize(q, scale)
-    if kind == "channel":                      # compressed-tensors strategy "channel": [N, 1]
-        q, scale = ops_native.fp8_quantize_weight(w)
-        return q, scale, ops_native.fp8_dequantize(q, scale)
-    q, scale = ops_native.fp8_quantize_weight(w, (128, 128))   # DeepSeek-V3 weight_scale_inv
-    return q, scale, ops_native.fp8_dequantize(q, scale, (128, 128))
-
-
-def _act_scale(name: str) -> torch.Tensor:
-    # a static input scale per projection (calibration stand-in); q/k/v and gate/up differ, so
-    # loading must take the largest of a fused layer's
-    return torch.tensor([0.004 + 0.001 * (sum(map(ord, name)) % 5)], dtype=torch.float32)
-
-
-def write_fp8(src, dst_q, dst_deq, fmt, kind, activation):
-    """`src` (a float checkpoint) as an fp8 / compressed-tensors checkpoint and its dequantized
-    twin; returns the static input scales of each linear (for the W8A8 static reference)."""
-    state = load_file(os.path.join(src, "model.safetensors"))
-    qstate, deq, input_scales = {}, {}, {}
-    for name, t in sorted(state.items()):
-        module = name.rsplit(".", 2)
-        if len(module) == 3 and module[1] in LINEARS and module[2] == "weight":
-            prefix = f"{module[0]}.{module[1]}"
-            q, scale, w = quantize_weight(t, kind)
-            qstate[name] = q
-            # DeepSeek-V3's fp8 files name block scales weight_scale_inv; compressed-tensors
-            # calls every kind weight_scale
-            inv = kind == "block" and fmt == "fp8"
-            qstate[prefix + (".weight_scale_inv" if inv else ".weight_scale")] = scale
-            if activation == "static":
-                input_scales[prefix] = qstate[prefix + ".input_scale"] = _act_scale(prefix)
-            deq[name] = w
-        else:
-            qstate[name] = deq[name] = t
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    if fmt == "fp8":
-        qc = {"quant_method": "fp8", "activation_scheme": activation or "dynamic", "fmt": "e4m3"}
-        if kind == "block":
-            qc["weight_block_size"] = [128, 128]
-    else:
-        acts = None if activation is None else {
-            "num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
-            "strategy": "token" if activation == "dynamic" else "tensor",
-            "dynamic": activation == "dynamic", "observer": None if activation == "dynamic" else "minmax"}
-        weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
-                   "strategy": kind, "dynamic": False, "observer": "minmax",
-                   "block_structure": [128, 128] if kind == "block" else None}
-        qc = {"quant_method": "compressed-tensors", "format": "float-quantized",
-              "quantization_status": "compressed", "ignore": ["lm_head"], "kv_cache_scheme": None,
-              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                            "input_activations": acts, "output_activations": None}}}
-    for dst, tensors, cfg in ((dst_q, qstate, dict(config, quantization_config=qc)),
-                              (dst_deq, deq, config)):
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"))
-        with open(os.path.join(dst, "config.json"), "w") as f:
-            json.dump(cfg, f)
-    return input_scales
 
 
 CASES = {   # fmt, arch, weight scales, activations
@@ -328,15 +260,3 @@ def test_errors(fp8_dirs, tmp_path):
     bad = _with_quant_config(qdir, str(tmp_path / "ct-group"), ct)
     with pytest.raises(ValueError, match="strategy 'group' is not supported; supported: FP8"):
         LLM(model=bad, **kw)
-
-
-def test_fp8_moe_checkpoint_is_refused(tmp_path):
-    # fused-MoE experts do not take fp8 weights yet: an fp8 Qwen2-MoE must fail loudly, not load
-    # its expert codes unscaled
-    src = save_tiny_model(str(tmp_path / "moe"), "qwen2_moe", "Qwen2MoeForCausalLM",
-                          **dict(COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                                 shared_expert_intermediate_size=64))
-    bad = _with_quant_config(src, str(tmp_path / "moe-fp8"), {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
-    with pytest.raises(ValueError, match="fused MoE experts"):
-        LLM(model=bad, kv_cache_memory=1 << 24)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from octavo.models.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
-from octavo.models.layers.quantization.base import QuantizationConfig
+from octavo.models.layers.quantization.base import PLAIN_WEIGHT_CHILDREN, QuantizationConfig
 
 __all__ = ["QuantizationConfig", "LinearMethodBase", "UnquantizedLinearMethod", "SUPPORTED",
            "get_quantization_config", "get_quantization_method", "apply_quantization"]
@@ -31,10 +31,7 @@ _ON_THE_FLY = ("int4", "int8")
 # methods that read their own checkpoints and quantize a float one at load otherwise
 _EITHER = ("fp8",)
 
-# Linear layers whose owner reads their plain weight (a router scoring in fp32, MLA's absorbed
-# W_UK/W_UV): they stay unquantized whatever the method.
-_PLAIN_WEIGHT_CHILDREN = {"MoEBlock": ("gate", "shared_expert_gate"),
-                          "MultiHeadLatentAttention": ("kv_b_proj",)}
+_PLAIN_WEIGHT_CHILDREN = PLAIN_WEIGHT_CHILDREN   # the older name
 
 
 def _checkpoint_config(hf_config: Any) -> dict | None:
@@ -80,18 +77,26 @@ get_quantization_method = get_quantization_config
 
 
 def apply_quantization(model: nn.Module, quant_config: QuantizationConfig | None) -> None:
-    """Give every linear layer of `model` its quantized method (before its weights load)."""
+    """Give every linear layer of `model` its quantized method, and every FusedMoE its experts'
+    method where the config has one (before the weights load)."""
     if quant_config is None:
         return
+    from octavo.models.layers.fused_moe import FusedMoE
     check = getattr(quant_config, "check_module", None)   # a method may refuse a module kind
     for parent_name, parent in model.named_modules():
         if check is not None:
             check(parent_name, parent)
-        plain = _PLAIN_WEIGHT_CHILDREN.get(type(parent).__name__, ())
+        if isinstance(parent, FusedMoE):
+            method = quant_config.get_moe_method(parent_name, parent)
+            if method is not None:
+                parent.set_quant_method(method)
+        kind = type(parent).__name__
         for child_name, child in parent.named_children():
-            if not isinstance(child, LinearBase) or child_name in plain:
+            if not isinstance(child, LinearBase):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if quant_config.keeps_plain(kind, child_name, name):
+                continue
             method = quant_config.get_linear_method(name, child)
             if method is not None:
                 child.set_quant_method(method)

@@ -187,6 +187,28 @@ class CompressedTensorsConfig(QuantizationConfig):
                 return scheme
         return None
 
+    def keeps_plain(self, owner_kind: str, child_name: str, layer_name: str) -> bool:
+        # MLA dequantizes an fp8 kv_b_proj once for its absorbed halves (quantization.fp8)
+        if owner_kind == "MultiHeadLatentAttention":
+            s = self._scheme(layer_name)
+            if s is not None and s["weights"].get("type", "int") == "float":
+                return False
+        return super().keeps_plain(owner_kind, child_name, layer_name)
+
+    def get_moe_method(self, layer_name: str, moe):
+        # the experts' checkpoint modules are <layer_name>.<e>.gate_proj / up_proj / down_proj
+        schemes = [self._scheme(f"{layer_name}.0.{p}") for p in ("gate_proj", "up_proj", "down_proj")]
+        if all(s is None for s in schemes):
+            return None
+        if any(s is not schemes[0] for s in schemes):
+            raise ValueError(f"{layer_name}: the experts' projections have different "
+                             "compressed-tensors schemes; octavo needs one scheme for all of them")
+        if schemes[0]["weights"].get("type", "int") != "float":
+            raise ValueError(f"{layer_name}: compressed-tensors int-quantized MoE experts are not "
+                             "supported (float / FP8 experts are)")
+        from octavo.models.layers.quantization.fp8 import compressed_tensors_fp8_moe_method
+        return compressed_tensors_fp8_moe_method(schemes[0])
+
     def get_linear_method(self, layer_name: str, layer: LinearBase):
         s = self._scheme(layer_name)
         if s is None:

@@ -108,6 +108,11 @@ class Fp8LinearMethod(LinearMethodBase):
         act = {None: None, "dynamic": "dynamic"}.get(self.activation, getattr(layer, "input_scale", None))
         return fp8_apply(layer, x, bias, act)
 
+    def dequantized_weight(self, layer) -> torch.Tensor:
+        """The fp32 weight [N, K] (for an owner that absorbs it: MLA's kv_b_proj)."""
+        return ops_native.fp8_dequantize(layer.weight.data, getattr(layer, self.scale_name).data,
+                                         (1, self.block_k))
+
 
 def fp8_apply(layer, x, bias, act):
     return ops.fp8_gemm(x, layer.fp8_weight, layer.fp8_scale, (1, layer.fp8_block_k), bias, act)
@@ -130,6 +135,125 @@ class Fp8OnlineLinearMethod(LinearMethodBase):
     def apply(self, layer, x, bias=None):
         self.process_weights_after_loading(layer)
         return fp8_apply(layer, x, bias, "dynamic")
+
+
+class Fp8MoEMethod:
+    """FusedMoE experts kept in e4m3: w13_weight [E, 2I, H] and w2_weight [E, H, I] as stored,
+    with fp32 scales under the checkpoint's name (w13_<scale_name> [E, 2I, K-blocks of H],
+    w2_<scale_name> [E, H, K-blocks of I]), one row per output as Fp8LinearMethod keeps them, so
+    gate and up keep their own per-tensor scales and a rank's slice of I keeps its blocks.
+    Activations stay in the model's dtype (W8A16): a checkpoint's expert input_scale is not used."""
+
+    def __init__(self, scale_kind: str, scale_name: str = "weight_scale",
+                 block: tuple[int, int] | None = None):
+        if scale_kind not in ("tensor", "channel", "block"):
+            raise ValueError(f"fp8 scale kind must be tensor, channel or block, got {scale_kind!r}")
+        self.scale_kind, self.scale_name, self.block = scale_kind, scale_name, block
+
+    def create_weights(self, moe) -> None:
+        e, i, h = moe.num_experts, moe.local_size, moe.hidden_size
+        if self.block is not None and moe.tp_size > 1 and i % self.block[1]:
+            raise ValueError(f"the experts' intermediate shard of {i} columns is not a whole "
+                             f"number of fp8 blocks of {self.block[1]}: use fewer tensor parallel ranks")
+        self.bk13 = self.block[1] if self.block else max(h, 1)
+        self.bk2 = self.block[1] if self.block else max(i, 1)
+        for name, shape, bk in (("w13", (e, 2 * i, h), self.bk13), ("w2", (e, h, i), self.bk2)):
+            w = nn.Parameter(torch.empty(shape, dtype=torch.float8_e4m3fn), requires_grad=False)
+            w.weight_loader = moe.weight_loader
+            setattr(moe, f"{name}_weight", w)
+            s = nn.Parameter(torch.empty(*shape[:2], -(-shape[2] // bk), dtype=torch.float32),
+                             requires_grad=False)
+            s.weight_loader = self._scale_loader(moe)
+            setattr(moe, f"{name}_{self.scale_name}", s)
+
+    def _scale_loader(self, moe):
+        def load(param, loaded, shard_id):
+            expert, kind = shard_id if isinstance(shard_id, tuple) else (None, shard_id)
+            if expert is None or kind not in ("w1", "w3", "w2"):
+                raise ValueError(f"fp8 expert scales are read one expert and projection at a time "
+                                 f"(experts.<e>.<proj>.{self.scale_name}), got shard {shard_id!r}")
+            if not 0 <= expert < moe.num_experts:
+                raise ValueError(f"expert {expert} is out of range for {moe.num_experts} experts")
+            i_full, i, h = moe.intermediate_size, moe.local_size, moe.hidden_size
+            rows, cols = (h, i_full) if kind == "w2" else (i_full, h)
+            s = self._row_scales(loaded.float(), rows, cols)
+            if kind == "w2":            # this rank's K-blocks of I (all of them for one scale)
+                if s.shape[1] > 1:
+                    s = s.narrow(1, moe.tp_rank * i // self.bk2, param.shape[2])
+                param.data[expert].copy_(s)
+            else:
+                s = s.narrow(0, moe.tp_rank * i, i)
+                param.data[expert].narrow(0, 0 if kind == "w1" else i, i).copy_(s)
+        return load
+
+    def _row_scales(self, s: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One projection's scales as stored -> [rows, K-blocks]."""
+        if self.scale_kind == "tensor" or (self.scale_kind == "channel" and s.numel() == 1):
+            if s.numel() != 1:
+                raise ValueError(f"a per-tensor fp8 scale must hold one value, got {list(s.shape)}")
+            return s.reshape(1, 1).expand(rows, 1)
+        if self.scale_kind == "channel":
+            if s.numel() != rows:
+                raise ValueError(f"a per-channel fp8 scale must hold {rows} values, got {list(s.shape)}")
+            return s.reshape(rows, 1)
+        bn, bk = self.block
+        grid = (-(-rows // bn), -(-cols // bk))
+        if tuple(s.shape) != grid:
+            raise ValueError(f"fp8 block scales of a [{rows}, {cols}] expert weight in {bn} x {bk} "
+                             f"blocks must be {list(grid)}, got {list(s.shape)}")
+        return s.repeat_interleave(bn, 0)[:rows]
+
+    def scales(self, moe) -> tuple[torch.Tensor, torch.Tensor]:
+        return (getattr(moe, f"w13_{self.scale_name}").data, getattr(moe, f"w2_{self.scale_name}").data)
+
+    def block_size(self):
+        return (1, self.bk13) if self.block is not None else None
+
+    def process_weights_after_loading(self, moe):
+        """-> the prepared weights; the kernel's packed copy replaces the plain one."""
+        s13, s2 = self.scales(moe)
+        prepared = ops.prepare_moe_fp8_weights(moe.w13_weight.data, moe.w2_weight.data, s13, s2,
+                                               self.block_size())
+        if prepared[0].data_ptr() != moe.w13_weight.data_ptr():
+            for p in (moe.w13_weight, moe.w2_weight, *[getattr(moe, f"{n}_{self.scale_name}")
+                                                        for n in ("w13", "w2")]):
+                p.data = p.data.new_empty(0)
+        return prepared
+
+    @staticmethod
+    def apply(moe, hidden, topk_weights, topk_ids):
+        return ops.fused_moe_fp8_prepared(hidden, moe._prepared, topk_weights, topk_ids,
+                                          moe.activation)
+
+    @staticmethod
+    def apply_native(moe, hidden, topk_weights, topk_ids):
+        w13, w2, s13, s2, block = ops.unpack_moe_fp8_weights(moe._prepared)
+        return ops_native.fused_moe_fp8(hidden, w13, w2, s13, s2, topk_weights, topk_ids,
+                                        moe.activation, block)
+
+
+class Fp8OnlineMoEMethod(Fp8MoEMethod):
+    """quantization="fp8": float experts loaded as usual, quantized per output channel once."""
+
+    def __init__(self):
+        super().__init__("channel")
+
+    def create_weights(self, moe) -> None:
+        pass                            # FusedMoE's own float parameters load the checkpoint
+
+    def process_weights_after_loading(self, moe):
+        q13, s13 = _quantize_experts(moe.w13_weight.data)
+        q2, s2 = _quantize_experts(moe.w2_weight.data)
+        moe.w13_weight.data = moe.w13_weight.data.new_empty(0)   # the fp8 copies replace them
+        moe.w2_weight.data = moe.w2_weight.data.new_empty(0)
+        return ops.prepare_moe_fp8_weights(q13, q2, s13, s2, None)
+
+
+def _quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # [E, N, K] float -> (e4m3 [E, N, K], fp32 [E, N, 1]), per output channel of each expert
+    e, n, k = w.shape
+    q, s = ops_native.fp8_quantize_weight(w.reshape(e * n, k))
+    return q.view(e, n, k), s.view(e, n, 1)
 
 
 class Fp8Config(QuantizationConfig):
@@ -163,21 +287,20 @@ class Fp8Config(QuantizationConfig):
         skip = (config.get("modules_to_not_convert") or []) + (config.get("ignored_layers") or [])
         return cls(block, scheme, skip)
 
-    def check_module(self, name: str, module: nn.Module) -> None:
-        """fp8 checkpoints whose fused-MoE experts or plain-weight linears (MLA's kv_b_proj) are
-        fp8 would load as unscaled codes: refuse them until those layers take fp8 weights."""
-        from octavo.models.layers.quantization import _PLAIN_WEIGHT_CHILDREN
-        if self.online or self.skips(name):
-            return
-        kind = type(module).__name__
-        plain = [c for c in _PLAIN_WEIGHT_CHILDREN.get(kind, ()) if kind != "MoEBlock"   # routers
-                 and isinstance(getattr(module, c, None), LinearBase)]
-        if kind == "FusedMoE" or plain:
-            what = "fused MoE experts" if kind == "FusedMoE" else f"{kind}'s {', '.join(plain)}"
-            raise ValueError(f"fp8 checkpoint: {name} ({what}) would need fp8 weights octavo does "
-                             "not run yet; supported: fp8 / compressed-tensors FP8 checkpoints "
-                             "whose quantized layers are the attention and dense MLP linears "
-                             "(list the others in modules_to_not_convert / ignore)")
+    def keeps_plain(self, owner_kind: str, child_name: str, layer_name: str) -> bool:
+        # an fp8 checkpoint's kv_b_proj is fp8: MLA dequantizes it once for its absorbed halves
+        if owner_kind == "MultiHeadLatentAttention" and not self.online:
+            return False
+        return super().keeps_plain(owner_kind, child_name, layer_name)
+
+    def get_moe_method(self, layer_name: str, moe):
+        if self.skips(layer_name):
+            return None
+        if self.online:
+            return Fp8OnlineMoEMethod()
+        if self.block is not None:
+            return Fp8MoEMethod("block", "weight_scale_inv", self.block)
+        return Fp8MoEMethod("tensor", "weight_scale")
 
     def get_linear_method(self, layer_name: str, layer: LinearBase):
         if self.skips(layer_name):
@@ -230,3 +353,10 @@ def compressed_tensors_fp8_method(scheme: dict, layer_name: str = "",
             raise ValueError(f"compressed-tensors FP8 activations {input_activations} are not "
                              f"supported; supported: {supported}")
     return Fp8LinearMethod(strategy, "weight_scale", block, activation)
+
+
+def compressed_tensors_fp8_moe_method(scheme: dict) -> Fp8MoEMethod:
+    """FusedMoE experts of a compressed-tensors float scheme (strategy tensor, channel or block;
+    activations run unquantized, see Fp8MoEMethod)."""
+    m = compressed_tensors_fp8_method(scheme)
+    return Fp8MoEMethod(m.scale_kind, "weight_scale", m.block)
