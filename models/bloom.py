@@ -12,6 +12,7 @@ from octavo.models.layers.checkpoint_layouts import load_interleaved_qkv
 from octavo.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from octavo.models.layers.layernorm import LayerNorm
 from octavo.models.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from octavo.models.layers.pipeline import StageLayers, run_stage
 from octavo.models.layers.position import alibi_slopes_for_rank
 
 
@@ -70,15 +71,17 @@ class BloomModel(nn.Module):
         eps = config.layer_norm_epsilon
         self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.word_embeddings_layernorm = LayerNorm(config.hidden_size, eps=eps)
-        self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.num_hidden_layers))
+        self.h = StageLayers(config.num_hidden_layers, lambda i: BloomBlock(config))
         self.ln_f = LayerNorm(config.hidden_size, eps=eps)
 
-    def forward(self, input_ids, positions, attn_metadata):
-        # positions are unused: ALiBi needs only each key's distance to the query
-        hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
-        for block in self.h:
-            hidden = block(hidden, attn_metadata)
-        return self.ln_f(hidden)
+    def forward(self, input_ids, positions, attn_metadata, intermediate=None):
+        # positions are unused: ALiBi needs only each key's distance to the query. A block adds
+        # its own residual, so only the hidden state passes between pipeline stages.
+        return run_stage(
+            self.h, intermediate,
+            embed=lambda: (self.word_embeddings_layernorm(self.word_embeddings(input_ids)),),
+            step=lambda block, state: (block(state[0], attn_metadata),),
+            finish=lambda state: self.ln_f(state[0]))
 
 
 class BloomForCausalLM(nn.Module):
@@ -90,10 +93,14 @@ class BloomForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.transformer.word_embeddings)
 
+    supports_pipeline_parallel = True
+    pp_intermediate_tensors = 1          # the hidden state alone
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] int64 -> hidden [T, hidden_size]
-        return self.transformer(input_ids, positions, attn_metadata)
+                attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:
+        # input_ids, positions: [T] int64 -> hidden [T, hidden_size] (on a pipeline stage but
+        # the last: (hidden,))
+        return self.transformer(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden_size] -> [N, vocab] float32

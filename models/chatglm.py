@@ -14,6 +14,7 @@ from octavo.models.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from octavo.models.layers.layernorm import RMSNorm
 from octavo.models.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                          RowParallelLinear)
+from octavo.models.layers.pipeline import StageLayers, run_stage
 from octavo.models.layers.rotary import get_rope
 from octavo.models.llama import add_and_norm
 
@@ -95,15 +96,14 @@ class GLMBlock(nn.Module):
 class GLMTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.layers = StageLayers(config.num_layers, lambda i: GLMBlock(config))
         self.final_layernorm = RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
-    def forward(self, positions, hidden, attn_metadata):
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, attn_metadata)
-        hidden, _ = add_and_norm(self.final_layernorm, hidden, residual)
-        return hidden
+    def forward(self, positions, embed, attn_metadata, intermediate=None):
+        # embed() -> the token embeddings, run on the first pipeline stage only
+        return run_stage(self.layers, intermediate, embed=lambda: (embed(), None),
+                         step=lambda layer, state: layer(positions, *state, attn_metadata),
+                         finish=lambda state: add_and_norm(self.final_layernorm, *state)[0])
 
 
 class ChatGLMEmbedding(nn.Module):
@@ -122,8 +122,9 @@ class ChatGLMTransformerModel(nn.Module):
         self.encoder = GLMTransformer(config)
         self.output_layer = ParallelLMHead(config.padded_vocab_size, config.hidden_size)
 
-    def forward(self, input_ids, positions, attn_metadata):
-        return self.encoder(positions, self.embedding(input_ids), attn_metadata)
+    def forward(self, input_ids, positions, attn_metadata, intermediate=None):
+        return self.encoder(positions, lambda: self.embedding(input_ids), attn_metadata,
+                            intermediate)
 
 
 class ChatGLMModel(nn.Module):
@@ -133,10 +134,15 @@ class ChatGLMModel(nn.Module):
         self.config = config
         self.transformer = ChatGLMTransformerModel(config)
 
+    supports_pipeline_parallel = True
+    pp_intermediate_tensors = 2          # (hidden, residual)
+    pp_layers_config_key = "num_layers"
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] int64 -> hidden [T, hidden_size]
-        return self.transformer(input_ids, positions, attn_metadata)
+                attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:
+        # input_ids, positions: [T] int64 -> hidden [T, hidden_size] (on a pipeline stage but
+        # the last: (hidden, residual))
+        return self.transformer(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden_size] -> [N, padded_vocab_size] float32

@@ -16,6 +16,7 @@ from octavo.models.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from octavo.models.layers.layernorm import LayerNorm
 from octavo.models.layers.linear import (ColumnParallelLinear, QKVParallelLinear,
                                          RowParallelLinear)
+from octavo.models.layers.pipeline import StageLayers, run_stage
 from octavo.models.layers.position import LearnedPositionEmbedding
 
 
@@ -93,15 +94,15 @@ class GPT2Model(nn.Module):
         super().__init__()
         self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(block_cls(config, i) for i in range(config.num_hidden_layers))
+        self.h = StageLayers(config.num_hidden_layers, lambda i: block_cls(config, i))
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids, positions, attn_metadata):
-        hidden, residual = self.wte(input_ids) + self.wpe(positions), None
-        for block in self.h:
-            hidden, residual = block(hidden, residual, attn_metadata)
-        hidden, _ = self.ln_f(hidden, residual)
-        return hidden
+    def forward(self, input_ids, positions, attn_metadata, intermediate=None):
+        # between pipeline stages: (hidden, residual), as in the Llama decoder
+        return run_stage(self.h, intermediate,
+                         embed=lambda: (self.wte(input_ids) + self.wpe(positions), None),
+                         step=lambda block, state: block(*state, attn_metadata),
+                         finish=lambda state: self.ln_f(*state)[0])
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -118,10 +119,14 @@ class GPT2LMHeadModel(nn.Module):
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.transformer.wte)
 
+    supports_pipeline_parallel = True
+    pp_intermediate_tensors = 2          # (hidden, residual)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] int64 -> hidden [T, hidden_size]
-        return self.transformer(input_ids, positions, attn_metadata)
+                attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:
+        # input_ids, positions: [T] int64 -> hidden [T, hidden_size] (on a pipeline stage but
+        # the last: (hidden, residual))
+        return self.transformer(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden_size] -> [N, vocab] float32

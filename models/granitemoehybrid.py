@@ -43,6 +43,8 @@ def _kind(config, layer_idx: int) -> str:
 
 class GraniteMoeHybridForCausalLM(GraniteMoeSharedForCausalLM):
     checkpoint_renames = ((r"\.mamba\.", ".self_attn."),) + _RENAMES
+    supports_tensor_parallel = False     # the Mamba layers' per-request state is not sharded
+    supports_pipeline_parallel = False
 
     @staticmethod
     def attention_options(config, layer_idx: int) -> AttentionOptions:

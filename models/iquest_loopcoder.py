@@ -105,6 +105,10 @@ class LoopDecoderLayer(LlamaDecoderLayer):
 
 class IQuestLoopCoderForCausalLM(LlamaForCausalLM):
     decoder_layer_cls = LoopDecoderLayer
+    # stages run one after another once per step; a second pass over stage 0's layers after
+    # the last stage would need the hidden state sent back: not done (tensor parallel works)
+    supports_pipeline_parallel = False
+    pipeline_parallel_limit = "every pass runs the whole layer stack again"
 
     def __init__(self, config):
         self.loop_num, self.loop_window_size = _loop_settings(config)

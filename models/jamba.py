@@ -124,6 +124,7 @@ class JambaForCausalLM(MoEWeightRouting, nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
     checkpoint_renames = ((r"\.feed_forward\.router\.", ".feed_forward.gate."),)
+    supports_tensor_parallel = False     # the Mamba layers' per-request state is not sharded
     # hooks of the hybrid families built on this decoder (Bamba)
     layer_kinds = staticmethod(_layer_kinds)
     num_experts = staticmethod(_num_experts)

@@ -29,7 +29,8 @@ from octavo.models.layers.layernorm import RMSNorm
 from octavo.models.layers.longrope import LongRoPEScaledRotaryEmbedding
 from octavo.models.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                          RowParallelLinear)
-from octavo.models.layers.parallel_state import get_pp_rank, get_pp_size, get_tp_size, pp_layer_range
+from octavo.models.layers.parallel_state import get_tp_size
+from octavo.models.layers.pipeline import StageLayers, run_stage
 from octavo.models.layers.rotary import get_rope, rope_parameters
 
 
@@ -160,28 +161,20 @@ class LlamaDecoderLayer(nn.Module):
         return self._finish(self.mlp(hidden), "post_mlp"), residual
 
 
-class PPMissingLayer(nn.Identity):
-    """Stands in for a layer another pipeline stage holds: no weights, never called."""
-
-
 class LlamaModel(nn.Module):
-    """Pipeline parallelism: a stage builds only layers [start_layer, end_layer) (the others are
-    PPMissingLayer, so checkpoint names keep their indices); every stage keeps the embedding,
-    final norm and LM head (the last stage needs the embedding when the head is tied). forward
-    takes the previous stage's (hidden, residual) and, except on the last stage, returns them."""
+    """Pipeline parallelism (models/layers/pipeline.py): a stage builds only layers
+    [start_layer, end_layer); every stage keeps the embedding, final norm and LM head (the last
+    stage needs the embedding when the head is tied). forward takes the previous stage's
+    (hidden, residual) and, except on the last stage, returns them."""
 
     def __init__(self, config, family=None):
         super().__init__()
         self.family = family = family or LlamaForCausalLM
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers)
-        self.is_last_stage = get_pp_rank() == get_pp_size() - 1
-        self.layers = nn.ModuleList(
-            family.decoder_layer_cls(
-                config, replace(family.attention_options(config, i), layer_idx=i), family)
-            if self.start_layer <= i < self.end_layer else PPMissingLayer()
-            for i in range(config.num_hidden_layers))
+        self.layers = StageLayers(config.num_hidden_layers, lambda i: family.decoder_layer_cls(
+            config, replace(family.attention_options(config, i), layer_idx=i), family))
+        self.start_layer, self.end_layer = self.layers.start_layer, self.layers.end_layer
         self.norm = family.make_norm(config, config.hidden_size)
         # LongRoPE (Phi-3, MiniCPM): one rotary module shared by all layers, whose cache has a
         # short and a long table; each sequence's tokens read the table its length selects.
@@ -191,23 +184,18 @@ class LlamaModel(nn.Module):
     @property
     def stage_layers(self) -> list[nn.Module]:
         """The layers this pipeline stage holds (all of them without pipeline parallelism)."""
-        return list(self.layers[self.start_layer:self.end_layer])
+        return self.layers.held()
 
     def forward(self, input_ids, positions, attn_metadata, intermediate=None):
         if self.longrope is not None:
             positions = self.longrope.rope_positions(positions, attn_metadata.query_start_loc,
                                                      attn_metadata.seq_lens)
-        if intermediate is None:
-            hidden = self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
-            residual = None
-        else:
-            hidden, residual = intermediate        # from the previous pipeline stage
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden, residual = layer(positions, hidden, residual, attn_metadata)
-        if not self.is_last_stage:
-            return hidden, residual
-        hidden, _ = add_and_norm(self.norm, hidden, residual)
-        return hidden
+        return run_stage(
+            self.layers, intermediate,
+            embed=lambda: (self.family.scale_embeddings(self.config, self.embed_tokens(input_ids)),
+                           None),
+            step=lambda layer, state: layer(positions, *state, attn_metadata),
+            finish=lambda state: add_and_norm(self.norm, *state)[0])
 
 
 class LlamaForCausalLM(nn.Module):
@@ -266,6 +254,7 @@ class LlamaForCausalLM(nn.Module):
         return 1.0
 
     supports_pipeline_parallel = True
+    pp_intermediate_tensors = 2          # (hidden, residual) between pipeline stages
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from octavo.models.layers.fused_moe import FusedMoE, MoEWeightRouting, moe_activ
 from octavo.models.layers.layernorm import RMSNorm
 from octavo.models.layers.linear import ReplicatedLinear
 from octavo.models.layers.mla import MultiHeadLatentAttention
+from octavo.models.layers.pipeline import StageLayers, run_stage
 from octavo.models.llama import LlamaMLP, add_and_norm
 
 # transformers' LongcatFlashMLA builds its q_a / kv_a norms without the config's eps
@@ -155,16 +156,14 @@ class LongcatFlashModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LongcatFlashDecoderLayer(config)
-                                    for _ in range(config.num_layers))
+        self.layers = StageLayers(config.num_layers, lambda i: LongcatFlashDecoderLayer(config))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, attn_metadata):
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, attn_metadata)
-        hidden, _ = add_and_norm(self.norm, hidden, residual)
-        return hidden
+    def forward(self, input_ids, positions, attn_metadata, intermediate=None):
+        return run_stage(self.layers, intermediate,
+                         embed=lambda: (self.embed_tokens(input_ids), None),
+                         step=lambda layer, state: layer(positions, *state, attn_metadata),
+                         finish=lambda state: add_and_norm(self.norm, *state)[0])
 
 
 class LongcatFlashForCausalLM(MoEWeightRouting, nn.Module):
@@ -189,10 +188,15 @@ class LongcatFlashForCausalLM(MoEWeightRouting, nn.Module):
             return f"{name} (a zero expert's unused projection)", None
         return super().route_weight(name)
 
+    supports_pipeline_parallel = True
+    pp_intermediate_tensors = 2          # (hidden, residual)
+    pp_layers_config_key = "num_layers"  # num_hidden_layers counts its 2 attentions per layer
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] int64 -> hidden [T, hidden_size]
-        return self.model(input_ids, positions, attn_metadata)
+                attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:
+        # input_ids, positions: [T] int64 -> hidden [T, hidden_size] (on a pipeline stage but
+        # the last: (hidden, residual))
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -44,6 +44,8 @@ class MambaModel(nn.Module):
 
 
 class MambaForCausalLM(nn.Module):
+    supports_tensor_parallel = False     # the per-request state is not sharded over ranks
+
     @staticmethod
     def make_mixer(config, layer_idx: int) -> nn.Module:
         return MambaMixer(config)

@@ -12,6 +12,7 @@ from octavo.models.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from octavo.models.layers.layernorm import LayerNorm
 from octavo.models.layers.linear import (ColumnParallelLinear, QKVParallelLinear,
                                          ReplicatedLinear, RowParallelLinear)
+from octavo.models.layers.pipeline import StageLayers, run_stage
 from octavo.models.layers.position import LearnedPositionEmbedding
 
 
@@ -65,20 +66,27 @@ class OPTDecoder(nn.Module):
         projected = word_dim != hidden
         self.project_in = ReplicatedLinear(word_dim, hidden) if projected else None
         self.project_out = ReplicatedLinear(hidden, word_dim) if projected else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = StageLayers(config.num_hidden_layers, lambda i: OPTDecoderLayer(config))
         final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         self.final_layer_norm = LayerNorm(hidden) if final_norm else None
 
-    def forward(self, input_ids, positions, attn_metadata):
+    def _embed(self, input_ids, positions) -> tuple[torch.Tensor]:
         hidden = self.embed_tokens(input_ids)
         if self.project_in is not None:
             hidden = self.project_in(hidden)
-        hidden = hidden + self.embed_positions(positions)
-        for layer in self.layers:
-            hidden = layer(hidden, attn_metadata)
+        return (hidden + self.embed_positions(positions),)
+
+    def _finish(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         return hidden if self.project_out is None else self.project_out(hidden)
+
+    def forward(self, input_ids, positions, attn_metadata, intermediate=None):
+        # a layer adds its own residual: only the hidden state [T, hidden] passes between stages
+        return run_stage(self.layers, intermediate,
+                         embed=lambda: self._embed(input_ids, positions),
+                         step=lambda layer, state: (layer(state[0], attn_metadata),),
+                         finish=lambda state: self._finish(state[0]))
 
 
 class OPTModel(nn.Module):
@@ -86,8 +94,8 @@ class OPTModel(nn.Module):
         super().__init__()
         self.decoder = OPTDecoder(config)
 
-    def forward(self, input_ids, positions, attn_metadata):
-        return self.decoder(input_ids, positions, attn_metadata)
+    def forward(self, input_ids, positions, attn_metadata, intermediate=None):
+        return self.decoder(input_ids, positions, attn_metadata, intermediate)
 
 
 class OPTForCausalLM(nn.Module):
@@ -105,10 +113,14 @@ class OPTForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.decoder.embed_tokens)
 
+    supports_pipeline_parallel = True
+    pp_intermediate_tensors = 1          # the hidden state alone
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] int64 -> hidden [T, word_embed_proj_dim]
-        return self.model(input_ids, positions, attn_metadata)
+                attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:
+        # input_ids, positions: [T] int64 -> hidden [T, word_embed_proj_dim] (on a pipeline
+        # stage but the last: (hidden [T, hidden_size],))
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, word_embed_proj_dim] -> [N, vocab] float32

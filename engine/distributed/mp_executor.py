@@ -182,15 +182,10 @@ def _free_port() -> int:
 
 
 def _check_model_supports(config: EngineConfig) -> None:
-    if config.pipeline_parallel_size == 1:
-        return
-    from octavo.models.llama import LlamaForCausalLM
+    from octavo.models.layers.pipeline import check_parallel_support
     from octavo.models.registry import get_model_class
-    cls = get_model_class(config.hf_config)
-    if not getattr(cls, "supports_pipeline_parallel", False) or cls.forward is not LlamaForCausalLM.forward:
-        raise ValueError(f"{cls.__name__} does not support pipeline parallelism (the Llama-family "
-                         "decoders do): use pipeline_parallel_size=1 and tensor_parallel_size "
-                         "for more ranks")
+    check_parallel_support(get_model_class(config.hf_config), config.hf_config,
+                           config.tensor_parallel_size, config.pipeline_parallel_size)
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -86,6 +86,8 @@ class Worker:
         else:
             self.runner = ModelRunner(config)
         self.hidden_size = config.hf_config.hidden_size
+        # what a stage passes on: (hidden, residual), or the hidden state alone (Bloom, OPT)
+        self.num_intermediate = getattr(self.runner.model, "pp_intermediate_tensors", 2)
 
     def init_kv_cache(self) -> int:
         return self.runner.init_kv_cache()
@@ -128,13 +130,13 @@ class Worker:
             inputs = runner.prepare(mb)
             intermediate = None
             if info.pp_rank > 0:
-                buf = torch.empty(2, len(inputs.input_ids), self.hidden_size, dtype=runner.dtype,
-                                  device=runner.device)
+                buf = torch.empty(self.num_intermediate, len(inputs.input_ids), self.hidden_size,
+                                  dtype=runner.dtype, device=runner.device)
                 dist.recv(buf, src=prev)
-                intermediate = (buf[0], buf[1])
+                intermediate = tuple(buf)
             hidden = model(inputs.input_ids, inputs.positions, inputs.attn, intermediate)
             if not info.is_last_stage:
-                packed = torch.stack(hidden)             # [2, T, H]: hidden and residual
+                packed = torch.stack(hidden)             # [n, T, H]: e.g. hidden and residual
                 pending.append((dist.isend(packed, dst=nxt), packed))
                 continue
             if inputs.sample_requests:

@@ -1,0 +1,181 @@
+"""Pipeline stages of every kind of decoder, in one process: each architecture is built as two
+stages (set_pipeline_parallel(r, 2), as a worker does), the first stage's output is fed to the
+second, and the chained logits must equal the one-stage model's on a batched prefill, a chunked
+prefill and decodes (paged cache, shuffled block tables). The multi-process engine runs the same
+stage forward (test_parallel_parity.py); this covers the architectures it does not start."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from octavo.models.layers.parallel_state import set_pipeline_parallel
+from octavo.models.layers.pipeline import PPMissingLayer, StageLayers, check_parallel_support
+from octavo.models.loader import load_weights
+from octavo.models.registry import get_model_class
+from tiny_models import save_tiny_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "models"))
+import test_parity_deepseek as deepseek  # noqa: E402
+import test_parity_dense_a as dense_a  # noqa: E402
+import test_parity_dense_b as dense_b  # noqa: E402
+import test_parity_longcat as longcat  # noqa: E402
+import test_parity_moe as moe  # noqa: E402
+from test_model_forward import MiniRunner  # noqa: E402
+
+TWO_LAYERS = dict(num_hidden_layers=2)
+
+
+def _build(name: str, root: str) -> tuple[str, bool]:
+    """(checkpoint dir, trust_remote_code) of a case, with an even number of layers."""
+    path = os.path.join(root, name)
+    if name in dense_a.CASES:             # GPT-2, GPTBigCode, OPT, BLOOM, StarCoder2, Phi-3
+        model_type, arch, fields = dense_a.CASES[name]
+        return save_tiny_model(path, model_type, arch, **fields), False
+    if name in dense_b.CASES:
+        arch, model_type, fields = dense_b.CASES[name]
+        return save_tiny_model(path, model_type, arch, **{**dense_b.COMMON, **fields}), False
+    if name == "dbrx":
+        arch, model_type, fields = moe.CASES[name]
+        return save_tiny_model(path, model_type, arch, **{**moe.DBRX, **fields, "n_layers": 2}), False
+    if name in moe.CASES:
+        arch, model_type, fields = moe.CASES[name]
+        return save_tiny_model(path, model_type, arch, **{**moe.COMMON, **fields, **TWO_LAYERS}), False
+    if name in deepseek.CASES:            # layer 0 dense, layer 1 MoE: one kind per stage
+        arch, model_type, fields = deepseek.CASES[name]
+        return save_tiny_model(path, model_type, arch,
+                               **{**deepseek.COMMON, **fields, **TWO_LAYERS}), False
+    if name in longcat.CASES:
+        return save_tiny_model(path, "longcat_flash", "LongcatFlashForCausalLM",
+                               **{**longcat.COMMON, **longcat.CASES[name]}), False
+    from test_parity_remote import build_case   # ChatGLM, InternLM2, Baichuan, MiniCPM
+    return build_case(name, path)[1], True
+
+
+# the decoders whose forward is their own (not LlamaModel's) and Llama-family members with
+# their own decoder layer, attention (MLA) or per-stage setup (Baichuan's ALiBi slopes)
+CASES = ["gpt2", "gpt-bigcode-mqa", "opt-post-norm-projected", "opt-pre-norm-projected",
+         "bloom-6-heads-residual-post-norm", "starcoder2", "phi3-longrope", "gemma3",
+         "cohere-qk-norm", "olmo2", "dbrx", "qwen2_moe", "deepseek_v2", "deepseek_v3",
+         "longcat", "chatglm", "internlm2", "baichuan-13b", "minicpm"]
+
+
+def _model(path: str, remote: bool, stage: int, stages: int) -> nn.Module:
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    set_pipeline_parallel(stage, stages)
+    try:
+        model = get_model_class(config)(config)
+    finally:
+        set_pipeline_parallel(0, 1)
+    load_weights(model, path)
+    return model.eval()
+
+
+class TwoStages(nn.Module):
+    """Stage 0 then stage 1, as two workers run them (the state is what a worker sends)."""
+
+    def __init__(self, first: nn.Module, last: nn.Module, hidden_size: int):
+        super().__init__()
+        self.first, self.last, self.hidden_size = first, last, hidden_size
+
+    def forward(self, input_ids, positions, attn_metadata):
+        state = self.first(input_ids, positions, attn_metadata)
+        assert isinstance(state, tuple) and len(state) == self.first.pp_intermediate_tensors
+        assert all(t.shape == (len(input_ids), self.hidden_size) for t in state)
+        # the worker receives the state as one [n, T, H] buffer
+        return self.last(input_ids, positions, attn_metadata, tuple(torch.stack(state).clone()))
+
+    def compute_logits(self, hidden):
+        return self.last.compute_logits(hidden)
+
+
+def _held_layer_indices(model: nn.Module) -> set[int]:
+    """Indices of the decoder layers that have parameters (checkpoint names keep them)."""
+    stacks = [name for name, m in model.named_modules() if isinstance(m, StageLayers)]
+    assert len(stacks) == 1
+    pattern = re.compile(re.escape(stacks[0]) + r"\.(\d+)\.")
+    return {int(m.group(1)) for name, _ in model.named_parameters()
+            if (m := pattern.match(name))}
+
+
+def _steps(runner, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (13, 5, 21)]
+    out = [runner.step([(0, seqs[0][:9]), (1, seqs[1][:4]), (2, seqs[2][:6])]),  # batched prefill
+           runner.step([(0, seqs[0][9:12]), (2, seqs[2][6:20])]),   # chunked prefill + catch-up
+           runner.step([(0, seqs[0][12:]), (1, seqs[1][4:]), (2, seqs[2][20:])])]   # decodes
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_stages_chained_equal_one_stage(name, tmp_path):
+    path, remote = _build(name, str(tmp_path))
+    whole = _model(path, remote, 0, 1)
+    first, last = _model(path, remote, 0, 2), _model(path, remote, 1, 2)
+    n = len(next(m for m in whole.modules() if isinstance(m, StageLayers)))
+    assert _held_layer_indices(whole) == set(range(n))
+    assert _held_layer_indices(first) == set(range(n // 2))
+    assert _held_layer_indices(last) == set(range(n // 2, n))
+    config = whole.config
+    vocab = getattr(config, "padded_vocab_size", None) or config.vocab_size
+    expected = _steps(MiniRunner(whole), vocab)
+    got = _steps(MiniRunner(TwoStages(first, last, config.hidden_size)), vocab)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stage_layers_build_only_their_range():
+    built = []
+    set_pipeline_parallel(1, 3)
+    try:
+        layers = StageLayers(6, lambda i: built.append(i) or nn.Linear(2, 2))
+    finally:
+        set_pipeline_parallel(0, 1)
+    assert built == [2, 3] and (layers.start_layer, layers.end_layer) == (2, 4)
+    assert [type(m) is PPMissingLayer for m in layers] == [True, True, False, False, True, True]
+    assert layers.held() == [layers[2], layers[3]] and not layers.is_last_stage
+
+
+def test_layers_that_do_not_divide_raise_naming_the_numbers(tmp_path):
+    from transformers import AutoConfig
+    set_pipeline_parallel(0, 2)
+    try:
+        with pytest.raises(ValueError, match="3 layers do not divide into 2 pipeline stages"):
+            StageLayers(3, lambda i: nn.Identity())
+    finally:
+        set_pipeline_parallel(0, 1)
+    # LongCat counts decoder layers in num_layers (num_hidden_layers is twice that)
+    path = save_tiny_model(str(tmp_path / "longcat"), "longcat_flash", "LongcatFlashForCausalLM",
+                           **{**longcat.COMMON, **longcat.CASES["longcat"], "num_layers": 3})
+    config = AutoConfig.from_pretrained(path)
+    assert config.num_hidden_layers == 6
+    with pytest.raises(ValueError, match=r"LongcatFlashForCausalLM has 3 decoder layers "
+                                         r"\(num_layers\), which do not divide into "
+                                         r"pipeline_parallel_size=2 stages: pick a divisor of 3"):
+        check_parallel_support(get_model_class(config), config, 1, 2)
+    check_parallel_support(get_model_class(config), config, 1, 3)
+
+
+@pytest.mark.parametrize("arch", ["MambaForCausalLM", "JambaForCausalLM", "BambaForCausalLM",
+                                  "GraniteMoeHybridForCausalLM", "FalconMambaForCausalLM",
+                                  "Mamba2ForCausalLM"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_state_space_models_refuse_parallelism_naming_the_model(arch, tp, pp):
+    from octavo.models import registry
+    cls = registry.get_model_class(type("C", (), {"architectures": [arch]})())
+    with pytest.raises(ValueError, match=f"{arch} keeps a per-request state .* use "
+                                         "tensor_parallel_size=1 and pipeline_parallel_size=1"):
+        check_parallel_support(cls, None, tp, pp)
+    check_parallel_support(cls, None, 1, 1)
+
+
+def test_loop_coder_refuses_pipeline_parallelism_only():
+    from octavo.models.iquest_loopcoder import IQuestLoopCoderForCausalLM
+    with pytest.raises(ValueError, match="IQuestLoopCoderForCausalLM does not support pipeline "
+                                         "parallelism .*use pipeline_parallel_size=1"):
+        check_parallel_support(IQuestLoopCoderForCausalLM, None, 1, 2)
+    check_parallel_support(IQuestLoopCoderForCausalLM, None, 2, 1)
