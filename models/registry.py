@@ -52,6 +52,7 @@ _MODELS = {
     "JambaForCausalLM": ("jamba", "JambaForCausalLM"),
     "BambaForCausalLM": ("bamba", "BambaForCausalLM"),
     "GraniteMoeHybridForCausalLM": ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
+    "Zamba2ForCausalLM": ("zamba2", "Zamba2ForCausalLM"),
 }
 
 
@@ -109,6 +110,8 @@ EXAMPLE_MODELS = {
     "BambaForCausalLM": "Bamba-9B (attention + Mamba-2; no prefix caching)",
     "GraniteMoeHybridForCausalLM": "Granite 4.0 (H-Micro/Tiny/Small: attention + Mamba-2 + MoE; "
                                    "no prefix caching)",
+    "Zamba2ForCausalLM": "Zamba2-1.2B/2.7B/7B (Mamba-2 + shared attention blocks; no prefix "
+                         "caching)",
 }
 
 def supported_architectures() -> list[str]:

@@ -23,7 +23,8 @@ README = os.path.join(HERE, "..", "..", "README.md")
 PARITY_MODULES = ["test_parity_dense_a", "test_parity_dense_b", "test_parity_remote",
                   "test_parity_remote_mla", "test_parity_moe", "test_parity_remote_internlm",
                   "test_parity_remote_iquest", "test_parity_deepseek",
-                  "test_parity_longcat", "test_parity_remote_arctic", "test_mamba_parity"]
+                  "test_parity_longcat", "test_parity_remote_arctic", "test_mamba_parity",
+                  "test_zamba2_parity"]
 
 
 def _string_literals(path: str) -> set[str]:
