@@ -125,6 +125,9 @@ class EngineArgs:
                               type=int)
     max_cpu_loras: int | None = _opt(None, "adapters kept loaded in host memory (default: "
                                      "--max-loras)", type=int)
+    speculative_config: Any = _opt(None, "speculative decoding, as JSON: '{\"method\": \"ngram\", "
+                                   "\"num_speculative_tokens\": 4}' or '{\"model\": DRAFT_DIR, "
+                                   "\"num_speculative_tokens\": 4}'")
     disable_log_stats: bool = _opt(False, "accepted for vLLM compatibility, no effect: octavo "
                                    "logs no periodic statistics (the server's /metrics has "
                                    "them)", action="store_true")

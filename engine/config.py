@@ -57,6 +57,8 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None             # None: max_loras
+    # speculative decoding (octavo.spec_decode): a dict as vLLM's, parsed into a SpeculativeConfig
+    speculative_config: Any = None
     # the model as given, for display (served model name); `model` becomes the path loaded
     model_name: str | None = field(default=None, init=False)
     # filled by resolve(): the HF config and the chosen torch dtype / device
@@ -88,6 +90,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self._check_parallel()
         self._check_lora()
+        self._check_speculative()
         if self.quantization is not None:
             from octavo.models.layers.quantization import SUPPORTED
             if not isinstance(self.quantization, str) or self.quantization.lower() not in SUPPORTED:
@@ -140,6 +143,15 @@ class EngineConfig:
         if self.enable_lora and self.world_size > 1:
             raise ValueError("enable_lora runs in one process only: use tensor_parallel_size=1 "
                              "and pipeline_parallel_size=1 with LoRA adapters")
+
+    def _check_speculative(self) -> None:
+        from octavo.spec_decode.config import SpeculativeConfig
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        spec = self.speculative_config
+        if spec is not None and spec.method == "draft_model" and self.world_size > 1:
+            raise ValueError("a draft model runs in the engine's process: use "
+                             "tensor_parallel_size=1 and pipeline_parallel_size=1 with it, or "
+                             "the 'ngram' method, which needs no model")
 
     @property
     def world_size(self) -> int:

@@ -66,6 +66,12 @@ class LLMEngine:
         self.executor = make_executor(config)
         # the in-process runner (None when workers hold the model)
         self.runner = getattr(self.executor, "runner", None)
+        draft = None
+        spec = config.speculative_config
+        if spec is not None and spec.method == "draft_model":
+            from octavo.spec_decode.draft_model import DraftModelProposer
+            draft = DraftModelProposer(config, spec.model)
+            self.runner.extra_bytes_per_block = draft.bytes_per_block()   # same block count
         num_blocks = self.executor.init_kv_cache()
         num_slots = getattr(self.runner, "num_state_slots", 0)
         if num_slots and config.enable_prefix_caching:
@@ -79,6 +85,16 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_loras=config.max_loras if config.enable_lora else None)
         self.sampler = Sampler(self.eos_token_ids)
+        self.spec = None                  # octavo.spec_decode: drafts proposed, then verified
+        if config.speculative_config is not None:
+            if num_slots:
+                raise ValueError("speculative decoding is not supported for models with a "
+                                 "per-request recurrent state (Mamba layers): a rejected draft "
+                                 "cannot be taken back out of the state; drop speculative_config")
+            from octavo.spec_decode.decoder import SpecDecoder
+            if draft is not None:
+                draft.bind(self.kv, num_blocks, self.eos_token_ids)
+            self.spec = SpecDecoder(config.speculative_config, self.eos_token_ids, draft)
         self.parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, _Parent] = {}
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
@@ -206,6 +222,8 @@ class LLMEngine:
             for req in parent.children:
                 self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
                 del self._child_parent[req.request_id]
+                if self.spec is not None:
+                    self.spec.forget(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
@@ -233,7 +251,7 @@ class LLMEngine:
             self.abort_request(list(failed))
             raise StepError(failed, [], whole_step=True, cause=e) from e
         failed: dict[str, BaseException] = {}
-        sampled, logprobs = self._sample(result, fault, failed)
+        sampled, logprobs = self._sample(out, result, fault, failed)
         for req, logits, targets in result.prompt_logits:
             try:
                 entries = compute_prompt_logprobs(logits, targets,
@@ -245,30 +263,51 @@ class LLMEngine:
             req.prompt_logprobs.extend(entries)
         updated = self.scheduler.update(out, sampled)
         touched: dict[str, _Parent] = {}
-        for req in updated:
+        for req, tokens in updated:
             if req.request_id not in self._child_parent:      # failed in this step
                 continue
+            lps = logprobs.get(req.request_id)
             try:
-                self._process_token(req, req.output_token_ids[-1], logprobs.get(req.request_id))
+                for j, token in enumerate(tokens):
+                    stopped = self._process_token(req, token,
+                                                  lps[j] if isinstance(lps, list) else lps)
+                    if stopped and j + 1 < len(tokens):   # a stop string: drop the rest
+                        _drop_last(req, len(tokens) - j - 1)
+                        break
             except Exception as e:  # noqa: BLE001 - this request's alone
                 self._fail_request(req, e, failed)
                 continue
             touched[req.request_id] = self._child_parent[req.request_id]
+        if self.spec is not None:
+            try:
+                self.spec.propose([req for req, _ in updated])
+            except Exception as e:  # noqa: BLE001 - drafts are optional: decode without them
+                logger.warning("speculative proposer failed (%s: %s); this step's requests "
+                               "decode without drafts", type(e).__name__, e)
+                for req, _ in updated:
+                    req.spec_token_ids = []
         outputs = [self._make_output(parent) for parent in
                    {id(p): p for p in touched.values() if p.request_id in self.parents}.values()]
         if failed:
             raise StepError(failed, outputs)
         return outputs
 
-    def _sample(self, result: Any, fault: FaultInjector | None,
-                failed: dict[str, BaseException]) -> tuple[dict[str, int], dict[str, Any]]:
+    def _sample(self, out: Any, result: Any, fault: FaultInjector | None,
+                failed: dict[str, BaseException]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Sample every row at once; if that fails, row by row, so that only the rows that
-        fail on their own are failed (a bad row must not take the batch with it)."""
-        sampled: dict[str, int] = {}
+        fail on their own are failed (a bad row must not take the batch with it). Requests
+        that verify drafts get a list of tokens (and of logprob entries) instead."""
+        sampled: dict[str, Any] = {}
         logprobs: dict[str, Any] = {}
         reqs = result.sample_requests
         if not reqs:
             return sampled, logprobs
+        drafts = {id(s.request): s.spec_token_ids for s in out.scheduled if s.spec_token_ids}
+        if drafts:
+            reqs, logits = self._verify(reqs, result.logits, drafts, sampled, logprobs, failed)
+            result = _Rows(reqs, logits)
+            if not reqs:
+                return sampled, logprobs
         batch = [SamplingState(r.sampling_params, r.prompt_token_ids, r.output_token_ids,
                                r.generator, r.bad_words_token_ids) for r in reqs]
         try:
@@ -297,6 +336,40 @@ class LLMEngine:
             logprobs[r.request_id] = lp
         return sampled, logprobs
 
+    def _verify(self, reqs: list[Request], logits: torch.Tensor, drafts: dict[int, list[int]],
+                sampled: dict[str, Any], logprobs: dict[str, Any],
+                failed: dict[str, BaseException]) -> tuple[list[Request], torch.Tensor]:
+        """Run the rejection sampler on the requests that verify drafts (1 + k logits rows
+        each); returns the other requests and their rows, which sample as usual."""
+        plain, plain_rows, spec_reqs, spec_rows, row = [], [], [], [], 0
+        for r in reqs:
+            d = drafts.get(id(r))
+            if d:
+                spec_reqs.append(r)
+                spec_rows.extend(range(row, row + 1 + len(d)))
+                row += 1 + len(d)
+            else:
+                plain.append(r)
+                plain_rows.append(row)
+                row += 1
+        spec_drafts = [drafts[id(r)] for r in spec_reqs]
+        try:
+            emitted, lps = self.spec.verify(spec_reqs, spec_drafts, logits[spec_rows],
+                                            [r.bad_words_token_ids for r in spec_reqs])
+        except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
+            for r in spec_reqs:
+                self._fail_request(r, e, failed)
+            emitted, lps = [], []
+        for r, tokens, lp in zip(spec_reqs, emitted, lps):
+            if not all(0 <= t < self.vocab_size for t in tokens):
+                self._fail_request(r, RuntimeError(
+                    f"sampled token ids {tokens} are outside the vocabulary "
+                    f"[0, {self.vocab_size}) (non-finite logits?)"), failed)
+                continue
+            sampled[r.request_id] = tokens
+            logprobs[r.request_id] = lp
+        return plain, logits[plain_rows]
+
     def _fail_request(self, req: Request, error: BaseException,
                       failed: dict[str, BaseException]) -> None:
         """Finish the user request `req` belongs to (all its n samples) and free its blocks."""
@@ -308,7 +381,8 @@ class LLMEngine:
         failed[parent.request_id] = error
         self.abort_request(parent.request_id)
 
-    def _process_token(self, req: Request, token: int, lp: dict | None) -> None:
+    def _process_token(self, req: Request, token: int, lp: dict | None) -> bool:
+        """Record one new token (logprobs, text); True when its text hit a stop string."""
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         if lp is not None:
@@ -316,16 +390,18 @@ class LLMEngine:
             req.logprobs.append(lp)
             req.cumulative_logprob += lp[token].logprob
         if req.detokenizer is None:
-            return
+            return False
         params = req.sampling_params
         stopped_by_token = (req.status == RequestStatus.FINISHED_STOPPED)
         if stopped_by_token and not params.include_stop_str_in_output:
-            return                                   # EOS / stop id: its text is not output
+            return False                             # EOS / stop id: its text is not output
         stop = req.detokenizer.update([token])
         if stop is not None:                         # a stop string outranks the length limit
             self.scheduler.finish_request(req, RequestStatus.FINISHED_STOPPED)
             req.status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = stop
+            return True
+        return False
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
         finished = all(c.is_finished for c in parent.children)
@@ -423,6 +499,22 @@ def _eos_ids(hf_config: Any, gen: GenerationConfig | None, tokenizer: Any) -> tu
             if v not in ids:
                 ids.append(v)
     return tuple(ids)
+
+
+@dataclass
+class _Rows:
+    """The sampling requests and their logits rows once the draft-verifying rows are out."""
+    sample_requests: list[Request]
+    logits: torch.Tensor
+
+
+def _drop_last(req: Request, n: int) -> None:
+    """Take back the last n tokens of a finished request (emitted in the same step after the
+    one that stopped it), so that its output is what decoding one token at a time gives."""
+    del req.output_token_ids[-n:]
+    del req.all_token_ids[-n:]
+    if req.logprobs is not None:
+        del req.logprobs[len(req.output_token_ids):]
 
 
 _counter = itertools.count()

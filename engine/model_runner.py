@@ -48,7 +48,7 @@ class StepInputs:
     input_ids: torch.Tensor                 # [T] int64
     positions: torch.Tensor                 # [T] int64
     attn: AttentionMetadata
-    sample_rows: torch.Tensor               # [N] int64: row of each sampling request's last token
+    sample_rows: torch.Tensor               # [R] int64: rows whose logits are due (see StepOutput)
     sample_requests: list[Request]
     # requests that asked for prompt logprobs: (request, first row, rows, first target position)
     prompt_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
@@ -57,7 +57,9 @@ class StepInputs:
 @dataclass
 class StepOutput:
     sample_requests: list[Request]
-    logits: torch.Tensor | None             # [N, vocab] float32
+    # [R, vocab] float32: one row per sampling request, 1 + len(spec_token_ids) for those that
+    # verify drafts (in the step's order)
+    logits: torch.Tensor | None
     prompt_logits: list[tuple[Request, torch.Tensor, list[int]]]   # (req, [P, vocab], targets)
 
 
@@ -115,6 +117,8 @@ class ModelRunner:
         self.buf = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
                                 self.max_blocks_per_seq)
         self.num_blocks = 0
+        # bytes per block of other caches that share this block table (a draft model's)
+        self.extra_bytes_per_block = 0
         self.decode_graphs: DecodeGraphs | None = None
         if not config.enforce_eager:
             sizes = decode_batch_sizes(config.max_num_seqs, config.max_num_batched_tokens)
@@ -148,7 +152,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             self.profile_run()
-        per_block = self.bytes_per_block()
+        per_block = self.bytes_per_block() + self.extra_bytes_per_block
         if self.device.type == "cuda":
             total = torch.cuda.mem_get_info()[1]
             budget = int(total * self.config.gpu_memory_utilization) - torch.cuda.max_memory_allocated()
@@ -221,7 +225,10 @@ class ModelRunner:
         for i, s in enumerate(out.scheduled):
             req, start, n = s.request, s.start, s.num_new_tokens
             end = start + n
-            b.input_ids[t:t + n] = req.all_token_ids[start:end]
+            spec = s.spec_token_ids               # drafts to verify, after the known tokens
+            b.input_ids[t:t + n - len(spec)] = req.all_token_ids[start:end - len(spec)]
+            if spec:
+                b.input_ids[t + n - len(spec):t + n] = spec
             pos = b.positions[t:t + n]
             pos[:] = np.arange(start, end)
             if self.paged_layers:
@@ -237,8 +244,8 @@ class ModelRunner:
                 rows = min(end, req.num_prompt_tokens - 1) - start
                 prompt_rows.append((req, t, rows, start + 1))
             t += n
-            if s.samples:
-                sample_rows.append(t - 1)
+            if s.samples:                          # the last token's row and each draft's
+                sample_rows.extend(range(t - 1 - len(spec), t))
                 sample_reqs.append(req)
         return t, sample_rows, sample_reqs, prompt_rows
 

@@ -49,6 +49,10 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[Any] = []
         self.state_slot: int | None = None   # state slot of the Mamba layers while running
+        # speculative decoding: draft tokens to verify in the next step (after all_token_ids),
+        # and how many leading tokens the draft model's KV cache holds
+        self.spec_token_ids: list[int] = []
+        self.num_draft_computed = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic()

@@ -225,15 +225,33 @@ def _pad_tokens(token_lists: Sequence[Sequence[int]], pad: int,
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def sample_random(logits: torch.Tensor, batch: Sequence[SamplingState],
-                  meta: SamplingMetadata) -> torch.Tensor:
-    """Temperature, min_p, top_k, top_p, then the exponential race. Returns [N] int64."""
+def truncated_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Temperature, min_p, top_k, top_p, softmax: the distribution a row samples from."""
     logits = logits / meta.temperature.unsqueeze(1)
     if meta.min_p is not None:
         logits = apply_min_p(logits, meta.min_p)
     if meta.top_k is not None or meta.top_p is not None:
         logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def sampling_probs(logits: torch.Tensor, batch: Sequence[SamplingState],
+                   eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution each row of logits [N, V] is sampled from, after every processor and
+    penalty ([N, V] float32; a greedy row's argmax is its token), and the greedy mask [N].
+    Speculative decoding verifies drafts against it."""
+    logits = logits.float()
+    meta = SamplingMetadata.build(batch, logits.shape[1], logits.device)
+    if meta.needs_processing:
+        logits = apply_penalties(apply_logits_processors(logits.clone(), batch, eos_token_ids),
+                                 batch)
+    return truncated_probs(logits, meta), meta.greedy
+
+
+def sample_random(logits: torch.Tensor, batch: Sequence[SamplingState],
+                  meta: SamplingMetadata) -> torch.Tensor:
+    """Temperature, min_p, top_k, top_p, then inverse-CDF sampling. Returns [N] int64."""
+    probs = truncated_probs(logits, meta)
     # Inverse-CDF sampling: one uniform draw per row (not one per vocabulary entry), u in (0, 1]
     # so that a zero-probability head can never be picked. Greedy rows leave their generator
     # untouched: only sampling advances a seeded stream.

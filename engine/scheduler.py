@@ -4,6 +4,11 @@ Each step spends at most `max_num_batched_tokens` tokens: first on running reque
 order), then on waiting ones. A long prompt is cut into chunks (chunked prefill); a request whose
 KV blocks cannot be found preempts the most recently admitted running request, which frees its
 blocks and is recomputed later (recompute preemption).
+
+With speculative decoding a decoding request also carries draft tokens (`spec_token_ids`): they
+are scheduled after its last token, so one forward scores them all, and `update` takes back
+the positions of the drafts the rejection sampler refused (their KV slots are simply written
+again later; prefix-cache hashes only ever cover accepted tokens).
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int                      # first position computed this step
+    spec_token_ids: list[int] = field(default_factory=list)   # drafts after the last token
 
     @property
     def samples(self) -> bool:
-        """True when this step computes the request's last known token, so its logits are due."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        """True when this step computes the request's last known token, so its logits are due
+        (at 1 + len(spec_token_ids) rows: the last token's and each draft's)."""
+        return self.start + self.num_new_tokens == self.request.num_tokens + len(self.spec_token_ids)
 
 
 @dataclass
@@ -68,14 +75,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            left = req.num_tokens - req.num_computed_tokens
+            n = min(left + len(req.spec_token_ids), budget)
             while not self.kv.allocate(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     return budget
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+            spec = req.spec_token_ids[:max(0, n - left)]      # the drafts the budget holds
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens, spec))
             budget -= n
             i += 1
         return budget
@@ -113,6 +122,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
+        req.num_draft_computed = 0
         if req.prompt_logprobs is not None:     # the prompt is recomputed: collect them anew
             req.prompt_logprobs = [None]
         req.status = RequestStatus.PREEMPTED
@@ -120,25 +131,37 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput,
+               sampled: dict[str, int | list[int]]) -> list[tuple[Request, list[int]]]:
         """Advance the scheduled requests by what was computed, append the sampled tokens and
-        finish requests that hit EOS, a stop token id or their length limit. Returns the
-        requests that received a token."""
+        finish requests that hit EOS, a stop token id or their length limit. A request may get
+        several tokens (speculative decoding: its accepted drafts, then one more); the KV
+        positions of its rejected drafts are given back. Returns each request that received
+        tokens with the tokens appended (cut at the one that finished it)."""
         updated = []
         for s in out.scheduled:
             req = s.request
             if req.is_finished:                  # aborted while its step ran
                 continue
-            req.num_computed_tokens = s.start + s.num_new_tokens
+            tokens = sampled.get(req.request_id)
+            if isinstance(tokens, int):
+                tokens = [tokens]
+            # drafts are positions past num_tokens; those not accepted hold no valid K/V
+            accepted = max(0, len(tokens) - 1) if tokens and s.spec_token_ids else 0
+            req.num_computed_tokens = s.start + s.num_new_tokens - (len(s.spec_token_ids) - accepted)
+            req.spec_token_ids = []
             self.kv.cache_full_blocks(req)
-            token = sampled.get(req.request_id)
-            if token is None:
+            if not tokens:
                 continue
-            req.append_token(token)
-            updated.append(req)
-            status = self._check_stop(req, token)
-            if status is not None:
-                self.finish_request(req, status)
+            appended = []
+            for token in tokens:
+                req.append_token(token)
+                appended.append(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    self.finish_request(req, status)
+                    break
+            updated.append((req, appended))
         return updated
 
     @staticmethod

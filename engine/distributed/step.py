@@ -33,28 +33,29 @@ class WireRequest:
     prompt_token_ids: _Window | None       # only when prompt logprobs are asked for
 
 
-def to_wire(out: SchedulerOutput) -> list[tuple[WireRequest, int, int]]:
+def to_wire(out: SchedulerOutput) -> list[tuple[WireRequest, int, int, list[int]]]:
     steps = []
     for s in out.scheduled:
-        r, end = s.request, s.start + s.num_new_tokens
+        r, end = s.request, s.start + s.num_new_tokens - len(s.spec_token_ids)
         prompt = None
         if r.prompt_logprobs is not None:  # targets are the next prompt tokens
             hi = min(end + 1, r.num_prompt_tokens)
             prompt = _Window(s.start, list(r.prompt_token_ids[s.start:hi]))
         steps.append((WireRequest(r.request_id, _Window(s.start, list(r.all_token_ids[s.start:end])),
                                   r.num_tokens, list(r.block_ids), r.num_prompt_tokens,
-                                  r.prompt_logprobs, prompt), s.num_new_tokens, s.start))
+                                  r.prompt_logprobs, prompt), s.num_new_tokens, s.start,
+                      list(s.spec_token_ids)))
     return steps
 
 
-def from_wire(steps: list[tuple[WireRequest, int, int]]) -> SchedulerOutput:
-    return SchedulerOutput([ScheduledRequest(r, n, start) for r, n, start in steps])
+def from_wire(steps: list[tuple[WireRequest, int, int, list[int]]]) -> SchedulerOutput:
+    return SchedulerOutput([ScheduledRequest(r, n, start, spec) for r, n, start, spec in steps])
 
 
 @dataclass
 class WorkerResult:
     """The last pipeline stage's logits, as numpy (pickled by value, not shared memory)."""
-    logits: np.ndarray | None                        # [N, vocab] float32, N sampling requests
+    logits: np.ndarray | None                        # [R, vocab] float32 (see StepOutput)
     prompt_logits: list[tuple[int, np.ndarray, list[int]]]   # (index in step, [P, vocab], targets)
 
 

@@ -21,6 +21,8 @@ from octavo.entrypoints.openai.cli_args import make_arg_parser
 from octavo.llm_engine import LLMEngine
 
 KV = 1 << 24
+from octavo.spec_decode.config import SpeculativeConfig  # noqa: E402
+
 FIELDS = [f.name for f in dataclasses.fields(EngineArgs)]
 
 
@@ -67,6 +69,8 @@ def field_cases(model: str, tmp: str) -> dict[str, tuple[list[str] | None, objec
         "max_loras": (["2"], 2),
         "max_lora_rank": (["8"], 8),
         "max_cpu_loras": (["3"], 3),
+        "speculative_config": (['{"method": "ngram", "num_speculative_tokens": 2}'],
+                               SpeculativeConfig("ngram", 2, None, 4, 1)),
     }
 
 
