@@ -63,6 +63,8 @@ class StatsObserver(Protocol):
     def on_finished(self, finish_reason: str) -> None: ...
     def on_cache(self, num_free_blocks: int, num_blocks: int, num_preemptions: int) -> None: ...
     def on_failed_step(self) -> None: ...
+    def on_spec_decode(self, num_drafts: int, num_draft_tokens: int,
+                       num_accepted_tokens: int) -> None: ...
 
 
 @dataclass
@@ -352,6 +354,10 @@ class AsyncLLMEngine:
         sched, kv = self.engine.scheduler, self.engine.kv
         self.observer.on_step(len(sched.running), len(sched.waiting), kv.usage)
         self.observer.on_cache(kv.pool.num_free, kv.num_blocks, sched.num_preemptions)
+        if self.engine.spec is not None:
+            st = self.engine.spec.stats
+            self.observer.on_spec_decode(st.num_drafts, st.num_draft_tokens,
+                                         st.num_accepted_tokens)
 
 
 def _set_call_result(fut: asyncio.Future, result: Any) -> None:

@@ -48,6 +48,13 @@ class ServerMetrics:
         self._failed_steps = Counter("octavo:engine_failed_steps",
                                      "Engine steps that raised (their requests failed).",
                                      labels, registry=r)
+        # speculative decoding (totals since the start; acceptance rate = accepted / draft)
+        self._spec = {name: Counter(f"octavo:spec_decode_{name}", text, labels, registry=r)
+                      for name, text in (
+                          ("num_drafts", "Draft proposals verified (one per request and step)."),
+                          ("num_draft_tokens", "Draft tokens verified."),
+                          ("num_accepted_tokens", "Draft tokens the target accepted."))}
+        self._spec_seen = {name: 0 for name in self._spec}
         self._model = model_name
         self._failed_steps.labels(model_name)
         for reason in ("stop", "length", "abort", "error"):
@@ -64,6 +71,14 @@ class ServerMetrics:
         self._free_blocks.labels(self._model).set(num_free_blocks)
         self._total_blocks.labels(self._model).set(num_blocks)
         self._preemptions.labels(self._model).set(num_preemptions)
+
+    def on_spec_decode(self, num_drafts: int, num_draft_tokens: int,
+                       num_accepted_tokens: int) -> None:
+        for name, total in (("num_drafts", num_drafts), ("num_draft_tokens", num_draft_tokens),
+                            ("num_accepted_tokens", num_accepted_tokens)):
+            if total > self._spec_seen[name]:
+                self._spec[name].labels(self._model).inc(total - self._spec_seen[name])
+                self._spec_seen[name] = total
 
     def on_failed_step(self) -> None:
         self._failed_steps.labels(self._model).inc()
