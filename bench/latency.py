@@ -8,6 +8,10 @@ iterations: the engine is driven by its own step() loop (what LLM.generate does,
 progress bar) and the wall time at which each request's first token comes out is recorded.
 TTFT of a request = first token time - submit time; TPOT = (end - first token) / (output_len - 1).
 
+--temperature T (default 1) and --prompt TEXT (every request's prompt, instead of random tokens)
+make workloads where speculative decoding (--speculative-config) can help; its acceptance rate
+is printed and recorded.
+
 --profile: after the timed iterations, one more batch with each part of the step timed and one
 with the forward split by op type (octavo.bench.step_profile); printed and kept in the record.
 """
@@ -58,12 +62,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.num_iters_warmup < 0:
         raise ValueError("--num-iters-warmup must be >= 0")
+    if args.temperature < 0:
+        raise ValueError("--temperature must be >= 0")
     engine = LLM(**engine_kwargs(args)).llm_engine
-    special = set(engine.tokenizer.all_special_ids or [])
-    reqs = random_requests(args.batch_size, args.input_len, args.output_len, 0, 1, 0.0,
-                           engine.vocab_size, special, args.seed)
-    prompts = [r.prompt_token_ids for r in reqs]
-    params = SamplingParams(n=args.n, temperature=1.0, top_p=1.0, ignore_eos=True,
+    if args.prompt is not None:             # a given text (speculative decoding wants one)
+        prompts = [engine.tokenizer.encode(args.prompt)] * args.batch_size
+    else:
+        special = set(engine.tokenizer.all_special_ids or [])
+        reqs = random_requests(args.batch_size, args.input_len, args.output_len, 0, 1, 0.0,
+                               engine.vocab_size, special, args.seed)
+        prompts = [r.prompt_token_ids for r in reqs]
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=1.0, ignore_eos=True,
                             max_tokens=args.output_len)
     for i in tqdm(range(args.num_iters_warmup), desc="Warmup iterations"):
         run_batch(engine, prompts, params, f"warmup{i}")
@@ -88,6 +97,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "engine": engine_kwargs(args)}
     if profile is not None:
         record["profile"] = profile
+    if engine.spec is not None:             # over warm-up and timed iterations alike
+        st = engine.spec.stats
+        record["spec_decode"] = {"num_drafts": st.num_drafts,
+                                 "num_draft_tokens": st.num_draft_tokens,
+                                 "num_accepted_tokens": st.num_accepted_tokens,
+                                 "acceptance_rate": st.acceptance_rate,
+                                 "mean_accepted_length": st.mean_accepted_length}
     print_record(record)
     if profile is not None:
         print_profile(profile)
@@ -103,6 +119,11 @@ def print_record(r: dict[str, Any]) -> None:
           f"(median {r['ttft_percentiles']['50'] * 1e3:.3f} ms)")
     print(f"Avg time per output token: {r['avg_tpot'] * 1e3:.3f} ms "
           f"(median {r['tpot_percentiles']['50'] * 1e3:.3f} ms)")
+    if "spec_decode" in r:
+        sd = r["spec_decode"]
+        print(f"Speculative decoding: acceptance rate {sd['acceptance_rate']:.3f}, mean "
+              f"accepted length {sd['mean_accepted_length']:.2f} tokens per step "
+              f"({sd['num_accepted_tokens']} of {sd['num_draft_tokens']} drafts)")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -112,6 +133,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1, help="sequences per prompt")
     p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--num-iters", type=int, default=10)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--prompt", help="this text as every request's prompt instead of random "
+                   "tokens (--input-len is then ignored)")
     p.add_argument("--output-json", help="append the result as a JSON line to this file")
     p.add_argument("--profile", action="store_true",
                    help="also print where each step's time goes (sections of the step, the "

@@ -25,6 +25,20 @@ def test_latency_fields(llama_dir, tmp_path, capsys):
     assert "99% percentile latency" in text and "Avg time to first token" in text
 
 
+def test_latency_with_speculative_decoding_reports_acceptance(llama_dir, tmp_path, capsys):
+    out = tmp_path / "lat.jsonl"
+    latency.main(["--model", llama_dir, "--prompt", "a b c a b c a b c a b", "--temperature",
+                  "0", "--output-len", "12", "--batch-size", "2", "--num-iters-warmup", "0",
+                  "--num-iters", "2", "--output-json", str(out), "--speculative-config",
+                  '{"method": "ngram", "num_speculative_tokens": 3}'])
+    (r,) = [json.loads(line) for line in open(out)]
+    sd = r["spec_decode"]
+    # 2 iterations x 2 requests x 11 tokens after the first: every step emits >= 1 of them
+    assert 0 < sd["num_drafts"] <= 44 and 0 <= sd["num_accepted_tokens"] <= sd["num_draft_tokens"]
+    assert sd["mean_accepted_length"] == pytest.approx(1 + sd["num_accepted_tokens"] / sd["num_drafts"])
+    assert f"acceptance rate {sd['acceptance_rate']:.3f}" in capsys.readouterr().out
+
+
 def test_latency_rejects_bad_sizes(llama_dir, capsys):
     with pytest.raises(SystemExit):
         latency.main(["--model", llama_dir, "--batch-size", "0"])
