@@ -1,121 +1,173 @@
-"""Tensor / pipeline parallelism through the multi-process executor (gloo, CPU processes): greedy
-ids identical to the single-process engine, on batched prompts with chunked prefill (a token
-budget of 16) and preemption (a KV cache of a few blocks per rank)."""
+"""Tensor / pipeline parallelism on CPU processes (gloo): greedy ids, logprobs and prompt
+logprobs identical to the single-process engine for TP=2, PP=2 and TP=2 x PP=2, on batched
+prompts with chunked prefill (a token budget of 16) and preemption (a KV cache of a few blocks
+per rank), over Llama (GQA), BLOOM (ALiBi, tied head), Qwen2 (tied head, one KV head replicated
+over the TP ranks), Gemma 2, Qwen3-MoE and DeepSeek-V2 (MLA, MoE).
+
+The matrix runs as torchrun would (parallel_ranks.py, external_launcher): per parallel shape the
+ranks start once and run every model, which keeps the whole matrix to one process start-up per
+rank and shape. The multiprocess executor (the default) runs one case end to end."""
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
 
+from parallel_ranks import ENGINE, KV_BLOCKS, summarize
 from tiny_models import build_tiny_model, save_tiny_model
-from octavo import LLM, SamplingParams
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "models"))
-
-# four prompts of 3 to 37 tokens (test tokenizer); with a budget of 16 tokens the long ones
-# are prefilled in chunks
-PROMPTS = [
-    "Once upon a time, there was a little robot who loved to read books and",
-    "A",
-    "Numbers like 12345 and 6789 appear in text, as do symbols: #, $, %, &.",
-    "The capital of France is",
-]
-GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
-# one request alone (never preempted) with the logprobs of its prompt tokens
-PROMPT_LOGPROBS = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
-ENGINE = dict(dtype="float32", max_model_len=64, block_size=8, max_num_batched_tokens=16,
-              enable_prefix_caching=False)
-# 9 blocks of 8 tokens per rank (8 hold max_model_len): the four requests need 12 at once
-KV_BLOCKS = 9
+from octavo import LLM
 
 LAYERS4 = dict(num_hidden_layers=4)
-GEMMA2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0, query_pre_attn_scalar=24, sliding_window=8,
+IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+GEMMA2 = dict(IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=512, query_pre_attn_scalar=24, sliding_window=8,
               layer_types=["sliding_attention", "full_attention"] * 2,
               attn_logit_softcapping=4.0, final_logit_softcapping=3.0, initializer_range=0.2,
               tie_word_embeddings=True)
-MIXTRAL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1,
-               eos_token_id=2, pad_token_id=0, initializer_range=0.08, num_experts_per_tok=2,
-               num_local_experts=8, tie_word_embeddings=False)
-BLOOM = dict(hidden_size=64, n_head=4, n_layer=2, initializer_range=0.08, bos_token_id=1,
-             eos_token_id=2, pad_token_id=0)
+BLOOM = dict(IDS, hidden_size=64, n_head=4, n_layer=2, initializer_range=0.08)
+# layer 0 dense (mlp_only_layers), layer 1 MoE: each pipeline stage holds one kind
+QWEN3_MOE = dict(IDS, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=512, initializer_range=0.08, num_experts=8,
+                 num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                 mlp_only_layers=[0], tie_word_embeddings=False)
+DEEPSEEK_V2 = dict(IDS, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                   initializer_range=0.08, n_routed_experts=8, num_experts_per_tok=2,
+                   moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
+                   topk_method="greedy", q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+                   qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=False)
+
+MODELS = ["llama-gqa", "bloom-alibi", "qwen2-tied-1kv", "gemma2", "qwen3-moe", "deepseek-v2-mla"]
+SHAPES = [(2, 1), (1, 2), (2, 2)]
 
 
-def _build(name: str, root: str) -> tuple[str, dict]:
-    """(model dir, extra LLM kwargs) of a case."""
+def _build(name: str, root: str) -> str:
     path = os.path.join(root, name)
     if name == "llama-gqa":            # 4 heads, 2 KV heads
-        return build_tiny_model(path, "LlamaForCausalLM", **LAYERS4), {}
+        return build_tiny_model(path, "LlamaForCausalLM", **LAYERS4)
     if name == "qwen2-tied-1kv":       # tied embeddings; 1 KV head, replicated over 2 TP ranks
         return build_tiny_model(path, "Qwen2ForCausalLM", num_key_value_heads=1,
-                                use_sliding_window=False, **LAYERS4), {}
+                                use_sliding_window=False, **LAYERS4)
     if name == "gemma2":
-        return save_tiny_model(path, "gemma2", "Gemma2ForCausalLM", **GEMMA2), {}
-    if name == "mixtral":
-        return save_tiny_model(path, "mixtral", "MixtralForCausalLM", **MIXTRAL), {}
+        return save_tiny_model(path, "gemma2", "Gemma2ForCausalLM", **GEMMA2)
     if name == "bloom-alibi":
-        return save_tiny_model(path, "bloom", "BloomForCausalLM", **BLOOM), {}
-    if name == "baichuan-13b-alibi":   # Llama family with ALiBi (6 heads: 3 per TP rank)
-        from test_parity_remote import build_case
-        return build_case("baichuan-13b", path)[1], {"trust_remote_code": True}
+        return save_tiny_model(path, "bloom", "BloomForCausalLM", **BLOOM)
+    if name == "qwen3-moe":
+        return save_tiny_model(path, "qwen3_moe", "Qwen3MoeForCausalLM", **QWEN3_MOE)
+    if name == "deepseek-v2-mla":
+        return save_tiny_model(path, "deepseek_v2", "DeepseekV2ForCausalLM", **DEEPSEEK_V2)
     raise KeyError(name)
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    cache: dict[str, tuple[str, dict, list, int]] = {}
-
-    def make(name: str):
-        """(dir, kwargs, single-process outputs and prompt logprobs, bytes per KV block)"""
-        if name not in cache:
-            path, kw = _build(name, str(tmp_path_factory.mktemp("models")))
-            llm = LLM(model=path, kv_cache_memory=1 << 22, **ENGINE, **kw)
-            outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-            prompt = llm.generate(PROMPTS[0], PROMPT_LOGPROBS, use_tqdm=False)[0].prompt_logprobs
-            cache[name] = (path, kw, outs, prompt, llm.llm_engine.runner.bytes_per_block())
-        return cache[name]
-
-    return make
+def references(tmp_path_factory):
+    """name -> (model dir, the single-process engine's summary, bytes of one KV block)"""
+    root = str(tmp_path_factory.mktemp("models"))
+    refs = {}
+    for name in MODELS:
+        path = _build(name, root)
+        llm = LLM(model=path, kv_cache_memory=1 << 22, **ENGINE)
+        refs[name] = (path, summarize(llm), llm.llm_engine.runner.bytes_per_block())
+    return refs
 
 
-def _per_rank_bytes(path: str, kw: dict, single_bytes: int, tp: int, pp: int) -> int:
-    """Bytes of a KV block on one rank: the layers of its stage, its share of the KV heads (a
-    KV head replicated over ranks when there are fewer heads than ranks)."""
+def _per_rank_bytes(path: str, single_bytes: int, tp: int, pp: int) -> int:
+    """Bytes of a KV block on one rank: the layers of its stage and its share of the KV heads
+    (a KV head replicated when there are fewer heads than ranks; MLA's latent on every rank)."""
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path, trust_remote_code=kw.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "kv_lora_rank", None):
+        return single_bytes // pp
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return single_bytes * max(kv // tp, 1) // kv // pp
 
 
-CASES = [
-    ("llama-gqa", 2, 1), ("llama-gqa", 1, 2), ("llama-gqa", 2, 2),
-    ("baichuan-13b-alibi", 2, 2), ("qwen2-tied-1kv", 2, 2), ("gemma2", 2, 2), ("mixtral", 2, 2),
-    ("bloom-alibi", 2, 1),             # not Llama-family: tensor parallel only
-]
+@pytest.fixture(scope="module")
+def ranks(references, tmp_path_factory):
+    """(tp, pp) -> every rank's summaries of every model, from one start of the ranks."""
+    cache: dict[tuple[int, int], list[dict]] = {}
+
+    def run(tp: int, pp: int) -> list[dict]:
+        if (tp, pp) not in cache:
+            work = tmp_path_factory.mktemp(f"tp{tp}pp{pp}")
+            cases = [dict(name=name, path=path, kwargs={},
+                          kv_cache_memory=KV_BLOCKS * _per_rank_bytes(path, per_block, tp, pp))
+                     for name, (path, _, per_block) in references.items()]
+            job = work / "job.json"
+            job.write_text(json.dumps(dict(tp=tp, pp=pp, cases=cases)))
+            cache[(tp, pp)] = _launch(str(job), tp * pp)
+        return cache[(tp, pp)]
+
+    return run
 
 
-@pytest.mark.parametrize("name,tp,pp", CASES, ids=[f"{n}-tp{t}-pp{p}" for n, t, p in CASES])
-def test_parallel_greedy_ids_match_single_process(case, name, tp, pp):
-    path, kw, expected, expected_prompt, single_bytes = case(name)
-    per_block = _per_rank_bytes(path, kw, single_bytes, tp, pp)
-    llm = LLM(model=path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-              kv_cache_memory=KV_BLOCKS * per_block, **ENGINE, **kw)
+def _launch(job: str, world: int) -> list[dict]:
+    script = os.path.join(os.path.dirname(__file__), "parallel_ranks.py")
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   OMP_WAIT_POLICY="PASSIVE",
+                   PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                               os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, script, job], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
-        engine = llm.llm_engine
-        assert engine.runner is None and engine.kv.num_blocks == KV_BLOCKS
-        got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-        assert engine.scheduler.num_preemptions > 0
-        for ours, ref in zip(got, expected):
-            _assert_logprobs_close(ours.outputs[0].logprobs, ref.outputs[0].logprobs)
-        prompt = llm.generate(PROMPTS[0], PROMPT_LOGPROBS, use_tqdm=False)[0].prompt_logprobs
-        _assert_logprobs_close(prompt, expected_prompt)
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:                  # a rank stuck in a collective with a failed peer
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    folder = os.path.dirname(job)
+    return [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(world)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("tp,pp", SHAPES, ids=[f"tp{t}-pp{p}" for t, p in SHAPES])
+@pytest.mark.parametrize("name", MODELS)
+def test_parallel_greedy_ids_match_single_process(references, ranks, name, tp, pp):
+    _, expected, _ = references[name]
+    per_rank = [results[name] for results in ranks(tp, pp)]
+    for got in per_rank:                 # every rank sampled the same tokens
+        assert got["blocks"] == KV_BLOCKS
+        assert got["preemptions"] > 0
+        assert got["ids"] == expected["ids"]
+        for ours, ref in zip(got["logprobs"], expected["logprobs"]):
+            _assert_logprobs_close(ours, ref)
+        _assert_logprobs_close(got["prompt"], expected["prompt"])
+
+
+def test_multiprocess_executor_matches_single_process(references):
+    """The default executor (spawned workers, pipes to the driver) on two pipeline stages
+    (its tensor-parallel runs: test_executor_lifecycle.py)."""
+    path, expected, per_block = references["gemma2"]
+    llm = LLM(model=path, pipeline_parallel_size=2,
+              kv_cache_memory=KV_BLOCKS * _per_rank_bytes(path, per_block, 1, 2), **ENGINE)
+    try:
+        assert llm.llm_engine.runner is None and llm.llm_engine.kv.num_blocks == KV_BLOCKS
+        got = summarize(llm)
     finally:
         llm.llm_engine.executor.shutdown()
     assert all(not p.is_alive() for p in llm.llm_engine.executor.procs)
+    assert got["preemptions"] > 0 and got["ids"] == expected["ids"]
+    for ours, ref in zip(got["logprobs"], expected["logprobs"]):
+        _assert_logprobs_close(ours, ref)
+    _assert_logprobs_close(got["prompt"], expected["prompt"])
 
 
 def _assert_logprobs_close(ours: list, ref: list) -> None:
@@ -126,4 +178,4 @@ def _assert_logprobs_close(ours: list, ref: list) -> None:
             continue
         assert a.keys() == b.keys()
         for token in b:
-            assert a[token].logprob == pytest.approx(b[token].logprob, abs=1e-4)
+            assert a[token] == pytest.approx(b[token], abs=1e-4)
