@@ -53,6 +53,7 @@ _MODELS = {
     "BambaForCausalLM": ("bamba", "BambaForCausalLM"),
     "GraniteMoeHybridForCausalLM": ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
     "Zamba2ForCausalLM": ("zamba2", "Zamba2ForCausalLM"),
+    "KimiLinearForCausalLM": ("kimi_linear", "KimiLinearForCausalLM"),
 }
 
 
@@ -112,6 +113,8 @@ EXAMPLE_MODELS = {
                                    "no prefix caching)",
     "Zamba2ForCausalLM": "Zamba2-1.2B/2.7B/7B (Mamba-2 + shared attention blocks; no prefix "
                          "caching)",
+    "KimiLinearForCausalLM": "Kimi-Linear-48B-A3B (KDA linear attention + NoPE MLA + MoE; no "
+                             "prefix caching)",
 }
 
 def supported_architectures() -> list[str]:

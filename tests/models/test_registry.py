@@ -24,7 +24,7 @@ PARITY_MODULES = ["test_parity_dense_a", "test_parity_dense_b", "test_parity_rem
                   "test_parity_remote_mla", "test_parity_moe", "test_parity_remote_internlm",
                   "test_parity_remote_iquest", "test_parity_deepseek",
                   "test_parity_longcat", "test_parity_remote_arctic", "test_mamba_parity",
-                  "test_zamba2_parity"]
+                  "test_zamba2_parity", "test_kimi_linear_parity"]
 
 
 def _string_literals(path: str) -> set[str]:
