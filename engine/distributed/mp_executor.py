@@ -109,6 +109,10 @@ class MultiprocExecutor(Executor):
                                f"during {what}")
                 if status == "error":
                     self._fail(f"worker rank {rank} failed during {what}:\n{payload}")
+                if status == "invalid":      # raised as the in-process engine would raise it
+                    self.dead = f"worker rank {rank} refused the configuration: {payload}"
+                    self.shutdown()
+                    raise ValueError(payload)
                 replies[rank] = payload
                 del waiting[rank]
         return [replies[r] for r in range(len(self.conns))]
@@ -206,6 +210,9 @@ def _worker_main(config: EngineConfig, info: RankInfo, init_method: str, threads
         init_distributed(info, config.device, init_method)
         worker = Worker(config, info)
         conn.send(("ok", worker.init_kv_cache()))
+    except ValueError as e:  # a setting this model's shard cannot take: the user's to change
+        conn.send(("invalid", str(e)))
+        return
     except BaseException:  # noqa: BLE001 - reported to the driver, which raises it
         conn.send(("error", traceback.format_exc()))
         return

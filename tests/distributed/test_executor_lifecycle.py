@@ -188,6 +188,18 @@ def test_pipeline_parallel_on_a_model_without_it_raises(tmp_path):
         LLM(model=path, kv_cache_memory=1 << 22, pipeline_parallel_size=2)
 
 
+def test_a_size_only_the_model_checks_raises_value_error_from_the_workers(tmp_path):
+    """A shard a worker cannot build (here: experts of 45 rows over 2 ranks) is the user's
+    setting to change: ValueError, as in one process, not a worker failure."""
+    from tiny_models import save_tiny_model
+    path = save_tiny_model(str(tmp_path / "moe"), "qwen3_moe", "Qwen3MoeForCausalLM",
+                           hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=45)
+    with pytest.raises(ValueError, match=r"moe intermediate size \(45\) is not divisible"):
+        LLM(model=path, kv_cache_memory=1 << 22, tensor_parallel_size=2)
+
+
 def test_more_gpu_ranks_than_gpus_raise(llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
