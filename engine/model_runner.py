@@ -120,7 +120,10 @@ class ModelRunner:
         # bytes per block of other caches that share this block table (a draft model's)
         self.extra_bytes_per_block = 0
         self.decode_graphs: DecodeGraphs | None = None
-        if not config.enforce_eager:
+        # a model with an op that has no CUDA kernel yet (its reference syncs with the host,
+        # Kimi-Linear's KDA) declares cuda_graphs = False and decodes eagerly on CUDA
+        capturable = self.device.type != "cuda" or getattr(model_cls, "cuda_graphs", True)
+        if not config.enforce_eager and capturable:
             sizes = decode_batch_sizes(config.max_num_seqs, config.max_num_batched_tokens)
             self.decode_graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq,
                                               config.max_model_len, self.device)

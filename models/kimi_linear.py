@@ -162,6 +162,9 @@ class KimiLinearForCausalLM(MoEWeightRouting, LlamaForCausalLM):
     expert_projections = {"w1": "w1", "w3": "w3", "w2": "w2",
                           "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
     supports_pipeline_parallel = False
+    # ops.gated_delta_rule_update has no CUDA kernel yet: its reference (host syncs) cannot be
+    # captured, so the runner decodes this model eagerly on CUDA
+    cuda_graphs = False
 
     def __init__(self, config):
         super().__init__(config)
