@@ -85,7 +85,7 @@ TORCH_LIBRARY(octavo, m) {
   // the same with a bf16 weight packed as [ceil(N/64), ceil(K/2), 64, 2] (64-output panels of K pairs)
   m.def("linear_packed(Tensor! out, Tensor x, Tensor packed, Tensor? bias) -> ()");
   // out [M, N] = x [M, K] @ W^T (+ bias), W = 4-bit codes * scale + offset per group of K,
-  // packed by ops_native.pack_int4_panels; CPU only
+  // packed by ops_native.pack_int4_panels; CPU, and CUDA (torch_ops_cuda_int_gemm.cpp)
   m.def("int4_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, int group_size, "
         "Tensor? bias) -> ()");
   // out [M, N] = x [M, K] @ W^T (+ bias), W = e4m3 weight [N, K] * scale [N/block_n, K/block_k];
@@ -94,7 +94,7 @@ TORCH_LIBRARY(octavo, m) {
         "Tensor? x_scale, Tensor? bias) -> ()");
   // W8A8: out [M, N] = sx sw (xq @ wq^T - azp colsum) (+ bias), x quantized to int8 per token
   // (dynamic, symmetric or asymmetric) or with a static input_scale; wq packed by
-  // ops_native.pack_int8_panels; CPU only
+  // ops_native.pack_int8_panels; CPU, and CUDA (torch_ops_cuda_int_gemm.cpp)
   m.def("int8_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor w_scales, Tensor w_colsum, "
         "Tensor? input_scale, Tensor? input_zero_point, bool asymmetric, Tensor? bias) -> ()");
   // W8A16: out [M, N] = x [M, K] @ W^T (+ bias), W = int8 codes * scale + offset per group of

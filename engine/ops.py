@@ -233,9 +233,18 @@ class Int4Weight(NamedTuple):
     perm: torch.Tensor | None     # act-order: x[:, perm] is the packed K order
 
 
+def int4_cuda_supported(dtype: torch.dtype, k: int, group_size: int) -> bool:
+    """Whether the CUDA INT4 kernel takes these operands: tensor cores (bf16 / fp16 activations),
+    groups of whole 16-wide K steps (or one group over K)."""
+    gs, _ = ops_native.int4_groups(k, group_size)
+    return dtype in (torch.bfloat16, torch.float16) and (gs % 16 == 0 or gs >= k)
+
+
 def int4_gemm_packed(x: torch.Tensor, packed: torch.Tensor, scales_offsets: torch.Tensor, n: int,
                      group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [M, K] (unit last stride) -> [M, n]
+    if x.is_cuda and not int4_cuda_supported(x.dtype, x.shape[1], group_size):
+        return ops_native.int4_gemm_packed(x, packed, scales_offsets, n, group_size, bias)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     torch.ops.octavo.int4_gemm(out, x, packed, scales_offsets, group_size, bias)
     return out
@@ -551,6 +560,8 @@ def int8_gemm_prepared(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None
 def int8_woq_gemm_prepared(x: torch.Tensor, w: Int8WoqWeight,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., K] -> [..., N]; w: ops_native.int8_woq_prepare(...)
+    if x.is_cuda:   # no CUDA kernel for weight-only int8 yet
+        return ops_native.int8_woq_gemm_prepared(x, w, bias)
     x2 = _rows(x)
     out = torch.empty(x2.shape[0], w.n, dtype=x.dtype, device=x.device)
     torch.ops.octavo.int8_woq_gemm(out, x2, w.packed, w.scales_offsets, w.group_size,

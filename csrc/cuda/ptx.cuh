@@ -56,6 +56,19 @@ __device__ __forceinline__ void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t 
 #endif
 }
 
+// D = A * B + C on one m16n8k32 tile of s8 operands (sm_80+), exact s32 accumulate (wrapping).
+// Per lane (g = lane / 4, t = lane % 4): a[r] = A[g + 8 (r % 2)][4t + 16 (r / 2) + 0..3],
+// b[r] = B[4t + 16 r + 0..3][g] (lowest byte = lowest k); c/d[i] = C[g + 8 (i / 2)][2t + i % 2].
+__device__ __forceinline__ void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4],
+                                                const uint32_t (&b)[2], const int (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c[0]), "r"(c[1]),
+        "r"(c[2]), "r"(c[3]));
+}
+
 // ldmatrix .m8n8 .b16 from shared memory: lanes 8j..8j+7 give the 16-byte aligned rows of
 // matrix j; lane l gets row l / 4, columns 2 (l % 4) + {0,1} (.trans: the transposed matrix).
 __device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* p) {

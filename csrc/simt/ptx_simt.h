@@ -92,6 +92,41 @@ inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint3
   std::memcpy(d, out, sizeof out);
 }
 
+struct MmaS8In { uint32_t a[4], b[2]; int c[4]; };
+
+// m16n8k32 with s8 operands: the e4m3 fragment layout above, bytes read as int8, exact int32
+// sums (wrapping as the hardware does without .satfinite).
+inline void mma_m16n8k32_s8_fn(WarpCall* const* lanes, unsigned) {
+  int32_t A[16][32], B[32][8];
+  uint32_t D[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const auto& in = *static_cast<const MmaS8In*>(lanes[l]->in);
+    const int g = l / 4, t = l % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 4; ++i)
+        A[g + 8 * (r % 2)][4 * t + 16 * (r / 2) + i] = int8_t(uint8_t(in.a[r] >> (8 * i)));
+    for (int r = 0; r < 2; ++r)
+      for (int i = 0; i < 4; ++i) B[4 * t + 16 * r + i][g] = int8_t(uint8_t(in.b[r] >> (8 * i)));
+    for (int i = 0; i < 4; ++i) D[g + 8 * (i / 2)][2 * t + i % 2] = uint32_t(in.c[i]);
+  }
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n)
+      for (int k = 0; k < 32; ++k) D[m][n] += uint32_t(A[m][k] * B[k][n]);
+  for (int l = 0; l < 32; ++l) {
+    auto* out = static_cast<int*>(lanes[l]->out);
+    for (int i = 0; i < 4; ++i) out[i] = int(D[l / 4 + 8 * (i / 2)][2 * (l % 4) + i % 2]);
+  }
+}
+
+inline void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                            const int (&c)[4], Site site) {
+  const MmaS8In in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  int out[4];
+  WarpCall call{&mma_m16n8k32_s8_fn, 0xffffffffu, &in, out, 0, "mma.sync.m16n8k32.s8", site};
+  warp_collective(call);
+  std::memcpy(d, out, sizeof out);
+}
+
 // ldmatrix .m8n8 .b16: lanes 8j..8j+7 give the row addresses of matrix j. Without .trans, lane l
 // receives row l/4, columns 2(l%4) and 2(l%4)+1 of each matrix; with .trans, rows 2(l%4) and
 // 2(l%4)+1 of column l/4 (i.e. the same positions of the transposed matrix).
@@ -139,6 +174,10 @@ inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32
 inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                               const float (&c)[4], simt::Site s = simt::Site::current()) {
   simt::mma_m16n8k32_e4m3(d, a, b, c, s);
+}
+inline void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                            const int (&c)[4], simt::Site s = simt::Site::current()) {
+  simt::mma_m16n8k32_s8(d, a, b, c, s);
 }
 inline void ldmatrix_x1(uint32_t (&r)[1], const void* p, simt::Site s = simt::Site::current()) { simt::ldmatrix<1, false>(r, p, s); }
 inline void ldmatrix_x2(uint32_t (&r)[2], const void* p, simt::Site s = simt::Site::current()) { simt::ldmatrix<2, false>(r, p, s); }

@@ -45,9 +45,15 @@ class Int4LinearMethod(LinearMethodBase):
         offsets = self.offsets(layer)
         layer.int4_weight = layer.dequantized = None
         try:
-            if q.device.type != "cpu":
-                raise ValueError("the INT4 kernel runs on CPU only")
-            layer.int4_weight = ops_native.int4_prepare(q, scales, zeros, group_size, g_idx, offsets)
+            if q.device.type == "cuda":
+                if not ops.int4_cuda_supported(layer.params_dtype, q.shape[1], group_size):
+                    raise ValueError("the CUDA INT4 kernel takes bf16 / fp16 activations and groups "
+                                     "of whole 16-wide K steps")
+            elif q.device.type != "cpu":
+                raise ValueError("the INT4 kernels run on CPU and CUDA only")
+            w = ops_native.int4_prepare(q, scales, zeros, group_size, g_idx, offsets)
+            # the act-order permutation beside the codes (no host copy per call: CUDA graphs)
+            layer.int4_weight = w if w.perm is None else w._replace(perm=w.perm.to(q.device))
         except ValueError as e:
             logger.debug("INT4 layer dequantized at load: %s", e)
             if offsets is not None:

@@ -103,7 +103,7 @@ class Int8W8A8LinearMethod(LinearMethodBase):
         if getattr(layer, "int8_weight", None) is None:
             self.process_weights_after_loading(layer)
         scale, zp = layer.int8_static
-        impl = ops if x.device.type == "cpu" else ops_native
+        impl = ops if x.device.type in ("cpu", "cuda") else ops_native
         return impl.int8_gemm_prepared(x, layer.int8_weight, bias, self.asymmetric, scale, zp)
 
 
