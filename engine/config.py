@@ -148,8 +148,8 @@ class EngineConfig:
         from octavo.spec_decode.config import SpeculativeConfig
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         spec = self.speculative_config
-        if spec is not None and spec.method == "draft_model" and self.world_size > 1:
-            raise ValueError("a draft model runs in the engine's process: use "
+        if spec is not None and spec.method != "ngram" and self.world_size > 1:
+            raise ValueError(f"a {spec.method} draft runs in the engine's process: use "
                              "tensor_parallel_size=1 and pipeline_parallel_size=1 with it, or "
                              "the 'ngram' method, which needs no model")
 

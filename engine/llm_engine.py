@@ -71,6 +71,10 @@ class LLMEngine:
         if spec is not None and spec.method == "draft_model":
             from octavo.spec_decode.draft_model import DraftModelProposer
             draft = DraftModelProposer(config, spec.model)
+        elif spec is not None and spec.method == "eagle":
+            from octavo.spec_decode.eagle import EagleProposer
+            draft = EagleProposer(config, self.runner, spec.model)
+        if draft is not None:
             self.runner.extra_bytes_per_block = draft.bytes_per_block()   # same block count
         num_blocks = self.executor.init_kv_cache()
         num_slots = getattr(self.runner, "num_state_slots", 0)
@@ -280,6 +284,7 @@ class LLMEngine:
             touched[req.request_id] = self._child_parent[req.request_id]
         if self.spec is not None:
             try:
+                self.spec.observe(out, result)
                 self.spec.propose([req for req, _ in updated])
             except Exception as e:  # noqa: BLE001 - drafts are optional: decode without them
                 logger.warning("speculative proposer failed (%s: %s); this step's requests "

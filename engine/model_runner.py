@@ -61,6 +61,7 @@ class StepOutput:
     # verify drafts (in the step's order)
     logits: torch.Tensor | None
     prompt_logits: list[tuple[Request, torch.Tensor, list[int]]]   # (req, [P, vocab], targets)
+    hidden: torch.Tensor | None = None      # [T, hidden] when the runner keeps it (EAGLE)
 
 
 class InputBuffers:
@@ -78,13 +79,15 @@ class InputBuffers:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model_cls: type | None = None) -> None:
+        """model_cls: a class instead of the one the config's architecture names (a draft
+        head such as EAGLE's, which is no model of its own)."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         hf_config = config.hf_config
-        model_cls = get_model_class(hf_config)
+        model_cls = model_cls or get_model_class(hf_config)
         t0 = time.perf_counter()
         with _default_dtype(self.dtype), self.device:
             self.model = model_cls(hf_config)
@@ -119,6 +122,7 @@ class ModelRunner:
         self.num_blocks = 0
         # bytes per block of other caches that share this block table (a draft model's)
         self.extra_bytes_per_block = 0
+        self.keep_hidden = False          # StepOutput.hidden: the final hidden state of each row
         self.decode_graphs: DecodeGraphs | None = None
         # a model with an op that has no CUDA kernel yet (its reference syncs with the host,
         # Kimi-Linear's KDA) declares cuda_graphs = False and decodes eagerly on CUDA
@@ -309,7 +313,10 @@ class ModelRunner:
         for req, row, rows, first in prompt_rows:
             targets = req.prompt_token_ids[first:first + rows]
             prompt_logits.append((req, self.model.compute_logits(hidden[row:row + rows]).float(), targets))
-        return StepOutput(sample_reqs, logits, prompt_logits)
+        kept = None
+        if self.keep_hidden:
+            kept = hidden[:sum(s.num_new_tokens for s in out.scheduled)]
+        return StepOutput(sample_reqs, logits, prompt_logits, kept)
 
 
 class _DummyRequest:

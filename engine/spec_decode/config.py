@@ -2,7 +2,8 @@
 
 {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}
 proposes by prompt lookup; {"model": DIR, "num_speculative_tokens": k} (method "draft_model",
-implied by "model") proposes with a smaller model that shares the target's vocabulary.
+implied by "model") proposes with a smaller model that shares the target's vocabulary;
+{"method": "eagle", "model": DIR, ...} with an EAGLE-1 head that reads the target's hidden states.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram", "draft_model")
-_NOT_YET = ("eagle", "eagle3", "mtp", "deepseek_mtp", "medusa", "mlp_speculator")
+METHODS = ("ngram", "draft_model", "eagle")
+_NOT_YET = ("eagle3", "mtp", "deepseek_mtp", "medusa", "mlp_speculator")
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
 
 
@@ -53,9 +54,9 @@ class SpeculativeConfig:
             raise ValueError("speculative_config needs num_speculative_tokens, a positive integer, "
                              f"got {k!r}")
         model = value.get("model")
-        if method == "draft_model" and not isinstance(model, str):
-            raise ValueError("a draft_model speculative_config needs 'model': the draft model's "
-                             "directory")
+        if method in ("draft_model", "eagle") and not isinstance(model, str):
+            raise ValueError(f"a {method} speculative_config needs 'model': the draft "
+                             f"{'head' if method == 'eagle' else 'model'}'s directory")
         if method == "ngram" and model is not None:
             raise ValueError("method 'ngram' proposes from the prompt and takes no 'model'")
         n_max = value.get("prompt_lookup_max", 4 if method == "ngram" else None)

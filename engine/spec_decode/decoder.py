@@ -87,6 +87,12 @@ class SpecDecoder:
         self._draft_probs.pop(req.request_id, None)
         self.proposer.forget(req)
 
+    def observe(self, out: Any, result: Any) -> None:
+        """After a step: the target's hidden states, for proposers that read them (EAGLE)."""
+        observe = getattr(self.proposer, "observe", None)
+        if observe is not None:
+            observe(out, getattr(result, "hidden", None))
+
     # ---- in a step: verify ----------------------------------------------------------------------
     def verify(self, reqs: Sequence[Request], drafts: Sequence[list[int]],
                logits: torch.Tensor, bad_words: Sequence[Any]

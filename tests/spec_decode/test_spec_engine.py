@@ -140,7 +140,8 @@ def test_sampled_tokens_follow_the_target_distribution(llama_dir, draft_dir):
 
 def test_bad_speculative_configs(llama_dir):
     for bad, words in [({"method": "ngram"}, "num_speculative_tokens"),
-                       ({"method": "eagle", "num_speculative_tokens": 2}, "not supported yet"),
+                       ({"method": "eagle3", "num_speculative_tokens": 2}, "not supported yet"),
+                       ({"method": "eagle", "num_speculative_tokens": 2}, "needs .model."),
                        ({"num_speculative_tokens": 2}, "method"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "oops": 1}, "oops"),
                        ({"method": "ngram", "num_speculative_tokens": 2,
