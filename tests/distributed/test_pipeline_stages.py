@@ -170,6 +170,76 @@ def test_two_stages_chained_equal_one_stage(name, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def stage_logits(path: str, remote: bool, stages: int) -> torch.Tensor:
+    """_steps' logits of the model in `stages` (1 or 2) stages, on this tensor-parallel rank."""
+    if stages == 1:
+        model = _model(path, remote, 0, 1)
+    else:
+        first, last = _model(path, remote, 0, 2), _model(path, remote, 1, 2)
+        model = TwoStages(first, last, first.config.hidden_size)
+        model.config = first.config
+    config = model.config
+    return _steps(MiniRunner(model), getattr(config, "padded_vocab_size", None) or config.vocab_size)
+
+
+_TP_WORKER = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path[:0] = sys.argv[1:3]                 # tests/distributed, tests
+from octavo.models.layers.parallel_state import set_tensor_parallel
+from test_pipeline_stages import stage_logits
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+set_tensor_parallel(rank, 2)
+work = sys.argv[3]
+for i, (path, remote) in enumerate(json.load(open(os.path.join(work, "cases.json")))):
+    logits = stage_logits(path, remote, 2)
+    if rank == 0:
+        torch.save(logits, os.path.join(work, f"out{i}.pt"))
+dist.barrier()  # no rank tears down gloo while the other still has traffic in flight
+dist.destroy_process_group()
+'''
+
+# the decoders with their own stage forward, MLA, MoE and a post-norm/ALiBi variant
+TP_PP_CASES = ["gpt2", "gpt-bigcode-mqa", "opt-post-norm-projected",
+               "bloom-6-heads-residual-post-norm", "chatglm", "longcat", "deepseek_v3", "minicpm3",
+               "dbrx", "gemma3", "phi3-longrope", "arctic", "baichuan-13b"]
+
+
+def test_two_stages_on_two_tensor_parallel_ranks_equal_one_process(tmp_path):
+    """TP=2 x PP=2 in two processes: each TP rank chains its shards of the two stages."""
+    import json
+    import socket
+    import subprocess
+    built = [_build(name, str(tmp_path / "models")) for name in TP_PP_CASES]
+    wants = [stage_logits(path, remote, 1) for path, remote in built]
+    (tmp_path / "cases.json").write_text(json.dumps(built))
+    (tmp_path / "worker.py").write_text(_TP_WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = os.path.dirname(__file__)
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), here,
+                               os.path.dirname(here), str(tmp_path)],
+                              env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                       OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    for i, (name, want) in enumerate(zip(TP_PP_CASES, wants)):
+        got = torch.load(tmp_path / f"out{i}.pt")
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
 def test_stage_layers_build_only_their_range():
     built = []
     set_pipeline_parallel(1, 3)
