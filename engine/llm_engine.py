@@ -71,9 +71,9 @@ class LLMEngine:
         if spec is not None and spec.method == "draft_model":
             from octavo.spec_decode.draft_model import DraftModelProposer
             draft = DraftModelProposer(config, spec.model)
-        elif spec is not None and spec.method == "eagle":
+        elif spec is not None and spec.method in ("eagle", "mtp"):
             from octavo.spec_decode.eagle import EagleProposer
-            draft = EagleProposer(config, self.runner, spec.model)
+            draft = EagleProposer(config, self.runner, spec.model or config.model, spec.method)
         if draft is not None:
             self.runner.extra_bytes_per_block = draft.bytes_per_block()   # same block count
         num_blocks = self.executor.init_kv_cache()

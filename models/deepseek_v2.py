@@ -11,8 +11,9 @@ weights by routed_scaling_factor. Rotary: GPT-J pairs (V2; V3 unless rope_interl
 yarn with mscale, whose mscale_all_dim also enters the softmax scale as mscale^2.
 
 V3 checkpoints carry multi-token-prediction layers (index num_hidden_layers and up,
-num_nextn_predict_layers of them): octavo does not run speculative MTP, so the loader skips
-them (it logs how many tensors it ignored)."""
+num_nextn_predict_layers of them): the model's loader skips them (it logs how many tensors it
+ignored); speculative_config={"method": "mtp", ...} runs the first as a draft head
+(models/deepseek_mtp.py)."""
 from __future__ import annotations
 
 import math

@@ -50,5 +50,11 @@ class EagleLlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, attn_metadata)
         return x + residual
 
+    def share_from(self, target: nn.Module) -> None:
+        """The target's LM head, and its embedding when the checkpoint has none."""
+        if "embed_tokens.weight" not in getattr(self, "loaded_parameter_names", set()):
+            self.embed_tokens = target.model.embed_tokens
+        self.lm_head = target.lm_head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -145,6 +145,7 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
         logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s",
                        len(unexpected), unexpected[:5])
     _check_complete(params, loaded, packed, model_dir)
+    model.loaded_parameter_names = set(loaded)   # (optional ones a checkpoint may lack)
 
 
 def _gguf_int4_enabled() -> bool:

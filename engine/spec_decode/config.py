@@ -3,7 +3,8 @@
 {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}
 proposes by prompt lookup; {"model": DIR, "num_speculative_tokens": k} (method "draft_model",
 implied by "model") proposes with a smaller model that shares the target's vocabulary;
-{"method": "eagle", "model": DIR, ...} with an EAGLE-1 head that reads the target's hidden states.
+{"method": "eagle", "model": DIR, ...} with an EAGLE-1 head that reads the target's hidden states;
+{"method": "mtp", ...} (or "deepseek_mtp") with DeepSeek-V3's multi-token-prediction layer.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram", "draft_model", "eagle")
-_NOT_YET = ("eagle3", "mtp", "deepseek_mtp", "medusa", "mlp_speculator")
+METHODS = ("ngram", "draft_model", "eagle", "mtp")
+_NOT_YET = ("eagle3", "medusa", "mlp_speculator")
+_ALIASES = {"deepseek_mtp": "mtp"}
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
 
 
@@ -43,6 +45,7 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config has unknown keys {unknown}; octavo reads "
                              f"{sorted(_KEYS)}")
         method = value.get("method") or ("draft_model" if value.get("model") else None)
+        method = _ALIASES.get(method, method)
         if method in _NOT_YET:
             raise ValueError(f"speculative method {method!r} is not supported yet; use "
                              "'ngram' or a draft model ({'model': DIR, ...})")
@@ -57,8 +60,10 @@ class SpeculativeConfig:
         if method in ("draft_model", "eagle") and not isinstance(model, str):
             raise ValueError(f"a {method} speculative_config needs 'model': the draft "
                              f"{'head' if method == 'eagle' else 'model'}'s directory")
-        if method == "ngram" and model is not None:
-            raise ValueError("method 'ngram' proposes from the prompt and takes no 'model'")
+        if method in ("ngram", "mtp") and model is not None:
+            raise ValueError(f"method {method!r} takes no 'model' ("
+                             + ("it proposes from the prompt)" if method == "ngram" else
+                                "the MTP layers come from the target's checkpoint)"))
         n_max = value.get("prompt_lookup_max", 4 if method == "ngram" else None)
         n_min = value.get("prompt_lookup_min", 1 if method == "ngram" else None)
         if method == "ngram":

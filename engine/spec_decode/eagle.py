@@ -1,4 +1,6 @@
-"""EAGLE proposer: a one-layer head drafts from the target's own final hidden states.
+"""EAGLE / MTP proposer: a one-layer head drafts from the target's own final hidden states
+(an EAGLE-1 head of its own directory, or DeepSeek-V3's multi-token-prediction layer from the
+target's checkpoint).
 
 After every target step the engine hands over the hidden states of the positions the target
 computed and kept (prompt chunks, the last token and the accepted drafts); they wait here until
@@ -10,8 +12,6 @@ recomputed from the target's at the next proposal.
 """
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any, Sequence
 
 import torch
@@ -41,19 +41,14 @@ class _ShiftedView:
         return len(self.all_token_ids)
 
 
-def _has_own_embedding(model_dir: str) -> bool:
-    from safetensors import safe_open
-    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
-        with safe_open(path, "pt") as f:
-            if any(k.endswith("embed_tokens.weight") for k in f.keys()):
-                return True
-    return False
-
-
 class EagleProposer:
-    def __init__(self, target: EngineConfig, target_runner: Any, head_dir: str) -> None:
+    def __init__(self, target: EngineConfig, target_runner: Any, head_dir: str,
+                 method: str = "eagle") -> None:
         from octavo.model_runner import ModelRunner
-        from octavo.models.eagle import EagleLlamaForCausalLM
+        if method == "mtp":
+            from octavo.models.deepseek_mtp import DeepSeekMTP as head_cls
+        else:
+            from octavo.models.eagle import EagleLlamaForCausalLM as head_cls
 
         self.config = draft_engine_config(target, head_dir)
         if self.config.hf_config.vocab_size != target.hf_config.vocab_size:
@@ -65,16 +60,8 @@ class EagleProposer:
                              f"{self.config.hf_config.hidden_size} but the target has "
                              f"{target.hf_config.hidden_size}: it must read the target's "
                              "hidden states")
-        own_embedding = _has_own_embedding(head_dir)
-        self.runner = ModelRunner(self.config, model_cls=EagleLlamaForCausalLM)
-        head, body = self.runner.model, target_runner.model
-        body_embed = getattr(getattr(body, "model", body), "embed_tokens", None)
-        if not own_embedding:
-            if body_embed is None:
-                raise ValueError(f"the EAGLE head {head_dir!r} has no embedding and the target's "
-                                 "could not be found")
-            head.embed_tokens = body_embed
-        head.lm_head = body.lm_head
+        self.runner = ModelRunner(self.config, model_cls=head_cls)
+        self.runner.model.share_from(target_runner.model)
         self.runner.keep_hidden = True
         target_runner.keep_hidden = True
         self.kv = None
