@@ -129,3 +129,19 @@ def test_head_for_another_width_is_refused(llama_dir, tiny_model_factory, tmp_pa
     with pytest.raises(ValueError, match="hidden_size"):
         LLM(model=llama_dir, speculative_config={"method": "eagle", "model": head,
                                                  "num_speculative_tokens": 2})
+
+
+def test_preemption_keeps_outputs(llama_dir, tmp_path):
+    head = build_head(str(tmp_path / "head"), llama_dir, own_embedding=True, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = PROMPTS + ["one two three four five six seven", "the cat the cat the"]
+    plain = LLM(model=llama_dir, enforce_eager=True).generate(prompts, params, use_tqdm=False)
+    kw = dict(enforce_eager=True, block_size=4, max_model_len=64, max_num_seqs=4,
+              speculative_config={"method": "eagle", "model": head, "num_speculative_tokens": 3})
+    probe = LLM(model=llama_dir, **kw).llm_engine.runner
+    per_block = probe.bytes_per_block() + probe.extra_bytes_per_block
+    llm = LLM(model=llama_dir, kv_cache_memory=18 * per_block, **kw)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.kv.pool.num_free == 18
