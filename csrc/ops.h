@@ -117,6 +117,16 @@ void fused_moe_packed_cpu(at::Tensor& out,                 // [T, H]
                           const at::Tensor& topk_weights,  // [T, k] float32
                           const at::Tensor& topk_ids,      // [T, k] int32
                           int64_t inter_size, const std::string& activation);
+void fused_moe_fp8_packed_cpu(at::Tensor& out,                 // [T, H]
+                              const at::Tensor& hidden,        // [T, H]
+                              const at::Tensor& w13_packed,    // e4m3 [E, ceil(I/64), 2, ceil(H/2), 64, 2]
+                              const at::Tensor& w2_packed,     // e4m3 [E, ceil(H/64), ceil(I/2), 64, 2]
+                              const at::Tensor& w13_scale,     // [E, ceil(I/64), 2, ceil(H/block_k13), 64] f32
+                              const at::Tensor& w2_scale,      // [E, ceil(H/64), ceil(I/block_k2), 64] f32
+                              const at::Tensor& topk_weights,  // [T, k] float32
+                              const at::Tensor& topk_ids,      // [T, k] int32
+                              int64_t inter_size, int64_t block_k13, int64_t block_k2,
+                              const std::string& activation);
 void lora_shrink_cpu(at::Tensor& out,            // [T, R] float32
                      const at::Tensor& x,        // [T, K]
                      const at::Tensor& w,        // [L, R, K]

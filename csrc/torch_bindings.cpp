@@ -42,6 +42,9 @@ void fused_moe_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at:
                     const at::Tensor&, const at::Tensor&, const std::string&) {}
 void fused_moe_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, int64_t, const std::string&) {}
+void fused_moe_fp8_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t, int64_t, int64_t, const std::string&) {}
 void lora_shrink_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       double) {}
 void lora_expand_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -133,6 +136,11 @@ TORCH_LIBRARY(octavo, m) {
   // the same on CPU with the expert weights packed once (ops_native.pack_moe_weights)
   m.def("fused_moe_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
         "Tensor topk_weights, Tensor topk_ids, int inter_size, str activation) -> ()");
+  // the same with e4m3 experts (uint8 codes in those panels) and fp32 scales per output row and
+  // block of block_k columns (ops_native.pack_moe_fp8_scales)
+  m.def("fused_moe_fp8_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
+        "Tensor w13_scale, Tensor w2_scale, Tensor topk_weights, Tensor topk_ids, int inter_size, "
+        "int block_k13, int block_k2, str activation) -> ()");
   // LoRA shrink: out [T, R] float32 = scale * w [L, R, K][indices[t]] @ x [T, K][t]; index -1: 0
   m.def("lora_shrink(Tensor! out, Tensor x, Tensor w, Tensor indices, float scale) -> ()");
   // LoRA expand: out[t, offset:offset+N] += w [L, N, R][indices[t]] @ x [T, R][t]; index -1: none
@@ -188,6 +196,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("moe_align", &octavo::moe_align_cpu);
   m.impl("fused_moe", &octavo::fused_moe_cpu);
   m.impl("fused_moe_packed", &octavo::fused_moe_packed_cpu);
+  m.impl("fused_moe_fp8_packed", &octavo::fused_moe_fp8_packed_cpu);
   m.impl("lora_shrink", &octavo::lora_shrink_cpu);
   m.impl("lora_expand", &octavo::lora_expand_cpu);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cpu);
@@ -243,6 +252,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("moe_align", &moe_align_meta);
   m.impl("fused_moe", &fused_moe_meta);
   m.impl("fused_moe_packed", &fused_moe_packed_meta);
+  m.impl("fused_moe_fp8_packed", &fused_moe_fp8_packed_meta);
   m.impl("lora_shrink", &lora_shrink_meta);
   m.impl("lora_expand", &lora_expand_meta);
   m.impl("causal_conv1d", &causal_conv1d_meta);

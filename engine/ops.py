@@ -467,23 +467,70 @@ if USING_NATIVE:
     from octavo.ops_native import fp8_gemm  # noqa: F811
 
 
+class PackedMoEFp8Weights(NamedTuple):
+    """e4m3 experts in the CPU kernel's panel layout (pack_moe_weights of their bytes) with fp32
+    scales per output row and K-block (ops_native.pack_moe_fp8_scales)."""
+    w13: torch.Tensor        # uint8 [E, ceil(I/64), 2, ceil(H/2), 64, 2]
+    w2: torch.Tensor         # uint8 [E, ceil(H/64), ceil(I/2), 64, 2]
+    w13_scale: torch.Tensor  # float32 [E, ceil(I/64), 2, ceil(H/block_k13), 64]
+    w2_scale: torch.Tensor   # float32 [E, ceil(H/64), ceil(I/block_k2), 64]
+    hidden_size: int
+    inter_size: int
+    block_k13: int
+    block_k2: int
+
+
 def prepare_moe_fp8_weights(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
                             w2_scale: torch.Tensor, block_size=None):
     """e4m3 experts (w13 [E, 2I, H], w2 [E, H, I]) and their scales (ops_native.fused_moe_fp8)
-    prepared once after loading; pass the result to fused_moe_fp8_prepared."""
-    return ops_native.prepare_moe_fp8_weights(w13, w2, w13_scale, w2_scale, block_size)
+    prepared once after loading (CPU: packed; elsewhere unchanged, run by the reference); pass
+    the result to fused_moe_fp8_prepared."""
+    if w13.device.type != "cpu":
+        return ops_native.prepare_moe_fp8_weights(w13, w2, w13_scale, w2_scale, block_size)
+    h, i = w13.shape[2], w13.shape[1] // 2
+    s13, bk13 = ops_native.fp8_moe_row_scales(w13_scale, 2 * i, h, block_size)
+    s2, bk2 = ops_native.fp8_moe_row_scales(w2_scale, h, i, block_size)
+    for bk, k in ((bk13, h), (bk2, i)):
+        if bk % 2 and bk < k:   # the kernel reads K in pairs
+            raise ValueError(f"fused_moe_fp8: scale blocks along K must hold an even number of "
+                             f"columns (or all {k} of them), got {bk}")
+    w13p, w2p = ops_native.pack_moe_weights(ops_native.fp8_codes(w13), ops_native.fp8_codes(w2))
+    s13p, s2p = ops_native.pack_moe_fp8_scales(s13, s2)
+    return PackedMoEFp8Weights(w13p, w2p, s13p, s2p, h, i, bk13, bk2)
 
 
 def unpack_moe_fp8_weights(prepared):
-    """What prepare_moe_fp8_weights was given, for the reference: (w13, w2, w13_scale, w2_scale,
-    block_size)."""
-    return tuple(prepared)
+    """What prepare_moe_fp8_weights was given, in a form the reference takes: (w13, w2,
+    w13_scale, w2_scale, block_size)."""
+    if not isinstance(prepared, PackedMoEFp8Weights):
+        return tuple(prepared)
+    p = prepared
+    w13, w2 = ops_native.unpack_moe_weights(p.w13, p.w2, p.hidden_size, p.inter_size)
+    s13, s2 = ops_native.unpack_moe_fp8_scales(p.w13_scale, p.w2_scale, p.hidden_size,
+                                               p.inter_size)
+    block = None
+    if s13.shape[2] > 1 or s2.shape[2] > 1:     # one block width for both (block_size's)
+        block = (1, p.block_k13 if s13.shape[2] > 1 else p.block_k2)
+    return (w13.view(torch.float8_e4m3fn), w2.view(torch.float8_e4m3fn), s13, s2, block)
 
 
 def fused_moe_fp8_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
                            topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     # prepared: prepare_moe_fp8_weights(...) -> out [T, H]
-    return ops_native.fused_moe_fp8_prepared(hidden, prepared, topk_weights, topk_ids, activation)
+    if not isinstance(prepared, PackedMoEFp8Weights):
+        return ops_native.fused_moe_fp8_prepared(hidden, prepared, topk_weights, topk_ids,
+                                                 activation)
+    e, h, i = prepared.w13.shape[0], prepared.hidden_size, prepared.inter_size
+    meta_w13 = torch.empty(e, 2 * i, h, dtype=torch.uint8, device="meta")
+    meta_w2 = torch.empty(e, h, i, dtype=torch.uint8, device="meta")
+    ops_native.check_fused_moe_args(hidden, meta_w13, meta_w2, topk_weights, topk_ids, activation)
+    _check_ids_on_cpu(topk_ids, e)
+    out = torch.empty_like(hidden)
+    torch.ops.octavo.fused_moe_fp8_packed(out, hidden, prepared.w13, prepared.w2,
+                                          prepared.w13_scale, prepared.w2_scale,
+                                          topk_weights.contiguous(), topk_ids.contiguous(), i,
+                                          prepared.block_k13, prepared.block_k2, activation)
+    return out
 
 
 def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -492,6 +539,11 @@ def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     # hidden [T, H]; e4m3 w13 [E, 2I, H], w2 [E, H, I]; scales per expert (ops_native.fused_moe_fp8)
     prepared = prepare_moe_fp8_weights(w13, w2, w13_scale, w2_scale, block_size)
     return fused_moe_fp8_prepared(hidden, prepared, topk_weights, topk_ids, activation)
+
+
+if USING_NATIVE:
+    from octavo.ops_native import (fused_moe_fp8, fused_moe_fp8_prepared,  # noqa: F811
+                                   prepare_moe_fp8_weights)
 # ---- end FP8 ----
 
 

@@ -1,6 +1,7 @@
 // Mixture of experts on CPU: top-k routing, alignment of (token, slot) pairs by expert, and the
 // expert MLPs on weights packed once into 64-output panels, so that each selected expert's
-// weights are read once per call whatever the number of tokens routed to it.
+// weights are read once per call whatever the number of tokens routed to it. FP8 experts keep
+// their e4m3 bytes in the same panels and are widened to fp32 in registers.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,6 +22,10 @@ struct MoeParams {
   const void* hidden;           // [T, H], row stride hidden_stride
   const void* w13;              // [E, ceil(I/64), 2 (gate, up), ceil(H/2), 64, 2]
   const void* w2;               // [E, ceil(H/64), ceil(I/2), 64, 2]
+  // e4m3 weights (uint8 codes in the panels above) only: fp32 scales per output and K-block
+  const float* w13_scale;       // [E, ceil(I/64), 2, ceil(H / block_k13), 64], or null
+  const float* w2_scale;        // [E, ceil(H/64), ceil(I / block_k2), 64]
+  int64_t block_k13, block_k2;  // K columns per scale block: even, or all of K
   const float* topk_weights;    // [T * top_k]
   const int32_t* pair_order;    // [T * top_k] pairs grouped by expert
   const int64_t* expert_start;  // [E + 1]
@@ -73,6 +78,80 @@ static void panel_generic(const T* const* rows, int m, const T* panel, int64_t k
     for (int r = 0; r < mb; ++r)
       for (int j = 0; j < kPanel; ++j)
         acc[(r0 + r) * kPanel + j] = sums[r][2 * j] + sums[r][2 * j + 1];
+  }
+}
+
+// e4m3 -> fp32 by bit operations (as csrc/cpu/fp8_gemm.cpp): the 7 magnitude bits shifted into
+// fp32's exponent/mantissa fields give the value times 2^-120 (subnormals too), the sign moves to
+// bit 31; one multiply by 2^120 rescales. kVec consecutive codes per call.
+static inline fVec load_e4m3(const uint8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x7F)), 20);
+  const __m512i sgn = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mag, sgn)), _mm512_set1_ps(0x1p120f));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), 20);
+  const __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sgn)), _mm256_set1_ps(0x1p120f));
+#else
+  alignas(64) float t[kVec];
+  for (int i = 0; i < kVec; ++i) {
+    const uint32_t bits = (static_cast<uint32_t>(p[i] & 0x7F) << 20) |
+                          (static_cast<uint32_t>(p[i] & 0x80) << 24);
+    std::memcpy(&t[i], &bits, 4);
+    t[i] *= 0x1p120f;
+  }
+  return fVec::loadu(t);
+#endif
+}
+
+// acc[r * 64 + j] = sum_k rows[r][k] * W[j][k] * scale[k / bk][j] for one packed e4m3 panel
+// [ceil(K/2), 64, 2] and its scales [ceil(K/bk), 64]: panel_generic's loop over K pairs with the
+// codes widened in registers, its sums folded into the totals with each K-block's scales.
+template <typename T>
+static void panel_fp8(const T* const* rows, int m, const uint8_t* panel, const float* scales,
+                      int64_t k, int64_t bk, float* acc) {
+  constexpr int kW = 2 * kPanel;
+  const int64_t kpairs = (k + 1) / 2, block_pairs = (std::min(bk, k) + 1) / 2;
+  const int64_t nblocks = (kpairs + block_pairs - 1) / block_pairs;
+  for (int r0 = 0; r0 < m; r0 += kGenericMB) {
+    const int mb = std::min(kGenericMB, m - r0);
+    alignas(64) float total[kGenericMB][kW] = {};
+    for (int64_t b = 0; b < nblocks; ++b) {
+      alignas(64) float sums[kGenericMB][kW] = {};
+      const int64_t kk1 = std::min(kpairs, (b + 1) * block_pairs);
+      for (int64_t kk = b * block_pairs; kk < kk1; ++kk) {
+        fVec xp[kGenericMB];
+        for (int r = 0; r < mb; ++r) {
+          const T* x = rows[r0 + r];
+          alignas(64) float pat[kVec];
+          const float x0 = to_f(x[2 * kk]), x1 = 2 * kk + 1 < k ? to_f(x[2 * kk + 1]) : 0.f;
+          for (int l = 0; l < kVec; l += 2) {
+            pat[l] = x0;
+            pat[l + 1] = x1;
+          }
+          xp[r] = fVec::loadu(pat);
+        }
+        const uint8_t* wk = panel + kk * kW;
+        for (int i = 0; i < kW; i += kVec) {
+          const fVec wv = load_e4m3(wk + i);
+          for (int r = 0; r < mb; ++r)
+            at::vec::fmadd(xp[r], wv, fVec::loadu(sums[r] + i)).store(sums[r] + i);
+        }
+      }
+      alignas(64) float sp[kW];  // output j's scale at lanes 2j and 2j + 1, as the sums
+      for (int j = 0; j < kPanel; ++j) sp[2 * j] = sp[2 * j + 1] = scales[b * kPanel + j];
+      for (int i = 0; i < kW; i += kVec) {
+        const fVec sv = fVec::loadu(sp + i);
+        for (int r = 0; r < mb; ++r)
+          at::vec::fmadd(fVec::loadu(sums[r] + i), sv, fVec::loadu(total[r] + i)).store(total[r] + i);
+      }
+    }
+    for (int r = 0; r < mb; ++r)
+      for (int j = 0; j < kPanel; ++j)
+        acc[(r0 + r) * kPanel + j] = total[r][2 * j] + total[r][2 * j + 1];
   }
 }
 
@@ -163,15 +242,20 @@ static std::vector<std::pair<int64_t, int64_t>> expert_tasks(const MoeParams& p,
   return tasks;
 }
 
-template <typename T, class Panel>
+// panel_gemm(rows, m, panel, scales, k, block_k, acc): W is the weights' element type (T, or
+// uint8_t e4m3 codes with scales; the others ignore scales).
+template <typename T, typename W, class Panel>
 static void moe_impl(const MoeParams& p, Panel panel_gemm) {
   const T* hidden = static_cast<const T*>(p.hidden);
-  const T* w13 = static_cast<const T*>(p.w13);
-  const T* w2 = static_cast<const T*>(p.w2);
+  const W* w13 = static_cast<const W*>(p.w13);
+  const W* w2 = static_cast<const W*>(p.w2);
   T* inter = static_cast<T*>(p.inter);
   const int64_t h = p.hidden_size, i = p.inter_size;
   const int64_t pi = (i + kPanel - 1) / kPanel, ph = (h + kPanel - 1) / kPanel;
   const int64_t panel_h = (h + 1) / 2 * 2 * kPanel, panel_i = (i + 1) / 2 * 2 * kPanel;
+  // scale rows per panel: ceil(K / block_k) blocks of 64 outputs
+  const int64_t sc13 = p.w13_scale ? (h + p.block_k13 - 1) / p.block_k13 * kPanel : 0;
+  const int64_t sc2 = p.w2_scale ? (i + p.block_k2 - 1) / p.block_k2 * kPanel : 0;
 
   // 1. inter[row, 64q..] = act(gate) * up for one 64-column panel pair of one expert
   const auto up_tasks = expert_tasks(p, pi);
@@ -180,15 +264,16 @@ static void moe_impl(const MoeParams& p, Panel panel_gemm) {
     const T* rows[kRows];
     for (int64_t task = b; task < end; ++task) {
       const auto [e, q] = up_tasks[task];
-      const T* gate = w13 + (e * pi + q) * 2 * panel_h;
+      const W* gate = w13 + (e * pi + q) * 2 * panel_h;
+      const float* gate_s = p.w13_scale ? p.w13_scale + (e * pi + q) * 2 * sc13 : nullptr;
       const int64_t s0 = p.expert_start[e], s1 = p.expert_start[e + 1];
       const int valid = static_cast<int>(std::min<int64_t>(kPanel, i - q * kPanel));
       for (int64_t c0 = s0; c0 < s1; c0 += kRows) {
         const int mc = static_cast<int>(std::min<int64_t>(kRows, s1 - c0));
         for (int r = 0; r < mc; ++r)
           rows[r] = hidden + (p.pair_order[c0 + r] / p.top_k) * p.hidden_stride;
-        panel_gemm(rows, mc, gate, h, g);
-        panel_gemm(rows, mc, gate + panel_h, h, u);
+        panel_gemm(rows, mc, gate, gate_s, h, p.block_k13, g);
+        panel_gemm(rows, mc, gate + panel_h, gate_s ? gate_s + sc13 : nullptr, h, p.block_k13, u);
         for (int r = 0; r < mc; ++r) {
           T* dst = inter + (c0 + r) * i + q * kPanel;
           for (int j = 0; j < valid; ++j)
@@ -205,13 +290,14 @@ static void moe_impl(const MoeParams& p, Panel panel_gemm) {
     const T* rows[kRows];
     for (int64_t task = b; task < end; ++task) {
       const auto [e, q] = down_tasks[task];
-      const T* panel = w2 + (e * ph + q) * panel_i;
+      const W* panel = w2 + (e * ph + q) * panel_i;
+      const float* panel_s = p.w2_scale ? p.w2_scale + (e * ph + q) * sc2 : nullptr;
       const int64_t s0 = p.expert_start[e], s1 = p.expert_start[e + 1];
       const int valid = static_cast<int>(std::min<int64_t>(kPanel, h - q * kPanel));
       for (int64_t c0 = s0; c0 < s1; c0 += kRows) {
         const int mc = static_cast<int>(std::min<int64_t>(kRows, s1 - c0));
         for (int r = 0; r < mc; ++r) rows[r] = inter + (c0 + r) * i;
-        panel_gemm(rows, mc, panel, i, y);
+        panel_gemm(rows, mc, panel, panel_s, i, p.block_k2, y);
         for (int r = 0; r < mc; ++r) {
           const int64_t pair = p.pair_order[c0 + r];
           const float wgt = p.topk_weights[pair];
@@ -238,13 +324,24 @@ static void moe_impl(const MoeParams& p, Panel panel_gemm) {
 }
 
 void fused_moe_kernel(const MoeParams& p) {
+  if (p.w13_scale != nullptr) {
+    OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { moe_impl<scalar_t, uint8_t>(p, panel_fp8<scalar_t>); });
+    return;
+  }
 #if defined(CPU_CAPABILITY_AVX512)
   if (p.dtype == DType::kBFloat16 && use_avx512_bf16()) {
-    moe_impl<c10::BFloat16>(p, panel_bf16);
+    moe_impl<c10::BFloat16, c10::BFloat16>(
+        p, [](const c10::BFloat16* const* rows, int m, const c10::BFloat16* panel, const float*,
+              int64_t k, int64_t, float* acc) { panel_bf16(rows, m, panel, k, acc); });
     return;
   }
 #endif
-  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { moe_impl<scalar_t>(p, panel_generic<scalar_t>); });
+  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] {
+    moe_impl<scalar_t, scalar_t>(p, [](const scalar_t* const* rows, int m, const scalar_t* panel,
+                                       const float*, int64_t k, int64_t, float* acc) {
+      panel_generic<scalar_t>(rows, m, panel, k, acc);
+    });
+  });
 }
 
 }  // namespace octavo::cpu::CPU_CAPABILITY
@@ -423,17 +520,55 @@ void moe_align_cpu(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
   num_tokens_post_pad.data_ptr<int32_t>()[0] = static_cast<int32_t>(pos);
 }
 
-void fused_moe_packed_cpu(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13_packed,
-                          const at::Tensor& w2_packed, const at::Tensor& topk_weights,
-                          const at::Tensor& topk_ids, int64_t inter_size,
-                          const std::string& activation) {
+namespace {
+
+// e4m3 experts: codes [E, ceil(N/64), ceil(K/2), 64, 2] beside fp32 scales [.., ceil(K/bk), 64]
+struct Fp8Scales {
+  const at::Tensor& w13;  // [E, ceil(I/64), 2, ceil(H / block_k13), 64]
+  const at::Tensor& w2;   // [E, ceil(H/64), ceil(I / block_k2), 64]
+  int64_t block_k13, block_k2;
+};
+
+void check_fp8_scales(const Fp8Scales& s, int64_t e, int64_t h, int64_t i) {
+  OCTAVO_CHECK_CPU(s.w13);
+  OCTAVO_CHECK_CPU(s.w2);
+  for (int64_t bk : {s.block_k13, s.block_k2})
+    TORCH_CHECK(bk >= 1, "fused_moe_fp8: block_k must be positive, got ", bk);
+  // a K pair of the panels must not straddle two scale blocks
+  TORCH_CHECK((s.block_k13 % 2 == 0 || s.block_k13 >= h) && (s.block_k2 % 2 == 0 || s.block_k2 >= i),
+              "fused_moe_fp8: block_k must be even unless one block spans all of K, got ",
+              s.block_k13, " and ", s.block_k2);
+  const int64_t kb13 = (h + s.block_k13 - 1) / s.block_k13, kb2 = (i + s.block_k2 - 1) / s.block_k2;
+  TORCH_CHECK(s.w13.scalar_type() == at::kFloat && s.w13.is_contiguous() && s.w13.dim() == 5 &&
+                  s.w13.size(0) == e && s.w13.size(1) == (i + 63) / 64 && s.w13.size(2) == 2 &&
+                  s.w13.size(3) == kb13 && s.w13.size(4) == 64,
+              "fused_moe_fp8: w13_scale must be a contiguous float32 [", e, ", ", (i + 63) / 64,
+              ", 2, ", kb13, ", 64] tensor (ops_native.pack_moe_fp8_scales), got ", s.w13.sizes());
+  TORCH_CHECK(s.w2.scalar_type() == at::kFloat && s.w2.is_contiguous() && s.w2.dim() == 4 &&
+                  s.w2.size(0) == e && s.w2.size(1) == (h + 63) / 64 && s.w2.size(2) == kb2 &&
+                  s.w2.size(3) == 64,
+              "fused_moe_fp8: w2_scale must be a contiguous float32 [", e, ", ", (h + 63) / 64,
+              ", ", kb2, ", 64] tensor (ops_native.pack_moe_fp8_scales), got ", s.w2.sizes());
+}
+
+// The packed launchers' checks and run; fp8 null: weights in hidden's dtype.
+void moe_packed(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13_packed,
+                const at::Tensor& w2_packed, const Fp8Scales* fp8, const at::Tensor& topk_weights,
+                const at::Tensor& topk_ids, int64_t inter_size, const std::string& activation) {
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&out, &hidden, &w13_packed, &w2_packed, &topk_weights, &topk_ids})
     OCTAVO_CHECK_CPU(*x);
   TORCH_CHECK(hidden.dim() == 2 && out.sizes() == hidden.sizes(),
               "fused_moe: hidden and out must be [T, H], got ", hidden.sizes(), " and ", out.sizes());
   OCTAVO_CHECK_SAME_DTYPE(hidden, out);
-  OCTAVO_CHECK_SAME_DTYPE(hidden, w13_packed);
-  OCTAVO_CHECK_SAME_DTYPE(hidden, w2_packed);
+  if (fp8 != nullptr) {
+    for (const at::Tensor* w : {&w13_packed, &w2_packed})
+      TORCH_CHECK(w->scalar_type() == at::kByte || w->scalar_type() == at::kFloat8_e4m3fn,
+                  "fused_moe_fp8: packed weights must be e4m3 codes (uint8 or float8_e4m3fn), got ",
+                  w->scalar_type());
+  } else {
+    OCTAVO_CHECK_SAME_DTYPE(hidden, w13_packed);
+    OCTAVO_CHECK_SAME_DTYPE(hidden, w2_packed);
+  }
   OCTAVO_CHECK_LAST_CONTIG(hidden);
   OCTAVO_CHECK_LAST_CONTIG(out);
   const int64_t t = hidden.size(0), h = hidden.size(1), i = inter_size, e = w13_packed.size(0);
@@ -453,6 +588,7 @@ void fused_moe_packed_cpu(at::Tensor& out, const at::Tensor& hidden, const at::T
                   topk_weights.is_contiguous(),
               "fused_moe: topk_weights must be a contiguous float32 tensor shaped like topk_ids");
   const int act = activation_kind(activation);
+  if (fp8 != nullptr) check_fp8_scales(*fp8, e, h, i);
   if (t == 0 || h == 0) return;
   const int64_t k = topk_ids.size(1);
   std::vector<int32_t> order;
@@ -479,11 +615,38 @@ void fused_moe_packed_cpu(at::Tensor& out, const at::Tensor& hidden, const at::T
   p.num_experts = e;
   p.act = act;
   p.dtype = cpu::to_dtype(hidden, "fused_moe");
+  if (fp8 != nullptr) {
+    p.w13_scale = fp8->w13.data_ptr<float>();
+    p.w2_scale = fp8->w2.data_ptr<float>();
+    p.block_k13 = fp8->block_k13;
+    p.block_k2 = fp8->block_k2;
+  }
   if (k == 0) {
     out.zero_();
     return;
   }
   OCTAVO_CALL_CPU_KERNEL(fused_moe_kernel, p);
+}
+
+}  // namespace
+
+void fused_moe_packed_cpu(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13_packed,
+                          const at::Tensor& w2_packed, const at::Tensor& topk_weights,
+                          const at::Tensor& topk_ids, int64_t inter_size,
+                          const std::string& activation) {
+  moe_packed(out, hidden, w13_packed, w2_packed, nullptr, topk_weights, topk_ids, inter_size,
+             activation);
+}
+
+void fused_moe_fp8_packed_cpu(at::Tensor& out, const at::Tensor& hidden,
+                              const at::Tensor& w13_packed, const at::Tensor& w2_packed,
+                              const at::Tensor& w13_scale, const at::Tensor& w2_scale,
+                              const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                              int64_t inter_size, int64_t block_k13, int64_t block_k2,
+                              const std::string& activation) {
+  const Fp8Scales fp8{w13_scale, w2_scale, block_k13, block_k2};
+  moe_packed(out, hidden, w13_packed, w2_packed, &fp8, topk_weights, topk_ids, inter_size,
+             activation);
 }
 
 void fused_moe_cpu(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
