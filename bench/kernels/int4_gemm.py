@@ -31,8 +31,9 @@ def main():
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--cold-mib", type=int, default=256, help="weight copies totalling this much")
     args = parse(p)
-    if args.device != "cpu":
-        p.error("int4_gemm has a CPU kernel only so far: use --device cpu")
+    if args.device == "cuda" and args.dtype not in ("bfloat16", "float16"):
+        p.error("--device cuda: the CUDA int4 kernel runs on tensor cores: use --dtype bfloat16 "
+                "or float16")
     shapes = ({s: tuple(map(int, s.split("x"))) for s in args.shapes.split(",")} if args.shapes
               else dict(SHAPES))
     rows = [int(m) for m in args.rows.split(",")]
@@ -42,7 +43,8 @@ def main():
     dtype = getattr(torch, args.dtype)
     gs = args.group_size
     copy_gbs = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
-    print(f"int4_gemm {args.dtype} group {gs} on cpu threads={torch.get_num_threads()}; copy "
+    where = "cuda" if args.device == "cuda" else f"cpu threads={torch.get_num_threads()}"
+    print(f"int4_gemm {args.dtype} group {gs} on {where}; copy "
           f"bandwidth {copy_gbs:.1f} GB/s (bytes = weight as stored + x + out)")
     g = generator(0)
     for name, (k, n) in shapes.items():

@@ -31,7 +31,8 @@ def run(simt, x, w, bias=None, asym=False, in_scale=None, in_zp=None):
     return out
 
 
-CASES = [(1, 40, 64), (3, 129, 256), (16, 70, 200), (17, 96, 128), (33, 200, 96), (40, 33, 99)]
+CASES = [(1, 40, 64), (3, 129, 256), (16, 70, 200), (17, 96, 128), (33, 200, 96), (40, 33, 99),
+         (300, 48, 64)]
 MODES = ["symmetric", "asymmetric", "static", "static-zp"]
 
 
