@@ -165,3 +165,18 @@ def test_ngram_under_tensor_parallelism(llama_dir, expected):
         assert llm.llm_engine.spec.stats.num_accepted_tokens > 0
     finally:
         llm.llm_engine.executor.shutdown()
+
+
+def test_layer_draft_is_the_targets_first_layers(llama_dir, tmp_path, expected):
+    from safetensors.torch import load_file
+
+    from octavo.bench.make_layer_draft import make_layer_draft
+    draft = make_layer_draft(llama_dir, 1, str(tmp_path / "draft"))
+    t = load_file(f"{llama_dir}/model.safetensors")
+    d = load_file(f"{draft}/model.safetensors")
+    assert sorted(d) == sorted(k for k in t if not k.startswith("model.layers.1."))
+    assert all(torch.equal(d[k], t[k]) for k in d)
+    llm = make(llama_dir, speculative_config={"model": draft, "num_speculative_tokens": 3})
+    assert ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    with pytest.raises(ValueError, match="num-layers"):
+        make_layer_draft(llama_dir, 2, str(tmp_path / "bad"))
