@@ -1,8 +1,8 @@
 """Kimi-Linear vs transformers (fp32, its torch KDA paths: chunked on prompts, recurrent on
 decode): greedy ids and top-5 logprobs of a batch of prompts of different lengths, whole and
-with chunked prefill, under forced recompute preemption, with a plain and a low-rank q in the
-MLA layers; KDA layers hold state slots and MLA layers the paged latent cache; prefix caching
-refused."""
+with chunked prefill, under forced recompute preemption, through the reference ops, with a plain
+and a low-rank q in the MLA layers; KDA layers hold state slots and MLA layers the paged latent
+cache; prefix caching refused."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +12,7 @@ from test_mamba_parity import _force_preemptions
 from tiny_models import save_tiny_model
 from octavo import LLM, SamplingParams
 from octavo.models.kimi_linear import KimiDeltaAttention, KimiMLA
+from octavo.models.layers.custom_op import native_ops
 
 ARCHITECTURES = ["KimiLinearForCausalLM"]
 
@@ -50,6 +51,13 @@ def test_chunked_prefill_matches_transformers(kimi_dir):
     budget = 16
     assert len(longest_prompt_ids()) > 2 * budget      # the long prompts take several chunks
     assert_matches_hf(kimi_dir, max_tokens=8, max_num_batched_tokens=budget, max_num_seqs=4)
+
+
+def test_reference_path_matches_transformers(kimi_dir):
+    """Every layer through its plain-PyTorch reference (what CUDA runs for KDA until it has a
+    kernel), prompts chunked."""
+    with native_ops():
+        assert_matches_hf(kimi_dir, prompts=PROMPTS[:5], max_tokens=6, max_num_batched_tokens=16)
 
 
 def test_low_rank_q_matches_transformers(tmp_path):
