@@ -3,10 +3,11 @@
 // amax or min/max, then codes) with the reference's exact fp32 roundings into a workspace; the
 // GEMM streams K in 64-wide tiles through a 3-stage cp.async pipeline and runs mma.sync m16n8k32
 // .s8 with exact int32 sums. The weight codes stay in the CPU kernel's 16-output panels
-// (ops_native.pack_int8_panels: element [p, kk, j, i] is output 16p + j at k = 2kk + i): two
-// 16-bit reads from rows 2t + 8r and 2t + 8r + 1 make lane (g, t)'s B fragment (k = 4t + 16r +
-// 0..3 of output g). Each warp covers 32 outputs (two panels); decode shape (M <= 16): two warps
-// per 32 outputs split each K tile; prefill: 32 rows x 128 outputs per block.
+// (ops_native.pack_int8_panels: element [p, kk, j, i] is output 16p + j at k = 2kk + i): read as
+// 16-bit pairs, one ldmatrix .x4 .trans of a panel's 16 rows gives lane (g, t) its B fragments
+// (k = 4t + 16r + 0..3 of outputs g and g + 8). Each warp covers 32 outputs (two panels); decode
+// shape (M <= 16): two warps per 32 outputs split each K tile; prefill: 32 rows x 128 outputs
+// per block.
 #pragma once
 
 #include <cstdint>
@@ -122,17 +123,18 @@ __device__ __forceinline__ void i8_load_tile(const Int8GemmArgs& a, I8Smem<MT, N
 template <int MT, int NW>
 __device__ __forceinline__ void i8_step(I8Smem<MT, NW>& sm, int (&acc)[MT][4][4], int st, int uw, int s,
                                         int lane) {
-  const int g = lane / 4, t = lane % 4;
+  // ldmatrix .trans of the panel rows as 8 x 8 matrices of 16-bit pairs: lane (g, t) gets the
+  // pairs (row 2t, output g) and (row 2t + 1, output g), i.e. k = 4t..4t+3 of output g, the
+  // B fragment register as it stands. Matrices: rows 0-7 / 8-15 of the step x outputs 0-7 / 8-15.
   uint32_t b[4][2];
-  for (int q = 0; q < 2; ++q)
-    for (int h = 0; h < 2; ++h)
-      for (int rr = 0; rr < 2; ++rr) {
-        const int row = 16 * s + 2 * t + 8 * rr;
-        uint16_t lo, hi;
-        memcpy(&lo, &sm.w[st][uw][q][row][2 * (8 * h + g)], 2);
-        memcpy(&hi, &sm.w[st][uw][q][row + 1][2 * (8 * h + g)], 2);
-        b[2 * q + h][rr] = uint32_t(lo) | (uint32_t(hi) << 16);
-      }
+  for (int q = 0; q < 2; ++q) {
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, &sm.w[st][uw][q][16 * s + 8 * ((lane / 8) % 2) + lane % 8][16 * (lane / 16)]);
+    b[2 * q][0] = r[0];
+    b[2 * q][1] = r[1];
+    b[2 * q + 1][0] = r[2];
+    b[2 * q + 1][1] = r[3];
+  }
   for (int mt = 0; mt < MT; ++mt) {
     uint32_t af[4];
     ldmatrix_x4(af, &sm.x[st][16 * mt + lane % 8 + 8 * ((lane / 8) % 2)][32 * s + 16 * (lane / 16)]);
