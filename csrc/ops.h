@@ -225,6 +225,25 @@ void gated_delta_rule_cpu(at::Tensor& out,                  // [T, H, V]
                           const std::optional<at::Tensor>& has_initial_state,  // [B] bool
                           double scale, bool use_qk_l2norm);
 
+// Speculative decoding's rejection sampler (octavo.spec_decode.rejection, which states the
+// rule): out [B, K+1] int64 = each row's accepted drafts, then one recovered or bonus token,
+// then -1; the randomness comes in as uniform and exp_noise
+void rejection_sample_cpu(at::Tensor& out,                              // [B, K+1] int64
+                          const at::Tensor& draft_token_ids,            // [B, K] int64
+                          const at::Tensor& num_draft_tokens,           // [B] int64 in [0, K]
+                          const std::optional<at::Tensor>& draft_probs, // [B, K, V] float32
+                          const at::Tensor& target_probs,               // [B, K+1, V] float32
+                          const at::Tensor& uniform,                    // [B, K] float64
+                          const at::Tensor& exp_noise,                  // [B, K+1, V] float32
+                          const at::Tensor& greedy);                    // [B] bool
+// the same on CUDA (csrc/cuda/rejection.cu): one block per row; a bad num_draft_tokens or
+// sampled-row draft id traps the kernel
+void rejection_sample_cuda(at::Tensor& out, const at::Tensor& draft_token_ids,
+                           const at::Tensor& num_draft_tokens,
+                           const std::optional<at::Tensor>& draft_probs,
+                           const at::Tensor& target_probs, const at::Tensor& uniform,
+                           const at::Tensor& exp_noise, const at::Tensor& greedy);
+
 // ---- CUDA (csrc/cuda/*.cu, Tensor-level wrappers in csrc/cuda/torch_ops_cuda.cpp) ----
 void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fp8_gemm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,

@@ -75,6 +75,9 @@ void gated_delta_rule_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, co
                            const at::Tensor&, const at::Tensor&, at::Tensor&,
                            const std::optional<at::Tensor>&, const at::Tensor&,
                            const std::optional<at::Tensor>&, double, bool) {}
+void rejection_sample_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&) {}
 
 }  // namespace
 
@@ -175,6 +178,11 @@ TORCH_LIBRARY(octavo, m) {
   m.def("gated_delta_rule(Tensor! out, Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, "
         "Tensor! ssm_states, Tensor? query_start_loc, Tensor state_indices, "
         "Tensor? has_initial_state, float scale, bool use_qk_l2norm) -> ()");
+  // speculative decoding's rejection sampler: out [B, K+1] int64 = accepted drafts, then one
+  // recovered or bonus token, then -1 (octavo.spec_decode.rejection states the rule)
+  m.def("rejection_sample(Tensor! out, Tensor draft_token_ids, Tensor num_draft_tokens, "
+        "Tensor? draft_probs, Tensor target_probs, Tensor uniform, Tensor exp_noise, "
+        "Tensor greedy) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(octavo, CPU, m) {
@@ -206,6 +214,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("ssd_chunk_scan", &octavo::ssd_chunk_scan_cpu);
   m.impl("ssd_state_update", &octavo::ssd_state_update_cpu);
   m.impl("gated_delta_rule", &octavo::gated_delta_rule_cpu);
+  m.impl("rejection_sample", &octavo::rejection_sample_cpu);
 }
 
 #if defined(OCTAVO_WITH_CUDA)
@@ -225,6 +234,7 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("ssd_state_update", &octavo::ssd_state_update_cuda);
   m.impl("lora_shrink", &octavo::lora_shrink_cuda);
   m.impl("lora_expand", &octavo::lora_expand_cuda);
+  m.impl("rejection_sample", &octavo::rejection_sample_cuda);
   m.impl("fp8_gemm", &octavo::fp8_gemm_cuda);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cuda);
   m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cuda);
@@ -262,6 +272,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("ssd_chunk_scan", &ssd_chunk_scan_meta);
   m.impl("ssd_state_update", &ssd_state_update_meta);
   m.impl("gated_delta_rule", &gated_delta_rule_meta);
+  m.impl("rejection_sample", &rejection_sample_meta);
 }
 
 // `import octavo._C` loads this library (and so registers the ops); the module itself is empty.

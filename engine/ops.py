@@ -624,3 +624,43 @@ def int8_woq_gemm_prepared(x: torch.Tensor, w: Int8WoqWeight,
 if USING_NATIVE:
     from octavo.ops_native import int8_gemm_prepared, int8_woq_gemm_prepared  # noqa: F811
 # ---- end INT8 GEMM ----
+
+
+# ---- speculative decoding's rejection sampler (semantics: octavo.spec_decode.rejection) ----
+
+from octavo.spec_decode.rejection import check_rejection_args  # noqa: E402
+
+
+def _f32_rows(t: torch.Tensor) -> torch.Tensor:
+    # the reference computes in float32 (.float(); p / noise promotes half noise to float32)
+    t = t.float()
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor,
+                     draft_probs: torch.Tensor | None, target_probs: torch.Tensor,
+                     uniform: torch.Tensor, exp_noise: torch.Tensor,
+                     greedy: torch.Tensor) -> torch.Tensor:
+    # draft_token_ids [B, K], num_draft_tokens [B], draft_probs [B, K, V] or None (point-mass
+    # drafts), target_probs [B, K+1, V], uniform [B, K], exp_noise [B, K+1, V], greedy [B] bool
+    # -> [B, K+1] int64: accepted drafts, one recovered or bonus token, then -1
+    check_rejection_args(draft_token_ids, num_draft_tokens, draft_probs, target_probs, uniform,
+                         exp_noise, greedy)
+    if exp_noise.dtype == torch.float64:  # p / noise would be a float64 division there
+        raise ValueError("rejection_sample: exp_noise must be float32 (or bfloat16 / float16), "
+                         "got float64")
+    B, K = draft_token_ids.shape
+    out = torch.empty(B, K + 1, dtype=torch.int64, device=target_probs.device)
+    # u * q(d) < p(d) is compared in double (as the reference's Python floats)
+    torch.ops.octavo.rejection_sample(
+        out, draft_token_ids.to(torch.int64).contiguous(),
+        num_draft_tokens.to(torch.int64).contiguous(),
+        None if draft_probs is None else _f32_rows(draft_probs),
+        _f32_rows(target_probs), uniform.to(torch.float64).contiguous(),
+        _f32_rows(exp_noise), greedy.to(torch.bool).contiguous())
+    return out
+
+
+if USING_NATIVE:
+    from octavo.ops_native import rejection_sample  # noqa: F811
+# ---- end rejection sampler ----

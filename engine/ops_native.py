@@ -1394,3 +1394,7 @@ def gated_delta_rule_update(ssm_states: torch.Tensor, q: torch.Tensor, k: torch.
     qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return gated_delta_rule(q, k, v, g, beta, ssm_states, qsl, state_indices, None, scale,
                             use_qk_l2norm)
+
+
+# ---- speculative decoding's rejection sampler: the reference lives with its engine code ----
+from octavo.spec_decode.rejection import rejection_sample  # noqa: E402,F401

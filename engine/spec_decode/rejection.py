@@ -28,11 +28,10 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tens
     0..num_draft_tokens[b]); uniform [B, K]; exp_noise [B, K+1, V]; greedy [B] bool.
     Returns [B, K+1] int64: the emitted tokens of each row (accepted drafts, then one recovered
     or bonus token), PAD after them."""
+    check_rejection_args(draft_token_ids, num_draft_tokens, draft_probs, target_probs, uniform,
+                         exp_noise, greedy)
     B, K = draft_token_ids.shape
-    if target_probs.shape[:2] != (B, K + 1):
-        raise ValueError(f"target_probs must be [B, K+1, V] = [{B}, {K + 1}, V], "
-                         f"got {tuple(target_probs.shape)}")
-    out = torch.full((B, K + 1), PAD, dtype=torch.int64)
+    out = torch.full((B, K + 1), PAD, dtype=torch.int64, device=target_probs.device)
     for b in range(B):
         k = int(num_draft_tokens[b])
         for i in range(k + 1):
@@ -58,3 +57,25 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tens
             out[b, i] = int(torch.argmax(residual / exp_noise[b, i]))
             break
     return out
+
+
+def check_rejection_args(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor,
+                         draft_probs: torch.Tensor | None, target_probs: torch.Tensor,
+                         uniform: torch.Tensor, exp_noise: torch.Tensor,
+                         greedy: torch.Tensor) -> None:
+    """ValueError naming the argument whose shape does not fit (shared with octavo.ops)."""
+    if draft_token_ids.dim() != 2:
+        raise ValueError(f"draft_token_ids must be [B, K], got {tuple(draft_token_ids.shape)}")
+    B, K = draft_token_ids.shape
+    if target_probs.dim() != 3 or target_probs.shape[:2] != (B, K + 1):
+        raise ValueError(f"target_probs must be [B, K+1, V] = [{B}, {K + 1}, V], "
+                         f"got {tuple(target_probs.shape)}")
+    V = target_probs.shape[2]
+    shapes = {"num_draft_tokens": (num_draft_tokens, (B,)), "uniform": (uniform, (B, K)),
+              "exp_noise": (exp_noise, (B, K + 1, V)), "greedy": (greedy, (B,))}
+    if draft_probs is not None:
+        shapes["draft_probs"] = (draft_probs, (B, K, V))
+    for name, (t, shape) in shapes.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)} (B={B}, K={K}, V={V}), "
+                             f"got {tuple(t.shape)}")

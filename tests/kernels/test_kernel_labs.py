@@ -5,7 +5,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("lab", ["linear", "paged_attention", "rms_norm", "mla_attention", "lora", "int4_gemm", "selective_scan", "fp8_gemm", "int8_gemm", "ssd_scan", "gated_delta_rule"])
+@pytest.mark.parametrize("lab", ["linear", "paged_attention", "rms_norm", "mla_attention", "lora", "int4_gemm", "selective_scan", "fp8_gemm", "int8_gemm", "ssd_scan", "gated_delta_rule", "rejection"])
 def test_lab_quick(lab):
     res = subprocess.run([sys.executable, "-m", f"octavo.bench.kernels.{lab}", "--quick"],
                          capture_output=True, text=True, timeout=300)

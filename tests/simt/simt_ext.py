@@ -19,6 +19,8 @@ SOURCES = [CSRC / "simt" / "runtime.cpp", CSRC / "simt" / "kernels.cpp",
            CSRC / "simt" / "torch_ops_simt_mamba.cpp",
            CSRC / "simt" / "ssd_kernels.cpp", CSRC / "simt" / "torch_ops_simt_ssd.cpp"]
 SOURCES += [CSRC / "simt" / "lora_kernels.cpp", CSRC / "simt" / "torch_ops_simt_lora.cpp"]
+SOURCES += [CSRC / "simt" / "rejection_kernels.cpp",
+            CSRC / "simt" / "torch_ops_simt_rejection.cpp"]
 
 
 @functools.cache

@@ -1,9 +1,11 @@
 """The rejection sampler emits tokens with the target's distribution, whatever the draft
 (chi-square tests on a tiny vocabulary, significance 0.001 each), and the target's argmax
-for greedy requests."""
+for greedy requests; the distribution tests run through the reference and the kernel
+(octavo.ops.rejection_sample: the CPU kernel here)."""
 import pytest
 import torch
 
+from octavo import ops
 from octavo.spec_decode.rejection import PAD, rejection_sample
 
 ALPHA = 1e-3
@@ -24,8 +26,13 @@ def _random_dists(g, *shape):
     return torch.softmax(torch.randn(*shape, generator=g) * 1.5, dim=-1)
 
 
+SAMPLERS = pytest.mark.parametrize("sample", [rejection_sample, ops.rejection_sample],
+                                   ids=["reference", "kernel"])
+
+
+@SAMPLERS
 @pytest.mark.parametrize("with_draft_probs", [True, False])
-def test_emitted_tokens_follow_the_target(with_draft_probs):
+def test_emitted_tokens_follow_the_target(with_draft_probs, sample):
     g = torch.Generator().manual_seed(0)
     B, K, V = 20000, 3, 5
     p = _random_dists(g, K + 1, V)                         # the same target for every row
@@ -37,10 +44,10 @@ def test_emitted_tokens_follow_the_target(with_draft_probs):
     else:                                  # n-gram: one fixed guess per position, a likely one
         drafts = p[:K].argmax(dim=-1).expand(B, K)
         draft_probs = None
-    out = rejection_sample(drafts, torch.full((B,), K), draft_probs, p.expand(B, K + 1, V),
-                           torch.rand(B, K, generator=g),
-                           torch.empty(B, K + 1, V).exponential_(generator=g),
-                           torch.zeros(B, dtype=torch.bool))
+    out = sample(drafts, torch.full((B,), K), draft_probs, p.expand(B, K + 1, V),
+                 torch.rand(B, K, generator=g),
+                 torch.empty(B, K + 1, V).exponential_(generator=g),
+                 torch.zeros(B, dtype=torch.bool))
     lengths = (out != PAD).sum(dim=1)
     assert lengths.min() >= 1
     for i in range(K + 1):
@@ -63,15 +70,16 @@ def test_chi_square_check_can_fail():
     assert chi_square_p_value(counts, p) < ALPHA
 
 
-def test_greedy_rows_emit_the_target_argmax():
+@SAMPLERS
+def test_greedy_rows_emit_the_target_argmax(sample):
     V = 6
     target = torch.zeros(3, 4, V)
     argmax = torch.tensor([[1, 2, 3, 4], [1, 5, 0, 0], [2, 2, 2, 2]])
     target.scatter_(2, argmax.unsqueeze(-1), 1.0)
     target = torch.softmax(target * 3, dim=-1)
     drafts = torch.tensor([[1, 2, 3], [1, 4, 0], [0, 0, 0]])
-    out = rejection_sample(drafts, torch.tensor([3, 3, 2]), None, target, torch.rand(3, 3),
-                           torch.empty(3, 4, V).exponential_(), torch.ones(3, dtype=torch.bool))
+    out = sample(drafts, torch.tensor([3, 3, 2]), None, target, torch.rand(3, 3),
+                 torch.empty(3, 4, V).exponential_(), torch.ones(3, dtype=torch.bool))
     assert out.tolist() == [[1, 2, 3, 4],          # all accepted, bonus = argmax at position 3
                             [1, 5, PAD, PAD],      # 4 rejected: the target's 5 instead
                             [2, PAD, PAD, PAD]]    # first rejected
