@@ -160,3 +160,35 @@ def test_expert_scale_errors(fp8_dirs, tmp_path):
     save_file(state, path)
     with pytest.raises(ValueError, match=r"experts.2.up_proj.weight_scale_inv.*must be \[2, 2\]"):
         LLM(model=bad, kv_cache_memory=1 << 24)
+
+
+def test_decompressed_prefill_with_fp8_kv_b_proj(fp8_dirs, monkeypatch):
+    # whole prompts of at least decompress_min_tokens run MLA decompressed through the fp8
+    # kv_b_proj itself (the shorter ones above through its dequantized absorbed halves)
+    from octavo.models.layers.mla import MultiHeadLatentAttention
+    monkeypatch.setattr(MultiHeadLatentAttention, "decompress_min_tokens", 4)
+    qdir, deq = fp8_dirs("fp8-deepseek_v3-block")
+    assert_matches_hf(qdir, prompts=PROMPTS[3:6], max_tokens=6, reference=deq)
+
+
+def test_tensor_parallel_two_ranks_match_one(fp8_dirs, tmp_path):
+    # each rank holds its slice of every expert's I (gate / up rows, down columns) with the
+    # matching per-channel / per-tensor scale rows
+    from tp_util import one_rank_logits, two_rank_logits
+
+    cases = ["ct-qwen3_moe-channel-w8a16", "ct-mixtral-tensor-w8a16"]
+    seqs = [list(range(3, 16)), list(range(40, 61))]
+    dirs = [fp8_dirs(case)[0] for case in cases]
+    for case, path, got in zip(cases, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
+        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
+                                   msg=lambda m, case=case: f"{case}: {m}")
+
+
+def test_block_experts_refuse_a_tensor_parallel_split_inside_a_block(fp8_dirs, monkeypatch):
+    from octavo.models.layers import fused_moe
+    from octavo.models.layers.quantization.fp8 import Fp8MoEMethod
+    monkeypatch.setattr(fused_moe, "get_tp_size", lambda: 2)
+    monkeypatch.setattr(fused_moe, "get_tp_rank", lambda: 0)
+    moe = fused_moe.FusedMoE(6, 2, 160, 144)        # 72 columns of I per rank: not whole blocks
+    with pytest.raises(ValueError, match="whole number of fp8 blocks of 128"):
+        moe.set_quant_method(Fp8MoEMethod("block", "weight_scale_inv", (128, 128)))
