@@ -10,6 +10,7 @@ import pytest
 from parity import PROMPTS, assert_matches_hf, hf_greedy, longest_prompt_ids
 from test_mamba_parity import _force_preemptions
 from tiny_models import save_tiny_model
+from tokenizer_util import make_llama_tokenizer
 from octavo import LLM, SamplingParams
 from octavo.models.kimi_linear import KimiDeltaAttention, KimiMLA
 from octavo.models.layers.custom_op import native_ops
@@ -51,6 +52,16 @@ def test_chunked_prefill_matches_transformers(kimi_dir):
     budget = 16
     assert len(longest_prompt_ids()) > 2 * budget      # the long prompts take several chunks
     assert_matches_hf(kimi_dir, max_tokens=8, max_num_batched_tokens=budget, max_num_seqs=4)
+
+
+def test_long_prompt_matches_transformers(kimi_dir):
+    """A prompt past transformers' 64-token KDA chunk and MLA's decompressed-prefill threshold,
+    whole and in chunks of 48."""
+    long_prompt = " ".join(PROMPTS[3:8]) * 2
+    assert len(make_llama_tokenizer()(long_prompt).input_ids) > 2 * 128
+    assert_matches_hf(kimi_dir, prompts=[long_prompt, PROMPTS[0]], max_tokens=6)
+    assert_matches_hf(kimi_dir, prompts=[long_prompt, PROMPTS[0]], max_tokens=6,
+                      max_num_batched_tokens=48)
 
 
 def test_reference_path_matches_transformers(kimi_dir):
