@@ -128,15 +128,15 @@ class ChatGLMTransformerModel(nn.Module):
 
 
 class ChatGLMModel(nn.Module):
+    supports_pipeline_parallel = True
+    pp_intermediate_tensors = 2          # (hidden, residual)
+    pp_layers_config_key = "num_layers"
+
     def __init__(self, config):
         super().__init__()
         _check_supported(config)
         self.config = config
         self.transformer = ChatGLMTransformerModel(config)
-
-    supports_pipeline_parallel = True
-    pp_intermediate_tensors = 2          # (hidden, residual)
-    pp_layers_config_key = "num_layers"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata, intermediate=None) -> torch.Tensor:

@@ -59,7 +59,8 @@ def main(job_path: str) -> None:
         # the first engine joins the process group; the later ones find it initialised and
         # reuse it (and its TP groups: same sizes); no shutdown in between, which would end it
         llm = LLM(model=case["path"], tensor_parallel_size=job["tp"],
-                  pipeline_parallel_size=job["pp"], distributed_executor_backend="external_launcher",
+                  pipeline_parallel_size=job["pp"],
+                  distributed_executor_backend="external_launcher",
                   kv_cache_memory=case["kv_cache_memory"], **ENGINE, **case["kwargs"])
         results[case["name"]] = summarize(llm)
         del llm

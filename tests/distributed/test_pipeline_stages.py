@@ -178,8 +178,8 @@ def stage_logits(path: str, remote: bool, stages: int) -> torch.Tensor:
         first, last = _model(path, remote, 0, 2), _model(path, remote, 1, 2)
         model = TwoStages(first, last, first.config.hidden_size)
         model.config = first.config
-    config = model.config
-    return _steps(MiniRunner(model), getattr(config, "padded_vocab_size", None) or config.vocab_size)
+    vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size
+    return _steps(MiniRunner(model), vocab)
 
 
 _TP_WORKER = r'''
