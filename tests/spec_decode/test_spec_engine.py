@@ -179,4 +179,4 @@ def test_layer_draft_is_the_targets_first_layers(llama_dir, tmp_path, expected):
     llm = make(llama_dir, speculative_config={"model": draft, "num_speculative_tokens": 3})
     assert ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
     with pytest.raises(ValueError, match="num-layers"):
-        make_layer_draft(llama_dir, 2, str(tmp_path / "bad"))
+        make_layer_draft(llama_dir, 3, str(tmp_path / "bad"))
