@@ -6,9 +6,10 @@
 // (k = 2t + 8r + {0,1}) of four n8 tiles at once. A block streams K in 64-wide tiles through a
 // 3-stage cp.async pipeline (x and weight tiles in shared memory, x fragments by ldmatrix); codes
 // are turned into 16-bit floats in registers by OR-ing a magic exponent (q + 1024 in fp16, q + 128
-// in bf16: exact, one logic op per pair) and fed to mma.sync m16n8k16. The magic and the group's
-// scale and offset are applied in fp32 once per group: sum_k x (q s + o) = s (sum x (q + c))
-// + (o - c s) sum x, with the row sums of x from one more mma against ones. Two shapes: decode
+// in bf16: exact, a few integer ops per pair, no conversions) and fed to mma.sync m16n8k16. The
+// products x (q + c) are exact in fp32; the magic c and the group's scale and offset are applied
+// in fp32 once per group: sum_k x (q s + o) = s (sum x (q + c)) + (o - c s) sum x, with the row
+// sums of x from one more mma against ones. Two shapes: decode
 // (M <= 16: one panel per block, the four warps split each K tile and add up at the end, so N/32
 // blocks fill the GPU) and prefill (32 rows x 4 panels per block). Launch shape: tensor shapes only.
 #pragma once
@@ -29,7 +30,7 @@ constexpr int kI4Rows = kI4BK / 2;         // packed rows per stage and panel
 constexpr int kI4Stages = 3;
 constexpr int kI4XPitch = kI4BK + 8;       // x tile row pitch (elements): ldmatrix without bank conflicts
 
-// The 16-bit float whose value is `kI4Magic<T> + q` is (magic bits | q) for q in 0..15.
+// The 16-bit float of value kValue + q is (kBits | q) for q in 0..15; kOne is 1.0.
 template <typename T> struct I4Magic;
 template <> struct I4Magic<__nv_bfloat16> {
   static constexpr uint32_t kBits = 0x4300u;   // 128
