@@ -13,12 +13,13 @@ from typing import Any, Sequence
 
 import torch
 
+from octavo import ops
 from octavo.request import Request
 from octavo.sampler import SamplingState, gather_logprobs, sampling_probs
 
 from .config import SpeculativeConfig
 from .ngram import NgramProposer
-from .rejection import PAD, rejection_sample
+from .rejection import PAD
 
 
 @dataclass
@@ -133,8 +134,9 @@ class SpecDecoder:
                     uniform[b].uniform_(generator=r.generator)
                     noise[b].exponential_(generator=r.generator)
             num = torch.tensor([len(d) for d in drafts])
-            out = rejection_sample(draft_ids, num, draft_probs, target.cpu(), uniform, noise,
-                                   greedy)
+            dev = probs.device                    # the kernel of the logits' device
+            out = ops.rejection_sample(draft_ids.to(dev), num.to(dev), draft_probs, target,
+                                       uniform.to(dev), noise.to(dev), greedy.to(dev)).cpu()
             emitted = [[t for t in row if t != PAD] for row in out.tolist()]
         logprobs: list[list[dict | None]] = []
         nums = [r.sampling_params.logprobs for r in reqs]
