@@ -2,16 +2,17 @@
 // q[n, k] * scale[n, g] + offset[n, g] (g = k / group_size), q 4-bit codes in the CPU kernel's
 // 32-output panels (ops_native.pack_int4_panels), which happen to be mma-friendly: byte 2j + i of
 // panel row kk holds (output j, k = 2kk + i) in its low nibble and (output j + 16, same k) in its
-// high one, so one 16-bit read of row t + 4r at byte 2g gives lane (g, t) the B fragment pair
-// (k = 2t + 8r + {0,1}) of four n8 tiles at once. A block streams K in 64-wide tiles through a
-// 3-stage cp.async pipeline (x and weight tiles in shared memory, x fragments by ldmatrix); codes
-// are turned into 16-bit floats in registers by OR-ing a magic exponent (q + 1024 in fp16, q + 128
-// in bf16: exact, a few integer ops per pair, no conversions) and fed to mma.sync m16n8k16. The
-// products x (q + c) are exact in fp32; the magic c and the group's scale and offset are applied
-// in fp32 once per group: sum_k x (q s + o) = s (sum x (q + c)) + (o - c s) sum x, with the row
-// sums of x from one more mma against ones. Two shapes: decode
-// (M <= 16: one panel per block, the four warps split each K tile and add up at the end, so N/32
-// blocks fill the GPU) and prefill (32 rows x 4 panels per block). Launch shape: tensor shapes only.
+// high one, so the 16-bit pair of row t + 4r at byte 2g is lane (g, t)'s B fragment register (k =
+// 2t + 8r + {0,1}) of four n8 tiles at once, and one ldmatrix .trans with the rows addressed in a
+// permuted order hands every lane its pairs (i4_step). A block streams K in 64-wide tiles through a
+// 3-stage cp.async pipeline (x and weight tiles in shared memory, x fragments by ldmatrix too);
+// codes are turned into 16-bit floats in registers by OR-ing a magic exponent (q + 1024 in fp16, q
+// + 128 in bf16: exact, a few integer ops per pair, no conversions) and fed to mma.sync m16n8k16.
+// The products x (q + c) are exact in fp32; the magic c and the group's scale and offset are
+// applied in fp32 once per group: sum_k x (q s + o) = s (sum x (q + c)) + (o - c s) sum x, with the
+// row sums of x from one more mma against ones. Two shapes: decode (M <= 16: one panel per block,
+// the four warps split each K tile and add up at the end, so N/32 blocks fill the GPU) and prefill
+// (32 rows x 4 panels per block). Launch shape: tensor shapes only.
 #pragma once
 
 #include <cstdint>
@@ -122,13 +123,18 @@ __device__ __forceinline__ void i4_fold(const Int4GemmArgs& a, I4Acc<T, MT>& r, 
 template <typename T, int MT, int NW>
 __device__ __forceinline__ void i4_step(I4Smem<T, MT, NW>& sm, I4Acc<T, MT>& r, int st, int pw, int s,
                                         int lane) {
-  const int g = lane / 4, t = lane % 4;
+  // ldmatrix .x2 .trans of the step's 8 packed rows as 8 x 8 matrices of 16-bit pairs, the rows
+  // addressed in the order 0, 4, 1, 5, 2, 6, 3, 7: lane (g, t) gets the pairs of rows t (low half:
+  // k = 2t, 2t + 1) and t + 4 (high half: k = 2t + 8, 2t + 9) at output g (matrix 0) and g + 8
+  // (matrix 1), i.e. b[0] and b[1] of four n8 tiles (low nibbles: outputs 0-15, high: 16-31).
+  const int i = lane % 8;
+  uint32_t v[2];
+  ldmatrix_x2_trans(v, &sm.w[st][pw][8 * s + i / 2 + 4 * (i % 2)][16 * ((lane / 8) % 2)]);
   uint32_t b[4][2];
-  for (int rr = 0; rr < 2; ++rr)
-    for (int h = 0; h < 2; ++h) {
-      uint16_t v;
-      memcpy(&v, &sm.w[st][pw][8 * s + t + 4 * rr][2 * g + 16 * h], 2);
-      for (int nib = 0; nib < 2; ++nib) b[h + 2 * nib][rr] = i4_pair<T>(v, nib);
+  for (int h = 0; h < 2; ++h)
+    for (int nib = 0; nib < 2; ++nib) {
+      b[h + 2 * nib][0] = i4_pair<T>(v[h], nib);
+      b[h + 2 * nib][1] = i4_pair<T>(v[h] >> 16, nib);
     }
   constexpr uint32_t kOnes = I4Magic<T>::kOne * 0x10001u;
   const uint32_t ones[2] = {kOnes, kOnes};
