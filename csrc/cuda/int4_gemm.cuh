@@ -16,7 +16,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/int4_gemm_params.h"
@@ -66,6 +65,11 @@ struct I4Smem {
 };
 
 // Copies K tile `kt` of x rows m0.. and of panels p0..p0+NW-1 into stage `st` (zeros outside).
+// Byte offset of 16-byte chunk `half` of packed weight row `row` in shared memory: rows 4-7 of each
+// 8 swap their halves, so that an ldmatrix of 8 rows x 16 bytes (32-byte pitch) is free of bank
+// conflicts. Writers (cp.async) and readers (ldmatrix) both go through it.
+__device__ __forceinline__ int i4_wchunk(int row, int half) { return 16 * (half ^ ((row >> 2) & 1)); }
+
 template <typename T, int MT, int NW>
 __device__ __forceinline__ void i4_load_tile(const Int4GemmArgs& a, I4Smem<T, MT, NW>& sm, int st,
                                              int64_t kt, int64_t m0, int64_t p0) {
@@ -74,7 +78,7 @@ __device__ __forceinline__ void i4_load_tile(const Int4GemmArgs& a, I4Smem<T, MT
   for (int c = tid; c < NW * kI4Rows * 2; c += kThreads) {
     const int pw = c / (kI4Rows * 2), row = (c / 2) % kI4Rows, half = c % 2;
     const int64_t p = p0 + pw, kk = kt * kI4Rows + row;
-    uint8_t* dst = &sm.w[st][pw][row][16 * half];
+    uint8_t* dst = &sm.w[st][pw][row][i4_wchunk(row, half)];
     if (p < a.panels && kk < a.k2) cp_async_16(dst, a.qw + (p * a.k2 + kk) * 32 + 16 * half);
     else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
   }
@@ -129,7 +133,8 @@ __device__ __forceinline__ void i4_step(I4Smem<T, MT, NW>& sm, I4Acc<T, MT>& r, 
   // (matrix 1), i.e. b[0] and b[1] of four n8 tiles (low nibbles: outputs 0-15, high: 16-31).
   const int i = lane % 8;
   uint32_t v[2];
-  ldmatrix_x2_trans(v, &sm.w[st][pw][8 * s + i / 2 + 4 * (i % 2)][16 * ((lane / 8) % 2)]);
+  const int row = 8 * s + i / 2 + 4 * (i % 2);
+  ldmatrix_x2_trans(v, &sm.w[st][pw][row][i4_wchunk(row, (lane / 8) % 2)]);
   uint32_t b[4][2];
   for (int h = 0; h < 2; ++h)
     for (int nib = 0; nib < 2; ++nib) {

@@ -11,7 +11,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "cuda/int8_gemm_params.h"
 #include "cuda/launch.cuh"
@@ -99,6 +98,11 @@ struct I8Smem {
   int8_t w[kI8Stages][NW][2][kI8Rows][32];        // [stage][warp unit][panel][packed row][byte]
 };
 
+// Byte offset of 16-byte chunk `half` of packed weight row `row` in shared memory: rows 4-7 of each
+// 8 swap their halves, so that an ldmatrix of 8 rows x 16 bytes (32-byte pitch) is free of bank
+// conflicts. Writers (cp.async) and readers (ldmatrix) both go through it.
+__device__ __forceinline__ int i8_wchunk(int row, int half) { return 16 * (half ^ ((row >> 2) & 1)); }
+
 template <int MT, int NW>
 __device__ __forceinline__ void i8_load_tile(const Int8GemmArgs& a, I8Smem<MT, NW>& sm, int st,
                                              int64_t kt, int64_t m0, int64_t u0) {
@@ -107,7 +111,7 @@ __device__ __forceinline__ void i8_load_tile(const Int8GemmArgs& a, I8Smem<MT, N
   for (int c = tid; c < NW * 2 * kI8Rows * 2; c += kThreads) {
     const int uw = c / (4 * kI8Rows), q = (c / (2 * kI8Rows)) % 2, row = (c / 2) % kI8Rows, half = c % 2;
     const int64_t p = 2 * (u0 + uw) + q, kk = kt * kI8Rows + row;
-    int8_t* dst = &sm.w[st][uw][q][row][16 * half];
+    int8_t* dst = &sm.w[st][uw][q][row][i8_wchunk(row, half)];
     if (p < a.panels && kk < a.k2) cp_async_16(dst, a.qw + (p * a.k2 + kk) * 32 + 16 * half);
     else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
   }
@@ -129,7 +133,8 @@ __device__ __forceinline__ void i8_step(I8Smem<MT, NW>& sm, int (&acc)[MT][4][4]
   uint32_t b[4][2];
   for (int q = 0; q < 2; ++q) {
     uint32_t r[4];
-    ldmatrix_x4_trans(r, &sm.w[st][uw][q][16 * s + 8 * ((lane / 8) % 2) + lane % 8][16 * (lane / 16)]);
+    const int row = 16 * s + 8 * ((lane / 8) % 2) + lane % 8;
+    ldmatrix_x4_trans(r, &sm.w[st][uw][q][row][i8_wchunk(row, lane / 16)]);
     b[2 * q][0] = r[0];
     b[2 * q][1] = r[1];
     b[2 * q + 1][0] = r[2];
