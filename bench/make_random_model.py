@@ -5,8 +5,10 @@ The llama-100m preset: hidden 768, 12 layers, 12 heads, intermediate 2048, vocab
 embeddings (about 110M parameters). qwen3-moe-1b: a Qwen3-MoE of 986M parameters, 194M active
 per token (hidden 1024, 18 layers, 16 heads / 4 KV heads, 16 experts of intermediate 1024, top-2,
 vocab 32000, tied embeddings). llama-medium: the peers' medium Llama (852.6M parameters: hidden
-2048, 16 layers, 16 heads / 4 KV heads, intermediate 5632, vocab 32000, untied). Weights are drawn with a fixed seed, so the model is the same
-on every machine.
+2048, 16 layers, 16 heads / 4 KV heads, intermediate 5632, vocab 32000, untied).
+mamba-130m: state-spaces/mamba-130m's shape as MambaForCausalLM (129.1M parameters: hidden 768,
+24 Mamba layers, state 16, conv 4, expand 2, dt rank 48, vocab 50280, tied embeddings).
+Weights are drawn with a fixed seed, so the model is the same on every machine.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ PRESETS = {
                          intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False,
                          max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1,
                          eos_token_id=2, initializer_range=0.02),
+    "mamba-130m": dict(model_type="mamba", architectures=["MambaForCausalLM"], hidden_size=768,
+                       num_hidden_layers=24, state_size=16, conv_kernel=4, expand=2,
+                       time_step_rank=48, use_bias=False, use_conv_bias=True, vocab_size=50280,
+                       tie_word_embeddings=True, layer_norm_epsilon=1e-5, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0, initializer_range=0.02),
     "llama-tiny": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, vocab_size=1000, tie_word_embeddings=True,
