@@ -224,6 +224,15 @@ void gated_delta_rule_cpu(at::Tensor& out,                  // [T, H, V]
                           const at::Tensor& state_indices,                     // [B] int32
                           const std::optional<at::Tensor>& has_initial_state,  // [B] bool
                           double scale, bool use_qk_l2norm);
+// the same on CUDA (csrc/cuda/gated_delta_rule.cu): a block per (sequence, head, 32 state
+// columns); a bad query_start_loc / state_indices entry traps the kernel
+void gated_delta_rule_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+                           at::Tensor& ssm_states,
+                           const std::optional<at::Tensor>& query_start_loc,
+                           const at::Tensor& state_indices,
+                           const std::optional<at::Tensor>& has_initial_state, double scale,
+                           bool use_qk_l2norm);
 
 // Speculative decoding's rejection sampler (octavo.spec_decode.rejection, which states the
 // rule): out [B, K+1] int64 = each row's accepted drafts, then one recovered or bonus token,

@@ -235,6 +235,7 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("lora_shrink", &octavo::lora_shrink_cuda);
   m.impl("lora_expand", &octavo::lora_expand_cuda);
   m.impl("rejection_sample", &octavo::rejection_sample_cuda);
+  m.impl("gated_delta_rule", &octavo::gated_delta_rule_cuda);
   m.impl("fp8_gemm", &octavo::fp8_gemm_cuda);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cuda);
   m.impl("causal_conv1d_update", &octavo::causal_conv1d_update_cuda);

@@ -380,8 +380,10 @@ def ssd_state_update(ssm_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor
 
 def _gdr(q, k, v, g, beta, ssm_states, query_start_loc, state_indices, has_initial_state, scale,
          use_qk_l2norm) -> torch.Tensor:
-    # CPU kernel (csrc/cpu/gated_delta_rule.cpp); no CUDA kernel yet: the reference there
-    if q.is_cuda:
+    # CPU kernel (csrc/cpu/gated_delta_rule.cpp), CUDA kernel (csrc/cuda/gated_delta_rule.cu);
+    # the CUDA kernel keeps K x 32 state columns in shared memory: larger key dims take the
+    # reference
+    if q.is_cuda and q.shape[-1] > 256:
         if query_start_loc is None:
             return ops_native.gated_delta_rule_update(ssm_states, q, k, v, g, beta, state_indices,
                                                       scale, use_qk_l2norm)

@@ -83,3 +83,23 @@ def test_opcheck():
                           (out, case["draft_token_ids"], case["num_draft_tokens"],
                            case["draft_probs"], case["target_probs"],
                            case["uniform"].double(), case["exp_noise"], case["greedy"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_kernel_equals_reference_and_replays_in_a_graph(kind):
+    """The CUDA kernel (its launch shape depends on shapes only) inside a captured graph."""
+    case = make_case(kind, 33, 5, 32003, seed=11)
+    ref = rejection_sample(**case)
+    dev = {key: (val.cuda() if val is not None else None) for key, val in case.items()}
+    dev["uniform"] = dev["uniform"].double()
+    assert torch.equal(ops.rejection_sample(**dev).cpu(), ref)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.rejection_sample(**dev)
+    other = make_case(kind, 33, 5, 32003, seed=12)
+    for key, val in other.items():
+        if val is not None:
+            dev[key].copy_(val)
+    graph.replay()
+    assert torch.equal(out.cpu(), rejection_sample(**other))

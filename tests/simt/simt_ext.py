@@ -21,6 +21,8 @@ SOURCES = [CSRC / "simt" / "runtime.cpp", CSRC / "simt" / "kernels.cpp",
 SOURCES += [CSRC / "simt" / "lora_kernels.cpp", CSRC / "simt" / "torch_ops_simt_lora.cpp"]
 SOURCES += [CSRC / "simt" / "rejection_kernels.cpp",
             CSRC / "simt" / "torch_ops_simt_rejection.cpp"]
+SOURCES += [CSRC / "simt" / "gated_delta_rule_kernels.cpp",
+            CSRC / "simt" / "torch_ops_simt_gated_delta_rule.cpp"]
 
 
 @functools.cache
