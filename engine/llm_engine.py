@@ -77,7 +77,7 @@ class LLMEngine:
         if draft is not None:
             self.runner.extra_bytes_per_block = draft.bytes_per_block()   # same block count
         num_blocks = self.executor.init_kv_cache()
-        num_slots = getattr(self.runner, "num_state_slots", 0)
+        num_slots = getattr(self.runner or self.executor, "num_state_slots", 0)
         if num_slots and config.enable_prefix_caching:
             # a cached block holds K/V, not the recurrent state after it: a hit could not
             # resume the Mamba layers, so every prompt is computed whole

@@ -110,10 +110,14 @@ class ModelRunner:
         # per-request state layers (Mamba) hold slots; the others are paged
         self.state_layers = [m for m in self.cache_layers if isinstance(m.cache_spec(), StateSpec)]
         self.paged_layers = [m for m in self.cache_layers if m not in self.state_layers]
-        if self.state_layers and config.world_size > 1:
+        # a state model runs tensor parallel where its class says so (its mixers replicated)
+        tp_ok = getattr(model_cls, "supports_tensor_parallel", False)
+        if self.state_layers and (config.pipeline_parallel_size > 1
+                                  or (config.tensor_parallel_size > 1 and not tp_ok)):
+            change = "pipeline_parallel_size=1" + ("" if tp_ok else " and tensor_parallel_size=1")
             raise ValueError(f"{model_cls.__name__} keeps a per-request state (Mamba layers), which "
-                             "octavo runs in one process only: use tensor_parallel_size=1 and "
-                             "pipeline_parallel_size=1")
+                             f"octavo does not split over {'stages' if tp_ok else 'ranks'}: use "
+                             f"{change}")
         self.num_state_slots = 0
         self._state_tensors: list[torch.Tensor] = []
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)

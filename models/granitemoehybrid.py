@@ -43,7 +43,10 @@ def _kind(config, layer_idx: int) -> str:
 
 class GraniteMoeHybridForCausalLM(GraniteMoeSharedForCausalLM):
     checkpoint_renames = ((r"\.mamba\.", ".self_attn."),) + _RENAMES
-    supports_tensor_parallel = False     # the Mamba layers' per-request state is not sharded
+    # tensor parallel: the Mamba mixers run whole on every rank (each rank keeps the whole
+    # state), the rest is split; pipeline stages would each need the request's state slots
+    supports_tensor_parallel = True
+    pipeline_parallel_limit = "its Mamba layers keep a per-request state"
     supports_pipeline_parallel = False
 
     @staticmethod

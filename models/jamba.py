@@ -124,7 +124,10 @@ class JambaForCausalLM(MoEWeightRouting, nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
     checkpoint_renames = ((r"\.feed_forward\.router\.", ".feed_forward.gate."),)
-    supports_tensor_parallel = False     # the Mamba layers' per-request state is not sharded
+    # tensor parallel: the Mamba mixers run whole on every rank (each rank keeps the whole
+    # state), the rest is split; pipeline stages would each need the request's state slots
+    supports_tensor_parallel = True
+    pipeline_parallel_limit = "its Mamba layers keep a per-request state"
     # hooks of the hybrid families built on this decoder (Bamba)
     layer_kinds = staticmethod(_layer_kinds)
     num_experts = staticmethod(_num_experts)

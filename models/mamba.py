@@ -44,7 +44,10 @@ class MambaModel(nn.Module):
 
 
 class MambaForCausalLM(nn.Module):
-    supports_tensor_parallel = False     # the per-request state is not sharded over ranks
+    # tensor parallel: the Mamba mixers run whole on every rank (each rank keeps the whole
+    # state), the rest is split; pipeline stages would each need the request's state slots
+    supports_tensor_parallel = True
+    pipeline_parallel_limit = "its Mamba layers keep a per-request state"
 
     @staticmethod
     def make_mixer(config, layer_idx: int) -> nn.Module:

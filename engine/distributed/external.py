@@ -57,10 +57,11 @@ class ExternalLauncherExecutor(Executor):
         self.device = torch.device(config.device)
 
     def init_kv_cache(self) -> int:
-        n = torch.tensor([self.worker.init_kv_cache()], device=self.device)
+        n = torch.tensor(self.worker.init_kv_cache(), device=self.device)  # [blocks, slots]
         dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        self.worker.resize_kv_cache(int(n.item()))
-        return int(n.item())
+        blocks, self.num_state_slots = (int(v) for v in n.tolist())
+        self.worker.resize_kv_cache(blocks)
+        return blocks
 
     def execute(self, out: SchedulerOutput):
         result = self.worker.execute(out)

@@ -50,7 +50,10 @@ class MultiprocExecutor(Executor):
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
         try:
             self._start(config)
-            self.num_blocks = min(self._gather("startup", STARTUP_TIMEOUT_S))
+            sizes = self._gather("startup", STARTUP_TIMEOUT_S)
+            self.num_blocks = min(blocks for blocks, _ in sizes)
+            # state slots: the same on every rank (TP ranks of a state model hold its mixers whole)
+            self.num_state_slots = min(slots for _, slots in sizes)
         except BaseException:
             self.shutdown()
             raise

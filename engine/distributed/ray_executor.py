@@ -34,7 +34,7 @@ class _RankActor:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def start(self, config: EngineConfig, info: RankInfo, init_method: str) -> int:
+    def start(self, config: EngineConfig, info: RankInfo, init_method: str) -> tuple[int, int]:
         init_distributed(info, config.device, init_method)
         self.worker = Worker(config, info)
         return self.worker.init_kv_cache()
@@ -76,7 +76,8 @@ class RayExecutor(Executor):
             ip, port = ray.get(self.actors[0].address.remote())
             counts = self._get([a.start.remote(config, info, f"tcp://{ip}:{port}")
                                 for a, info in zip(self.actors, self.info)], "startup")
-            self.num_blocks = min(counts)
+            self.num_blocks = min(blocks for blocks, _ in counts)
+            self.num_state_slots = min(slots for _, slots in counts)
         except BaseException:
             self.shutdown()
             raise

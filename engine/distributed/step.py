@@ -31,6 +31,7 @@ class WireRequest:
     num_prompt_tokens: int
     prompt_logprobs: int | None
     prompt_token_ids: _Window | None       # only when prompt logprobs are asked for
+    state_slot: int | None = None          # the request's Mamba state slot (state models)
 
 
 def to_wire(out: SchedulerOutput) -> list[tuple[WireRequest, int, int, list[int]]]:
@@ -43,7 +44,8 @@ def to_wire(out: SchedulerOutput) -> list[tuple[WireRequest, int, int, list[int]
             prompt = _Window(s.start, list(r.prompt_token_ids[s.start:hi]))
         steps.append((WireRequest(r.request_id, _Window(s.start, list(r.all_token_ids[s.start:end])),
                                   r.num_tokens, list(r.block_ids), r.num_prompt_tokens,
-                                  r.prompt_logprobs, prompt), s.num_new_tokens, s.start,
+                                  r.prompt_logprobs, prompt, getattr(r, "state_slot", None)),
+                      s.num_new_tokens, s.start,
                       list(s.spec_token_ids)))
     return steps
 

@@ -89,8 +89,9 @@ class Worker:
         # what a stage passes on: (hidden, residual), or the hidden state alone (Bloom, OPT)
         self.num_intermediate = getattr(self.runner.model, "pp_intermediate_tensors", 2)
 
-    def init_kv_cache(self) -> int:
-        return self.runner.init_kv_cache()
+    def init_kv_cache(self) -> tuple[int, int]:
+        """(KV blocks, state slots) this rank's budget holds (slots: 0 without Mamba layers)."""
+        return self.runner.init_kv_cache(), self.runner.num_state_slots
 
     def resize_kv_cache(self, num_blocks: int) -> None:
         """Use num_blocks (the minimum over the ranks) when this rank's own budget held more."""

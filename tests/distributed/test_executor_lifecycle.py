@@ -181,10 +181,10 @@ def test_kv_heads_that_neither_divide_nor_replicate_raise(tiny_model_factory):
 
 
 def test_pipeline_parallel_on_a_model_without_it_raises(tmp_path):
-    # the driver refuses before starting a worker (state-space layers run in one process)
+    # the driver refuses before starting a worker (a per-request state is not split over stages)
     from tiny_models import build_tiny_ssm_model
     path = build_tiny_ssm_model(str(tmp_path / "jamba"), "JambaForCausalLM")
-    with pytest.raises(ValueError, match="JambaForCausalLM keeps a per-request state"):
+    with pytest.raises(ValueError, match="JambaForCausalLM does not support pipeline parallelism"):
         LLM(model=path, kv_cache_memory=1 << 22, pipeline_parallel_size=2)
 
 

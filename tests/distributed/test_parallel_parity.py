@@ -2,7 +2,8 @@
 logprobs identical to the single-process engine for TP=2, PP=2 and TP=2 x PP=2, on batched
 prompts with chunked prefill (a token budget of 16) and preemption (a KV cache of a few blocks
 per rank), over Llama (GQA), BLOOM (ALiBi, tied head), Qwen2 (tied head, one KV head replicated
-over the TP ranks), Gemma 2, Qwen3-MoE and DeepSeek-V2 (MLA, MoE).
+over the TP ranks), Gemma 2, Qwen3-MoE and DeepSeek-V2 (MLA, MoE); and TP=2 of the
+state-space and hybrid models (Mamba, Falcon-Mamba, Mamba-2, Jamba, Bamba, Granite 4.0 hybrid).
 
 The matrix runs as torchrun would (parallel_ranks.py, external_launcher): per parallel shape the
 ranks start once and run every model, which keeps the whole matrix to one process start-up per
@@ -18,7 +19,7 @@ import sys
 import pytest
 
 from parallel_ranks import ENGINE, KV_BLOCKS, summarize
-from tiny_models import build_tiny_model, save_tiny_model
+from tiny_models import build_tiny_model, build_tiny_ssm_model, save_tiny_model
 from octavo import LLM
 
 LAYERS4 = dict(num_hidden_layers=4)
@@ -45,6 +46,11 @@ DEEPSEEK_V2 = dict(IDS, hidden_size=64, intermediate_size=96, num_hidden_layers=
 
 MODELS = ["llama-gqa", "bloom-alibi", "qwen2-tied-1kv", "gemma2", "qwen3-moe", "deepseek-v2-mla"]
 SHAPES = [(2, 1), (1, 2), (2, 2)]
+# state-space and hybrid models: tensor parallel only (mixers whole on each rank), in the
+# TP=2 start of the ranks; a KV budget of its own (state slots and blocks), preemption aside
+SSM_MODELS = ["MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM",
+              "JambaForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM"]
+SSM_KV_BYTES = 1 << 22
 
 
 def _build(name: str, root: str) -> str:
@@ -62,7 +68,7 @@ def _build(name: str, root: str) -> str:
         return save_tiny_model(path, "qwen3_moe", "Qwen3MoeForCausalLM", **QWEN3_MOE)
     if name == "deepseek-v2-mla":
         return save_tiny_model(path, "deepseek_v2", "DeepseekV2ForCausalLM", **DEEPSEEK_V2)
-    raise KeyError(name)
+    return build_tiny_ssm_model(path, name)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +76,10 @@ def references(tmp_path_factory):
     """name -> (model dir, the single-process engine's summary, bytes of one KV block)"""
     root = str(tmp_path_factory.mktemp("models"))
     refs = {}
-    for name in MODELS:
+    for name in MODELS + SSM_MODELS:
         path = _build(name, root)
-        llm = LLM(model=path, kv_cache_memory=1 << 22, **ENGINE)
+        llm = LLM(model=path, kv_cache_memory=SSM_KV_BYTES if name in SSM_MODELS else 1 << 22,
+                  **ENGINE)
         refs[name] = (path, summarize(llm), llm.llm_engine.runner.bytes_per_block())
     return refs
 
@@ -98,7 +105,10 @@ def ranks(references, tmp_path_factory):
             work = tmp_path_factory.mktemp(f"tp{tp}pp{pp}")
             cases = [dict(name=name, path=path, kwargs={},
                           kv_cache_memory=KV_BLOCKS * _per_rank_bytes(path, per_block, tp, pp))
-                     for name, (path, _, per_block) in references.items()]
+                     for name, (path, _, per_block) in references.items() if name in MODELS]
+            if (tp, pp) == (2, 1):
+                cases += [dict(name=name, path=references[name][0], kwargs={},
+                               kv_cache_memory=SSM_KV_BYTES) for name in SSM_MODELS]
             job = work / "job.json"
             job.write_text(json.dumps(dict(tp=tp, pp=pp, cases=cases)))
             cache[(tp, pp)] = _launch(str(job), tp * pp)
@@ -146,6 +156,18 @@ def test_parallel_greedy_ids_match_single_process(references, ranks, name, tp, p
     for got in per_rank:                 # every rank sampled the same tokens
         assert got["blocks"] == KV_BLOCKS
         assert got["preemptions"] > 0
+        assert got["ids"] == expected["ids"]
+        for ours, ref in zip(got["logprobs"], expected["logprobs"]):
+            _assert_logprobs_close(ours, ref)
+        _assert_logprobs_close(got["prompt"], expected["prompt"])
+
+
+@pytest.mark.parametrize("name", SSM_MODELS)
+def test_state_space_models_on_two_tensor_parallel_ranks_match_single_process(references, ranks,
+                                                                             name):
+    _, expected, _ = references[name]
+    for results in ranks(2, 1):
+        got = results[name]
         assert got["ids"] == expected["ids"]
         for ours, ref in zip(got["logprobs"], expected["logprobs"]):
             _assert_logprobs_close(ours, ref)
