@@ -52,7 +52,8 @@ inline cuda::GdrArgs gated_delta_rule(at::Tensor& out,                 // [T, H,
                   state_indices.is_contiguous(),
               op, ": state_indices must be a contiguous 1-D int32 tensor");
   const int64_t num_seqs = state_indices.size(0);
-  TORCH_CHECK(num_seqs <= INT32_MAX && H <= 65535, op, ": at most 2^31 - 1 sequences and 65535 heads");
+  TORCH_CHECK(num_seqs <= INT32_MAX && H <= 65535, op,
+              ": at most 2^31 - 1 sequences and 65535 heads");
   cuda::GdrArgs a{};
   if (query_start_loc.has_value()) {
     const at::Tensor& qsl = *query_start_loc;

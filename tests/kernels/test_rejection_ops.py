@@ -1,6 +1,10 @@
 """The CPU rejection sampler (csrc/cpu/rejection.cpp via octavo.ops.rejection_sample) emits
 exactly the reference's tokens (octavo.spec_decode.rejection) for the same explicit noise; the
 distribution tests in tests/spec_decode run through it too."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -24,11 +28,9 @@ def test_kernel_equals_reference(kind, K, V):
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
-def test_lower_cpu_capabilities(capability, monkeypatch):
+def test_lower_cpu_capabilities(capability):
     """The DEFAULT and AVX2 builds of the kernel (ATEN_CPU_CAPABILITY is read once per process,
     so each runs in a subprocess)."""
-    import subprocess
-    import sys
     code = ("import torch, sys; sys.path.insert(0, 'tests/kernels')\n"
             "from octavo import ops\nfrom octavo.spec_decode.rejection import rejection_sample\n"
             "from rejection_cases import KINDS, make_case\n"
@@ -37,7 +39,6 @@ def test_lower_cpu_capabilities(capability, monkeypatch):
             "        c = make_case(kind, 5, K, V, seed=V)\n"
             "        assert torch.equal(ops.rejection_sample(**c), rejection_sample(**c)), kind\n"
             "print('ok')\n")
-    import os
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                          env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, timeout=300)
