@@ -384,6 +384,27 @@ KEPT_TYPES = {2: ("int4", 32), 3: ("int4", 32), 12: ("int4", 32), 8: ("int8", 32
               13: ("int8", 32), 14: ("int8", 16)}
 
 
+def quantized_head(path: str, tied: bool):
+    """The LM head as a weight-only int8 weight (ops.Int8WoqWeight) when the file stores it in
+    one of KEPT_TYPES: output.weight, or token_embd.weight for a tied head. W = codes * scale +
+    offset exactly as dequantized, so logits change only by summation order; the head is
+    usually the largest single matrix of a small model (SmolLM2-135M: 28M of 135M weights), and
+    its float copy would be read in full for every token. None otherwise."""
+    from octavo import ops_native
+
+    header = read_header(path)
+    infos = {i.name: i for i in header.tensors}
+    info = infos.get("output.weight") or (infos.get("token_embd.weight") if tied else None)
+    if info is None or info.ggml_type not in KEPT_TYPES or len(info.dims) != 2:
+        return None
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    rows = int(info.dims[1])
+    raw = data[info.offset:info.offset + info.nbytes].reshape(rows, info.nbytes // rows)
+    gs = KEPT_TYPES[info.ggml_type][1]
+    codes, scales, offsets = kept_blocks(raw, info.ggml_type, "int8", gs)
+    return ops_native.int8_woq_prepare(codes, scales, offsets, gs)
+
+
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and mins (ggml's get_scale_min_k4)
     d, m, md = scales.view(-1, 3, 4).unbind(1)

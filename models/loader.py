@@ -146,6 +146,21 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
                        len(unexpected), unexpected[:5])
     _check_complete(params, loaded, packed, model_dir)
     model.loaded_parameter_names = set(loaded)   # (optional ones a checkpoint may lack)
+    if model_dir.endswith(".gguf") and _gguf_int4_enabled():
+        _keep_gguf_head(model, model_dir)
+
+
+def _keep_gguf_head(model: nn.Module, path: str) -> None:
+    """A GGUF LM head stored in a quantized block type runs on the weight-only int8 kernel."""
+    from octavo.models.gguf_loader import quantized_head
+    from octavo.models.layers.embedding import ParallelLMHead
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, ParallelLMHead) or head.tp_size != 1 or head.bias is not None:
+        return
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    w = quantized_head(path, tied)
+    if w is not None and (w.n, w.k) == (head.num_embeddings, head.embedding_dim):
+        head.woq_weight = w
 
 
 def _gguf_int4_enabled() -> bool:

