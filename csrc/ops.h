@@ -127,6 +127,15 @@ void fused_moe_fp8_packed_cpu(at::Tensor& out,                 // [T, H]
                               const at::Tensor& topk_ids,      // [T, k] int32
                               int64_t inter_size, int64_t block_k13, int64_t block_k2,
                               const std::string& activation);
+void fused_moe_fp8_cpu(at::Tensor& out,                 // [T, H]
+                       const at::Tensor& hidden,        // [T, H]
+                       const at::Tensor& w13,           // e4m3 [E, 2I, H]
+                       const at::Tensor& w2,            // e4m3 [E, H, I]
+                       const at::Tensor& w13_scale,     // [E, 2I, ceil(H/block_k13)] f32
+                       const at::Tensor& w2_scale,      // [E, H, ceil(I/block_k2)] f32
+                       const at::Tensor& topk_weights,  // [T, k] float32
+                       const at::Tensor& topk_ids,      // [T, k] int32
+                       int64_t block_k13, int64_t block_k2, const std::string& activation);
 void lora_shrink_cpu(at::Tensor& out,            // [T, R] float32
                      const at::Tensor& x,        // [T, K]
                      const at::Tensor& w,        // [L, R, K]
@@ -286,6 +295,11 @@ void moe_align_cuda(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
 void fused_moe_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
                     const at::Tensor& w2, const at::Tensor& topk_weights,
                     const at::Tensor& topk_ids, const std::string& activation);  // bf16 / fp16
+void fused_moe_fp8_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                        const at::Tensor& w2, const at::Tensor& w13_scale,
+                        const at::Tensor& w2_scale, const at::Tensor& topk_weights,
+                        const at::Tensor& topk_ids, int64_t block_k13, int64_t block_k2,
+                        const std::string& activation);  // bf16 / fp16
 void ssd_chunk_scan_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& dt,
                          const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                          int64_t chunk_size, const std::optional<at::Tensor>& D_skip,

@@ -45,6 +45,9 @@ void fused_moe_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, co
 void fused_moe_fp8_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, int64_t, int64_t, int64_t, const std::string&) {}
+void fused_moe_fp8_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        int64_t, int64_t, const std::string&) {}
 void lora_shrink_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       double) {}
 void lora_expand_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -144,6 +147,11 @@ TORCH_LIBRARY(octavo, m) {
   m.def("fused_moe_fp8_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
         "Tensor w13_scale, Tensor w2_scale, Tensor topk_weights, Tensor topk_ids, int inter_size, "
         "int block_k13, int block_k2, str activation) -> ()");
+  // fused_moe with e4m3 experts as loaded and fp32 scales per output row and K-block
+  // (ops_native.fp8_moe_row_scales); the CPU packs them on each call
+  m.def("fused_moe_fp8(Tensor! out, Tensor hidden, Tensor w13, Tensor w2, Tensor w13_scale, "
+        "Tensor w2_scale, Tensor topk_weights, Tensor topk_ids, int block_k13, int block_k2, "
+        "str activation) -> ()");
   // LoRA shrink: out [T, R] float32 = scale * w [L, R, K][indices[t]] @ x [T, K][t]; index -1: 0
   m.def("lora_shrink(Tensor! out, Tensor x, Tensor w, Tensor indices, float scale) -> ()");
   // LoRA expand: out[t, offset:offset+N] += w [L, N, R][indices[t]] @ x [T, R][t]; index -1: none
@@ -205,6 +213,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("fused_moe", &octavo::fused_moe_cpu);
   m.impl("fused_moe_packed", &octavo::fused_moe_packed_cpu);
   m.impl("fused_moe_fp8_packed", &octavo::fused_moe_fp8_packed_cpu);
+  m.impl("fused_moe_fp8", &octavo::fused_moe_fp8_cpu);
   m.impl("lora_shrink", &octavo::lora_shrink_cpu);
   m.impl("lora_expand", &octavo::lora_expand_cpu);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cpu);
@@ -230,6 +239,7 @@ TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("topk_routing", &octavo::topk_routing_cuda);
   m.impl("moe_align", &octavo::moe_align_cuda);
   m.impl("fused_moe", &octavo::fused_moe_cuda);
+  m.impl("fused_moe_fp8", &octavo::fused_moe_fp8_cuda);
   m.impl("ssd_chunk_scan", &octavo::ssd_chunk_scan_cuda);
   m.impl("ssd_state_update", &octavo::ssd_state_update_cuda);
   m.impl("lora_shrink", &octavo::lora_shrink_cuda);
@@ -264,6 +274,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("fused_moe", &fused_moe_meta);
   m.impl("fused_moe_packed", &fused_moe_packed_meta);
   m.impl("fused_moe_fp8_packed", &fused_moe_fp8_packed_meta);
+  m.impl("fused_moe_fp8", &fused_moe_fp8_meta);
   m.impl("lora_shrink", &lora_shrink_meta);
   m.impl("lora_expand", &lora_expand_meta);
   m.impl("causal_conv1d", &causal_conv1d_meta);

@@ -482,16 +482,28 @@ class PackedMoEFp8Weights(NamedTuple):
     block_k2: int
 
 
+class MoEFp8Weights(NamedTuple):
+    """e4m3 experts as loaded with fp32 scales per output row and K-block (CUDA's form)."""
+    w13: torch.Tensor        # e4m3 [E, 2I, H]
+    w2: torch.Tensor         # e4m3 [E, H, I]
+    w13_scale: torch.Tensor  # float32 [E, 2I, ceil(H/block_k13)]
+    w2_scale: torch.Tensor   # float32 [E, H, ceil(I/block_k2)]
+    block_k13: int
+    block_k2: int
+
+
 def prepare_moe_fp8_weights(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
                             w2_scale: torch.Tensor, block_size=None):
     """e4m3 experts (w13 [E, 2I, H], w2 [E, H, I]) and their scales (ops_native.fused_moe_fp8)
-    prepared once after loading (CPU: packed; elsewhere unchanged, run by the reference); pass
-    the result to fused_moe_fp8_prepared."""
-    if w13.device.type != "cpu":
+    prepared once after loading (CPU: packed panels; CUDA: scales per row); pass the result to
+    fused_moe_fp8_prepared."""
+    if w13.device.type not in ("cpu", "cuda"):
         return ops_native.prepare_moe_fp8_weights(w13, w2, w13_scale, w2_scale, block_size)
     h, i = w13.shape[2], w13.shape[1] // 2
     s13, bk13 = ops_native.fp8_moe_row_scales(w13_scale, 2 * i, h, block_size)
     s2, bk2 = ops_native.fp8_moe_row_scales(w2_scale, h, i, block_size)
+    if w13.device.type == "cuda":
+        return MoEFp8Weights(w13, w2, s13, s2, bk13, bk2)
     for bk, k in ((bk13, h), (bk2, i)):
         if bk % 2 and bk < k:   # the kernel reads K in pairs
             raise ValueError(f"fused_moe_fp8: scale blocks along K must hold an even number of "
@@ -504,6 +516,12 @@ def prepare_moe_fp8_weights(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torc
 def unpack_moe_fp8_weights(prepared):
     """What prepare_moe_fp8_weights was given, in a form the reference takes: (w13, w2,
     w13_scale, w2_scale, block_size)."""
+    if isinstance(prepared, MoEFp8Weights):
+        p = prepared
+        block = None
+        if p.w13_scale.shape[2] > 1 or p.w2_scale.shape[2] > 1:
+            block = (1, p.block_k13 if p.w13_scale.shape[2] > 1 else p.block_k2)
+        return (p.w13, p.w2, p.w13_scale, p.w2_scale, block)
     if not isinstance(prepared, PackedMoEFp8Weights):
         return tuple(prepared)
     p = prepared
@@ -519,6 +537,19 @@ def unpack_moe_fp8_weights(prepared):
 def fused_moe_fp8_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
                            topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     # prepared: prepare_moe_fp8_weights(...) -> out [T, H]
+    if isinstance(prepared, MoEFp8Weights) and hidden.dtype != torch.float32:
+        p = prepared
+        ops_native.check_fused_moe_args(hidden, p.w13, p.w2, topk_weights, topk_ids, activation)
+        out = torch.empty_like(hidden)
+        torch.ops.octavo.fused_moe_fp8(out, hidden, ops_native.fp8_codes(p.w13),
+                                       ops_native.fp8_codes(p.w2), p.w13_scale, p.w2_scale,
+                                       topk_weights.contiguous(), topk_ids.contiguous(),
+                                       p.block_k13, p.block_k2, activation)
+        return out
+    if isinstance(prepared, MoEFp8Weights):
+        # the CUDA kernel runs on tensor cores (bf16 / fp16); fp32 GPU models take the reference
+        return ops_native.fused_moe_fp8_prepared(hidden, unpack_moe_fp8_weights(prepared),
+                                                 topk_weights, topk_ids, activation)
     if not isinstance(prepared, PackedMoEFp8Weights):
         return ops_native.fused_moe_fp8_prepared(hidden, prepared, topk_weights, topk_ids,
                                                  activation)

@@ -405,6 +405,13 @@ at::Tensor pack_panels(const at::Tensor& w) {
   return padded.view({e, (n + n_pad) / 64, 64, (k + k_pad) / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
 }
 
+// [E, N, Kb] fp32 row scales -> [E, ceil(N/64), Kb, 64] (ops_native.pack_moe_fp8_scales)
+at::Tensor pack_scale_panels(const at::Tensor& s) {
+  const int64_t e = s.size(0), n = s.size(1), kb = s.size(2), n_pad = (64 - n % 64) % 64;
+  at::Tensor padded = at::constant_pad_nd(s, {0, 0, 0, n_pad}, 0);
+  return padded.view({e, (n + n_pad) / 64, 64, kb}).permute({0, 1, 3, 2}).contiguous();
+}
+
 }  // namespace
 
 void topk_routing_cpu(at::Tensor& topk_weights, at::Tensor& topk_ids,
@@ -661,6 +668,33 @@ void fused_moe_cpu(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& 
   const int64_t i = w13.size(1) / 2;
   at::Tensor w13p = at::stack({pack_panels(w13.narrow(1, 0, i)), pack_panels(w13.narrow(1, i, i))}, 2);
   fused_moe_packed_cpu(out, hidden, w13p, pack_panels(w2), topk_weights, topk_ids, i, activation);
+}
+
+void fused_moe_fp8_cpu(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                       const at::Tensor& w2, const at::Tensor& w13_scale, const at::Tensor& w2_scale,
+                       const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t block_k13,
+                       int64_t block_k2, const std::string& activation) {
+  for (const at::Tensor* x : {&w13, &w2, &w13_scale, &w2_scale}) OCTAVO_CHECK_CPU(*x);
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(1) % 2 == 0 && w2.size(0) == w13.size(0) &&
+                  w2.size(1) == w13.size(2) && w2.size(2) == w13.size(1) / 2,
+              "fused_moe_fp8: w13 must be [E, 2I, H] and w2 [E, H, I], got ", w13.sizes(), " and ", w2.sizes());
+  for (const at::Tensor* w : {&w13, &w2})
+    TORCH_CHECK(w->scalar_type() == at::kByte || w->scalar_type() == at::kFloat8_e4m3fn,
+                "fused_moe_fp8: w13 and w2 must be e4m3 codes (uint8 or float8_e4m3fn), got ",
+                w->scalar_type());
+  TORCH_CHECK(w13_scale.dim() == 3 && w13_scale.size(0) == w13.size(0) &&
+                  w13_scale.size(1) == w13.size(1) && w2_scale.dim() == 3 &&
+                  w2_scale.size(0) == w2.size(0) && w2_scale.size(1) == w2.size(1),
+              "fused_moe_fp8: scales must be [E, 2I, K-blocks] and [E, H, K-blocks] "
+              "(ops_native.fp8_moe_row_scales), got ", w13_scale.sizes(), " and ", w2_scale.sizes());
+  // Packs on every call: layers pack once with prepare_moe_fp8_weights (fused_moe_fp8_packed).
+  const int64_t i = w13.size(1) / 2;
+  const at::Tensor c13 = w13.view(at::kByte), c2 = w2.view(at::kByte);
+  const at::Tensor s13 = w13_scale.to(at::kFloat), s2 = w2_scale.to(at::kFloat);
+  at::Tensor w13p = at::stack({pack_panels(c13.narrow(1, 0, i)), pack_panels(c13.narrow(1, i, i))}, 2);
+  at::Tensor s13p = at::stack({pack_scale_panels(s13.narrow(1, 0, i)), pack_scale_panels(s13.narrow(1, i, i))}, 2);
+  fused_moe_fp8_packed_cpu(out, hidden, w13p, pack_panels(c2), s13p, pack_scale_panels(s2),
+                           topk_weights, topk_ids, i, block_k13, block_k2, activation);
 }
 
 }  // namespace octavo

@@ -19,16 +19,39 @@ bool launch_moe_align(const MoeAlignArgs& a, cudaStream_t stream) {
   return true;
 }
 
-template <typename T, int N>
+template <typename T, int N, typename W = T>
 static void launch_gemms(const FusedMoeArgs& a, unsigned tiles, cudaStream_t stream) {
   const dim3 up_grid(tiles, static_cast<unsigned>((a.inter_size + kMoeBlockN - 1) / kMoeBlockN));
   switch (a.act) {
-    case 0: launch(moe_gate_up_kernel<T, 0, N>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
-    case 1: launch(moe_gate_up_kernel<T, 1, N>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
-    default: launch(moe_gate_up_kernel<T, 2, N>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
+    case 0: launch(moe_gate_up_kernel<T, 0, N, W>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
+    case 1: launch(moe_gate_up_kernel<T, 1, N, W>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
+    default: launch(moe_gate_up_kernel<T, 2, N, W>, up_grid, dim3(kMoeThreads), 0, stream, a); break;
   }
   const dim3 down_grid(tiles, static_cast<unsigned>((a.hidden_size + kMoeBlockN - 1) / kMoeBlockN));
-  launch(moe_down_kernel<T, N>, down_grid, dim3(kMoeThreads), 0, stream, a);
+  launch(moe_down_kernel<T, N, W>, down_grid, dim3(kMoeThreads), 0, stream, a);
+}
+
+// e4m3 experts: the weights are staged element by element (dequantized), activations as usual
+template <typename T>
+static void launch_fused_moe_fp8_t(const FusedMoeArgs& a, cudaStream_t stream) {
+  MoeAlignArgs al{a.topk_ids, a.sorted_token_ids, a.expert_ids, a.num_tokens_post_pad,
+                  a.num_tokens * a.top_k, a.padded_len, a.num_experts, kMoeBlockM};
+  launch_moe_align(al, stream);
+  const unsigned tiles = static_cast<unsigned>(a.padded_len / kMoeBlockM);
+  if (can_vectorize<T>({a.hidden, a.inter}, {a.hidden_size, a.inter_size, a.hidden_stride}))
+    launch_gemms<T, Vec<T>::kElems, uint8_t>(a, tiles, stream);
+  else
+    launch_gemms<T, 1, uint8_t>(a, tiles, stream);
+  launch(moe_sum_kernel<T>, dim3(static_cast<unsigned>(a.num_tokens)), dim3(256), 0, stream, a);
+}
+
+bool launch_fused_moe_fp8(const FusedMoeArgs& a, cudaStream_t stream) {
+  if (a.num_tokens == 0 || a.hidden_size == 0) return true;
+  switch (a.dtype) {
+    case DType::kBFloat16: launch_fused_moe_fp8_t<__nv_bfloat16>(a, stream); return true;
+    case DType::kFloat16: launch_fused_moe_fp8_t<__half>(a, stream); return true;
+    default: return false;  // tensor cores: bf16 / fp16 only
+  }
 }
 
 template <typename T>

@@ -1,8 +1,12 @@
 // Mixture-of-experts kernels: top-k routing (a thread per token), moe_align (one block: counting
 // sort of the (token, slot) pairs into tiles of one expert), and fused_moe's two grouped GEMMs
 // over those tiles on tensor cores (mma.sync m16n8k16), then a per-token sum (no torch headers).
+// e4m3 experts are dequantized (code x row/K-block scale) into bf16 / fp16 as their slices are
+// staged in shared memory; the mma tiles are the same.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/activation.cuh"
@@ -177,10 +181,38 @@ __device__ __forceinline__ void mma_slice(float (&acc)[M][2][4], const T (*xs)[k
 // Stages a [16, BK] slice of the tile's rows (row_ptr[r] or zero) and M [64, BK] weight slices
 // (rows w[m] + n * ldw, n < n_valid) into shared memory, zero past k_valid. N elements per copy:
 // 8 (16 bytes; rows, strides and k_valid multiples of 8, pointers 16-byte aligned) or 1.
+// e4m3fn -> float by bit operations (as fp8_gemm.cuh): the magnitude bits land 2^120 too small.
+static __device__ __forceinline__ float moe_e4m3_to_float(uint8_t b) {
+  const uint32_t bits = (uint32_t(b & 0x7F) << 20) | (uint32_t(b & 0x80) << 24);
+  float f;
+  memcpy(&f, &bits, 4);
+  return f * 0x1p120f;
+}
+
+// Stages M [64, BK] slices of e4m3 weight rows (w[m] + n * ldw, n < n_valid) into shared memory
+// as T: code x scale[m][n * kblocks + k / block_k], zero past k_valid.
+template <typename T, int M>
+__device__ __forceinline__ void stage_fp8_weights(T (*ws)[kMoeBlockN][kMoeSmemK],
+                                                  const uint8_t* const (&w)[M],
+                                                  const float* const (&scale)[M], int64_t kblocks,
+                                                  int64_t block_k, int64_t ldw, int n_valid,
+                                                  int64_t k0, int64_t k_valid) {
+  for (int idx = threadIdx.x; idx < M * kMoeBlockN * kMoeBlockK; idx += blockDim.x) {
+    const int m = idx / (kMoeBlockN * kMoeBlockK), rem = idx % (kMoeBlockN * kMoeBlockK);
+    const int n = rem / kMoeBlockK, c = rem % kMoeBlockK;
+    const int64_t k = k0 + c;
+    float v = 0.f;
+    if (n < n_valid && k < k_valid)
+      v = moe_e4m3_to_float(w[m][n * ldw + k]) * scale[m][n * kblocks + k / block_k];
+    ws[m][n][c] = from_float<T>(v);
+  }
+}
+
 template <typename T, int M, int N>
 __device__ __forceinline__ void stage_slice(T (*xs)[kMoeSmemK], T (*ws)[kMoeBlockN][kMoeSmemK],
                                             const T* const* row_ptr, const T* const (&w)[M],
-                                            int64_t ldw, int n_valid, int64_t k0, int64_t k_valid) {
+                                            int64_t ldw, int n_valid, int64_t k0, int64_t k_valid,
+                                            bool stage_w = true) {
   const T zero = from_float<T>(0.f);
   constexpr int kPer = kMoeBlockK / N;  // copies per row
   for (int idx = threadIdx.x; idx < kMoeBlockM * kPer; idx += blockDim.x) {
@@ -193,7 +225,7 @@ __device__ __forceinline__ void stage_slice(T (*xs)[kMoeSmemK], T (*ws)[kMoeBloc
       for (int i = 0; i < N; ++i) xs[r][c + i] = (src != nullptr && k0 + c + i < k_valid) ? src[k0 + c + i] : zero;
     }
   }
-  for (int idx = threadIdx.x; idx < M * kMoeBlockN * kPer; idx += blockDim.x) {
+  for (int idx = threadIdx.x; stage_w && idx < M * kMoeBlockN * kPer; idx += blockDim.x) {
     const int m = idx / (kMoeBlockN * kPer), rem = idx % (kMoeBlockN * kPer);
     const int n = rem / kPer, c = rem % kPer * N;
     const T* src = w[m] + n * ldw + k0 + c;
@@ -208,7 +240,8 @@ __device__ __forceinline__ void stage_slice(T (*xs)[kMoeSmemK], T (*ws)[kMoeBloc
 
 // grid: (P / 16, ceil(I / 64)), 128 threads. inter[tile row, n] = act(gate) * up for one tile of
 // moe_align's output; tiles past num_tokens_post_pad exit (the grid depends on shapes only).
-template <typename T, int ACT, int N>
+// FP8: e4m3 w13 / w2 with a.w13_scale / a.w2_scale (W = uint8_t), else W = T.
+template <typename T, int ACT, int N, typename W = T>
 __global__ void moe_gate_up_kernel(FusedMoeArgs a) {
   const int tile = blockIdx.x;
   if (tile * kMoeBlockM >= a.num_tokens_post_pad[0]) return;
@@ -224,14 +257,24 @@ __global__ void moe_gate_up_kernel(FusedMoeArgs a) {
         ? static_cast<const T*>(a.hidden) + (pair / a.top_k) * a.hidden_stride : nullptr;
   }
   const int64_t n0 = int64_t(blockIdx.y) * kMoeBlockN;
-  const T* w13 = static_cast<const T*>(a.w13) + int64_t(e) * 2 * I * H;  // [2I, H]
-  const T* const w[2] = {w13 + n0 * H, w13 + (I + n0) * H};               // gate, up rows
+  const W* w13 = static_cast<const W*>(a.w13) + int64_t(e) * 2 * I * H;  // [2I, H]
+  const W* const w[2] = {w13 + n0 * H, w13 + (I + n0) * H};               // gate, up rows
+  constexpr bool kFp8 = std::is_same_v<W, uint8_t>;
+  const int64_t kb = kFp8 ? (H + a.block_k13 - 1) / a.block_k13 : 0;
+  const float* s13 = kFp8 ? a.w13_scale + int64_t(e) * 2 * I * kb : nullptr;  // [2I, kb]
+  const float* const s[2] = {kFp8 ? s13 + n0 * kb : nullptr, kFp8 ? s13 + (I + n0) * kb : nullptr};
   const int n_valid = static_cast<int>(I - n0 < kMoeBlockN ? I - n0 : kMoeBlockN);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float acc[2][2][4] = {};
   __syncthreads();
   for (int64_t k0 = 0; k0 < H; k0 += kMoeBlockK) {
-    stage_slice<T, 2, N>(xs, ws, rows, w, H, n_valid, k0, H);
+    if constexpr (kFp8) {
+      const T* const none[2] = {nullptr, nullptr};
+      stage_slice<T, 2, N>(xs, ws, rows, none, H, n_valid, k0, H, false);
+      stage_fp8_weights<T, 2>(ws, w, s, kb, a.block_k13, H, n_valid, k0, H);
+    } else {
+      stage_slice<T, 2, N>(xs, ws, rows, w, H, n_valid, k0, H);
+    }
     __syncthreads();
     mma_slice<T, 2>(acc, xs, ws, warp, lane);
     __syncthreads();
@@ -248,7 +291,7 @@ __global__ void moe_gate_up_kernel(FusedMoeArgs a) {
 }
 
 // grid: (P / 16, ceil(H / 64)), 128 threads. partial[pair, n] = weight * (w2[e] @ inter row).
-template <typename T, int N>
+template <typename T, int N, typename W = T>
 __global__ void moe_down_kernel(FusedMoeArgs a) {
   const int tile = blockIdx.x;
   if (tile * kMoeBlockM >= a.num_tokens_post_pad[0]) return;
@@ -261,13 +304,22 @@ __global__ void moe_down_kernel(FusedMoeArgs a) {
   if (threadIdx.x < kMoeBlockM)
     rows[threadIdx.x] = static_cast<const T*>(a.inter) + (int64_t(tile) * kMoeBlockM + threadIdx.x) * I;
   const int64_t n0 = int64_t(blockIdx.y) * kMoeBlockN;
-  const T* const w[1] = {static_cast<const T*>(a.w2) + (int64_t(e) * H + n0) * I};  // [64, I]
+  const W* const w[1] = {static_cast<const W*>(a.w2) + (int64_t(e) * H + n0) * I};  // [64, I]
+  constexpr bool kFp8 = std::is_same_v<W, uint8_t>;
+  const int64_t kb = kFp8 ? (I + a.block_k2 - 1) / a.block_k2 : 0;
+  const float* const s[1] = {kFp8 ? a.w2_scale + (int64_t(e) * H + n0) * kb : nullptr};
   const int n_valid = static_cast<int>(H - n0 < kMoeBlockN ? H - n0 : kMoeBlockN);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float acc[1][2][4] = {};
   __syncthreads();
   for (int64_t k0 = 0; k0 < I; k0 += kMoeBlockK) {
-    stage_slice<T, 1, N>(xs, ws, rows, w, I, n_valid, k0, I);
+    if constexpr (kFp8) {
+      const T* const none[1] = {nullptr};
+      stage_slice<T, 1, N>(xs, ws, rows, none, I, n_valid, k0, I, false);
+      stage_fp8_weights<T, 1>(ws, w, s, kb, a.block_k2, I, n_valid, k0, I);
+    } else {
+      stage_slice<T, 1, N>(xs, ws, rows, w, I, n_valid, k0, I);
+    }
     __syncthreads();
     mma_slice<T, 1>(acc, xs, ws, warp, lane);
     __syncthreads();

@@ -39,6 +39,11 @@ struct FusedMoeArgs {
   const void* hidden;          // [T, H], row stride hidden_stride
   const void* w13;             // [E, 2I, H] contiguous
   const void* w2;              // [E, H, I] contiguous
+  // e4m3 experts (w13 / w2 hold their uint8 codes): fp32 scales per output row and K-block of
+  // block_k columns (ops_native.fp8_moe_row_scales); null for bf16 / fp16 weights
+  const float* w13_scale;      // [E, 2I, ceil(H / block_k13)]
+  const float* w2_scale;       // [E, H, ceil(I / block_k2)]
+  int64_t block_k13, block_k2;
   const float* topk_weights;   // [T * k]
   const int32_t* topk_ids;     // [T * k]
   // workspace from the caller, sized by shapes only (moe_workspace_sizes)
@@ -64,5 +69,7 @@ inline int64_t moe_padded_len(int64_t num_pairs, int64_t num_experts, int64_t bl
 bool launch_topk_routing(const TopkRoutingArgs& a, cudaStream_t stream);
 bool launch_moe_align(const MoeAlignArgs& a, cudaStream_t stream);
 bool launch_fused_moe(const FusedMoeArgs& a, cudaStream_t stream);  // bf16 and fp16 only
+// the same with e4m3 experts (a.w13_scale set): bf16 / fp16 activations
+bool launch_fused_moe_fp8(const FusedMoeArgs& a, cudaStream_t stream);
 
 }  // namespace octavo::cuda

@@ -9,6 +9,7 @@
 #include "cuda/mla_args.h"
 #include "cuda/ssd_args.h"
 #include "cuda/fp8_gemm_args.h"
+#include "cuda/moe_args.h"
 #include "cuda/torch_args.h"
 #include "ops.h"
 
@@ -138,6 +139,21 @@ void fused_moe_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor&
       cuda_args::fused_moe(out, hidden, w13, w2, topk_weights, topk_ids, activation, kCUDA, ws);
   TORCH_CHECK(cuda::launch_fused_moe(a, c10::cuda::getCurrentCUDAStream()),
               "fused_moe: unsupported dtype");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fused_moe_fp8_cuda(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                        const at::Tensor& w2, const at::Tensor& w13_scale,
+                        const at::Tensor& w2_scale, const at::Tensor& topk_weights,
+                        const at::Tensor& topk_ids, int64_t block_k13, int64_t block_k2,
+                        const std::string& activation) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  cuda_args::MoeWorkspace ws;  // from the caching allocator (the graph's pool under capture)
+  const cuda::FusedMoeArgs a =
+      cuda_args::fused_moe_fp8(out, hidden, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids,
+                               block_k13, block_k2, activation, kCUDA, ws);
+  TORCH_CHECK(cuda::launch_fused_moe_fp8(a, c10::cuda::getCurrentCUDAStream()),
+              "fused_moe_fp8: unsupported dtype");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

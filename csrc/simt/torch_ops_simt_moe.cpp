@@ -1,10 +1,11 @@
-// torch.ops.octavo_simt.{topk_routing, moe_align, fused_moe}: the csrc/cuda MoE launchers on CPU
+// torch.ops.octavo_simt.{topk_routing, moe_align, fused_moe, fused_moe_fp8}: the csrc/cuda MoE launchers on CPU
 // tensors under the SIMT emulator (test-only), with the same checks as the CUDA wrappers.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 
+#include "cuda/moe_args.h"
 #include "cuda/torch_args.h"
 
 namespace octavo::simt_ops {
@@ -44,6 +45,21 @@ void fused_moe(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
   TORCH_CHECK(cuda::launch_fused_moe(a, nullptr), "fused_moe: unsupported dtype");
 }
 
+void fused_moe_fp8(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13,
+                   const at::Tensor& w2, const at::Tensor& w13_scale, const at::Tensor& w2_scale,
+                   const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t block_k13,
+                   int64_t block_k2, const std::string& activation) {
+  cuda_args::MoeWorkspace ws;
+  const cuda::FusedMoeArgs a =
+      cuda_args::fused_moe_fp8(out, hidden, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids,
+                               block_k13, block_k2, activation, kCPU, ws);
+  ws.inter.fill_(NAN);
+  ws.partial.fill_(NAN);
+  ws.sorted_token_ids.fill_(-7);
+  ws.expert_ids.fill_(-7);
+  TORCH_CHECK(cuda::launch_fused_moe_fp8(a, nullptr), "fused_moe_fp8: unsupported dtype");
+}
+
 }  // namespace
 }  // namespace octavo::simt_ops
 
@@ -55,4 +71,7 @@ TORCH_LIBRARY_FRAGMENT(octavo_simt, m) {
         "Tensor topk_ids, int num_experts, int block_size) -> ()", &octavo::simt_ops::moe_align);
   m.def("fused_moe(Tensor! out, Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, "
         "Tensor topk_ids, str activation) -> ()", &octavo::simt_ops::fused_moe);
+  m.def("fused_moe_fp8(Tensor! out, Tensor hidden, Tensor w13, Tensor w2, Tensor w13_scale, "
+        "Tensor w2_scale, Tensor topk_weights, Tensor topk_ids, int block_k13, int block_k2, "
+        "str activation) -> ()", &octavo::simt_ops::fused_moe_fp8);
 }

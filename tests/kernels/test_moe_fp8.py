@@ -160,3 +160,31 @@ def test_fused_moe_fp8_variants(env):
     res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_unpacked_op_equals_packed():
+    # octavo.fused_moe_fp8 (the CUDA form: codes as loaded, scales per row) packs on each CPU call
+    t, h, i, e, k, ids = CASES["blocks"]
+    hidden, q13, q2, s13, s2, tw, ti = make_fp8_moe(t, h, i, e, k, torch.bfloat16, "block", ids=ids)
+    r13, bk13 = ops_native.fp8_moe_row_scales(s13, 2 * i, h, BLOCK)
+    r2, bk2 = ops_native.fp8_moe_row_scales(s2, h, i, BLOCK)
+    out = torch.empty_like(hidden)
+    torch.ops.octavo.fused_moe_fp8(out, hidden, q13, q2, r13, r2, tw, ti, bk13, bk2, "silu")
+    packed = ops.fused_moe_fp8(hidden, q13, q2, s13, s2, tw, ti, "silu", BLOCK)
+    torch.testing.assert_close(out, packed, rtol=0, atol=0)
+    # (opcheck's schema test cannot multiply float8 tensors: the codes go as uint8)
+    torch.library.opcheck(torch.ops.octavo.fused_moe_fp8.default,
+                          (out, hidden, q13.view(torch.uint8), q2.view(torch.uint8), r13, r2, tw,
+                           ti, bk13, bk2, "gelu"))
+    with pytest.raises(RuntimeError, match="scales must be"):
+        torch.ops.octavo.fused_moe_fp8(out, hidden, q13, q2, r13[:, 1:], r2, tw, ti, bk13, bk2, "silu")
+
+
+def test_fused_moe_fp8_lab_quick():
+    # the kernel lab (bench/kernels/fused_moe_fp8.py) runs end to end and its checks pass
+    import re
+    res = subprocess.run([sys.executable, "-m", "octavo.bench.kernels.fused_moe_fp8", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "FAIL" not in res.stdout and res.stdout.count("OK") == 4
+    assert len(re.findall(r"octavo.fused_moe_fp8 +[\d.]+ ms +[\d.]+ GB/s", res.stdout)) == 4

@@ -83,3 +83,30 @@ def test_bad_inputs_are_rejected(simt):
         simt.fused_moe(torch.empty_like(hb), hb, w13b, w2b, tw, ti, "relu")
     with pytest.raises(RuntimeError, match="w13"):
         simt.fused_moe(torch.empty_like(hb), hb, w13b, w2b[:, :, :4].contiguous(), tw, ti, "silu")
+
+
+# ---- e4m3 experts (dequantized into bf16 / fp16 tiles as they are staged) ----------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["block", "channel", "tensor"])
+@pytest.mark.parametrize("name", ["one-token", "e5-odd-sizes", "blocks"])
+def test_fused_moe_fp8(simt, dtype, kind, name):
+    from test_moe_fp8 import BLOCK, CASES, dequantize_experts, make_fp8_moe
+    t, h, i, e, k, ids = CASES[name]
+    hidden, q13, q2, s13, s2, tw, ti = make_fp8_moe(t, h, i, e, k, dtype, kind, seed=t + h, ids=ids)
+    block = BLOCK if kind == "block" else None
+    r13, bk13 = ops_native.fp8_moe_row_scales(s13, 2 * i, h, block)
+    r2, bk2 = ops_native.fp8_moe_row_scales(s2, h, i, block)
+    out = torch.full_like(hidden, float("nan"))
+    simt.fused_moe_fp8(out, hidden, q13, q2, r13, r2, tw, ti, bk13, bk2, "silu")
+    exact = ops_native.fused_moe_fp8(hidden.double(), q13, q2, s13, s2, tw, ti, "silu", block)
+    w13, w2 = dequantize_experts(q13, s13, kind), dequantize_experts(q2, s2, kind)
+    assert_close_to_ref(out, same_precision_moe(hidden, w13.to(dtype), w2.to(dtype), tw, ti), exact,
+                        what=f"simt fp8 {name} {kind}")
+
+
+def test_fused_moe_fp8_rejects_float_weights(simt):
+    hidden, w13, w2, tw, ti = make_moe(2, 16, 8, 4, 2, torch.bfloat16)
+    s13, s2 = torch.ones(4, 16, 1), torch.ones(4, 16, 1)
+    with pytest.raises(RuntimeError, match="e4m3 codes"):
+        simt.fused_moe_fp8(torch.empty_like(hidden), hidden, w13, w2, s13, s2, tw, ti, 16, 8, "silu")
