@@ -139,3 +139,20 @@ def test_checkpoint_without_mtp_layers_is_refused(tiny_model_factory):
     llama = tiny_model_factory("LlamaForCausalLM")
     with pytest.raises(ValueError, match="multi-token-prediction"):
         LLM(model=llama, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+
+
+def test_preemption_keeps_outputs(tmp_path):
+    path = build_target_with_mtp(str(tmp_path / "dsv3"), own_head=False)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = PROMPTS + ["one two three four five six seven", "the cat the cat the"]
+    plain = LLM(model=path, dtype="float32", enforce_eager=True).generate(prompts, params,
+                                                                          use_tqdm=False)
+    kw = dict(dtype="float32", enforce_eager=True, block_size=4, max_model_len=64,
+              max_num_seqs=4, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    probe = LLM(model=path, **kw).llm_engine.runner
+    per_block = probe.bytes_per_block() + probe.extra_bytes_per_block
+    llm = LLM(model=path, kv_cache_memory=18 * per_block, **kw)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.kv.pool.num_free == 18
