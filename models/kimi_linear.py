@@ -28,6 +28,44 @@ from octavo.models.llama import AttentionOptions, LlamaForCausalLM, LlamaMLP
 FULL, LINEAR = "full_attention", "linear_attention"
 
 
+# transformers' KimiLinearConfig field <- the released checkpoint's own config class's field
+_RELEASED_NAMES = (("num_local_experts", "num_experts"),
+                   ("num_experts_per_tok", "num_experts_per_token"),
+                   ("n_group", "num_expert_group"), ("norm_topk_prob", "moe_renormalize"),
+                   ("n_shared_experts", "num_shared_experts"),
+                   ("max_position_embeddings", "model_max_length"))
+_KDA_SIZES = (("linear_num_heads", "num_heads"), ("linear_head_dim", "head_dim"),
+              ("linear_conv_kernel_dim", "short_conv_kernel_size"))
+
+
+def normalize_config(config) -> None:
+    """Give a config built by the released checkpoint's own class (trust_remote_code) the fields
+    transformers' KimiLinearConfig derives from it: layer kinds and KDA sizes from the
+    `linear_attn_config` sub-dict (1-based `kda_layers`; other layers are MLA), MLP kinds from
+    first_k_dense_replace / moe_layer_freq (DeepSeek's rule), and the renamed MoE fields. A config
+    transformers built already has them and is left as it is."""
+    for ours, theirs in _RELEASED_NAMES:
+        if getattr(config, ours, None) is None and getattr(config, theirs, None) is not None:
+            setattr(config, ours, getattr(config, theirs))
+    linear = getattr(config, "linear_attn_config", None) or {}
+    for ours, theirs in _KDA_SIZES:
+        if getattr(config, ours, None) is None:
+            if theirs not in linear:
+                raise ValueError(f"Kimi-Linear config has neither {ours!r} nor "
+                                 f"linear_attn_config[{theirs!r}]")
+            setattr(config, ours, linear[theirs])
+    n = config.num_hidden_layers
+    if getattr(config, "layer_types", None) is None:
+        kda = set(linear.get("kda_layers") or ())
+        config.layer_types = [LINEAR if i + 1 in kda else FULL for i in range(n)]
+    if getattr(config, "mlp_layer_types", None) is None:
+        first_dense = getattr(config, "first_k_dense_replace", 1)
+        freq = getattr(config, "moe_layer_freq", 1) or 1
+        moe = bool(getattr(config, "num_local_experts", None))
+        config.mlp_layer_types = ["sparse" if moe and i >= first_dense and i % freq == 0
+                                  else "dense" for i in range(n)]
+
+
 def _layer_types(config) -> list[str]:
     kinds = list(config.layer_types)
     if len(kinds) != config.num_hidden_layers or not set(kinds) <= {FULL, LINEAR}:
@@ -167,6 +205,7 @@ class KimiLinearForCausalLM(MoEWeightRouting, LlamaForCausalLM):
     cuda_graphs = False
 
     def __init__(self, config):
+        normalize_config(config)
         super().__init__(config)
         self._kda_layers = {i for i, kind in enumerate(_layer_types(config)) if kind == LINEAR}
 

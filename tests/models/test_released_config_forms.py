@@ -131,3 +131,71 @@ def test_released_form_matches_transformers(model_pair):
     new, released = model_pair
     assert_matches_hf(released, prompts=PROMPTS[:5], max_tokens=8, reference=new,
                       max_num_batched_tokens=16, max_num_seqs=4, max_model_len=512)
+
+
+# The released Kimi-Linear ships its own config class (config.json's auto_map), which keeps the
+# checkpoint's fields as they are; with trust_remote_code (what vLLM's instructions for it say)
+# AutoConfig builds that class instead of transformers' KimiLinearConfig. This stand-in keeps
+# every field as given, deriving nothing, as the released class does for the fields used here.
+REMOTE_KIMI_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class KimiLinearConfig(PretrainedConfig):
+    model_type = "kimi_linear"
+
+    def __init__(self, linear_attn_config=None, num_experts=None, **kwargs):
+        self.linear_attn_config = linear_attn_config
+        self.num_experts = num_experts
+        super().__init__(**kwargs)
+'''
+
+
+def test_kimi_released_config_class_through_trust_remote_code(tmp_path):
+    new = build_kimi(str(tmp_path / "transformers_form"))
+    released = _released_copy(new, str(tmp_path / "released_form"), kimi_released)
+    with open(f"{released}/configuration_kimi.py", "w") as f:
+        f.write(REMOTE_KIMI_CONFIG)
+    with open(f"{released}/config.json") as f:
+        config = json.load(f)
+    config["auto_map"] = {"AutoConfig": "configuration_kimi.KimiLinearConfig"}
+    with open(f"{released}/config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    remote = AutoConfig.from_pretrained(released, trust_remote_code=True)
+    assert type(remote).__module__.endswith("configuration_kimi")
+    assert not hasattr(remote, "layer_types") and not hasattr(remote, "linear_num_heads")
+    assert_matches_hf(released, prompts=PROMPTS[:5], max_tokens=8, reference=new,
+                      trust_remote_code=True, max_num_batched_tokens=16, max_num_seqs=4)
+
+
+# moonshotai/Kimi-Linear-48B-A3B-Instruct's config.json (the fields that shape the model)
+KIMI_48B = dict(
+    architectures=["KimiLinearForCausalLM"], model_type="kimi_linear", first_k_dense_replace=1,
+    head_dim=72, hidden_act="silu", hidden_size=2304, intermediate_size=9216, kv_lora_rank=512,
+    linear_attn_config={"full_attn_layers": [4, 8, 12, 16, 20, 24, 27], "head_dim": 128,
+                        "kda_layers": [i for i in range(1, 27) if i % 4], "num_heads": 32,
+                        "short_conv_kernel_size": 4},
+    mla_use_nope=True, model_max_length=1048576, moe_intermediate_size=1024, moe_layer_freq=1,
+    moe_renormalize=True, moe_router_activation_func="sigmoid", num_attention_heads=32,
+    num_expert_group=1, num_experts=256, num_experts_per_token=8, num_hidden_layers=27,
+    num_key_value_heads=32, num_shared_experts=1, q_lora_rank=None, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0, routed_scaling_factor=2.446,
+    tie_word_embeddings=False, topk_group=1, use_grouped_topk=True, v_head_dim=128,
+    vocab_size=163840)
+
+
+def test_kimi_normalize_config_agrees_with_transformers_on_the_48b_layout():
+    """The fields octavo derives from the released class's raw config equal the ones
+    transformers' KimiLinearConfig derives from the same config.json."""
+    from types import SimpleNamespace
+
+    from octavo.models.kimi_linear import normalize_config
+
+    raw = SimpleNamespace(**json.loads(json.dumps(KIMI_48B)))
+    normalize_config(raw)
+    hf = AutoConfig.for_model(**KIMI_48B)
+    fields = ("layer_types", "mlp_layer_types", "linear_num_heads", "linear_head_dim",
+              "linear_conv_kernel_dim", "num_local_experts", "num_experts_per_tok", "n_group",
+              "norm_topk_prob", "n_shared_experts", "max_position_embeddings")
+    assert {f: getattr(raw, f) for f in fields} == {f: getattr(hf, f) for f in fields}
+    assert raw.layer_types.count("full_attention") == 7 and raw.mlp_layer_types[0] == "dense"
