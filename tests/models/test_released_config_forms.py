@@ -133,39 +133,46 @@ def test_released_form_matches_transformers(model_pair):
                       max_num_batched_tokens=16, max_num_seqs=4, max_model_len=512)
 
 
-# The released Kimi-Linear ships its own config class (config.json's auto_map), which keeps the
-# checkpoint's fields as they are; with trust_remote_code (what vLLM's instructions for it say)
-# AutoConfig builds that class instead of transformers' KimiLinearConfig. This stand-in keeps
-# every field as given, deriving nothing, as the released class does for the fields used here.
-REMOTE_KIMI_CONFIG = '''
+# Kimi-Linear and Jamba-v0.1 ship their own config classes (config.json's auto_map) that keep
+# the checkpoint's fields as they are; with trust_remote_code (what vLLM's instructions for
+# Kimi-Linear say) AutoConfig builds that class instead of transformers'. This stand-in keeps
+# every field as given and derives nothing (the released classes derive none of the fields that
+# transformers adds: layer_types, linear_num_heads, mlp_layer_types, ...).
+REMOTE_CONFIG = '''
 from transformers import PretrainedConfig
 
 
-class KimiLinearConfig(PretrainedConfig):
-    model_type = "kimi_linear"
+class {name}(PretrainedConfig):
+    model_type = "{model_type}"
 
-    def __init__(self, linear_attn_config=None, num_experts=None, **kwargs):
-        self.linear_attn_config = linear_attn_config
-        self.num_experts = num_experts
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
 '''
+REMOTE = {"KimiLinearForCausalLM": ("configuration_kimi", "KimiLinearConfig", "kimi_linear",
+                                    ("layer_types", "linear_num_heads", "mlp_layer_types")),
+          "JambaForCausalLM": ("configuration_jamba", "JambaConfig", "jamba",
+                               ("layers_block_type", "layers_num_experts"))}
 
 
-def test_kimi_released_config_class_through_trust_remote_code(tmp_path):
-    new = build_kimi(str(tmp_path / "transformers_form"))
-    released = _released_copy(new, str(tmp_path / "released_form"), kimi_released)
-    with open(f"{released}/configuration_kimi.py", "w") as f:
-        f.write(REMOTE_KIMI_CONFIG)
+@pytest.mark.parametrize("arch", list(REMOTE))
+def test_released_config_class_through_trust_remote_code(arch, tmp_path):
+    module, name, model_type, derived = REMOTE[arch]
+    build, convert = CASES[arch]
+    new = build(str(tmp_path / "transformers_form"))
+    released = _released_copy(new, str(tmp_path / "released_form"), convert)
+    with open(f"{released}/{module}.py", "w") as f:
+        f.write(REMOTE_CONFIG.format(name=name, model_type=model_type))
     with open(f"{released}/config.json") as f:
         config = json.load(f)
-    config["auto_map"] = {"AutoConfig": "configuration_kimi.KimiLinearConfig"}
+    config["auto_map"] = {"AutoConfig": f"{module}.{name}"}
     with open(f"{released}/config.json", "w") as f:
         json.dump(config, f, indent=2)
     remote = AutoConfig.from_pretrained(released, trust_remote_code=True)
-    assert type(remote).__module__.endswith("configuration_kimi")
-    assert not hasattr(remote, "layer_types") and not hasattr(remote, "linear_num_heads")
+    assert type(remote).__module__.endswith(module)
+    assert not any(hasattr(remote, field) for field in derived)
     assert_matches_hf(released, prompts=PROMPTS[:5], max_tokens=8, reference=new,
-                      trust_remote_code=True, max_num_batched_tokens=16, max_num_seqs=4)
+                      trust_remote_code=True, max_num_batched_tokens=16, max_num_seqs=4,
+                      max_model_len=512)
 
 
 # moonshotai/Kimi-Linear-48B-A3B-Instruct's config.json (the fields that shape the model)
