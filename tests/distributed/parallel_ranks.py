@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 # four prompts of 3 to 37 tokens (test tokenizer); with a budget of 16 tokens the long ones
 # are prefilled in chunks
@@ -46,6 +47,25 @@ def summarize(llm) -> dict:
 
 def _plain(logprobs: dict | None) -> dict | None:
     return None if logprobs is None else {str(t): lp.logprob for t, lp in logprobs.items()}
+
+
+def wait_ranks(procs: list, timeout: float) -> int | None:
+    """Wait for every rank; the first that fails (or all, past the timeout) ends the others,
+    which would wait for it in a collective. Returns the failed rank, or None."""
+    deadline = time.monotonic() + timeout
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs):
+        failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        if time.monotonic() > deadline:
+            failed = next(r for r, p in enumerate(procs) if p.poll() is None)
+        time.sleep(0.2)
+    failed = failed if failed is not None else next(
+        (r for r, p in enumerate(procs) if p.returncode != 0), None)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return failed
 
 
 def main(job_path: str) -> None:

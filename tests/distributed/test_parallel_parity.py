@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from parallel_ranks import ENGINE, KV_BLOCKS, summarize
+from parallel_ranks import ENGINE, KV_BLOCKS, summarize, wait_ranks
 from tiny_models import build_tiny_model, build_tiny_ssm_model, save_tiny_model
 from octavo import LLM
 
@@ -119,26 +119,19 @@ def ranks(references, tmp_path_factory):
 
 def _launch(job: str, world: int) -> list[dict]:
     script = os.path.join(os.path.dirname(__file__), "parallel_ranks.py")
-    port = _free_port()
+    folder, port = os.path.dirname(job), _free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   OMP_WAIT_POLICY="PASSIVE",
-                   PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                               os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, script, job], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:                  # a rank stuck in a collective with a failed peer
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    folder = os.path.dirname(job)
+                   OMP_WAIT_POLICY="PASSIVE")
+        with open(os.path.join(folder, f"rank{rank}.log"), "w") as log:   # files: no pipe fills
+            procs.append(subprocess.Popen([sys.executable, script, job], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    failed = wait_ranks(procs, timeout=600)
+    if failed is not None:
+        with open(os.path.join(folder, f"rank{failed}.log")) as log:
+            pytest.fail(f"rank {failed} failed or hung:\n{log.read()[-4000:]}")
     return [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(world)]
 
 

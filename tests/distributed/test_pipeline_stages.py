@@ -218,23 +218,19 @@ def test_two_stages_on_two_tensor_parallel_ranks_equal_one_process(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    from parallel_ranks import wait_ranks
     here = os.path.dirname(__file__)
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), here,
-                               os.path.dirname(here), str(tmp_path)],
-                              env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                       OMP_NUM_THREADS="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    procs = []
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(tmp_path / "worker.py"), here, os.path.dirname(here),
+                 str(tmp_path)], stdout=log, stderr=subprocess.STDOUT,
+                env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port), OMP_NUM_THREADS="1")))
+    failed = wait_ranks(procs, timeout=300)
+    if failed is not None:
+        pytest.fail(f"rank {failed}:\n{(tmp_path / f'rank{failed}.log').read_text()[-3000:]}")
     for i, (name, want) in enumerate(zip(TP_PP_CASES, wants)):
         got = torch.load(tmp_path / f"out{i}.pt")
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
