@@ -62,14 +62,14 @@ def run_stage(layers: StageLayers, intermediate: State | None, embed: Callable[[
 def check_parallel_support(model_cls, hf_config, tp_size: int, pp_size: int) -> None:
     """ValueError naming the model and what to change when it cannot run on these ranks (run
     by the driver before any worker starts). A class declares supports_tensor_parallel (default
-    True), supports_pipeline_parallel (default False) and, when its decoder layers are not
+    True here; a model with per-request state layers must set it itself, or the model runner
+    refuses it on each worker), supports_pipeline_parallel (default False), optionally
+    pipeline_parallel_limit (why not) and, when its decoder layers are not
     config.num_hidden_layers, pp_layers_config_key (the config field that counts them)."""
     name = model_cls.__name__
-    if tp_size * pp_size > 1 and not getattr(model_cls, "supports_tensor_parallel", True):
-        raise ValueError(f"{name} keeps a per-request state (Mamba layers), which octavo runs in "
-                         f"one process only (tensor_parallel_size={tp_size}, pipeline_parallel_"
-                         f"size={pp_size} asked for {tp_size * pp_size}): use "
-                         "tensor_parallel_size=1 and pipeline_parallel_size=1")
+    if tp_size > 1 and not getattr(model_cls, "supports_tensor_parallel", True):
+        raise ValueError(f"{name} does not support tensor parallelism: use "
+                         "tensor_parallel_size=1")
     if pp_size == 1:
         return
     if not getattr(model_cls, "supports_pipeline_parallel", False):

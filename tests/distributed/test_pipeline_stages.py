@@ -301,3 +301,11 @@ def test_every_registered_architecture_runs_in_stages_or_refuses():
         cls = get_model_class(type("Config", (), {"architectures": [arch]})())
         with pytest.raises(ValueError, match=f"{arch} .*pipeline_parallel_size=1"):
             check_parallel_support(cls, None, 1, 2)
+
+
+def test_a_class_without_tensor_parallelism_is_refused_by_name():
+    no_tp = type("NoTensorParallel", (), {"supports_tensor_parallel": False})
+    with pytest.raises(ValueError, match="NoTensorParallel does not support tensor parallelism: "
+                                         "use tensor_parallel_size=1"):
+        check_parallel_support(no_tp, None, 2, 1)
+    check_parallel_support(no_tp, None, 1, 1)
