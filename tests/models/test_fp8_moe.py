@@ -40,6 +40,8 @@ CASES = {   # fmt, model, weight scales, activations
     "ct-qwen3_moe-channel-w8a16": ("compressed-tensors", "qwen3_moe", "channel", None),
     "ct-mixtral-tensor-w8a16": ("compressed-tensors", "mixtral", "tensor", None),
     "fp8-mixtral-tensor-dynamic": ("fp8", "mixtral", "tensor", "dynamic"),
+    # as released Mixtral FP8 files: static input scales (the experts' are not used)
+    "fp8-mixtral-tensor-static": ("fp8", "mixtral", "tensor", "static"),
 }
 
 
@@ -65,14 +67,14 @@ def fp8_dirs(tmp_path_factory, float_dir):
             fmt, model, kind, act = CASES[case]
             root = tmp_path_factory.mktemp(case)
             q, d = str(root / "q"), str(root / "deq")
-            write_fp8(float_dir(model), q, d, fmt, kind, act, linears=MOE_LINEARS)
-            cache[case] = (q, d)
+            scales = write_fp8(float_dir(model), q, d, fmt, kind, act, linears=MOE_LINEARS)
+            cache[case] = (q, d, scales)
         return cache[case]
     return make
 
 
 def test_writer_quantizes_experts_and_kv_b_proj(fp8_dirs):
-    qdir, _ = fp8_dirs("fp8-deepseek_v3-block")
+    qdir, _, _ = fp8_dirs("fp8-deepseek_v3-block")
     state = load_file(os.path.join(qdir, "model.safetensors"))
     w = state["model.layers.1.mlp.experts.3.gate_proj.weight"]
     assert w.dtype == torch.float8_e4m3fn and w.shape == (144, 160)
@@ -84,12 +86,12 @@ def test_writer_quantizes_experts_and_kv_b_proj(fp8_dirs):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_transformers_on_dequantized_weights(case, fp8_dirs):
-    qdir, deq = fp8_dirs(case)
+    qdir, deq, input_scales = fp8_dirs(case)
     activation = CASES[case][3]
     if activation is None:
         assert_matches_hf(qdir, prompts=PROMPTS[:5], max_tokens=12, reference=deq)
     else:   # attention's linears round their inputs to e4m3; experts run W8A16 (Fp8MoEMethod)
-        assert_matches_w8a8(qdir, _reference(deq, activation, {}), deq)
+        assert_matches_w8a8(qdir, _reference(deq, activation, input_scales), deq)
 
 
 def _load(path, quantization=None):
@@ -151,7 +153,7 @@ def test_fp8_at_load_matches_transformers_on_its_dequantized_weights(float_dir, 
 
 
 def test_expert_scale_errors(fp8_dirs, tmp_path):
-    qdir, _ = fp8_dirs("fp8-qwen3_moe-block")
+    qdir, _, _ = fp8_dirs("fp8-qwen3_moe-block")
     bad = str(tmp_path / "bad")
     shutil.copytree(qdir, bad)
     path = os.path.join(bad, "model.safetensors")
@@ -167,7 +169,7 @@ def test_decompressed_prefill_with_fp8_kv_b_proj(fp8_dirs, monkeypatch):
     # kv_b_proj itself (the shorter ones above through its dequantized absorbed halves)
     from octavo.models.layers.mla import MultiHeadLatentAttention
     monkeypatch.setattr(MultiHeadLatentAttention, "decompress_min_tokens", 4)
-    qdir, deq = fp8_dirs("fp8-deepseek_v3-block")
+    qdir, deq, _ = fp8_dirs("fp8-deepseek_v3-block")
     assert_matches_hf(qdir, prompts=PROMPTS[3:6], max_tokens=6, reference=deq)
 
 
