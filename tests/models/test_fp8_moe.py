@@ -37,6 +37,7 @@ MOE_LINEARS = LINEARS + MLA_LINEARS + ("w1", "w2", "w3")   # not the routers (ml
 CASES = {   # fmt, model, weight scales, activations
     "fp8-deepseek_v3-block": ("fp8", "deepseek_v3", "block", None),
     "fp8-qwen3_moe-block": ("fp8", "qwen3_moe", "block", None),
+    "ct-deepseek_v3-block-w8a16": ("compressed-tensors", "deepseek_v3", "block", None),
     "ct-qwen3_moe-channel-w8a16": ("compressed-tensors", "qwen3_moe", "channel", None),
     "ct-mixtral-tensor-w8a16": ("compressed-tensors", "mixtral", "tensor", None),
     "fp8-mixtral-tensor-dynamic": ("fp8", "mixtral", "tensor", "dynamic"),
