@@ -113,6 +113,10 @@ CASES = {
     "BambaForCausalLM": (lambda p: build_tiny_ssm_model(p, "BambaForCausalLM"), bamba_released),
     "GraniteMoeHybridForCausalLM": (
         lambda p: build_tiny_ssm_model(p, "GraniteMoeHybridForCausalLM"), granite_released),
+    # granite-4.0-h-micro / h-1b: no routed experts (the shared MLP alone), no position encoding
+    "GraniteMoeHybridForCausalLM-dense-nope": (
+        lambda p: build_tiny_ssm_model(p, "GraniteMoeHybridForCausalLM", num_local_experts=0,
+                                       position_embedding_type="nope"), granite_released),
     "Zamba2ForCausalLM": (build_zamba2, zamba2_released),
     "KimiLinearForCausalLM": (build_kimi, kimi_released),
 }
