@@ -68,8 +68,8 @@ def granite_released(c: dict) -> dict:
 
 
 def zamba2_released(c: dict) -> dict:
-    """Zyphra/Zamba2-*: layers_block_type "mamba" / "hybrid", Megatron-style extras (ffn_hidden_size,
-    use_shared_mlp_adapter), flat rope_theta, no derived attention sizes."""
+    """Zyphra/Zamba2-*: layers_block_type "mamba" / "hybrid", Megatron-style extras
+    (ffn_hidden_size, use_shared_mlp_adapter), flat rope_theta, no derived attention sizes."""
     c = _common(c)
     c["layers_block_type"] = [LEGACY.get(t, t) for t in c["layers_block_type"]]
     c.update(ffn_hidden_size=c["intermediate_size"], use_shared_mlp_adapter=True)
