@@ -270,7 +270,9 @@ def _positive(name: str, value: int) -> None:
 
 
 def _max_positions(hf_config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+    # (model_max_length: Kimi-Linear's own config class; n_ctx: Jamba-v0.1's)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                "model_max_length", "n_ctx"):
         value = getattr(hf_config, key, None)
         if isinstance(value, int) and value > 0:
             return value

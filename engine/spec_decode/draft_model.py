@@ -55,7 +55,72 @@ def draft_engine_config(target: EngineConfig, draft_model: str) -> EngineConfig:
     return cfg
 
 
-class DraftModelProposer:
+def pack_steps(pending: list[tuple[int, int, int]], budget: int, max_seqs: int
+               ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(item, start, n) positions still to run -> (this step's (item, start, take) within the
+    token budget and sequence limit, what is left for later steps)."""
+    batch, rest = [], []
+    for i, start, n in pending:
+        take = min(n, budget)
+        if take <= 0 or len(batch) >= max_seqs:
+            rest.append((i, start, n))
+            continue
+        batch.append((i, start, take))
+        budget -= take
+        if take < n:
+            rest.append((i, start + take, n - take))
+    return batch, rest
+
+
+class RunnerProposer:
+    """What the proposers that run a model of their own share: a runner whose cache has the
+    target's block count, and turning that model's logits into drafts."""
+
+    runner: Any
+    kv: Any = None                          # the target's KVCacheManager (bind)
+    eos_token_ids: list[int] = []
+
+    def bytes_per_block(self) -> int:
+        return self.runner.bytes_per_block()
+
+    def bind(self, kv: Any, num_blocks: int, eos_token_ids: Sequence[int]) -> None:
+        """Allocate the cache with the target's block count; `kv` hands out blocks."""
+        self.kv = kv
+        self.eos_token_ids = list(eos_token_ids)
+        self.runner._allocate(num_blocks)
+        self.runner.num_blocks = num_blocks
+
+    def forget(self, req: Request) -> None:
+        pass
+
+    def sample_drafts(self, live: list[int], rows: torch.Tensor, reqs: Sequence[Request],
+                      tokens: dict[int, list[int]], probs: dict[int, list[torch.Tensor]]
+                      ) -> list[int]:
+        """One draft per live request from the logits rows [len(live), V], drawn from the
+        request's own sampling distribution (greedy: its argmax; else the distribution is kept
+        for the rejection sampler). Appends to tokens / probs; returns the drafts."""
+        states = [SamplingState(reqs[i].sampling_params, reqs[i].prompt_token_ids,
+                                [*reqs[i].output_token_ids, *tokens[i]], reqs[i].generator,
+                                reqs[i].bad_words_token_ids) for i in live]
+        q, greedy = sampling_probs(rows, states, self.eos_token_ids)
+        out = []
+        for j, i in enumerate(live):
+            if bool(greedy[j]):
+                t = int(q[j].argmax())
+            else:
+                t = int(torch.multinomial(q[j], 1, generator=reqs[i].generator))
+                probs[i].append(q[j])
+            tokens[i].append(t)
+            out.append(t)
+        return out
+
+    @staticmethod
+    def results(n: int, tokens: dict[int, list[int]], probs: dict[int, list[torch.Tensor]]):
+        return [(tokens.get(i, []), torch.stack(probs[i]) if probs.get(i) else None)
+                for i in range(n)]
+
+
+class DraftModelProposer(RunnerProposer):
     def __init__(self, target: EngineConfig, draft_model: str) -> None:
         from octavo.model_runner import ModelRunner
 
@@ -69,22 +134,7 @@ class DraftModelProposer:
         if self.runner.state_layers:
             raise ValueError(f"the draft model {draft_model!r} keeps a recurrent state (Mamba "
                              "layers), which octavo does not support as a draft")
-        self.kv = None                 # the target's KVCacheManager (bind)
-        self.eos_token_ids: list[int] = []
         self.budget = self.config.max_num_batched_tokens
-
-    def bytes_per_block(self) -> int:
-        return self.runner.bytes_per_block()
-
-    def bind(self, kv: Any, num_blocks: int, eos_token_ids: Sequence[int]) -> None:
-        """Allocate the draft's cache with the target's block count; `kv` hands out blocks."""
-        self.kv = kv
-        self.eos_token_ids = list(eos_token_ids)
-        self.runner._allocate(num_blocks)
-        self.runner.num_blocks = num_blocks
-
-    def forget(self, req: Request) -> None:
-        pass
 
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Request], ks: Sequence[int]):
@@ -115,52 +165,26 @@ class DraftModelProposer:
                                        for i in live])
                 res = self.runner.execute(out)
                 logits_of = dict(zip(live, res.logits))
-            rows = torch.stack([logits_of[i] for i in live])
-            states = [SamplingState(reqs[i].sampling_params, reqs[i].prompt_token_ids,
-                                    views[i].all_token_ids[reqs[i].num_prompt_tokens:],
-                                    reqs[i].generator, reqs[i].bad_words_token_ids) for i in live]
-            q, greedy = sampling_probs(rows, states, self.eos_token_ids)
-            for j, i in enumerate(live):
-                if bool(greedy[j]):
-                    t = int(q[j].argmax())
-                else:
-                    t = int(torch.multinomial(q[j], 1, generator=reqs[i].generator))
-                    probs[i].append(q[j])
-                tokens[i].append(t)
+            drafts = self.sample_drafts(live, torch.stack([logits_of[i] for i in live]), reqs,
+                                        tokens, probs)
+            for i, t in zip(live, drafts):
                 views[i].all_token_ids.append(t)
         for i in active:
             # positions written: all tokens before the last draft (which no forward consumed)
             reqs[i].num_draft_computed = views[i].num_tokens - 1
-        result = []
-        for i in range(len(reqs)):
-            if i not in tokens or not tokens[i]:
-                result.append(([], None))
-                continue
-            p = torch.stack(probs[i]) if probs[i] else None
-            result.append((tokens[i], p))
-        return result
+        return self.results(len(reqs), tokens, probs)
 
     def _catch_up(self, items: list[tuple[int, _DraftView, int]]) -> dict[int, torch.Tensor]:
         """Forward each view's positions [start, num_tokens), packed into steps of at most the
         token budget (a long prompt in chunks); returns each one's last-position logits."""
         logits_of: dict[int, torch.Tensor] = {}
-        pending = [(i, v, start) for i, v, start in items]
+        views = {i: v for i, v, _ in items}
+        pending = [(i, start, v.num_tokens - start) for i, v, start in items]
         while pending:
-            batch, budget, rest = [], self.budget, []
-            for i, v, start in pending:
-                n = min(v.num_tokens - start, budget)
-                if n <= 0 or len(batch) >= self.config.max_num_seqs:
-                    rest.append((i, v, start))
-                    continue
-                batch.append((i, v, start, n))
-                budget -= n
-                if start + n < v.num_tokens:
-                    rest.append((i, v, start + n))
+            batch, pending = pack_steps(pending, self.budget, self.config.max_num_seqs)
             res = self.runner.execute(SchedulerOutput(
-                [ScheduledRequest(v, n, start) for _, v, start, n in batch]))
-            done = [i for i, v, start, n in batch if start + n == v.num_tokens]
+                [ScheduledRequest(views[i], n, start) for i, start, n in batch]))
+            done = [i for i, start, n in batch if start + n == views[i].num_tokens]
             if done:
                 logits_of.update(zip(done, res.logits))
-            pending = rest
         return logits_of
-

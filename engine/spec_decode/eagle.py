@@ -18,10 +18,9 @@ import torch
 
 from octavo.config import EngineConfig
 from octavo.request import Request
-from octavo.sampler import SamplingState, sampling_probs
 from octavo.scheduler import ScheduledRequest, SchedulerOutput
 
-from .draft_model import draft_engine_config
+from .draft_model import RunnerProposer, draft_engine_config, pack_steps
 
 
 class _ShiftedView:
@@ -41,7 +40,7 @@ class _ShiftedView:
         return len(self.all_token_ids)
 
 
-class EagleProposer:
+class EagleProposer(RunnerProposer):
     def __init__(self, target: EngineConfig, target_runner: Any, head_dir: str,
                  method: str = "eagle") -> None:
         from octavo.model_runner import ModelRunner
@@ -64,20 +63,9 @@ class EagleProposer:
         self.runner.model.share_from(target_runner.model)
         self.runner.keep_hidden = True
         target_runner.keep_hidden = True
-        self.kv = None
-        self.eos_token_ids: list[int] = []
         self.budget = self.config.max_num_batched_tokens
         # request id -> (first position, [P, hidden]) of target features not yet consumed
         self._pending: dict[str, tuple[int, torch.Tensor]] = {}
-
-    def bytes_per_block(self) -> int:
-        return self.runner.bytes_per_block()
-
-    def bind(self, kv: Any, num_blocks: int, eos_token_ids: Sequence[int]) -> None:
-        self.kv = kv
-        self.eos_token_ids = list(eos_token_ids)
-        self.runner._allocate(num_blocks)
-        self.runner.num_blocks = num_blocks
 
     def forget(self, req: Request) -> None:
         self._pending.pop(req.request_id, None)
@@ -131,23 +119,13 @@ class EagleProposer:
                 res = self.runner.execute(out)
                 logits_of = dict(zip(live, res.logits))
                 last_hidden.update(zip(live, res.hidden))
-            rows = torch.stack([logits_of[i] for i in live])
-            states = [SamplingState(reqs[i].sampling_params, reqs[i].prompt_token_ids,
-                                    [*reqs[i].output_token_ids, *tokens[i]], reqs[i].generator,
-                                    reqs[i].bad_words_token_ids) for i in live]
-            q, greedy = sampling_probs(rows, states, self.eos_token_ids)
-            for j, i in enumerate(live):
-                if bool(greedy[j]):
-                    t = int(q[j].argmax())
-                else:
-                    t = int(torch.multinomial(q[j], 1, generator=reqs[i].generator))
-                    probs[i].append(q[j])
-                tokens[i].append(t)
+            drafts = self.sample_drafts(live, torch.stack([logits_of[i] for i in live]), reqs,
+                                        tokens, probs)
+            for i, t in zip(live, drafts):
                 views[i].all_token_ids.append(t)
         for i in views:      # the head's cache is target-fed up to the last token's position
             reqs[i].num_draft_computed = reqs[i].num_computed_tokens
-        return [(tokens.get(i, []), torch.stack(probs[i]) if probs.get(i) else None)
-                for i in range(len(reqs))]
+        return self.results(len(reqs), tokens, probs)
 
     def _catch_up(self, items, views, feats_of, last_hidden) -> dict[int, torch.Tensor]:
         """Run positions [start, start + n) of each view with the target's features, in steps
@@ -156,16 +134,7 @@ class EagleProposer:
         logits_of: dict[int, torch.Tensor] = {}
         pending = list(items)
         while pending:
-            batch, budget, rest = [], self.budget, []
-            for i, start, n in pending:
-                take = min(n, budget)
-                if take <= 0 or len(batch) >= self.config.max_num_seqs:
-                    rest.append((i, start, n))
-                    continue
-                batch.append((i, start, take))
-                budget -= take
-                if take < n:
-                    rest.append((i, start + take, n - take))
+            batch, pending = pack_steps(pending, self.budget, self.config.max_num_seqs)
             head.features = torch.cat([feats_of[i][:take] for i, _, take in batch])
             for i, _, take in batch:
                 feats_of[i] = feats_of[i][take:]
@@ -180,5 +149,4 @@ class EagleProposer:
                     last_hidden[i] = res.hidden[row - 1]
             if done:
                 logits_of.update(zip(done, res.logits))
-            pending = rest
         return logits_of

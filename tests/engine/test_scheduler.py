@@ -106,3 +106,15 @@ def test_stop_conditions():
     step(s, token=5)
     assert sid.status == RequestStatus.FINISHED_STOPPED and sid.stop_reason == 5
     assert not s.has_unfinished() and s.kv.pool.num_free == s.kv.num_blocks
+
+
+def test_position_limit_read_from_each_config_spelling():
+    # remote-code configs name the limit differently (Kimi-Linear: model_max_length,
+    # Jamba-v0.1: n_ctx); the first key found wins, in the order transformers' configs use
+    from types import SimpleNamespace
+
+    from octavo.config import _max_positions
+    assert _max_positions(SimpleNamespace(model_max_length=1 << 20)) == 1 << 20
+    assert _max_positions(SimpleNamespace(n_ctx=262144)) == 262144
+    assert _max_positions(SimpleNamespace(max_position_embeddings=512, n_ctx=1024)) == 512
+    assert _max_positions(SimpleNamespace()) is None
