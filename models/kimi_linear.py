@@ -20,7 +20,7 @@ from torch import nn
 from octavo.models.layers.attention import AttentionMetadata
 from octavo.models.layers.cache_spec import StateSpec
 from octavo.models.layers.fused_moe import FusedMoE, MoEBlock, MoEWeightRouting, moe_activation
-from octavo.models.layers.linear import QKVParallelLinear, ReplicatedLinear
+from octavo.models.layers.linear import ReplicatedLinear, _copy_checked
 from octavo.models.layers.mamba import _Conv1dParams, _StateMixer
 from octavo.models.layers.mla import MultiHeadLatentAttention
 from octavo.models.llama import AttentionOptions, LlamaForCausalLM, LlamaMLP
@@ -88,9 +88,31 @@ class _SigmoidGatedRMSNorm(nn.Module):
         return (self.weight.float() * xf * torch.sigmoid(gate.float())).to(x.dtype)
 
 
+class _WholeQKV(ReplicatedLinear):
+    """KDA's q/k/v projections fused on the output dim and whole on every rank (the layer runs
+    unsplit under tensor parallelism); checkpoint q_proj/k_proj/v_proj load with shard_id
+    'q'/'k'/'v'."""
+
+    def __init__(self, hidden: int, dim: int):
+        super().__init__(hidden, 3 * dim)
+        self.dim = dim
+
+    def output_slices(self) -> list[tuple[object, int]]:
+        return [(s, self.dim) for s in "qkv"]
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        dim = getattr(param, "output_dim", None)
+        if shard_id is None or dim is None:
+            return _copy_checked(param.data, loaded_weight)
+        size = param.data.shape[dim] // 3
+        _copy_checked(param.data.narrow(dim, "qkv".index(shard_id) * size, size), loaded_weight)
+        return None
+
+
 class KimiDeltaAttention(_StateMixer):
     """KDA over the per-request state: conv state [3 * H * K, W - 1] (model dtype) and the delta
-    rule's state [H, K, K] (fp32)."""
+    rule's state [H, K, K] (fp32). Under tensor parallelism every rank runs the whole layer
+    (replicated weights, the whole state), as the Mamba mixers do."""
 
     def __init__(self, config):
         super().__init__()
@@ -102,7 +124,7 @@ class KimiDeltaAttention(_StateMixer):
             raise ValueError(f"Kimi-Linear KDA activation {config.hidden_act!r} is not supported: "
                              "the causal conv ops apply silu")
         self.activation = "silu"
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, self.num_heads, self.num_heads)
+        self.qkv_proj = _WholeQKV(hidden, dim)
         self.conv1d = _Conv1dParams(3 * dim, self.conv_width, bias=False)
         self.conv1d.weight.weight_loader = self._load_conv
         self.f_a_proj = ReplicatedLinear(hidden, self.head_dim)
@@ -199,6 +221,11 @@ class KimiLinearForCausalLM(MoEWeightRouting, LlamaForCausalLM):
     )
     expert_projections = {"w1": "w1", "w3": "w3", "w2": "w2",
                           "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    # tensor parallel: the KDA layers run whole on every rank (each rank keeps the whole
+    # state), MLA heads, MLPs, experts and the vocabulary are split; pipeline stages would
+    # each need the request's state slots
+    supports_tensor_parallel = True
+    pipeline_parallel_limit = "its KDA layers keep a per-request state"
     supports_pipeline_parallel = False
     # ops.gated_delta_rule_update has no CUDA kernel yet: its reference (host syncs) cannot be
     # captured, so the runner decodes this model eagerly on CUDA

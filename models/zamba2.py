@@ -22,28 +22,39 @@ from octavo.models.layers.activation import get_gated_activation
 from octavo.models.layers.attention import Attention, AttentionMetadata
 from octavo.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from octavo.models.layers.layernorm import RMSNorm
-from octavo.models.layers.linear import QKVParallelLinear, ReplicatedLinear
+from octavo.models.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                         QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
 from octavo.models.layers.mamba import Mamba2Mixer
+from octavo.models.layers.parallel_state import get_tp_size
 from octavo.models.layers.rotary import get_rope, rope_parameters
 from octavo.models.loader import _route
 
 HYBRID, MAMBA = "hybrid", ("mamba", "linear_attention")
 
 
-def _adapter(size_in: int, rank: int, size_out: int) -> nn.Sequential:
-    # checkpoint names <list>.<use>.0.weight (down) and .1.weight (up)
-    return nn.Sequential(ReplicatedLinear(size_in, rank), ReplicatedLinear(rank, size_out))
+def _adapter(size_in: int, rank: int, up: nn.Module) -> nn.Sequential:
+    # checkpoint names <list>.<use>.0.weight (down) and .1.weight (up); the down projection is
+    # whole on every rank, the up one split as the projection it adds to
+    return nn.Sequential(ReplicatedLinear(size_in, rank), up)
 
 
-def _adapters(uses: int, owned, size_in: int, rank: int, size_out: int) -> nn.ModuleList:
+def _adapters(uses: int, owned, size_in: int, rank: int, make_up) -> nn.ModuleList:
     """One adapter per hybrid use this block serves (Identity placeholders keep the indices)."""
-    return nn.ModuleList(_adapter(size_in, rank, size_out) if owned(i) else nn.Identity()
+    return nn.ModuleList(_adapter(size_in, rank, make_up()) if owned(i) else nn.Identity()
                          for i in range(uses))
+
+
+def _local_heads(config) -> tuple[int, int]:
+    """(query heads, KV heads) of one tensor-parallel rank, as QKVParallelLinear splits them."""
+    tp = get_tp_size()
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    return heads // tp, max(kv_heads // tp, 1)
 
 
 class Zamba2SharedAttention(nn.Module):
     """q/k/v over [hidden | embeddings] (2H wide), heads of 2H / num_heads, softmax scale
-    (head_dim / 2) ** -0.5; the attention itself (and its cache) belongs to each use."""
+    (head_dim / 2) ** -0.5; the attention itself (and its cache) belongs to each use. Tensor
+    parallel as Llama's: heads (and the adapters' outputs) split, o_proj all-reduced."""
 
     def __init__(self, config, owned, uses: int):
         super().__init__()
@@ -51,16 +62,17 @@ class Zamba2SharedAttention(nn.Module):
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.qkv_proj = QKVParallelLinear(width, hd, heads, kv_heads, bias=False)
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = ReplicatedLinear(heads * hd, config.hidden_size)
+        self.o_proj = RowParallelLinear(heads * hd, config.hidden_size)
         self.use_adapters = bool(config.use_shared_attention_adapter)
         if self.use_adapters:
             if kv_heads * hd != width or heads * hd != width:
                 raise ValueError("Zamba2 shared attention adapters need num_key_value_heads == "
                                  f"num_attention_heads (got {kv_heads} and {heads})")
             rank = config.adapter_rank
-            self.linear_q_adapter_list = _adapters(uses, owned, width, rank, width)
-            self.linear_k_adapter_list = _adapters(uses, owned, width, rank, width)
-            self.linear_v_adapter_list = _adapters(uses, owned, width, rank, width)
+            up = lambda: ColumnParallelLinear(rank, width)  # noqa: E731
+            self.linear_q_adapter_list = _adapters(uses, owned, width, rank, up)
+            self.linear_k_adapter_list = _adapters(uses, owned, width, rank, up)
+            self.linear_v_adapter_list = _adapters(uses, owned, width, rank, up)
 
     def forward(self, use: int, positions, x, attn: Attention, rotary, md) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -74,15 +86,17 @@ class Zamba2SharedAttention(nn.Module):
 
 
 class Zamba2SharedMLP(nn.Module):
-    """gate_up_proj (one checkpoint tensor) plus the use's adapter, gated activation, down_proj."""
+    """gate_up_proj (one checkpoint tensor) plus the use's adapter, gated activation, down_proj;
+    tensor parallel as Llama's MLP (each rank its share of the gate and of the up halves)."""
 
     def __init__(self, config, owned, uses: int):
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = ReplicatedLinear(hidden, 2 * inter, bias=config.add_bias_linear)
-        self.down_proj = ReplicatedLinear(inter, hidden, bias=config.add_bias_linear)
-        self.gate_up_proj_adapter_list = _adapters(uses, owned, hidden, config.adapter_rank,
-                                                   2 * inter)
+        bias = config.add_bias_linear
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
+        up = lambda: MergedColumnParallelLinear(config.adapter_rank, [inter, inter])  # noqa: E731
+        self.gate_up_proj_adapter_list = _adapters(uses, owned, hidden, config.adapter_rank, up)
         self.act_fn = get_gated_activation(config.hidden_act)
 
     def forward(self, use: int, x: torch.Tensor) -> torch.Tensor:
@@ -139,8 +153,8 @@ class Zamba2HybridLayer(nn.Module):
         super().__init__()
         self.use, self.block_id = use, block_id
         hd = config.attention_head_dim
-        self.attn = Attention(config.num_attention_heads, hd, (hd / 2) ** -0.5,
-                              config.num_key_value_heads)
+        heads, kv_heads = _local_heads(config)
+        self.attn = Attention(heads, hd, (hd / 2) ** -0.5, kv_heads)
         self.rotary_emb = None
         if config.use_mem_rope:
             base, scaling = rope_parameters(config)
@@ -206,6 +220,11 @@ class Zamba2Model(nn.Module):
 class Zamba2ForCausalLM(nn.Module):
     packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
                               "v_proj": ("qkv_proj", "v")}
+    # tensor parallel: the Mamba mixers run whole on every rank (each rank keeps the whole
+    # state), the shared blocks and the vocabulary are split; pipeline stages would each need
+    # the request's state slots (and the shared blocks)
+    supports_tensor_parallel = True
+    pipeline_parallel_limit = "its Mamba layers keep a per-request state"
     supports_pipeline_parallel = False
 
     def __init__(self, config):

@@ -281,6 +281,17 @@ def test_state_space_models_refuse_pipeline_parallelism_naming_the_model(arch):
     check_parallel_support(cls, None, 2, 1)     # tensor parallel (test_parallel_parity.py)
 
 
+@pytest.mark.parametrize("arch,layers", [("Zamba2ForCausalLM", "Mamba"),
+                                         ("KimiLinearForCausalLM", "KDA")])
+def test_hybrids_with_state_layers_refuse_pipeline_parallelism_only(arch, layers):
+    cls = get_model_class(type("C", (), {"architectures": [arch]})())
+    with pytest.raises(ValueError, match=f"{arch} does not support pipeline parallelism \\(its "
+                                         f"{layers} layers keep a per-request state\\): use "
+                                         "pipeline_parallel_size=1"):
+        check_parallel_support(cls, None, 2, 2)
+    check_parallel_support(cls, None, 2, 1)     # tensor parallel (test_parallel_parity.py)
+
+
 def test_loop_coder_refuses_pipeline_parallelism_only():
     from octavo.models.iquest_loopcoder import IQuestLoopCoderForCausalLM
     with pytest.raises(ValueError, match="IQuestLoopCoderForCausalLM does not support pipeline "
@@ -292,11 +303,8 @@ def test_loop_coder_refuses_pipeline_parallelism_only():
 def test_every_registered_architecture_runs_in_stages_or_refuses():
     from octavo.models.registry import supported_architectures
     covered = {HF_CASES[c][0] for c in CASES if c in HF_CASES} | set(REMOTE.values())
-    # its KDA state layers are refused by the model runner on each worker (a ValueError naming
-    # the model too), as its class does not yet say supports_tensor_parallel = False
-    refused_by_the_runner = {"KimiLinearForCausalLM"}
     for arch in supported_architectures():
-        if arch in covered or arch in refused_by_the_runner:
+        if arch in covered:
             continue
         cls = get_model_class(type("Config", (), {"architectures": [arch]})())
         with pytest.raises(ValueError, match=f"{arch} .*pipeline_parallel_size=1"):
