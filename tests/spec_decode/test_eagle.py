@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from octavo import LLM, SamplingParams
 
+from spec_util import assert_preemption_keeps_outputs, collect_drafts
+
 PROMPTS = ["a b c d a b c d a", "hello world, this is a longer prompt to chunk over steps"]
 
 
@@ -96,13 +98,7 @@ def test_drafts_equal_the_reference(llama_dir, tmp_path, own_embedding):
               speculative_config={"method": "eagle", "model": head, "num_speculative_tokens": k})
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, params)
-    seen = []
-    while engine.has_unfinished_requests():
-        engine.step()
-        seen += [(list(r.all_token_ids), list(r.spec_token_ids)) for r in engine.scheduler.running
-                 if r.spec_token_ids]
+    seen = collect_drafts(llm, PROMPTS, params)
     assert len(seen) >= 4
     ref = ReferenceEagle(llama_dir, head)
     for ids, drafts in seen:
@@ -131,17 +127,10 @@ def test_head_for_another_width_is_refused(llama_dir, tiny_model_factory, tmp_pa
                                                  "num_speculative_tokens": 2})
 
 
+
 def test_preemption_keeps_outputs(llama_dir, tmp_path):
     head = build_head(str(tmp_path / "head"), llama_dir, own_embedding=True, seed=2)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    prompts = PROMPTS + ["one two three four five six seven", "the cat the cat the"]
-    plain = LLM(model=llama_dir, enforce_eager=True).generate(prompts, params, use_tqdm=False)
-    kw = dict(enforce_eager=True, block_size=4, max_model_len=64, max_num_seqs=4,
-              speculative_config={"method": "eagle", "model": head, "num_speculative_tokens": 3})
-    probe = LLM(model=llama_dir, **kw).llm_engine.runner
-    per_block = probe.bytes_per_block() + probe.extra_bytes_per_block
-    llm = LLM(model=llama_dir, kv_cache_memory=18 * per_block, **kw)
-    got = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
-    assert llm.llm_engine.scheduler.num_preemptions > 0
-    assert llm.llm_engine.kv.pool.num_free == 18
+    assert_preemption_keeps_outputs(
+        llama_dir, {"method": "eagle", "model": head, "num_speculative_tokens": 3},
+        PROMPTS + ["one two three four five six seven", "the cat the cat the"],
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))

@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from octavo import LLM, SamplingParams
 
+from spec_util import assert_preemption_keeps_outputs, collect_drafts
+
 from tiny_models import save_tiny_model
 
 CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -117,13 +119,7 @@ def test_drafts_equal_the_reference(tmp_path, own_head):
               speculative_config={"method": "deepseek_mtp", "num_speculative_tokens": 2})
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, params)
-    seen = []
-    while engine.has_unfinished_requests():
-        engine.step()
-        seen += [(list(r.all_token_ids), list(r.spec_token_ids)) for r in engine.scheduler.running
-                 if r.spec_token_ids]
+    seen = collect_drafts(llm, PROMPTS, params)
     assert len(seen) >= 4
     ref = ReferenceMTP(path)
     for ids, drafts in seen:
@@ -141,18 +137,10 @@ def test_checkpoint_without_mtp_layers_is_refused(tiny_model_factory):
         LLM(model=llama, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
 
 
+
 def test_preemption_keeps_outputs(tmp_path):
     path = build_target_with_mtp(str(tmp_path / "dsv3"), own_head=False)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    prompts = PROMPTS + ["one two three four five six seven", "the cat the cat the"]
-    plain = LLM(model=path, dtype="float32", enforce_eager=True).generate(prompts, params,
-                                                                          use_tqdm=False)
-    kw = dict(dtype="float32", enforce_eager=True, block_size=4, max_model_len=64,
-              max_num_seqs=4, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
-    probe = LLM(model=path, **kw).llm_engine.runner
-    per_block = probe.bytes_per_block() + probe.extra_bytes_per_block
-    llm = LLM(model=path, kv_cache_memory=18 * per_block, **kw)
-    got = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
-    assert llm.llm_engine.scheduler.num_preemptions > 0
-    assert llm.llm_engine.kv.pool.num_free == 18
+    assert_preemption_keeps_outputs(
+        path, {"method": "mtp", "num_speculative_tokens": 2},
+        PROMPTS + ["one two three four five six seven", "the cat the cat the"],
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), dtype="float32")
