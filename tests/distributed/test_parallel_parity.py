@@ -3,7 +3,8 @@ logprobs identical to the single-process engine for TP=2, PP=2 and TP=2 x PP=2, 
 prompts with chunked prefill (a token budget of 16) and preemption (a KV cache of a few blocks
 per rank), over Llama (GQA), BLOOM (ALiBi, tied head), Qwen2 (tied head, one KV head replicated
 over the TP ranks), Gemma 2, Qwen3-MoE and DeepSeek-V2 (MLA, MoE); and TP=2 of the
-state-space and hybrid models (Mamba, Falcon-Mamba, Mamba-2, Jamba, Bamba, Granite 4.0 hybrid).
+state-space and hybrid models (Mamba, Falcon-Mamba, Mamba-2, Jamba, Bamba, Granite 4.0 hybrid,
+Zamba2, Kimi-Linear).
 
 The matrix runs as torchrun would (parallel_ranks.py, external_launcher): per parallel shape the
 ranks start once and run every model, which keeps the whole matrix to one process start-up per
@@ -43,13 +44,34 @@ DEEPSEEK_V2 = dict(IDS, hidden_size=64, intermediate_size=96, num_hidden_layers=
                    moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
                    topk_method="greedy", q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
                    qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=False)
+# Zamba2: mamba, hybrid (block 0), mamba, hybrid (block 1), hybrid (block 0 again); tied blocks
+# with per-use adapters and rotary: the shared blocks' heads, MLP and adapters split over ranks
+ZAMBA2 = dict(IDS, hidden_size=64, num_hidden_layers=5,
+              layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid"],
+              mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8,
+              chunk_size=8, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+              num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8,
+              use_mem_rope=True, max_position_embeddings=512, initializer_range=0.08,
+              rms_norm_eps=1e-5, tie_word_embeddings=True)
+# Kimi-Linear: KDA + dense MLP, MLA + MoE, KDA + MoE (experts in 2 groups, a shared expert)
+KIMI_LINEAR = dict(IDS, hidden_size=64, num_hidden_layers=3,
+                   layer_types=["linear_attention", "full_attention", "linear_attention"],
+                   mlp_layer_types=["dense", "sparse", "sparse"], intermediate_size=96,
+                   moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
+                   kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                   v_head_dim=16, linear_num_heads=4, linear_head_dim=16,
+                   linear_conv_kernel_dim=4, num_local_experts=8, num_experts_per_tok=2,
+                   n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                   norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.08,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 MODELS = ["llama-gqa", "bloom-alibi", "qwen2-tied-1kv", "gemma2", "qwen3-moe", "deepseek-v2-mla"]
 SHAPES = [(2, 1), (1, 2), (2, 2)]
 # state-space and hybrid models: tensor parallel only (mixers whole on each rank), in the
 # TP=2 start of the ranks; a KV budget of its own (state slots and blocks), preemption aside
 SSM_MODELS = ["MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM",
-              "JambaForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM"]
+              "JambaForCausalLM", "BambaForCausalLM", "GraniteMoeHybridForCausalLM",
+              "Zamba2ForCausalLM", "KimiLinearForCausalLM"]
 SSM_KV_BYTES = 1 << 22
 
 
@@ -68,6 +90,10 @@ def _build(name: str, root: str) -> str:
         return save_tiny_model(path, "qwen3_moe", "Qwen3MoeForCausalLM", **QWEN3_MOE)
     if name == "deepseek-v2-mla":
         return save_tiny_model(path, "deepseek_v2", "DeepseekV2ForCausalLM", **DEEPSEEK_V2)
+    if name == "Zamba2ForCausalLM":
+        return save_tiny_model(path, "zamba2", name, **ZAMBA2)
+    if name == "KimiLinearForCausalLM":
+        return save_tiny_model(path, "kimi_linear", name, **KIMI_LINEAR)
     return build_tiny_ssm_model(path, name)
 
 
