@@ -25,7 +25,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from octavo.bench.datasets import random_requests
-from octavo.bench.utils import add_engine_args, engine_kwargs, percentiles, write_jsonl
+from octavo.bench.utils import (add_engine_args, engine_kwargs, engine_weight_bytes, percentiles,
+                                write_jsonl)
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "avg_ttft": statistics.mean(ttfts), "ttft_percentiles": percentiles(ttfts, PERCENTILES),
               "avg_tpot": statistics.mean(tpots), "tpot_percentiles": percentiles(tpots, PERCENTILES),
               "ttft_method": "LLMEngine.step loop, wall time of each request's first token",
-              "engine": engine_kwargs(args)}
+              "weight_bytes": engine_weight_bytes(engine), "engine": engine_kwargs(args)}
     if profile is not None:
         record["profile"] = profile
     if engine.spec is not None:             # over warm-up and timed iterations alike
@@ -119,6 +120,8 @@ def print_record(r: dict[str, Any]) -> None:
           f"(median {r['ttft_percentiles']['50'] * 1e3:.3f} ms)")
     print(f"Avg time per output token: {r['avg_tpot'] * 1e3:.3f} ms "
           f"(median {r['tpot_percentiles']['50'] * 1e3:.3f} ms)")
+    if r.get("weight_bytes"):
+        print(f"Weight memory: {r['weight_bytes'] / 2**20:.1f} MiB")
     if "spec_decode" in r:
         sd = r["spec_decode"]
         print(f"Speculative decoding: acceptance rate {sd['acceptance_rate']:.3f}, mean "

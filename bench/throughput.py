@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from octavo.bench.datasets import SampleRequest, add_dataset_args, sample_requests
-from octavo.bench.utils import add_engine_args, engine_kwargs, write_jsonl
+from octavo.bench.utils import add_engine_args, engine_kwargs, engine_weight_bytes, write_jsonl
 
 
 @dataclass
@@ -28,10 +28,12 @@ class Result:
     num_requests: int
     prompt_tokens: int
     output_tokens: int
+    weight_bytes: int | None = None
 
     def record(self) -> dict[str, Any]:
         total = self.prompt_tokens + self.output_tokens
         return {"backend": self.backend, "elapsed_time": self.elapsed,
+                "weight_bytes": self.weight_bytes,
                 "num_requests": self.num_requests, "total_prompt_tokens": self.prompt_tokens,
                 "total_output_tokens": self.output_tokens, "total_num_tokens": total,
                 "requests_per_second": self.num_requests / self.elapsed,
@@ -60,9 +62,11 @@ def run_octavo(args: argparse.Namespace, requests: list[SampleRequest]) -> Resul
     outputs = llm.generate(prompts, params, use_tqdm=True, lora_request=loras)
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    weights = engine_weight_bytes(llm.llm_engine)
     del llm
     gc.collect()
-    return Result("octavo", elapsed, len(requests), sum(r.prompt_len for r in requests), out_tokens)
+    return Result("octavo", elapsed, len(requests), sum(r.prompt_len for r in requests), out_tokens,
+                  weights)
 
 
 def hf_batches(requests: list[SampleRequest], max_batch: int, max_len: int = 2048):
@@ -135,6 +139,8 @@ def print_result(res: Result) -> None:
           f"{r['output_tokens_per_second']:.2f} output tokens/s")
     print(f"[{res.backend}] Total num prompt tokens:  {res.prompt_tokens}")
     print(f"[{res.backend}] Total num output tokens:  {res.output_tokens}")
+    if res.weight_bytes:
+        print(f"[{res.backend}] Weight memory: {res.weight_bytes / 2**20:.1f} MiB")
 
 
 def _load_workload(args: argparse.Namespace) -> tuple[list[SampleRequest], int]:

@@ -51,6 +51,46 @@ def write_jsonl(path: str | None, record: dict[str, Any]) -> None:
         f.write(json.dumps(full) + "\n")
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of every tensor a model holds: parameters, buffers and the tensors modules keep as
+    attributes (packed and quantized weights, alone or in tuples), each storage counted once;
+    the KV cache is left out."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            if t.device.type == "meta" or not t.numel():
+                return
+            try:
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+            except NotImplementedError:          # opaque (e.g. oneDNN-packed) tensors
+                key, nbytes = id(t), t.numel() * t.element_size()
+            seen[key] = max(seen.get(key, 0), nbytes)
+        elif isinstance(t, (tuple, list)):
+            for x in t:
+                add(x)
+
+    cache = {id(c) for m in model.modules() for c in (getattr(m, "kv_cache", None) or ())
+             if isinstance(c, torch.Tensor)}
+    for m in model.modules():
+        for name, value in vars(m).items():
+            if name in ("_parameters", "_buffers"):
+                for t in value.values():
+                    add(t)
+            elif not name.startswith("_") and id(value) not in cache and "cache" not in name:
+                add(value)
+    return sum(seen.values())
+
+
+def engine_weight_bytes(engine: Any) -> int | None:
+    """weight_bytes of the engine's model (None when worker processes hold it)."""
+    runner = getattr(engine, "runner", None)
+    return None if runner is None else weight_bytes(runner.model)
+
+
 def percentiles(values: list[float], points=(10, 25, 50, 75, 90, 99)) -> dict[str, float]:
     import numpy as np
     if not values:

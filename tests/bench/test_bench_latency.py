@@ -97,3 +97,15 @@ def test_profile_leaves_the_engine_as_it_was(llama_dir):
                                      "octavo::fused_add_rms_norm", "octavo::rotary_embedding",
                                      "octavo::reshape_and_cache", "aten::add")] == \
         ["attention", "GEMM", "norms", "rotary", "cache writes", "other ops"]
+
+
+def test_weight_memory_counts_each_weight_once(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from octavo import LLM
+    from octavo.bench.utils import engine_weight_bytes
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama_dir).parameters())
+    bf16 = engine_weight_bytes(LLM(llama_dir, dtype="bfloat16").llm_engine)
+    assert abs(bf16 - 2 * n) <= 0.01 * 2 * n          # packed copies share the weights' storage
+    int4 = engine_weight_bytes(LLM(llama_dir, dtype="bfloat16", quantization="int4").llm_engine)
+    assert int4 < 0.8 * bf16
