@@ -1,8 +1,9 @@
 // INT4 weight-only GEMM on CPU: out[M, N] = x[M, K] @ W^T (+ bias), W[n, k] = q * scale + offset
 // per (n, group of K), with q the 4-bit codes repacked once at load (ops_native.pack_int4_panels):
 // 32-output panels, K in pairs, one byte holding output j's code (low nibble) and output j+16's
-// (high nibble). Weights are read once per 8 rows of x; codes never leave registers as floats on
-// avx512_bf16 CPUs (nibble | 0x4300 is the bf16 of 128 + q, fed straight to vdpbf16ps).
+// (high nibble). Weights are read once per 8 rows of x (4 on AVX2); codes never leave registers as
+// floats on avx512_bf16 CPUs (nibble | 0x4300 is the bf16 of 128 + q, fed straight to vdpbf16ps);
+// on AVX2 / AVX-512 without bf16 they are widened and converted in registers and FMA'd in fp32.
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
@@ -78,6 +79,124 @@ static void panel_generic(const Int4GemmParams& p, int64_t pi, int64_t m0, int m
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// AVX2 + FMA, fp32 math for every activation dtype; x is an fp32 copy, zero padded to 2 * K2.
+// The panel is walked in quarters of 8 bytes per K pair: one vpmovzxbd gives 8 dwords whose low
+// nibbles are (output 4q + l/2, k = 2kk + l%2) and high nibbles the same for output 16 + 4q + l/2,
+// so each quarter costs and + shift + 2 converts and feeds 2 FMAs per row against the broadcast
+// pair (x[2kk], x[2kk+1]). Scales and offsets are applied once per group to the partial sums
+// (s * sum x q + o * sum x), lanes of a pair (even / odd k) are added once per panel at the end.
+constexpr int kMBv = 4;  // rows per pass: 2 * 4 accumulators + weights + x in 16 registers
+
+template <int MB>
+static void panel_avx2(const Int4GemmParams& p, int64_t pi, const float* x, int64_t xs,
+                       const float* xsum, float* tot) {
+  const int64_t k2 = (p.k + 1) / 2;
+  const uint8_t* wq = p.qw + pi * k2 * kP;
+  const float* sz = p.sz + pi * p.groups * 2 * kP;
+  alignas(32) float t[MB][4][2][8];  // [row][quarter][low / high outputs][lane]
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 4; ++q) {
+      _mm256_store_ps(t[m][q][0], _mm256_setzero_ps());
+      _mm256_store_ps(t[m][q][1], _mm256_setzero_ps());
+    }
+  const __m256i m15 = _mm256_set1_epi32(15), dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group_size, k1 = std::min(p.k, k0 + p.group_size);
+    const int64_t kk0 = k0 / 2, kk1 = (k1 + 1) / 2;
+    const float* s = sz + g * 2 * kP;
+    for (int q = 0; q < 4; ++q) {
+      __m256 a[MB][2];
+      for (int m = 0; m < MB; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+      const uint8_t* b = wq + q * 8;
+      for (int64_t kk = kk0; kk < kk1; ++kk) {
+        if (q == 0) __builtin_prefetch(wq + (kk + 32) * kP, 0, 3);  // 1 KiB ahead
+        const __m256i v = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kk * kP)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, m15));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        for (int m = 0; m < MB; ++m) {
+          const __m256 xb = _mm256_castpd_ps(
+              _mm256_broadcast_sd(reinterpret_cast<const double*>(x + m * xs + 2 * kk)));
+          a[m][0] = _mm256_fmadd_ps(xb, lo, a[m][0]);
+          a[m][1] = _mm256_fmadd_ps(xb, hi, a[m][1]);
+        }
+      }
+      // scales on both lanes of a pair, offsets (times sum x) on the even lane only
+      const __m256 s_lo = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + 4 * q)), dup);
+      const __m256 s_hi = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + 16 + 4 * q)), dup);
+      const __m256 o_lo = _mm256_blend_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_loadu_ps(s + kP + 4 * q)), dup), 0x55);
+      const __m256 o_hi = _mm256_blend_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_loadu_ps(s + kP + 16 + 4 * q)), dup), 0x55);
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xsb = _mm256_set1_ps(xsum[m * p.groups + g]);
+        _mm256_store_ps(t[m][q][0], _mm256_fmadd_ps(a[m][0], s_lo,
+            _mm256_fmadd_ps(xsb, o_lo, _mm256_load_ps(t[m][q][0]))));
+        _mm256_store_ps(t[m][q][1], _mm256_fmadd_ps(a[m][1], s_hi,
+            _mm256_fmadd_ps(xsb, o_hi, _mm256_load_ps(t[m][q][1]))));
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 4; ++q)
+      for (int h = 0; h < 2; ++h)
+        for (int l = 0; l < 4; ++l)
+          tot[m * kP + h * 16 + 4 * q + l] = t[m][q][h][2 * l] + t[m][q][h][2 * l + 1];
+}
+
+// One row of x: all four quarters per K pair (8 accumulators), so each x pair is broadcast once.
+static void panel_avx2_m1(const Int4GemmParams& p, int64_t pi, const float* x, const float* xsum,
+                          float* tot) {
+  const int64_t k2 = (p.k + 1) / 2;
+  const uint8_t* wq = p.qw + pi * k2 * kP;
+  const float* sz = p.sz + pi * p.groups * 2 * kP;
+  alignas(32) float t[4][2][8] = {};
+  const __m256i m15 = _mm256_set1_epi32(15), dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group_size, k1 = std::min(p.k, k0 + p.group_size);
+    const int64_t kk0 = k0 / 2, kk1 = (k1 + 1) / 2;
+    __m256 a[4][2];
+    for (int q = 0; q < 4; ++q) a[q][0] = a[q][1] = _mm256_setzero_ps();
+    for (int64_t kk = kk0; kk < kk1; ++kk) {
+      const uint8_t* b = wq + kk * kP;
+      __builtin_prefetch(b + 32 * kP, 0, 3);  // 1 KiB ahead
+      const __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x + 2 * kk)));
+      for (int q = 0; q < 4; ++q) {
+        const __m256i v = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * q)));
+        a[q][0] = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), a[q][0]);
+        a[q][1] = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), a[q][1]);
+      }
+    }
+    const float* s = sz + g * 2 * kP;
+    const __m256 xsb = _mm256_set1_ps(xsum[g]);
+    for (int q = 0; q < 4; ++q)
+      for (int h = 0; h < 2; ++h) {
+        const __m256 sc = _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_loadu_ps(s + 16 * h + 4 * q)), dup);
+        const __m256 of = _mm256_blend_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_loadu_ps(s + kP + 16 * h + 4 * q)), dup), 0x55);
+        _mm256_store_ps(t[q][h], _mm256_fmadd_ps(a[q][h], sc,
+            _mm256_fmadd_ps(xsb, of, _mm256_load_ps(t[q][h]))));
+      }
+  }
+  for (int q = 0; q < 4; ++q)
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 4; ++l) tot[h * 16 + 4 * q + l] = t[q][h][2 * l] + t[q][h][2 * l + 1];
+}
+
+static void panel_avx2_any(const Int4GemmParams& p, int64_t pi, const float* x, int64_t xs,
+                           const float* xsum, int mb, float* tot) {
+  switch (mb) {
+    case 1: panel_avx2_m1(p, pi, x, xsum, tot); break;
+    case 2: panel_avx2<2>(p, pi, x, xs, xsum, tot); break;
+    case 3: panel_avx2<3>(p, pi, x, xs, xsum, tot); break;
+    default: panel_avx2<4>(p, pi, x, xs, xsum, tot); break;
+  }
+}
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 // acc[m][0..1] += (x[m][2kk], x[m][2kk+1]) . (128 + codes) of the panel's 32 outputs.
@@ -176,16 +295,33 @@ static void int4_gemm_impl(const Int4GemmParams& p) {
 #else
   const bool bf16 = false;
 #endif
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // fp32 copy of x, zero padded to whole K pairs (the odd K tail pairs x[K-1] with 0)
+  const bool vec = !bf16;
+  const int64_t xs = 2 * ((p.k + 1) / 2);
+  std::vector<float> xf;
+  if (vec) {
+    xf.assign(p.m * xs, 0.f);
+    const T* x = static_cast<const T*>(p.x);
+    for (int64_t r = 0; r < p.m; ++r)
+      for (int64_t i = 0; i < p.k; ++i) xf[r * xs + i] = to_f(x[r * p.x_stride + i]);
+  }
+  const int mblock = vec ? kMBv : kMB;
+#else
+  const int mblock = kMB;
+#endif
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float tot[kMB * kP];
     for (int64_t pi = begin; pi < end; ++pi) {
       const int64_t n0 = pi * kP;
       const int valid = static_cast<int>(std::min<int64_t>(kP, p.n - n0));
-      for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMB, p.m - m0));
+      for (int64_t m0 = 0; m0 < p.m; m0 += mblock) {
+        const int mb = static_cast<int>(std::min<int64_t>(mblock, p.m - m0));
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+        if (vec) panel_avx2_any(p, pi, xf.data() + m0 * xs, xs, p.xsum + m0 * p.groups, mb, tot);
 #if defined(CPU_CAPABILITY_AVX512)
-        if (bf16) panel_bf16_any(p, pi, m0, mb, tot);
-        else panel_generic<T>(p, pi, m0, mb, tot);
+        else panel_bf16_any(p, pi, m0, mb, tot);
+#endif
 #else
         (void)bf16;
         panel_generic<T>(p, pi, m0, mb, tot);
