@@ -140,28 +140,61 @@ static void woq_panel(const Int8WoqParams& p, int64_t pi, int64_t m0, float* tot
   const int8_t* w = p.qw + pi * p.k * kP;
   const float* sz = p.sz + pi * p.groups * 2 * kP;
   const float* x = p.x + m0 * p.k;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // Codes sign-extended straight from memory (vpmovsxbd), group sums and the running totals
+  // kept in registers: the scale / offset step is 2 FMAs per 8 outputs per group.
+  __m256 t[MB][2];
+  for (int m = 0; m < MB; ++m) t[m][0] = t[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group_size, k1 = std::min(p.k, k0 + p.group_size);
+    // With 1-2 rows, even and odd k go to separate accumulators: 4+ independent FMA chains.
+    constexpr int NA = MB <= 2 ? 2 : 1;
+    __m256 a[NA][MB][2];
+    for (int u = 0; u < NA; ++u)
+      for (int m = 0; m < MB; ++m) a[u][m][0] = a[u][m][1] = _mm256_setzero_ps();
+    auto step = [&](int64_t k, __m256 (&acc)[MB][2]) __attribute__((always_inline)) {
+      const int8_t* b = w + k * kP;
+      __builtin_prefetch(b + 64 * kP, 0, 3);  // 1 KiB ahead
+      const __m256 w0 = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
+      const __m256 w1 = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8))));
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xb = _mm256_broadcast_ss(x + m * p.k + k);
+        acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
+      }
+    };
+    int64_t k = k0;
+    if constexpr (NA == 2)
+      for (; k + 1 < k1; k += 2) {
+        step(k, a[0]);
+        step(k + 1, a[NA - 1]);
+      }
+    for (; k < k1; ++k) step(k, a[0]);
+    if constexpr (NA == 2)
+      for (int m = 0; m < MB; ++m) {
+        a[0][m][0] = _mm256_add_ps(a[0][m][0], a[1][m][0]);
+        a[0][m][1] = _mm256_add_ps(a[0][m][1], a[1][m][1]);
+      }
+    const float* s = sz + g * 2 * kP;
+    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    const __m256 o0 = _mm256_loadu_ps(s + kP), o1 = _mm256_loadu_ps(s + kP + 8);
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xs = _mm256_set1_ps(p.xsum[(m0 + m) * p.groups + g]);
+      t[m][0] = _mm256_fmadd_ps(a[0][m][0], s0, _mm256_fmadd_ps(xs, o0, t[m][0]));
+      t[m][1] = _mm256_fmadd_ps(a[0][m][1], s1, _mm256_fmadd_ps(xs, o1, t[m][1]));
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    _mm256_storeu_ps(tot + m * kP, t[m][0]);
+    _mm256_storeu_ps(tot + m * kP + 8, t[m][1]);
+  }
+#else
   for (int i = 0; i < MB * kP; ++i) tot[i] = 0.f;
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t k0 = g * p.group_size, k1 = std::min(p.k, k0 + p.group_size);
     alignas(64) float acc[MB][kP];
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    __m256 a[MB][2];
-    for (int m = 0; m < MB; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k1; ++k) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kP));
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-      for (int m = 0; m < MB; ++m) {
-        const __m256 xb = _mm256_set1_ps(x[m * p.k + k]);
-        a[m][0] = _mm256_fmadd_ps(xb, w0, a[m][0]);
-        a[m][1] = _mm256_fmadd_ps(xb, w1, a[m][1]);
-      }
-    }
-    for (int m = 0; m < MB; ++m) {
-      _mm256_store_ps(acc[m], a[m][0]);
-      _mm256_store_ps(acc[m] + 8, a[m][1]);
-    }
-#else
     for (int m = 0; m < MB; ++m)
       for (int j = 0; j < kP; ++j) acc[m][j] = 0.f;
     for (int64_t k = k0; k < k1; ++k) {
@@ -172,13 +205,13 @@ static void woq_panel(const Int8WoqParams& p, int64_t pi, int64_t m0, float* tot
         for (int j = 0; j < kP; ++j) acc[m][j] += xv * wf[j];
       }
     }
-#endif
     const float* s = sz + g * 2 * kP;
     for (int m = 0; m < MB; ++m) {
       const float xs = p.xsum[(m0 + m) * p.groups + g];
       for (int j = 0; j < kP; ++j) tot[m * kP + j] += acc[m][j] * s[j] + xs * s[kP + j];
     }
   }
+#endif
 }
 
 static void woq_panel_any(const Int8WoqParams& p, int64_t pi, int64_t m0, int mb, float* tot) {
