@@ -1,4 +1,5 @@
-"""GGUF checkpoints (llama.cpp's single-file format) for Llama-family models.
+"""GGUF checkpoints (llama.cpp's single-file format): Llama-family files here, the other
+architectures transformers maps from GGUF through its own mapping (the end of this file).
 
 The file's header (metadata and tensor table) is parsed once per file, here, with struct over
 an mmap (gguf.GGUFReader builds a numpy view per vocabulary entry and took seconds, three
@@ -394,7 +395,9 @@ def quantized_head(path: str, tied: bool):
 
     header = read_header(path)
     infos = {i.name: i for i in header.tensors}
-    info = infos.get("output.weight") or (infos.get("token_embd.weight") if tied else None)
+    # tied: the embedding, even where the file also holds a copy as output.weight (llama.cpp's
+    # Bloom; transformers ties Bloom regardless)
+    info = infos.get("token_embd.weight") if tied else infos.get("output.weight")
     if info is None or info.ggml_type not in KEPT_TYPES or len(info.dims) != 2:
         return None
     data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -516,6 +519,12 @@ def _transformers_gguf(path: str, key: tuple) -> tuple[dict, Any]:
     except ValueError as e:
         raise ValueError(f"GGUF file {path!r}: {e}") from e
     fields = {k: v for k, v in fields.items() if k != "architectures"}
+    if fields.get("model_type") == "gpt2":
+        # transformers maps context_length to n_ctx, which GPT2Config no longer reads: the
+        # position table's rows are the model's n_positions
+        wpe = [t for t in read_header(path).tensors if t.name == "position_embd.weight"]
+        if wpe:
+            fields["n_positions"] = int(wpe[0].dims[1])
     model_type = fields.get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"GGUF architecture {model_type!r} of {path!r} has no causal LM in "
@@ -540,10 +549,17 @@ def _generic_map(path: str, key: tuple) -> tuple[dict[str, str], Any]:
     return get_gguf_hf_weights_map(model, processor), processor
 
 
-# processors that leave 2-D weights as they are (Gemma only shifts its norms; Qwen2-MoE's only
-# stacks its 3-D experts)
+# processors after which a file's 2-D linear weights reach octavo's layers in the file's own
+# row layout, so their blocks can be kept: those that leave 2-D weights as they are (Gemma only
+# shifts its norms; Qwen2-MoE's only stacks its 3-D experts; Mamba's only reshapes the conv and
+# takes log(-A)), and those that only turn llama.cpp's layout back into transformers' where
+# octavo's layer keeps llama.cpp's (GPT-2's Conv1D transposes: the file holds [out, in] like a
+# linear layer; Bloom's qkv: the file holds q | k | v, octavo's fused order). Kept codes go to
+# the layer's own weight_loader, not to the model's checkpoint-layout wrappers
+# (checkpoint_layouts.py), which undo transformers' layout on float weights only.
 _LAYOUT_KEEPING = ("TensorProcessor", "Gemma2TensorProcessor", "LlamaTensorProcessor",
-                   "Qwen2MoeTensorProcessor")
+                   "Qwen2MoeTensorProcessor", "MambaTensorProcessor", "GPT2TensorProcessor",
+                   "BloomTensorProcessor")
 
 
 def _name_function(header: GGUFHeader):

@@ -1,9 +1,10 @@
 """GGUF files of non-Llama architectures: a tiny random model of each architecture that
 transformers maps from GGUF is written the way llama.cpp's converter writes it (metadata keys of
 transformers' GGUF_CONFIG_MAPPING, tensor names from the gguf package's TensorNameMap, Gemma's
-norms stored as 1 + w, MoE experts stacked as ffn_{gate,up,down}_exps), its 2-D layer weights in
-Q8_0 (kept quantized by octavo) or F32; octavo must generate what transformers generates from the
-same file."""
+norms stored as 1 + w, MoE experts stacked as ffn_{gate,up,down}_exps, GPT-2's Conv1D weights
+transposed, Bloom's qkv regrouped, Mamba's A as -exp(A_log)), its 2-D layer weights in Q8_0 (kept
+quantized by octavo) or F32; octavo must generate what transformers generates from the same
+file."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,16 @@ ARCHS = {
     # transformers maps no expert sizes from GGUF: the config classes' defaults must hold
     "qwen2moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2}),
     "qwen3moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2}),
+    # GPT-2's Conv1D weights are stored transposed ([out, in]); the feed-forward size is not
+    # read from GGUF (transformers maps it to no GPT2Config field): 4 * hidden must hold
+    # (the converter writes n_ctx as context_length; transformers' model keeps GPT2Config's
+    # default n_positions, 1024, as GPT-2's own)
+    "gpt2": ("gpt2", {"tie_word_embeddings": True, "max_position_embeddings": 1024,
+                      "n_ctx": 1024}),
+    # q/k/v regrouped from per-head to q|k|v; the converter writes the tied head as output
+    "bloom": ("bloom", {"tie_word_embeddings": True}),
+    # A stored as -exp(A_log), the conv weight as [d_inner, d_conv]
+    "mamba": ("mamba", {"tie_word_embeddings": True}),
 }
 
 
@@ -67,7 +78,9 @@ def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) 
     for hf_name, t in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":      # the converter writes no output.weight
             continue
-        a = t.float().numpy()
+        a = _converter_layout(arch, hf_name, t.float().numpy(), model.config)
+        if arch == "bloom" and hf_name == "transformer.word_embeddings.weight":
+            w.add_tensor("output.weight", a)        # llama.cpp's Bloom duplicates the tied head
         if hf_name.endswith("mlp.experts.gate_up_proj"):     # [E, 2I, H] -> gate and up experts
             blk = f"blk.{hf_name.split('.')[2]}"
             half = a.shape[1] // 2
@@ -79,12 +92,18 @@ def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) 
         stem, suffix = hf_name.rsplit(".", 1)
         if hf_name.endswith("experts.down_proj"):           # stacked [E, H, I]: no .weight
             stem, suffix = hf_name, "weight"
+        if suffix in ("A_log", "D"):                        # Mamba's: GGUF names without suffix
+            stem, suffix = hf_name, ""
         name = names.get_name(stem)
+        if name is None and arch == "bloom":        # its map names BloomModel's tensors
+            name = names.get_name(stem.removeprefix("transformer."))
         assert name is not None, hf_name
         if arch.startswith("gemma") and "norm" in name:
             a = a + 1                       # Gemma's RMSNorm scales by 1 + w; GGUF stores 1 + w
-        name = f"{name}.{suffix}"
-        if a.ndim == 2 and name.startswith("blk.") and layer_type == "Q8_0":
+        name = f"{name}.{suffix}" if suffix else name
+        # (rows of a length that is no multiple of Q8_0's block stay F32, as in llama.cpp)
+        if (a.ndim == 2 and name.startswith("blk.") and layer_type == "Q8_0"
+                and a.shape[1] % 32 == 0):
             t8 = gguf.GGMLQuantizationType.Q8_0
             w.add_tensor(name, gguf.quants.quantize(a, t8), raw_dtype=t8)
         else:
@@ -94,6 +113,23 @@ def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _converter_layout(arch: str, hf_name: str, a: np.ndarray, config) -> np.ndarray:
+    """The layout changes llama.cpp's convert_hf_to_gguf.py makes for `arch`."""
+    if arch == "gpt2" and a.ndim == 2 and hf_name.endswith(("c_attn.weight", "c_proj.weight",
+                                                            "c_fc.weight")):
+        return np.ascontiguousarray(a.T)            # Conv1D [in, out] -> [out, in]
+    if arch == "bloom" and "query_key_value" in hf_name:
+        heads = config.n_head
+        # [head, q|k|v, head_dim, ...] -> [q|k|v, head, head_dim, ...]
+        grouped = a.reshape(heads, 3, a.shape[0] // heads // 3, *a.shape[1:])
+        return np.ascontiguousarray(grouped.swapaxes(0, 1)).reshape(a.shape)
+    if arch == "mamba" and hf_name.endswith("A_log"):
+        return -np.exp(a)
+    if arch == "mamba" and hf_name.endswith("conv1d.weight"):
+        return np.ascontiguousarray(a.squeeze(1))   # [d_inner, 1, d_conv] -> [d_inner, d_conv]
+    return a
 
 
 @pytest.mark.parametrize("layer_type", ["Q8_0", "F32"])
@@ -116,10 +152,17 @@ def test_matches_transformers_loading_the_same_file(arch, layer_type, tmp_path):
     kept = q4_weight_names(path)         # Q8_0 layer weights are handed over as codes
     assert (len(kept) > 0) == (layer_type == "Q8_0")
     llm = LLM(path, dtype="float32", kv_cache_memory=1 << 24)
+    held = {n for n, m in llm.llm_engine.runner.model.named_modules() if hasattr(m, "qweight")}
+    assert (len(held) > 0) == (layer_type == "Q8_0"), held
     outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=8, logprobs=5,
                                                     ignore_eos=True), use_tqdm=False)
     ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=name,
                                                      dtype=torch.float32).eval()
+    if layer_type == "F32":      # the writer does what the converter does: transformers gets
+        got = ref_model.state_dict()         # back the model it was written from
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, key=key: f"{key}: {m}")
     ref = hf_greedy(ref_model, [o.prompt_token_ids for o in outs], 8)
     for out, (tokens, logprobs) in zip(outs, ref):
         assert out.outputs[0].token_ids == tokens, arch
