@@ -525,6 +525,10 @@ def _transformers_gguf(path: str, key: tuple) -> tuple[dict, Any]:
         wpe = [t for t in read_header(path).tensors if t.name == "position_embd.weight"]
         if wpe:
             fields["n_positions"] = int(wpe[0].dims[1])
+    if fields.get("model_type") == "mamba" and read_header(path).metadata.get("mamba.ssm.dt_b_c_rms"):
+        # llama.cpp writes Falcon-Mamba as mamba with RMS norms on dt, B and C; transformers
+        # would build a plain Mamba from it
+        fields["model_type"] = "falcon_mamba"
     model_type = fields.get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"GGUF architecture {model_type!r} of {path!r} has no causal LM in "
@@ -546,7 +550,8 @@ def _generic_map(path: str, key: tuple) -> tuple[dict[str, str], Any]:
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=dict(fields))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return get_gguf_hf_weights_map(model, processor), processor
+    gguf_type = "mamba" if config.model_type == "falcon_mamba" else None   # (the GGUF's name)
+    return get_gguf_hf_weights_map(model, processor, model_type=gguf_type), processor
 
 
 # processors after which a file's 2-D linear weights reach octavo's layers in the file's own

@@ -42,7 +42,10 @@ ARCHS = {
     "bloom": ("bloom", {"tie_word_embeddings": True}),
     # A stored as -exp(A_log), the conv weight as [d_inner, d_conv]
     "mamba": ("mamba", {"tie_word_embeddings": True}),
+    # written as GGUF "mamba" with ssm.dt_b_c_rms set (llama.cpp's FalconMambaModel)
+    "falcon_mamba": ("falcon_mamba", {"tie_word_embeddings": True}),
 }
+GGUF_ARCH = {"falcon_mamba": "mamba"}       # test case -> GGUF general.architecture
 
 
 def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) -> str:
@@ -68,6 +71,8 @@ def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) 
             w.add_float32(full, value)
         else:
             w.add_uint32(full, int(value))
+    if model.config.model_type == "falcon_mamba":
+        w.add_ssm_dt_b_c_rms(True)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if layer_type == "Q8_0" else gguf.LlamaFileType.ALL_F32)
     _add_tokenizer(w, json.load(open(os.path.join(tok_dir, "tokenizer.json"))))
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -144,7 +149,8 @@ def test_matches_transformers_loading_the_same_file(arch, layer_type, tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     name = f"tiny-{arch}-{layer_type}.gguf"
-    path = write_arch_gguf(model, arch, str(tmp_path), str(tmp_path / name), layer_type)
+    path = write_arch_gguf(model, GGUF_ARCH.get(arch, arch), str(tmp_path), str(tmp_path / name),
+                           layer_type)
     os.remove(tmp_path / "tokenizer.json")          # the tokenizer comes from the file
     os.remove(tmp_path / "tokenizer_config.json")
 
@@ -163,6 +169,13 @@ def test_matches_transformers_loading_the_same_file(arch, layer_type, tmp_path):
         for key, value in model.state_dict().items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, key=key: f"{key}: {m}")
+    if arch == "falcon_mamba":
+        # transformers reads the file as a plain Mamba (it ignores ssm.dt_b_c_rms): the
+        # reference is its FalconMamba holding the weights transformers read from the file
+        assert ref_model.config.model_type == "mamba"
+        falcon = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        falcon.load_state_dict(ref_model.state_dict())
+        ref_model = falcon.eval()
     ref = hf_greedy(ref_model, [o.prompt_token_ids for o in outs], 8)
     for out, (tokens, logprobs) in zip(outs, ref):
         assert out.outputs[0].token_ids == tokens, arch
