@@ -6,6 +6,7 @@
 // on AVX2 / AVX-512 without bf16 they are widened and converted in registers and FMA'd in fp32.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -285,6 +286,12 @@ static bool int4_use_avx512_bf16() {
 }
 #endif
 
+// Panels per parallel task: at least ~64 KiB of weights each, so a small matrix (a decode step's
+// K/V projection) runs on one thread rather than paying an OpenMP wake-up comparable to its work.
+static int64_t min_panels_per_task(int64_t panel_bytes) {
+  return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_bytes));
+}
+
 template <typename T>
 static void int4_gemm_impl(const Int4GemmParams& p) {
   T* out = static_cast<T*>(p.out);
@@ -310,7 +317,8 @@ static void int4_gemm_impl(const Int4GemmParams& p) {
 #else
   const int mblock = kMB;
 #endif
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, panels, min_panels_per_task((p.k + 1) / 2 * kP + p.groups * 2 * kP * 4),
+                   [&](int64_t begin, int64_t end) {
     alignas(64) float tot[kMB * kP];
     for (int64_t pi = begin; pi < end; ++pi) {
       const int64_t n0 = pi * kP;

@@ -223,12 +223,19 @@ static void woq_panel_any(const Int8WoqParams& p, int64_t pi, int64_t m0, int mb
   }
 }
 
+// Panels per parallel task: at least ~64 KiB of weights each, so a small matrix (a decode step's
+// K/V projection) runs on one thread rather than paying an OpenMP wake-up comparable to its work.
+static int64_t min_panels_per_task(int64_t panel_bytes) {
+  return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_bytes));
+}
+
 template <typename T>
 static void int8_woq_impl(const Int8WoqParams& p) {
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
   const int64_t panels = (p.n + kP - 1) / kP;
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, panels, min_panels_per_task(p.k * kP + p.groups * 2 * kP * 4),
+                   [&](int64_t begin, int64_t end) {
     alignas(64) float tot[kMB * kP];
     for (int64_t pi = begin; pi < end; ++pi) {
       const int64_t n0 = pi * kP;
