@@ -3,8 +3,8 @@ transformers maps from GGUF is written the way llama.cpp's converter writes it (
 transformers' GGUF_CONFIG_MAPPING, tensor names from the gguf package's TensorNameMap, Gemma's
 norms stored as 1 + w, MoE experts stacked as ffn_{gate,up,down}_exps, GPT-2's Conv1D weights
 transposed, Bloom's qkv regrouped, Mamba's A as -exp(A_log)), its 2-D layer weights in Q8_0 (kept
-quantized by octavo) or F32; octavo must generate what transformers generates from the same
-file."""
+quantized by octavo) or F32, with a chat template; octavo must generate what transformers
+generates from the same file and apply the file's template."""
 from __future__ import annotations
 
 import json
@@ -46,6 +46,8 @@ ARCHS = {
     "falcon_mamba": ("falcon_mamba", {"tie_word_embeddings": True}),
 }
 GGUF_ARCH = {"falcon_mamba": "mamba"}       # test case -> GGUF general.architecture
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) -> str:
@@ -75,6 +77,7 @@ def write_arch_gguf(model, arch: str, tok_dir: str, path: str, layer_type: str) 
         w.add_ssm_dt_b_c_rms(True)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if layer_type == "Q8_0" else gguf.LlamaFileType.ALL_F32)
     _add_tokenizer(w, json.load(open(os.path.join(tok_dir, "tokenizer.json"))))
+    w.add_chat_template(CHAT_TEMPLATE)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
     if cfg.get("pad_token_id") is not None:
@@ -160,6 +163,9 @@ def test_matches_transformers_loading_the_same_file(arch, layer_type, tmp_path):
     llm = LLM(path, dtype="float32", kv_cache_memory=1 << 24)
     held = {n for n, m in llm.llm_engine.runner.model.named_modules() if hasattr(m, "qweight")}
     assert (len(held) > 0) == (layer_type == "Q8_0"), held
+    chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}],
+                                                   tokenize=False, add_generation_prompt=True)
+    assert chat == "<|user|>hi\n<|assistant|>"           # the file's chat template
     outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=8, logprobs=5,
                                                     ignore_eos=True), use_tqdm=False)
     ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=name,
