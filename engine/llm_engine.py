@@ -359,8 +359,7 @@ class LLMEngine:
                 row += 1
         spec_drafts = [drafts[id(r)] for r in spec_reqs]
         try:
-            emitted, lps = self.spec.verify(spec_reqs, spec_drafts, logits[spec_rows],
-                                            [r.bad_words_token_ids for r in spec_reqs])
+            emitted, lps = self.spec.verify(spec_reqs, spec_drafts, logits[spec_rows])
         except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
             for r in spec_reqs:
                 self._fail_request(r, e, failed)
@@ -515,11 +514,10 @@ class _Rows:
 
 def _drop_last(req: Request, n: int) -> None:
     """Take back the last n tokens of a finished request (emitted in the same step after the
-    one that stopped it), so that its output is what decoding one token at a time gives."""
+    one that stopped it, never recorded: no logprobs, no text), so that its output is what
+    decoding one token at a time gives."""
     del req.output_token_ids[-n:]
     del req.all_token_ids[-n:]
-    if req.logprobs is not None:
-        del req.logprobs[len(req.output_token_ids):]
 
 
 _counter = itertools.count()

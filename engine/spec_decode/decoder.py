@@ -95,17 +95,17 @@ class SpecDecoder:
             observe(out, getattr(result, "hidden", None))
 
     # ---- in a step: verify ----------------------------------------------------------------------
-    def verify(self, reqs: Sequence[Request], drafts: Sequence[list[int]],
-               logits: torch.Tensor, bad_words: Sequence[Any]
+    def verify(self, reqs: Sequence[Request], drafts: Sequence[list[int]], logits: torch.Tensor
                ) -> tuple[list[list[int]], list[list[dict | None]]]:
         """reqs[b] verified drafts[b] (non-empty) at logits rows [offset_b, offset_b + 1 +
         len(drafts[b])). Returns the tokens each request emits and their logprob entries."""
         states, rows_of = [], []
-        for r, d, bw in zip(reqs, drafts, bad_words):
+        for r, d in zip(reqs, drafts):
             start = len(states)
             for j in range(len(d) + 1):
                 states.append(SamplingState(r.sampling_params, r.prompt_token_ids,
-                                            [*r.output_token_ids, *d[:j]], r.generator, bw))
+                                            [*r.output_token_ids, *d[:j]], r.generator,
+                                            r.bad_words_token_ids))
             rows_of.append(range(start, len(states)))
         logits = logits.float()
         probs, greedy_rows = sampling_probs(logits, states, self.eos_token_ids)

@@ -11,6 +11,8 @@ import torch
 
 from octavo import LLM, SamplingParams
 
+from spec_util import assert_preemption_keeps_outputs
+
 PROMPTS = [
     "a b c d a b c d a b c",                       # repetitive: n-gram drafts get accepted
     "hello world hello world hello world hello",
@@ -67,16 +69,9 @@ def test_greedy_equals_plain_decoding(llama_dir, draft_dir, expected, method):
 
 
 @pytest.mark.parametrize("method", ["ngram", "other-draft"])
-def test_preemption_keeps_outputs(llama_dir, draft_dir, expected, method):
-    spec = speculative_configs(llama_dir, draft_dir)[method]
-    kw = dict(block_size=4, max_model_len=64, max_num_seqs=4, speculative_config=spec)
-    probe = make(llama_dir, **kw).llm_engine.runner
-    per_block = probe.bytes_per_block() + probe.extra_bytes_per_block
-    llm = make(llama_dir, kv_cache_memory=18 * per_block, **kw)
-    assert llm.llm_engine.kv.num_blocks == 18
-    assert ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
-    assert llm.llm_engine.scheduler.num_preemptions > 0
-    assert llm.llm_engine.kv.pool.num_free == 18
+def test_preemption_keeps_outputs(llama_dir, draft_dir, method):
+    assert_preemption_keeps_outputs(llama_dir, speculative_configs(llama_dir, draft_dir)[method],
+                                    PROMPTS, GREEDY)
 
 
 def test_logprobs_and_stop_strings_match_plain(llama_dir):
