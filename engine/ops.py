@@ -257,6 +257,19 @@ def int4_gemm_prepared(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None
     return int4_gemm_packed(x2, w.packed, w.scales_offsets, w.n, w.group_size, bias).view(*x.shape[:-1], w.n)
 
 
+class MoEInt4Weights(NamedTuple):
+    """4-bit experts packed once for the CPU kernel (ops_native.prepare_moe_int4_weights; layout
+    in ops_native's INT4 MoE section): pack_int4_panels of every expert, gate and up rows each
+    padded to whole 32-row panels."""
+    w13: torch.Tensor                 # uint8 [E, 2 * ceil(I/32), ceil(H/2), 32]
+    w13_scales_offsets: torch.Tensor  # float32 [E, 2 * ceil(I/32), G13, 2, 32]
+    w2: torch.Tensor                  # uint8 [E, ceil(H/32), ceil(I/2), 32]
+    w2_scales_offsets: torch.Tensor   # float32 [E, ceil(H/32), G2, 2, 32]
+    hidden_size: int
+    inter_size: int
+    group_size: int                   # -1: one group per output channel
+
+
 # ---- state-space models, Mamba-1 (signatures and semantics: ops_native's SSM section) ----
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:

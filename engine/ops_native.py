@@ -539,6 +539,167 @@ def int4_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> 
     return out.view(*x.shape[:-1], w.n)
 
 
+# ---- INT4 MoE: fused MoE over 4-bit experts ----------------------------------------------------
+# Each expert stack uses the INT4 GEMM convention above with a leading expert dim: w13 codes
+# uint8 [E, 2I, H] (gate rows, then up rows), w2 codes [E, H, I], 0..15; scales [E, N, G]; zeros
+# [E, N, G] or None (symmetric, 8); offsets [E, N, G], when given, replace -zeros * scales
+# exactly as int4_prepare's do. One group_size for both stacks (-1: per output channel, so G is 1
+# and the group spans H for w13, I for w2).
+# The packed form (prepare_moe_int4_weights -> ops.MoEInt4Weights), read by the registered op
+# fused_moe_int4_packed(out, hidden, w13_packed, w2_packed, w13_scales_offsets,
+# w2_scales_offsets, topk_weights, topk_ids, inter_size, group_size, activation):
+#   w13_packed uint8 [E, 2 * ceil(I/32), ceil(H/2), 32] and w13_scales_offsets float32
+#   [E, 2 * ceil(I/32), G13, 2, 32]: pack_int4_panels of each expert's gate rows and up rows,
+#   each padded to whole 32-row panels, so panel p < ceil(I/32) holds gate rows 32p.. and panel
+#   ceil(I/32) + p the matching up rows;
+#   w2_packed uint8 [E, ceil(H/32), ceil(I/2), 32], w2_scales_offsets [E, ceil(H/32), G2, 2, 32].
+
+def _moe_int4_stack_shapes(q: torch.Tensor, scales: torch.Tensor, zeros, offsets, group_size: int,
+                           name: str) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"fused_moe_int4: {name} codes must be [E, N, K], got {tuple(q.shape)}")
+    e, n, k = q.shape
+    _, groups = int4_groups(k, group_size)
+    for what, t in (("scales", scales), ("zeros", zeros), ("offsets", offsets)):
+        if t is not None and tuple(t.shape) != (e, n, groups):
+            raise ValueError(f"fused_moe_int4: {name} {what} must be [E, N, G] = "
+                             f"{[e, n, groups]} (group_size {group_size}), got {list(t.shape)}")
+
+
+def check_fused_moe_int4_args(hidden, w13_q, w13_scales, w13_zeros, w2_q, w2_scales, w2_zeros,
+                              topk_weights, topk_ids, group_size, activation,
+                              w13_offsets=None, w2_offsets=None) -> None:
+    """Raises ValueError (saying what to change) on inconsistent fused_moe_int4 arguments."""
+    if w13_q.dim() != 3 or w2_q.dim() != 3:
+        raise ValueError(f"fused_moe_int4: expected codes w13 [E, 2I, H] and w2 [E, H, I], got "
+                         f"{tuple(w13_q.shape)} and {tuple(w2_q.shape)}")
+    check_fused_moe_args(hidden, w13_q.new_empty(w13_q.shape, device="meta"),
+                         w2_q.new_empty(w2_q.shape, device="meta"), topk_weights, topk_ids,
+                         activation)
+    _moe_int4_stack_shapes(w13_q, w13_scales, w13_zeros, w13_offsets, group_size, "w13")
+    _moe_int4_stack_shapes(w2_q, w2_scales, w2_zeros, w2_offsets, group_size, "w2")
+
+
+def moe_int4_dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                        group_size: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert's (or a stack's) codes [..., N, K] -> the fp32 weight [..., N, K]."""
+    if offsets is None:
+        if q.dim() == 2:
+            return int4_dequantize(q, scales, zeros, group_size)
+        return torch.stack([moe_int4_dequantize(q[x], scales[x], None if zeros is None else zeros[x],
+                                                group_size) for x in range(q.shape[0])])
+    gs, _ = int4_groups(q.shape[-1], group_size)
+    g = torch.arange(q.shape[-1], device=q.device) // gs
+    return q.float() * scales.float()[..., g] + offsets.float()[..., g]
+
+
+def fused_moe_int4(hidden: torch.Tensor, w13_q: torch.Tensor, w13_scales: torch.Tensor,
+                   w13_zeros: torch.Tensor | None, w2_q: torch.Tensor, w2_scales: torch.Tensor,
+                   w2_zeros: torch.Tensor | None, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, group_size: int, activation: str = "silu",
+                   w13_offsets: torch.Tensor | None = None,
+                   w2_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    # fused_moe with 4-bit experts: each chosen expert dequantized, then the same gated MLP in
+    # fp32 -> out [T, H] in hidden's dtype
+    check_fused_moe_int4_args(hidden, w13_q, w13_scales, w13_zeros, w2_q, w2_scales, w2_zeros,
+                              topk_weights, topk_ids, group_size, activation, w13_offsets,
+                              w2_offsets)
+
+    def pick(t, ex):
+        return None if t is None else t[ex]
+
+    def expert(ex: int):
+        return (moe_int4_dequantize(w13_q[ex], w13_scales[ex], pick(w13_zeros, ex), group_size,
+                                    pick(w13_offsets, ex)),
+                moe_int4_dequantize(w2_q[ex], w2_scales[ex], pick(w2_zeros, ex), group_size,
+                                    pick(w2_offsets, ex)))
+    return _fused_moe_experts(hidden, expert, w13_q.shape[0], w13_q.shape[1] // 2, topk_weights,
+                              topk_ids, activation)
+
+
+def _moe_int4_offsets(scales: torch.Tensor, zeros: torch.Tensor | None,
+                      offsets: torch.Tensor | None) -> torch.Tensor:
+    if offsets is not None:
+        return offsets.float()
+    z = torch.full_like(scales, 8.0, dtype=torch.float32) if zeros is None else zeros.float()
+    return -z * scales.float()
+
+
+def _pack_int4_experts(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # [E, N, K] -> (uint8 [E, ceil(N/32), ceil(K/2), 32], float32 [E, ceil(N/32), G, 2, 32])
+    gs, groups = int4_groups(q.shape[2], group_size)
+    if q.shape[0] == 0:
+        p = -(-q.shape[1] // INT4_PANEL)
+        return (q.new_zeros(0, p, (q.shape[2] + 1) // 2, INT4_PANEL, dtype=torch.uint8),
+                q.new_zeros(0, p, groups, 2, INT4_PANEL, dtype=torch.float32))
+    parts = [pack_int4_panels(q[x], scales[x], offsets[x], gs) for x in range(q.shape[0])]
+    return torch.stack([a for a, _ in parts]), torch.stack([b for _, b in parts])
+
+
+def _moe_int4_no_act_order(g_idx: torch.Tensor | None, k: int, group_size: int, name: str) -> None:
+    if g_idx is None:
+        return
+    for x in range(g_idx.shape[0]) if g_idx.dim() == 2 else [None]:
+        g = g_idx if x is None else g_idx[x]
+        if int4_act_order(g, k, group_size) is not None:
+            raise ValueError(f"INT4 MoE experts: {name} g_idx is act-order (desc_act); octavo's "
+                             "MoE kernel needs groups in K order: re-quantize the experts with "
+                             "desc_act=False (or use the dense path)")
+
+
+def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
+                             w13_zeros: torch.Tensor | None, w2_q: torch.Tensor,
+                             w2_scales: torch.Tensor, w2_zeros: torch.Tensor | None,
+                             group_size: int, w13_offsets: torch.Tensor | None = None,
+                             w2_offsets: torch.Tensor | None = None,
+                             w13_g_idx: torch.Tensor | None = None,
+                             w2_g_idx: torch.Tensor | None = None):
+    """Pack 4-bit experts once after loading (layout above) -> ops.MoEInt4Weights. g_idx (per
+    expert [E, K] or shared [K]) is accepted only when it is the plain k // group_size order."""
+    from octavo.ops import MoEInt4Weights
+    e, i2, h = w13_q.shape
+    i = i2 // 2
+    _moe_int4_stack_shapes(w13_q, w13_scales, w13_zeros, w13_offsets, group_size, "w13")
+    _moe_int4_stack_shapes(w2_q, w2_scales, w2_zeros, w2_offsets, group_size, "w2")
+    if i2 % 2 or tuple(w2_q.shape) != (e, h, i):
+        raise ValueError(f"prepare_moe_int4_weights: w13 must be [E, 2I, H] and w2 [E, H, I], got "
+                         f"{tuple(w13_q.shape)} and {tuple(w2_q.shape)}")
+    _moe_int4_no_act_order(w13_g_idx, h, group_size, "w13")
+    _moe_int4_no_act_order(w2_g_idx, i, group_size, "w2")
+    off13 = _moe_int4_offsets(w13_scales, w13_zeros, w13_offsets)
+    off2 = _moe_int4_offsets(w2_scales, w2_zeros, w2_offsets)
+    # gate and up rows padded separately, so a panel never mixes them
+    gate = _pack_int4_experts(w13_q[:, :i], w13_scales[:, :i], off13[:, :i], group_size)
+    up = _pack_int4_experts(w13_q[:, i:], w13_scales[:, i:], off13[:, i:], group_size)
+    w2p, w2so = _pack_int4_experts(w2_q, w2_scales, off2, group_size)
+    return MoEInt4Weights(torch.cat((gate[0], up[0]), 1).contiguous(),
+                          torch.cat((gate[1], up[1]), 1).contiguous(), w2p, w2so, h, i, group_size)
+
+
+def unpack_moe_int4_weights(prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 experts (w13 [E, 2I, H], w2 [E, H, I]) that an ops.MoEInt4Weights stands for."""
+    p = prepared
+    h, i = p.hidden_size, p.inter_size
+    pi = -(-i // INT4_PANEL)
+
+    def unpack(packed, so, n, k):
+        return torch.stack([unpack_int4_panels(packed[x], so[x], n, k, p.group_size)
+                            for x in range(packed.shape[0])]) if packed.shape[0] else \
+            packed.new_zeros(0, n, k, dtype=torch.float32)
+    gate = unpack(p.w13[:, :pi], p.w13_scales_offsets[:, :pi], i, h)
+    up = unpack(p.w13[:, pi:], p.w13_scales_offsets[:, pi:], i, h)
+    return torch.cat((gate, up), 1), unpack(p.w2, p.w2_scales_offsets, h, i)
+
+
+def fused_moe_int4_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
+                            topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    # prepared: prepare_moe_int4_weights(...) -> out [T, H]
+    w13, w2 = unpack_moe_int4_weights(prepared)
+    return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+# ---- end INT4 MoE ----
+
+
 # ---- LoRA: batched shrink / expand over rows that use different adapter slots ----------------
 # punica's BGMV/SGMV shape: slot s of the stacked weights holds one adapter; row t uses slot
 # indices[t], or none when indices[t] == -1. The rank-sized intermediate is float32.
