@@ -1,0 +1,129 @@
+"""The csrc/cuda fused MoE over 4-bit experts under the SIMT emulator
+(torch.ops.octavo_simt.fused_moe_int4_packed) on the operands ops_native.prepare_moe_int4_weights
+makes for the CPU kernel, against the experts dequantized in fp64 (octavo.ops_native.fused_moe)
+with plain PyTorch in the kernel's dtype as the error yardstick: bf16 and fp16, the decode (few
+pairs) and four-panel shapes, one token, idle experts, all pairs on one expert, E = 3 / 5 / 6,
+top_k = E, H and I off the 32-wide panel and the 64-wide K tile (odd H), group sizes 32 / 128 /
+per channel, symmetric and with zero points, offsets, the three activations, strided hidden."""
+import pytest
+import torch
+
+import simt_moe_int4_ext
+from kernel_utils import assert_close_to_ref
+from octavo import ops_native
+from test_moe import same_precision_moe
+
+
+@pytest.fixture(scope="module")
+def simt():
+    return simt_moe_int4_ext.load()
+
+
+def make_case(t, h, i, e, k, group_size, zeros, ids=None, offsets=False, seed=0):
+    """Random 4-bit experts (codes, scales, zeros or offsets) and routing; the fp64 experts."""
+    g = torch.Generator().manual_seed(seed + 13 * t + 7 * h + i)
+
+    def stack(n, kk):
+        _, groups = ops_native.int4_groups(kk, group_size)
+        q = torch.randint(0, 16, (e, n, kk), generator=g, dtype=torch.uint8)
+        s = (torch.rand(e, n, groups, generator=g) + 0.5) / (4 * kk ** 0.5)
+        z = torch.randint(0, 16, (e, n, groups), generator=g).float() if zeros else None
+        off = -torch.rand(e, n, groups, generator=g) * s * 12 if offsets else None
+        gs, _ = ops_native.int4_groups(kk, group_size)
+        idx = torch.arange(kk) // gs
+        sd = s.double()[..., idx]
+        if off is not None:
+            w = q.double() * sd + off.double()[..., idx]
+        else:
+            w = (q.double() - (8.0 if z is None else z.double()[..., idx])) * sd
+        return q, s, z, off, w
+    w13 = stack(2 * i, h)
+    w2 = stack(h, i)
+    hidden = torch.randn(t, h, generator=g)
+    if ids is None:
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g) + 0.1
+    return hidden, w13, w2, weights.float(), ids.to(torch.int32)
+
+
+def run(simt, hidden, w13, w2, tw, ti, group_size, activation="silu"):
+    q13, s13, z13, o13, _ = w13
+    q2, s2, z2, o2, _ = w2
+    p = ops_native.prepare_moe_int4_weights(q13, s13, z13, q2, s2, z2, group_size, w13_offsets=o13,
+                                            w2_offsets=o2)
+    out = torch.full(hidden.shape, float("nan"), dtype=hidden.dtype)
+    simt.fused_moe_int4_packed(out, hidden, p.w13, p.w2, p.w13_scales_offsets, p.w2_scales_offsets,
+                               tw, ti, p.inter_size, p.group_size, activation)
+    return out
+
+
+def check(out, hidden, w13, w2, tw, ti, activation="silu", what=""):
+    exact = ops_native.fused_moe(hidden.double(), w13[4], w2[4], tw, ti, activation)
+    native = same_precision_moe(hidden, w13[4].to(hidden.dtype), w2[4].to(hidden.dtype), tw, ti,
+                                activation)
+    assert not out.isnan().any(), what
+    assert_close_to_ref(out, native, exact, what=what)
+
+
+# (T, H, I, E, top_k, ids, group_size): decode shape up to 64 (token, expert) pairs, else four
+# panels per block
+CASES = {
+    "one-token": (1, 64, 64, 4, 2, None, 32),
+    "idle-experts": (3, 96, 80, 8, 1, torch.tensor([[5], [2], [5]]), 32),
+    "all-on-one-pair": (9, 64, 48, 6, 2, torch.tensor([[3, 1]] * 9), -1),
+    "e5-odd-sizes": (7, 67, 33, 5, 2, None, -1),
+    "topk-equals-e": (5, 256, 136, 3, 3, None, 128),
+    "four-panels": (40, 96, 72, 6, 2, None, 32),
+    "four-panels-all-on-one": (70, 64, 40, 3, 1, torch.zeros(70, 1, dtype=torch.long), 128),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_moe_int4(simt, dtype, zeros, name):
+    t, h, i, e, k, ids, gs = CASES[name]
+    hidden, w13, w2, tw, ti = make_case(t, h, i, e, k, gs, zeros, ids)
+    hidden = hidden.to(dtype)
+    out = run(simt, hidden, w13, w2, tw, ti, gs)
+    check(out, hidden, w13, w2, tw, ti, what=f"simt int4 moe {name} {dtype} zeros={zeros}")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_activations_and_offsets(simt, activation):
+    hidden, w13, w2, tw, ti = make_case(6, 64, 48, 4, 2, 32, False, offsets=True)
+    hidden = hidden.half()
+    out = run(simt, hidden, w13, w2, tw, ti, 32, activation)
+    check(out, hidden, w13, w2, tw, ti, activation, what=f"simt int4 moe offsets {activation}")
+
+
+def test_strided_hidden(simt):
+    # a row stride that is not 16-byte aligned takes the element-wise loads instead of cp.async
+    hidden, w13, w2, tw, ti = make_case(5, 64, 40, 4, 2, 32, True)
+    wide = torch.cat((torch.zeros(5, 1), hidden, torch.zeros(5, 4)), 1).bfloat16()[:, 1:65]
+    out = run(simt, wide, w13, w2, tw, ti, 32)
+    check(out, wide.contiguous(), w13, w2, tw, ti, what="simt int4 moe strided hidden")
+
+
+def test_matches_the_reference(simt):
+    # the kernel and ops_native.fused_moe_int4 (the CPU op's reference) read the same codes
+    hidden, w13, w2, tw, ti = make_case(4, 64, 40, 4, 2, 32, True)
+    hidden = hidden.bfloat16()
+    out = run(simt, hidden, w13, w2, tw, ti, 32)
+    ref = ops_native.fused_moe_int4(hidden, *w13[:3], *w2[:3], tw, ti, 32)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.02)
+
+
+def test_bad_inputs_are_rejected(simt):
+    hidden, w13, w2, tw, ti = make_case(2, 64, 32, 4, 2, 32, False)
+    p = ops_native.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32)
+    args = (p.w13, p.w2, p.w13_scales_offsets, p.w2_scales_offsets, tw, ti)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        simt.fused_moe_int4_packed(torch.empty_like(hidden), hidden, *args, 32, 32, "silu")
+    hb = hidden.bfloat16()
+    with pytest.raises(RuntimeError, match="w13 must be a contiguous uint8"):
+        simt.fused_moe_int4_packed(torch.empty_like(hb), hb, *args, 64, 32, "silu")
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        simt.fused_moe_int4_packed(torch.empty_like(hb), hb, *args, 32, 8, "silu")
+    with pytest.raises(RuntimeError, match="activation"):
+        simt.fused_moe_int4_packed(torch.empty_like(hb), hb, *args, 32, 32, "relu")
