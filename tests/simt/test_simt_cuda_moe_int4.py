@@ -114,6 +114,12 @@ def test_matches_the_reference(simt):
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.02)
 
 
+def test_no_tokens(simt):
+    hidden, w13, w2, tw, ti = make_case(0, 64, 32, 4, 2, 32, False, ids=torch.zeros(0, 2, dtype=torch.long))
+    out = run(simt, hidden.bfloat16(), w13, w2, tw, ti, 32)
+    assert out.shape == (0, 64)
+
+
 def test_bad_inputs_are_rejected(simt):
     hidden, w13, w2, tw, ti = make_case(2, 64, 32, 4, 2, 32, False)
     p = ops_native.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32)
