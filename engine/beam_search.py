@@ -4,7 +4,9 @@ Every step sends each live beam to the engine as a request whose prompt is promp
 tokens, with max_tokens=1 and logprobs=2*beam_width: the engine returns the top candidates for
 the next token. Beams of one prompt share their prompt's KV blocks through the prefix cache
 (the blocks of a finished one-token request stay cached), so a step only computes each beam's
-last, uncached block instead of copying the prompt.
+last, uncached block instead of copying the prompt. Models with a recurrent state (Mamba) do
+the same through state snapshots: a finished step request's state covers exactly its prompt,
+so the next step's beam starts from a copy of it and computes only its newest token.
 """
 from __future__ import annotations
 

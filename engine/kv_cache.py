@@ -8,6 +8,12 @@ front, so the least recently freed cached block is the first to be reused (and f
 Models with a fixed per-request state (Mamba) also need one state slot per running request:
 `allocate` hands one out with a request's first blocks and refuses admission when none is free,
 so the scheduler has one admission rule for both kinds; `free` returns it.
+
+State snapshots (pure-state models): a finished request's slot is kept, keyed by the exact
+tokens its state covers, until a new request needs the slot (least recently used first). A
+request whose prompt extends those tokens starts from a copy of that state instead of token 0
+(beam search steps, n > 1 siblings). The copies are device work: they queue in `state_copies`
+and run at the start of the next step, before its forward.
 """
 from __future__ import annotations
 
@@ -93,22 +99,63 @@ def split_cache_budget(budget: int, bytes_per_block: int, bytes_per_slot: int, m
 
 class StateSlotPool:
     """Free list of per-request state slots (a request keeps its slot until it finishes, is
-    aborted or preempted)."""
+    aborted or preempted), and the snapshots: slots nobody runs in whose state covers known
+    tokens. A snapshot counts as free: `allocate` evicts the least recently used one when the
+    free list is empty, so snapshots never hold back admission."""
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))   # pop() gives slot 0 first
+        # slot -> (lora id, tokens its state covers), least recently used first
+        self.snapshots: OrderedDict[int, tuple[Hashable, tuple[int, ...]]] = OrderedDict()
 
     @property
     def num_free(self) -> int:
-        return len(self.free_slots)
+        return len(self.free_slots) + len(self.snapshots)
 
-    def allocate(self) -> int:
-        return self.free_slots.pop()
+    @property
+    def num_snapshots(self) -> int:
+        return len(self.snapshots)
+
+    def allocate(self, keep: int | None = None) -> int:
+        """A free slot, else the least recently used snapshot's other than `keep`'s."""
+        if self.free_slots:
+            return self.free_slots.pop()
+        for slot in self.snapshots:
+            if slot != keep:
+                del self.snapshots[slot]
+                return slot
+        raise AssertionError("caller must check num_free first")
 
     def release(self, slot: int) -> None:
-        assert slot not in self.free_slots, f"double free of state slot {slot}"
+        assert slot not in self.free_slots and slot not in self.snapshots, \
+            f"double free of state slot {slot}"
         self.free_slots.append(slot)
+
+    def keep(self, slot: int, lora: Hashable, tokens: tuple[int, ...]) -> None:
+        """Make `slot` (no request's any more) a snapshot of the state after `tokens`."""
+        if (lora, tokens) in self.snapshots.values():      # the same state twice: keep one
+            self.release(slot)
+            return
+        assert slot not in self.free_slots and slot not in self.snapshots
+        self.snapshots[slot] = (lora, tokens)
+
+    def take(self, slot: int) -> None:
+        """The snapshot in `slot` becomes a request's slot (its state is used up in place)."""
+        del self.snapshots[slot]
+
+    def find(self, lora: Hashable, tokens: list[int]) -> tuple[int, int] | None:
+        """(slot, length) of the longest snapshot whose tokens are a prefix of `tokens` and
+        shorter than them (the last token is left to compute: its logits are needed)."""
+        best = None
+        for slot, (lo, toks) in self.snapshots.items():
+            n = len(toks)
+            if (lo == lora and 0 < n < len(tokens) and (best is None or n > best[1])
+                    and tuple(tokens[:n]) == toks):
+                best = (slot, n)
+        if best is not None:
+            self.snapshots.move_to_end(best[0])
+        return best
 
 
 def _first_parent(req: Request):
@@ -119,7 +166,7 @@ def _first_parent(req: Request):
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_state_slots: int = 0) -> None:
+                 num_state_slots: int = 0, state_snapshots: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -127,6 +174,10 @@ class KVCacheManager:
         # slots of the per-request state layers; no blocks at all: a model without paged layers
         self.slots = StateSlotPool(num_state_slots) if num_state_slots else None
         self.paged = num_blocks > 0 or self.slots is None
+        # Snapshots only for models without paged layers: a hybrid's snapshot would also need
+        # the K/V of exactly the same tokens, whose last block is partial (see free())
+        self.state_snapshots = state_snapshots and not self.paged
+        self.state_copies: list[tuple[int, int]] = []       # (from slot, to slot), next step
         self._num_registered: dict[str, int] = {}          # request id -> full blocks hashed in pool
         self.prefix_queries = 0                             # tokens looked up in the prefix cache
         self.prefix_hits = 0                                # of which were found
@@ -161,16 +212,31 @@ class KVCacheManager:
         self.prefix_hits += len(hit) * self.block_size
         return hit
 
-    def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def find_state_snapshot(self, req: Request) -> tuple[int, int] | None:
+        """(slot, length) of the longest state snapshot of this request's leading tokens, at
+        least one token short of them; None without one."""
+        if not self.state_snapshots or req.sampling_params.prompt_logprobs is not None:
+            return None
+        return self.slots.find(_first_parent(req), req.all_token_ids)
+
+    def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = (),
+                 snapshot: int | None = None) -> bool:
         """Give `req` blocks for its next `num_new_tokens` tokens (after `cached_blocks`, which
         become its first blocks). Returns False, changing nothing, if the pool is too small or
-        no state slot is free."""
+        no state slot is free. `snapshot`: a snapshot slot whose state `req` starts from (its
+        state is copied into the request's slot, or the slot itself is taken when it is the
+        only one left)."""
         needs_slot = self.slots is not None and req.state_slot is None
         if needs_slot and self.slots.num_free == 0:
             return False
         if not self.paged:
-            if needs_slot:
-                req.state_slot = self.slots.allocate()
+            if needs_slot and snapshot is not None and self.slots.num_free == 1:
+                self.slots.take(snapshot)
+                req.state_slot = snapshot
+            elif needs_slot:
+                req.state_slot = self.slots.allocate(keep=snapshot)
+                if snapshot is not None:
+                    self.state_copies.append((snapshot, req.state_slot))
             return True
         bs = self.block_size
         have = len(req.block_ids) + len(cached_blocks)
@@ -202,12 +268,35 @@ class KVCacheManager:
                 self.pool.cached[key] = block.block_id
         self._num_registered[req.request_id] = max(start, end)
 
-    def free(self, req: Request) -> None:
+    def snapshot_state(self, req: Request) -> bool:
+        """Copy the running request's state (covering its computed tokens) into a snapshot
+        slot, before its next step changes it (n > 1: the siblings start from it). False when
+        no slot is spare."""
+        if not self.state_snapshots or self.slots.num_free == 0:
+            return False
+        slot = self.slots.allocate()
+        self.state_copies.append((req.state_slot, slot))
+        self.slots.keep(slot, _first_parent(req), tuple(req.all_token_ids[:req.num_computed_tokens]))
+        return True
+
+    def take_state_copies(self) -> list[tuple[int, int]]:
+        copies, self.state_copies = self.state_copies, []
+        return copies
+
+    def free(self, req: Request, keep_state: bool = False) -> None:
+        """Give back the request's blocks and state slot. keep_state: its state is final and
+        covers exactly its computed tokens (it finished), so the slot becomes a snapshot.
+        A hybrid model would need its K/V kept too, up to a partial last block that the next
+        request writes into: the block manager has no copy-on-write, so hybrids keep none."""
         # tail blocks first, so that a prompt's shared head stays cached the longest
         self.pool.release(list(reversed(req.block_ids)))
         req.block_ids = []
         if req.state_slot is not None:
-            self.slots.release(req.state_slot)
+            if keep_state and self.state_snapshots and req.num_computed_tokens > 0:
+                self.slots.keep(req.state_slot, _first_parent(req),
+                                tuple(req.all_token_ids[:req.num_computed_tokens]))
+            else:
+                self.slots.release(req.state_slot)
             req.state_slot = None
         self._num_registered.pop(req.request_id, None)
 

@@ -44,7 +44,8 @@ class StepError(RuntimeError):
 
 @dataclass
 class _Parent:
-    """A user request; n > 1 fans out into n child Requests that share the prompt's blocks."""
+    """A user request; n > 1 fans out into n child Requests that share the prompt's blocks
+    (or, for state models, start from a snapshot of the first child's state)."""
     request_id: str
     children: list[Request]
 
@@ -84,8 +85,13 @@ class LLMEngine:
             logger.info("prefix caching is off: this model keeps a per-request recurrent state "
                         "(Mamba layers) that cached KV blocks cannot restore")
             config.enable_prefix_caching = False
+        # State snapshots (beam search and n > 1 start from a copy of a known state) need the
+        # runner in this process: the copies are not part of the step sent to workers.
+        # OCTAVO_STATE_SNAPSHOTS=0 turns them off (every request computes its whole prompt).
+        snapshots = (num_slots > 0 and self.runner is not None
+                     and os.environ.get("OCTAVO_STATE_SNAPSHOTS", "1") != "0")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                 num_state_slots=num_slots)
+                                 num_state_slots=num_slots, state_snapshots=snapshots)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_loras=config.max_loras if config.enable_lora else None)
         self.sampler = Sampler(self.eos_token_ids)
@@ -215,7 +221,8 @@ class LLMEngine:
         self.parents[request_id] = parent
         for req in children:
             self._child_parent[req.request_id] = parent
-            self.scheduler.add_request(req)
+        # n > 1 with a recurrent state: the siblings start from the first child's state
+        self.scheduler.add_forked(children)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else request_id

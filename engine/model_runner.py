@@ -7,6 +7,7 @@ fixed-size static buffers of decode_graphs.py, replayed as CUDA graphs on a GPU.
 
 Layers with a per-request state (Mamba) get slot tensors [1 + num_slots, ...] instead of blocks:
 a request's slot s (from the KV manager) is row s + 1; row 0 is scratch for padding rows.
+A step's `state_copies` (state snapshots taken or restored) run before its forward.
 """
 from __future__ import annotations
 
@@ -282,6 +283,14 @@ class ModelRunner:
                           torch.tensor(sample_rows, dtype=torch.int64, device=dev),
                           sample_reqs, prompt_rows)
 
+    def _copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """State snapshots taken and restored (slot to slot, in order: a later copy may read a
+        slot an earlier one wrote)."""
+        for src, dst in copies:
+            if src != dst:
+                for t in self._state_tensors:
+                    t[dst + 1].copy_(t[src + 1])
+
     def _reset_new_states(self, out: SchedulerOutput) -> None:
         """Zero the state slots of requests that start this step (new, or recomputed after
         preemption): the decode ops read a slot's state without a has_initial_state flag."""
@@ -294,6 +303,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
         if self._state_tensors:
+            self._copy_states(out.state_copies)
             self._reset_new_states(out)
         bucket = None
         if self.decode_graphs is not None:

@@ -9,6 +9,11 @@ With speculative decoding a decoding request also carries draft tokens (`spec_to
 are scheduled after its last token, so one forward scores them all, and `update` takes back
 the positions of the drafts the rejection sampler refused (their KV slots are simply written
 again later; prefix-cache hashes only ever cover accepted tokens).
+
+Models with a per-request state start a request from a state snapshot of its leading tokens
+when the KV manager has one (see kv_cache.py), as attention models start from cached blocks.
+`n > 1` forks: the first child computes the prompt but its last token, its state is copied to
+a snapshot, and only then do its siblings (held until that moment) join and start from it.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # (from slot, to slot): state copies the runner makes before this step's forward
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -57,25 +64,60 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_scheduled_tokens = 0        # tokens computed over all steps (a work counter)
+        # n > 1 forks: first child's id -> (its fork point, the siblings it holds back);
+        # held sibling's id -> first child's id
+        self.forks: dict[str, tuple[int, list[Request]]] = {}
+        self.held: dict[str, str] = {}
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_forked(self, children: list[Request]) -> None:
+        """The n children of one prompt: the first runs alone to the prompt's last token, its
+        state is snapshotted, then the others start from that snapshot (see update)."""
+        first, rest = children[0], children[1:]
+        if (not rest or not self.kv.state_snapshots or first.num_tokens < 2
+                or first.sampling_params.prompt_logprobs is not None):   # those restore none
+            for req in children:
+                self.add_request(req)
+            return
+        self.forks[first.request_id] = (first.num_tokens - 1, rest)
+        for req in rest:
+            self.held[req.request_id] = first.request_id
+        self.add_request(first)
+
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.held)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:               # admitting new work right after preempting thrashes
             self._schedule_waiting(out, budget)
+        out.state_copies = self.kv.take_state_copies()
+        self.num_scheduled_tokens += out.num_batched_tokens
         return out
+
+    def _end(self, req: Request) -> int:
+        """Where the request's computing stops this time: its last token (then it samples), or
+        its fork point."""
+        fork = self.forks.get(req.request_id)
+        return req.num_tokens if fork is None else fork[0]
+
+    def _release_fork(self, req: Request) -> None:
+        """The first child reached its fork point (or finished): its siblings wait first in
+        line, and find its state snapshot when admitted."""
+        _, rest = self.forks.pop(req.request_id)
+        for sib in reversed(rest):
+            del self.held[sib.request_id]
+            self.waiting.appendleft(sib)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            left = req.num_tokens - req.num_computed_tokens
+            left = self._end(req) - req.num_computed_tokens
             n = min(left + len(req.spec_token_ids), budget)
             while not self.kv.allocate(req, n):
                 victim = self.running.pop()
@@ -97,8 +139,17 @@ class Scheduler:
                 break
             cached = self.kv.find_cached_prefix(req)
             num_hit = len(cached) * bs
-            n = min(req.num_tokens - num_hit, budget)
-            if not self.kv.allocate(req, n, cached):
+            snapshot = self.kv.find_state_snapshot(req)
+            if snapshot is not None:
+                num_hit = snapshot[1]
+            fork = self.forks.get(req.request_id)
+            if fork is not None and num_hit >= fork[0]:      # already known: no fork step
+                self.waiting.popleft()
+                self._release_fork(req)
+                self.waiting.appendleft(req)
+            n = min(self._end(req) - num_hit, budget)
+            if not self.kv.allocate(req, n, cached,
+                                    None if snapshot is None else snapshot[0]):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
@@ -151,6 +202,10 @@ class Scheduler:
             req.num_computed_tokens = s.start + s.num_new_tokens - (len(s.spec_token_ids) - accepted)
             req.spec_token_ids = []
             self.kv.cache_full_blocks(req)
+            fork = self.forks.get(req.request_id)
+            if fork is not None and req.num_computed_tokens >= fork[0]:
+                self.kv.snapshot_state(req)       # if no slot is spare, the siblings recompute
+                self._release_fork(req)
             if not tokens:
                 continue
             appended = []
@@ -180,9 +235,15 @@ class Scheduler:
     def finish_request(self, req: Request, status: RequestStatus) -> None:
         if req.is_finished:
             return
-        if req.status == RequestStatus.RUNNING:
+        if req.request_id in self.forks:          # its siblings go on without a snapshot
+            self._release_fork(req)
+        first = self.held.pop(req.request_id, None)
+        if first is not None:                     # held back by its first sibling: not queued
+            self.forks[first][1].remove(req)
+        elif req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
-        self.kv.free(req)
+        # a finished request's state covers its computed tokens: kept as a snapshot
+        self.kv.free(req, keep_state=status != RequestStatus.FINISHED_ABORTED)
         req.status = status
