@@ -74,6 +74,7 @@ CASES = {
     "e5-odd-sizes": (7, 67, 33, 5, 2, None, -1),
     "topk-equals-e": (5, 256, 136, 3, 3, None, 128),
     "four-panels": (40, 96, 72, 6, 2, None, 32),
+    "four-panels-two-blocks": (33, 160, 144, 4, 2, None, 32),
     "four-panels-all-on-one": (70, 64, 40, 3, 1, torch.zeros(70, 1, dtype=torch.long), 128),
 }
 
