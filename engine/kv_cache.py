@@ -9,11 +9,15 @@ Models with a fixed per-request state (Mamba) also need one state slot per runni
 `allocate` hands one out with a request's first blocks and refuses admission when none is free,
 so the scheduler has one admission rule for both kinds; `free` returns it.
 
-State snapshots (pure-state models): a finished request's slot is kept, keyed by the exact
-tokens its state covers, until a new request needs the slot (least recently used first). A
-request whose prompt extends those tokens starts from a copy of that state instead of token 0
-(beam search steps, n > 1 siblings). The copies are device work: they queue in `state_copies`
-and run at the start of the next step, before its forward.
+State snapshots: a finished request's slot is kept, keyed by the exact tokens its state
+covers, until a new request needs the slot (least recently used first). A request whose prompt
+extends those tokens starts from a copy of that state instead of token 0 (beam search steps,
+n > 1 siblings). Hybrid models (attention layers too) also need the K/V of those tokens: the
+snapshot names the blocks that held them, without keeping a reference; each block carries a
+generation that allocation bumps, so a snapshot whose blocks were reused is simply invalid.
+A restoring request shares the full blocks and gets a copy of the partial last one. The copies
+are device work: they queue in `state_copies` / `block_copies` and run at the start of the next
+step, before its forward.
 """
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ from .request import Request
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "hash")
+    __slots__ = ("block_id", "ref_cnt", "hash", "gen")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
         self.hash: Hashable | None = None
+        self.gen = 0                 # times allocated: a state snapshot's blocks are still its own
 
     def __repr__(self) -> str:
         return f"Block({self.block_id}, ref={self.ref_cnt}, cached={self.hash is not None})"
@@ -56,6 +61,7 @@ class BlockPool:
                     del self.cached[block.hash]
                 block.hash = None
             block.ref_cnt = 1
+            block.gen += 1
             ids.append(block_id)
         return ids
 
@@ -106,8 +112,9 @@ class StateSlotPool:
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))   # pop() gives slot 0 first
-        # slot -> (lora id, tokens its state covers), least recently used first
-        self.snapshots: OrderedDict[int, tuple[Hashable, tuple[int, ...]]] = OrderedDict()
+        # slot -> (lora id, tokens its state covers, their blocks as (block id, generation)),
+        # least recently used first
+        self.snapshots: OrderedDict[int, tuple[Hashable, tuple[int, ...], tuple]] = OrderedDict()
 
     @property
     def num_free(self) -> int:
@@ -132,23 +139,28 @@ class StateSlotPool:
             f"double free of state slot {slot}"
         self.free_slots.append(slot)
 
-    def keep(self, slot: int, lora: Hashable, tokens: tuple[int, ...]) -> None:
+    def keep(self, slot: int, lora: Hashable, tokens: tuple[int, ...], blocks: tuple = ()) -> None:
         """Make `slot` (no request's any more) a snapshot of the state after `tokens`."""
-        if (lora, tokens) in self.snapshots.values():      # the same state twice: keep one
+        if any(v[:2] == (lora, tokens) for v in self.snapshots.values()):   # keep one of two
             self.release(slot)
             return
         assert slot not in self.free_slots and slot not in self.snapshots
-        self.snapshots[slot] = (lora, tokens)
+        self.snapshots[slot] = (lora, tokens, blocks)
 
     def take(self, slot: int) -> None:
         """The snapshot in `slot` becomes a request's slot (its state is used up in place)."""
         del self.snapshots[slot]
 
+    def drop(self, slot: int) -> None:
+        """Forget the snapshot in `slot` (its K/V blocks were reused)."""
+        del self.snapshots[slot]
+        self.free_slots.append(slot)
+
     def find(self, lora: Hashable, tokens: list[int]) -> tuple[int, int] | None:
         """(slot, length) of the longest snapshot whose tokens are a prefix of `tokens` and
         shorter than them (the last token is left to compute: its logits are needed)."""
         best = None
-        for slot, (lo, toks) in self.snapshots.items():
+        for slot, (lo, toks, _) in self.snapshots.items():
             n = len(toks)
             if (lo == lora and 0 < n < len(tokens) and (best is None or n > best[1])
                     and tuple(tokens[:n]) == toks):
@@ -174,10 +186,9 @@ class KVCacheManager:
         # slots of the per-request state layers; no blocks at all: a model without paged layers
         self.slots = StateSlotPool(num_state_slots) if num_state_slots else None
         self.paged = num_blocks > 0 or self.slots is None
-        # Snapshots only for models without paged layers: a hybrid's snapshot would also need
-        # the K/V of exactly the same tokens, whose last block is partial (see free())
-        self.state_snapshots = state_snapshots and not self.paged
+        self.state_snapshots = state_snapshots and self.slots is not None
         self.state_copies: list[tuple[int, int]] = []       # (from slot, to slot), next step
+        self.block_copies: list[tuple[int, int]] = []       # (from block, to block), next step
         self._num_registered: dict[str, int] = {}          # request id -> full blocks hashed in pool
         self.prefix_queries = 0                             # tokens looked up in the prefix cache
         self.prefix_hits = 0                                # of which were found
@@ -214,42 +225,63 @@ class KVCacheManager:
 
     def find_state_snapshot(self, req: Request) -> tuple[int, int] | None:
         """(slot, length) of the longest state snapshot of this request's leading tokens, at
-        least one token short of them; None without one."""
+        least one token short of them, whose K/V blocks (hybrids) are intact; None without."""
         if not self.state_snapshots or req.sampling_params.prompt_logprobs is not None:
             return None
-        return self.slots.find(_first_parent(req), req.all_token_ids)
+        while True:
+            found = self.slots.find(_first_parent(req), req.all_token_ids)
+            if found is None or all(self.pool.blocks[b].gen == g
+                                    for b, g in self.slots.snapshots[found[0]][2]):
+                return found
+            self.slots.drop(found[0])
+
+    def _take_slot(self, req: Request, snapshot: int | None) -> None:
+        """A slot for `req`: a copy of the snapshot's state, or the snapshot's slot itself when
+        it is the only one left."""
+        if snapshot is not None and self.slots.num_free == 1:
+            self.slots.take(snapshot)
+            req.state_slot = snapshot
+            return
+        req.state_slot = self.slots.allocate(keep=snapshot)
+        if snapshot is not None:
+            self.state_copies.append((snapshot, req.state_slot))
 
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = (),
                  snapshot: int | None = None) -> bool:
         """Give `req` blocks for its next `num_new_tokens` tokens (after `cached_blocks`, which
         become its first blocks). Returns False, changing nothing, if the pool is too small or
-        no state slot is free. `snapshot`: a snapshot slot whose state `req` starts from (its
-        state is copied into the request's slot, or the slot itself is taken when it is the
-        only one left)."""
+        no state slot is free. `snapshot`: a snapshot slot (from find_state_snapshot) whose
+        state `req` starts from; its full K/V blocks become the request's first blocks and its
+        partial last block is copied into the request's next one."""
         needs_slot = self.slots is not None and req.state_slot is None
         if needs_slot and self.slots.num_free == 0:
             return False
         if not self.paged:
-            if needs_slot and snapshot is not None and self.slots.num_free == 1:
-                self.slots.take(snapshot)
-                req.state_slot = snapshot
-            elif needs_slot:
-                req.state_slot = self.slots.allocate(keep=snapshot)
-                if snapshot is not None:
-                    self.state_copies.append((snapshot, req.state_slot))
+            if needs_slot:
+                self._take_slot(req, snapshot)
             return True
         bs = self.block_size
+        partial = None
+        if snapshot is not None:
+            _, tokens, blocks = self.slots.snapshots[snapshot]
+            cached_blocks = [b for b, _ in blocks[:len(tokens) // bs]]
+            if len(tokens) % bs:
+                partial = blocks[len(tokens) // bs][0]
+                num_new_tokens += len(tokens) % bs
         have = len(req.block_ids) + len(cached_blocks)
         total_tokens = req.num_computed_tokens + len(cached_blocks) * bs + num_new_tokens
         need = max(0, -(-total_tokens // bs) - have)
         idle_hits = sum(1 for b in cached_blocks if self.pool.blocks[b].ref_cnt == 0)
+        # the partial block stays readable until the copy (it runs before the next forward)
         if need > self.pool.num_free - idle_hits:
             return False
         if needs_slot:
-            req.state_slot = self.slots.allocate()
+            self._take_slot(req, snapshot)
         self.pool.touch(list(cached_blocks))
         req.block_ids.extend(cached_blocks)
         req.block_ids.extend(self.pool.allocate(need))
+        if partial is not None:
+            self.block_copies.append((partial, req.block_ids[len(cached_blocks)]))
         if cached_blocks:                       # those are published already
             self._num_registered[req.request_id] = len(cached_blocks)
         return True
@@ -276,27 +308,33 @@ class KVCacheManager:
             return False
         slot = self.slots.allocate()
         self.state_copies.append((req.state_slot, slot))
-        self.slots.keep(slot, _first_parent(req), tuple(req.all_token_ids[:req.num_computed_tokens]))
+        self._keep(slot, req)
         return True
 
-    def take_state_copies(self) -> list[tuple[int, int]]:
-        copies, self.state_copies = self.state_copies, []
+    def _keep(self, slot: int, req: Request) -> None:
+        n = req.num_computed_tokens
+        blocks = tuple((b, self.pool.blocks[b].gen) for b in req.block_ids[:-(-n // self.block_size)])
+        self.slots.keep(slot, _first_parent(req), tuple(req.all_token_ids[:n]), blocks)
+
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The state and block copies queued for the next step."""
+        copies = self.state_copies, self.block_copies
+        self.state_copies, self.block_copies = [], []
         return copies
 
     def free(self, req: Request, keep_state: bool = False) -> None:
         """Give back the request's blocks and state slot. keep_state: its state is final and
-        covers exactly its computed tokens (it finished), so the slot becomes a snapshot.
-        A hybrid model would need its K/V kept too, up to a partial last block that the next
-        request writes into: the block manager has no copy-on-write, so hybrids keep none."""
+        covers exactly its computed tokens (it finished), so the slot becomes a snapshot (of
+        the blocks too: they stay valid until they are allocated again)."""
+        if req.state_slot is not None and keep_state and self.state_snapshots \
+                and req.num_computed_tokens > 0:
+            self._keep(req.state_slot, req)
+            req.state_slot = None
         # tail blocks first, so that a prompt's shared head stays cached the longest
         self.pool.release(list(reversed(req.block_ids)))
         req.block_ids = []
         if req.state_slot is not None:
-            if keep_state and self.state_snapshots and req.num_computed_tokens > 0:
-                self.slots.keep(req.state_slot, _first_parent(req),
-                                tuple(req.all_token_ids[:req.num_computed_tokens]))
-            else:
-                self.slots.release(req.state_slot)
+            self.slots.release(req.state_slot)
             req.state_slot = None
         self._num_registered.pop(req.request_id, None)
 

@@ -7,7 +7,8 @@ fixed-size static buffers of decode_graphs.py, replayed as CUDA graphs on a GPU.
 
 Layers with a per-request state (Mamba) get slot tensors [1 + num_slots, ...] instead of blocks:
 a request's slot s (from the KV manager) is row s + 1; row 0 is scratch for padding rows.
-A step's `state_copies` (state snapshots taken or restored) run before its forward.
+A step's `state_copies` (state snapshots taken or restored) and `block_copies` (the partial K/V
+block of a restored hybrid request) run before its forward.
 """
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ class ModelRunner:
                              f"{change}")
         self.num_state_slots = 0
         self._state_tensors: list[torch.Tensor] = []
+        self._paged_tensors: list[torch.Tensor] = []      # [num_blocks, ...] each
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.buf = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
                                 self.max_blocks_per_seq)
@@ -147,9 +149,11 @@ class ModelRunner:
         return sum(m.cache_spec().slot_bytes(self.dtype) for m in self.state_layers)
 
     def _allocate(self, num_blocks: int, num_slots: int | None = None) -> None:
+        self._paged_tensors = []
         for m in self.paged_layers:
-            m.bind_cache(m.cache_spec().allocate(num_blocks, self.block_size, self.dtype,
-                                                 self.device))
+            caches = m.cache_spec().allocate(num_blocks, self.block_size, self.dtype, self.device)
+            m.bind_cache(caches)
+            self._paged_tensors.extend(caches)
         num_slots = self.num_state_slots if num_slots is None else num_slots
         self._state_tensors = []
         for m in self.state_layers:               # + row 0: scratch of padding rows
@@ -225,6 +229,7 @@ class ModelRunner:
         for m in self.cache_layers:
             m.bind_cache(None)
         self._state_tensors = []
+        self._paged_tensors = []
 
     # ---- one step ---------------------------------------------------------------------------
     def _fill_host(self, out: SchedulerOutput) -> tuple[int, list[int], list[Request], list]:
@@ -283,13 +288,17 @@ class ModelRunner:
                           torch.tensor(sample_rows, dtype=torch.int64, device=dev),
                           sample_reqs, prompt_rows)
 
-    def _copy_states(self, copies: list[tuple[int, int]]) -> None:
+    def _copy_states(self, out: SchedulerOutput) -> None:
         """State snapshots taken and restored (slot to slot, in order: a later copy may read a
-        slot an earlier one wrote)."""
-        for src, dst in copies:
+        slot an earlier one wrote), and the partial K/V blocks of the restored requests."""
+        for src, dst in out.state_copies:
             if src != dst:
                 for t in self._state_tensors:
                     t[dst + 1].copy_(t[src + 1])
+        for src, dst in out.block_copies:
+            if src != dst:
+                for t in self._paged_tensors:
+                    t[dst].copy_(t[src])
 
     def _reset_new_states(self, out: SchedulerOutput) -> None:
         """Zero the state slots of requests that start this step (new, or recomputed after
@@ -303,7 +312,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
         if self._state_tensors:
-            self._copy_states(out.state_copies)
+            self._copy_states(out)
             self._reset_new_states(out)
         bucket = None
         if self.decode_graphs is not None:

@@ -42,8 +42,10 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # (from slot, to slot): state copies the runner makes before this step's forward
+    # (from slot, to slot), (from block, to block): state snapshots taken and restored, and
+    # the partial K/V blocks of restored ones; the runner copies them before this step's forward
     state_copies: list[tuple[int, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -95,7 +97,7 @@ class Scheduler:
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:               # admitting new work right after preempting thrashes
             self._schedule_waiting(out, budget)
-        out.state_copies = self.kv.take_state_copies()
+        out.state_copies, out.block_copies = self.kv.take_copies()
         self.num_scheduled_tokens += out.num_batched_tokens
         return out
 

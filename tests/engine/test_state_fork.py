@@ -1,7 +1,7 @@
-"""State snapshots of recurrent-state models (Mamba): beam search and n > 1 start from a copy of
-a known state instead of recomputing the prompt. Outputs equal the recompute path
-(OCTAVO_STATE_SNAPSHOTS=0) and a plain-torch beam search; the tokens computed are counted; chunked
-prefill, preemption and abort keep working; no slot (snapshots included) leaks."""
+"""State snapshots of recurrent-state models (Mamba, and Jamba with its K/V blocks): beam search
+and n > 1 start from a copy of a known state instead of recomputing the prompt. Outputs equal
+the recompute path (OCTAVO_STATE_SNAPSHOTS=0) and a plain-torch beam search; the tokens computed
+are counted; chunked prefill, preemption and abort keep working; no slot or block leaks."""
 from __future__ import annotations
 
 import itertools
@@ -34,7 +34,7 @@ def jamba_dir(tmp_path_factory):
 def _llm(path: str, snapshots: bool, monkeypatch, **kwargs) -> LLM:
     monkeypatch.setenv("OCTAVO_STATE_SNAPSHOTS", "1" if snapshots else "0")
     llm = LLM(path, dtype="float32", kv_cache_memory=1 << 24, **kwargs)
-    assert llm.llm_engine.kv.state_snapshots == (snapshots and not llm.llm_engine.kv.paged)
+    assert llm.llm_engine.kv.state_snapshots == snapshots
     return llm
 
 
@@ -76,12 +76,12 @@ def test_snapshot_pool_prefix_lookup_and_eviction():
     b = _request("b", [1, 2, 3, 7])
     assert kv.find_state_snapshot(b) == (slot_a, 3)
     assert kv.allocate(b, 1, snapshot=slot_a) and b.state_slot != slot_a
-    assert kv.take_state_copies() == [(slot_a, b.state_slot)] and kv.slots.num_snapshots == 1
+    assert kv.take_copies() == ([(slot_a, b.state_slot)], []) and kv.slots.num_snapshots == 1
     c, d = _request("c", [5, 6]), _request("d", [1, 2, 3, 9])
     assert kv.allocate(c, 2)                          # the last free slot; the snapshot stays
     assert kv.find_state_snapshot(d) == (slot_a, 3)
     assert kv.allocate(d, 1, snapshot=slot_a)         # only the snapshot's slot is left: taken
-    assert d.state_slot == slot_a and kv.take_state_copies() == [] and kv.slots.num_free == 0
+    assert d.state_slot == slot_a and kv.take_copies() == ([], []) and kv.slots.num_free == 0
     kv.free(b, keep_state=False)                      # aborted: no snapshot
     c.num_computed_tokens = 2
     kv.free(c, keep_state=True)
@@ -95,15 +95,29 @@ def test_snapshot_pool_prefix_lookup_and_eviction():
     assert kv.slots.num_free == 3 and sorted(kv.slots.free_slots) == [0, 1, 2]
 
 
-def test_hybrid_manager_keeps_no_snapshots():
-    kv = KVCacheManager(8, 4, enable_prefix_caching=False, num_state_slots=2,
+def test_hybrid_snapshot_shares_full_blocks_and_copies_the_partial_one():
+    kv = KVCacheManager(6, 4, enable_prefix_caching=False, num_state_slots=3,
                         state_snapshots=True)
-    assert not kv.state_snapshots
-    a = _request("a", [1, 2, 3])
-    assert kv.allocate(a, 3)
-    a.num_computed_tokens = 3
+    a = _request("a", list(range(1, 7)))               # 6 tokens: one full block, one partial
+    assert kv.allocate(a, 6)
+    a.num_computed_tokens = 6
+    full, part = a.block_ids
     kv.free(a, keep_state=True)
-    assert kv.slots.num_snapshots == 0 and kv.slots.num_free == 2
+    assert kv.pool.num_free == 6 and kv.slots.num_snapshots == 1   # the snapshot holds no block
+    b = _request("b", list(range(1, 7)) + [9])
+    snap = kv.find_state_snapshot(b)
+    assert snap is not None and snap[1] == 6
+    assert kv.allocate(b, 1, snapshot=snap[0])
+    assert b.block_ids[0] == full and part not in b.block_ids and len(b.block_ids) == 2
+    assert kv.take_copies() == ([(snap[0], b.state_slot)], [(part, b.block_ids[1])])
+    kv.free(b)
+    # reusing the partial block makes the snapshot invalid: it is dropped, not restored
+    big = _request("big", [7] * 24)
+    assert kv.allocate(big, 24) and part in big.block_ids and kv.slots.num_snapshots == 1
+    assert kv.find_state_snapshot(_request("c", list(range(1, 7)) + [5])) is None
+    assert kv.slots.num_snapshots == 0
+    kv.free(big)
+    assert kv.pool.num_free == 6 and kv.slots.num_free == 3
 
 
 def _reference_beam_search(model, prompt, width, steps):
@@ -229,15 +243,41 @@ def test_abort_while_siblings_are_held(mamba_dir, monkeypatch):
     _assert_no_leak(llm)
 
 
-def test_hybrid_recomputes_and_matches(jamba_dir, monkeypatch):
-    """Jamba (attention + Mamba layers) keeps no snapshots (its K/V would have to be shared up
-    to a partial block): n > 1 and beam search recompute, with the same tokens either way."""
+def test_hybrid_forks_and_beams(jamba_dir, monkeypatch):
+    """Jamba (attention + Mamba layers): the snapshot's K/V blocks are shared (the partial one
+    copied); n > 1 and beam search give the recompute path's tokens with the same savings."""
+    results = {}
+    width, steps, p = 2, 4, len(PROMPT)
+    for snapshots in (False, True):
+        llm = _llm(jamba_dir, snapshots, monkeypatch, max_num_batched_tokens=8, block_size=4)
+        samples, work = _work(llm, lambda: _n_samples(llm, [LONG_PROMPT, OTHER_PROMPT]))
+        beams, beam_work = _work(llm, lambda: _beams(llm, PROMPT, width, steps))
+        _assert_no_leak(llm)
+        results[snapshots] = (samples, beams, work, beam_work)
+    off, on = results[False], results[True]
+    assert on[0] == off[0]
+    assert [s for s, _ in on[1]] == [s for s, _ in off[1]]
+    assert [lp for _, lp in on[1]] == pytest.approx([lp for _, lp in off[1]], abs=1e-4)
+    q = len(LONG_PROMPT)
+    assert off[2] - on[2] == 2 * (3 * q - (q - 1 + 3))
+    assert off[3] == p + sum(width * (p + s) for s in range(1, steps))
+    assert on[3] == p + width * (steps - 1)
+
+
+def test_hybrid_preempts_when_blocks_run_out(jamba_dir, monkeypatch):
+    """Few KV blocks: the scheduler preempts (its own rule) while forks and beams restore
+    snapshots whose blocks may have been reused; the tokens stay the recompute path's."""
+    kwargs = dict(dtype="float32", max_model_len=32, block_size=4, max_num_seqs=4)
+    runner = LLM(jamba_dir, kv_cache_memory=1 << 22, **kwargs).llm_engine.runner
+    budget = 4 * runner.bytes_per_slot() + 9 * runner.bytes_per_block()
     results = {}
     for snapshots in (False, True):
-        llm = _llm(jamba_dir, snapshots, monkeypatch, max_num_batched_tokens=8)
-        samples, work = _work(llm, lambda: _n_samples(llm, [LONG_PROMPT, OTHER_PROMPT]))
-        beams = _beams(llm, PROMPT, 2, 3)
-        assert llm.llm_engine.kv.slots.num_snapshots == 0
+        monkeypatch.setenv("OCTAVO_STATE_SNAPSHOTS", "1" if snapshots else "0")
+        llm = LLM(jamba_dir, kv_cache_memory=budget, **kwargs)
+        assert llm.llm_engine.kv.num_blocks == 9
+        samples = _n_samples(llm, [LONG_PROMPT, OTHER_PROMPT])
+        beams = _beams(llm, PROMPT, 2, 4)
+        assert llm.llm_engine.scheduler.num_preemptions > 0
         _assert_no_leak(llm)
-        results[snapshots] = (samples, [seq for seq, _ in beams], work)
+        results[snapshots] = (samples, [seq for seq, _ in beams])
     assert results[True] == results[False]
