@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -222,6 +223,129 @@ static bool use_avx512_bf16() {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// AVX2 + FMA panels for decode-sized token counts: the weights stream from memory once per call
+// and every FMA reads registers only. A panel's K pair holds 128 values (64 outputs x 2); the
+// micro-kernels take vectors [v0, v0 + NV) of each pair block and MB rows, keeping the MB x NV
+// accumulators in the 16 ymm registers (MB * NV <= 12 leaves room for weights and broadcasts).
+constexpr int kPrefetchPairs = 16;  // prefetch 16 K pairs ahead (4 KiB of bf16, 8 KiB of fp32)
+
+// bf16: 8 vectors per K pair, each the (w[j][2kk], w[j][2kk+1]) words of 8 outputs 8v..8v+7.
+// A word's low half widens with a 16-bit shift, its high half with a mask: both are fp32 bits.
+template <int MB, int NV>
+static void avx2_bf16_block(const c10::BFloat16* const* rows, const c10::BFloat16* panel,
+                            int64_t k, int v0, bool prefetch, float* acc) {
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 a[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) a[m][v] = _mm256_setzero_ps();
+  const int64_t kpairs = (k + 1) / 2, kfull = k / 2;
+  for (int64_t kk = 0; kk < kpairs; ++kk) {
+    const c10::BFloat16* wk = panel + kk * 2 * kPanel + v0 * 16;
+    if (prefetch && kk + kPrefetchPairs < kpairs)
+      for (int l = 0; l < NV * 32; l += 64)  // one cache line per 2 vectors
+        __builtin_prefetch(reinterpret_cast<const char*>(wk + kPrefetchPairs * 2 * kPanel) + l, 0, 3);
+    __m256 x0[MB], x1[MB];
+    for (int m = 0; m < MB; ++m) {
+      int32_t word;
+      if (kk < kfull) {
+        std::memcpy(&word, rows[m] + 2 * kk, 4);
+      } else {  // odd K: the last pair is (x[K-1], 0), its packed weight zero
+        const c10::BFloat16 last[2] = {rows[m][k - 1], c10::BFloat16(0.f)};
+        std::memcpy(&word, last, 4);
+      }
+      const __m256i xw = _mm256_set1_epi32(word);
+      x0[m] = _mm256_castsi256_ps(_mm256_slli_epi32(xw, 16));
+      x1[m] = _mm256_castsi256_ps(_mm256_and_si256(xw, hi_mask));
+    }
+    for (int v = 0; v < NV; ++v) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16 * v));
+      const __m256 wlo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      const __m256 whi = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
+      for (int m = 0; m < MB; ++m)
+        a[m][v] = _mm256_fmadd_ps(x1[m], whi, _mm256_fmadd_ps(x0[m], wlo, a[m][v]));
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + m * kPanel + 8 * (v0 + v), a[m][v]);
+}
+
+// fp32: 16 vectors per K pair, each (w[j][2kk], w[j][2kk+1]) of 4 outputs 4v..4v+3, multiplied
+// by (x[2kk], x[2kk+1]) repeated (one 8-byte broadcast); the lane pairs are added at the end.
+template <int MB, int NV>
+static void avx2_f32_block(const float* const* rows, const float* panel, int64_t k, int v0,
+                           bool prefetch, float* acc) {
+  __m256 a[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) a[m][v] = _mm256_setzero_ps();
+  const int64_t kpairs = (k + 1) / 2, kfull = k / 2;
+  for (int64_t kk = 0; kk < kpairs; ++kk) {
+    const float* wk = panel + kk * 2 * kPanel + v0 * 8;
+    if (prefetch && kk + kPrefetchPairs < kpairs)
+      for (int l = 0; l < NV * 32; l += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(wk + kPrefetchPairs * 2 * kPanel) + l, 0, 3);
+    __m256 xp[MB];
+    for (int m = 0; m < MB; ++m) {
+      double pair;
+      if (kk < kfull) {
+        std::memcpy(&pair, rows[m] + 2 * kk, 8);
+      } else {
+        const float last[2] = {rows[m][k - 1], 0.f};
+        std::memcpy(&pair, last, 8);
+      }
+      xp[m] = _mm256_castpd_ps(_mm256_set1_pd(pair));
+    }
+    for (int v = 0; v < NV; ++v) {
+      const __m256 w = _mm256_loadu_ps(wk + 8 * v);
+      for (int m = 0; m < MB; ++m) a[m][v] = _mm256_fmadd_ps(xp[m], w, a[m][v]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) {
+      alignas(32) float s[8];
+      _mm256_store_ps(s, a[m][v]);
+      float* dst = acc + m * kPanel + 4 * (v0 + v);
+      for (int l = 0; l < 4; ++l) dst[l] = s[2 * l] + s[2 * l + 1];
+    }
+}
+
+// acc[r * 64 + j] = sum_k rows[r][k] * W[j][k] over one packed panel. One row takes all 64
+// outputs in one pass (8 accumulators; fp32: two 32-output passes); more rows go 32 outputs
+// at a time, 3 rows per pass, so the half panel is re-read from cache, not memory.
+template <typename T>
+static void panel_avx2(const T* const* rows, int m, const T* panel, int64_t k, float* acc) {
+  constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
+  constexpr int kVecs = bf16 ? 8 : 16;  // vectors per K pair
+  auto block = [&](auto mb, auto nv, int r0, int v0) {
+    constexpr int MB = decltype(mb)::value, NV = decltype(nv)::value;
+    const bool pf = r0 == 0;  // the first pass over a column range streams it from memory
+    if constexpr (bf16)
+      avx2_bf16_block<MB, NV>(rows + r0, panel, k, v0, pf, acc + r0 * kPanel);
+    else
+      avx2_f32_block<MB, NV>(rows + r0, panel, k, v0, pf, acc + r0 * kPanel);
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I3 = std::integral_constant<int, 3>;
+  using I4 = std::integral_constant<int, 4>;
+  using I8 = std::integral_constant<int, 8>;
+  if (m == 1) {
+    if constexpr (bf16) {
+      block(I1{}, I8{}, 0, 0);
+    } else {
+      block(I1{}, std::integral_constant<int, 16>{}, 0, 0);
+    }
+    return;
+  }
+  for (int v0 = 0; v0 < kVecs; v0 += 4) {
+    int r0 = 0;
+    for (; r0 + 3 <= m; r0 += 3) block(I3{}, I4{}, r0, v0);
+    if (m - r0 == 2) block(I2{}, I4{}, r0, v0);
+    if (m - r0 == 1) block(I1{}, I4{}, r0, v0);
+  }
+}
+#endif
+
 static inline float activate(float x, int act) {
   switch (act) {
     case 0: return x / (1.f + std::exp(-x));
@@ -333,6 +457,19 @@ void fused_moe_kernel(const MoeParams& p) {
     moe_impl<c10::BFloat16, c10::BFloat16>(
         p, [](const c10::BFloat16* const* rows, int m, const c10::BFloat16* panel, const float*,
               int64_t k, int64_t, float* acc) { panel_bf16(rows, m, panel, k, acc); });
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+  if (p.dtype == DType::kBFloat16) {
+    moe_impl<c10::BFloat16, c10::BFloat16>(
+        p, [](const c10::BFloat16* const* rows, int m, const c10::BFloat16* panel, const float*,
+              int64_t k, int64_t, float* acc) { panel_avx2(rows, m, panel, k, acc); });
+    return;
+  }
+  if (p.dtype == DType::kFloat32) {
+    moe_impl<float, float>(p, [](const float* const* rows, int m, const float* panel, const float*,
+                                 int64_t k, int64_t, float* acc) { panel_avx2(rows, m, panel, k, acc); });
     return;
   }
 #endif
