@@ -1,18 +1,26 @@
 """Kernel lab: the CPU linears (out = x @ weight^T + bias) vs oneDNN-prepacked and F.linear.
 
-python -m octavo.bench.kernels.linear [--quick] [--rows 1,8,32] [--shapes 768x2304,2048x768]
+python -m octavo.bench.kernels.linear [--quick] [--rows 1,2,4,8,32] [--shapes 2048x5632,5632x2048]
 Shapes are K x N; the defaults are the decode linears of a 100M Llama (hidden 768, vocab 32000).
-octavo.linear reads the plain [N, K] weight; octavo.linear_packed (bf16 only) the 64-output
-panels of ops_native.pack_linear_panels, the layout models/layers/cpu_gemm.py uses.
+octavo.linear reads the plain [N, K] weight; octavo.linear_packed (bf16 or fp32) the 64-output
+panels of ops_native.pack_linear_panels, the layout models/layers/cpu_gemm.py uses. Each line
+gives the weight bytes streamed per second and their share of this machine's read ceiling
+(torch.sum over a 256 MiB buffer, measured in the same run), the figure that bounds decode.
 """
 import torch
 import torch.nn.functional as F
 
 from octavo import ops_native
-from octavo.bench.kernels.common import check, copy_bandwidth, parse, parser, report, time_fn
+from octavo.bench.kernels.common import check, copy_bandwidth, parse, parser, time_fn
 
 SHAPES = {"qkv": (768, 2304), "o": (768, 768), "gate_up": (768, 4096), "down": (2048, 768),
           "lm_head": (768, 32000)}
+
+
+def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """GB/s of a plain streaming read (torch.sum of an fp32 buffer beyond the caches)."""
+    buf = torch.ones(nbytes // 4)
+    return nbytes / time_fn(lambda: buf.sum(), repeats) / 1e9
 
 
 def _cycling(items):
@@ -31,7 +39,7 @@ def _contenders(x, ws, b):
     out = torch.empty(x.shape[0], ws[0].shape[0], dtype=x.dtype)
     w = _cycling(ws)
     fns = {"octavo.linear": lambda: torch.ops.octavo.linear(out, x, w(), b)}
-    if x.dtype == torch.bfloat16:
+    if x.dtype in (torch.bfloat16, torch.float32):
         panels = _cycling([ops_native.pack_linear_panels(c) for c in ws])
         fns["octavo.linear_packed"] = lambda: torch.ops.octavo.linear_packed(out, x, panels(), b)
     fns["F.linear"] = lambda: F.linear(x, w(), b)
@@ -47,7 +55,7 @@ def _contenders(x, ws, b):
 
 def main():
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rows", default="1,8,32", help="comma-separated M values")
+    p.add_argument("--rows", default="1,2,4,8,32", help="comma-separated M values")
     p.add_argument("--shapes", default=None, help="comma-separated KxN (default: the 100M Llama's)")
     p.add_argument("--bias", action="store_true")
     p.add_argument("--cold-mib", type=int, default=256,
@@ -62,10 +70,12 @@ def main():
         shapes, rows = {"o": (768, 768), "odd": (769, 133)}, [1, 5]
     args.repeats = args.repeats or (5 if args.quick else 30)
     dtype = getattr(torch, args.dtype)
-    copy_gbs = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
-    print(f"linear {args.dtype} bias={args.bias} threads={torch.get_num_threads()}; "
-          f"copy bandwidth {copy_gbs:.1f} GB/s (bytes = weight + x + out; weights cycled through "
-          f"{0 if args.quick else args.cold_mib} MiB of copies)")
+    ceiling = 64 << 20 if args.quick else 256 << 20
+    read_gbs, copy_gbs = read_bandwidth(ceiling), copy_bandwidth(ceiling)
+    print(f"linear {args.dtype} bias={args.bias} threads={torch.get_num_threads()} "
+          f"capability={torch.backends.cpu.get_cpu_capability()}; read ceiling {read_gbs:.1f} GB/s "
+          f"(torch.sum), copy {copy_gbs:.1f} GB/s (read + write); GB/s below = weight bytes / time, "
+          f"weights cycled through {0 if args.quick else args.cold_mib} MiB of copies")
     for name, (k, n) in shapes.items():
         w = torch.randn(n, k, dtype=dtype) / k ** 0.5
         b = torch.randn(n, dtype=dtype) if args.bias else None
@@ -77,13 +87,15 @@ def main():
             native, exact = ops_native.linear(x, w, b), ops_native.linear(x.double(), w.double(), bd)
             torch.ops.octavo.linear(out, x, w, b)
             check(f"{name} M={m} linear", out, native, exact)
-            if dtype == torch.bfloat16:
+            if "octavo.linear_packed" in fns:
                 torch.ops.octavo.linear_packed(out, x, ops_native.pack_linear_panels(w), b)
                 check(f"{name} M={m} linear_packed", out, native, exact)
-            nbytes = (w.numel() + x.numel() + out.numel()) * x.element_size()
+            wbytes = w.numel() * w.element_size()
             for label, fn in fns.items():
-                report(f"{name} [{k}->{n}] M={m} {label}", time_fn(fn, args.repeats), nbytes,
-                       2 * m * n * k, copy_gbs)
+                t = time_fn(fn, args.repeats)
+                gbs = wbytes / t / 1e9
+                print(f"{name} [{k}->{n}] M={m} {label:<22} {t * 1e3:9.3f} ms {gbs:7.1f} GB/s "
+                      f"({gbs / read_gbs:4.0%} of read) {2 * m * n * k / t / 1e9:8.1f} GFLOP/s", flush=True)
 
 
 if __name__ == "__main__":

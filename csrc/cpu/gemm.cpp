@@ -1,10 +1,12 @@
 // Dense linear out[M, N] = x[M, K] @ weight[N, K]^T (+ bias) on CPU, weights streamed once per
-// call for all M rows: linear (plain row-major weight, small M) and linear_packed (bf16 weight in
-// 64-output panels of K pairs, any M; what models/layers/cpu_gemm.py uses).
+// call for all M rows: linear (plain row-major weight, small M) and linear_packed (bf16 or fp32
+// weight in 64-output panels of K pairs, any M; what models/layers/cpu_gemm.py uses).
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "cpu/cpu_types.h"
 
@@ -237,25 +239,25 @@ static void linear_impl(const LinearParams& p) {
 constexpr int kPanel = 64;
 constexpr int kMaxPackedMB = 6;
 
-// Generic: fp32 math on any CPU.
-static void packed_block_generic(const LinearParams& p, const c10::BFloat16* wp, int64_t n0,
-                                 int64_t m0, int mb) {
-  const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x);
-  const c10::BFloat16* bias = static_cast<const c10::BFloat16*>(p.bias);
-  c10::BFloat16* out = static_cast<c10::BFloat16*>(p.out);
+// Generic: fp32 math on any CPU, bf16 or fp32 weights (T is also x's and out's type).
+template <typename T>
+static void packed_block_generic(const LinearParams& p, const T* wp, int64_t n0, int64_t m0, int mb) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
   const int64_t kpairs = (p.k + 1) / 2;
   const int valid = static_cast<int>(std::min<int64_t>(kPanel, p.n - n0));
   for (int m = 0; m < mb; ++m) {
-    const c10::BFloat16* xr = x + (m0 + m) * p.x_stride;
+    const T* xr = x + (m0 + m) * p.x_stride;
     float acc[kPanel] = {};
     for (int64_t kk = 0; kk < kpairs; ++kk) {
       const float x0 = to_f(xr[2 * kk]);
       const float x1 = 2 * kk + 1 < p.k ? to_f(xr[2 * kk + 1]) : 0.f;
-      const c10::BFloat16* wk = wp + kk * 2 * kPanel;
+      const T* wk = wp + kk * 2 * kPanel;
       for (int j = 0; j < kPanel; ++j) acc[j] += x0 * to_f(wk[2 * j]) + x1 * to_f(wk[2 * j + 1]);
     }
-    c10::BFloat16* o = out + (m0 + m) * p.out_stride + n0;
-    for (int j = 0; j < valid; ++j) o[j] = from_f<c10::BFloat16>(acc[j] + (bias ? to_f(bias[n0 + j]) : 0.f));
+    T* o = out + (m0 + m) * p.out_stride + n0;
+    for (int j = 0; j < valid; ++j) o[j] = from_f<T>(acc[j] + (bias ? to_f(bias[n0 + j]) : 0.f));
   }
 }
 
@@ -373,26 +375,232 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
 }
 #endif
 
-void linear_packed_kernel(const LinearParams& p) {
-  const c10::BFloat16* w = static_cast<const c10::BFloat16*>(p.weight);
-  const int64_t panels = (p.n + kPanel - 1) / kPanel, panel_elems = (p.k + 1) / 2 * 2 * kPanel;
-#if defined(CPU_CAPABILITY_AVX512)
-  const bool bf16 = use_avx512_bf16();
-#endif
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t pi = begin; pi < end; ++pi) {
-      const c10::BFloat16* wp = w + pi * panel_elems;
-#if defined(CPU_CAPABILITY_AVX512)
-      if (bf16) {
-        packed_panel_bf16(p, wp, pi * kPanel);
-        continue;
-      }
-#endif
-      for (int64_t m0 = 0; m0 < p.m; m0 += kMaxPackedMB)
-        packed_block_generic(p, wp, pi * kPanel, m0,
-                             static_cast<int>(std::min<int64_t>(kMaxPackedMB, p.m - m0)));
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// ---- AVX2 + FMA path for the packed layout, bf16 or fp32 weights ------------------------------
+// x is read as fp32 rows with K padded to pairs (converted once per call where needed), so the
+// inner loops only load weights, broadcast x and FMA.
+//  bf16: one 256-bit load of a K-pair row holds 8 outputs x (k, k+1) as 32-bit words; the word
+//        shifted left 16 is the even-k weight as fp32, the word masked to its high half the odd-k
+//        weight. 8 vectors cover the panel's 64 outputs.
+//  fp32: one load holds 4 outputs x (k, k+1); FMA'd against the broadcast (x[k], x[k+1]) pair,
+//        the accumulators keep the two k parities in adjacent lanes, summed at the end. 16 vectors.
+// Work unit: a tile of MB rows x NV vectors over a chunk of K pairs small enough (16 KiB of
+// weights) to stay in L1 while every row block and vector group of the chunk reads it; partial
+// sums wait in a [rows, 128] fp32 scratch between chunks.
+template <typename W>
+struct Avx2Panel;
+
+template <>
+struct Avx2Panel<c10::BFloat16> {
+  static constexpr int kVecs = 8;          // 256-bit vectors per K-pair row of a panel
+
+  template <int MB, int NV>
+  static inline void step(__m256 (&acc)[MB][NV], const c10::BFloat16* wk, const float* x, int64_t xs) {
+    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    __m256 wv[NV];
+    for (int v = 0; v < NV; ++v)
+      wv[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(wk + 16 * v)), 16));
+    for (int m = 0; m < MB; ++m) {
+      const __m256 b = _mm256_broadcast_ss(x + m * xs);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(wv[v], b, acc[m][v]);
     }
-  });
+    for (int v = 0; v < NV; ++v)
+      wv[v] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256((const __m256i*)(wk + 16 * v)), hi));
+    for (int m = 0; m < MB; ++m) {
+      const __m256 b = _mm256_broadcast_ss(x + m * xs + 1);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(wv[v], b, acc[m][v]);
+    }
+  }
+  // scratch row [64 outputs] -> outputs
+  static inline float result(const float* s, int j) { return s[j]; }
+};
+
+template <>
+struct Avx2Panel<float> {
+  static constexpr int kVecs = 16;
+
+  template <int MB, int NV>
+  static inline void step(__m256 (&acc)[MB][NV], const float* wk, const float* x, int64_t xs) {
+    __m256 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(wk + 8 * v);
+    for (int m = 0; m < MB; ++m) {
+      double pair;  // (x[k], x[k + 1])
+      std::memcpy(&pair, x + m * xs, 8);
+      const __m256 b = _mm256_castpd_ps(_mm256_set1_pd(pair));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(wv[v], b, acc[m][v]);
+    }
+  }
+  // scratch row [64 outputs x 2 parities] -> outputs
+  static inline float result(const float* s, int j) { return s[2 * j] + s[2 * j + 1]; }
+};
+
+constexpr int64_t kScratchRow = 128;  // floats per row of partial sums
+
+struct Avx2Tile {
+  int64_t kk0, kk1;   // K pairs of the chunk
+  bool first;         // start from zero (else from the scratch)
+  bool prefetch;      // also pull in the next chunk's weights
+};
+
+// K pairs per chunk: 16 KiB of weights for up to 8 rows (streamed once, prefetched a chunk
+// ahead); 32 KiB for more rows, halving the per-tile overhead (accumulator loads and stores).
+template <typename W>
+static int64_t avx2_chunk(int64_t rows) {
+  const int64_t c = (16 << 10) / (2 * kPanel * static_cast<int64_t>(sizeof(W)));
+  return rows > 8 ? 2 * c : c;
+}
+
+// acc for rows [0, MB) x vectors [v0, v0 + NV) of one panel over the tile's K pairs.
+template <typename W, int MB, int NV>
+static void avx2_tile(const W* wp, int v0, const float* x, int64_t xs, float* scratch, const Avx2Tile& t) {
+  // wp: [kpairs, 64, 2] one panel; x: [MB, 2 * kpairs] fp32, row stride xs; scratch: [MB, 128]
+  using P = Avx2Panel<W>;
+  constexpr int64_t row = 2 * kPanel;           // weights per K pair
+  constexpr int64_t lines = row * sizeof(W) / 64;
+  constexpr int64_t vw = row / P::kVecs;        // weights per vector
+  __m256 acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = t.first ? _mm256_setzero_ps() : _mm256_loadu_ps(scratch + m * kScratchRow + 8 * (v0 + v));
+  for (int64_t kk = t.kk0; kk < t.kk1; ++kk) {
+    const W* wk = wp + kk * row;
+    if (t.prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(wk + (t.kk1 - t.kk0) * row);
+      for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(ahead + 64 * l, 0, 3);
+    }
+    P::template step<MB, NV>(acc, wk + v0 * vw, x + 2 * kk, xs);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(scratch + m * kScratchRow + 8 * (v0 + v), acc[m][v]);
+}
+
+// Vectors per tile for MB rows: accumulators + weight vectors + a broadcast within 16 registers.
+template <int MB>
+constexpr int avx2_nv() { return MB == 1 ? 8 : MB <= 3 ? 4 : 2; }
+
+template <typename W, int MB>
+static void avx2_rows(const W* wp, const float* x, int64_t xs, float* scratch, Avx2Tile t) {
+  constexpr int NV = avx2_nv<MB>();
+  for (int v0 = 0; v0 < Avx2Panel<W>::kVecs; v0 += NV) {
+    avx2_tile<W, MB, NV>(wp, v0, x, xs, scratch, t);
+    t.prefetch = false;
+  }
+}
+
+template <typename W>
+static void avx2_rows_any(int mb, const W* wp, const float* x, int64_t xs, float* scratch, const Avx2Tile& t) {
+  switch (mb) {
+    case 1: avx2_rows<W, 1>(wp, x, xs, scratch, t); break;
+    case 2: avx2_rows<W, 2>(wp, x, xs, scratch, t); break;
+    case 3: avx2_rows<W, 3>(wp, x, xs, scratch, t); break;
+    case 4: avx2_rows<W, 4>(wp, x, xs, scratch, t); break;
+    case 5: avx2_rows<W, 5>(wp, x, xs, scratch, t); break;
+    default: avx2_rows<W, 6>(wp, x, xs, scratch, t); break;
+  }
+}
+
+// Row blocks of one pass: up to 8 rows as one or two blocks (the chunk's weights come from memory
+// once, then from L1), more rows as blocks of 6 (12 accumulators of 8 lanes).
+static int avx2_block_rows(int64_t rows, int64_t done) {
+  if (rows <= 4) return static_cast<int>(rows);
+  if (rows <= 8) return static_cast<int>(done == 0 ? (rows + 1) / 2 : rows - done);
+  return static_cast<int>(std::min<int64_t>(6, rows - done));
+}
+
+// Rows [r0, r0 + rows) of x (fp32, xs) through one panel into out.
+template <typename W>
+static void avx2_panel(const LinearParams& p, const W* wp, int64_t n0, const float* x, int64_t xs,
+                       int64_t r0, int64_t rows, float* scratch) {
+  using P = Avx2Panel<W>;
+  const int64_t kpairs = (p.k + 1) / 2;
+  const int64_t kc = avx2_chunk<W>(rows);
+  for (int64_t k0 = 0; k0 < kpairs || k0 == 0; k0 += kc) {
+    Avx2Tile t{k0, std::min(kpairs, k0 + kc), k0 == 0, true};
+    for (int64_t m = 0; m < rows;) {
+      const int mb = avx2_block_rows(rows, m);
+      avx2_rows_any<W>(mb, wp, x + m * xs, xs, scratch + m * kScratchRow, t);
+      t.prefetch = false;
+      m += mb;
+    }
+    if (kpairs == 0) break;
+  }
+  const W* bias = static_cast<const W*>(p.bias);
+  W* out = static_cast<W*>(p.out);
+  const int valid = static_cast<int>(std::min<int64_t>(kPanel, p.n - n0));
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* s = scratch + m * kScratchRow;
+    W* o = out + (r0 + m) * p.out_stride + n0;
+    for (int j = 0; j < valid; ++j) o[j] = from_f<W>(P::result(s, j) + (bias ? to_f(bias[n0 + j]) : 0.f));
+  }
+}
+
+// Rows in chunks of kAvx2Rows (bounding the fp32 copy of x and the scratch); threads split the
+// panels into one contiguous range each.
+constexpr int64_t kAvx2Rows = 120;
+
+template <typename W>
+static void linear_packed_avx2(const LinearParams& p) {
+  const W* w = static_cast<const W*>(p.weight);      // [panels, kpairs, 64, 2]
+  const W* x = static_cast<const W*>(p.x);           // [M, K] row stride x_stride
+  const int64_t kpairs = (p.k + 1) / 2, kp = 2 * kpairs;
+  const int64_t panels = (p.n + kPanel - 1) / kPanel, panel_elems = kpairs * 2 * kPanel;
+  // fp32 x with even K is used in place; else an fp32 copy, K padded to pairs with a zero
+  const bool direct = std::is_same_v<W, float> && kp == p.k;
+  std::vector<float> xbuf(direct ? 0 : std::min(p.m, kAvx2Rows) * kp);
+  for (int64_t r0 = 0; r0 < p.m; r0 += kAvx2Rows) {
+    const int64_t rows = std::min(kAvx2Rows, p.m - r0);
+    const float* xf = reinterpret_cast<const float*>(x + r0 * p.x_stride);
+    int64_t xs = p.x_stride;
+    if (!direct) {
+      for (int64_t m = 0; m < rows; ++m) {
+        const W* xr = x + (r0 + m) * p.x_stride;
+        float* d = xbuf.data() + m * kp;
+        for (int64_t i = 0; i < p.k; ++i) d[i] = to_f(xr[i]);
+        if (kp != p.k) d[p.k] = 0.f;
+      }
+      xf = xbuf.data();
+      xs = kp;
+    }
+    // at least ~64 KiB of weights per task, so small layers do not pay for a thread handoff
+    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_elems * sizeof(W)));
+    at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+      alignas(32) float small[8 * kScratchRow];
+      std::vector<float> big(rows > 8 ? rows * kScratchRow : 0);
+      float* scratch = rows > 8 ? big.data() : small;
+      for (int64_t pi = begin; pi < end; ++pi)
+        avx2_panel<W>(p, w + pi * panel_elems, pi * kPanel, xf, xs, r0, rows, scratch);
+    });
+  }
+}
+#endif
+
+void linear_packed_kernel(const LinearParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (p.dtype == DType::kBFloat16 && use_avx512_bf16()) {
+    const c10::BFloat16* w = static_cast<const c10::BFloat16*>(p.weight);
+    const int64_t panels = (p.n + kPanel - 1) / kPanel, panel_elems = (p.k + 1) / 2 * 2 * kPanel;
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pi = begin; pi < end; ++pi) packed_panel_bf16(p, w + pi * panel_elems, pi * kPanel);
+    });
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if (p.dtype == DType::kBFloat16) linear_packed_avx2<c10::BFloat16>(p);
+  else linear_packed_avx2<float>(p);
+#else
+  auto generic = [&](auto* w) {
+    const int64_t panels = (p.n + kPanel - 1) / kPanel, panel_elems = (p.k + 1) / 2 * 2 * kPanel;
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pi = begin; pi < end; ++pi)
+        for (int64_t m0 = 0; m0 < p.m; m0 += kMaxPackedMB)
+          packed_block_generic(p, w + pi * panel_elems, pi * kPanel, m0,
+                               static_cast<int>(std::min<int64_t>(kMaxPackedMB, p.m - m0)));
+    });
+  };
+  if (p.dtype == DType::kBFloat16) generic(static_cast<const c10::BFloat16*>(p.weight));
+  else generic(static_cast<const float*>(p.weight));
+#endif
 }
 
 void linear_kernel(const LinearParams& p) {
@@ -461,7 +669,8 @@ void linear_packed_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   OCTAVO_CHECK_CPU(packed);
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0),
               "linear_packed: expected x [M, K] and out [M, N], got ", x.sizes(), " and ", out.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_packed: only bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "linear_packed: only bfloat16 or float32, got ", x.scalar_type());
   OCTAVO_CHECK_SAME_DTYPE(x, packed);
   OCTAVO_CHECK_SAME_DTYPE(x, out);
   const int64_t n = out.size(1), k = x.size(1);
@@ -486,7 +695,7 @@ void linear_packed_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   p.m = x.size(0);
   p.n = n;
   p.k = k;
-  p.dtype = cpu::DType::kBFloat16;
+  p.dtype = cpu::to_dtype(x, "linear_packed");
   if (p.m == 0 || p.n == 0) return;
   OCTAVO_CALL_CPU_KERNEL(linear_packed_kernel, p);
 }

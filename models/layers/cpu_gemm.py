@@ -40,6 +40,12 @@ def enabled() -> bool:
 
 
 @functools.cache
+def _best_is_avx2() -> bool:
+    # torch's dispatch level (ATEN_CPU_CAPABILITY lowers it), the one octavo's kernels use too
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+@functools.cache
 def _has_avx512_bf16() -> bool:
     # the kernel's generic path (any other CPU) is correct but far slower than oneDNN
     if os.environ.get("ATEN_CPU_CAPABILITY") in ("default", "avx2") or os.environ.get("OCTAVO_CPU_NO_AVX512BF16"):
@@ -57,8 +63,8 @@ def _onednn_bf16() -> bool:
 
 
 def kernel_enabled(dtype: torch.dtype) -> bool:
-    """Whether weights of this dtype go to octavo's own kernel rather than oneDNN."""
-    return (dtype == torch.bfloat16 and not ops.USING_NATIVE and _has_avx512_bf16()
+    """Whether weights of this dtype go to octavo's own kernel rather than oneDNN / F.linear."""
+    return (dtype == torch.bfloat16 and not ops.USING_NATIVE and (_has_avx512_bf16() or _best_is_avx2())
             and os.environ.get("OCTAVO_CPU_LINEAR_KERNEL", "1") == "1")
 
 

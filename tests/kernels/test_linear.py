@@ -1,7 +1,8 @@
 """The CPU linear kernels (out = x @ weight^T + bias; plain and panel-packed weights) vs
 octavo.ops_native and an fp64 reference, in every variant this CPU can run (avx512_bf16 dot
-products, generic AVX-512, AVX2, DEFAULT)."""
+products, the AVX2 panel kernel (also what AVX-512 CPUs without bf16 dot products run), DEFAULT)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -105,9 +106,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         b = torch.randn(n, generator=g).to(dtype)
         exact = ops_native.linear(x.double(), w.double(), b.double())
         assert_close_to_ref(ops.linear(x, w, b), ops_native.linear(x, w, b), exact, what=f"{dtype} {m} {k} {n}")
-        if dtype == torch.bfloat16:
+        if dtype != torch.float16:
             out = ops.linear_packed(x, ops_native.pack_linear_panels(w), n, b)
-            assert_close_to_ref(out, ops_native.linear(x, w, b), exact, what=f"packed {m} {k} {n}")
+            assert_close_to_ref(out, ops_native.linear(x, w, b), exact, what=f"packed {dtype} {m} {k} {n}")
+for dtype in (torch.float32, torch.bfloat16):  # every row-block shape of the packed kernels
+    for m in (1, 2, 3, 5, 8, 17, 300):
+        g = torch.Generator().manual_seed(m)
+        x = torch.randn(m, 141, generator=g).to(dtype)[:, :133]
+        w = (torch.randn(70, 133, generator=g) / 133 ** 0.5).to(dtype)
+        b = torch.randn(70, generator=g).to(dtype)
+        exact = ops_native.linear(x.double(), w.double(), b.double())
+        out = ops.linear_packed(x, ops_native.pack_linear_panels(w), 70, b)
+        assert_close_to_ref(out, ops_native.linear(x, w, b), exact, what=f"packed {dtype} m={m}")
 print("ok")
 """
 
@@ -130,21 +140,42 @@ def _check_packed(x, w, b, what=""):
     assert_close_to_ref(out, native, exact, what=what)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 8, 17, 33, 100])
+PACKED_DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 17, 33, 100, 300])  # every row blocking
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_packed(m, k, n, bias):
-    _check_packed(*_case(m, k, n, torch.bfloat16, bias), what=f"linear_packed m={m} k={k} n={n} bias={bias}")
+def test_linear_packed(dtype, m, k, n, bias):
+    _check_packed(*_case(m, k, n, dtype, bias), what=f"linear_packed {dtype} m={m} k={k} n={n} bias={bias}")
 
 
-def test_linear_packed_strided_rows():
-    x, w, b = _case(13, 769, 133, torch.bfloat16, True, stride=40)
-    _check_packed(x, w, b, what="strided x")
-    big = torch.full((13, 200), 7.0, dtype=torch.bfloat16)
-    torch.ops.octavo.linear_packed(big[:, :133], x, ops_native.pack_linear_panels(w), b)
-    torch.testing.assert_close(big[:, :133], ops.linear_packed(x.contiguous(), ops_native.pack_linear_panels(w), 133, b),
-                               rtol=0, atol=0)
-    assert (big[:, 133:] == 7).all()
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("m", [1, 8, 300])
+def test_linear_packed_long_k(dtype, m):
+    # K spans several of the kernels' K chunks (16-32 KiB of weights), with an odd tail
+    _check_packed(*_case(m, 4099, 77, dtype, True), what=f"long K {dtype} m={m}")
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_linear_packed_strided_rows(dtype):
+    for m in (3, 13):
+        x, w, b = _case(m, 769, 133, dtype, True, stride=40)
+        _check_packed(x, w, b, what="strided x")
+        big = torch.full((m, 200), 7.0, dtype=dtype)
+        torch.ops.octavo.linear_packed(big[:, :133], x, ops_native.pack_linear_panels(w), b)
+        torch.testing.assert_close(big[:, :133], ops.linear_packed(x.contiguous(), ops_native.pack_linear_panels(w), 133, b),
+                                   rtol=0, atol=0)
+        assert (big[:, 133:] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_linear_packed_empty_k(dtype):
+    b = torch.randn(70, dtype=dtype)
+    packed = ops_native.pack_linear_panels(torch.empty(70, 0, dtype=dtype))
+    out = ops.linear_packed(torch.empty(3, 0, dtype=dtype), packed, 70, b)
+    torch.testing.assert_close(out, b.expand(3, 70), rtol=0, atol=0)
 
 
 def test_pack_linear_panels_layout():
@@ -163,19 +194,22 @@ def test_linear_packed_errors():
         ops.linear_packed(x, w, 8)
     with pytest.raises(RuntimeError, match="packed must be"):
         ops.linear_packed(torch.randn(4, 18, dtype=torch.bfloat16), ops_native.pack_linear_panels(w), 8)
-    with pytest.raises(RuntimeError, match="only bfloat16"):
-        ops.linear_packed(x.float(), ops_native.pack_linear_panels(w.float()), 8)
+    with pytest.raises(RuntimeError, match="only bfloat16 or float32"):
+        ops.linear_packed(x.half(), ops_native.pack_linear_panels(w.half()), 8)
+    with pytest.raises(RuntimeError, match="differ"):
+        ops.linear_packed(x.float(), ops_native.pack_linear_panels(w), 8)
     with pytest.raises(RuntimeError, match="bias must be"):
         ops.linear_packed(x, ops_native.pack_linear_panels(w), 8, torch.randn(7, dtype=torch.bfloat16))
 
 
-def test_opcheck_packed():
-    x = torch.randn(5, 97, dtype=torch.bfloat16)
-    w = torch.randn(33, 97, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_opcheck_packed(dtype):
+    x = torch.randn(5, 97, dtype=dtype)
+    w = torch.randn(33, 97, dtype=dtype)
     packed = ops_native.pack_linear_panels(w)
-    for bias in (None, torch.randn(33, dtype=torch.bfloat16)):
+    for bias in (None, torch.randn(33, dtype=dtype)):
         torch.library.opcheck(torch.ops.octavo.linear_packed.default,
-                              (torch.empty(5, 33, dtype=torch.bfloat16), x, packed, bias))
+                              (torch.empty(5, 33, dtype=dtype), x, packed, bias))
 
 
 def test_cpu_gemm_packs_bf16_for_the_kernel(monkeypatch):
@@ -185,7 +219,8 @@ def test_cpu_gemm_packs_bf16_for_the_kernel(monkeypatch):
         pytest.skip("cpu_gemm disabled (OCTAVO_CPU_ONEDNN_LINEAR=0 or no oneDNN in this torch)")
     monkeypatch.setenv("OCTAVO_CPU_LINEAR_KERNEL", "1")
     if not cpu_gemm.kernel_enabled(torch.bfloat16):
-        pytest.skip("this CPU has no avx512_bf16: cpu_gemm uses oneDNN (or F.linear) for bf16, not the panel kernel")
+        pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has neither avx512_bf16 nor AVX2 "
+                    "as its best level: cpu_gemm uses oneDNN (or F.linear) for bf16, not the panel kernel")
     torch.manual_seed(0)
     layer = QKVParallelLinear(96, 16, 4, 2, bias=True, params_dtype=torch.bfloat16)
     for p in layer.parameters():
@@ -199,3 +234,32 @@ def test_cpu_gemm_packs_bf16_for_the_kernel(monkeypatch):
         exact = ops_native.linear(x.double(), w.double(), layer.bias.double())
         assert_close_to_ref(layer(x), ops_native.linear(x, w, layer.bias), exact, what=f"rows={rows}")
     assert layer(torch.randn(0, 96, dtype=torch.bfloat16)).shape == (0, w.shape[0])
+
+
+def test_cpu_gemm_kernel_switch(monkeypatch):
+    # OCTAVO_CPU_LINEAR_KERNEL=0 returns bf16 to oneDNN / F.linear; fp32 stays with oneDNN
+    # either way (its prefill GEMM is about 2x the panel kernel's, see cpu_gemm's docstring)
+    from octavo.models.layers import cpu_gemm
+    if not cpu_gemm.enabled():
+        pytest.skip("cpu_gemm disabled (OCTAVO_CPU_ONEDNN_LINEAR=0 or no oneDNN in this torch)")
+    w = torch.randn(70, 33)
+    monkeypatch.setenv("OCTAVO_CPU_LINEAR_KERNEL", "1")
+    assert not cpu_gemm.kernel_enabled(torch.float32)
+    assert not isinstance(cpu_gemm.pack(w), cpu_gemm.PanelWeight)
+    expect_kernel = not ops.USING_NATIVE and (torch.backends.cpu.get_cpu_capability() == "AVX2"
+                                              or cpu_gemm._has_avx512_bf16())
+    assert cpu_gemm.kernel_enabled(torch.bfloat16) == expect_kernel
+    monkeypatch.setenv("OCTAVO_CPU_LINEAR_KERNEL", "0")
+    assert not cpu_gemm.kernel_enabled(torch.bfloat16)
+    assert not isinstance(cpu_gemm.pack(w.bfloat16()), cpu_gemm.PanelWeight)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_linear_lab_quick(dtype):
+    res = subprocess.run([sys.executable, "-m", "octavo.bench.kernels.linear", "--quick", "--dtype", dtype],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "FAIL" not in res.stdout and res.stdout.count("OK") == 8  # 2 shapes x 2 rows x 2 kernels
+    assert "octavo.linear_packed" in res.stdout
+    assert re.search(r"read ceiling [\d.]+ GB/s", res.stdout)
+    assert re.search(r"[\d.]+ GB/s \(\s*\d+% of read\)", res.stdout)
