@@ -136,6 +136,16 @@ void fused_moe_fp8_cpu(at::Tensor& out,                 // [T, H]
                        const at::Tensor& topk_weights,  // [T, k] float32
                        const at::Tensor& topk_ids,      // [T, k] int32
                        int64_t block_k13, int64_t block_k2, const std::string& activation);
+void fused_moe_int4_packed_cpu(at::Tensor& out,                        // [T, H]
+                               const at::Tensor& hidden,               // [T, H]
+                               const at::Tensor& w13_packed,           // uint8 [E, 2*ceil(I/32), ceil(H/2), 32]
+                               const at::Tensor& w2_packed,            // uint8 [E, ceil(H/32), ceil(I/2), 32]
+                               const at::Tensor& w13_scales_offsets,   // f32 [E, 2*ceil(I/32), G13, 2, 32]
+                               const at::Tensor& w2_scales_offsets,    // f32 [E, ceil(H/32), G2, 2, 32]
+                               const at::Tensor& topk_weights,         // [T, k] float32
+                               const at::Tensor& topk_ids,             // [T, k] int32
+                               int64_t inter_size, int64_t group_size,  // group_size -1: per channel
+                               const std::string& activation);
 void lora_shrink_cpu(at::Tensor& out,            // [T, R] float32
                      const at::Tensor& x,        // [T, K]
                      const at::Tensor& w,        // [L, R, K]

@@ -45,6 +45,9 @@ void fused_moe_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, co
 void fused_moe_fp8_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, int64_t, int64_t, int64_t, const std::string&) {}
+void fused_moe_int4_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, int64_t, int64_t, const std::string&) {}
 void fused_moe_fp8_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         int64_t, int64_t, const std::string&) {}
@@ -152,6 +155,11 @@ TORCH_LIBRARY(octavo, m) {
   m.def("fused_moe_fp8(Tensor! out, Tensor hidden, Tensor w13, Tensor w2, Tensor w13_scale, "
         "Tensor w2_scale, Tensor topk_weights, Tensor topk_ids, int block_k13, int block_k2, "
         "str activation) -> ()");
+  // fused_moe with 4-bit experts packed once (ops_native.prepare_moe_int4_weights: each expert's
+  // gate / up / down rows in 32-row panels of nibble codes, fp32 scales and offsets per group)
+  m.def("fused_moe_int4_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
+        "Tensor w13_scales_offsets, Tensor w2_scales_offsets, Tensor topk_weights, "
+        "Tensor topk_ids, int inter_size, int group_size, str activation) -> ()");
   // LoRA shrink: out [T, R] float32 = scale * w [L, R, K][indices[t]] @ x [T, K][t]; index -1: 0
   m.def("lora_shrink(Tensor! out, Tensor x, Tensor w, Tensor indices, float scale) -> ()");
   // LoRA expand: out[t, offset:offset+N] += w [L, N, R][indices[t]] @ x [T, R][t]; index -1: none
@@ -214,6 +222,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("fused_moe_packed", &octavo::fused_moe_packed_cpu);
   m.impl("fused_moe_fp8_packed", &octavo::fused_moe_fp8_packed_cpu);
   m.impl("fused_moe_fp8", &octavo::fused_moe_fp8_cpu);
+  m.impl("fused_moe_int4_packed", &octavo::fused_moe_int4_packed_cpu);
   m.impl("lora_shrink", &octavo::lora_shrink_cpu);
   m.impl("lora_expand", &octavo::lora_expand_cpu);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cpu);
@@ -275,6 +284,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("fused_moe_packed", &fused_moe_packed_meta);
   m.impl("fused_moe_fp8_packed", &fused_moe_fp8_packed_meta);
   m.impl("fused_moe_fp8", &fused_moe_fp8_meta);
+  m.impl("fused_moe_int4_packed", &fused_moe_int4_packed_meta);
   m.impl("lora_shrink", &lora_shrink_meta);
   m.impl("lora_expand", &lora_expand_meta);
   m.impl("causal_conv1d", &causal_conv1d_meta);

@@ -270,6 +270,46 @@ class MoEInt4Weights(NamedTuple):
     group_size: int                   # -1: one group per output channel
 
 
+def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
+                             w13_zeros: torch.Tensor | None, w2_q: torch.Tensor,
+                             w2_scales: torch.Tensor, w2_zeros: torch.Tensor | None,
+                             group_size: int, w13_offsets: torch.Tensor | None = None,
+                             w2_offsets: torch.Tensor | None = None,
+                             w13_g_idx: torch.Tensor | None = None,
+                             w2_g_idx: torch.Tensor | None = None) -> MoEInt4Weights:
+    """4-bit experts packed once after loading (one layout on every device, see ops_native's
+    INT4 MoE section); pass the result to fused_moe_int4_prepared."""
+    return ops_native.prepare_moe_int4_weights(w13_q, w13_scales, w13_zeros, w2_q, w2_scales,
+                                               w2_zeros, group_size, w13_offsets, w2_offsets,
+                                               w13_g_idx, w2_g_idx)
+
+
+def _moe_int4_kernel_on(device: torch.device) -> bool:
+    return device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
+        "octavo::fused_moe_int4_packed", device.type.upper())
+
+
+def fused_moe_int4_prepared(hidden: torch.Tensor, prepared: MoEInt4Weights,
+                            topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                            activation: str = "silu") -> torch.Tensor:
+    # hidden [T, H] -> out [T, H]; prepared: prepare_moe_int4_weights(...)
+    p = prepared
+    e, h, i = p.w13.shape[0], p.hidden_size, p.inter_size
+    meta13 = torch.empty(e, 2 * i, h, dtype=torch.uint8, device="meta")
+    meta2 = torch.empty(e, h, i, dtype=torch.uint8, device="meta")
+    ops_native.check_fused_moe_args(hidden, meta13, meta2, topk_weights, topk_ids, activation)
+    if not _moe_int4_kernel_on(hidden.device):
+        # no INT4 MoE kernel registered for this device: the reference, on the packed weights
+        return ops_native.fused_moe_int4_prepared(hidden, p, topk_weights, topk_ids, activation)
+    _check_ids_on_cpu(topk_ids, e)
+    out = torch.empty_like(hidden)
+    x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    torch.ops.octavo.fused_moe_int4_packed(out, x, p.w13, p.w2, p.w13_scales_offsets,
+                                           p.w2_scales_offsets, topk_weights.contiguous(),
+                                           topk_ids.contiguous(), i, p.group_size, activation)
+    return out
+
+
 # ---- state-space models, Mamba-1 (signatures and semantics: ops_native's SSM section) ----
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -446,6 +486,7 @@ if USING_NATIVE:
                                    prepare_moe_weights, topk_routing)
     from octavo.ops_native import concat_and_cache_mla, mla_paged_attention  # noqa: F811
     from octavo.ops_native import int4_gemm_packed, int4_gemm_prepared  # noqa: F811
+    from octavo.ops_native import fused_moe_int4_prepared  # noqa: F811
     from octavo.ops_native import ssd_chunk_scan, ssd_state_update  # noqa: F811
     from octavo.ops_native import gated_delta_rule, gated_delta_rule_update  # noqa: F811
     from octavo.ops_native import (causal_conv1d, causal_conv1d_update,  # noqa: F811

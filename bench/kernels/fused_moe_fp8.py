@@ -27,9 +27,12 @@ def dequantized(q, s):
     return torch.stack([ops_native.fp8_dequantize(q[x], s[x], BLOCK) for x in range(q.shape[0])])
 
 
-def main():
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--tokens", default="1,8,64", help="comma-separated T values")
+def run_moe_lab(doc: str, title: str, prepare, measure, tokens: str = "1,8,64") -> None:
+    """The MoE labs' shared driver (this one and fused_moe_int4): --tokens / --shapes (or the
+    presets; --quick: two small odd shapes), then for each shape prepare(h, i, e, g, dtype) ->
+    state once, and for each T measure(state, name, shape, hidden, tw, ti, repeats, copy_gbs)."""
+    p = parser(doc.splitlines()[0])
+    p.add_argument("--tokens", default=tokens, help="comma-separated T values")
     p.add_argument("--shapes", default=None, help="comma-separated HxIxExK (default: two presets)")
     args = parse(p)
     shapes = ({s: tuple(map(int, s.split("x"))) for s in args.shapes.split(",")} if args.shapes
@@ -37,41 +40,55 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.quick:
         shapes, tokens = {"quick": (256, 192, 6, 2), "odd": (200, 72, 5, 5)}, [1, 9]
-    args.repeats = args.repeats or (3 if args.quick else 20)
+    repeats = args.repeats or (3 if args.quick else 20)
     dtype = getattr(torch, args.dtype)
     copy_gbs = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
-    print(f"fused_moe_fp8 {args.dtype} activations on {args.device} threads={torch.get_num_threads()}; "
+    print(f"{title} {args.dtype} activations on {args.device} threads={torch.get_num_threads()}; "
           f"copy bandwidth {copy_gbs:.1f} GB/s (bytes = selected experts' weights + hidden + out)")
     g = generator(0)
     for name, (h, i, e, k) in shapes.items():
-        w13 = torch.randn(e, 2 * i, h, generator=g) / h ** 0.5
-        w2 = torch.randn(e, h, i, generator=g) / i ** 0.5
-        (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
-        d13, d2 = dequantized(q13, s13).to(dtype), dequantized(q2, s2).to(dtype)
-        fp8 = ops.prepare_moe_fp8_weights(q13, q2, s13, s2, BLOCK)
-        plain = ops.prepare_moe_weights(d13, d2)
-        scale_bytes = (s13.numel() + s2.numel()) * 4 // e
+        state = prepare(h, i, e, g, dtype)
         for t in tokens:
             hidden = torch.randn(t, h, generator=g).to(dtype)
             tw, ti = ops.topk_routing(torch.randn(t, e, generator=g), k)
-            out = ops.fused_moe_fp8_prepared(hidden, fp8, tw, ti)
-            exact = ops_native.fused_moe_fp8(hidden.double(), q13, q2, s13, s2, tw, ti, "silu", BLOCK)
-            check(f"{name} T={t}", out, torch_loop(hidden, d13, d2, tw, ti), exact)
-            selected = ti.unique().numel()
-            act_bytes = 2 * hidden.numel() * hidden.element_size()
-            flops = 2 * 3 * h * i * t * k
-            runs = {"octavo.fused_moe_fp8": (lambda: ops.fused_moe_fp8_prepared(hidden, fp8, tw, ti),
-                                             selected * (3 * h * i + scale_bytes)),
-                    f"octavo.fused_moe ({args.dtype} weights)":
-                        (lambda: ops.fused_moe_prepared(hidden, plain, tw, ti),
-                         selected * 3 * h * i * d13.element_size()),
-                    "dequantize + torch loop":
-                        (lambda: torch_loop(hidden, dequantized(q13, s13).to(dtype),
-                                            dequantized(q2, s2).to(dtype), tw, ti),
-                         e * (3 * h * i + scale_bytes))}
-            for label, (fn, weight_bytes) in runs.items():
-                report(f"{name} [{h}x{i}, {selected}/{e} experts] T={t} {label}",
-                       time_fn(fn, args.repeats), weight_bytes + act_bytes, flops, copy_gbs)
+            measure(state, name, (h, i, e, k), hidden, tw, ti, repeats, copy_gbs)
+
+
+def _prepare(h, i, e, g, dtype):
+    w13 = torch.randn(e, 2 * i, h, generator=g) / h ** 0.5
+    w2 = torch.randn(e, h, i, generator=g) / i ** 0.5
+    (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
+    d13, d2 = dequantized(q13, s13).to(dtype), dequantized(q2, s2).to(dtype)
+    return (q13, s13, q2, s2, d13, d2, ops.prepare_moe_fp8_weights(q13, q2, s13, s2, BLOCK),
+            ops.prepare_moe_weights(d13, d2))
+
+
+def _measure(state, name, shape, hidden, tw, ti, repeats, copy_gbs):
+    q13, s13, q2, s2, d13, d2, fp8, plain = state
+    (h, i, e, k), t, dtype = shape, hidden.shape[0], hidden.dtype
+    out = ops.fused_moe_fp8_prepared(hidden, fp8, tw, ti)
+    exact = ops_native.fused_moe_fp8(hidden.double(), q13, q2, s13, s2, tw, ti, "silu", BLOCK)
+    check(f"{name} T={t}", out, torch_loop(hidden, d13, d2, tw, ti), exact)
+    selected = ti.unique().numel()
+    scale_bytes = (s13.numel() + s2.numel()) * 4 // e
+    act_bytes = 2 * hidden.numel() * hidden.element_size()
+    flops = 2 * 3 * h * i * t * k
+    runs = {"octavo.fused_moe_fp8": (lambda: ops.fused_moe_fp8_prepared(hidden, fp8, tw, ti),
+                                     selected * (3 * h * i + scale_bytes)),
+            f"octavo.fused_moe ({str(dtype).split('.')[-1]} weights)":
+                (lambda: ops.fused_moe_prepared(hidden, plain, tw, ti),
+                 selected * 3 * h * i * d13.element_size()),
+            "dequantize + torch loop":
+                (lambda: torch_loop(hidden, dequantized(q13, s13).to(dtype),
+                                    dequantized(q2, s2).to(dtype), tw, ti),
+                 e * (3 * h * i + scale_bytes))}
+    for label, (fn, weight_bytes) in runs.items():
+        report(f"{name} [{h}x{i}, {selected}/{e} experts] T={t} {label}",
+               time_fn(fn, repeats), weight_bytes + act_bytes, flops, copy_gbs)
+
+
+def main():
+    run_moe_lab(__doc__, "fused_moe_fp8", _prepare, _measure)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,8 @@ class MoEWeightRouting:
         renamed = name
         for pattern, replacement in self.checkpoint_renames:
             renamed = re.sub(pattern, replacement, renamed)
-        one = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight\w*|input_scale)", renamed)
+        one = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight\w*|input_scale|qweight|qzeros|scales|g_idx)",
+                           renamed)
         if one and one.group(3) in self.expert_projections:
             kind = self.expert_projections[one.group(3)]
             return (_stacked_param(one.group(1), kind, one.group(4)),
@@ -261,5 +262,5 @@ class MoEWeightRouting:
 
 
 def _stacked_param(experts: str, kind: str, suffix: str = "weight") -> str:
-    # suffix: weight, or a quantized checkpoint's weight_scale(_inv) / input_scale
+    # suffix: weight, or a quantized checkpoint's weight_scale(_inv) / input_scale / GPTQ's qweight...
     return f"{experts}.{'w2' if kind.startswith('w2') else 'w13'}_{suffix}"

@@ -203,9 +203,14 @@ class CompressedTensorsConfig(QuantizationConfig):
         if any(s is not schemes[0] for s in schemes):
             raise ValueError(f"{layer_name}: the experts' projections have different "
                              "compressed-tensors schemes; octavo needs one scheme for all of them")
-        if schemes[0]["weights"].get("type", "int") != "float":
-            raise ValueError(f"{layer_name}: compressed-tensors int-quantized MoE experts are not "
-                             "supported (float / FP8 experts are)")
+        w = schemes[0]["weights"]
+        if w.get("type", "int") != "float":
+            if (schemes[0]["format"] == "pack-quantized" and int(w["num_bits"]) == 4
+                    and schemes[0]["input_activations"] is None):
+                from octavo.models.layers.quantization.int4_moe import CTW4A16MoEMethod
+                return CTW4A16MoEMethod(schemes[0])
+            raise ValueError(f"{layer_name}: compressed-tensors int-quantized MoE experts are "
+                             "supported as pack-quantized 4-bit weights (W4A16) only")
         from octavo.models.layers.quantization.fp8 import compressed_tensors_fp8_moe_method
         return compressed_tensors_fp8_moe_method(schemes[0])
 

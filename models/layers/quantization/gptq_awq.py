@@ -96,7 +96,9 @@ class _PackedInt4Method(Int4LinearMethod):
 
     def codes(self, layer):
         zeros = layer.qzeros.data.float()
-        g_idx = getattr(layer, "g_idx", None)
+        # without desc_act g_idx is position // group_size of the full K: a row shard's is off
+        # by its first group, and the plain order needs no g_idx (vLLM ignores it too)
+        g_idx = getattr(layer, "g_idx", None) if self.config.desc_act else None
         gs = layer.qweight.shape[1] if self.config.group_size == -1 else self.config.group_size
         if g_idx is not None and layer.scales.shape[1] != -(-layer.qweight.shape[1] // gs):
             gs = layer.qweight.shape[1]      # whole-layer groups on a row shard: g_idx decides
@@ -156,6 +158,10 @@ class GPTQConfig(QuantizationConfig):
     def get_linear_method(self, layer_name: str, layer: LinearBase):
         return None if self.skips(layer_name) else GPTQLinearMethod(self)
 
+    def get_moe_method(self, layer_name: str, moe):
+        from octavo.models.layers.quantization.int4_moe import gptq_moe_method
+        return None if self.skips(layer_name) else gptq_moe_method(self)
+
 
 class AWQConfig(QuantizationConfig):
     name = "awq"
@@ -178,3 +184,7 @@ class AWQConfig(QuantizationConfig):
 
     def get_linear_method(self, layer_name: str, layer: LinearBase):
         return None if self.skips(layer_name) else AWQLinearMethod(self)
+
+    def get_moe_method(self, layer_name: str, moe):
+        from octavo.models.layers.quantization.int4_moe import awq_moe_method
+        return None if self.skips(layer_name) else awq_moe_method(self)

@@ -119,3 +119,7 @@ class Int4RTNConfig(QuantizationConfig):
 
     def get_linear_method(self, layer_name: str, layer: LinearBase):
         return Int4RTNLinearMethod(self.group_size)
+
+    def get_moe_method(self, layer_name: str, moe):
+        from octavo.models.layers.quantization.int4_moe import Int4RTNMoEMethod
+        return Int4RTNMoEMethod(self.group_size)
