@@ -141,10 +141,11 @@ class StateSlotPool:
 
     def keep(self, slot: int, lora: Hashable, tokens: tuple[int, ...], blocks: tuple = ()) -> None:
         """Make `slot` (no request's any more) a snapshot of the state after `tokens`."""
-        if any(v[:2] == (lora, tokens) for v in self.snapshots.values()):   # keep one of two
-            self.release(slot)
-            return
         assert slot not in self.free_slots and slot not in self.snapshots
+        for old, v in self.snapshots.items():     # the same state twice: keep the newer one
+            if v[:2] == (lora, tokens):            # (its K/V blocks, if any, are the fresher)
+                self.drop(old)
+                break
         self.snapshots[slot] = (lora, tokens, blocks)
 
     def take(self, slot: int) -> None:
@@ -163,7 +164,7 @@ class StateSlotPool:
         for slot, (lo, toks, _) in self.snapshots.items():
             n = len(toks)
             if (lo == lora and 0 < n < len(tokens) and (best is None or n > best[1])
-                    and tuple(tokens[:n]) == toks):
+                    and toks[-1] == tokens[n - 1] and tuple(tokens[:n]) == toks):
                 best = (slot, n)
         if best is not None:
             self.snapshots.move_to_end(best[0])

@@ -92,6 +92,9 @@ class LLMEngine:
                      and os.environ.get("OCTAVO_STATE_SNAPSHOTS", "1") != "0")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  num_state_slots=num_slots, state_snapshots=snapshots)
+        if snapshots:
+            logger.info("state snapshots are on: beam search steps and n > 1 samples start "
+                        "from a copy of a known state (OCTAVO_STATE_SNAPSHOTS=0 turns them off)")
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_loras=config.max_loras if config.enable_lora else None)
         self.sampler = Sampler(self.eos_token_ids)

@@ -95,6 +95,18 @@ def test_snapshot_pool_prefix_lookup_and_eviction():
     assert kv.slots.num_free == 3 and sorted(kv.slots.free_slots) == [0, 1, 2]
 
 
+def test_the_same_state_is_kept_once():
+    kv = KVCacheManager(0, 16, enable_prefix_caching=False, num_state_slots=3,
+                        state_snapshots=True)
+    a, b = _request("a", [1, 2, 3]), _request("b", [1, 2, 3])
+    assert kv.allocate(a, 3) and kv.allocate(b, 3)
+    a.num_computed_tokens = b.num_computed_tokens = 3
+    kv.free(a, keep_state=True)
+    kv.free(b, keep_state=True)
+    assert list(kv.slots.snapshots) == [1] and kv.slots.num_free == 3      # b's slot
+    assert kv.find_state_snapshot(_request("c", [1, 2, 3, 4])) == (1, 3)
+
+
 def test_hybrid_snapshot_shares_full_blocks_and_copies_the_partial_one():
     kv = KVCacheManager(6, 4, enable_prefix_caching=False, num_state_slots=3,
                         state_snapshots=True)
