@@ -301,6 +301,10 @@ def fused_moe_int4_prepared(hidden: torch.Tensor, prepared: MoEInt4Weights,
     if not _moe_int4_kernel_on(hidden.device):
         # no INT4 MoE kernel registered for this device: the reference, on the packed weights
         return ops_native.fused_moe_int4_prepared(hidden, p, topk_weights, topk_ids, activation)
+    if hidden.is_cuda and not (int4_cuda_supported(hidden.dtype, h, p.group_size)
+                               and int4_cuda_supported(hidden.dtype, i, p.group_size)):
+        # the CUDA kernel (csrc/cuda/moe_int4.cu) takes what the CUDA INT4 GEMM takes
+        return ops_native.fused_moe_int4_prepared(hidden, p, topk_weights, topk_ids, activation)
     _check_ids_on_cpu(topk_ids, e)
     out = torch.empty_like(hidden)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()

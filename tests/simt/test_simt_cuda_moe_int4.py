@@ -10,7 +10,7 @@ import torch
 
 import simt_moe_int4_ext
 from kernel_utils import assert_close_to_ref
-from octavo import ops_native
+from octavo import ops, ops_native
 from test_moe import same_precision_moe
 
 
@@ -119,6 +119,22 @@ def test_no_tokens(simt):
     hidden, w13, w2, tw, ti = make_case(0, 64, 32, 4, 2, 32, False, ids=torch.zeros(0, 2, dtype=torch.long))
     out = run(simt, hidden.bfloat16(), w13, w2, tw, ti, 32)
     assert out.shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype,h,i,gs", [(torch.float32, 64, 32, 32), (torch.bfloat16, 64, 32, 8),
+                                         (torch.float16, 64, 40, 24), (torch.bfloat16, 67, 33, -1),
+                                         (torch.float16, 64, 48, 16)])
+def test_cuda_dispatch_rule_matches_the_kernel(simt, dtype, h, i, gs):
+    # ops.fused_moe_int4_prepared sends exactly the CUDA calls that the kernel refuses to the
+    # reference (ops.int4_cuda_supported on both GEMMs' K)
+    hidden, w13, w2, tw, ti = make_case(2, h, i, 4, 2, gs, False)
+    supported = ops.int4_cuda_supported(dtype, h, gs) and ops.int4_cuda_supported(dtype, i, gs)
+    try:
+        out = run(simt, hidden.to(dtype), w13, w2, tw, ti, gs)
+    except RuntimeError:
+        assert not supported
+    else:
+        assert supported and not out.isnan().any()
 
 
 def test_bad_inputs_are_rejected(simt):
