@@ -93,6 +93,10 @@ class EngineArgs:
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes (on by "
                                        "default)",
                                        action=_BOOL)
+    enable_state_snapshots: bool = _opt(
+        True, "recurrent-state models (Mamba, Jamba, ...): beam search steps and n > 1 samples "
+        "start from a copy of a known state instead of recomputing the prompt (on by default; "
+        "the environment variable OCTAVO_STATE_SNAPSHOTS=0/1 overrides it)", action=_BOOL)
     kv_cache_memory: int | None = _opt(
         None, "KV-cache size on CPU, e.g. 512MiB or 2GiB (default: OCTAVO_CPU_KVCACHE_SPACE "
         "GiB, else 4GiB)", type=parse_bytes, metavar="SIZE")

@@ -28,6 +28,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # models with a per-request recurrent state (Mamba, hybrids): beam search steps and n > 1
+    # siblings start from a copy of a finished request's state instead of recomputing the prompt
+    enable_state_snapshots: bool = True
     kv_cache_memory: int | None = None          # bytes for K and V of all layers (CPU)
     gpu_memory_utilization: float = 0.9          # share of device memory (CUDA)
     device: str = "auto"

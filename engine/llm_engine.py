@@ -85,16 +85,16 @@ class LLMEngine:
             logger.info("prefix caching is off: this model keeps a per-request recurrent state "
                         "(Mamba layers) that cached KV blocks cannot restore")
             config.enable_prefix_caching = False
-        # State snapshots (beam search and n > 1 start from a copy of a known state) need the
-        # runner in this process: the copies are not part of the step sent to workers.
-        # OCTAVO_STATE_SNAPSHOTS=0 turns them off (every request computes its whole prompt).
-        snapshots = (num_slots > 0 and self.runner is not None
-                     and os.environ.get("OCTAVO_STATE_SNAPSHOTS", "1") != "0")
+        # State snapshots: beam search and n > 1 start from a copy of a known state (the copies
+        # travel with the step, so every rank makes them). enable_state_snapshots=False, or the
+        # override OCTAVO_STATE_SNAPSHOTS=0, makes every request compute its whole prompt.
+        snapshots = num_slots > 0 and _state_snapshots_on(config)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  num_state_slots=num_slots, state_snapshots=snapshots)
         if snapshots:
             logger.info("state snapshots are on: beam search steps and n > 1 samples start "
-                        "from a copy of a known state (OCTAVO_STATE_SNAPSHOTS=0 turns them off)")
+                        "from a copy of a known state (--no-enable-state-snapshots turns them "
+                        "off)")
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_loras=config.max_loras if config.enable_lora else None)
         self.sampler = Sampler(self.eos_token_ids)
@@ -442,6 +442,17 @@ class LLMEngine:
         if self.generation_config is None:
             return SamplingParams()
         return SamplingParams(**_sampling_defaults(self.generation_config))
+
+
+def _state_snapshots_on(config: EngineConfig) -> bool:
+    """config.enable_state_snapshots, unless OCTAVO_STATE_SNAPSHOTS (0 or 1) says otherwise."""
+    env = os.environ.get("OCTAVO_STATE_SNAPSHOTS")
+    if env is None:
+        return config.enable_state_snapshots
+    if env not in ("0", "1"):
+        raise ValueError(f"OCTAVO_STATE_SNAPSHOTS must be 0 or 1, got {env!r}: unset it or use "
+                         "enable_state_snapshots")
+    return env == "1"
 
 
 def _load_hf_config(config: EngineConfig) -> Any:

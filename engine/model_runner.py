@@ -309,11 +309,16 @@ class ModelRunner:
             for t in self._state_tensors:
                 t.index_fill_(0, index, 0)
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepOutput:
+    def prepare_states(self, out: SchedulerOutput) -> None:
+        """Before a step's forward (on every rank): its snapshot copies, then zeroed slots for
+        the requests that start."""
         if self._state_tensors:
             self._copy_states(out)
             self._reset_new_states(out)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        self.prepare_states(out)
         bucket = None
         if self.decode_graphs is not None:
             bucket = self.decode_graphs.bucket([s.num_new_tokens for s in out.scheduled])

@@ -34,7 +34,18 @@ class WireRequest:
     state_slot: int | None = None          # the request's Mamba state slot (state models)
 
 
-def to_wire(out: SchedulerOutput) -> list[tuple[WireRequest, int, int, list[int]]]:
+@dataclass
+class WireStep:
+    """A step's requests, and the state / K/V block copies (snapshots taken and restored) that
+    every rank runs on its own cache before the forward. The copies are row copies of slots and
+    blocks, so they apply unchanged to each rank's share (TP: the whole Mamba state, replicated,
+    and the rank's KV heads of each block)."""
+    requests: list[tuple[WireRequest, int, int, list[int]]]
+    state_copies: list[tuple[int, int]]
+    block_copies: list[tuple[int, int]]
+
+
+def to_wire(out: SchedulerOutput) -> WireStep:
     steps = []
     for s in out.scheduled:
         r, end = s.request, s.start + s.num_new_tokens - len(s.spec_token_ids)
@@ -47,11 +58,14 @@ def to_wire(out: SchedulerOutput) -> list[tuple[WireRequest, int, int, list[int]
                                   r.prompt_logprobs, prompt, getattr(r, "state_slot", None)),
                       s.num_new_tokens, s.start,
                       list(s.spec_token_ids)))
-    return steps
+    return WireStep(steps, list(out.state_copies), list(out.block_copies))
 
 
-def from_wire(steps: list[tuple[WireRequest, int, int, list[int]]]) -> SchedulerOutput:
-    return SchedulerOutput([ScheduledRequest(r, n, start, spec) for r, n, start, spec in steps])
+def from_wire(wire: WireStep) -> SchedulerOutput:
+    return SchedulerOutput([ScheduledRequest(r, n, start, spec)
+                            for r, n, start, spec in wire.requests],
+                           state_copies=list(wire.state_copies),
+                           block_copies=list(wire.block_copies))
 
 
 @dataclass

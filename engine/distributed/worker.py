@@ -127,6 +127,7 @@ class Worker:
         prev = info.rank - info.tp_size
         nxt = info.rank + info.tp_size
         pending, sample_reqs, logits, prompt_logits = [], [], [], []
+        runner.prepare_states(out)    # once per step: the micro-batches carry no copies
         for mb in _micro_batches(out, info.pp_size):
             inputs = runner.prepare(mb)
             intermediate = None

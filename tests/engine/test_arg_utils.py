@@ -54,6 +54,7 @@ def field_cases(model: str, tmp: str) -> dict[str, tuple[list[str] | None, objec
         "kv_cache_dtype": (["auto"], "auto"),
         "block_size": (["8"], 8),
         "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
+        "enable_state_snapshots": (["--no-enable-state-snapshots"], False),
         "kv_cache_memory": (["3MiB"], 3 << 20),
         "gpu_memory_utilization": (["0.5"], 0.5),
         "swap_space": (["2"], 2.0),
