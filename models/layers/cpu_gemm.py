@@ -2,13 +2,24 @@
 fastest on.
 
 - bf16: octavo's own layout and kernel (`ops.linear_packed`, csrc/cpu/gemm.cpp): 64-output panels
-  of K pairs, read front to back, avx512_bf16 dot products; one kernel for every row count.
-  On the 2-core Zen 5 machines (100M Llama, runs interleaved with oneDNN prepacked) it is about
-  15-30% faster at batch 1 and level at batch 32 (bench/README.md, 2026-12-01 set); per GEMM it
-  is on par with oneDNN for 8..64 rows and 10-25% slower at 2048 rows (bench/kernels/linear.py). Used only on CPUs with avx512_bf16 (elsewhere oneDNN stays);
-  OCTAVO_CPU_LINEAR_KERNEL=0 goes back to oneDNN for bf16.
+  of K pairs, read front to back; one kernel for every row count.
+  * avx512_bf16 CPUs: vdpbf16ps dot products. On the 2-core Zen 5 machines (100M Llama, runs
+    interleaved with oneDNN prepacked) about 15-30% faster at batch 1 and level at batch 32
+    (bench/README.md, 2026-12-01 set); per GEMM on par with oneDNN for 8..64 rows and 10-25%
+    slower at 2048 rows (bench/kernels/linear.py).
+  * CPUs whose best level is AVX2 (no AVX-512, so no oneDNN bf16 GEMM; the alternative is plain
+    `F.linear`): the AVX2 path widens the bf16 pairs with a shift and a mask and FMAs them in fp32.
+    2-core AVX2-only EPYC, 2026-12-02, every run under a load average of 6-10 from other jobs, so
+    figures are relative only: per GEMM (2048x5632 and 5632x2048, weights cycled through 256 MiB)
+    1.0-1.9x F.linear at 1-2 rows, 1.6-3.1x at 4-32 rows, 3.4-4x at 300 rows; llama-medium (853M)
+    `octavo bench latency` batch 1, 16 in / 16 out, 3 runs each alternated: TPOT median 568 ms vs
+    920 ms with OCTAVO_CPU_LINEAR_KERNEL=0 (0.62x), TTFT 2.2 s vs 8.3 s (0.26x).
+  OCTAVO_CPU_LINEAR_KERNEL=0 goes back to oneDNN (F.linear without AVX-512) for bf16.
 - fp32: oneDNN's prepacked layout (the one torch.compile's CPU backend uses), 1.3x faster than
-  `F.linear` for batch-32 decode and about 2x for batch 1 (bench/README.md).
+  `F.linear` for batch-32 decode and about 2x for batch 1 (bench/README.md). The packed kernel
+  takes fp32 panels too (AVX2: 4 outputs x a K pair per vector against broadcast x pairs), but on
+  the AVX2-only EPYC it was level with oneDNN at 1-8 rows (within the noise of a loaded machine)
+  and 0.5-0.76x oneDNN at 300 rows, so fp32 stays with oneDNN for every row count (one weight copy).
 Either packed copy replaces the plain weight in linear layers (one copy in memory; the LM head
 keeps its plain weight beside the packed one for a tied embedding, as before). Set
 OCTAVO_CPU_ONEDNN_LINEAR=0 to fall back to plain `F.linear` for everything.
@@ -47,7 +58,7 @@ def _best_is_avx2() -> bool:
 
 @functools.cache
 def _has_avx512_bf16() -> bool:
-    # the kernel's generic path (any other CPU) is correct but far slower than oneDNN
+    # AVX-512 CPUs without it run the AVX2 path, slower than oneDNN's AVX-512 bf16 GEMM there
     if os.environ.get("ATEN_CPU_CAPABILITY") in ("default", "avx2") or os.environ.get("OCTAVO_CPU_NO_AVX512BF16"):
         return False
     try:
