@@ -131,8 +131,8 @@ class ModelRunner:
         self.extra_bytes_per_block = 0
         self.keep_hidden = False          # StepOutput.hidden: the final hidden state of each row
         self.decode_graphs: DecodeGraphs | None = None
-        # a model with an op that has no CUDA kernel yet (its reference syncs with the host,
-        # Kimi-Linear's KDA) declares cuda_graphs = False and decodes eagerly on CUDA
+        # a model with an op that has no CUDA kernel yet (its reference syncs with the host)
+        # declares cuda_graphs = False and decodes eagerly on CUDA
         capturable = self.device.type != "cuda" or getattr(model_cls, "cuda_graphs", True)
         if not config.enforce_eager and capturable:
             sizes = decode_batch_sizes(config.max_num_seqs, config.max_num_batched_tokens)

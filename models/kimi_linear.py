@@ -227,9 +227,12 @@ class KimiLinearForCausalLM(MoEWeightRouting, LlamaForCausalLM):
     supports_tensor_parallel = True
     pipeline_parallel_limit = "its KDA layers keep a per-request state"
     supports_pipeline_parallel = False
-    # ops.gated_delta_rule_update has no CUDA kernel yet: its reference (host syncs) cannot be
-    # captured, so the runner decodes this model eagerly on CUDA
-    cuda_graphs = False
+    # decode runs in CUDA graphs: every op of the step has a CUDA kernel (gated_delta_rule's
+    # decode form included) and no host sync or value-dependent shape; checked on the meta
+    # device (tests/models/test_kimi_linear_decode_graph.py), never captured on a real GPU here.
+    # Still eager-only on CUDA (capture fails, enforce_eager=True): fp32 models (fused_moe's
+    # reference) and key dims over 256 (gated_delta_rule's reference)
+    cuda_graphs = True
 
     def __init__(self, config):
         normalize_config(config)

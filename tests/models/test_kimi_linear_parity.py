@@ -65,8 +65,8 @@ def test_long_prompt_matches_transformers(kimi_dir):
 
 
 def test_reference_path_matches_transformers(kimi_dir):
-    """Every layer through its plain-PyTorch reference (what CUDA runs for KDA until it has a
-    kernel), prompts chunked."""
+    """Every layer through its plain-PyTorch reference (what CUDA runs for KDA with key dims
+    over 256), prompts chunked."""
     with native_ops():
         assert_matches_hf(kimi_dir, prompts=PROMPTS[:5], max_tokens=6, max_num_batched_tokens=16)
 
