@@ -26,6 +26,9 @@ void linear_packed_cpu(at::Tensor& out,                      // [M, N]
                        const at::Tensor& x,                  // [M, K] bf16
                        const at::Tensor& packed,             // [ceil(N/64), ceil(K/2), 64, 2]
                        const std::optional<at::Tensor>& bias);  // [N]
+// weight [N, K] (2- or 4-byte elements) -> out [ceil(N/64), ceil(K/2), 64, 2]: linear_packed's
+// layout, as ops_native.pack_linear_panels (zero padded)
+void pack_linear_panels_cpu(at::Tensor& out, const at::Tensor& weight);
 void int4_gemm_cpu(at::Tensor& out,                    // [M, N]
                    const at::Tensor& x,                // [M, K] (K in the packed order)
                    const at::Tensor& qweight,          // uint8 [ceil(N/32), ceil(K/2), 32]

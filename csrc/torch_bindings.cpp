@@ -14,6 +14,7 @@ void linear_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                  const std::optional<at::Tensor>&) {}
 void linear_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const std::optional<at::Tensor>&) {}
+void pack_linear_panels_meta(at::Tensor&, const at::Tensor&) {}
 void int4_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                     const std::optional<at::Tensor>&) {}
 void fp8_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -96,6 +97,8 @@ TORCH_LIBRARY(octavo, m) {
   m.def("linear(Tensor! out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   // the same with a bf16 weight packed as [ceil(N/64), ceil(K/2), 64, 2] (64-output panels of K pairs)
   m.def("linear_packed(Tensor! out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  // repack a dense weight [N, K] into that layout (load time; ops_native.pack_linear_panels)
+  m.def("pack_linear_panels(Tensor! out, Tensor weight) -> ()");
   // out [M, N] = x [M, K] @ W^T (+ bias), W = 4-bit codes * scale + offset per group of K,
   // packed by ops_native.pack_int4_panels; CPU, and CUDA (torch_ops_cuda_int_gemm.cpp)
   m.def("int4_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, int group_size, "
@@ -206,6 +209,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("fused_add_rms_norm", &octavo::fused_add_rms_norm_cpu);
   m.impl("linear", &octavo::linear_cpu);
   m.impl("linear_packed", &octavo::linear_packed_cpu);
+  m.impl("pack_linear_panels", &octavo::pack_linear_panels_cpu);
   m.impl("int4_gemm", &octavo::int4_gemm_cpu);
   m.impl("int8_gemm", &octavo::int8_gemm_cpu);
   m.impl("int8_woq_gemm", &octavo::int8_woq_gemm_cpu);
@@ -268,6 +272,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_meta);
   m.impl("linear", &linear_meta);
   m.impl("linear_packed", &linear_packed_meta);
+  m.impl("pack_linear_panels", &pack_linear_panels_meta);
   m.impl("int4_gemm", &int4_gemm_meta);
   m.impl("int8_gemm", &int8_gemm_meta);
   m.impl("int8_woq_gemm", &int8_woq_gemm_meta);

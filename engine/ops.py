@@ -66,6 +66,18 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     return out
 
 
+def pack_linear_panels(weight: torch.Tensor) -> torch.Tensor:
+    # weight [N, K] (bf16 / fp16 / fp32, CPU) -> [ceil(N/64), ceil(K/2), 64, 2]
+    n, k = weight.shape
+    if weight.device.type != "cpu" or weight.element_size() not in (2, 4):
+        return ops_native.pack_linear_panels(weight)
+    if k > 1 and weight.stride(1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty(-(-n // 64), (k + 1) // 2, 64, 2, dtype=weight.dtype)
+    torch.ops.octavo.pack_linear_panels(out, weight)
+    return out
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
@@ -484,7 +496,7 @@ def gated_delta_rule_update(ssm_states: torch.Tensor, q: torch.Tensor, k: torch.
 
 if USING_NATIVE:
     from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
-                                   paged_attention, reshape_and_cache, rms_norm,
+                                   pack_linear_panels, paged_attention, reshape_and_cache, rms_norm,
                                    rotary_embedding, silu_and_mul)
     from octavo.ops_native import (fused_moe, fused_moe_prepared, moe_align,  # noqa: F811
                                    prepare_moe_weights, topk_routing)

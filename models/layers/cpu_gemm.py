@@ -84,7 +84,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor | PanelWeight | None:
     if weight.device.type != "cpu" or weight.dtype not in _DTYPES or weight.dim() != 2 or not enabled():
         return None
     if kernel_enabled(weight.dtype):
-        return PanelWeight(ops_native.pack_linear_panels(weight.detach()), weight.shape[0])
+        return PanelWeight(ops.pack_linear_panels(weight.detach()), weight.shape[0])
     if weight.dtype == torch.bfloat16 and not _onednn_bf16():
         return None        # oneDNN's bf16 GEMM needs AVX-512 (or AVX-NE-CONVERT): plain F.linear
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)

@@ -62,6 +62,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        self.tied = True
 
     def _bias_loader(self, param, loaded_weight, shard_id=None):
         rows = self.vocab_end - self.vocab_start
@@ -74,9 +75,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     def process_weights_after_loading(self) -> None:
         if getattr(self, "woq_weight", None) is not None:   # a GGUF's quantized head (loader)
             return
-        # the plain weight stays: a tied embedding still looks rows up in it (bf16: the
-        # packed weight is that same storage, see cpu_gemm)
+        if getattr(self, "packed_weight", None) is not None:   # packed already
+            return
         self.packed_weight = cpu_gemm.pack(self.weight)
+        # a tied embedding still looks rows up in the plain weight; an untied head's packed
+        # copy replaces it (one copy in memory, as for the other linear layers)
+        if self.packed_weight is not None and not getattr(self, "tied", False):
+            self.weight.data = self.weight.data.new_empty(0)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, H] -> [N, vocab] float32 (matmul in the model dtype, like HF)

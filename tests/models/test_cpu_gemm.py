@@ -37,14 +37,32 @@ def test_packed_layers_match_plain_linear(dtype, rows):
         assert packed_err <= 2 * plain_err + (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_packed_lm_head_keeps_the_tied_weight():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [True, False])
+def test_packed_lm_head(dtype, tied):
+    # a tied head keeps the embedding's plain weight (rows are looked up in it); an untied
+    # head's packed copy replaces its plain weight, as for the other linear layers
+    from octavo.models.layers.embedding import VocabParallelEmbedding
     torch.manual_seed(0)
-    head = ParallelLMHead(1000, 64)
+    head = ParallelLMHead(1000, 64, params_dtype=dtype)
+    if tied:
+        emb = VocabParallelEmbedding(1000, 64, params_dtype=dtype)
+        head.tie_to(emb)
     head.weight.data.normal_()
-    before = head.weight.clone()
-    x = torch.randn(5, 64)
-    ref = F.linear(x.double(), before.double())
+    before = head.weight.detach().clone()
+    x = torch.randn(5, 64, dtype=dtype)
+    exact = F.linear(x.double(), before.double())
+    plain_err = (F.linear(x, before).double() - exact).abs().max().item()
     head.process_weights_after_loading()
-    assert torch.equal(head.weight, before)
-    assert torch.allclose(head.compute_logits(x).double(), ref, atol=1e-4)
-    assert cpu_gemm.linear(torch.randn(0, 64), head.packed_weight, None).shape == (0, 1000)
+    head.process_weights_after_loading()          # a second call changes nothing
+    if head.packed_weight is None:                 # no fast layout for this dtype here
+        assert torch.equal(head.weight, before)
+    elif tied:
+        assert torch.equal(head.weight, before) and torch.equal(emb.weight, before)
+    else:
+        assert head.weight.numel() == 0
+    logits = head.compute_logits(x)
+    assert logits.dtype == torch.float32
+    assert (logits.double() - exact).abs().max().item() <= 2 * plain_err + (1e-4 if dtype == torch.float32 else 1e-2)
+    if head.packed_weight is not None:
+        assert cpu_gemm.linear(torch.randn(0, 64, dtype=dtype), head.packed_weight, None).shape == (0, 1000)
