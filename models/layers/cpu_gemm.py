@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from octavo import ops, ops_native
+from octavo import ops
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
