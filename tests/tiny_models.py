@@ -93,3 +93,18 @@ def build_tiny_ssm_model(path: str, arch: str, seed: int = 0, **overrides) -> st
     """Save one of TINY_SSM_ARCHS into `path`."""
     fields = {**TINY_SSM_COMMON, **TINY_SSM_ARCHS[arch], **overrides}
     return save_tiny_model(path, fields.pop("model_type"), arch, seed, **fields)
+
+
+def reference_beam_search(model, prompt, width, steps):
+    """Plain-torch beam search with vLLM's rules (2*width candidates per beam, score =
+    cum_logprob / total length), no EOS (ignore_eos)."""
+    beams = [((), 0.0)]
+    for _ in range(steps):
+        cands = []
+        for seq, lp in beams:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1]
+            vals, ids = torch.log_softmax(logits.float(), -1).topk(2 * width)
+            cands += [(seq + (t,), lp + v) for v, t in zip(vals.tolist(), ids.tolist())]
+        beams = sorted(cands, key=lambda b: b[1] / (len(prompt) + len(b[0])), reverse=True)[:width]
+    return beams

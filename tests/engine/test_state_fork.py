@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tiny_models import build_tiny_ssm_model
+from tiny_models import build_tiny_ssm_model, reference_beam_search
 from octavo import LLM, SamplingParams
 from octavo.beam_search import BeamSearchParams
 from octavo.kv_cache import KVCacheManager
@@ -132,21 +132,6 @@ def test_hybrid_snapshot_shares_full_blocks_and_copies_the_partial_one():
     assert kv.pool.num_free == 6 and kv.slots.num_free == 3
 
 
-def _reference_beam_search(model, prompt, width, steps):
-    """Plain-torch beam search with vLLM's rules (2*width candidates per beam, score =
-    cum_logprob / total length), no EOS (ignore_eos)."""
-    beams = [((), 0.0)]
-    for _ in range(steps):
-        cands = []
-        for seq, lp in beams:
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1]
-            vals, ids = torch.log_softmax(logits.float(), -1).topk(2 * width)
-            cands += [(seq + (t,), lp + v) for v, t in zip(vals.tolist(), ids.tolist())]
-        beams = sorted(cands, key=lambda b: b[1] / (len(prompt) + len(b[0])), reverse=True)[:width]
-    return beams
-
-
 def _beams(llm: LLM, prompt: list[int], width: int, steps: int):
     out = llm.beam_search({"prompt_token_ids": prompt},
                           BeamSearchParams(beam_width=width, max_tokens=steps, ignore_eos=True))
@@ -167,7 +152,7 @@ def test_beam_search_computes_each_beam_token_once(mamba_dir, monkeypatch):
     assert off_work == p + sum(width * (p + s) for s in range(1, steps))      # 216
     assert on_work == p + width * (steps - 1)                                 # 27
     model = AutoModelForCausalLM.from_pretrained(mamba_dir, dtype=torch.float32).eval()
-    ref = _reference_beam_search(model, PROMPT, width, steps)
+    ref = reference_beam_search(model, PROMPT, width, steps)
     for got in (off, on):
         assert [seq for seq, _ in got] == [seq for seq, _ in ref]
         assert [lp for _, lp in got] == pytest.approx([lp for _, lp in ref], abs=1e-4)

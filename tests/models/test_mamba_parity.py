@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from parity import PROMPTS, assert_matches_hf, hf_greedy, longest_prompt_ids
-from tiny_models import TINY_SSM_ARCHS, build_tiny_ssm_model
+from tiny_models import TINY_SSM_ARCHS, build_tiny_ssm_model, reference_beam_search
 from octavo import LLM, SamplingParams
 from octavo.beam_search import BeamSearchParams
 
@@ -103,21 +103,6 @@ def test_jamba_preempts_when_kv_blocks_run_out(model_dirs):
         assert out.outputs[0].token_ids == tokens
 
 
-def _reference_beam_search(model, prompt, width, steps):
-    """Plain-torch beam search with vLLM's rules (2*width candidates per beam, score =
-    cum_logprob / total length), no EOS (ignore_eos)."""
-    beams = [((), 0.0)]
-    for _ in range(steps):
-        cands = []
-        for seq, lp in beams:
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1]
-            vals, ids = torch.log_softmax(logits.float(), -1).topk(2 * width)
-            cands += [(seq + (t,), lp + v) for v, t in zip(vals.tolist(), ids.tolist())]
-        beams = sorted(cands, key=lambda b: b[1] / (len(prompt) + len(b[0])), reverse=True)[:width]
-    return beams
-
-
 @pytest.mark.parametrize("arch", ["MambaForCausalLM", "Mamba2ForCausalLM"])
 def test_beam_search_matches_reference(arch, model_dirs):
     path = model_dirs[arch]
@@ -126,7 +111,7 @@ def test_beam_search_matches_reference(arch, model_dirs):
     out = llm.beam_search({"prompt_token_ids": prompt},
                           BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ref = _reference_beam_search(model, prompt, 3, 4)
+    ref = reference_beam_search(model, prompt, 3, 4)
     got = out[0].sequences
     assert [tuple(s.output_token_ids) for s in got] == [seq for seq, _ in ref]
     assert [s.cum_logprob for s in got] == pytest.approx([lp for _, lp in ref], abs=1e-4)
