@@ -5,6 +5,7 @@ change in machine load hits all of them alike:
   torch      `python -c "import torch"`: the floor every octavo command stands on
   imports    `from octavo import LLM` resolved (torch, transformers' top level, octavo)
   llm        imports + `LLM(model)` ready (config, tokenizer, weights, KV cache)
+  first      `LLM(model)` and its first generated token (a one-token greedy generate of PROMPT)
   generate   `octavo generate PROMPT` (the console script, whole process, 16 tokens)
   serve      `octavo serve` until `/health` answers 200 (then the server is stopped)
 Medians and each case's ratio to the torch floor are printed (and written as JSON lines with
@@ -23,7 +24,7 @@ import sys
 import time
 import urllib.request
 
-CASES = ("torch", "imports", "llm", "generate", "serve")
+CASES = ("torch", "imports", "llm", "first", "generate", "serve")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +94,9 @@ def _command(case: str, model: str | None, prompt: str) -> list[str]:
         "torch": [sys.executable, "-c", "import torch"],
         "imports": [sys.executable, "-c", "from octavo import LLM; LLM"],
         "llm": [sys.executable, "-c", f"from octavo import LLM; LLM({llm_arg})"],
+        "first": [sys.executable, "-c", "from octavo import LLM, SamplingParams; "
+                  f"LLM({llm_arg}).generate({prompt!r}, SamplingParams(max_tokens=1, "
+                  "temperature=0), use_tqdm=False)"],
         "generate": _octavo("generate", prompt, *model_args, "--max-tokens", "16",
                             "--temperature", "0"),
     }[case]

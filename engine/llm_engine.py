@@ -56,7 +56,7 @@ class LLMEngine:
         hf_config = _load_hf_config(config)
         config.resolve(hf_config)
         torch.manual_seed(config.seed)
-        self.tokenizer = _load_tokenizer(config)
+        self.tokenizer = _load_tokenizer(config, hf_config)
         self.generation_config = _load_generation_config(config)
         if self.generation_config is not None and _sampling_defaults(self.generation_config):
             logger.info("default sampling params come from the model's generation_config.json: "
@@ -465,11 +465,11 @@ def _load_hf_config(config: EngineConfig) -> Any:
         raise ValueError(f"model {config.model!r} is not a local directory or .gguf file; octavo "
                          "loads Hugging Face model directories (config.json + *.safetensors) "
                          "and GGUF files from disk")
-    from transformers import AutoConfig     # here: `transformers.models` scans every model's files
+    from .hf_config import load_hf_config
 
     try:
-        return AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code,
-                                          revision=config.revision)
+        return load_hf_config(config.model, trust_remote_code=config.trust_remote_code,
+                              revision=config.revision)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"could not read the model config in {config.model!r}: {e}") from e
 
@@ -479,15 +479,15 @@ _GEN_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "min_p": "min_p"}
 
 
-def _load_tokenizer(config: EngineConfig) -> Any:
+def _load_tokenizer(config: EngineConfig, hf_config: Any) -> Any:
     if config.tokenizer is None and config.model.endswith(GGUF_SUFFIX):
         return load_gguf_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    from transformers import AutoTokenizer
+    from .hf_config import load_tokenizer
     # (revision and cache directory matter when the tokenizer is a Hub id; a local path has none)
-    return AutoTokenizer.from_pretrained(config.tokenizer or config.model,
-                                         trust_remote_code=config.trust_remote_code,
-                                         revision=config.tokenizer_revision,
-                                         cache_dir=config.download_dir)
+    return load_tokenizer(config.tokenizer or config.model,
+                          hf_config=hf_config if config.tokenizer is None else None,
+                          trust_remote_code=config.trust_remote_code,
+                          revision=config.tokenizer_revision, cache_dir=config.download_dir)
 
 
 def _sampling_defaults(gen: GenerationConfig) -> dict[str, Any]:
