@@ -8,6 +8,9 @@ tokenizer comes from transformers (`gguf_file=`); the weights are read one tenso
 from the mmap, dequantized with the `gguf` package (any GGML type it knows: F32, F16, Q8_0,
 Q4_K, ...), renamed to the Hugging Face name and have the q/k row permutation that llama.cpp's
 converter applies undone, so the ordinary loader can route them like safetensors tensors.
+Weights a quantized layer keeps (GGUFConfig) come as codes, group scales and offsets instead;
+MoE expert stacks (ffn_{gate,up,down}_exps, [E, N, K]) are then handed over one expert and
+projection at a time, as a per-expert checkpoint names them (<experts>.<e>.gate_proj.qweight).
 """
 from __future__ import annotations
 
@@ -307,11 +310,18 @@ def _save_tokenizer(tokenizer: Any, cache: str) -> None:
 
 def q4_weight_names(path: str) -> dict[str, int]:
     """HF name -> ggml type of the file's 2-D weights in a type a quantized layer keeps as it
-    is (Q4_0, Q4_1, Q4_K on the INT4 kernel; Q8_0, Q5_K, Q6_K on the weight-only INT8 one)."""
+    is (Q4_0, Q4_1, Q4_K on the INT4 kernel; Q8_0, Q5_K, Q6_K on the weight-only INT8 one), and
+    of its MoE expert stacks in such a type, one entry per projection under
+    expert_weight_name(<experts module>, "gate_proj" | "up_proj" | "down_proj")."""
     header = read_header(path)
     names = {}
     to_hf = _name_function(header)
     for info in header.tensors:
+        stack = _expert_stack(header, info.name) if len(info.dims) == 3 else None
+        if stack is not None:
+            if info.ggml_type in KEPT_TYPES:
+                names[expert_weight_name(*stack)] = info.ggml_type
+            continue
         name = to_hf(info.name)
         if name is not None and not _keeps_layout(header, info.name):
             continue
@@ -593,6 +603,12 @@ def _iterate_generic(header: GGUFHeader, keep: dict | set) -> Iterator[tuple[str
         shape = [int(d) for d in reversed(info.dims)]
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         raw = data[info.offset:info.offset + info.nbytes].reshape(rows, info.nbytes // rows)
+        stack = _expert_stack(header, info.name) if len(shape) == 3 else None
+        if stack is not None and isinstance(keep, dict):
+            spec = keep.get(expert_weight_name(*stack))
+            if spec is not None and info.ggml_type in KEPT_TYPES:
+                yield from _kept_experts(raw, info.ggml_type, shape[0], *stack, spec)
+                continue
         name = mapping.get(info.name)
         spec = keep.get(name) if isinstance(keep, dict) and name is not None else None
         if spec is not None and info.ggml_type in KEPT_TYPES:
@@ -611,6 +627,47 @@ def _iterate_generic(header: GGUFHeader, keep: dict | set) -> Iterator[tuple[str
     # MoE processors assemble stacked experts (gate and up from two tensors) in `parsed`
     for name, t in parsed["tensors"].items():
         yield name, (t.float() if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t, dtype=np.float32)))
+
+
+# MoE expert stacks [E, N, K] (llama.cpp's ffn_gate_exps / ffn_up_exps / ffn_down_exps), for
+# processors that only stack them (Qwen2-MoE's, also Qwen3-MoE's): each expert's rows are the
+# file's own, so their blocks can be kept. transformers maps gate and up to one gate_up_proj.
+_EXPERT_STACKING = ("Qwen2MoeTensorProcessor",)
+_EXPERT_STACK = re.compile(r"(blk\.\d+\.ffn_(gate|up|down)_exps)\.weight")
+_EXPERT_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def expert_weight_name(experts: str, proj: str) -> str:
+    """The name q4_weight_names and GGUFConfig.kept give one projection's stack of all experts
+    of the FusedMoE module `experts` ('model.layers.0.mlp.experts', 'gate_proj')."""
+    return f"{experts}.{proj}.weight"
+
+
+def _expert_stack(header: GGUFHeader, gguf_name: str) -> tuple[str, str] | None:
+    """'blk.0.ffn_gate_exps.weight' -> ('model.layers.0.mlp.experts', 'gate_proj') where the
+    file's processor leaves expert rows in the file's layout; None otherwise."""
+    match = _EXPERT_STACK.fullmatch(gguf_name)
+    if match is None or header.metadata.get("general.architecture") == "llama":
+        return None
+    mapping, processor = _generic_map(header.path, header_key(header))
+    if type(processor).__name__ not in _EXPERT_STACKING:
+        return None
+    # transformers keys the stacks without the .weight suffix (their HF names have none)
+    hf = mapping.get(match.group(1)) or mapping.get(gguf_name)
+    if hf is None or "." not in hf:
+        return None
+    return hf.rpartition(".")[0], _EXPERT_PROJ[match.group(2)]
+
+
+def _kept_experts(raw: np.ndarray, ggml_type: int, num_experts: int, experts: str, proj: str,
+                  spec: tuple[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """One kept expert stack ([E * N, row bytes]) -> '<experts>.<e>.<proj>.qweight' / scales /
+    offsets of each expert ([N, K], [N, K/gs], [N, K/gs]), routed by the model's
+    MoEWeightRouting as a per-expert checkpoint's tensors."""
+    for kind, t in zip(("qweight", "scales", "offsets"), kept_blocks(raw, ggml_type, *spec)):
+        t = t.view(num_experts, -1, t.shape[-1])
+        for e in range(num_experts):
+            yield f"{experts}.{e}.{proj}.{kind}", t[e]
 
 
 def hf_name(gguf_name: str) -> str | None:

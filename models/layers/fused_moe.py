@@ -246,8 +246,9 @@ class MoEWeightRouting:
         renamed = name
         for pattern, replacement in self.checkpoint_renames:
             renamed = re.sub(pattern, replacement, renamed)
-        one = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight\w*|input_scale|qweight|qzeros|scales|g_idx)",
-                           renamed)
+        # (offsets: GGUF 4-bit experts' W = codes * scales + offsets)
+        one = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\."
+                           r"(weight\w*|input_scale|qweight|qzeros|scales|offsets|g_idx)", renamed)
         if one and one.group(3) in self.expert_projections:
             kind = self.expert_projections[one.group(3)]
             return (_stacked_param(one.group(1), kind, one.group(4)),
