@@ -1,5 +1,6 @@
-// Gated delta rule (Kimi-Linear's KDA; GDN with one gate per head) on CUDA: the recurrence over
-// varlen sequences (prefill) or one token per sequence (decode), fp32 state slots [S, H, K, V].
+// Gated delta rule (Kimi-Linear's KDA; GDN with one gate per head) on CUDA: the recurrence for
+// sequences of at most one token (decode; prefill rows take gated_delta_rule_chunk.cuh), fp32
+// state slots [S, H, K, V].
 // The columns of a state are independent (m = k^T S, the update and o = q^T S are per column),
 // so a block owns kGdrCols columns of one (sequence, head) state and walks its tokens:
 //   S[i, c] *= exp(g[i]); m[c] = sum_i k[i] S[i, c]; d[c] = (v[c] - m[c]) beta
@@ -38,6 +39,7 @@ __global__ void __launch_bounds__(32 * kGdrWarps) gated_delta_rule_kernel(GdrArg
   }
   OCTAVO_DEVICE_CHECK(t0 >= 0 && t0 <= t1 && t1 <= a.num_tokens,
                       "gated_delta_rule: query_start_loc must be non-decreasing within [0, T]");
+  if (t1 - t0 > 1) return;  // a prefill row: gated_delta_rule_chunk_kernel's
   const int64_t slot = a.state_indices[b];
   OCTAVO_DEVICE_CHECK(slot < a.num_slots, "gated_delta_rule: a state index is past the slots");
   T* out = static_cast<T*>(a.out);

@@ -32,7 +32,23 @@ constexpr int kGdrCols = 32;
 constexpr int kGdrWarps = 4;
 constexpr int64_t kGdrMaxKeyDim = 256;
 
-// The grid is (num_seqs, H, ceil(V / kGdrCols)): shapes only, so decode can be graph-captured.
+// Chunked prefill (gated_delta_rule_chunk.cuh): tokens per chunk, kGdrChunk for key dims up to
+// kGdrChunkMaxKeyDim and kGdrChunkLargeK above, so that a block's shared memory (90 KiB at
+// K = 128, 96 KiB at K = 256) fits every GPU from sm_80 on, sm_86/89's 99 KiB included.
+constexpr int kGdrChunk = 32;
+constexpr int kGdrChunkLargeK = 16;
+constexpr int64_t kGdrChunkMaxKeyDim = 128;
+
+// Floats of shared memory of the chunked kernel for key dim K and chunk C (its layout there).
+constexpr int64_t gdr_chunk_smem_floats(int64_t K, int64_t C) {
+  return K * kGdrCols + 3 * C * (K | 1) + 2 * K + C + 2 * C * C + 2 * C * kGdrCols +
+         (C * (K | 1) + 1) / 2;
+}
+
+// Sequences of one token (and every sequence when query_start_loc is null: decode) run the
+// recurrent kernel; with query_start_loc, a second launch runs the chunked kernel, whose blocks
+// take the sequences of two or more tokens (each kernel returns at once for the other's rows).
+// Both grids are (num_seqs, H, ceil(V / kGdrCols)): shapes only, so both can be graph-captured.
 // A bad query_start_loc or state_indices entry traps the kernel. Returns false for an
 // unsupported dtype.
 bool launch_gated_delta_rule(const GdrArgs& a, cudaStream_t stream);

@@ -1,7 +1,8 @@
 """The CUDA gated delta rule (csrc/cuda/gated_delta_rule.cu via octavo.ops) against
-octavo.ops_native on a GPU: varlen prefill with slots, and the one-token decode replayed from a
-captured CUDA graph. Skipped where torch.cuda is unavailable; tests/simt runs the same kernel
-under the SIMT emulator."""
+octavo.ops_native on a GPU: varlen prefill with slots (the chunked kernel for rows of two or more
+tokens), lengths around the chunk size with strong decay, a prefill split over two calls, and the
+one-token decode replayed from a captured CUDA graph. Skipped where torch.cuda is unavailable;
+tests/simt runs the same kernels under the SIMT emulator."""
 import pytest
 import torch
 
@@ -26,6 +27,42 @@ def test_varlen_prefill(dtype, h, kd, vd, per_head_g):
     out, st = run(ops.gated_delta_rule, case, init)
     assert_close_to_ref(out, native, exact, what="out")
     assert_close_to_ref(st, native_st, exact_st, what="ssm_states")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("kd,per_head_g", [(128, False), (64, True), (256, False)])
+def test_chunked_lengths_strong_decay(dtype, kd, per_head_g):
+    c = 32 if kd <= 128 else 16  # the kernel's tokens per chunk
+    case = make_gdr([c - 1, 1, c, 0, c + 1, 2 * c + 3, 200], 2, kd, 96, dtype,
+                    per_head_g=per_head_g, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    strong = torch.rand(case["g"].shape, generator=gen) < 0.2
+    case["g"] = torch.where(strong, -50 - 200 * torch.rand(case["g"].shape, generator=gen),
+                            case["g"])
+    case = on_gpu(case)
+    exact, exact_st = run(ops_native.gated_delta_rule, case, cast=torch.float64)
+    native, native_st = run(ops_native.gated_delta_rule, case)
+    out, st = run(ops.gated_delta_rule, case)
+    assert torch.isfinite(out).all() and torch.isfinite(st).all()
+    assert_close_to_ref(out, native, exact, what="out")
+    assert_close_to_ref(st, native_st, exact_st, what="ssm_states")
+
+
+def test_chunked_prefill_in_two_calls():
+    lens, split = [100, 3, 64], [37, 1, 32]
+    case = on_gpu(make_gdr(lens, 4, 128, 128, torch.float32, seed=6))
+    whole, whole_st = run(ops.gated_delta_rule, case)
+    starts = case["query_start_loc"].tolist()
+    first = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, split)]).cuda()
+    second = torch.cat([torch.arange(s + n, e) for s, n, e in zip(starts, split, starts[1:])])
+    st = case["ssm_states"].clone()
+    out = torch.empty_like(whole)
+    for rows, lens_now in ((first, split), (second.cuda(), [n - m for n, m in zip(lens, split)])):
+        qsl = torch.tensor([0] + lens_now, device="cuda").cumsum(0).int()
+        out[rows] = ops.gated_delta_rule(*(case[x][rows] for x in ("q", "k", "v", "g", "beta")),
+                                         st, qsl, case["state_indices"])
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st, whole_st, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_graph_replay():
