@@ -204,44 +204,21 @@ def load_gguf_config(path: str, **kwargs: Any) -> Any:
     return config
 
 
-# LlamaConfig's defaults (transformers 5), for the fields a GGUF may leave out.
-_LLAMA_DEFAULTS = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=None, hidden_act="silu",
-    max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
-    pad_token_id=None, bos_token_id=1, eos_token_id=2, pretraining_tp=1,
-    tie_word_embeddings=False, attention_bias=False, attention_dropout=0.0, mlp_bias=False,
-    head_dim=None)
-
-
 def llama_config(rope_theta: float = 10000.0, **fields: Any) -> Any:
     """A config equal to transformers' LlamaConfig(**fields) (to_dict(); tests compare them),
-    built on the base class: LlamaConfig's module imports transformers' type validators, which
-    import torch.distributed, about a third of the default model's start-up."""
-    values = {**_LLAMA_DEFAULTS, **fields}
-    if values["head_dim"] is None:
-        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-    if values["num_key_value_heads"] is None:
-        values["num_key_value_heads"] = values["num_attention_heads"]
-    values["rope_parameters"] = {"rope_theta": rope_theta, "rope_type": "default"}
-    config = _llama_config_class()(**values)
-    for key, value in values.items():        # the base class sets generation keys (use_cache) aside
-        if not hasattr(config, key):
-            setattr(config, key, value)
-    return config
+    without importing LlamaConfig's module, whose type validators import torch.distributed
+    (about a third of the default model's start-up): octavo.hf_config's LlamaConfig, a
+    module-level class, so that the config pickles for tensor- and pipeline-parallel workers."""
+    from octavo.hf_config import PreTrainedConfig
 
+    if PreTrainedConfig is None:                          # transformers 4: its own class
+        from transformers import LlamaConfig
 
-@functools.cache
-def _llama_config_class() -> type:
-    try:
-        from transformers.configuration_utils import PreTrainedConfig
-    except ImportError:                                   # transformers 4's spelling
-        from transformers.configuration_utils import PretrainedConfig as PreTrainedConfig
+        return LlamaConfig(rope_theta=rope_theta, **fields)
+    from octavo.hf_config import LlamaConfig
 
-    class GGUFLlamaConfig(PreTrainedConfig):
-        model_type = "llama"
-
-    return GGUFLlamaConfig
+    return LlamaConfig(rope_parameters={"rope_theta": rope_theta, "rope_type": "default"},
+                       **fields)
 
 
 def load_gguf_tokenizer(path: str, **kwargs: Any) -> Any:

@@ -5,6 +5,7 @@ what transformers and the gguf package produce."""
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -175,6 +176,9 @@ def test_llama_config_equals_transformers(fields):
     assert ours.to_dict() | {"transformers_version": None} == \
         ref.to_dict() | {"transformers_version": None}
     assert ours.model_type == "llama" and ours.rope_parameters == ref.rope_parameters
+    # tensor- and pipeline-parallel workers receive the config pickled
+    again = pickle.loads(pickle.dumps(ours))
+    assert again.to_dict() == ours.to_dict()
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
