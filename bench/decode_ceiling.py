@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from octavo.bench.latency import run_batch
-from octavo.bench.utils import add_engine_args, engine_kwargs, write_jsonl
+from octavo.bench.utils import add_engine_args, engine_kwargs, suite_main, write_jsonl
 
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -183,13 +183,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        p.error(str(e))
+    suite_main(__doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from octavo.bench.datasets import random_requests
 from octavo.bench.utils import (add_engine_args, engine_kwargs, engine_weight_bytes, percentiles,
-                                write_jsonl)
+                                suite_main, write_jsonl)
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
@@ -148,13 +148,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        p.error(str(e))
+    suite_main(__doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

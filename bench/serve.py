@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from octavo.bench.datasets import SampleRequest, add_dataset_args, sample_requests
-from octavo.bench.utils import write_jsonl
+from octavo.bench.utils import suite_main, write_jsonl
 
 
 @dataclass
@@ -226,13 +226,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        p.error(str(e))
+    suite_main(__doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

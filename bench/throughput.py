@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from octavo.bench.datasets import SampleRequest, add_dataset_args, sample_requests
-from octavo.bench.utils import add_engine_args, engine_kwargs, engine_weight_bytes, write_jsonl
+from octavo.bench.utils import (add_engine_args, engine_kwargs, engine_weight_bytes, suite_main,
+                               write_jsonl)
 
 
 @dataclass
@@ -200,13 +201,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        p.error(str(e))
+    suite_main(__doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

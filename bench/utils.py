@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from octavo.arg_utils import EngineArgs
 
@@ -16,6 +16,19 @@ from octavo.arg_utils import EngineArgs
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The engine's flags (EngineArgs: --model, --dtype, --max-num-seqs, --seed, ...)."""
     EngineArgs.add_cli_args(p, title="engine (octavo.arg_utils.EngineArgs)")
+
+
+def suite_main(doc: str, add_args: Callable[[argparse.ArgumentParser], None],
+               run: Callable[[argparse.Namespace], Any], argv: list[str] | None = None) -> None:
+    """`python -m octavo.bench.<suite>`: the suite's flags (add_args), then run(args); a
+    ValueError from run is a usage error (its message, exit status 2), as under `octavo bench`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_args(p)
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
