@@ -148,7 +148,8 @@ void fused_moe_int4_packed_cpu(at::Tensor& out,                        // [T, H]
                                const at::Tensor& topk_weights,         // [T, k] float32
                                const at::Tensor& topk_ids,             // [T, k] int32
                                int64_t inter_size, int64_t group_size,  // group_size -1: per channel
-                               const std::string& activation);
+                               const std::string& activation,
+                               const std::optional<at::Tensor>& w13_perm);  // int32 [E, H] act order
 void lora_shrink_cpu(at::Tensor& out,            // [T, R] float32
                      const at::Tensor& x,        // [T, K]
                      const at::Tensor& w,        // [L, R, K]

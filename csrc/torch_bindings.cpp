@@ -48,7 +48,8 @@ void fused_moe_fp8_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&
                                const at::Tensor&, int64_t, int64_t, int64_t, const std::string&) {}
 void fused_moe_int4_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, int64_t, int64_t, const std::string&) {}
+                                const at::Tensor&, int64_t, int64_t, const std::string&,
+                                const std::optional<at::Tensor>&) {}
 void fused_moe_fp8_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         int64_t, int64_t, const std::string&) {}
@@ -159,10 +160,12 @@ TORCH_LIBRARY(octavo, m) {
         "Tensor w2_scale, Tensor topk_weights, Tensor topk_ids, int block_k13, int block_k2, "
         "str activation) -> ()");
   // fused_moe with 4-bit experts packed once (ops_native.prepare_moe_int4_weights: each expert's
-  // gate / up / down rows in 32-row panels of nibble codes, fp32 scales and offsets per group)
+  // gate / up / down rows in 32-row panels of nibble codes, fp32 scales and offsets per group);
+  // w13_perm int32 [E, H]: act-order experts' K order (hidden gathered per expert)
   m.def("fused_moe_int4_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
         "Tensor w13_scales_offsets, Tensor w2_scales_offsets, Tensor topk_weights, "
-        "Tensor topk_ids, int inter_size, int group_size, str activation) -> ()");
+        "Tensor topk_ids, int inter_size, int group_size, str activation, "
+        "Tensor? w13_perm=None) -> ()");
   // LoRA shrink: out [T, R] float32 = scale * w [L, R, K][indices[t]] @ x [T, K][t]; index -1: 0
   m.def("lora_shrink(Tensor! out, Tensor x, Tensor w, Tensor indices, float scale) -> ()");
   // LoRA expand: out[t, offset:offset+N] += w [L, N, R][indices[t]] @ x [T, R][t]; index -1: none

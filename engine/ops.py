@@ -280,6 +280,11 @@ class MoEInt4Weights(NamedTuple):
     hidden_size: int
     inter_size: int
     group_size: int                   # -1: one group per output channel
+    # act order (GPTQ desc_act): packed column c of expert e's w13 reads hidden[:, w13_perm[e, c]]
+    w13_perm: torch.Tensor | None = None    # int32 [E, H], on the experts' device
+    # packed intermediate j of expert e is the caller's row j' = inter_perm[e, j] of gate / up and
+    # column j' of down (read by ops_native.unpack_moe_int4_weights only: the kernels need nothing)
+    inter_perm: torch.Tensor | None = None  # int64 [E, I]
 
 
 def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
@@ -290,7 +295,7 @@ def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
                              w13_g_idx: torch.Tensor | None = None,
                              w2_g_idx: torch.Tensor | None = None) -> MoEInt4Weights:
     """4-bit experts packed once after loading (one layout on every device, see ops_native's
-    INT4 MoE section); pass the result to fused_moe_int4_prepared."""
+    INT4 MoE section); g_idx may be GPTQ's act order. Pass the result to fused_moe_int4_prepared."""
     return ops_native.prepare_moe_int4_weights(w13_q, w13_scales, w13_zeros, w2_q, w2_scales,
                                                w2_zeros, group_size, w13_offsets, w2_offsets,
                                                w13_g_idx, w2_g_idx)
@@ -320,9 +325,11 @@ def fused_moe_int4_prepared(hidden: torch.Tensor, prepared: MoEInt4Weights,
     _check_ids_on_cpu(topk_ids, e)
     out = torch.empty_like(hidden)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    act_order = () if p.w13_perm is None else (p.w13_perm,)   # w13_perm: an optional last argument
     torch.ops.octavo.fused_moe_int4_packed(out, x, p.w13, p.w2, p.w13_scales_offsets,
                                            p.w2_scales_offsets, topk_weights.contiguous(),
-                                           topk_ids.contiguous(), i, p.group_size, activation)
+                                           topk_ids.contiguous(), i, p.group_size, activation,
+                                           *act_order)
     return out
 
 

@@ -543,19 +543,25 @@ def int4_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> 
 # Each expert stack uses the INT4 GEMM convention above with a leading expert dim: w13 codes
 # uint8 [E, 2I, H] (gate rows, then up rows), w2 codes [E, H, I], 0..15; scales [E, N, G]; zeros
 # [E, N, G] or None (symmetric, 8); offsets [E, N, G], when given, replace -zeros * scales
-# exactly as int4_prepare's do. One group_size for both stacks (-1: per output channel, so G is 1
-# and the group spans H for w13, I for w2).
+# exactly as int4_prepare's do; g_idx [E, K] per expert (or [K] shared), when given, is GPTQ's
+# act order: column k of an expert belongs to group g_idx[k]. One group_size for both stacks
+# (-1: per output channel, so G is 1 and the group spans H for w13, I for w2).
 # The packed form (prepare_moe_int4_weights -> ops.MoEInt4Weights), read by the registered op
 # fused_moe_int4_packed(out, hidden, w13_packed, w2_packed, w13_scales_offsets,
-# w2_scales_offsets, topk_weights, topk_ids, inter_size, group_size, activation):
+# w2_scales_offsets, topk_weights, topk_ids, inter_size, group_size, activation, w13_perm):
 #   w13_packed uint8 [E, 2 * ceil(I/32), ceil(H/2), 32] and w13_scales_offsets float32
 #   [E, 2 * ceil(I/32), G13, 2, 32]: pack_int4_panels of each expert's gate rows and up rows,
 #   each padded to whole 32-row panels, so panel p < ceil(I/32) holds gate rows 32p.. and panel
 #   ceil(I/32) + p the matching up rows;
-#   w2_packed uint8 [E, ceil(H/32), ceil(I/2), 32], w2_scales_offsets [E, ceil(H/32), G2, 2, 32].
+#   w2_packed uint8 [E, ceil(H/32), ceil(I/2), 32], w2_scales_offsets [E, ceil(H/32), G2, 2, 32];
+#   w13_perm int32 [E, H] or None: act-order w13 columns sorted by group, so that every group is
+#   contiguous; packed column c of expert e multiplies hidden[:, w13_perm[e, c]].
+# An act-order w2 needs nothing at run time: its columns (the intermediate) are sorted by group
+# and the gate and up rows of the same expert follow that order, so act(gate) * up comes out
+# already permuted (the ops.MoEInt4Weights keeps the order as inter_perm for unpacking only).
 
 def _moe_int4_stack_shapes(q: torch.Tensor, scales: torch.Tensor, zeros, offsets, group_size: int,
-                           name: str) -> None:
+                           name: str, g_idx: torch.Tensor | None = None) -> None:
     if q.dim() != 3:
         raise ValueError(f"fused_moe_int4: {name} codes must be [E, N, K], got {tuple(q.shape)}")
     e, n, k = q.shape
@@ -564,11 +570,19 @@ def _moe_int4_stack_shapes(q: torch.Tensor, scales: torch.Tensor, zeros, offsets
         if t is not None and tuple(t.shape) != (e, n, groups):
             raise ValueError(f"fused_moe_int4: {name} {what} must be [E, N, G] = "
                              f"{[e, n, groups]} (group_size {group_size}), got {list(t.shape)}")
+    if g_idx is not None:
+        if tuple(g_idx.shape) not in ((k,), (e, k)):
+            raise ValueError(f"fused_moe_int4: {name} g_idx must be [K] or [E, K] = {[e, k]}, got "
+                             f"{list(g_idx.shape)}")
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise ValueError(f"fused_moe_int4: {name} g_idx must hold group indices in "
+                             f"[0, {groups})")
 
 
 def check_fused_moe_int4_args(hidden, w13_q, w13_scales, w13_zeros, w2_q, w2_scales, w2_zeros,
                               topk_weights, topk_ids, group_size, activation,
-                              w13_offsets=None, w2_offsets=None) -> None:
+                              w13_offsets=None, w2_offsets=None, w13_g_idx=None,
+                              w2_g_idx=None) -> None:
     """Raises ValueError (saying what to change) on inconsistent fused_moe_int4 arguments."""
     if w13_q.dim() != 3 or w2_q.dim() != 3:
         raise ValueError(f"fused_moe_int4: expected codes w13 [E, 2I, H] and w2 [E, H, I], got "
@@ -576,21 +590,24 @@ def check_fused_moe_int4_args(hidden, w13_q, w13_scales, w13_zeros, w2_q, w2_sca
     check_fused_moe_args(hidden, w13_q.new_empty(w13_q.shape, device="meta"),
                          w2_q.new_empty(w2_q.shape, device="meta"), topk_weights, topk_ids,
                          activation)
-    _moe_int4_stack_shapes(w13_q, w13_scales, w13_zeros, w13_offsets, group_size, "w13")
-    _moe_int4_stack_shapes(w2_q, w2_scales, w2_zeros, w2_offsets, group_size, "w2")
+    _moe_int4_stack_shapes(w13_q, w13_scales, w13_zeros, w13_offsets, group_size, "w13", w13_g_idx)
+    _moe_int4_stack_shapes(w2_q, w2_scales, w2_zeros, w2_offsets, group_size, "w2", w2_g_idx)
 
 
 def moe_int4_dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                        group_size: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """One expert's (or a stack's) codes [..., N, K] -> the fp32 weight [..., N, K]."""
-    if offsets is None:
-        if q.dim() == 2:
-            return int4_dequantize(q, scales, zeros, group_size)
-        return torch.stack([moe_int4_dequantize(q[x], scales[x], None if zeros is None else zeros[x],
-                                                group_size) for x in range(q.shape[0])])
-    gs, _ = int4_groups(q.shape[-1], group_size)
-    g = torch.arange(q.shape[-1], device=q.device) // gs
-    return q.float() * scales.float()[..., g] + offsets.float()[..., g]
+                        group_size: int, offsets: torch.Tensor | None = None,
+                        g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert's (or a stack's) codes [..., N, K] -> the fp32 weight [..., N, K]; g_idx
+    [..., K] (act order) names each column's group, else column k is in group k // group_size."""
+    k = q.shape[-1]
+    gs, _ = int4_groups(k, group_size)
+    g = torch.arange(k, device=q.device) // gs if g_idx is None else g_idx.to(q.device).long()
+    idx = g.unsqueeze(-2).expand(q.shape)                       # [..., N, K]: each weight's group
+    s = scales.float().gather(-1, idx)
+    if offsets is not None:
+        return q.float() * s + offsets.float().gather(-1, idx)
+    z = 8.0 if zeros is None else zeros.float().gather(-1, idx)
+    return (q.float() - z) * s
 
 
 def fused_moe_int4(hidden: torch.Tensor, w13_q: torch.Tensor, w13_scales: torch.Tensor,
@@ -598,21 +615,26 @@ def fused_moe_int4(hidden: torch.Tensor, w13_q: torch.Tensor, w13_scales: torch.
                    w2_zeros: torch.Tensor | None, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, group_size: int, activation: str = "silu",
                    w13_offsets: torch.Tensor | None = None,
-                   w2_offsets: torch.Tensor | None = None) -> torch.Tensor:
-    # fused_moe with 4-bit experts: each chosen expert dequantized, then the same gated MLP in
-    # fp32 -> out [T, H] in hidden's dtype
+                   w2_offsets: torch.Tensor | None = None,
+                   w13_g_idx: torch.Tensor | None = None,
+                   w2_g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    # fused_moe with 4-bit experts: each chosen expert dequantized (with its g_idx, if any), then
+    # the same gated MLP in fp32 -> out [T, H] in hidden's dtype
     check_fused_moe_int4_args(hidden, w13_q, w13_scales, w13_zeros, w2_q, w2_scales, w2_zeros,
                               topk_weights, topk_ids, group_size, activation, w13_offsets,
-                              w2_offsets)
+                              w2_offsets, w13_g_idx, w2_g_idx)
 
     def pick(t, ex):
         return None if t is None else t[ex]
 
+    def pick_g(g, ex):
+        return None if g is None else g if g.dim() == 1 else g[ex]
+
     def expert(ex: int):
         return (moe_int4_dequantize(w13_q[ex], w13_scales[ex], pick(w13_zeros, ex), group_size,
-                                    pick(w13_offsets, ex)),
+                                    pick(w13_offsets, ex), pick_g(w13_g_idx, ex)),
                 moe_int4_dequantize(w2_q[ex], w2_scales[ex], pick(w2_zeros, ex), group_size,
-                                    pick(w2_offsets, ex)))
+                                    pick(w2_offsets, ex), pick_g(w2_g_idx, ex)))
     return _fused_moe_experts(hidden, expert, w13_q.shape[0], w13_q.shape[1] // 2, topk_weights,
                               topk_ids, activation)
 
@@ -637,15 +659,33 @@ def _pack_int4_experts(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
     return torch.stack([a for a, _ in parts]), torch.stack([b for _, b in parts])
 
 
-def _moe_int4_no_act_order(g_idx: torch.Tensor | None, k: int, group_size: int, name: str) -> None:
+def moe_int4_act_order(g_idx: torch.Tensor | None, e: int, k: int, group_size: int,
+                       name: str) -> torch.Tensor | None:
+    """g_idx [E, K] (or [K] shared) -> int64 [E, K]: each expert's K order with its groups
+    contiguous (int4_act_order; the identity where an expert's groups already are), or None when
+    no expert is in act order."""
     if g_idx is None:
-        return
-    for x in range(g_idx.shape[0]) if g_idx.dim() == 2 else [None]:
-        g = g_idx if x is None else g_idx[x]
-        if int4_act_order(g, k, group_size) is not None:
-            raise ValueError(f"INT4 MoE experts: {name} g_idx is act-order (desc_act); octavo's "
-                             "MoE kernel needs groups in K order: re-quantize the experts with "
-                             "desc_act=False (or use the dense path)")
+        return None
+    g = g_idx.expand(e, k) if g_idx.dim() == 1 else g_idx
+    try:
+        perms = [int4_act_order(g[x], k, group_size) for x in range(e)]
+    except ValueError as err:
+        raise ValueError(f"INT4 MoE experts: {name} {err}") from None
+    if all(p is None for p in perms):
+        return None
+    return torch.stack([torch.arange(k) if p is None else p for p in perms])
+
+
+def _rows(t: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:
+    # t [E, N, C], order [E, N'] -> t[e, order[e]] [E, N', C]
+    if t is None:
+        return None
+    return t.gather(1, order.to(t.device)[..., None].expand(-1, -1, t.shape[2]))
+
+
+def _cols(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    # t [E, N, K], order [E, K] -> t[e, :, order[e]]
+    return t.gather(2, order.to(t.device)[:, None, :].expand(-1, t.shape[1], -1))
 
 
 def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
@@ -656,29 +696,40 @@ def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
                              w13_g_idx: torch.Tensor | None = None,
                              w2_g_idx: torch.Tensor | None = None):
     """Pack 4-bit experts once after loading (layout above) -> ops.MoEInt4Weights. g_idx (per
-    expert [E, K] or shared [K]) is accepted only when it is the plain k // group_size order."""
+    expert [E, K] or shared [K]) may be GPTQ's act order: every group but the last holds exactly
+    group_size columns, as GPTQ writes it (else ValueError)."""
     from octavo.ops import MoEInt4Weights
     e, i2, h = w13_q.shape
     i = i2 // 2
-    _moe_int4_stack_shapes(w13_q, w13_scales, w13_zeros, w13_offsets, group_size, "w13")
-    _moe_int4_stack_shapes(w2_q, w2_scales, w2_zeros, w2_offsets, group_size, "w2")
+    _moe_int4_stack_shapes(w13_q, w13_scales, w13_zeros, w13_offsets, group_size, "w13", w13_g_idx)
+    _moe_int4_stack_shapes(w2_q, w2_scales, w2_zeros, w2_offsets, group_size, "w2", w2_g_idx)
     if i2 % 2 or tuple(w2_q.shape) != (e, h, i):
         raise ValueError(f"prepare_moe_int4_weights: w13 must be [E, 2I, H] and w2 [E, H, I], got "
                          f"{tuple(w13_q.shape)} and {tuple(w2_q.shape)}")
-    _moe_int4_no_act_order(w13_g_idx, h, group_size, "w13")
-    _moe_int4_no_act_order(w2_g_idx, i, group_size, "w2")
     off13 = _moe_int4_offsets(w13_scales, w13_zeros, w13_offsets)
     off2 = _moe_int4_offsets(w2_scales, w2_zeros, w2_offsets)
+    perm13 = moe_int4_act_order(w13_g_idx, e, h, group_size, "w13")
+    inter = moe_int4_act_order(w2_g_idx, e, i, group_size, "w2")
+    if inter is not None:   # w2's columns by group; the gate and up rows in the same order
+        rows = torch.cat((inter, inter + i), 1)
+        w13_q, w13_scales, off13 = _rows(w13_q, rows), _rows(w13_scales, rows), _rows(off13, rows)
+        w2_q = _cols(w2_q, inter)
+    if perm13 is not None:  # w13's columns by group; the kernel gathers hidden in this order
+        w13_q = _cols(w13_q, perm13)
     # gate and up rows padded separately, so a panel never mixes them
     gate = _pack_int4_experts(w13_q[:, :i], w13_scales[:, :i], off13[:, :i], group_size)
     up = _pack_int4_experts(w13_q[:, i:], w13_scales[:, i:], off13[:, i:], group_size)
     w2p, w2so = _pack_int4_experts(w2_q, w2_scales, off2, group_size)
+    dev = w13_q.device
     return MoEInt4Weights(torch.cat((gate[0], up[0]), 1).contiguous(),
-                          torch.cat((gate[1], up[1]), 1).contiguous(), w2p, w2so, h, i, group_size)
+                          torch.cat((gate[1], up[1]), 1).contiguous(), w2p, w2so, h, i, group_size,
+                          None if perm13 is None else perm13.to(dev, torch.int32).contiguous(),
+                          None if inter is None else inter.to(dev))
 
 
 def unpack_moe_int4_weights(prepared) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 experts (w13 [E, 2I, H], w2 [E, H, I]) that an ops.MoEInt4Weights stands for."""
+    """The fp32 experts (w13 [E, 2I, H], w2 [E, H, I]) that an ops.MoEInt4Weights stands for, in
+    the order of the codes prepare_moe_int4_weights was given."""
     p = prepared
     h, i = p.hidden_size, p.inter_size
     pi = -(-i // INT4_PANEL)
@@ -689,7 +740,16 @@ def unpack_moe_int4_weights(prepared) -> tuple[torch.Tensor, torch.Tensor]:
             packed.new_zeros(0, n, k, dtype=torch.float32)
     gate = unpack(p.w13[:, :pi], p.w13_scales_offsets[:, :pi], i, h)
     up = unpack(p.w13[:, pi:], p.w13_scales_offsets[:, pi:], i, h)
-    return torch.cat((gate, up), 1), unpack(p.w2, p.w2_scales_offsets, h, i)
+    w13, w2 = torch.cat((gate, up), 1), unpack(p.w2, p.w2_scales_offsets, h, i)
+    if p.w13_perm is not None:      # packed column c is column w13_perm[e, c]
+        perm = p.w13_perm.long().to(w13.device)
+        w13 = torch.empty_like(w13).scatter_(2, perm[:, None, :].expand_as(w13), w13)
+    if p.inter_perm is not None:    # packed intermediate j is row / column inter_perm[e, j]
+        inter = p.inter_perm.long().to(w13.device)
+        rows = torch.cat((inter, inter + i), 1)[..., None].expand_as(w13)
+        w13 = torch.empty_like(w13).scatter_(1, rows, w13)
+        w2 = torch.empty_like(w2).scatter_(2, inter[:, None, :].expand_as(w2), w2)
+    return w13, w2
 
 
 def fused_moe_int4_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,

@@ -4,9 +4,13 @@
 // high one). Codes are unpacked in registers as in int4_gemm.cpp: fed to vdpbf16ps as bf16
 // (128 + q) on avx512_bf16 CPUs with bf16 activations, widened to fp32 FMAs otherwise. Work is
 // split over (expert, panel) so both threads stream weights even for one token and one expert.
+// Act-order experts (GPTQ desc_act) carry w13_perm: each (token, expert) row is gathered in its
+// expert's K order into the chunk's scratch before the gate_up GEMM (H values per row).
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +30,7 @@ struct MoeInt4Params {
   const float* w2_so;         // [E, ceil(H/32), G2, 2, 32]
   const float* topk_weights;  // [T * top_k]
   const int32_t* topk_ids;    // [T * top_k], each in [0, E)
+  const int32_t* w13_perm;    // [E, H] or null: packed w13 column c of expert e reads x[perm[e][c]]
   int64_t out_stride, hidden_stride;
   int64_t num_tokens, hidden_size, inter_size, top_k, num_experts;
   int64_t gs13, groups13, gs2, groups2;  // group size (even, or the whole K) and count per K
@@ -324,13 +329,41 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
     if (start[e + 1] > start[e]) active.push_back(e);
   const int64_t na = static_cast<int64_t>(active.size());
 
-  // the chunk's hidden rows in C, zero padded, and their group sums
+  // the chunk's hidden rows in C, zero padded, and their group sums; with w13_perm, each
+  // pair's row gathered in its expert's K order (xg, in expert order) and the sums of that
   std::vector<C> xin(nt * hp, to_c<C>(0.f));
-  std::vector<float> xs13(nt * p.groups13);
   const T* hidden = static_cast<const T*>(p.hidden);
   for (int64_t t = 0; t < nt; ++t)
     for (int64_t c = 0; c < h; ++c) xin[t * hp + c] = to_c<C>(to_f(hidden[(t0 + t) * p.hidden_stride + c]));
-  group_sums(xin.data(), hp, 0, nt, h, p.gs13, p.groups13, xs13.data());
+  std::vector<C> xg;
+  std::vector<float> xs13;
+  if (p.w13_perm == nullptr) {
+    xs13.resize(nt * p.groups13);
+    group_sums(xin.data(), hp, 0, nt, h, p.gs13, p.groups13, xs13.data());
+  } else {
+    xg.assign(pairs * hp, to_c<C>(0.f));
+    xs13.resize(pairs * p.groups13);
+    std::atomic<bool> bad{false};
+    at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / h), [&](int64_t b, int64_t end) {
+      for (int64_t pos = b; pos < end; ++pos) {
+        const int64_t q = order[pos];
+        const int32_t* perm = p.w13_perm + p.topk_ids[t0 * k + q] * h;
+        const C* src = xin.data() + (q / k) * hp;
+        C* dst = xg.data() + pos * hp;
+        for (int64_t c = 0; c < h; ++c) {
+          const int32_t from = perm[c];
+          if (from < 0 || from >= h) {
+            bad = true;
+            break;
+          }
+          dst[c] = src[from];
+        }
+      }
+      group_sums(xg.data(), hp, b, end, h, p.gs13, p.groups13, xs13.data());
+    });
+    TORCH_CHECK(!bad, "fused_moe_int4: w13_perm holds a column outside [0, ", h, ")");
+  }
+  const C* xrows = p.w13_perm == nullptr ? xin.data() : xg.data();
 
   // 1. inter[pos, 32q..] = act(gate) * up, pos = the pair's place in expert order
   std::vector<C> inter(pairs * ip, to_c<C>(0.f));
@@ -347,9 +380,9 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
       for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kMB) {
         const int mb = static_cast<int>(std::min<int64_t>(kMB, start[e + 1] - c0));
         for (int r = 0; r < mb; ++r) {
-          const int64_t t = order[c0 + r] / k;
-          rows[r] = xin.data() + t * hp;
-          sums[r] = xs13.data() + t * p.groups13;
+          const int64_t x = p.w13_perm == nullptr ? order[c0 + r] / k : c0 + r;  // token or pair
+          rows[r] = xrows + x * hp;
+          sums[r] = xs13.data() + x * p.groups13;
         }
         panel_rows<C>(gate, rows, sums, mb, g);
         panel_rows<C>(up, rows, sums, mb, u);
@@ -467,7 +500,8 @@ void fused_moe_int4_packed_cpu(at::Tensor& out, const at::Tensor& hidden,
                                const at::Tensor& w13_scales_offsets,
                                const at::Tensor& w2_scales_offsets, const at::Tensor& topk_weights,
                                const at::Tensor& topk_ids, int64_t inter_size, int64_t group_size,
-                               const std::string& activation) {
+                               const std::string& activation,
+                               const std::optional<at::Tensor>& w13_perm) {
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&out, &hidden, &topk_weights, &topk_ids})
     OCTAVO_CHECK_CPU(*x);
   TORCH_CHECK(hidden.dim() == 2 && out.sizes() == hidden.sizes(),
@@ -496,6 +530,14 @@ void fused_moe_int4_packed_cpu(at::Tensor& out, const at::Tensor& hidden,
   else if (activation == "gelu_tanh") act = 2;
   TORCH_CHECK(act >= 0, "fused_moe_int4: activation must be 'silu', 'gelu' or 'gelu_tanh', got '",
               activation, "'");
+  if (w13_perm.has_value()) {
+    const at::Tensor& pm = *w13_perm;
+    OCTAVO_CHECK_CPU(pm);
+    TORCH_CHECK(pm.scalar_type() == at::kInt && pm.dim() == 2 && pm.size(0) == e && pm.size(1) == h &&
+                    pm.is_contiguous(),
+                "fused_moe_int4: w13_perm must be a contiguous int32 [E, H] = [", e, ", ", h,
+                "] (ops_native.prepare_moe_int4_weights), got ", pm.scalar_type(), " ", pm.sizes());
+  }
   const cpu::DType dtype = cpu::to_dtype(hidden, "fused_moe_int4");
   if (t == 0) return;
   const int64_t k = topk_ids.size(1);
@@ -516,6 +558,7 @@ void fused_moe_int4_packed_cpu(at::Tensor& out, const at::Tensor& hidden,
   p.w2_so = w2_scales_offsets.data_ptr<float>();
   p.topk_weights = topk_weights.data_ptr<float>();
   p.topk_ids = ids;
+  p.w13_perm = w13_perm.has_value() ? w13_perm->data_ptr<int32_t>() : nullptr;
   p.out_stride = out.stride(0);
   p.hidden_stride = hidden.stride(0);
   p.num_tokens = t;

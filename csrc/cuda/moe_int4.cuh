@@ -5,6 +5,8 @@
 // each to whole panels), so act(gate) * up is formed in registers and only the activated
 // intermediate [P, I] is written; down: weighted rows of w2 @ inter per (token, expert) pair into
 // an fp32 buffer that a last kernel sums over each token's top-k (deterministic, no atomics).
+// Act-order experts (w13_perm) gather each hidden row in the expert's K order while the A tiles
+// load (element-wise instead of cp.async), so no extra buffer or launch is needed.
 #pragma once
 
 #include <cstdint>
@@ -18,10 +20,12 @@ namespace octavo::cuda {
 
 // Copies K tile `kt` of the tile's rows (rows[r], null: zeros) and of NP weight panels into stage
 // `st`: slot s < NW holds output panel p0 + s, slot NW + s its up panel (stored at + up_base).
+// perm (act order, else null): K column c of the tile is element perm[c] of each row.
 template <typename T, int NW, int NP>
 __device__ __forceinline__ void moe_i4_load_tile(const Int4GemmArgs& w, I4Smem<T, 1, NP>& sm, int st,
                                                  int64_t kt, int64_t p0, int64_t up_base,
-                                                 int64_t out_panels, const T* const* rows, bool vec16) {
+                                                 int64_t out_panels, const T* const* rows, bool vec16,
+                                                 const int32_t* perm) {
   constexpr int kThreads = kI4Warps * 32;
   const int tid = threadIdx.x;
   for (int c = tid; c < NP * kI4Rows * 2; c += kThreads) {
@@ -36,11 +40,12 @@ __device__ __forceinline__ void moe_i4_load_tile(const Int4GemmArgs& w, I4Smem<T
     const int64_t col = kt * kI4BK + 8 * ch;
     const T* src = rows[r];
     T* dst = &sm.x[st][r][8 * ch];
-    if (src != nullptr && vec16 && col + 8 <= w.k) {
+    if (src != nullptr && perm == nullptr && vec16 && col + 8 <= w.k) {
       cp_async_16(dst, src + col);
     } else {
       for (int e = 0; e < 8; ++e)
-        dst[e] = (src != nullptr && col + e < w.k) ? src[col + e] : from_float<T>(0.f);
+        dst[e] = (src != nullptr && col + e < w.k) ? src[perm != nullptr ? perm[col + e] : col + e]
+                                                   : from_float<T>(0.f);
     }
   }
 }
@@ -70,6 +75,8 @@ __global__ void __launch_bounds__(kI4Warps * 32) moe_int4_gemm_kernel(const MoeI
   const int64_t n_pairs = a.num_tokens * a.top_k, I = a.inter_size, H = a.hidden_size;
   const int64_t out_panels = kUp ? st.panels / 2 : st.panels, up_base = kUp ? st.panels / 2 : 0;
   T* inter = static_cast<T*>(a.inter);  // [P, I]
+  // act-order gate_up: the expert's K order, gathered from hidden as the tiles load
+  const int32_t* perm = kUp && a.w13_perm != nullptr ? a.w13_perm + int64_t(e) * a.hidden_size : nullptr;
   if (threadIdx.x < kMoeBlockM) {
     const int64_t r = int64_t(tile) * kMoeBlockM + threadIdx.x;
     if constexpr (kUp) {
@@ -94,7 +101,7 @@ __global__ void __launch_bounds__(kI4Warps * 32) moe_int4_gemm_kernel(const MoeI
 
   const int64_t ktiles = (st.k + kI4BK - 1) / kI4BK;
   for (int s = 0; s < kI4Stages - 1; ++s) {
-    if (s < ktiles) moe_i4_load_tile<T, NW, NP>(w, sm, s, s, p0, up_base, out_panels, rows, vec16);
+    if (s < ktiles) moe_i4_load_tile<T, NW, NP>(w, sm, s, s, p0, up_base, out_panels, rows, vec16, perm);
     cp_async_commit();
   }
   int64_t group = -1;
@@ -104,7 +111,7 @@ __global__ void __launch_bounds__(kI4Warps * 32) moe_int4_gemm_kernel(const MoeI
     const int64_t next = kt + kI4Stages - 1;
     if (next < ktiles)
       moe_i4_load_tile<T, NW, NP>(w, sm, int(next % kI4Stages), next, p0, up_base, out_panels, rows,
-                                  vec16);
+                                  vec16, perm);
     cp_async_commit();
     if (!active) continue;
     for (int s = kw; s < kI4BK / 16; s += KW) {

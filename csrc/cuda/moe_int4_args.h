@@ -45,8 +45,9 @@ inline cuda::MoeInt4Args fused_moe_int4(at::Tensor& out,                 // [T, 
                                         const at::Tensor& topk_weights,  // [T, k] fp32
                                         const at::Tensor& topk_ids,      // [T, k] int32
                                         int64_t inter_size, int64_t group_size,
-                                        const std::string& activation, at::DeviceType dev,
-                                        MoeWorkspace& ws) {
+                                        const std::string& activation,
+                                        const std::optional<at::Tensor>& w13_perm,  // int32 [E, H]
+                                        at::DeviceType dev, MoeWorkspace& ws) {
   const char* op = "fused_moe_int4_packed";
   check_2d(hidden, hidden, dev, op, "hidden");
   check_2d(out, hidden, dev, op, "out");
@@ -65,6 +66,14 @@ inline cuda::MoeInt4Args fused_moe_int4(at::Tensor& out,                 // [T, 
   TORCH_CHECK(topk_weights.device() == hidden.device() && topk_weights.sizes() == topk_ids.sizes() &&
                   topk_weights.scalar_type() == at::kFloat && topk_weights.is_contiguous(),
               op, ": topk_weights must be a contiguous float32 tensor shaped like topk_ids");
+  if (w13_perm.has_value()) {
+    const at::Tensor& pm = *w13_perm;
+    TORCH_CHECK(pm.device() == hidden.device() && pm.scalar_type() == at::kInt && pm.dim() == 2 &&
+                    pm.size(0) == e && pm.size(1) == h && pm.is_contiguous(),
+                op, ": w13_perm must be a contiguous int32 [E, H] = [", e, ", ", h, "] on ",
+                hidden.device(), " (ops_native.prepare_moe_int4_weights), got ", pm.scalar_type(),
+                " ", pm.sizes(), " on ", pm.device());
+  }
   const int64_t k = topk_ids.size(1), n = t * k;
   TORCH_CHECK(e >= 1 && e <= 65536 && k >= 1, op, ": 1 to 65536 experts and top_k >= 1");
   const int64_t p = cuda::moe_padded_len(n, e, cuda::kMoeBlockM);
@@ -82,6 +91,7 @@ inline cuda::MoeInt4Args fused_moe_int4(at::Tensor& out,                 // [T, 
   a.w2 = s2;
   a.topk_weights = topk_weights.data_ptr<float>();
   a.topk_ids = topk_ids.data_ptr<int32_t>();
+  a.w13_perm = w13_perm.has_value() ? w13_perm->data_ptr<int32_t>() : nullptr;
   a.sorted_token_ids = ws.sorted_token_ids.data_ptr<int32_t>();
   a.expert_ids = ws.expert_ids.data_ptr<int32_t>();
   a.num_tokens_post_pad = ws.num_tokens_post_pad.data_ptr<int32_t>();

@@ -23,6 +23,8 @@ struct MoeInt4Args {
   MoeInt4Stack w13, w2;
   const float* topk_weights;   // [T * k]
   const int32_t* topk_ids;     // [T * k]
+  // act order: expert e's w13 K column c reads hidden[:, w13_perm[e * H + c]]; null: in order
+  const int32_t* w13_perm;     // [E, H] or null
   // workspace from the caller, sized by shapes only
   int32_t* sorted_token_ids;   // [P]
   int32_t* expert_ids;         // [P / kMoeBlockM]

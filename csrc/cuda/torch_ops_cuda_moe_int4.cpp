@@ -16,12 +16,13 @@ void fused_moe_int4_packed_cuda(at::Tensor& out, const at::Tensor& hidden, const
                                 const at::Tensor& w2_packed, const at::Tensor& w13_scales_offsets,
                                 const at::Tensor& w2_scales_offsets, const at::Tensor& topk_weights,
                                 const at::Tensor& topk_ids, int64_t inter_size, int64_t group_size,
-                                const std::string& activation) {
+                                const std::string& activation,
+                                const std::optional<at::Tensor>& w13_perm) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   cuda_args::MoeWorkspace ws;  // allocated on the current stream (a captured graph's pool)
   const cuda::MoeInt4Args a = cuda_args::fused_moe_int4(
       out, hidden, w13_packed, w2_packed, w13_scales_offsets, w2_scales_offsets, topk_weights,
-      topk_ids, inter_size, group_size, activation, at::DeviceType::CUDA, ws);
+      topk_ids, inter_size, group_size, activation, w13_perm, at::DeviceType::CUDA, ws);
   TORCH_CHECK(cuda::launch_fused_moe_int4(a, c10::cuda::getCurrentCUDAStream()),
               "fused_moe_int4_packed: unsupported dtype");
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -14,11 +14,12 @@ void fused_moe_int4_packed(at::Tensor& out, const at::Tensor& hidden, const at::
                            const at::Tensor& w2_packed, const at::Tensor& w13_scales_offsets,
                            const at::Tensor& w2_scales_offsets, const at::Tensor& topk_weights,
                            const at::Tensor& topk_ids, int64_t inter_size, int64_t group_size,
-                           const std::string& activation) {
+                           const std::string& activation,
+                           const std::optional<at::Tensor>& w13_perm) {
   cuda_args::MoeWorkspace ws;
   const cuda::MoeInt4Args a = cuda_args::fused_moe_int4(
       out, hidden, w13_packed, w2_packed, w13_scales_offsets, w2_scales_offsets, topk_weights,
-      topk_ids, inter_size, group_size, activation, at::DeviceType::CPU, ws);
+      topk_ids, inter_size, group_size, activation, w13_perm, at::DeviceType::CPU, ws);
   // poisoned like the GPU's uninitialized memory: a read of an unwritten entry shows up as NaN
   ws.inter.fill_(NAN);
   ws.partial.fill_(NAN);
@@ -33,6 +34,6 @@ void fused_moe_int4_packed(at::Tensor& out, const at::Tensor& hidden, const at::
 TORCH_LIBRARY_FRAGMENT(octavo_simt, m) {
   m.def("fused_moe_int4_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
         "Tensor w13_scales_offsets, Tensor w2_scales_offsets, Tensor topk_weights, Tensor topk_ids, "
-        "int inter_size, int group_size, str activation) -> ()",
+        "int inter_size, int group_size, str activation, Tensor? w13_perm=None) -> ()",
         &octavo::simt_ops::fused_moe_int4_packed);
 }

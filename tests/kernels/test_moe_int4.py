@@ -2,7 +2,8 @@
 on the dequantized weights, the packed layout's round trip, then the CPU kernel (codes unpacked in
 registers inside the fused MoE loops) vs the reference: fp32 / bf16 / fp16 activations, T from 1
 to 64, idle experts, all tokens on one expert, E = 3, top-k = E, I and H off the 32-row panel and
-the group, groups of 32 / 64 / 128 / per channel, with and without zero points, with offsets; on
+the group, groups of 32 / 64 / 128 / per channel, with and without zero points, with offsets, and
+GPTQ act order (random g_idx per expert on w13, w2 or both; the reference dequantizes with it); on
 every CPU variant this machine runs."""
 import os
 import subprocess
@@ -39,9 +40,18 @@ def make_int4_moe(t, h, i, e, k, group_size, zeros=True, offsets=False, dtype=to
     return hidden, w13, w2, weights.float(), ids.to(torch.int32)
 
 
-def dequantized(stack, group_size):
+def dequantized(stack, group_size, g_idx=None):
     q, s, z, o = stack
-    return ops_native.moe_int4_dequantize(q, s, z, group_size, o)
+    return ops_native.moe_int4_dequantize(q, s, z, group_size, o, g_idx)
+
+
+def act_order_g_idx(e, k, group_size, seed=0):
+    """GPTQ act order per expert, int32 [E, K]: columns quantized in a random order, group =
+    position in that order // group_size (so each group but the last holds group_size)."""
+    gen = torch.Generator().manual_seed(seed)
+    gs, _ = ops_native.int4_groups(k, group_size)
+    return torch.stack([torch.argsort(torch.randperm(k, generator=gen)) // gs
+                        for _ in range(e)]).to(torch.int32)
 
 
 # (T, H, I, E, k, ids)
@@ -93,30 +103,72 @@ def test_packing_round_trip():
     assert p.w13[1, 2, 3, 2 * 5 + 1] == q[1, 45 + 5, 7] | (q[1, 45 + 21, 7] << 4)
 
 
-def test_act_order_g_idx_refused():
+def test_act_order_reference_vs_dense_on_dequantized_weights():
+    # the reference dequantizes each expert with its own g_idx: W[n, k] uses group g_idx[e, k]
+    hidden, w13, w2, tw, ti = make_int4_moe(7, 130, 200, 5, 2, 32, dtype=torch.float64)
+    g13, g2 = act_order_g_idx(5, 130, 32, 1), act_order_g_idx(5, 200, 32, 2)
+    out = ops_native.fused_moe_int4(hidden, *w13[:3], *w2[:3], tw, ti, 32, w13_g_idx=g13,
+                                    w2_g_idx=g2)
+    dense = dense_moe(hidden, dequantized(w13, 32, g13), dequantized(w2, 32, g2), tw, ti)
+    torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
+    q, s, z, _ = w13
+    col = 77                                        # one weight by hand: expert 3, row 5
+    g = int(g13[3, col])
+    assert dequantized(w13, 32, g13)[3, 5, col] == (q[3, 5, col].float() - z[3, 5, g]) * s[3, 5, g]
+    assert not torch.equal(dequantized(w13, 32, g13), dequantized(w13, 32))
+
+
+def test_act_order_packing_round_trip():
+    # sorted by group for the kernel (w13 columns per expert, the intermediate by w2's order);
+    # unpacking gives the experts back in the caller's order
+    _, w13, w2, _, _ = make_int4_moe(1, 70, 45, 3, 1, 16, offsets=True)
+    g13, g2 = act_order_g_idx(3, 70, 16, 3), act_order_g_idx(3, 45, 16, 4)
+    g2[1] = torch.arange(45) // 16                  # one expert in plain order
+    p = ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 16, w13[3], w2[3], g13, g2)
+    assert p.w13_perm.dtype == torch.int32 and p.w13_perm.shape == (3, 70)
+    assert torch.equal(p.w13_perm[0].long(), torch.sort(g13[0].long(), stable=True).indices)
+    assert torch.equal(p.inter_perm[1], torch.arange(45))
+    a, b = ops_native.unpack_moe_int4_weights(p)
+    torch.testing.assert_close(a, dequantized(w13, 16, g13), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b, dequantized(w2, 16, g2), rtol=1e-6, atol=1e-6)
+    # a shared [K] g_idx, and plain ones, which need no permutation
+    plain = ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 16, w13_g_idx=torch.arange(70) // 16,
+                                         w2_g_idx=torch.arange(45) // 16)
+    assert plain.w13_perm is None and plain.inter_perm is None
+    shared = ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 16, w13_g_idx=g13[2])
+    assert torch.equal(shared.w13_perm, shared.w13_perm[2].expand(3, 70))
+
+
+def test_act_order_bad_g_idx_raises():
     _, w13, w2, _, _ = make_int4_moe(1, 64, 64, 2, 1, 32)
-    plain = torch.arange(64, dtype=torch.int32) // 32
-    ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32, w13_g_idx=plain, w2_g_idx=plain)
-    shuffled = plain[torch.randperm(64)]
-    with pytest.raises(ValueError, match="act-order"):
-        ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32, w13_g_idx=shuffled)
+    lopsided = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)    # groups of 40 and 24
+    with pytest.raises(ValueError, match="w13 g_idx groups must each hold group_size"):
+        ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32, w13_g_idx=lopsided)
+    with pytest.raises(ValueError, match=r"w2 g_idx must hold group indices in \[0, 2\)"):
+        ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32, w2_g_idx=torch.full((64,), 2))
+    with pytest.raises(ValueError, match=r"w2 g_idx must be \[K\] or \[E, K\]"):
+        ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32, w2_g_idx=torch.zeros(3, 64))
 
 
-def _run(name, dtype, gs, zeros=True, offsets=False, activation="silu", stride=0):
+def _run(name, dtype, gs, zeros=True, offsets=False, activation="silu", stride=0,
+         act_order=""):
+    # act_order: "w13", "w2" or "both" stacks get a random GPTQ act order per expert
     t, h, i, e, k, ids = CASES[name]
     hidden, w13, w2, tw, ti = make_int4_moe(t, h, i, e, k, gs, zeros, offsets, dtype,
                                             seed=t + h + gs, ids=ids)
     if stride:
         hidden = torch.cat((hidden, torch.randn(t, stride).to(dtype)), 1)[:, :h]
-    prepared = ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], gs, w13[3], w2[3])
+    g13 = act_order_g_idx(e, h, gs, t) if act_order in ("w13", "both") else None
+    g2 = act_order_g_idx(e, i, gs, t + 1) if act_order in ("w2", "both") else None
+    prepared = ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], gs, w13[3], w2[3], g13, g2)
     out = ops.fused_moe_int4_prepared(hidden, prepared, tw, ti, activation)
     assert out.shape == hidden.shape and out.dtype == dtype
     exact = ops_native.fused_moe_int4(hidden.double(), *w13[:3], *w2[:3], tw, ti, gs, activation,
-                                      w13[3], w2[3])
-    native = same_precision_moe(hidden, dequantized(w13, gs).to(dtype),
-                                dequantized(w2, gs).to(dtype), tw, ti, activation)
-    assert_close_to_ref(out, native, exact,
-                        what=f"fused_moe_int4 {name} {dtype} gs={gs} zeros={zeros} offsets={offsets}")
+                                      w13[3], w2[3], g13, g2)
+    native = same_precision_moe(hidden, dequantized(w13, gs, g13).to(dtype),
+                                dequantized(w2, gs, g2).to(dtype), tw, ti, activation)
+    assert_close_to_ref(out, native, exact, what=f"fused_moe_int4 {name} {dtype} gs={gs} "
+                        f"zeros={zeros} offsets={offsets} act_order={act_order!r}")
     return out
 
 
@@ -137,6 +189,21 @@ def test_fused_moe_int4_symmetric_and_offsets(dtype, zeros, offsets):
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_fused_moe_int4_activations_fp16(activation):
     _run("two-tokens-odd-sizes", torch.float16, 32, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gs", [32, 64])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_moe_int4_act_order(name, gs, dtype):
+    # T = 1, 2, 3, 7, 7, 64; H and I off the panel and the group (last groups short)
+    _run(name, dtype, gs, act_order="both")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stacks", ["w13", "w2"])
+def test_fused_moe_int4_act_order_one_stack(stacks, dtype):
+    _run("e3-topk-equals-e", dtype, 32, act_order=stacks)
+    _run("two-tokens-odd-sizes", dtype, 16, zeros=False, offsets=True, act_order=stacks)
 
 
 def test_fused_moe_int4_strided_rows_equal_contiguous():
@@ -169,6 +236,17 @@ def test_fused_moe_int4_op_errors_and_opcheck():
         op(*args[:5], p.w2_scales_offsets[:, :, :1].contiguous(), *args[6:])
     with pytest.raises(RuntimeError, match="activation"):
         op(*args[:10], "relu")
+    # act order: the per-expert K order of w13 (int32 [E, H])
+    pa = ops.prepare_moe_int4_weights(*w13[:3], *w2[:3], 32, w13_g_idx=act_order_g_idx(4, 64, 32))
+    torch.library.opcheck(torch.ops.octavo.fused_moe_int4_packed.default,
+                          (out, hidden, pa.w13, pa.w2, pa.w13_scales_offsets, pa.w2_scales_offsets,
+                           tw, ti, 48, 32, "silu", pa.w13_perm))
+    with pytest.raises(RuntimeError, match="w13_perm must be a contiguous int32"):
+        op(*args, pa.w13_perm.long())
+    with pytest.raises(RuntimeError, match="w13_perm must be a contiguous int32"):
+        op(*args, pa.w13_perm[:3].contiguous())
+    with pytest.raises(RuntimeError, match="w13_perm holds a column outside"):
+        op(*args, pa.w13_perm + 1)
 
 
 VARIANT_SCRIPT = r"""
@@ -179,6 +257,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                      ("prefill", 128)):
         m._run(name, dtype, gs)
     m._run("all-on-one", dtype, 32, zeros=False, offsets=True)
+    m._run("prefill", dtype, 64, act_order="both")
+    m._run("one-token", dtype, 32, zeros=False, act_order="w13")
 print("ok")
 """
 

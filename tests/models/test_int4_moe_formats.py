@@ -1,12 +1,13 @@
 """4-bit MoE checkpoints: tiny Qwen3-MoE and Mixtral written here as GPTQ (AutoGPTQ / GPTQModel
 layout), AWQ (GEMM) and compressed-tensors pack-quantized W4A16 files, experts and attention
 alike (routers stay float), loaded by octavo with the experts kept in 4 bits on the INT4 MoE
-kernel and compared with transformers running the dequantized weights; quantization="int4" on a
-float MoE checkpoint (its logprob error bounded, and parity on its own dequantized weights); two
-tensor-parallel ranks equal one."""
+kernel and compared with transformers running the dequantized weights, GPTQ act order
+(desc_act) included; quantization="int4" on a float MoE checkpoint (its logprob error bounded,
+and parity on its own dequantized weights); two tensor-parallel ranks equal one."""
 import json
 import os
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -33,22 +34,26 @@ MODELS = {
 # attention, dense MLP and the experts' projections (Qwen3-MoE names, Mixtral's w1 / w3 / w2)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
            "w1", "w2", "w3")
-CASES = {   # model, format, group size, symmetric
-    "gptq-qwen3_moe-sym-g32": ("qwen3_moe", "gptq", 32, True),
-    "gptq-mixtral-asym-channel": ("mixtral", "gptq", -1, False),
-    "awq-qwen3_moe-g32": ("qwen3_moe", "awq", 32, False),
-    "awq-mixtral-channel": ("mixtral", "awq", -1, False),
-    "ct-qwen3_moe-w4a16-g32-asym": ("qwen3_moe", "compressed-tensors", 32, False),
-    "ct-mixtral-w4a16-channel": ("mixtral", "compressed-tensors", -1, True),
+CASES = {   # model, format, group size, symmetric, act order (GPTQ desc_act)
+    "gptq-qwen3_moe-sym-g32": ("qwen3_moe", "gptq", 32, True, False),
+    "gptq-mixtral-asym-channel": ("mixtral", "gptq", -1, False, False),
+    "gptq-qwen3_moe-act-order-asym-g32": ("qwen3_moe", "gptq", 32, False, True),
+    "gptq-mixtral-act-order-sym-g16": ("mixtral", "gptq", 16, True, True),
+    "awq-qwen3_moe-g32": ("qwen3_moe", "awq", 32, False, False),
+    "awq-mixtral-channel": ("mixtral", "awq", -1, False, False),
+    "ct-qwen3_moe-w4a16-g32-asym": ("qwen3_moe", "compressed-tensors", 32, False, False),
+    "ct-mixtral-w4a16-channel": ("mixtral", "compressed-tensors", -1, True, False),
 }
+# GPTQ's act order comes from the layer input's Hessian: projections that share an input share it
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "w3": "w1"}
 
 
 # ---- the writer: the dense tests' per-format quantizers and packers, over every linear ---------
 
-def _quantize_linear(t, fmt, group_size, sym):
+def _quantize_linear(t, fmt, group_size, sym, act_order=False, seed=0):
     """One [N, K] weight -> (the format's tensors by suffix, the dequantized weight)."""
     if fmt in ("gptq", "awq"):
-        q, s, z, g_idx, deq = quantize(t, group_size, sym, act_order=False)
+        q, s, z, g_idx, deq = quantize(t, group_size, sym, act_order, seed)
         return (gptq_tensors(q, s, z, g_idx) if fmt == "gptq" else awq_tensors(q, s, z)), deq
     q, s, zp, deq = ct_group(t, 4, group_size, sym)
     tensors = {"weight_packed": pack_to_int32(q, 4), "weight_scale": s,
@@ -58,9 +63,9 @@ def _quantize_linear(t, fmt, group_size, sym):
     return tensors, deq
 
 
-def quant_config(fmt, group_size, sym):
+def quant_config(fmt, group_size, sym, act_order=False):
     if fmt == "gptq":
-        return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
+        return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order,
                 "sym": sym, "checkpoint_format": "gptq"}
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
@@ -73,21 +78,23 @@ def quant_config(fmt, group_size, sym):
                                           "input_activations": None, "output_activations": None}}}
 
 
-def write_int4(src, root, fmt, group_size, sym):
+def write_int4(src, root, fmt, group_size, sym, act_order=False):
     """Write `src` as a 4-bit checkpoint and as its dequantized twin; -> (qdir, deqdir)."""
     state = load_file(os.path.join(src, "model.safetensors"))
     qstate, deq = {}, {}
     for name, t in sorted(state.items()):
         module = name.rsplit(".", 2)
         if len(module) == 3 and module[1] in LINEARS and module[2] == "weight":
-            tensors, deq[name] = _quantize_linear(t, fmt, group_size, sym)
+            seed = zlib.crc32(f"{module[0]}.{SHARED_INPUT.get(module[1], module[1])}".encode())
+            tensors, deq[name] = _quantize_linear(t, fmt, group_size, sym, act_order, seed)
             qstate.update({f"{module[0]}.{module[1]}.{k}": v for k, v in tensors.items()})
         else:
             qstate[name] = deq[name] = t
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
     dst_q, dst_deq = str(root / "q"), str(root / "deq")
-    for dst, tensors, cfg in ((dst_q, qstate, dict(config, quantization_config=quant_config(fmt, group_size, sym))),
+    qc = quant_config(fmt, group_size, sym, act_order)
+    for dst, tensors, cfg in ((dst_q, qstate, dict(config, quantization_config=qc)),
                               (dst_deq, deq, config)):
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"))
@@ -115,8 +122,9 @@ def quant_dirs(tmp_path_factory, float_dir):
 
     def make(case):
         if case not in cache:
-            model, fmt, gs, sym = CASES[case]
-            cache[case] = write_int4(float_dir(model), tmp_path_factory.mktemp(case), fmt, gs, sym)
+            model, fmt, gs, sym, act_order = CASES[case]
+            cache[case] = write_int4(float_dir(model), tmp_path_factory.mktemp(case), fmt, gs, sym,
+                                     act_order)
         return cache[case]
     return make
 
@@ -143,6 +151,15 @@ def test_writer_quantizes_experts_not_routers(quant_dirs):
     state = load_file(os.path.join(quant_dirs("ct-mixtral-w4a16-channel")[0], "model.safetensors"))
     assert state["model.layers.0.block_sparse_moe.experts.4.w2.weight_packed"].shape == (128, 80 // 8)
     assert "model.layers.0.block_sparse_moe.gate.weight" in state
+    # act order: each expert's own column order, shared by its gate and up projections
+    state = load_file(os.path.join(quant_dirs("gptq-qwen3_moe-act-order-asym-g32")[0],
+                                   "model.safetensors"))
+    g = {p: state[f"model.layers.0.mlp.experts.2.{p}.g_idx"]
+         for p in ("gate_proj", "up_proj", "down_proj")}
+    assert torch.equal(g["gate_proj"], g["up_proj"])
+    assert not torch.equal(g["gate_proj"].long(), torch.arange(128) // 32)
+    assert not torch.equal(g["down_proj"].long(), torch.arange(128) // 32)
+    assert not torch.equal(g["gate_proj"], state["model.layers.0.mlp.experts.3.gate_proj.g_idx"])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -151,7 +168,8 @@ def test_matches_transformers_on_dequantized_weights(case, quant_dirs):
     assert_matches_hf(qdir, prompts=PROMPTS[:5], max_tokens=12, reference=deq)
 
 
-@pytest.mark.parametrize("case", ["gptq-qwen3_moe-sym-g32", "ct-mixtral-w4a16-channel"])
+@pytest.mark.parametrize("case", ["gptq-qwen3_moe-sym-g32", "ct-mixtral-w4a16-channel",
+                                  "gptq-mixtral-act-order-sym-g16"])
 def test_experts_stay_4_bit(case, quant_dirs):
     from octavo.models.layers.fused_moe import FusedMoE
     from octavo.models.layers.quantization.int4_moe import Int4MoEMethod
@@ -169,6 +187,10 @@ def test_experts_stay_4_bit(case, quant_dirs):
         assert p.w13.numel() == e * 2 * (-(-i // 32) * 32) * (h // 2)
         assert p.w2.numel() == e * (-(-h // 32) * 32) * (-(-i // 2))
         assert all(t.numel() == 0 for t in (m.w13_weight, m.w2_weight))
+        # act order: the kernel's per-expert input order, nothing else kept beside the codes
+        assert (p.w13_perm is not None) == CASES[case][4]
+        assert p.w13_perm is None or (p.w13_perm.shape == (e, h) and p.w13_perm.dtype == torch.int32)
+        assert all(getattr(m, n).numel() == 0 for n in ("w13_qweight", "w2_g_idx") if hasattr(m, n))
 
 
 def _prompt_logprobs(llm, prompts):
@@ -219,7 +241,8 @@ def test_int4_at_load_matches_transformers_on_its_dequantized_weights(float_dir,
 def test_tensor_parallel_two_ranks_match_one(quant_dirs, tmp_path):
     from tp_util import one_rank_logits, two_rank_logits
 
-    cases = ["gptq-qwen3_moe-sym-g32", "ct-mixtral-w4a16-channel"]
+    # act order: each rank keeps a run of whole groups of I in w2's group order
+    cases = ["gptq-qwen3_moe-sym-g32", "ct-mixtral-w4a16-channel", "gptq-qwen3_moe-act-order-asym-g32"]
     seqs = [list(range(3, 16)), list(range(40, 61))]
     dirs = [quant_dirs(case)[0] for case in cases]
     for case, path, got in zip(cases, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
@@ -227,12 +250,72 @@ def test_tensor_parallel_two_ranks_match_one(quant_dirs, tmp_path):
                                    msg=lambda m, case=case: f"{case}: {m}")
 
 
-def test_act_order_experts_refused(float_dir, tmp_path):
-    qdir, _ = write_int4(float_dir("qwen3_moe"), tmp_path, "gptq", 32, True)
+def test_act_order_gate_and_up_must_share_g_idx(float_dir, tmp_path):
+    # GPTQ gives a gate and an up projection one act order (one input); octavo's kernel needs it
+    qdir, _ = write_int4(float_dir("qwen3_moe"), tmp_path, "gptq", 32, True, act_order=True)
     path = os.path.join(qdir, "model.safetensors")
     state = load_file(path)
     name = "model.layers.0.mlp.experts.1.up_proj.g_idx"
-    state[name] = state[name][torch.randperm(state[name].numel())].contiguous()
+    state[name] = state["model.layers.0.mlp.experts.2.up_proj.g_idx"].clone()
     save_file(state, path)
-    with pytest.raises(ValueError, match="act-order g_idx"):
+    with pytest.raises(ValueError, match="expert 1's gate and up projections have different g_idx"):
         LLM(model=qdir, kv_cache_memory=1 << 24)
+
+
+def _gptq_act_order_experts(e, h, i, gs):
+    """Random experts as GPTQ act-order tensors (checkpoint layout, by (expert, projection)) and
+    their dequantized w13 [E, 2I, H] and w2 [E, H, I]."""
+    gen = torch.Generator().manual_seed(0)
+    tensors, w13, w2 = {}, [], []
+    for x in range(e):
+        deq = {}
+        for proj, (n, k) in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+            w = torch.randn(n, k, generator=gen) / k ** 0.5
+            order_seed = 1000 * x + (2 if proj == "w2" else 1)    # gate and up share theirs
+            q, s, z, g_idx, deq[proj] = quantize(w, gs, False, True, seed=order_seed)
+            tensors[(x, proj)] = gptq_tensors(q, s, z, g_idx)
+        w13.append(torch.cat((deq["w1"], deq["w3"])))
+        w2.append(deq["w2"])
+    return tensors, torch.stack(w13), torch.stack(w2)
+
+
+def _gptq_moe_layer(tensors, e, h, i, gs, desc_act, rank=0, size=1):
+    # one FusedMoE of GPTQ experts as tensor parallel rank `rank` of `size` would load it
+    from octavo.models.layers.fused_moe import FusedMoE
+    from octavo.models.layers.parallel_state import set_tensor_parallel
+    from octavo.models.layers.quantization.gptq_awq import GPTQConfig
+
+    set_tensor_parallel(rank, size)
+    try:
+        moe = FusedMoE(e, 2, h, i)
+        moe.set_quant_method(GPTQConfig(gs, desc_act, False, False).get_moe_method("experts", moe))
+        for (x, proj), named in tensors.items():
+            for name, t in named.items():
+                p = getattr(moe, f"{'w2' if proj == 'w2' else 'w13'}_{name}")
+                p.weight_loader(p, t, (x, proj))
+        moe.process_weights_after_loading()
+    finally:
+        set_tensor_parallel(0, 1)
+    return moe
+
+
+def test_act_order_experts_shard_over_ranks_exactly():
+    # each rank keeps a run of whole groups of I in w2's group order: the ranks' partial outputs
+    # add up to one rank's, which matches the experts dequantized with their g_idx
+    e, h, i, gs = 4, 64, 128, 32
+    tensors, w13, w2 = _gptq_act_order_experts(e, h, i, gs)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, h, generator=gen)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [1, 3]], dtype=torch.int32)
+    tw = torch.rand(5, 2, generator=gen) + 0.1
+
+    def run(moe):
+        return ops.fused_moe_int4_prepared(hidden, moe._prepared, tw, ids, "silu")
+    one = run(_gptq_moe_layer(tensors, e, h, i, gs, True))
+    two = [run(_gptq_moe_layer(tensors, e, h, i, gs, True, r, 2)) for r in range(2)]
+    exact = ops_native.fused_moe(hidden.double(), w13.double(), w2.double(), tw, ids)
+    torch.testing.assert_close(one.double(), exact, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(two[0] + two[1], one, rtol=1e-4, atol=1e-5)
+    # without desc_act in the config a rank cannot know its share: a clear error
+    with pytest.raises(ValueError, match="does not declare act order"):
+        _gptq_moe_layer(tensors, e, h, i, gs, False, 1, 2)

@@ -4,7 +4,9 @@ makes for the CPU kernel, against the experts dequantized in fp64 (octavo.ops_na
 with plain PyTorch in the kernel's dtype as the error yardstick: bf16 and fp16, the decode (few
 pairs) and four-panel shapes, one token, idle experts, all pairs on one expert, E = 3 / 5 / 6,
 top_k = E, H and I off the 32-wide panel and the 64-wide K tile (odd H), group sizes 32 / 128 /
-per channel, symmetric and with zero points, offsets, the three activations, strided hidden."""
+per channel, symmetric and with zero points, offsets, the three activations, strided hidden, and
+GPTQ act order (a random g_idx per expert on w13 and w2: hidden gathered per expert as the tiles
+load, the intermediate in w2's group order)."""
 import pytest
 import torch
 
@@ -19,24 +21,30 @@ def simt():
     return simt_moe_int4_ext.load()
 
 
-def make_case(t, h, i, e, k, group_size, zeros, ids=None, offsets=False, seed=0):
-    """Random 4-bit experts (codes, scales, zeros or offsets) and routing; the fp64 experts."""
+def make_case(t, h, i, e, k, group_size, zeros, ids=None, offsets=False, seed=0, act_order=False):
+    """Random 4-bit experts (codes, scales, zeros or offsets, g_idx or None) and routing; the
+    fp64 experts. act_order: GPTQ's, group = position in a random column order // group_size."""
     g = torch.Generator().manual_seed(seed + 13 * t + 7 * h + i)
 
     def stack(n, kk):
-        _, groups = ops_native.int4_groups(kk, group_size)
+        gs, groups = ops_native.int4_groups(kk, group_size)
         q = torch.randint(0, 16, (e, n, kk), generator=g, dtype=torch.uint8)
         s = (torch.rand(e, n, groups, generator=g) + 0.5) / (4 * kk ** 0.5)
         z = torch.randint(0, 16, (e, n, groups), generator=g).float() if zeros else None
         off = -torch.rand(e, n, groups, generator=g) * s * 12 if offsets else None
-        gs, _ = ops_native.int4_groups(kk, group_size)
-        idx = torch.arange(kk) // gs
-        sd = s.double()[..., idx]
+        g_idx = torch.stack([torch.argsort(torch.randperm(kk, generator=g)) // gs
+                             for _ in range(e)]) if act_order else None
+        idx = (torch.arange(kk) // gs).expand(e, n, kk) if g_idx is None else \
+            g_idx[:, None, :].expand(e, n, kk)
+
+        def per_weight(x):          # [E, N, G] -> [E, N, K] by each column's group
+            return x.double().gather(2, idx)
+        sd = per_weight(s)
         if off is not None:
-            w = q.double() * sd + off.double()[..., idx]
+            w = q.double() * sd + per_weight(off)
         else:
-            w = (q.double() - (8.0 if z is None else z.double()[..., idx])) * sd
-        return q, s, z, off, w
+            w = (q.double() - (8.0 if z is None else per_weight(z))) * sd
+        return q, s, z, off, w, g_idx
     w13 = stack(2 * i, h)
     w2 = stack(h, i)
     hidden = torch.randn(t, h, generator=g)
@@ -47,13 +55,14 @@ def make_case(t, h, i, e, k, group_size, zeros, ids=None, offsets=False, seed=0)
 
 
 def run(simt, hidden, w13, w2, tw, ti, group_size, activation="silu"):
-    q13, s13, z13, o13, _ = w13
-    q2, s2, z2, o2, _ = w2
+    q13, s13, z13, o13, _, g13 = w13
+    q2, s2, z2, o2, _, g2 = w2
     p = ops_native.prepare_moe_int4_weights(q13, s13, z13, q2, s2, z2, group_size, w13_offsets=o13,
-                                            w2_offsets=o2)
+                                            w2_offsets=o2, w13_g_idx=g13, w2_g_idx=g2)
+    assert (p.w13_perm is not None) == (g13 is not None and group_size != -1)
     out = torch.full(hidden.shape, float("nan"), dtype=hidden.dtype)
     simt.fused_moe_int4_packed(out, hidden, p.w13, p.w2, p.w13_scales_offsets, p.w2_scales_offsets,
-                               tw, ti, p.inter_size, p.group_size, activation)
+                               tw, ti, p.inter_size, p.group_size, activation, p.w13_perm)
     return out
 
 
@@ -96,6 +105,29 @@ def test_activations_and_offsets(simt, activation):
     hidden = hidden.half()
     out = run(simt, hidden, w13, w2, tw, ti, 32, activation)
     check(out, hidden, w13, w2, tw, ti, activation, what=f"simt int4 moe offsets {activation}")
+
+
+# (T, H, I, E, top_k, group_size): T = 1, 2, 7 in the decode shape, 64 in the four-panel one
+ACT_ORDER_CASES = {
+    "one-token": (1, 64, 64, 4, 2, 32),
+    "two-tokens": (2, 96, 80, 5, 2, 32),
+    "odd-h-short-last-groups": (7, 67, 48, 5, 2, 16),
+    "four-panels": (64, 96, 72, 6, 2, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(ACT_ORDER_CASES))
+def test_act_order(simt, dtype, name):
+    t, h, i, e, k, gs = ACT_ORDER_CASES[name]
+    hidden, w13, w2, tw, ti = make_case(t, h, i, e, k, gs, dtype == torch.float16, act_order=True)
+    hidden = hidden.to(dtype)
+    out = run(simt, hidden, w13, w2, tw, ti, gs)
+    check(out, hidden, w13, w2, tw, ti, what=f"simt int4 moe act order {name} {dtype}")
+    # and so does the reference that dequantizes with g_idx (what the CPU op is tested against)
+    ref = ops_native.fused_moe_int4(hidden, *w13[:3], *w2[:3], tw, ti, gs, w13_g_idx=w13[5],
+                                    w2_g_idx=w2[5])
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.02)
 
 
 def test_strided_hidden(simt):
@@ -150,3 +182,6 @@ def test_bad_inputs_are_rejected(simt):
         simt.fused_moe_int4_packed(torch.empty_like(hb), hb, *args, 32, 8, "silu")
     with pytest.raises(RuntimeError, match="activation"):
         simt.fused_moe_int4_packed(torch.empty_like(hb), hb, *args, 32, 32, "relu")
+    with pytest.raises(RuntimeError, match="w13_perm must be a contiguous int32"):
+        simt.fused_moe_int4_packed(torch.empty_like(hb), hb, *args, 32, 32, "silu",
+                                   torch.zeros(4, 64, dtype=torch.int64))
