@@ -93,8 +93,8 @@ def weight_bytes(model: Any) -> int:
             if name in ("_parameters", "_buffers"):
                 for t in value.values():
                     add(t)
-            elif not name.startswith("_") and id(value) not in cache and "cache" not in name:
-                add(value)
+            elif id(value) not in cache and "cache" not in name:
+                add(value)         # private ones too: FusedMoE keeps its packed experts in _prepared
     return sum(seen.values())
 
 

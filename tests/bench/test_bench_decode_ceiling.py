@@ -49,3 +49,17 @@ def test_suite_runs_both_backends(tmp_path, capsys):
     assert record["octavo_tpot"] > 0 and record["hf_tpot"] > 0 and record["ceiling_tpot"] > 0
     assert len(record["octavo_tpots"]) == len(record["hf_tpots"]) == 1
     assert record["copy_gbs"] > 0 and record["read_gbs"] > 0
+
+
+
+def test_weight_memory_counts_packed_experts(tmp_path):
+    # the experts are packed at load into FusedMoE's private prepared weights: they must count
+    from octavo import LLM
+    from octavo.bench.utils import engine_weight_bytes
+    shape = dict(TINY_MOE, hidden_size=64, moe_intermediate_size=64, head_dim=16)
+    path = save_tiny_model(str(tmp_path / "moe"), "qwen3_moe", "Qwen3MoeForCausalLM",
+                           tie_word_embeddings=True, vocab_size=128, **shape)
+    total, _ = active_parameters(AutoConfig.from_pretrained(path))
+    got = engine_weight_bytes(LLM(path, dtype="bfloat16", kv_cache_memory=1 << 22).llm_engine)
+    # bf16, every weight once; the routers' 6 rows are padded to a 64-row panel (+4%)
+    assert 2 * total <= got <= 1.1 * 2 * total, (got, 2 * total)
