@@ -95,16 +95,24 @@ def build_tiny_ssm_model(path: str, arch: str, seed: int = 0, **overrides) -> st
     return save_tiny_model(path, fields.pop("model_type"), arch, seed, **fields)
 
 
-def reference_beam_search(model, prompt, width, steps):
-    """Plain-torch beam search with vLLM's rules (2*width candidates per beam, score =
-    cum_logprob / total length), no EOS (ignore_eos)."""
-    beams = [((), 0.0)]
+def reference_beam_search(model, prompt, width, steps, eos=None, length_penalty=1.0):
+    """Plain-torch beam search with vLLM's rules: 2*width candidates per beam (at most the
+    vocabulary), an EOS candidate completes its beam, score = cum_logprob /
+    len(prompt + tokens without a final EOS) ** length_penalty. The best `width` of the finished
+    and running beams, as (tokens, cum_logprob); eos=None: no EOS (ignore_eos)."""
+    def score(seq, lp):
+        n = len(prompt) + len(seq) - (1 if seq and seq[-1] == eos else 0)
+        return lp / n ** length_penalty
+
+    beams, done = [((), 0.0)], []
     for _ in range(steps):
         cands = []
         for seq, lp in beams:
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1]
-            vals, ids = torch.log_softmax(logits.float(), -1).topk(2 * width)
-            cands += [(seq + (t,), lp + v) for v, t in zip(vals.tolist(), ids.tolist())]
-        beams = sorted(cands, key=lambda b: b[1] / (len(prompt) + len(b[0])), reverse=True)[:width]
-    return beams
+            logp = torch.log_softmax(logits.float(), -1)
+            vals, ids = logp.topk(min(2 * width, logp.numel()))
+            for v, t in zip(vals.tolist(), ids.tolist()):
+                (done if t == eos else cands).append((seq + (t,), lp + v))
+        beams = sorted(cands, key=lambda b: score(*b), reverse=True)[:width]
+    return sorted(done + beams, key=lambda b: score(*b), reverse=True)[:width]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tiny_models import build_tiny_model
+from tiny_models import build_tiny_model, reference_beam_search
 from octavo import LLM, SamplingParams
 from octavo.beam_search import BeamSearchParams
 
@@ -85,26 +85,6 @@ def test_matches_exhaustive_search(llm, hf_model):
     assert [tuple(s.output_token_ids) for s in got[:10]] == [every[i] for i in top.indices[:10]]
     assert {tuple(s.output_token_ids) for s in got} == {every[i] for i in top.indices.tolist()}
     assert [s.cum_logprob for s in got] == pytest.approx(top.values.tolist(), abs=1e-4)
-
-
-def reference_beam_search(model, prompt, width, steps, eos, length_penalty=1.0):
-    """Plain-torch beam search with vLLM's rules: 2*width candidates per beam, EOS candidates
-    complete, score = cum_logprob / len(prompt + tokens without final EOS) ** penalty."""
-    def score(seq, lp):
-        n = len(prompt) + len(seq) - (1 if seq and seq[-1] == eos else 0)
-        return lp / n ** length_penalty
-    beams, done = [((), 0.0)], []
-    for _ in range(steps):
-        cands = []
-        for seq, lp in beams:
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1]
-            logp = torch.log_softmax(logits.float(), -1)
-            vals, ids = logp.topk(min(2 * width, logp.numel()))
-            for v, t in zip(vals.tolist(), ids.tolist()):
-                (done if t == eos else cands).append((seq + (t,), lp + v))
-        beams = sorted(cands, key=lambda b: score(*b), reverse=True)[:width]
-    return sorted(done + beams, key=lambda b: score(*b), reverse=True)[:width]
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5])
