@@ -27,10 +27,10 @@ def make_int4(n, k, group_size, zeros, act_order, seed=0):
     return q, scales, z, g_idx
 
 
-def _check(m, n, k, dtype, group_size, zeros, act_order, bias=False, stride=0):
+def _check(m, n, k, dtype, group_size, zeros, act_order, bias=False, stride=0, shift=0.0):
     q, s, z, g_idx = make_int4(n, k, group_size, zeros, act_order)
     gen = torch.Generator().manual_seed(m + n + k)
-    x = torch.randn(m, k + stride, generator=gen).to(dtype)[:, :k]
+    x = (torch.randn(m, k + stride, generator=gen) + shift).to(dtype)[:, :k]
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     w = ops_native.int4_prepare(q, s, z, group_size, g_idx)
     out = ops.int4_gemm_prepared(x, w, b)
@@ -49,6 +49,15 @@ def _check(m, n, k, dtype, group_size, zeros, act_order, bias=False, stride=0):
 @pytest.mark.parametrize("zeros", [False, True])
 def test_int4_gemm(dtype, m, n, k, group_size, zeros):
     _check(m, n, k, dtype, group_size, zeros, act_order=False)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16])
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+def test_int4_gemm_decode_rows(dtype, m, group_size):
+    # every decode batch size; K = 200 leaves a partial last group and a tail off the 16-wide
+    # group sums, and x with a large mean makes the zero-point term (offset * sum x) dominate
+    _check(m, 45, 200, dtype, group_size, True, act_order=False, bias=True, shift=4.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
