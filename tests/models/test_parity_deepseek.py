@@ -15,14 +15,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from octavo import LLM, SamplingParams
 from octavo.models.layers.cache_spec import PagedKVSpec, PagedLatentSpec
 from octavo.models.layers.mla import MLAAttention
 
-from tiny_models import save_tiny_model
-from parity import PROMPTS, assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
+from parity import (PROMPTS, assert_matches_hf, assert_two_ranks_match_one,
+                    assert_zeroing_changes_logits, parity_tests, tiny_model_dirs)
 
 MLA = dict(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
            v_head_dim=12)
@@ -71,57 +70,18 @@ ZEROED = {
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def _randomise_norms_and_biases(path: str, seed: int) -> None:
-    file = os.path.join(path, "model.safetensors")
-    tensors = load_file(file)
-    gen = torch.Generator().manual_seed(seed)
-    for name, t in tensors.items():
-        scale = 0.03 if name.endswith("e_score_correction_bias") else 0.2
-        if "norm" in name or name.endswith("bias"):
-            tensors[name] = t + scale * torch.randn(t.shape, generator=gen)
-    save_file(tensors, file, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    cache: dict[str, str] = {}
-
-    def make(case: str) -> str:
-        if case not in cache:
-            arch, model_type, fields = CASES[case]
-            path = str(tmp_path_factory.mktemp(case))
-            save_tiny_model(path, model_type, arch, **{**COMMON, **fields})
-            _randomise_norms_and_biases(path, seed=1)
-            cache[case] = path
-        return cache[case]
-
-    return make
+    return tiny_model_dirs(tmp_path_factory, CASES, COMMON, biases=True)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_greedy_and_logprobs_match_transformers(case, model_dirs):
-    assert_matches_hf(model_dirs(case), block_size=16)
-
-
-@pytest.mark.parametrize("case, changes", [(c, ch) for c, chs in FEATURES.items() for ch in chs],
-                         ids=lambda v: v if isinstance(v, str) else "-".join(v))
-def test_feature_changes_transformers_output(case, changes, model_dirs):
-    ids = longest_prompt_ids()
-    assert_changes_logits(hf_logits(model_dirs(case), ids),
-                          hf_logits(model_dirs(case), ids, **changes), f"{case}: {changes}")
+test_greedy_and_logprobs_match_transformers, test_feature_changes_transformers_output = \
+    parity_tests(CASES, FEATURES)
 
 
 @pytest.mark.parametrize("case", list(ZEROED))
 def test_zeroed_modules_change_transformers_output(case, model_dirs):
-    ids = longest_prompt_ids()
-    base = hf_logits(model_dirs(case), ids)
-    for part, what in ZEROED[case]:
-        model = AutoModelForCausalLM.from_pretrained(model_dirs(case), dtype=torch.float32)
-        with torch.no_grad():
-            tensors = list(model.named_parameters()) + list(model.named_buffers())
-            assert [p.zero_() for n, p in tensors if part in n], f"{case}: no {part!r}"
-            changed = model(torch.tensor([ids])).logits[0]
-        assert_changes_logits(base, changed, f"{case}: {what}")
+    assert_zeroing_changes_logits(model_dirs(case), ZEROED[case], case)
 
 
 @pytest.mark.parametrize("case", ["deepseek_v3", "deepseek_v2-lite"])
@@ -259,11 +219,5 @@ def test_deepseek_v3_shapes_cache_576_values_per_token():
 def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
     """Heads split across ranks (q_b_proj / q_proj and kv_b_proj by column, so each rank absorbs
     its own heads' W_UK / W_UV; o_proj by row), experts' intermediate size split."""
-    from tp_util import one_rank_logits, two_rank_logits
-
-    seqs = [list(range(3, 16)), list(range(40, 61))]
-    cases = ["deepseek_v2", "deepseek_v2-lite", "deepseek_v3"]
-    dirs = [model_dirs(case) for case in cases]
-    for case, path, got in zip(cases, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
-        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
-                                   msg=lambda m, case=case: f"{case}: {m}")
+    assert_two_ranks_match_one({case: model_dirs(case) for case in
+                                ["deepseek_v2", "deepseek_v2-lite", "deepseek_v3"]}, tmp_path)

@@ -10,17 +10,10 @@ give one rank's logits; the norms that span all heads (OLMo 2, Cohere's q/k norm
 """
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
 
-from octavo.models.registry import get_model_class
-
-from tiny_models import save_tiny_model
-from parity import assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
+from parity import (assert_refuses_tensor_parallelism, assert_two_ranks_match_one, parity_tests,
+                    tiny_model_dirs)
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1,
@@ -69,44 +62,13 @@ FEATURES = {
 }
 
 
-def _randomise_norms(path: str, seed: int) -> None:
-    """Give every norm weight random values (transformers initialises them to 1 or 0)."""
-    file = os.path.join(path, "model.safetensors")
-    tensors = load_file(file)
-    gen = torch.Generator().manual_seed(seed)
-    for name, t in tensors.items():
-        if "norm" in name:
-            tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
-    save_file(tensors, file, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    cache: dict[str, str] = {}
-
-    def make(case: str) -> str:
-        if case not in cache:
-            arch, model_type, fields = CASES[case]
-            path = str(tmp_path_factory.mktemp(case))
-            save_tiny_model(path, model_type, arch, **{**COMMON, **fields})
-            _randomise_norms(path, seed=1)
-            cache[case] = path
-        return cache[case]
-
-    return make
+    return tiny_model_dirs(tmp_path_factory, CASES, COMMON)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_greedy_and_logprobs_match_transformers(case, model_dirs):
-    assert_matches_hf(model_dirs(case), block_size=16)
-
-
-@pytest.mark.parametrize("case, changes", [(c, ch) for c, chs in FEATURES.items() for ch in chs],
-                         ids=lambda v: v if isinstance(v, str) else "-".join(v))
-def test_feature_changes_transformers_output(case, changes, model_dirs):
-    ids = longest_prompt_ids()
-    assert_changes_logits(hf_logits(model_dirs(case), ids),
-                          hf_logits(model_dirs(case), ids, **changes), f"{case}: {changes}")
+test_greedy_and_logprobs_match_transformers, test_feature_changes_transformers_output = \
+    parity_tests(CASES, FEATURES)
 
 
 # Heads split across ranks under soft-cap and sandwich norms, per-head q/k norm, GPT-J partial
@@ -115,23 +77,9 @@ TP_CASES = ["gemma2", "gemma3", "glm4", "cohere"]
 
 
 def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
-    from tp_util import one_rank_logits, two_rank_logits
-
-    seqs = [list(range(3, 16)), list(range(40, 61))]  # longer than the sliding window of 8
-    dirs = [model_dirs(case) for case in TP_CASES]
-    for case, path, got in zip(TP_CASES, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
-        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
-                                   msg=lambda m, case=case: f"{case}: {m}")
+    assert_two_ranks_match_one({case: model_dirs(case) for case in TP_CASES}, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["olmo2", "cohere-qk-norm"])
 def test_norms_across_heads_refuse_tensor_parallelism(case, model_dirs):
-    from octavo.models.layers.parallel_state import set_tensor_parallel
-
-    config = AutoConfig.from_pretrained(model_dirs(case))
-    set_tensor_parallel(0, 2)
-    try:
-        with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-            get_model_class(config)(config)
-    finally:
-        set_tensor_parallel(0, 1)
+    assert_refuses_tensor_parallelism(model_dirs(case))

@@ -24,9 +24,9 @@ from octavo.models.layers.fused_moe import FusedMoE
 from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
 
-from tiny_models import save_tiny_model
-from parity import (assert_changes_logits, assert_matches_hf, hf_logits, logits,
-                    longest_prompt_ids)
+from parity import (assert_changes_logits, assert_refuses_tensor_parallelism,
+                    assert_two_ranks_match_one, assert_zeroing_changes_logits, hf_logits, logits,
+                    longest_prompt_ids, parity_tests, tiny_model_dirs)
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1,
@@ -127,62 +127,19 @@ ZEROED = {
 }
 
 
-def _randomise_norms_and_biases(path: str, seed: int) -> None:
-    """Give norm weights and biases random values (transformers initialises them to 1 or 0)."""
-    file = os.path.join(path, "model.safetensors")
-    tensors = load_file(file)
-    gen = torch.Generator().manual_seed(seed)
-    for name, t in tensors.items():
-        # a score-correction bias as large as the other biases would pick the same experts for
-        # every token; a small one still changes some choices
-        scale = 0.03 if name.endswith("e_score_correction_bias") else 0.2
-        if "norm" in name or name.endswith("bias"):
-            tensors[name] = t + scale * torch.randn(t.shape, generator=gen)
-    save_file(tensors, file, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    cache: dict[str, str] = {}
-
-    def make(case: str) -> str:
-        if case not in cache:
-            arch, model_type, fields = CASES[case]
-            path = str(tmp_path_factory.mktemp(case))
-            base = {} if model_type == "dbrx" else COMMON
-            save_tiny_model(path, model_type, arch, **{**base, **fields})
-            _randomise_norms_and_biases(path, seed=1)
-            cache[case] = path
-        return cache[case]
-
-    return make
+    # norms and biases randomised; DBRX's config names its fields itself and takes none of COMMON
+    return tiny_model_dirs(tmp_path_factory, CASES, COMMON, biases=True, bare=("dbrx",))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_greedy_and_logprobs_match_transformers(case, model_dirs):
-    assert_matches_hf(model_dirs(case), block_size=16)
-
-
-@pytest.mark.parametrize("case, changes", [(c, ch) for c, chs in FEATURES.items() for ch in chs],
-                         ids=lambda v: v if isinstance(v, str) else "-".join(v))
-def test_feature_changes_transformers_output(case, changes, model_dirs):
-    ids = longest_prompt_ids()
-    assert_changes_logits(hf_logits(model_dirs(case), ids),
-                          hf_logits(model_dirs(case), ids, **changes), f"{case}: {changes}")
+test_greedy_and_logprobs_match_transformers, test_feature_changes_transformers_output = \
+    parity_tests(CASES, FEATURES)
 
 
 @pytest.mark.parametrize("case", list(ZEROED))
-def test_zeroed_modules_change_transformers_output(case, model_dirs, tmp_path):
-    ids = longest_prompt_ids()
-    base = hf_logits(model_dirs(case), ids)
-    for part, what in ZEROED[case]:
-        model = AutoModelForCausalLM.from_pretrained(model_dirs(case), dtype=torch.float32)
-        with torch.no_grad():
-            tensors = list(model.named_parameters()) + list(model.named_buffers())
-            hit = [p.zero_() for n, p in tensors if part in n]
-            assert hit, f"{case}: no parameter named like {part!r}"
-            changed = model(torch.tensor([ids])).logits[0]
-        assert_changes_logits(base, changed, f"{case}: {what}")
+def test_zeroed_modules_change_transformers_output(case, model_dirs):
+    assert_zeroing_changes_logits(model_dirs(case), ZEROED[case], case)
 
 
 @pytest.mark.parametrize("case, sub, changes", [
@@ -347,23 +304,9 @@ TP_CASES = ["mixtral-sliding-top3", "qwen2_moe", "granitemoeshared", "dbrx", "gl
 
 
 def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
-    from tp_util import one_rank_logits, two_rank_logits
-
-    seqs = [list(range(3, 16)), list(range(40, 61))]
-    dirs = [model_dirs(case) for case in TP_CASES]
-    for case, path, got in zip(TP_CASES, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
-        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
-                                   msg=lambda m, case=case: f"{case}: {m}")
+    assert_two_ranks_match_one({case: model_dirs(case) for case in TP_CASES}, tmp_path)
 
 
 def test_olmoe_refuses_tensor_parallelism(model_dirs):
     """OLMoE's q/k norm spans all heads, which two ranks would split."""
-    from octavo.models.layers.parallel_state import set_tensor_parallel
-
-    config = AutoConfig.from_pretrained(model_dirs("olmoe"))
-    set_tensor_parallel(0, 2)
-    try:
-        with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-            get_model_class(config)(config)
-    finally:
-        set_tensor_parallel(0, 1)
+    assert_refuses_tensor_parallelism(model_dirs("olmoe"))

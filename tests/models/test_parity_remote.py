@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 from tiny_models import save_tiny_model
-from parity import assert_changes_logits, assert_matches_hf, logits, longest_prompt_ids
+from parity import (assert_changes_logits, assert_matches_hf, assert_two_ranks_match_one, logits,
+                    longest_prompt_ids, per_case, randomise_norms)
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, INTER = 64, 4, 2, 16, 4, 128
 COMMON = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
@@ -274,11 +275,7 @@ def _reference(case: Case, ref_dir: str, alibi: bool | None = None, **changes):
 
 
 # ---------------------------------------------------------------- building the directories
-def _randomise_norms(tensors: dict, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for name, t in tensors.items():
-        if "norm" in name:
-            tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
+_randomise_norms = randomise_norms  # the name the other remote-code parity modules import
 
 
 REF_ARCH = {"llama": "LlamaForCausalLM", "granite": "GraniteForCausalLM", "glm": "GlmForCausalLM"}
@@ -302,34 +299,32 @@ def build_case(name: str, root: str) -> tuple[str, str]:
     save_tiny_model(ref_dir, case.ref_type, REF_ARCH[case.ref_type], **{**COMMON, **case.ref_fields})
     file = os.path.join(ref_dir, "model.safetensors")
     tensors = load_file(file)
-    _randomise_norms(tensors, seed=1)
+    randomise_norms(tensors, seed=1)
     if case.edit_reference:
         case.edit_reference(tensors)
     save_file(tensors, file, metadata={"format": "pt"})
-    os.makedirs(remote_dir)
-    remote = case.convert(tensors) if case.convert else dict(tensors)
-    save_file(remote, os.path.join(remote_dir, "model.safetensors"), metadata={"format": "pt"})
-    config = _remote_config(case, AutoConfig.from_pretrained(ref_dir).vocab_size)
-    with open(os.path.join(remote_dir, "config.json"), "w") as f:
+    write_remote(remote_dir, ref_dir, case.convert(tensors) if case.convert else dict(tensors),
+                 _remote_config(case, AutoConfig.from_pretrained(ref_dir).vocab_size))
+    return ref_dir, remote_dir
+
+
+def write_remote(path: str, ref_dir: str, tensors: dict, config: dict) -> None:
+    """A remote-code checkpoint directory: the tensors, config.json with an auto_map to a minimal
+    configuration class (written beside it) and the reference's tokenizer files."""
+    os.makedirs(path)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    with open(os.path.join(remote_dir, "configuration_remote.py"), "w") as f:
-        f.write(CONFIG_PY.format(model_type=case.model_type))
+    with open(os.path.join(path, "configuration_remote.py"), "w") as f:
+        f.write(CONFIG_PY.format(model_type=config["model_type"]))
     for name in os.listdir(ref_dir):
         if name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(os.path.join(ref_dir, name), remote_dir)
-    return ref_dir, remote_dir
+            shutil.copy(os.path.join(ref_dir, name), path)
 
 
 @pytest.fixture(scope="module")
 def case_dirs(tmp_path_factory):
-    cache: dict[str, tuple[str, str]] = {}
-
-    def make(name: str) -> tuple[str, str]:
-        if name not in cache:
-            cache[name] = build_case(name, str(tmp_path_factory.mktemp(name)))
-        return cache[name]
-
-    return make
+    return per_case(tmp_path_factory, build_case)
 
 
 # ---------------------------------------------------------------- tests
@@ -404,10 +399,4 @@ TP_CASES = ["internlm2", "baichuan2-13b", "chatglm", "chatglm-mha"]
 
 
 def test_tensor_parallel_two_ranks_match_one(case_dirs, tmp_path):
-    from tp_util import one_rank_logits, two_rank_logits
-
-    seqs = [list(range(3, 16)), list(range(40, 61))]
-    dirs = [case_dirs(name)[1] for name in TP_CASES]
-    for name, path, got in zip(TP_CASES, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
-        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_two_ranks_match_one({name: case_dirs(name)[1] for name in TP_CASES}, tmp_path)

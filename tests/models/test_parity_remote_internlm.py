@@ -9,9 +9,7 @@ shows the biases and the rotary base matter.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -19,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tiny_models import save_tiny_model
-from parity import assert_changes_logits, assert_matches_hf, logits, longest_prompt_ids
-from test_parity_remote import COMMON, CONFIG_PY, HEADS, LLAMA_FIELDS, _randomise_norms
+from parity import (assert_changes_logits, assert_matches_hf, assert_two_ranks_match_one, logits,
+                    longest_prompt_ids, per_case, randomise_norms)
+from test_parity_remote import COMMON, HEADS, LLAMA_FIELDS, write_remote
 
 ARCHITECTURES = ["InternLMForCausalLM"]
 
@@ -48,35 +47,20 @@ def build_case(name: str, root: str) -> tuple[str, str]:
                     **{**COMMON, "num_key_value_heads": HEADS, **ref_fields})
     file = os.path.join(ref_dir, "model.safetensors")
     tensors = load_file(file)
-    _randomise_norms(tensors, seed=1)
+    randomise_norms(tensors, seed=1)
     randomise_biases(tensors, seed=2)
     save_file(tensors, file, metadata={"format": "pt"})
-    os.makedirs(remote)
-    shutil.copy(file, remote)
     config = {k: COMMON[k] for k in LLAMA_FIELDS if k in COMMON and k != "num_key_value_heads"}
     config.update(fields, vocab_size=AutoConfig.from_pretrained(ref_dir).vocab_size,
                   architectures=["InternLMForCausalLM"], model_type="internlm",
                   auto_map={"AutoConfig": "configuration_remote.RemoteConfig"})
-    with open(os.path.join(remote, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(remote, "configuration_remote.py"), "w") as f:
-        f.write(CONFIG_PY.format(model_type="internlm"))
-    for entry in os.listdir(ref_dir):
-        if entry.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(os.path.join(ref_dir, entry), remote)
+    write_remote(remote, ref_dir, tensors, config)  # Llama's tensor names, as is
     return ref_dir, remote
 
 
 @pytest.fixture(scope="module")
 def case_dirs(tmp_path_factory):
-    cache: dict[str, tuple[str, str]] = {}
-
-    def make(name: str) -> tuple[str, str]:
-        if name not in cache:
-            cache[name] = build_case(name, str(tmp_path_factory.mktemp(name)))
-        return cache[name]
-
-    return make
+    return per_case(tmp_path_factory, build_case)
 
 
 def _reference(ref_dir: str, zero_biases: bool = False, **changes):
@@ -119,9 +103,4 @@ def test_unknown_rotary_type_is_refused():
 
 def test_tensor_parallel_two_ranks_match_one(case_dirs, tmp_path):
     """Per-head q/k/v biases split with their heads; o_proj's bias added once after the reduce."""
-    from tp_util import one_rank_logits, two_rank_logits
-
-    seqs = [list(range(3, 16)), list(range(40, 61))]
-    path = case_dirs("internlm")[1]
-    got, = two_rank_logits([path], seqs, str(tmp_path))
-    torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0)
+    assert_two_ranks_match_one({"internlm": case_dirs("internlm")[1]}, tmp_path)

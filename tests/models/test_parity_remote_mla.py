@@ -8,14 +8,11 @@ both the short and the long table are used (and a sequence grows past it while d
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from tiny_models import save_tiny_model
-from parity import assert_changes_logits, assert_matches_hf, hf_logits, longest_prompt_ids
+from parity import assert_two_ranks_match_one, parity_tests, tiny_model_dirs
 
 ROPE_DIM = 8
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -44,46 +41,15 @@ FEATURES = {
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    cache: dict[str, str] = {}
-
-    def make(case: str) -> str:
-        if case not in cache:
-            path = str(tmp_path_factory.mktemp(case))
-            save_tiny_model(path, "minicpm3", "MiniCPM3ForCausalLM", **{**COMMON, **CASES[case]})
-            file = os.path.join(path, "model.safetensors")
-            tensors = load_file(file)  # norms start at 1: randomise them so a misplaced one shows
-            gen = torch.Generator().manual_seed(1)
-            for name, t in tensors.items():
-                if "norm" in name:
-                    tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
-            save_file(tensors, file, metadata={"format": "pt"})
-            cache[case] = path
-        return cache[case]
-
-    return make
+    cases = {case: ("MiniCPM3ForCausalLM", "minicpm3", fields) for case, fields in CASES.items()}
+    return tiny_model_dirs(tmp_path_factory, cases, COMMON)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_greedy_and_logprobs_match_transformers(case, model_dirs):
-    assert_matches_hf(model_dirs(case), block_size=16)
-
-
-@pytest.mark.parametrize("case, changes", [(c, ch) for c, chs in FEATURES.items() for ch in chs],
-                         ids=lambda v: v if isinstance(v, str) else "-".join(v))
-def test_feature_changes_transformers_output(case, changes, model_dirs):
-    ids = longest_prompt_ids()
-    assert_changes_logits(hf_logits(model_dirs(case), ids),
-                          hf_logits(model_dirs(case), ids, **changes), f"{case}: {changes}")
+test_greedy_and_logprobs_match_transformers, test_feature_changes_transformers_output = \
+    parity_tests(CASES, FEATURES)
 
 
 def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
     """Heads split across ranks: q_b_proj / q_proj and kv_b_proj by column, o_proj by row, the
     latent projections replicated."""
-    from tp_util import one_rank_logits, two_rank_logits
-
-    seqs = [list(range(3, 16)), list(range(40, 61))]   # the second is past LongRoPE's 24
-    cases = ["minicpm3", "minicpm3-no-q-lora", "minicpm3-longrope"]
-    dirs = [model_dirs(case) for case in cases]
-    for case, path, got in zip(cases, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):
-        torch.testing.assert_close(got, one_rank_logits(path, seqs), atol=1e-4, rtol=0,
-                                   msg=lambda m, case=case: f"{case}: {m}")
+    assert_two_ranks_match_one({case: model_dirs(case) for case in CASES}, tmp_path)
