@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from test_gguf_archs import write_arch_gguf
 from test_gguf_quantized import quantize_k
 from tiny_models import TINY_COMMON
 from tokenizer_util import make_tokenizer
+from tp_util import run_two_ranks
 
 from octavo import LLM, SamplingParams, ops, ops_native
 
@@ -279,20 +277,8 @@ def test_tensor_parallel_two_ranks_match_one(gguf_file, tmp_path):
     torch.save(seqs, tmp_path / "seqs.pt")
     worker = tmp_path / "worker.py"
     worker.write_text(_TP_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(worker), os.path.dirname(__file__), str(tmp_path / "seqs.pt"),
-             str(tmp_path / "out.pt"), *paths],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-3000:]
+    run_two_ranks(worker, [os.path.dirname(__file__), tmp_path / "seqs.pt", tmp_path / "out.pt",
+                           *paths], timeout=600)
     for path, (got, methods) in zip(paths, torch.load(tmp_path / "out.pt")):
         assert methods == ["GGUFInt4MoEMethod"] * 2, methods
         one, _ = gguf_logits(path, seqs)

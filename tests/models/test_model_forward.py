@@ -242,9 +242,7 @@ dist.destroy_process_group()
 def test_tensor_parallel_two_ranks_match_one(name, tmp_path, tmp_path_factory):
     """Two gloo ranks (heads, MLP and vocab split; kv heads split) give one rank's logits."""
     import os
-    import socket
-    import subprocess
-    import sys
+    from tp_util import run_two_ranks
     hf, model, model_dir = _build_pair(name, tmp_path_factory)
     seqs = _sequences(hf.config.vocab_size, [9, 14], seed=8)
     torch.save(seqs, tmp_path / "seqs.pt")
@@ -252,18 +250,6 @@ def test_tensor_parallel_two_ranks_match_one(name, tmp_path, tmp_path_factory):
     want = torch.cat([runner.step([(i, s[:-1]) for i, s in enumerate(seqs)]),
                       runner.step([(i, s[-1:]) for i, s in enumerate(seqs)])])
     (tmp_path / "worker.py").write_text(_TP_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "worker.py"), os.path.dirname(__file__),
-             str(model_dir), str(tmp_path / "seqs.pt"), str(tmp_path / "out.pt")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out[-3000:]
+    run_two_ranks(tmp_path / "worker.py", [os.path.dirname(__file__), model_dir,
+                                           tmp_path / "seqs.pt", tmp_path / "out.pt"], timeout=120)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=ATOL, rtol=0)

@@ -116,12 +116,10 @@ TP_CASES = ["gpt2", "bloom-6-heads-residual-post-norm", "gpt-bigcode-mqa",
 
 def test_tensor_parallel_two_ranks_match_one(tmp_path):
     import os
-    import socket
-    import subprocess
-    import sys
 
     import torch
     from test_model_forward import MiniRunner
+    from tp_util import run_two_ranks
     from transformers import AutoConfig
 
     from octavo.models.loader import load_weights
@@ -141,20 +139,8 @@ def test_tensor_parallel_two_ranks_match_one(tmp_path):
                                 runner.step([(j, s[-1:]) for j, s in enumerate(seqs)])]))
         dirs.append(path)
     (tmp_path / "worker.py").write_text(_TP_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "worker.py"), os.path.dirname(__file__),
-             str(tmp_path / "seqs.pt"), *dirs],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, out[-3000:]
+    run_two_ranks(tmp_path / "worker.py", [os.path.dirname(__file__), tmp_path / "seqs.pt", *dirs],
+                  timeout=180)
     for i, (case, want) in enumerate(zip(TP_CASES, wants)):
         got = torch.load(tmp_path / f"out{i}.pt")
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{case}: {m}")

@@ -48,11 +48,9 @@ def one_rank_logits(model_dir: str, seqs: list[list[int]]) -> torch.Tensor:
                       runner.step([(j, s[-1:]) for j, s in enumerate(seqs)])])
 
 
-def two_rank_logits(model_dirs: list[str], seqs: list[list[int]], workdir: str) -> list[torch.Tensor]:
-    torch.save(seqs, os.path.join(workdir, "seqs.pt"))
-    worker = os.path.join(workdir, "tp_worker.py")
-    with open(worker, "w") as f:
-        f.write(_WORKER)
+def run_two_ranks(script: str, args: list[str], timeout: float = 300) -> None:
+    """Runs `python script *args` as ranks 0 and 1 of a torch.distributed world of two (env://
+    on a free local port, one thread each) and asserts that both exit cleanly."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,10 +58,17 @@ def two_rank_logits(model_dirs: list[str], seqs: list[list[int]], workdir: str) 
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, worker, os.path.dirname(__file__), workdir, *model_dirs],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
-        out, _ = p.communicate(timeout=300)
+        out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out[-3000:]
+
+
+def two_rank_logits(model_dirs: list[str], seqs: list[list[int]], workdir: str) -> list[torch.Tensor]:
+    torch.save(seqs, os.path.join(workdir, "seqs.pt"))
+    worker = os.path.join(workdir, "tp_worker.py")
+    with open(worker, "w") as f:
+        f.write(_WORKER)
+    run_two_ranks(worker, [os.path.dirname(__file__), workdir, *model_dirs])
     return [torch.load(os.path.join(workdir, f"out{i}.pt")) for i in range(len(model_dirs))]
