@@ -161,11 +161,22 @@ def assert_matches_w8a8(qdir, reference, deq_dir, **llm_kwargs):
     from transformers import AutoModelForCausalLM
     outs = LLM(model=qdir, dtype="float32", kv_cache_memory=1 << 24, **llm_kwargs).generate(
         PROMPTS[:5], SamplingParams(temperature=0, max_tokens=12, logprobs=10), use_tqdm=False)
+    compared = 0
     for out, (tokens, logprobs) in zip(outs, hf_greedy(reference, [o.prompt_token_ids for o in outs], 12)):
-        assert out.outputs[0].token_ids == tokens
-        for entry, lp in zip(out.outputs[0].logprobs, logprobs):
+        for i, (ours, theirs, entry, lp) in enumerate(zip(out.outputs[0].token_ids, tokens,
+                                                          out.outputs[0].logprobs, logprobs)):
+            if ours != theirs:
+                # Rounding activations to e4m3 (3 mantissa bits) turns a change in the last bits
+                # of a sum (another CPU's summation order) into logprob moves up to the tolerance,
+                # so a near tie may flip: allowed only where the reference itself ranks the two
+                # tokens within the tolerance; the continuations differ from there on.
+                gap = lp[theirs].item() - lp[ours].item()
+                assert gap <= W8A8_DECODE_ATOL and theirs in entry, (i, ours, theirs, gap)
+                break
+            compared += 1
             for t in lp.topk(3).indices.tolist():   # ranks 4-5 may trade places within the noise
                 assert entry[t].logprob == pytest.approx(lp[t].item(), abs=W8A8_DECODE_ATOL)
+    assert compared >= 0.75 * 12 * len(outs), compared       # near ties are the exception
     weight_only = AutoModelForCausalLM.from_pretrained(deq_dir, dtype=torch.float32).eval()
     err, err_weight_only = _prompt_logprob_errors(qdir, [reference, weight_only], PROMPTS, **llm_kwargs)
     assert err < W8A8_PROMPT_ATOL and 2 * err < err_weight_only, (err, err_weight_only)
