@@ -7,7 +7,14 @@
 #include <optional>
 #include <string>
 
+namespace torch {
+class Library;
+}
+
 namespace octavo {
+
+// registers the octavo.DecoderPlan class (csrc/cpu/decoder_plan.cpp) on the library
+void register_decoder_plan(torch::Library& m);
 
 // ---- CPU (csrc/cpu/*.cpp) ----
 void rms_norm_cpu(at::Tensor& out,           // [T, H]

@@ -90,6 +90,8 @@ void rejection_sample_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
 }  // namespace
 
 TORCH_LIBRARY(octavo, m) {
+  // octavo.DecoderPlan: the Llama-family decoder stack run from C++ on CPU (csrc/cpu/decoder_plan.cpp)
+  octavo::register_decoder_plan(m);
   // out = x / rms(x) * weight, rows of x [T, H]
   m.def("rms_norm(Tensor! out, Tensor x, Tensor weight, float eps) -> ()");
   // residual <- x + residual; x <- rms_norm(residual) * weight (both in place)

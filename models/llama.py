@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from octavo.models.layers.activation import get_gated_activation
+from octavo.models.layers import decoder_plan
 from octavo.models.layers.attention import Attention, AttentionMetadata
 from octavo.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from octavo.models.layers.layernorm import RMSNorm
@@ -190,12 +191,17 @@ class LlamaModel(nn.Module):
         if self.longrope is not None:
             positions = self.longrope.rope_positions(positions, attn_metadata.query_start_loc,
                                                      attn_metadata.seq_lens)
+        plan = decoder_plan.plan_for(self, positions)
+        md = attn_metadata
         return run_stage(
             self.layers, intermediate,
             embed=lambda: (self.family.scale_embeddings(self.config, self.embed_tokens(input_ids)),
                            None),
             step=lambda layer, state: layer(positions, *state, attn_metadata),
-            finish=lambda state: add_and_norm(self.norm, *state)[0])
+            finish=lambda state: add_and_norm(self.norm, *state)[0],
+            all_layers=None if plan is None else lambda state: plan.run(
+                *state, positions, md.slot_mapping, md.query_start_loc, md.seq_lens,
+                md.block_table))
 
 
 class LlamaForCausalLM(nn.Module):

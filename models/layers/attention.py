@@ -52,8 +52,12 @@ class Attention(CustomOp, CacheLayer):
     def cache_spec(self) -> PagedKVSpec:
         return PagedKVSpec(self.num_kv_heads, self.head_size)
 
+    # counts bind_cache calls over all layers: what holds the caches (decoder_plan.py) rebuilds
+    cache_bindings: int = 0
+
     def bind_cache(self, caches: tuple[torch.Tensor, ...] | None) -> None:
         self.k_cache, self.v_cache = caches if caches is not None else (None, None)
+        Attention.cache_bindings += 1
 
     def _forward(self, impl, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:
         # q: [T, Hq*hd]; k, v: [T, Hk*hd] (views of a fused qkv are fine) -> [T, Hq*hd].

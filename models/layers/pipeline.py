@@ -49,13 +49,18 @@ def is_last_stage() -> bool:
 
 def run_stage(layers: StageLayers, intermediate: State | None, embed: Callable[[], State],
               step: Callable[[nn.Module, State], State],
-              finish: Callable[[State], torch.Tensor]) -> torch.Tensor | State:
+              finish: Callable[[State], torch.Tensor],
+              all_layers: Callable[[State], State] | None = None) -> torch.Tensor | State:
     """One pipeline stage's forward: the first stage starts from embed() (the others from the
-    previous stage's state), each held layer maps the state with step(layer, state); the last
-    stage returns finish(state) (final norm -> hidden [T, hidden]), the others the state."""
+    previous stage's state), each held layer maps the state with step(layer, state), or
+    all_layers(state) maps it through all of them at once (decoder_plan.py); the last stage
+    returns finish(state) (final norm -> hidden [T, hidden]), the others the state."""
     state = embed() if intermediate is None else tuple(intermediate)
-    for layer in layers.held():
-        state = step(layer, state)
+    if all_layers is not None:
+        state = tuple(all_layers(state))
+    else:
+        for layer in layers.held():
+            state = step(layer, state)
     return finish(state) if layers.is_last_stage else state
 
 

@@ -1,0 +1,289 @@
+// The CPU decoder stack run from C++ (octavo.DecoderPlan): the Llama-family layer (pre-norm
+// attention, then a gated MLP or a top-k MoE) over the layers a model holds, calling the CPU
+// kernels directly. A decode step runs hundreds of small ops; from Python each costs a module
+// call, argument checks and a dispatcher trip, which on a 2-core CPU was a quarter of a MoE
+// step. The plan runs the same kernels, on the same inputs, in the same order as the Python
+// layers (models/llama.py, models/layers/*), so its results are bit-identical to theirs;
+// models/layers/decoder_plan.py decides which layers qualify and builds it from their modules.
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+// a profiler scope named like the op it times (octavo bench latency --profile sorts by name);
+// costs a flag test when no profiler runs
+#define OCTAVO_RECORD(name) \
+  RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{})
+
+namespace octavo {
+namespace {
+
+using TensorDict = c10::Dict<std::string, at::Tensor>;
+using IntDict = c10::Dict<std::string, int64_t>;
+using FloatDict = c10::Dict<std::string, double>;
+using StrDict = c10::Dict<std::string, std::string>;
+
+std::optional<at::Tensor> opt(const TensorDict& d, const char* key) {
+  auto it = d.find(key);
+  return it == d.end() ? std::nullopt : std::optional<at::Tensor>(it->value());
+}
+
+at::Tensor need(const TensorDict& d, const char* key) {
+  auto it = d.find(key);
+  TORCH_CHECK(it != d.end(), "DecoderPlan: layer is missing tensor '", key, "'");
+  return it->value();
+}
+
+template <typename D>
+auto need_value(const D& d, const char* key) {
+  auto it = d.find(key);
+  TORCH_CHECK(it != d.end(), "DecoderPlan: layer is missing '", key, "'");
+  return it->value();
+}
+
+// A bf16 weight [n, K] packed by pack_linear_panels, with its optional bias.
+struct Linear {
+  at::Tensor packed;
+  int64_t n = 0;
+  std::optional<at::Tensor> bias;
+
+  // models/layers/cpu_gemm.linear for a 2-D input with a unit last stride
+  at::Tensor operator()(const at::Tensor& x) const {
+    OCTAVO_RECORD("octavo::linear_packed");
+    at::Tensor out = at::empty({x.size(0), n}, x.options());
+    linear_packed_cpu(out, x.stride(-1) == 1 ? x : x.contiguous(), packed, bias);
+    return out;
+  }
+};
+
+Linear linear_of(const TensorDict& t, const IntDict& i, const std::string& name) {
+  Linear l;
+  l.packed = need(t, (name + ".packed").c_str());
+  l.n = need_value(i, (name + ".n").c_str());
+  l.bias = opt(t, (name + ".bias").c_str());
+  return l;
+}
+
+// The gated MLP: down(act(gate_up(x))).
+struct Mlp {
+  Linear gate_up, down;
+  std::string act;  // "silu" | "gelu" | "gelu_tanh"
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    at::Tensor gu = gate_up(x);
+    at::Tensor a = at::empty({gu.size(0), gu.size(1) / 2}, gu.options());
+    {
+      OCTAVO_RECORD("octavo::act_and_mul");
+      if (act == "silu") {
+        silu_and_mul_cpu(a, gu);
+      } else {
+        gelu_and_mul_cpu(a, gu, act == "gelu_tanh" ? "tanh" : "none");
+      }
+    }
+    return down(a);
+  }
+};
+
+Mlp mlp_of(const TensorDict& t, const IntDict& i, const StrDict& s, const std::string& prefix) {
+  return Mlp{linear_of(t, i, prefix + "gate_up"), linear_of(t, i, prefix + "down"),
+             need_value(s, (prefix + "act").c_str())};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  OCTAVO_RECORD("octavo::rms_norm");
+  at::Tensor out = at::empty_like(x);
+  rms_norm_cpu(out, x, w, eps);
+  return out;
+}
+
+struct Layer {
+  at::Tensor in_norm, post_norm;
+  double in_eps = 0, post_eps = 0;
+  // attention
+  Linear qkv, o;
+  int64_t q_size = 0, kv_size = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  std::optional<at::Tensor> q_norm, k_norm;
+  double qk_eps = 0;
+  std::optional<at::Tensor> cos_sin;
+  bool neox = true;
+  mutable at::Tensor k_cache, v_cache;  // written through by reshape_and_cache
+  double scale = 1, soft_cap = 0;
+  int64_t window = 0;
+  // MLP: dense, or router + experts (+ a shared expert, optionally gated)
+  bool moe = false;
+  Mlp mlp;
+  Linear router;
+  int64_t top_k = 1, n_group = 1, topk_group = 1, inter = 0;
+  bool renormalize = true;
+  std::string scoring, group_score, moe_act;
+  double routed_scaling = 1;
+  std::optional<at::Tensor> score_bias;
+  at::Tensor w13, w2;
+  bool has_shared = false;
+  Mlp shared;
+  std::optional<Linear> shared_gate;
+
+  at::Tensor attention(const at::Tensor& h, const at::Tensor& positions, const at::Tensor& slots,
+                       const at::Tensor& qsl, const at::Tensor& seq_lens,
+                       const at::Tensor& block_table) const {
+    const int64_t t = h.size(0);
+    at::Tensor qkv_out = qkv(h);
+    at::Tensor q = qkv_out.narrow(1, 0, q_size);
+    at::Tensor k = qkv_out.narrow(1, q_size, kv_size);
+    at::Tensor v = qkv_out.narrow(1, q_size + kv_size, kv_size);
+    if (q_norm) {  // one RMSNorm of head_dim over every head (LlamaForCausalLM.make_qk_norm)
+      q = rms_norm(q.reshape({-1, head_dim}).contiguous(), *q_norm, qk_eps).view({t, q_size});
+      k = rms_norm(k.reshape({-1, head_dim}).contiguous(), *k_norm, qk_eps).view({t, kv_size});
+    }
+    if (cos_sin) {
+      OCTAVO_RECORD("octavo::rotary_embedding");
+      rotary_embedding_cpu(positions, q, k, head_dim, *cos_sin, neox);
+    }
+    at::Tensor q3 = q.view({t, num_heads, head_dim});
+    {
+      OCTAVO_RECORD("octavo::reshape_and_cache");
+      reshape_and_cache_cpu(k.view({t, num_kv_heads, head_dim}),
+                            v.view({t, num_kv_heads, head_dim}), k_cache, v_cache, slots);
+    }
+    at::Tensor attn = at::empty_like(q3);
+    {
+      OCTAVO_RECORD("octavo::paged_attention");
+      paged_attention_cpu(attn, q3, k_cache, v_cache, qsl, seq_lens, block_table, scale, window,
+                          soft_cap, std::nullopt);
+    }
+    return o(attn.view({t, num_heads * head_dim}));
+  }
+
+  at::Tensor feed_forward(const at::Tensor& x) const {
+    if (!moe) return mlp(x);
+    at::Tensor logits = router(x);
+    const int64_t t = x.size(0);
+    at::Tensor weights = at::empty({t, top_k}, x.options().dtype(at::kFloat));
+    at::Tensor ids = at::empty({t, top_k}, x.options().dtype(at::kInt));
+    {
+      OCTAVO_RECORD("octavo::topk_routing");
+      topk_routing_cpu(weights, ids, logits, scoring, renormalize, score_bias, n_group, topk_group,
+                       group_score, routed_scaling);
+    }
+    at::Tensor out = at::empty_like(x);
+    {
+      OCTAVO_RECORD("octavo::fused_moe_packed");
+      fused_moe_packed_cpu(out, x, w13, w2, weights, ids, inter, moe_act);
+    }
+    if (has_shared) {  // MoEBlock: out + (sigmoid(shared_gate(x)) *) shared_expert(x)
+      at::Tensor s = shared(x);
+      if (shared_gate) s = at::sigmoid((*shared_gate)(x)) * s;
+      out = out + s;
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+struct DecoderPlan : torch::CustomClassHolder {
+  std::vector<Layer> layers;
+
+  void add_layer(TensorDict t, IntDict i, FloatDict f, StrDict s) {
+    Layer l;
+    l.in_norm = need(t, "in_norm");
+    l.post_norm = need(t, "post_norm");
+    l.in_eps = need_value(f, "in_eps");
+    l.post_eps = need_value(f, "post_eps");
+    l.qkv = linear_of(t, i, "qkv");
+    l.o = linear_of(t, i, "o");
+    l.q_size = need_value(i, "q_size");
+    l.kv_size = need_value(i, "kv_size");
+    l.num_heads = need_value(i, "num_heads");
+    l.num_kv_heads = need_value(i, "num_kv_heads");
+    l.head_dim = need_value(i, "head_dim");
+    l.q_norm = opt(t, "q_norm");
+    l.k_norm = opt(t, "k_norm");
+    TORCH_CHECK(l.q_norm.has_value() == l.k_norm.has_value(), "DecoderPlan: q_norm without k_norm");
+    if (l.q_norm) l.qk_eps = need_value(f, "qk_eps");
+    l.cos_sin = opt(t, "cos_sin");
+    l.neox = need_value(i, "neox") != 0;
+    l.k_cache = need(t, "k_cache");
+    l.v_cache = need(t, "v_cache");
+    l.scale = need_value(f, "scale");
+    l.soft_cap = need_value(f, "soft_cap");
+    l.window = need_value(i, "window");
+    l.moe = need_value(i, "moe") != 0;
+    if (!l.moe) {
+      l.mlp = mlp_of(t, i, s, "mlp.");
+    } else {
+      l.router = linear_of(t, i, "router");
+      l.top_k = need_value(i, "top_k");
+      l.n_group = need_value(i, "n_group");
+      l.topk_group = need_value(i, "topk_group");
+      l.inter = need_value(i, "inter");
+      l.renormalize = need_value(i, "renormalize") != 0;
+      l.scoring = need_value(s, "scoring");
+      l.group_score = need_value(s, "group_score");
+      l.moe_act = need_value(s, "moe_act");
+      l.routed_scaling = need_value(f, "routed_scaling");
+      l.score_bias = opt(t, "score_bias");
+      l.w13 = need(t, "w13");
+      l.w2 = need(t, "w2");
+      l.has_shared = i.contains("shared.gate_up.n");
+      if (l.has_shared) l.shared = mlp_of(t, i, s, "shared.");
+      if (t.contains("shared_gate.packed")) l.shared_gate = linear_of(t, i, "shared_gate");
+    }
+    layers.push_back(std::move(l));
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers.size()); }
+
+  // (hidden, residual) after every layer, as LlamaDecoderLayer.forward returns them in turn;
+  // residual None: the first layer's input is the embedding itself.
+  std::tuple<at::Tensor, at::Tensor> run(at::Tensor hidden, std::optional<at::Tensor> residual,
+                                         at::Tensor positions, at::Tensor slot_mapping,
+                                         at::Tensor query_start_loc, at::Tensor seq_lens,
+                                         at::Tensor block_table) const {
+    OCTAVO_RECORD("octavo::DecoderPlan.run");
+    TORCH_CHECK(hidden.dim() == 2 && hidden.device().is_cpu(),
+                "DecoderPlan.run: hidden must be a CPU [T, H] tensor");
+    at::Tensor res;
+    if (residual) {
+      res = *residual;
+    }
+    for (const Layer& l : layers) {
+      at::Tensor h;
+      if (!res.defined()) {  // add_and_norm without a residual: (norm(hidden), hidden)
+        h = rms_norm(hidden.contiguous(), l.in_norm, l.in_eps);
+        res = hidden;
+      } else {
+        if (!hidden.is_contiguous() || !res.is_contiguous()) {
+          hidden = hidden.contiguous();
+          res = res.contiguous();
+        }
+        OCTAVO_RECORD("octavo::fused_add_rms_norm");
+        fused_add_rms_norm_cpu(hidden, res, l.in_norm, l.in_eps);
+        h = hidden;
+      }
+      at::Tensor a = l.attention(h, positions, slot_mapping, query_start_loc, seq_lens, block_table);
+      {
+        OCTAVO_RECORD("octavo::fused_add_rms_norm");
+        fused_add_rms_norm_cpu(a, res, l.post_norm, l.post_eps);
+      }
+      hidden = l.feed_forward(a);
+    }
+    return {hidden, res};
+  }
+};
+
+void register_decoder_plan(torch::Library& m) {
+  m.class_<DecoderPlan>("DecoderPlan")
+      .def(torch::init<>())
+      .def("add_layer", &DecoderPlan::add_layer)
+      .def("num_layers", &DecoderPlan::num_layers)
+      .def("run", &DecoderPlan::run);
+}
+
+}  // namespace octavo
