@@ -6,6 +6,7 @@
 // layers (models/llama.py, models/layers/*), so its results are bit-identical to theirs;
 // models/layers/decoder_plan.py decides which layers qualify and builds it from their modules.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -47,26 +48,73 @@ auto need_value(const D& d, const char* key) {
   return it->value();
 }
 
-// A bf16 weight [n, K] packed by pack_linear_panels, with its optional bias.
-struct Linear {
-  at::Tensor packed;
-  int64_t n = 0;
-  std::optional<at::Tensor> bias;
+// torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], ""): a boxed call, as
+// the op is registered by torch's mkldnn library rather than declared in ATen's headers
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  OCTAVO_RECORD("mkldnn::_linear_pointwise");
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x.contiguous());
+  stack.emplace_back(w);
+  stack.emplace_back(bias);
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(std::optional<std::string>(""));
+  op.callBoxed(stack);
+  return stack.back().toTensor();
+}
 
-  // models/layers/cpu_gemm.linear for a 2-D input with a unit last stride
+// A linear layer's weight as its CPU kernel takes it, with its optional bias:
+//   kind 0: bf16 [n, K] packed by pack_linear_panels (linear_packed)
+//   kind 1: INT4 (int4_gemm; perm: act-order columns of x, as ops.int4_gemm_prepared gathers)
+//   kind 2: weight-only INT8 (int8_woq_gemm)
+//   kind 3: a plain [n, K] weight (at::linear, as F.linear: unpacked or dequantized at load)
+//   kind 4: oneDNN's prepacked weight (mkldnn::_linear_pointwise, as cpu_gemm.linear: fp32)
+struct Linear {
+  int64_t kind = 0;
+  at::Tensor packed, scales_offsets;
+  int64_t n = 0, group_size = 0;
+  std::optional<at::Tensor> bias, perm;
+
+  // models/layers/cpu_gemm.linear / ops.int4_gemm_prepared / ops.int8_woq_gemm_prepared for a
+  // 2-D input
   at::Tensor operator()(const at::Tensor& x) const {
-    OCTAVO_RECORD("octavo::linear_packed");
+    if (kind == 3) return at::linear(x, packed, bias);
+    if (kind == 4) return onednn_linear(x, packed, bias);
+    OCTAVO_RECORD(kind == 0 ? "octavo::linear_packed" : kind == 1 ? "octavo::int4_gemm"
+                                                                   : "octavo::int8_woq_gemm");
+    at::Tensor xin = perm ? x.index_select(1, *perm) : x.stride(-1) == 1 ? x : x.contiguous();
     at::Tensor out = at::empty({x.size(0), n}, x.options());
-    linear_packed_cpu(out, x.stride(-1) == 1 ? x : x.contiguous(), packed, bias);
+    if (kind == 0) {
+      linear_packed_cpu(out, xin, packed, bias);
+      return out;
+    }
+    std::optional<at::Tensor> b = bias;  // the quantized paths cast it to x's dtype per call
+    if (b && b->scalar_type() != x.scalar_type()) b = b->to(x.scalar_type());
+    if (kind == 1) {
+      int4_gemm_cpu(out, xin, packed, scales_offsets, group_size, b);
+    } else {
+      int8_woq_gemm_cpu(out, xin, packed, scales_offsets, group_size, b);
+    }
     return out;
   }
 };
 
 Linear linear_of(const TensorDict& t, const IntDict& i, const std::string& name) {
   Linear l;
+  l.kind = need_value(i, (name + ".kind").c_str());
+  TORCH_CHECK(l.kind >= 0 && l.kind <= 4, "DecoderPlan: unknown linear kind ", l.kind);
   l.packed = need(t, (name + ".packed").c_str());
   l.n = need_value(i, (name + ".n").c_str());
   l.bias = opt(t, (name + ".bias").c_str());
+  if (l.kind == 1 || l.kind == 2) {
+    l.scales_offsets = need(t, (name + ".scales_offsets").c_str());
+    l.group_size = need_value(i, (name + ".group_size").c_str());
+    l.perm = opt(t, (name + ".perm").c_str());
+  }
   return l;
 }
 
@@ -120,7 +168,7 @@ struct Layer {
   Mlp mlp;
   Linear router;
   int64_t top_k = 1, n_group = 1, topk_group = 1, inter = 0;
-  bool renormalize = true;
+  bool renormalize = true, router_fp32 = false;
   std::string scoring, group_score, moe_act;
   double routed_scaling = 1;
   std::optional<at::Tensor> score_bias;
@@ -162,7 +210,7 @@ struct Layer {
 
   at::Tensor feed_forward(const at::Tensor& x) const {
     if (!moe) return mlp(x);
-    at::Tensor logits = router(x);
+    at::Tensor logits = router(router_fp32 ? x.to(at::kFloat) : x);
     const int64_t t = x.size(0);
     at::Tensor weights = at::empty({t, top_k}, x.options().dtype(at::kFloat));
     at::Tensor ids = at::empty({t, top_k}, x.options().dtype(at::kInt));
@@ -219,6 +267,7 @@ struct DecoderPlan : torch::CustomClassHolder {
       l.mlp = mlp_of(t, i, s, "mlp.");
     } else {
       l.router = linear_of(t, i, "router");
+      l.router_fp32 = need_value(i, "router_fp32") != 0;
       l.top_k = need_value(i, "top_k");
       l.n_group = need_value(i, "n_group");
       l.topk_group = need_value(i, "topk_group");

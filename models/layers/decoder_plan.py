@@ -12,8 +12,9 @@ the Python layers run as before. A model qualifies when, on the CPU and one rank
 is a plain LlamaDecoderLayer (RMSNorm pre-norms only, no residual multiplier) whose attention is
 LlamaAttention on the paged cache (no ALiBi, no clip_qkv, a per-head q/k RMSNorm or none, rotary
 with a fixed cos/sin table or none) and whose MLP is a gated LlamaMLP or a MoEBlock on the bf16
-FusedMoE kernel (top-k routing, optional shared expert and its sigmoid gate), with every linear an
-unquantized bf16 weight packed for ops.linear_packed and no LoRA. `plan_status(model)` says why
+FusedMoE kernel (top-k routing, optional shared expert and its sigmoid gate), with every linear a
+bf16 weight packed for ops.linear_packed, or a 4-bit (INT4 kernel) or weight-only 8-bit weight
+(GPTQ, AWQ, GGUF, quantization="int4"), and no LoRA. `plan_status(model)` says why
 not. The plan is rebuilt whenever the runner binds new KV caches. OCTAVO_CPU_DECODER_PLAN=0 turns
 it off.
 """
@@ -34,6 +35,8 @@ from octavo.models.layers.layernorm import RMSNorm
 from octavo.models.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                          ReplicatedLinear, RowParallelLinear,
                                          UnquantizedLinearMethod)
+from octavo.models.layers.quantization.int4 import Int4LinearMethod
+from octavo.models.layers.quantization.int8 import Int8WoqLinearMethod
 from octavo.models.layers.rotary import (DynamicNTKScalingRotaryEmbedding, Llama3RotaryEmbedding,
                                          LinearScalingRotaryEmbedding, RotaryEmbedding,
                                          YaRNScalingRotaryEmbedding)
@@ -78,14 +81,51 @@ class _LayerArgs:
     def linear(self, name: str, layer) -> None:
         _require(type(layer) in _LINEARS, f"{name} is a {type(layer).__name__} (LoRA or custom)")
         _plain(layer, name)
-        _require(type(layer.quant_method) is UnquantizedLinearMethod, f"{name} is quantized")
         _require(layer.tp_size == 1, f"{name} is tensor parallel")
-        packed = getattr(layer, "packed_weight", None)
-        _require(isinstance(packed, cpu_gemm.PanelWeight),
-                 f"{name} is not a bf16 weight packed for ops.linear_packed")
-        self.t[f"{name}.packed"], self.i[f"{name}.n"] = packed.data, packed.n
-        if layer.bias is not None:
-            self.t[f"{name}.bias"] = layer.bias.data
+        method, bias = layer.quant_method, layer.bias
+        if type(method) is UnquantizedLinearMethod:
+            packed = getattr(layer, "packed_weight", None)
+            if packed is None:                       # F.linear on the plain weight
+                self._dense(name, layer.weight.data)
+            elif isinstance(packed, cpu_gemm.PanelWeight):
+                self.t[f"{name}.packed"], self.i[f"{name}.n"], self.i[f"{name}.kind"] = \
+                    packed.data, packed.n, 0
+            else:                                    # oneDNN's prepacked weight
+                self.t[f"{name}.packed"], self.i[f"{name}.n"], self.i[f"{name}.kind"] = \
+                    packed, packed.size(0), 4
+        elif isinstance(method, Int4LinearMethod) and type(method).apply is Int4LinearMethod.apply:
+            if getattr(layer, "int4_weight", None) is None and getattr(layer, "dequantized", None) is None:
+                method.process_weights_after_loading(layer)   # as apply() would on its first call
+            w = layer.int4_weight
+            if w is None:                            # dequantized at load: F.linear
+                self._dense(name, layer.dequantized)
+            else:
+                self._quantized(name, 1, w.packed, w.scales_offsets, w.n, w.group_size)
+                if w.perm is not None:
+                    self.t[f"{name}.perm"] = w.perm
+        elif (isinstance(method, Int8WoqLinearMethod)
+              and type(method).apply is Int8WoqLinearMethod.apply):
+            if getattr(layer, "int8_woq", None) is None and getattr(layer, "dequantized", None) is None:
+                method.process_weights_after_loading(layer)
+            w = layer.int8_woq
+            if w is None:
+                self._dense(name, layer.dequantized)
+            else:
+                self._quantized(name, 2, w.packed, w.scales_offsets, w.n, w.group_size)
+        else:
+            raise _NotEligible(f"{name} is quantized with {type(method).__name__}")
+        if bias is not None:
+            self.t[f"{name}.bias"] = bias.data
+
+    def _dense(self, name: str, weight) -> None:
+        _require(weight is not None and weight.dim() == 2, f"{name} has no weight to apply")
+        self.t[f"{name}.packed"] = weight
+        self.i.update({f"{name}.n": weight.shape[0], f"{name}.kind": 3})
+
+    def _quantized(self, name: str, kind: int, packed, scales_offsets, n: int,
+                   group_size: int) -> None:
+        self.t[f"{name}.packed"], self.t[f"{name}.scales_offsets"] = packed, scales_offsets
+        self.i.update({f"{name}.n": n, f"{name}.kind": kind, f"{name}.group_size": group_size})
 
     def norm(self, name: str, norm) -> None:
         _require(type(norm) is RMSNorm, f"{name} is a {type(norm).__name__}, not RMSNorm")
@@ -141,14 +181,16 @@ class _LayerArgs:
         self.i["window"] = int(core.sliding_window)
 
     def moe(self, block) -> None:
-        _require(not block.router_fp32, "the router runs in fp32")
         self.linear("router", block.gate)
+        self.i["router_fp32"] = int(block.router_fp32)
         experts = block.experts
         _require(type(experts) is FusedMoE, f"the experts are a {type(experts).__name__}")
         _plain(experts, "experts")
         _require(experts.quant_method is None, "the experts are quantized")
         _require(experts.routing_fn is None, "the family routes with its own function")
         _require(experts.tp_size == 1, "the experts are tensor parallel")
+        if experts._prepared is None:   # as its forward would on the first call
+            experts.process_weights_after_loading()
         prepared = experts._prepared
         _require(isinstance(prepared, ops.PackedMoEWeights), "the experts are not packed for the CPU")
         r = experts.routing

@@ -1,5 +1,6 @@
 """The C++ decoder stack (models/layers/decoder_plan.py, csrc/cpu/decoder_plan.cpp) against the
-Python layers it replaces: on every family it takes, a bf16 model generates the same tokens with
+Python layers it replaces: on every family it takes (bf16 on octavo's packed GEMM, fp32 on
+oneDNN's, INT4 linears, the default GGUF model), a model generates the same tokens with
 bit-identical top-5 logprobs with the plan on and off (OCTAVO_CPU_DECODER_PLAN=0), over batched
 prompts of different lengths, chunked prefill (a 16-token step budget) and a preemption; the plan
 must really have run the steps, and the layers it does not take must say why."""
@@ -33,17 +34,18 @@ PLANNED = {
                   dict(QWEN_MOE, shared_expert_intermediate_size=80, mlp_only_layers=[1],
                        norm_topk_prob=False)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe", dict(QWEN_MOE, norm_topk_prob=True)),
+    # a router kept in fp32, sigmoid routing in groups with the score-correction bias, scaling,
+    # shared experts
+    "glm4_moe": ("Glm4MoeForCausalLM", "glm4_moe", dict(
+        n_routed_experts=8, moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        attention_bias=True, num_experts_per_tok=2)),
 }
 # case -> (architecture, model_type, config fields, words of the reason the plan is not taken)
 NOT_PLANNED = {
     "olmoe": ("OlmoeForCausalLM", "olmoe", dict(num_experts=8, clip_qkv=0.6), "clip"),
     "granitemoe": ("GraniteMoeForCausalLM", "granitemoe",
                    dict(num_local_experts=8, residual_multiplier=0.5), "residual"),
-    # its router runs in fp32 (on oneDNN), which the plan does not call
-    "glm4_moe": ("Glm4MoeForCausalLM", "glm4_moe", dict(
-        n_routed_experts=8, moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
-        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
-        num_experts_per_tok=2), "fp32"),
 }
 CASES = {**PLANNED, **{k: v[:3] for k, v in NOT_PLANNED.items()}}
 
@@ -65,11 +67,12 @@ def _prompts():
             for n in (5, 23, 1, 37)]
 
 
-def _kv_bytes(case: str, blocks: int) -> int:
-    # bf16 K and V of `blocks` 4-token blocks over all layers: 18 hold any one sequence of
+def _kv_bytes(case: str, blocks: int, dtype: str) -> int:
+    # K and V of `blocks` 4-token blocks over all layers: 18 hold any one sequence of
     # max_model_len 64 but not the 31 that _prompts() need at once
     f = {**COMMON, **PLANNED[case][2]}
-    return blocks * f["num_hidden_layers"] * 2 * 4 * f["num_key_value_heads"] * f["head_dim"] * 2
+    size = 2 if dtype == "bfloat16" else 4
+    return blocks * f["num_hidden_layers"] * 2 * 4 * f["num_key_value_heads"] * f["head_dim"] * size
 
 
 def _generate(llm, prompts):
@@ -79,16 +82,12 @@ def _generate(llm, prompts):
                                       for step in o.outputs[0].logprobs]) for o in outs]
 
 
-@pytest.mark.parametrize("case", list(PLANNED))
-def test_plan_equals_python_layers(case, model_dirs, monkeypatch):
-    _skip_without_kernel()
-    # 16-token steps chunk the prompts; 18 blocks of 4 tokens cannot hold all four sequences,
-    # so the scheduler preempts
-    llm = LLM(model=model_dirs(case), dtype="bfloat16", max_num_batched_tokens=16,
-              block_size=4, kv_cache_memory=_kv_bytes(case, blocks=18),
-              max_model_len=64)
-    engine = llm.llm_engine
-    model = engine.runner.model.model
+def _assert_plan_equals_python(llm, prompts, monkeypatch, what: str) -> None:
+    """Generate with the plan (which must run every step), then with the Python layers
+    (OCTAVO_CPU_DECODER_PLAN=0, which must run every step); the tokens and top-5 logprobs must
+    be bit-identical. (Without prefix caching: a second run that hits the cache computes its
+    prompts in other chunks, and some kernels' summation order depends on the row count.)"""
+    model = llm.llm_engine.runner.model.model
     calls = {"plan": 0, "python": 0}
     original = decoder_plan.plan_for
 
@@ -98,40 +97,58 @@ def test_plan_equals_python_layers(case, model_dirs, monkeypatch):
         return plan
 
     monkeypatch.setattr(decoder_plan, "plan_for", counting)
-    prompts = _prompts()
     with_plan = _generate(llm, prompts)
     plan, why = decoder_plan.plan_status(model)
-    assert plan is not None, f"{case}: the plan was not built: {why}"
+    assert plan is not None, f"{what}: the plan was not built: {why}"
     assert plan.num_layers() == len(model.stage_layers)
     assert calls["plan"] > 0 and calls["python"] == 0, calls
-    assert engine.scheduler.num_preemptions > 0, f"{case}: no preemption happened"
 
     monkeypatch.setenv("OCTAVO_CPU_DECODER_PLAN", "0")
     calls.update(plan=0, python=0)
     without = _generate(llm, prompts)
+    monkeypatch.delenv("OCTAVO_CPU_DECODER_PLAN")
     assert calls["plan"] == 0 and calls["python"] > 0, calls
     for i, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(with_plan, without)):
-        assert ids_a == ids_b, f"{case}: prompt {i}: tokens differ with the plan"
-        assert lp_a == lp_b, f"{case}: prompt {i}: logprobs differ with the plan"
+        assert ids_a == ids_b, f"{what}: prompt {i}: tokens differ with the plan"
+        assert lp_a == lp_b, f"{what}: prompt {i}: logprobs differ with the plan"
+
+
+@pytest.mark.parametrize("case,dtype,quantization",
+                         [(c, "bfloat16", None) for c in PLANNED]
+                         + [("llama-bias", "bfloat16", "int4"), ("qwen3", "bfloat16", "int4"),
+                            ("llama-bias", "float32", None), ("qwen2_moe", "float32", None),
+                            ("mistral", "float32", "int4")])
+def test_plan_equals_python_layers(case, dtype, quantization, model_dirs, monkeypatch):
+    if dtype == "bfloat16":
+        _skip_without_kernel()
+    # 16-token steps chunk the prompts; 18 blocks of 4 tokens cannot hold all four sequences,
+    # so the scheduler preempts
+    llm = LLM(model=model_dirs(case), dtype=dtype, max_num_batched_tokens=16, block_size=4,
+              kv_cache_memory=_kv_bytes(case, 18, dtype), max_model_len=64,
+              quantization=quantization, enable_prefix_caching=False)
+    _assert_plan_equals_python(llm, _prompts(), monkeypatch, f"{case} {dtype} {quantization}")
+    assert llm.llm_engine.scheduler.num_preemptions > 0, f"{case}: no preemption happened"
+    if quantization == "int4":
+        qkv = llm.llm_engine.runner.model.model.stage_layers[0].self_attn.qkv_proj
+        assert qkv.int4_weight is not None, "the INT4 kernel path was not taken"
+
+
+def test_plan_equals_python_layers_on_the_default_model(default_gguf, monkeypatch):
+    """The default model (SmolLM2-135M, GGUF Q4_1): 4-bit linears on the INT4 kernel."""
+    llm = LLM(model=default_gguf, max_num_batched_tokens=32, enable_prefix_caching=False)
+    _assert_plan_equals_python(llm, _prompts(), monkeypatch, "the default model")
 
 
 @pytest.mark.parametrize("case", list(NOT_PLANNED))
 def test_layers_the_plan_does_not_take_say_why(case, model_dirs):
-    _skip_without_kernel()
-    llm = LLM(model=model_dirs(case), dtype="bfloat16", kv_cache_memory=1 << 22)
+    llm = LLM(model=model_dirs(case), dtype="float32", kv_cache_memory=1 << 22)
     _generate(llm, _prompts()[:1])
     plan, why = decoder_plan.plan_status(llm.llm_engine.runner.model.model)
     assert plan is None and NOT_PLANNED[case][3] in why, why
 
 
-def test_fp32_and_wrapped_layers_are_refused(model_dirs):
+def test_wrapped_layers_are_refused(model_dirs):
     llm = LLM(model=model_dirs("qwen3"), dtype="float32", kv_cache_memory=1 << 22)
-    _generate(llm, _prompts()[:1])
-    plan, why = decoder_plan.plan_status(llm.llm_engine.runner.model.model)
-    assert plan is None and "packed for ops.linear_packed" in why, why
-
-    _skip_without_kernel()
-    llm = LLM(model=model_dirs("qwen3"), dtype="bfloat16", kv_cache_memory=1 << 22)
     layer = llm.llm_engine.runner.model.model.stage_layers[0]
     decoder_plan._layer_args(layer)  # qualifies as loaded
     # a wrapped projection (as LoRA wraps them) is not a plain linear
