@@ -150,14 +150,41 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
+// models/llama.add_and_norm: (norm(hidden + residual), hidden + residual), updating hidden and
+// res in place as the fused kernel does; no residual yet: (norm(hidden), hidden); no norm: the
+// sum is both.
+at::Tensor add_and_norm(const std::optional<at::Tensor>& w, double eps, at::Tensor& hidden,
+                        at::Tensor& res) {
+  if (!w) {
+    res = res.defined() ? hidden + res : hidden;
+    return res;
+  }
+  if (!res.defined()) {
+    at::Tensor h = rms_norm(hidden.contiguous(), *w, eps);
+    res = hidden;
+    return h;
+  }
+  if (!hidden.is_contiguous() || !res.is_contiguous()) {
+    hidden = hidden.contiguous();
+    res = res.contiguous();
+  }
+  OCTAVO_RECORD("octavo::fused_add_rms_norm");
+  fused_add_rms_norm_cpu(hidden, res, *w, eps);
+  return hidden;
+}
+
 struct Layer {
-  at::Tensor in_norm, post_norm;
-  double in_eps = 0, post_eps = 0;
+  // RMSNorms around attention and MLP (absent where the family has none: OLMo2 has no pre-norms,
+  // Gemma 2/3 and OLMo2 post-norms), and the multiplier on each block's output (Granite)
+  std::optional<at::Tensor> pre_attn, post_attn, pre_mlp, post_mlp;
+  double pre_attn_eps = 0, post_attn_eps = 0, pre_mlp_eps = 0, post_mlp_eps = 0;
+  double residual_scale = 1;
   // attention
   Linear qkv, o;
   int64_t q_size = 0, kv_size = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
-  std::optional<at::Tensor> q_norm, k_norm;
-  double qk_eps = 0;
+  std::optional<at::Tensor> q_norm, k_norm;  // over q_norm_size / k_norm_size values at a time
+  double qk_eps = 0, clip = 0;                // clip: clamp q, k, v to [-clip, clip] (0: no)
+  int64_t q_norm_size = 0, k_norm_size = 0;
   std::optional<at::Tensor> cos_sin;
   bool neox = true;
   mutable at::Tensor k_cache, v_cache;  // written through by reshape_and_cache
@@ -177,6 +204,13 @@ struct Layer {
   Mlp shared;
   std::optional<Linear> shared_gate;
 
+  // LlamaDecoderLayer._finish: a block's output through its post-norm, times residual_scale
+  at::Tensor finish(at::Tensor out, const std::optional<at::Tensor>& norm, double eps) const {
+    if (norm) out = rms_norm(out.contiguous(), *norm, eps);
+    if (residual_scale != 1.0) out = out * residual_scale;
+    return out;
+  }
+
   at::Tensor attention(const at::Tensor& h, const at::Tensor& positions, const at::Tensor& slots,
                        const at::Tensor& qsl, const at::Tensor& seq_lens,
                        const at::Tensor& block_table) const {
@@ -185,9 +219,14 @@ struct Layer {
     at::Tensor q = qkv_out.narrow(1, 0, q_size);
     at::Tensor k = qkv_out.narrow(1, q_size, kv_size);
     at::Tensor v = qkv_out.narrow(1, q_size + kv_size, kv_size);
-    if (q_norm) {  // one RMSNorm of head_dim over every head (LlamaForCausalLM.make_qk_norm)
-      q = rms_norm(q.reshape({-1, head_dim}).contiguous(), *q_norm, qk_eps).view({t, q_size});
-      k = rms_norm(k.reshape({-1, head_dim}).contiguous(), *k_norm, qk_eps).view({t, kv_size});
+    if (q_norm) {  // per head (head_dim values) or over all heads (OLMo2), as make_qk_norm made it
+      q = rms_norm(q.reshape({-1, q_norm_size}).contiguous(), *q_norm, qk_eps).view({t, q_size});
+      k = rms_norm(k.reshape({-1, k_norm_size}).contiguous(), *k_norm, qk_eps).view({t, kv_size});
+    }
+    if (clip != 0) {
+      q = q.clamp(-clip, clip);
+      k = k.clamp(-clip, clip);
+      v = v.clamp(-clip, clip);
     }
     if (cos_sin) {
       OCTAVO_RECORD("octavo::rotary_embedding");
@@ -240,10 +279,16 @@ struct DecoderPlan : torch::CustomClassHolder {
 
   void add_layer(TensorDict t, IntDict i, FloatDict f, StrDict s) {
     Layer l;
-    l.in_norm = need(t, "in_norm");
-    l.post_norm = need(t, "post_norm");
-    l.in_eps = need_value(f, "in_eps");
-    l.post_eps = need_value(f, "post_eps");
+    l.pre_attn = opt(t, "pre_attn_norm");
+    l.post_attn = opt(t, "post_attn_norm");
+    l.pre_mlp = opt(t, "pre_mlp_norm");
+    l.post_mlp = opt(t, "post_mlp_norm");
+    if (l.pre_attn) l.pre_attn_eps = need_value(f, "pre_attn_eps");
+    if (l.post_attn) l.post_attn_eps = need_value(f, "post_attn_eps");
+    if (l.pre_mlp) l.pre_mlp_eps = need_value(f, "pre_mlp_eps");
+    if (l.post_mlp) l.post_mlp_eps = need_value(f, "post_mlp_eps");
+    l.residual_scale = need_value(f, "residual_scale");
+    l.clip = need_value(f, "clip");
     l.qkv = linear_of(t, i, "qkv");
     l.o = linear_of(t, i, "o");
     l.q_size = need_value(i, "q_size");
@@ -254,7 +299,11 @@ struct DecoderPlan : torch::CustomClassHolder {
     l.q_norm = opt(t, "q_norm");
     l.k_norm = opt(t, "k_norm");
     TORCH_CHECK(l.q_norm.has_value() == l.k_norm.has_value(), "DecoderPlan: q_norm without k_norm");
-    if (l.q_norm) l.qk_eps = need_value(f, "qk_eps");
+    if (l.q_norm) {
+      l.qk_eps = need_value(f, "qk_eps");
+      l.q_norm_size = need_value(i, "q_norm_size");
+      l.k_norm_size = need_value(i, "k_norm_size");
+    }
     l.cos_sin = opt(t, "cos_sin");
     l.neox = need_value(i, "neox") != 0;
     l.k_cache = need(t, "k_cache");
@@ -303,25 +352,12 @@ struct DecoderPlan : torch::CustomClassHolder {
       res = *residual;
     }
     for (const Layer& l : layers) {
-      at::Tensor h;
-      if (!res.defined()) {  // add_and_norm without a residual: (norm(hidden), hidden)
-        h = rms_norm(hidden.contiguous(), l.in_norm, l.in_eps);
-        res = hidden;
-      } else {
-        if (!hidden.is_contiguous() || !res.is_contiguous()) {
-          hidden = hidden.contiguous();
-          res = res.contiguous();
-        }
-        OCTAVO_RECORD("octavo::fused_add_rms_norm");
-        fused_add_rms_norm_cpu(hidden, res, l.in_norm, l.in_eps);
-        h = hidden;
-      }
-      at::Tensor a = l.attention(h, positions, slot_mapping, query_start_loc, seq_lens, block_table);
-      {
-        OCTAVO_RECORD("octavo::fused_add_rms_norm");
-        fused_add_rms_norm_cpu(a, res, l.post_norm, l.post_eps);
-      }
-      hidden = l.feed_forward(a);
+      at::Tensor h = add_and_norm(l.pre_attn, l.pre_attn_eps, hidden, res);
+      at::Tensor a = l.finish(
+          l.attention(h, positions, slot_mapping, query_start_loc, seq_lens, block_table),
+          l.post_attn, l.post_attn_eps);
+      h = add_and_norm(l.pre_mlp, l.pre_mlp_eps, a, res);
+      hidden = l.finish(l.feed_forward(h), l.post_mlp, l.post_mlp_eps);
     }
     return {hidden, res};
   }

@@ -9,9 +9,9 @@ test_decoder_plan.py checks that on every family it takes).
 
 `plan_for(model, positions)` returns the plan for a LlamaModel's held layers, or None, and then
 the Python layers run as before. A model qualifies when, on the CPU and one rank, every held layer
-is a plain LlamaDecoderLayer (RMSNorm pre-norms only, no residual multiplier) whose attention is
-LlamaAttention on the paged cache (no ALiBi, no clip_qkv, a per-head q/k RMSNorm or none, rotary
-with a fixed cos/sin table or none) and whose MLP is a gated LlamaMLP or a MoEBlock on the bf16
+is a LlamaDecoderLayer (RMSNorms, Gemma's included, in any of its four norm slots; a residual
+multiplier) whose attention is LlamaAttention on the paged cache (no ALiBi; a q/k RMSNorm per head
+or over all heads, clip_qkv, rotary with a fixed cos/sin table or none) and whose MLP is a gated LlamaMLP or a MoEBlock on the bf16
 FusedMoE kernel (top-k routing, optional shared expert and its sigmoid gate), with every linear a
 bf16 weight packed for ops.linear_packed, or a 4-bit (INT4 kernel) or weight-only 8-bit weight
 (GPTQ, AWQ, GGUF, quantization="int4"), and no LoRA. `plan_status(model)` says why
@@ -128,7 +128,7 @@ class _LayerArgs:
         self.i.update({f"{name}.n": n, f"{name}.kind": kind, f"{name}.group_size": group_size})
 
     def norm(self, name: str, norm) -> None:
-        _require(type(norm) is RMSNorm, f"{name} is a {type(norm).__name__}, not RMSNorm")
+        _require(_is_rms_norm(norm), f"{name} is a {type(norm).__name__}, not RMSNorm")
         _plain(norm, name)
         self.t[name], self.f[name.replace("norm", "eps")] = norm.weight.data, float(norm.eps)
 
@@ -148,19 +148,19 @@ class _LayerArgs:
     def attention(self, attn) -> None:
         from octavo.models.llama import LlamaAttention
         _require(type(attn) is LlamaAttention, f"the attention is a {type(attn).__name__}")
-        _require(attn.clip_qkv is None, "the attention clips q/k/v")
+        self.f["clip"] = float(attn.clip_qkv or 0.0)
         hd = attn.head_dim
         self.linear("qkv", attn.qkv_proj)
         self.linear("o", attn.o_proj)
         self.i.update(q_size=attn.q_size, kv_size=attn.kv_size, num_heads=attn.num_heads,
                       num_kv_heads=attn.num_kv_heads, head_dim=hd)
         if attn.qk_norm:
-            for name in ("q_norm", "k_norm"):
+            for name, width in (("q_norm", attn.q_size), ("k_norm", attn.kv_size)):
                 norm = getattr(attn, name)
-                _require(type(norm) is RMSNorm and norm.hidden_size == hd,
-                         "the q/k norm is not one RMSNorm per head")
+                _require(_is_rms_norm(norm) and width % norm.hidden_size == 0,
+                         "the q/k norm is not an RMSNorm over heads")
                 _plain(norm, name)
-                self.t[name] = norm.weight.data
+                self.t[name], self.i[f"{name}_size"] = norm.weight.data, norm.hidden_size
             _require(attn.q_norm.eps == attn.k_norm.eps, "q and k norms differ in eps")
             self.f["qk_eps"] = float(attn.q_norm.eps)
         rope = attn.rotary_emb
@@ -209,15 +209,24 @@ class _LayerArgs:
                 self.linear("shared_gate", block.shared_expert_gate)
 
 
+def _is_rms_norm(norm) -> bool:
+    # RMSNorm, or a subclass that only changes how its weight loads (Gemma's 1 + w)
+    cls = type(norm)
+    return isinstance(norm, RMSNorm) and all(
+        getattr(cls, name) is getattr(RMSNorm, name)
+        for name in ("forward", "forward_ops", "forward_native", "_forward"))
+
+
 def _layer_args(layer) -> _LayerArgs:
-    from octavo.models.llama import LlamaDecoderLayer, NormNames
+    from octavo.models.llama import LlamaDecoderLayer
     _require(type(layer) is LlamaDecoderLayer, f"the layer is a {type(layer).__name__}")
-    _require(layer.norm_names == NormNames(), "the layer has post-norms or other norm slots")
-    _require(layer.residual_scale == 1.0, "the layer scales its residual")
     _plain(layer, "the layer")
     a = _LayerArgs()
-    a.norm("in_norm", layer._norm("pre_attn"))
-    a.norm("post_norm", layer._norm("pre_mlp"))
+    for slot in ("pre_attn", "post_attn", "pre_mlp", "post_mlp"):
+        norm = layer._norm(slot)
+        if norm is not None:
+            a.norm(f"{slot}_norm", norm)
+    a.f["residual_scale"] = float(layer.residual_scale)
     a.attention(layer.self_attn)
     if type(layer.mlp) is MoEBlock:
         a.moe(layer.mlp)

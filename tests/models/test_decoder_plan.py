@@ -1,5 +1,5 @@
 """The C++ decoder stack (models/layers/decoder_plan.py, csrc/cpu/decoder_plan.cpp) against the
-Python layers it replaces: on every family it takes (bf16 on octavo's packed GEMM, fp32 on
+Python layers it replaces: on 16 families it takes (bf16 on octavo's packed GEMM, fp32 on
 oneDNN's, INT4 linears, the default GGUF model), a model generates the same tokens with
 bit-identical top-5 logprobs with the plan on and off (OCTAVO_CPU_DECODER_PLAN=0), over batched
 prompts of different lengths, chunked prefill (a 16-token step budget) and a preemption; the plan
@@ -23,7 +23,7 @@ QWEN_MOE = dict(num_experts=8, moe_intermediate_size=48, num_experts_per_tok=2)
 PLANNED = {
     # q/k/v/o and MLP biases
     "llama-bias": ("LlamaForCausalLM", "llama", dict(attention_bias=True, mlp_bias=True)),
-    # a sliding window shorter than the prompts, GPT-J style rotary off (neox)
+    # a sliding window shorter than the prompts
     "mistral": ("MistralForCausalLM", "mistral", dict(sliding_window=6)),
     # per-head q/k RMSNorm, one KV head
     "qwen3": ("Qwen3ForCausalLM", "qwen3", dict(head_dim=32, num_key_value_heads=1)),
@@ -40,12 +40,39 @@ PLANNED = {
         n_routed_experts=8, moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
         attention_bias=True, num_experts_per_tok=2)),
+    # the families with other norm slots, multipliers and clamps
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", dict(
+        num_hidden_layers=4, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, attn_logit_softcapping=4.0,
+        final_logit_softcapping=3.0, initializer_range=0.2, tie_word_embeddings=True)),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", dict(
+        num_hidden_layers=4, query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        final_logit_softcapping=3.0, initializer_range=0.2)),
+    "granite": ("GraniteForCausalLM", "granite", dict(
+        embedding_multiplier=4.0, attention_multiplier=0.5, residual_multiplier=0.5,
+        logits_scaling=2.0)),
+    "olmo2": ("Olmo2ForCausalLM", "olmo2", dict()),
+    "smollm3": ("SmolLM3ForCausalLM", "smollm3", dict(
+        num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=8)),
+    "glm4": ("Glm4ForCausalLM", "glm4", dict(partial_rotary_factor=0.5, attention_bias=True)),
+    # an fp32 router with the score-correction bias, a shared expert, layer 0 dense
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe", dict(
+        moe_num_experts=8, moe_intermediate_size=48, moe_num_shared_experts=1,
+        moe_layer_start_index=1, use_bias=False, moe_k=2)),
+    "olmoe": ("OlmoeForCausalLM", "olmoe", dict(num_experts=8, clip_qkv=0.6, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeForCausalLM", "granitemoe", dict(
+        num_local_experts=8, num_experts_per_tok=2, embedding_multiplier=4.0,
+        attention_multiplier=0.5, residual_multiplier=0.5, logits_scaling=2.0)),
 }
 # case -> (architecture, model_type, config fields, words of the reason the plan is not taken)
 NOT_PLANNED = {
-    "olmoe": ("OlmoeForCausalLM", "olmoe", dict(num_experts=8, clip_qkv=0.6), "clip"),
-    "granitemoe": ("GraniteMoeForCausalLM", "granitemoe",
-                   dict(num_local_experts=8, residual_multiplier=0.5), "residual"),
+    "cohere": ("CohereForCausalLM", "cohere", dict(logit_scale=0.5), "Cohere"),
+    "phimoe": ("PhimoeForCausalLM", "phimoe", dict(num_local_experts=4, num_experts_per_tok=2),
+               "LayerNorm"),
 }
 CASES = {**PLANNED, **{k: v[:3] for k, v in NOT_PLANNED.items()}}
 
@@ -117,7 +144,8 @@ def _assert_plan_equals_python(llm, prompts, monkeypatch, what: str) -> None:
                          [(c, "bfloat16", None) for c in PLANNED]
                          + [("llama-bias", "bfloat16", "int4"), ("qwen3", "bfloat16", "int4"),
                             ("llama-bias", "float32", None), ("qwen2_moe", "float32", None),
-                            ("mistral", "float32", "int4")])
+                            ("mistral", "float32", "int4"), ("gemma2", "float32", None),
+                            ("olmoe", "float32", None)])
 def test_plan_equals_python_layers(case, dtype, quantization, model_dirs, monkeypatch):
     if dtype == "bfloat16":
         _skip_without_kernel()
