@@ -64,6 +64,8 @@ void int8_woq_gemm_cpu(at::Tensor& out,                // [M, N]
                        const at::Tensor& scales_offsets,  // float32 [ceil(N/16), G, 2, 16]
                        int64_t group_size,
                        const std::optional<at::Tensor>& bias);  // [N]
+void argmax_rows_cpu(at::Tensor& out,       // [N] int64: torch.argmax(x, dim=-1)
+                     const at::Tensor& x);  // [N, V] float32
 void silu_and_mul_cpu(at::Tensor& out,      // [T, D]
                       const at::Tensor& x);  // [T, 2*D]
 void gelu_and_mul_cpu(at::Tensor& out,       // [T, D]

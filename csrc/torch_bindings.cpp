@@ -25,6 +25,7 @@ void int8_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at:
 void int8_woq_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         int64_t, const std::optional<at::Tensor>&) {}
 void silu_and_mul_meta(at::Tensor&, const at::Tensor&) {}
+void argmax_rows_meta(at::Tensor&, const at::Tensor&) {}
 void gelu_and_mul_meta(at::Tensor&, const at::Tensor&, const std::string&) {}
 void rotary_embedding_meta(const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
                            int64_t, const at::Tensor&, bool) {}
@@ -121,6 +122,8 @@ TORCH_LIBRARY(octavo, m) {
         "int group_size, Tensor? bias) -> ()");
   // out [T, D] = silu(x[:, :D]) * x[:, D:]
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
+  // out [N] int64 = torch.argmax(x [N, V] float32, dim=-1) (greedy sampling; CPU only)
+  m.def("argmax_rows(Tensor! out, Tensor x) -> ()");
   // out [T, D] = gelu(x[:, :D], approximate) * x[:, D:]; approximate: "none" | "tanh"
   m.def("gelu_and_mul(Tensor! out, Tensor x, str approximate) -> ()");
   // rotates the first rot_dim dims of each query/key head in place (neox or GPT-J pairs)
@@ -220,6 +223,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("int8_woq_gemm", &octavo::int8_woq_gemm_cpu);
   m.impl("fp8_gemm", &octavo::fp8_gemm_cpu);
   m.impl("silu_and_mul", &octavo::silu_and_mul_cpu);
+  m.impl("argmax_rows", &octavo::argmax_rows_cpu);
   m.impl("gelu_and_mul", &octavo::gelu_and_mul_cpu);
   m.impl("rotary_embedding", &octavo::rotary_embedding_cpu);
   m.impl("reshape_and_cache", &octavo::reshape_and_cache_cpu);
@@ -277,6 +281,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_meta);
   m.impl("linear", &linear_meta);
   m.impl("linear_packed", &linear_packed_meta);
+  m.impl("argmax_rows", &argmax_rows_meta);
   m.impl("pack_linear_panels", &pack_linear_panels_meta);
   m.impl("int4_gemm", &int4_gemm_meta);
   m.impl("int8_gemm", &int8_gemm_meta);

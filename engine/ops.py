@@ -85,6 +85,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    # x: [N, V] -> [N] int64, torch.argmax(x, dim=-1) (first maximum; first NaN if any). The CPU
+    # kernel takes float32 rows with a unit last stride; anything else goes to torch.argmax.
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] == 0
+            or (x.shape[1] > 1 and x.stride(1) != 1)):
+        return ops_native.argmax_rows(x)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    torch.ops.octavo.argmax_rows(out, x)
+    return out
+
+
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]; approximate: "none" | "tanh"
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
@@ -502,6 +513,7 @@ def gated_delta_rule_update(ssm_states: torch.Tensor, q: torch.Tensor, k: torch.
 
 
 if USING_NATIVE:
+    from octavo.ops_native import argmax_rows  # noqa: F811
     from octavo.ops_native import (fused_add_rms_norm, gelu_and_mul, linear, linear_packed,  # noqa: F811
                                    pack_linear_panels, paged_attention, reshape_and_cache, rms_norm,
                                    rotary_embedding, silu_and_mul)

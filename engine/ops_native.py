@@ -62,6 +62,11 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     return linear(x, unpack_linear_panels(packed, n, x.shape[1]), bias, out)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    # x: [N, V] -> [N] int64: the first index of each row's maximum (of its first NaN, if any)
+    return x.argmax(dim=-1)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # x: [T, 2*D] -> [T, D]
     d = x.shape[-1] // 2

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from octavo import ops
 from octavo.outputs import Logprob
 from octavo.sampling_params import SamplingParams
 
@@ -118,11 +119,11 @@ class Sampler:
             logits = apply_logits_processors(logits.clone(), batch, self.eos_token_ids)
             logits = apply_penalties(logits, batch)
         if meta.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = ops.argmax_rows(logits)
         else:
             sampled = sample_random(logits, batch, meta)
             if not meta.all_random:
-                sampled = torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
+                sampled = torch.where(meta.greedy, ops.argmax_rows(logits), sampled)
 
         logprobs: list[dict[int, Logprob] | None] = [None] * len(batch)
         if raw_logprobs is not None:

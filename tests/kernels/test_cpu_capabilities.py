@@ -36,6 +36,9 @@ for dtype in (torch.float32, torch.bfloat16):
     for kw in ({}, dict(sliding_window=7, soft_cap=3.0, alibi_slopes=torch.rand(8))):
         assert_close_to_ref(ops.paged_attention(**b, **kw), ops_native.paged_attention(**b, **kw),
                             ops_native.paged_attention(**to_dtype(b, torch.float64), **kw))
+x = torch.randn(7, 1003)
+x[2, 5], x[3], x[4, 1], x[4, 900] = float("nan"), float("-inf"), 50.0, 50.0
+assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
 print("ok")
 """
 
