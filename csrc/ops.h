@@ -159,6 +159,16 @@ void fused_moe_int4_packed_cpu(at::Tensor& out,                        // [T, H]
                                int64_t inter_size, int64_t group_size,  // group_size -1: per channel
                                const std::string& activation,
                                const std::optional<at::Tensor>& w13_perm);  // int32 [E, H] act order
+void fused_moe_int8_packed_cpu(at::Tensor& out,                        // [T, H]
+                               const at::Tensor& hidden,               // [T, H]
+                               const at::Tensor& w13_packed,           // int8 [E, 2*ceil(I/16), H, 16]
+                               const at::Tensor& w2_packed,            // int8 [E, ceil(H/16), I, 16]
+                               const at::Tensor& w13_scales_offsets,   // f32 [E, 2*ceil(I/16), G13, 2, 16]
+                               const at::Tensor& w2_scales_offsets,    // f32 [E, ceil(H/16), G2, 2, 16]
+                               const at::Tensor& topk_weights,         // [T, k] float32
+                               const at::Tensor& topk_ids,             // [T, k] int32
+                               int64_t inter_size, int64_t group_size13,  // -1: per channel
+                               int64_t group_size2, const std::string& activation);
 void lora_shrink_cpu(at::Tensor& out,            // [T, R] float32
                      const at::Tensor& x,        // [T, K]
                      const at::Tensor& w,        // [L, R, K]

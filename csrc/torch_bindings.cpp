@@ -51,6 +51,9 @@ void fused_moe_int4_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, int64_t, int64_t, const std::string&,
                                 const std::optional<at::Tensor>&) {}
+void fused_moe_int8_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, int64_t, int64_t, int64_t, const std::string&) {}
 void fused_moe_fp8_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         int64_t, int64_t, const std::string&) {}
@@ -171,6 +174,12 @@ TORCH_LIBRARY(octavo, m) {
         "Tensor w13_scales_offsets, Tensor w2_scales_offsets, Tensor topk_weights, "
         "Tensor topk_ids, int inter_size, int group_size, str activation, "
         "Tensor? w13_perm=None) -> ()");
+  // fused_moe with weight-only int8 experts packed once (ops_native.prepare_moe_int8_weights:
+  // each expert's gate / up / down rows in 16-row panels of int8 codes, fp32 scales and offsets
+  // per group of K; w13 and w2 may have different group sizes)
+  m.def("fused_moe_int8_packed(Tensor! out, Tensor hidden, Tensor w13_packed, Tensor w2_packed, "
+        "Tensor w13_scales_offsets, Tensor w2_scales_offsets, Tensor topk_weights, "
+        "Tensor topk_ids, int inter_size, int group_size13, int group_size2, str activation) -> ()");
   // LoRA shrink: out [T, R] float32 = scale * w [L, R, K][indices[t]] @ x [T, K][t]; index -1: 0
   m.def("lora_shrink(Tensor! out, Tensor x, Tensor w, Tensor indices, float scale) -> ()");
   // LoRA expand: out[t, offset:offset+N] += w [L, N, R][indices[t]] @ x [T, R][t]; index -1: none
@@ -236,6 +245,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("fused_moe_fp8_packed", &octavo::fused_moe_fp8_packed_cpu);
   m.impl("fused_moe_fp8", &octavo::fused_moe_fp8_cpu);
   m.impl("fused_moe_int4_packed", &octavo::fused_moe_int4_packed_cpu);
+  m.impl("fused_moe_int8_packed", &octavo::fused_moe_int8_packed_cpu);
   m.impl("lora_shrink", &octavo::lora_shrink_cpu);
   m.impl("lora_expand", &octavo::lora_expand_cpu);
   m.impl("causal_conv1d", &octavo::causal_conv1d_cpu);
@@ -300,6 +310,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("fused_moe_fp8_packed", &fused_moe_fp8_packed_meta);
   m.impl("fused_moe_fp8", &fused_moe_fp8_meta);
   m.impl("fused_moe_int4_packed", &fused_moe_int4_packed_meta);
+  m.impl("fused_moe_int8_packed", &fused_moe_int8_packed_meta);
   m.impl("lora_shrink", &lora_shrink_meta);
   m.impl("lora_expand", &lora_expand_meta);
   m.impl("causal_conv1d", &causal_conv1d_meta);

@@ -344,6 +344,53 @@ def fused_moe_int4_prepared(hidden: torch.Tensor, prepared: MoEInt4Weights,
     return out
 
 
+
+class MoEInt8Weights(NamedTuple):
+    """Weight-only int8 experts packed once for the CPU kernel (ops_native.prepare_moe_int8_weights;
+    layout in ops_native's INT8 MoE section): each expert in the dense weight-only int8 layout,
+    gate and up rows each padded to whole 16-row panels."""
+    w13: torch.Tensor                 # int8 [E, 2 * ceil(I/16), H, 16]
+    w13_scales_offsets: torch.Tensor  # float32 [E, 2 * ceil(I/16), G13, 2, 16]
+    w2: torch.Tensor                  # int8 [E, ceil(H/16), I, 16]
+    w2_scales_offsets: torch.Tensor   # float32 [E, ceil(H/16), G2, 2, 16]
+    hidden_size: int
+    inter_size: int
+    group_size13: int                 # over H (H itself: one group per output channel)
+    group_size2: int                  # over I
+
+
+def prepare_moe_int8_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
+                             w13_offsets: torch.Tensor | None, w2_q: torch.Tensor,
+                             w2_scales: torch.Tensor, w2_offsets: torch.Tensor | None,
+                             group_size13: int, group_size2: int | None = None) -> MoEInt8Weights:
+    """Weight-only int8 experts (W = q * scale + offset per group) packed once after loading;
+    pass the result to fused_moe_int8_prepared."""
+    return ops_native.prepare_moe_int8_weights(w13_q, w13_scales, w13_offsets, w2_q, w2_scales,
+                                               w2_offsets, group_size13, group_size2)
+
+
+def fused_moe_int8_prepared(hidden: torch.Tensor, prepared: MoEInt8Weights,
+                            topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                            activation: str = "silu") -> torch.Tensor:
+    # hidden [T, H] -> out [T, H]; prepared: prepare_moe_int8_weights(...)
+    p = prepared
+    e, h, i = p.w13.shape[0], p.hidden_size, p.inter_size
+    meta13 = torch.empty(e, 2 * i, h, dtype=torch.int8, device="meta")
+    meta2 = torch.empty(e, h, i, dtype=torch.int8, device="meta")
+    ops_native.check_fused_moe_args(hidden, meta13, meta2, topk_weights, topk_ids, activation)
+    if USING_NATIVE or hidden.device.type != "cpu":
+        # no INT8 MoE kernel for this device (CUDA, as for the dense weight-only int8 GEMM):
+        # the reference, on the packed weights
+        return ops_native.fused_moe_int8_prepared(hidden, p, topk_weights, topk_ids, activation)
+    _check_ids_on_cpu(topk_ids, e)
+    out = torch.empty_like(hidden)
+    x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    torch.ops.octavo.fused_moe_int8_packed(out, x, p.w13, p.w2, p.w13_scales_offsets,
+                                           p.w2_scales_offsets, topk_weights.contiguous(),
+                                           topk_ids.contiguous(), i, p.group_size13,
+                                           p.group_size2, activation)
+    return out
+
 # ---- state-space models, Mamba-1 (signatures and semantics: ops_native's SSM section) ----
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -1536,6 +1536,125 @@ def int8_woq_gemm_prepared(x: torch.Tensor, w, bias: torch.Tensor | None = None)
 # ---- end INT8 GEMM ----
 
 
+# ---- INT8 MoE: fused MoE over weight-only int8 experts ------------------------------------------
+# Expert weights W[n, k] = q[n, k] * scale[n, g] + offset[n, g] with q int8 and g = k // group
+# size: GGUF Q8_0 / Q5_K / Q6_K expert stacks, and the 4-bit stacks of a layer that mixes them
+# (Q4_K_M keeps gate / up in Q4_K and down in Q6_K). w13 [E, 2I, H] and w2 [E, H, I] each have a
+# group size of their own. Packed once per expert in the dense weight-only int8 layout
+# (pack_int8_woq_panels), gate and up rows padded separately so that a panel never mixes them:
+#   w13: int8 [E, 2 * ceil(I/16), H, 16] (gate panels, then up panels), w2: [E, ceil(H/16), I, 16]
+#   scales / offsets: float32 [E, panels, G, 2, 16].
+
+def _moe_int8_stack(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                    group_size: int, name: str) -> None:
+    if q.dim() != 3 or q.dtype != torch.int8:
+        raise ValueError(f"INT8 MoE experts: {name} codes must be int8 [E, N, K], got {q.dtype} "
+                         f"{tuple(q.shape)}")
+    e, n, k = q.shape
+    _, groups = int4_groups(k, group_size)
+    for what, t in (("scales", scales), ("offsets", offsets)):
+        if t is not None and tuple(t.shape) != (e, n, groups):
+            raise ValueError(f"INT8 MoE experts: {name} {what} must be [{e}, {n}, {groups}] "
+                             f"(groups of {group_size} over K = {k}), got {tuple(t.shape)}")
+
+
+def _moe_int8_shapes(w13_q, w13_scales, w13_offsets, w2_q, w2_scales, w2_offsets, gs13, gs2):
+    _moe_int8_stack(w13_q, w13_scales, w13_offsets, gs13, "w13")
+    _moe_int8_stack(w2_q, w2_scales, w2_offsets, gs2, "w2")
+    e, i2, h = w13_q.shape
+    if i2 % 2 or tuple(w2_q.shape) != (e, h, i2 // 2):
+        raise ValueError(f"INT8 MoE experts: w13 must be [E, 2I, H] and w2 [E, H, I], got "
+                         f"{tuple(w13_q.shape)} and {tuple(w2_q.shape)}")
+
+
+def moe_int8_dequantize(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                        group_size: int) -> torch.Tensor:
+    """One expert's (or a stack's) codes [..., N, K] -> the fp32 weight [..., N, K]."""
+    k = q.shape[-1]
+    gs, _ = int4_groups(k, group_size)
+    g = torch.arange(k, device=q.device) // gs
+    w = q.float() * scales.float()[..., g]
+    return w if offsets is None else w + offsets.float()[..., g]
+
+
+def fused_moe_int8(hidden: torch.Tensor, w13_q: torch.Tensor, w13_scales: torch.Tensor,
+                   w13_offsets: torch.Tensor | None, w2_q: torch.Tensor, w2_scales: torch.Tensor,
+                   w2_offsets: torch.Tensor | None, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, group_size13: int, group_size2: int,
+                   activation: str = "silu") -> torch.Tensor:
+    # fused_moe with int8 experts: each chosen expert dequantized, then the same gated MLP in
+    # fp32 (fp64 for fp64 hidden) -> out [T, H] in hidden's dtype
+    _moe_int8_shapes(w13_q, w13_scales, w13_offsets, w2_q, w2_scales, w2_offsets, group_size13,
+                     group_size2)
+    check_fused_moe_args(hidden, w13_q, w2_q, topk_weights, topk_ids, activation)
+
+    def expert(ex: int):
+        return (moe_int8_dequantize(w13_q[ex], w13_scales[ex],
+                                    None if w13_offsets is None else w13_offsets[ex], group_size13),
+                moe_int8_dequantize(w2_q[ex], w2_scales[ex],
+                                    None if w2_offsets is None else w2_offsets[ex], group_size2))
+    return _fused_moe_experts(hidden, expert, w13_q.shape[0], w13_q.shape[1] // 2, topk_weights,
+                              topk_ids, activation)
+
+
+def _pack_int8_experts(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # [E, N, K] -> (int8 [E, ceil(N/16), K, 16], float32 [E, ceil(N/16), G, 2, 16])
+    e, n, k = q.shape
+    gs, groups = int4_groups(k, group_size)
+    if e == 0:
+        p = -(-n // INT8_PANEL)
+        return (q.new_zeros(0, p, k, INT8_PANEL, dtype=torch.int8),
+                q.new_zeros(0, p, groups, 2, INT8_PANEL, dtype=torch.float32))
+    parts = [pack_int8_woq_panels(q[x], scales[x], None if offsets is None else offsets[x], gs)
+             for x in range(e)]
+    return torch.stack([a for a, _ in parts]), torch.stack([b for _, b in parts])
+
+
+def prepare_moe_int8_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
+                             w13_offsets: torch.Tensor | None, w2_q: torch.Tensor,
+                             w2_scales: torch.Tensor, w2_offsets: torch.Tensor | None,
+                             group_size13: int, group_size2: int | None = None):
+    """Pack int8 experts once after loading (layout above) -> ops.MoEInt8Weights; group_size2
+    defaults to group_size13 (-1: one group per output channel)."""
+    from octavo.ops import MoEInt8Weights
+    gs2 = group_size13 if group_size2 is None else group_size2
+    _moe_int8_shapes(w13_q, w13_scales, w13_offsets, w2_q, w2_scales, w2_offsets, group_size13, gs2)
+    i, h = w13_q.shape[1] // 2, w13_q.shape[2]
+    gate = _pack_int8_experts(w13_q[:, :i], w13_scales[:, :i],
+                              None if w13_offsets is None else w13_offsets[:, :i], group_size13)
+    up = _pack_int8_experts(w13_q[:, i:], w13_scales[:, i:],
+                            None if w13_offsets is None else w13_offsets[:, i:], group_size13)
+    w2p, w2so = _pack_int8_experts(w2_q, w2_scales, w2_offsets, gs2)
+    return MoEInt8Weights(torch.cat((gate[0], up[0]), 1).contiguous(),
+                          torch.cat((gate[1], up[1]), 1).contiguous(), w2p, w2so, h, i,
+                          int4_groups(h, group_size13)[0], int4_groups(i, gs2)[0])
+
+
+def unpack_moe_int8_weights(prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 experts (w13 [E, 2I, H], w2 [E, H, I]) that an ops.MoEInt8Weights stands for."""
+    p = prepared
+    h, i = p.hidden_size, p.inter_size
+    pi = -(-i // INT8_PANEL)
+
+    def unpack(packed, so, n, k, gs):
+        if packed.shape[0] == 0:
+            return packed.new_zeros(0, n, k, dtype=torch.float32)
+        return torch.stack([unpack_int8_woq_panels(packed[x], so[x], n, gs)
+                            for x in range(packed.shape[0])])
+    gate = unpack(p.w13[:, :pi], p.w13_scales_offsets[:, :pi], i, h, p.group_size13)
+    up = unpack(p.w13[:, pi:], p.w13_scales_offsets[:, pi:], i, h, p.group_size13)
+    return torch.cat((gate, up), 1), unpack(p.w2, p.w2_scales_offsets, h, i, p.group_size2)
+
+
+def fused_moe_int8_prepared(hidden: torch.Tensor, prepared, topk_weights: torch.Tensor,
+                            topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    # prepared: prepare_moe_int8_weights(...) -> out [T, H]
+    w13, w2 = unpack_moe_int8_weights(prepared)
+    return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+# ---- end INT8 MoE ----
+
+
 # ---- Gated delta rule (Kimi-Linear's KDA; Qwen3-Next's GDN when g has one value per head) -------
 # Heads H, key dim K, value dim V; state S [H, K, V] fp32 per slot. Per token (q, k l2-normalized
 # when use_qk_l2norm, q scaled by `scale`, default K ** -0.5):

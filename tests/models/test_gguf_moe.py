@@ -1,8 +1,9 @@
-"""GGUF MoE experts kept in 4 bits: tiny Qwen2-MoE and Qwen3-MoE files written the way llama.cpp
+"""GGUF MoE experts kept quantized: tiny Qwen2-MoE and Qwen3-MoE files written the way llama.cpp
 writes them (test_gguf_archs' writer) with the expert stacks ffn_{gate,up,down}_exps in Q4_0,
-Q4_1, Q4_K, or a per-layer mix in which one layer's down stack is of another type (as Q4_K_M
-writes some in Q6_K). octavo keeps a layer's experts on the INT4 MoE kernel when its three stacks
-are 4-bit types, holds exactly the values the gguf package dequantizes, uses less memory than the
+Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, or a per-layer mix in which one layer's down stack is of another
+type (as Q4_K_M writes some in Q6_K). octavo keeps a layer's experts on the INT4 MoE kernel when
+its three stacks are 4-bit types and on the weight-only INT8 MoE kernel when they are other kept
+types, holds exactly the values the gguf package dequantizes, uses less memory than the
 dequantized load, and generates what transformers generates from the same file; two tensor
 parallel ranks equal one."""
 from __future__ import annotations
@@ -29,6 +30,7 @@ from octavo import LLM, SamplingParams, ops, ops_native
 ARCHS = {"qwen2moe": ("qwen2_moe", {}), "qwen3moe": ("qwen3_moe", {"head_dim": 64})}
 FIELDS = {**TINY_COMMON, "hidden_size": 256, "num_experts": 4, "num_experts_per_tok": 2}
 FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+EIGHT_BIT = ("Q5_K", "Q6_K", "Q8_0")     # kept on the INT8 kernel (and 4-bit stacks beside them)
 
 
 def layer_types(arch: str, case: str) -> list[tuple[str, str, str]]:
@@ -153,22 +155,24 @@ def _file_experts(path: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([stacks["gate"], stacks["up"]], 1), stacks["down"]
 
 
-def _kept(arch: str, case: str) -> list[bool]:
-    return [all(t in FOUR_BIT for t in types) for types in layer_types(arch, case)]
+def _kept(arch: str, case: str) -> list[str]:
+    """The method each layer's experts must get."""
+    return ["GGUFInt4MoEMethod" if all(t in FOUR_BIT for t in types) else "GGUFInt8MoEMethod"
+            for types in layer_types(arch, case)]
 
 
-CASES = [(arch, case) for arch in sorted(ARCHS) for case in ("Q4_0", "Q4_1", "Q4_K", "mixed")]
+# Qwen2-MoE's I = 1408 takes no K type for its down stacks
+CASES = [(arch, case) for arch in sorted(ARCHS) for case in ("Q4_0", "Q4_1", "Q4_K", "mixed")] + [
+    ("qwen2moe", "Q8_0"), ("qwen3moe", "Q5_K"), ("qwen3moe", "Q6_K")]
 
 
 @pytest.mark.parametrize("arch,case", CASES)
 def test_matches_transformers_loading_the_same_file(arch, case, gguf_file):
     from transformers import AutoModelForCausalLM
-    from octavo.models.layers.quantization.gguf import GGUFInt4MoEMethod
-
     path = gguf_file(arch, case)
     llm = LLM(path, dtype="float32", kv_cache_memory=1 << 24)
     moes = _moes(llm.llm_engine.runner.model)
-    assert [isinstance(m.quant_method, GGUFInt4MoEMethod) for m in moes] == _kept(arch, case)
+    assert [type(m.quant_method).__name__ for m in moes] == _kept(arch, case)
     outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=8, logprobs=5,
                                                     ignore_eos=True), use_tqdm=False)
     folder, name = os.path.split(path)
@@ -186,35 +190,43 @@ def test_matches_transformers_loading_the_same_file(arch, case, gguf_file):
 
 
 @pytest.mark.parametrize("arch,case", [("qwen2moe", "Q4_0"), ("qwen3moe", "Q4_K"),
-                                       ("qwen3moe", "mixed")])
-def test_experts_stay_4_bit(arch, case, gguf_file, monkeypatch):
-    from octavo.models.layers.quantization.gguf import GGUFInt4MoEMethod
-
+                                       ("qwen3moe", "mixed"), ("qwen2moe", "mixed"),
+                                       ("qwen2moe", "Q8_0"), ("qwen3moe", "Q5_K"),
+                                       ("qwen3moe", "Q6_K")])
+def test_experts_stay_quantized(arch, case, gguf_file, monkeypatch):
     path = gguf_file(arch, case)
     model = _load(path)
     monkeypatch.setenv("OCTAVO_GGUF_INT4", "0")        # everything dequantized at load
     plain = _load(path)
     assert _weight_bytes(model) < _weight_bytes(plain)
-    for layer, (m, p, kept) in enumerate(zip(_moes(model), _moes(plain), _kept(arch, case))):
-        got = _storage_bytes(m._prepared)
-        if not kept:      # an 8/6-bit stack: that layer's experts load dequantized, as before
-            assert m.quant_method is None and got == _storage_bytes(p._prepared)
-            continue
-        assert isinstance(m.quant_method, GGUFInt4MoEMethod)
-        assert isinstance(m._prepared, ops.MoEInt4Weights) and m._prepared.w13.dtype == torch.uint8
+    for layer, (m, p, kept, types) in enumerate(zip(_moes(model), _moes(plain), _kept(arch, case),
+                                                    layer_types(arch, case))):
+        got, fp32 = _storage_bytes(m._prepared), _storage_bytes(p._prepared)
+        assert type(m.quant_method).__name__ == kept and p.quant_method is None
         assert all(t.numel() == 0 for t in (m.w13_weight, m.w2_weight, m.w13_qweight))
-        # half a byte per weight plus a scale and an offset per 32: under a quarter of fp32
-        assert got < 0.25 * _storage_bytes(p._prepared), (got, _storage_bytes(p._prepared))
+        if kept == "GGUFInt4MoEMethod":
+            assert isinstance(m._prepared, ops.MoEInt4Weights) and m._prepared.w13.dtype == torch.uint8
+            # half a byte per weight plus a scale and an offset per 32: under a quarter of fp32
+            assert got < 0.25 * fp32, (got, fp32)
+            w13, w2 = ops_native.unpack_moe_int4_weights(m._prepared)
+        else:
+            assert isinstance(m._prepared, ops.MoEInt8Weights) and m._prepared.w13.dtype == torch.int8
+            gs = [min(16 if t == "Q6_K" else 32 for t in types[:2]), 16 if types[2] == "Q6_K" else 32]
+            assert [m._prepared.group_size13, m._prepared.group_size2] == gs
+            # a byte per weight plus a scale and an offset per 16 or 32: under 40% of fp32
+            assert got < 0.4 * fp32, (got, fp32)
+            w13, w2 = ops_native.unpack_moe_int8_weights(m._prepared)
         # exactly the values the gguf package dequantizes (codes * scale + offset in fp32)
-        w13, w2 = ops_native.unpack_moe_int4_weights(m._prepared)
         ref13, ref2 = _file_experts(path, layer)
         torch.testing.assert_close(w13, ref13, rtol=0, atol=0)
         torch.testing.assert_close(w2, ref2, rtol=0, atol=0)
 
 
 def test_mixed_file_names_each_stack():
-    # a layer is kept only when all three of its stacks are 4-bit types
-    from octavo.models.layers.quantization.gguf import GGUFConfig, GGUFInt4MoEMethod
+    # a layer is kept in 4 bits when all three of its stacks are 4-bit types, on the INT8
+    # kernel when they are all of a kept type (group sizes: gate / up's smaller one, down's own)
+    from octavo.models.layers.quantization.gguf import (GGUFConfig, GGUFInt4MoEMethod,
+                                                        GGUFInt8MoEMethod)
     from octavo.models.gguf_loader import expert_weight_name
 
     class Moe:
@@ -224,14 +236,19 @@ def test_mixed_file_names_each_stack():
         return {expert_weight_name(prefix, p): t
                 for p, t in zip(("gate_proj", "up_proj", "down_proj"), (gate, up, down))}
 
-    q4_0, q4_1, q4_k, q8_0, q6_k = 2, 3, 12, 8, 14
-    config = GGUFConfig({**types(q4_k, q4_1, q4_0),
-                         **types(q4_k, q4_k, q6_k, "model.layers.1.mlp.experts")}, {})
+    q4_0, q4_1, q4_k, q8_0, q6_k, f16 = 2, 3, 12, 8, 14, 1
+    layer1 = "model.layers.1.mlp.experts"
+    config = GGUFConfig({**types(q4_k, q4_1, q4_0), **types(q4_k, q4_k, q6_k, layer1)}, {})
     assert isinstance(config.get_moe_method("model.layers.0.mlp.experts", Moe()), GGUFInt4MoEMethod)
-    assert config.get_moe_method("model.layers.1.mlp.experts", Moe()) is None
+    method = config.get_moe_method(layer1, Moe())
+    assert isinstance(method, GGUFInt8MoEMethod) and method.gs == {"w13": 32, "w2": 16}
     assert config.get_moe_method("model.layers.2.mlp.experts", Moe()) is None   # F32 / absent
-    assert set(config.kept) == set(types(q4_k, q4_1, q4_0))
-    config = GGUFConfig(types(q4_0, q4_0, q8_0), {})
+    assert set(config.kept) == set(types(q4_k, q4_1, q4_0)) | set(types(q4_k, q4_k, q6_k, layer1))
+    assert {config.kept[n] for n in types(q4_k, q4_k, q6_k, layer1)} == {("int8", 32), ("int8", 16)}
+    config = GGUFConfig(types(q6_k, q4_0, q8_0), {})
+    method = config.get_moe_method("model.layers.0.mlp.experts", Moe())
+    assert isinstance(method, GGUFInt8MoEMethod) and method.gs == {"w13": 16, "w2": 32}
+    config = GGUFConfig({n: t for n, t in types(q4_0, q4_0, q8_0).items() if "down" not in n}, {})
     assert config.get_moe_method("model.layers.0.mlp.experts", Moe()) is None and not config.kept
 
 
@@ -267,20 +284,52 @@ if rank == 0:
     torch.save(results, sys.argv[3])
 dist.barrier()  # no rank tears down gloo while the other still has traffic in flight
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip C++ static destructors: tp_util's note on a gloo teardown abort
 '''
 
 
 def test_tensor_parallel_two_ranks_match_one(gguf_file, tmp_path):
-    # each rank holds its slice of I: gate / up rows, down columns and their 32-groups
-    paths = [gguf_file("qwen2moe", "Q4_0"), gguf_file("qwen3moe", "Q4_K")]
+    # each rank holds its slice of I: gate / up rows, down columns and their groups (4-bit
+    # layers; a Q6_K-down layer beside a 4-bit one; Q8_0 layers)
+    paths = [gguf_file("qwen2moe", "Q4_0"), gguf_file("qwen3moe", "Q4_K"),
+             gguf_file("qwen3moe", "mixed"), gguf_file("qwen2moe", "Q8_0")]
     seqs = [list(range(3, 16)), list(range(40, 61))]
     torch.save(seqs, tmp_path / "seqs.pt")
     worker = tmp_path / "worker.py"
     worker.write_text(_TP_WORKER)
     run_two_ranks(worker, [os.path.dirname(__file__), tmp_path / "seqs.pt", tmp_path / "out.pt",
                            *paths], timeout=600)
-    for path, (got, methods) in zip(paths, torch.load(tmp_path / "out.pt")):
-        assert methods == ["GGUFInt4MoEMethod"] * 2, methods
+    for path, (got, methods), want in zip(paths, torch.load(tmp_path / "out.pt"),
+                                          (["GGUFInt4MoEMethod"] * 2, ["GGUFInt4MoEMethod"] * 2,
+                                           ["GGUFInt8MoEMethod", "GGUFInt4MoEMethod"],
+                                           ["GGUFInt8MoEMethod"] * 2)):
+        assert methods == want, methods
         one, _ = gguf_logits(path, seqs)
         torch.testing.assert_close(got, one, atol=1e-4, rtol=0,
                                    msg=lambda m, path=path: f"{path}: {m}")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_int8_experts_dequantized_off_the_kernel(native):
+    # off CPU octavo has no INT8 MoE kernel: the experts are dequantized once at load in the
+    # layer's dtype (forced here on CPU); both forms must give the kernel's answer
+    from types import SimpleNamespace
+    from octavo.models.layers.quantization.int8_moe import apply_int8_experts, prepare_int8_experts
+
+    g = torch.Generator().manual_seed(0)
+    e, h, i = 4, 64, 48
+    q13, q2 = (torch.randint(-128, 128, s, generator=g).to(torch.int8) for s in ((e, 2 * i, h), (e, h, i)))
+    s13, s2 = torch.rand(e, 2 * i, h // 32, generator=g) / 400, torch.rand(e, h, i // 16, generator=g) / 300
+    o13, o2 = torch.randn(s13.shape, generator=g) / 50, torch.randn(s2.shape, generator=g) / 50
+    moe = SimpleNamespace(w13_weight=torch.empty(0), activation="silu")
+    hidden = torch.randn(5, h, generator=g)
+    tw, ti = ops.topk_routing(torch.randn(5, e, generator=g), 2)
+    runs = []
+    for kernel in (True, False):
+        moe._prepared = prepare_int8_experts(moe, q13, s13, o13, q2, s2, o2, 32, 16, kernel=kernel)
+        assert isinstance(moe._prepared, ops.MoEInt8Weights) == kernel
+        runs.append(apply_int8_experts(moe, hidden, tw, ti, native=native))
+    want = ops_native.fused_moe_int8(hidden.double(), q13, s13, o13, q2, s2, o2, tw, ti, 32, 16)
+    for out in runs:
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)

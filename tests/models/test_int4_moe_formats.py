@@ -1,8 +1,8 @@
-"""4-bit MoE checkpoints: tiny Qwen3-MoE and Mixtral written here as GPTQ (AutoGPTQ / GPTQModel
-layout), AWQ (GEMM) and compressed-tensors pack-quantized W4A16 files, experts and attention
-alike (routers stay float), loaded by octavo with the experts kept in 4 bits on the INT4 MoE
-kernel and compared with transformers running the dequantized weights, GPTQ act order
-(desc_act) included; quantization="int4" on a float MoE checkpoint (its logprob error bounded,
+"""4-bit and 8-bit MoE checkpoints: tiny Qwen3-MoE and Mixtral written here as GPTQ (AutoGPTQ /
+GPTQModel layout), AWQ (GEMM) and compressed-tensors pack-quantized W4A16 files, experts and
+attention alike (routers stay float), loaded by octavo with the experts kept in 4 bits on the INT4
+MoE kernel and compared with transformers running the dequantized weights, GPTQ act order
+(desc_act) included; GPTQ 8-bit files with the experts kept on the weight-only INT8 MoE kernel; quantization="int4" on a float MoE checkpoint (its logprob error bounded,
 and parity on its own dequantized weights); two tensor-parallel ranks equal one."""
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from parity import PROMPTS, assert_matches_hf
-from test_int8_formats import _quant_args, ct_group, pack_to_int32
+from test_int8_formats import _quant_args, ct_group, gptq8_tensors, pack_to_int32
 from test_quantized_formats import awq_tensors, gptq_tensors, quantize
 from tiny_models import save_tiny_model
 
@@ -43,6 +43,8 @@ CASES = {   # model, format, group size, symmetric, act order (GPTQ desc_act)
     "awq-mixtral-channel": ("mixtral", "awq", -1, False, False),
     "ct-qwen3_moe-w4a16-g32-asym": ("qwen3_moe", "compressed-tensors", 32, False, False),
     "ct-mixtral-w4a16-channel": ("mixtral", "compressed-tensors", -1, True, False),
+    "gptq8-qwen3_moe-sym-g32": ("qwen3_moe", "gptq8", 32, True, False),
+    "gptq8-mixtral-asym-channel": ("mixtral", "gptq8", -1, False, False),
 }
 # GPTQ's act order comes from the layer input's Hessian: projections that share an input share it
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "w3": "w1"}
@@ -52,6 +54,8 @@ SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", 
 
 def _quantize_linear(t, fmt, group_size, sym, act_order=False, seed=0):
     """One [N, K] weight -> (the format's tensors by suffix, the dequantized weight)."""
+    if fmt == "gptq8":
+        return gptq8_tensors(t, group_size, sym)
     if fmt in ("gptq", "awq"):
         q, s, z, g_idx, deq = quantize(t, group_size, sym, act_order, seed)
         return (gptq_tensors(q, s, z, g_idx) if fmt == "gptq" else awq_tensors(q, s, z)), deq
@@ -64,6 +68,9 @@ def _quantize_linear(t, fmt, group_size, sym, act_order=False, seed=0):
 
 
 def quant_config(fmt, group_size, sym, act_order=False):
+    if fmt == "gptq8":
+        return {"quant_method": "gptq", "bits": 8, "group_size": group_size, "desc_act": False,
+                "sym": sym, "checkpoint_format": "gptq"}
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order,
                 "sym": sym, "checkpoint_format": "gptq"}
@@ -193,6 +200,46 @@ def test_experts_stay_4_bit(case, quant_dirs):
         assert all(getattr(m, n).numel() == 0 for n in ("w13_qweight", "w2_g_idx") if hasattr(m, n))
 
 
+@pytest.mark.parametrize("case", ["gptq8-qwen3_moe-sym-g32", "gptq8-mixtral-asym-channel"])
+def test_gptq8_experts_stay_8_bit(case, quant_dirs):
+    from octavo.models.layers.fused_moe import FusedMoE
+    from octavo.models.layers.quantization.int8_moe import GPTQ8MoEMethod
+
+    qdir, deq = quant_dirs(case)
+    model = _load(qdir)
+    moes = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert moes
+    ref = load_file(os.path.join(deq, "model.safetensors"))
+    for layer, m in enumerate(moes):
+        assert isinstance(m.quant_method, GPTQ8MoEMethod)
+        p = m._prepared
+        assert isinstance(p, ops.MoEInt8Weights) and p.w13.dtype == torch.int8
+        # a byte per weight (rows padded to whole 16-row panels), no float copy kept
+        e, h, i = m.num_experts, m.hidden_size, m.local_size
+        assert p.w13.numel() == e * 2 * (-(-i // 16) * 16) * h and p.w2.numel() == e * (-(-h // 16) * 16) * i
+        assert all(t.numel() == 0 for t in (m.w13_weight, m.w2_weight, m.w13_qweight))
+        # the values the writer dequantized (W = (q - z) * s)
+        w13, w2 = ops_native.unpack_moe_int8_weights(p)
+        prefix = next(k for k in ref if f"layers.{layer}." in k and ".experts.0." in k).split(".experts.")[0]
+        names = ("gate_proj", "up_proj", "down_proj") if "mixtral" not in case else ("w1", "w3", "w2")
+        for x in range(e):
+            want13 = torch.cat([ref[f"{prefix}.experts.{x}.{n}.weight"] for n in names[:2]])
+            torch.testing.assert_close(w13[x], want13, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(w2[x], ref[f"{prefix}.experts.{x}.{names[2]}.weight"],
+                                       rtol=1e-6, atol=1e-7)
+
+
+def test_gptq8_act_order_is_refused(float_dir, tmp_path):
+    qdir, _ = write_int4(float_dir("qwen3_moe"), tmp_path, "gptq8", 32, True)
+    with open(os.path.join(qdir, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"]["desc_act"] = True
+    with open(os.path.join(qdir, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="desc_act"):
+        LLM(model=qdir, kv_cache_memory=1 << 24)
+
+
 def _prompt_logprobs(llm, prompts):
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     return [torch.tensor([next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]])
@@ -242,7 +289,8 @@ def test_tensor_parallel_two_ranks_match_one(quant_dirs, tmp_path):
     from tp_util import one_rank_logits, two_rank_logits
 
     # act order: each rank keeps a run of whole groups of I in w2's group order
-    cases = ["gptq-qwen3_moe-sym-g32", "ct-mixtral-w4a16-channel", "gptq-qwen3_moe-act-order-asym-g32"]
+    cases = ["gptq-qwen3_moe-sym-g32", "ct-mixtral-w4a16-channel", "gptq-qwen3_moe-act-order-asym-g32",
+             "gptq8-qwen3_moe-sym-g32", "gptq8-mixtral-asym-channel"]
     seqs = [list(range(3, 16)), list(range(40, 61))]
     dirs = [quant_dirs(case)[0] for case in cases]
     for case, path, got in zip(cases, dirs, two_rank_logits(dirs, seqs, str(tmp_path))):

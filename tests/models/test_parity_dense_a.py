@@ -106,6 +106,8 @@ for i, model_dir in enumerate(sys.argv[3:]):
         torch.save(torch.cat(logits), os.path.join(os.path.dirname(sys.argv[2]), f"out{i}.pt"))
 dist.barrier()  # no rank tears down gloo while the other still has traffic in flight
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip C++ static destructors: tp_util's note on a gloo teardown abort
 '''
 
 # Conv1D shards, ALiBi slopes per rank with interleaved qkv, one kv head replicated on both

@@ -7,9 +7,10 @@ holding any other type load dequantized, as before.
 
 MoE experts (the stacks ffn_{gate,up,down}_exps) go on the INT4 MoE kernel with the same codes,
 scales and offsets, per layer when its three stacks are all Q4_0 / Q4_1 / Q4_K (mixed among
-them too). A layer with any other expert type (Q4_K_M's Q6_K down stacks, Q5_K, Q8_0, F16, ...)
-keeps its experts dequantized: octavo has no weight-only INT8 MoE kernel, and the FP8 one would
-round them."""
+them too); on the weight-only INT8 MoE kernel when they are all of a kept type but not all
+4-bit (Q8_0, Q5_K, Q6_K, and Q4_K_M's Q4_K gate / up beside its Q6_K down), each stack with its
+own group size (gate and up share the smaller of theirs), as exactly. A layer with any other
+expert type (F16, Q2_K, ...) keeps its experts dequantized."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +22,7 @@ from octavo.models.layers.quantization.base import QuantizationConfig
 from octavo.models.layers.quantization.int4 import Int4LinearMethod, _param
 from octavo.models.layers.quantization.int4_moe import Int4MoEMethod
 from octavo.models.layers.quantization.int8 import Int8WoqLinearMethod
+from octavo.models.layers.quantization.int8_moe import apply_int8_experts, prepare_int8_experts
 
 Q4_TYPES = (2, 3)   # GGMLQuantizationType Q4_0, Q4_1
 GGUF_GROUP = 32
@@ -103,6 +105,80 @@ class GGUFInt4MoEMethod(Int4MoEMethod):
         return prepared
 
 
+class GGUFInt8MoEMethod:
+    """GGUF experts on the weight-only INT8 MoE kernel (ops.fused_moe_int8_prepared; off CPU
+    dequantized once at load, int8_moe.prepare_int8_experts). Parameters:
+    codes int8 w13_qweight [E, 2I/tp, H] (gate rows, then up rows) / w2_qweight [E, H, I/tp], and
+    scales and offsets float32 [E, N, K/group] (W = codes * scale + offset), each filled one expert
+    and projection at a time; a rank keeps its rows of gate / up and its columns (and groups) of
+    down."""
+
+    def __init__(self, group_size13: int, group_size2: int):
+        self.gs = {"w13": group_size13, "w2": group_size2}
+
+    def create_weights(self, moe) -> None:
+        e, i, h = moe.num_experts, moe.local_size, moe.hidden_size
+        for stack in ("w13", "w2"):     # the float stacks are not loaded: the codes replace them
+            empty = nn.Parameter(torch.empty(0, dtype=getattr(moe, f"{stack}_weight").dtype),
+                                 requires_grad=False)
+            empty.optional = True
+            setattr(moe, f"{stack}_weight", empty)
+        for stack, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
+            groups = k // self.gs[stack]
+            for name, shape, dtype in (("qweight", (e, n, k), torch.int8),
+                                       ("scales", (e, n, groups), torch.float32),
+                                       ("offsets", (e, n, groups), torch.float32)):
+                p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+                p.weight_loader = self._loader(moe, stack)
+                setattr(moe, f"{stack}_{name}", p)
+
+    def _loader(self, moe, stack: str):
+        def load(param, loaded, shard_id):
+            expert, kind = shard_id if isinstance(shard_id, tuple) else (None, shard_id)
+            if expert is None or kind not in ("w1", "w3", "w2"):
+                raise ValueError("GGUF expert tensors are read one expert and projection at a "
+                                 f"time, got shard {shard_id!r}")
+            if not 0 <= expert < moe.num_experts:
+                raise ValueError(f"expert {expert} is out of range for {moe.num_experts} experts")
+            i, rank = moe.local_size, moe.tp_rank
+            if kind == "w2":            # this rank's columns of I, and their groups
+                cut = param.shape[2]
+                src = loaded if loaded.shape[1] == cut else loaded.narrow(1, rank * cut, cut)
+                dst = param.data[expert]
+            else:
+                src = loaded.narrow(0, rank * i, i)
+                dst = param.data[expert].narrow(0, 0 if kind == "w1" else i, i)
+            if src.shape != dst.shape:
+                raise ValueError(f"expert {expert} {kind}: a {list(loaded.shape)} tensor does not "
+                                 f"fit {list(param.shape[1:])}")
+            dst.copy_(src)
+            if param.dtype == torch.int8:
+                moe._loaded.add((expert, kind))
+        return load
+
+    def process_weights_after_loading(self, moe):
+        """-> the packed experts (ops.MoEInt8Weights); they replace the loaded parameters."""
+        def get(stack: str, name: str) -> torch.Tensor:
+            return getattr(moe, f"{stack}_{name}").data
+        prepared = prepare_int8_experts(
+            moe, get("w13", "qweight"), get("w13", "scales"), get("w13", "offsets"),
+            get("w2", "qweight"), get("w2", "scales"), get("w2", "offsets"), self.gs["w13"],
+            self.gs["w2"])
+        for stack in ("w13", "w2"):
+            for name in ("qweight", "scales", "offsets"):
+                p = getattr(moe, f"{stack}_{name}")
+                p.data = p.data.new_empty(0)
+        return prepared
+
+    @staticmethod
+    def apply(moe, hidden, topk_weights, topk_ids):
+        return apply_int8_experts(moe, hidden, topk_weights, topk_ids)
+
+    @staticmethod
+    def apply_native(moe, hidden, topk_weights, topk_ids):
+        return apply_int8_experts(moe, hidden, topk_weights, topk_ids, native=True)
+
+
 class GGUFConfig(QuantizationConfig):
     """Built from the file: `q4_names` maps the HF names of its kept-type weights to their ggml
     type (gguf_loader.q4_weight_names); a linear layer stays quantized when every checkpoint
@@ -142,14 +218,23 @@ class GGUFConfig(QuantizationConfig):
 
     def get_moe_method(self, layer_name: str, moe):
         """The INT4 MoE method when the layer's gate, up and down stacks are all of a 4-bit
-        type; None (experts dequantized at load) otherwise, and where a rank's slice of the
-        intermediate size is no whole number of 32-groups (many tensor parallel ranks)."""
+        type, the INT8 one when they are all of a kept type otherwise; None (experts dequantized
+        at load) when any is not, and where a rank's slice of the intermediate size is no whole
+        number of groups (many tensor parallel ranks)."""
         from octavo.models.gguf_loader import expert_weight_name
         names = [expert_weight_name(layer_name, p) for p in ("gate_proj", "up_proj", "down_proj")]
         types = [self.types.get(n) for n in names]
-        if not all(t in self.kept_types and self.kept_types[t][0] == "int4" for t in types):
+        if not all(t in self.kept_types for t in types):
             return None
-        if moe.local_size % GGUF_GROUP or moe.hidden_size % GGUF_GROUP:
+        kinds = [self.kept_types[t] for t in types]
+        if all(family == "int4" for family, _ in kinds):
+            if moe.local_size % GGUF_GROUP or moe.hidden_size % GGUF_GROUP:
+                return None
+            self.kept.update({n: ("int4", GGUF_GROUP) for n in names})
+            return GGUFInt4MoEMethod()
+        gs13, gs2 = min(kinds[0][1], kinds[1][1]), kinds[2][1]
+        if moe.hidden_size % gs13 or moe.local_size % gs2:
             return None
-        self.kept.update({n: ("int4", GGUF_GROUP) for n in names})
-        return GGUFInt4MoEMethod()
+        self.kept.update({names[0]: ("int8", gs13), names[1]: ("int8", gs13),
+                          names[2]: ("int8", gs2)})
+        return GGUFInt8MoEMethod(gs13, gs2)

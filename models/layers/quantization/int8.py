@@ -261,3 +261,7 @@ class GPTQ8Config(QuantizationConfig):
 
     def get_linear_method(self, layer_name: str, layer: LinearBase):
         return None if self.skips(layer_name) else GPTQ8LinearMethod(self)
+
+    def get_moe_method(self, layer_name: str, moe):
+        from octavo.models.layers.quantization.int8_moe import GPTQ8MoEMethod
+        return None if self.skips(layer_name) else GPTQ8MoEMethod(self)
