@@ -104,7 +104,8 @@ TORCH_LIBRARY(octavo, m) {
   m.def("linear(Tensor! out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   // the same with a bf16 weight packed as [ceil(N/64), ceil(K/2), 64, 2] (64-output panels of K pairs)
   m.def("linear_packed(Tensor! out, Tensor x, Tensor packed, Tensor? bias) -> ()");
-  // repack a dense weight [N, K] into that layout (load time; ops_native.pack_linear_panels)
+  // repack a dense weight [N, K] into that layout (load time; ops_native.pack_linear_panels);
+  // out may be weight's own memory (N a multiple of 64, K even, contiguous): packed in place
   m.def("pack_linear_panels(Tensor! out, Tensor weight) -> ()");
   // out [M, N] = x [M, K] @ W^T (+ bias), W = 4-bit codes * scale + offset per group of K,
   // packed by ops_native.pack_int4_panels; CPU, and CUDA (torch_ops_cuda_int_gemm.cpp)

@@ -66,9 +66,24 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     return out
 
 
-def pack_linear_panels(weight: torch.Tensor) -> torch.Tensor:
-    # weight [N, K] (bf16 / fp16 / fp32, CPU) -> [ceil(N/64), ceil(K/2), 64, 2]
+def can_pack_in_place(weight: torch.Tensor) -> bool:
+    """Whether pack_linear_panels(weight, in_place=True) reuses weight's memory: a contiguous CPU
+    weight that alone fills its storage, N a multiple of 64 and K even (no padding)."""
     n, k = weight.shape
+    return (not USING_NATIVE and weight.device.type == "cpu" and weight.element_size() in (2, 4)
+            and n % 64 == 0 and k % 2 == 0 and weight.is_contiguous() and weight.storage_offset() == 0
+            and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size())
+
+
+def pack_linear_panels(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    # weight [N, K] (bf16 / fp16 / fp32, CPU) -> [ceil(N/64), ceil(K/2), 64, 2]. in_place: where
+    # can_pack_in_place(weight), the packed panels overwrite weight's own memory (no second copy
+    # of the weight at load; weight must not be read as [N, K] afterwards)
+    n, k = weight.shape
+    if in_place and can_pack_in_place(weight):
+        packed = weight.view(n // 64, k // 2, 64, 2)
+        torch.ops.octavo.pack_linear_panels(packed, weight)
+        return packed
     if weight.device.type != "cpu" or weight.element_size() not in (2, 4):
         return ops_native.pack_linear_panels(weight)
     if k > 1 and weight.stride(1) != 1:

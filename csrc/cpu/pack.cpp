@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace octavo::cpu {
 
@@ -16,6 +17,7 @@ struct PackPanelsParams {
   void* out;           // [ceil(n/64), ceil(k/2), 64, 2] contiguous
   int64_t n, k, ld;
   int elem_size;       // 2 (bf16 / fp16) or 4 (fp32)
+  bool in_place;       // out is weight's own memory (n % 64 == 0, k even, ld == k)
 };
 
 }  // namespace octavo::cpu
@@ -24,12 +26,12 @@ namespace octavo::cpu::CPU_CAPABILITY {
 
 constexpr int kPanelRows = 64;
 
-// E: one element; U: one (k, k+1) pair of elements
+// E: one element; U: one (k, k+1) pair of elements; w: the weight's row 0 (panel p reads its
+// rows p * 64 + j at w + (p * 64 + j) * a.ld)
 template <typename E, typename U>
-static void pack_panel(const PackPanelsParams& a, int64_t p) {
+static void pack_panel(const PackPanelsParams& a, int64_t p, const E* w) {
   static_assert(sizeof(U) == 2 * sizeof(E));
   constexpr int kLine = 64 / sizeof(U);  // pairs per cache line of a row
-  const E* w = static_cast<const E*>(a.weight);
   const int64_t k2 = (a.k + 1) / 2, kfull = a.k / 2;
   U* o = static_cast<U*>(a.out) + p * k2 * kPanelRows;
   for (int64_t kk0 = 0; kk0 < kfull; kk0 += kLine) {
@@ -63,11 +65,19 @@ void pack_linear_panels_kernel(const PackPanelsParams& a) {
   const int64_t panel_bytes = kPanelRows * std::max<int64_t>(a.k, 1) * a.elem_size;
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / panel_bytes);
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    // in place: a panel's 64 rows and its packed form are the same bytes, so each panel is
+    // copied aside first (64 x K elements, in cache) and packed from the copy
+    std::vector<uint8_t> scratch(a.in_place ? panel_bytes : 0);
     for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* w = static_cast<const uint8_t*>(a.weight);
+      if (a.in_place) {
+        std::memcpy(scratch.data(), w + p * panel_bytes, panel_bytes);
+        w = scratch.data() - p * panel_bytes;  // row p * 64 of the copy sits at scratch[0]
+      }
       if (a.elem_size == 2)
-        pack_panel<uint16_t, uint32_t>(a, p);
+        pack_panel<uint16_t, uint32_t>(a, p, reinterpret_cast<const uint16_t*>(w));
       else
-        pack_panel<uint32_t, uint64_t>(a, p);
+        pack_panel<uint32_t, uint64_t>(a, p, reinterpret_cast<const uint32_t*>(w));
     }
   });
 }
@@ -99,8 +109,12 @@ void pack_linear_panels_cpu(at::Tensor& out, const at::Tensor& weight) {
   TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef({panels, k2, 64, 2}), op,
               ": out must be a contiguous [", panels, ", ", k2, ", 64, 2] tensor, got ", out.sizes());
   if (out.numel() == 0) return;
+  const bool in_place = out.data_ptr() == weight.data_ptr();
+  TORCH_CHECK(!in_place || (n % 64 == 0 && k % 2 == 0 && weight.is_contiguous()), op,
+              ": packing in place (out is weight's memory) needs a contiguous weight with N a "
+              "multiple of 64 and K even, got ", weight.sizes());
   cpu::PackPanelsParams p{weight.data_ptr(), out.data_ptr(), n, k,
-                          n > 1 ? weight.stride(0) : k, static_cast<int>(es)};
+                          n > 1 ? weight.stride(0) : k, static_cast<int>(es), in_place};
   OCTAVO_CALL_CPU_KERNEL(pack_linear_panels_kernel, p);
 }
 

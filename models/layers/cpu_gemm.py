@@ -79,12 +79,14 @@ def kernel_enabled(dtype: torch.dtype) -> bool:
             and os.environ.get("OCTAVO_CPU_LINEAR_KERNEL", "1") == "1")
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor | PanelWeight | None:
-    """The [out, in] CPU weight in its fast layout, or None where none applies."""
+def pack(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor | PanelWeight | None:
+    """The [out, in] CPU weight in its fast layout, or None where none applies. in_place: the
+    caller drops the plain weight afterwards, so octavo's panels may overwrite its memory (one
+    copy of the weight at load, no fresh pages to fault in; ops.can_pack_in_place says when)."""
     if weight.device.type != "cpu" or weight.dtype not in _DTYPES or weight.dim() != 2 or not enabled():
         return None
     if kernel_enabled(weight.dtype):
-        return PanelWeight(ops.pack_linear_panels(weight.detach()), weight.shape[0])
+        return PanelWeight(ops.pack_linear_panels(weight.detach(), in_place), weight.shape[0])
     if weight.dtype == torch.bfloat16 and not _onednn_bf16():
         return None        # oneDNN's bf16 GEMM needs AVX-512 (or AVX-NE-CONVERT): plain F.linear
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)

@@ -77,7 +77,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             return
         if getattr(self, "packed_weight", None) is not None:   # packed already
             return
-        self.packed_weight = cpu_gemm.pack(self.weight)
+        self.packed_weight = cpu_gemm.pack(self.weight, in_place=not getattr(self, "tied", False))
         # a tied embedding still looks rows up in the plain weight; an untied head's packed
         # copy replaces it (one copy in memory, as for the other linear layers)
         if self.packed_weight is not None and not getattr(self, "tied", False):

@@ -72,7 +72,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer):
         if getattr(layer, "packed_weight", None) is not None:
             return
-        layer.packed_weight = cpu_gemm.pack(layer.weight)
+        layer.packed_weight = cpu_gemm.pack(layer.weight, in_place=True)
         if layer.packed_weight is not None:          # the packed copy replaces the plain one
             layer.weight.data = layer.weight.data.new_empty(0)
 
