@@ -58,19 +58,21 @@ def test_freed_blocks_stay_cached_and_are_evicted_in_lru_order():
     compute(kv, b, 5)
     kv.free(a)                                             # freed tail first: 2, 1, 0
     kv.free(b)                                             # then 5, 4, 3
-    assert list(kv.pool.free) == [2, 1, 0, 5, 4, 3]
+    # the partial blocks (nothing cached) first, the most recently freed first; then the cached
+    # ones, least recently freed first
+    assert kv.pool.free_order() == [5, 2, 1, 0, 4, 3]
     assert all(blk.ref_cnt == 0 for blk in kv.pool.blocks)
     # a's prefix is still a hit after it finished
     a2 = make_req("a2", [1, 2, 3, 4, 0, 0])
     hit = kv.find_cached_prefix(a2)
     assert hit == [0, 1]
     compute(kv, a2, 2, hit)
-    assert a2.block_ids == [0, 1, 2]                       # block 2 (never published) reused first
-    assert list(kv.pool.free) == [5, 4, 3]
-    # the next allocation evicts 5 (partial, uncached), then 4 (cached: b's second block)
+    assert a2.block_ids == [0, 1, 5]                       # block 5 (never published) reused first
+    assert kv.pool.free_order() == [2, 4, 3]
+    # the next allocation takes 2 (partial, uncached), then evicts 4 (cached: b's second block)
     c = make_req("c", [0] * 4)
     compute(kv, c, 4)
-    assert c.block_ids == [5, 4]
+    assert c.block_ids == [2, 4]
     b2 = make_req("b2", [9, 8, 7, 6, 1])
     assert kv.find_cached_prefix(b2) == [3]                # b's second block was overwritten
 
@@ -92,3 +94,32 @@ def test_prefix_caching_off_never_hits():
     kv.free(a)
     assert kv.find_cached_prefix(make_req("b", list(range(10)))) == []
     assert kv.pool.cached == {}
+
+
+def test_freed_uncached_blocks_are_reused_before_untouched_ones():
+    # prefix caching off: a finished request's blocks serve the next one, most recently freed
+    # first, and the never-written blocks stay untouched (no page faults on the CPU)
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = make_req("a", list(range(10)))
+    compute(kv, a, 10)
+    assert a.block_ids == [0, 1, 2]
+    kv.free(a)
+    b = make_req("b", list(range(20, 28)))
+    compute(kv, b, 8)
+    assert b.block_ids == [0, 1]                           # a's first blocks, freed last
+    c = make_req("c", list(range(30, 42)))
+    compute(kv, c, 12)
+    assert c.block_ids == [2, 3, 4]                        # then a's third, then untouched ones
+    # prefix caching on: cached blocks are kept as long as never-used blocks are left
+    kv = KVCacheManager(num_blocks=6, block_size=2)
+    a = make_req("a", [1, 2, 3, 4, 5])
+    compute(kv, a, 5)
+    kv.free(a)
+    b = make_req("b", [9, 9, 9, 9])
+    compute(kv, b, 4)
+    assert b.block_ids == [2, 3]                           # a's partial block, then untouched
+    assert kv.find_cached_prefix(make_req("a2", [1, 2, 3, 4, 0])) == [0, 1]
+    kv.free(b)
+    assert kv.reset_prefix_cache()                         # forgotten: all used blocks warm
+    assert set(kv.pool.free_order()[:4]) == {0, 1, 2, 3} and kv.pool.free_order()[4:] == [4, 5]
+    assert kv.find_cached_prefix(make_req("a3", [1, 2, 3, 4, 0])) == []

@@ -66,7 +66,7 @@ def test_preemption_frees_the_newest_request_and_recomputes_it():
             break
     assert [r.request_id for r in out.preempted] == ["b"]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and b.block_ids == []
-    assert a.block_ids == [0, 2, 3]
+    assert a.block_ids == [0, 2, 1]                        # b's first block, freed last
     assert list(s.waiting) == [b] and s.num_preemptions == 1
     kept = list(b.output_token_ids)
     s.finish_request(a, RequestStatus.FINISHED_ABORTED)
