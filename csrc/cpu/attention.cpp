@@ -8,8 +8,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_types.h"
@@ -38,6 +41,8 @@ struct WorkItem {
 struct Scratch {
   std::vector<float> q, acc, scores, vf, m, l, pos;
   std::vector<float> qt, kf, slope, corr;  // prefill tiles only
+  std::vector<uint32_t> qt2;               // prefill tiles, bf16 scores: Q as transposed pairs
+  std::vector<uint32_t> vp2, pp2;          // prefill tiles, bf16 PV: V and P as pairs of keys
   void reserve(int rows, int rows_per_head, int hdp, int bsp, size_t logits = 0) {
     auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
     grow(q, size_t(rows) * hdp);
@@ -189,6 +194,125 @@ OCTAVO_INLINE void qk_tile_rows(const float* qt, int ldq, const float* kf, int l
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 prefill scores on avx512_bf16 CPUs: Q transposed once per work item into pairs
+// qt2[dd * ldq + r] = (q_r[2dd], q_r[2dd + 1]) straight from the bf16 queries, and K's pairs
+// broadcast from the cache rows, so one vdpbf16ps adds 2 dims of 16 rows' dot products (the
+// products of bf16 values are exact in fp32, as in the fp32 path); the scale is applied on store:
+// st[j * ldst + r] = scale * sum_d k_j[d] * q_r[d].
+template <int JB, int RB>
+__attribute__((target("avx512bf16"))) OCTAVO_INLINE void qk_tile_bf16(
+    const uint32_t* qt2, int ldq, const uint16_t* k, int64_t ks, int hd2, float* st, int ldst,
+    float scale) {
+  __m512 acc[JB][RB];
+  OCTAVO_UNROLL for (int j = 0; j < JB; ++j) {
+    OCTAVO_UNROLL for (int v = 0; v < RB; ++v) acc[j][v] = _mm512_setzero_ps();
+  }
+  for (int dd = 0; dd < hd2; ++dd) {
+    __m512i qv[RB];
+    OCTAVO_UNROLL for (int v = 0; v < RB; ++v) qv[v] = _mm512_loadu_si512(qt2 + dd * ldq + v * 16);
+    OCTAVO_UNROLL for (int j = 0; j < JB; ++j) {
+      uint32_t pair;
+      std::memcpy(&pair, k + j * ks + 2 * dd, 4);
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      OCTAVO_UNROLL for (int v = 0; v < RB; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], kb, (__m512bh)qv[v]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  OCTAVO_UNROLL for (int j = 0; j < JB; ++j) {
+    OCTAVO_UNROLL for (int v = 0; v < RB; ++v) _mm512_storeu_ps(st + j * ldst + v * 16, _mm512_mul_ps(acc[j][v], vs));
+  }
+}
+
+template <int JB>
+__attribute__((target("avx512bf16"))) void qk_tile_rows_bf16(const uint32_t* qt2, int ldq,
+    const uint16_t* k, int64_t ks, int hd2, float* st, int ldst, int nvec, float scale) {
+  int v = 0;
+  for (; v + kTileRowVecs <= nvec; v += kTileRowVecs)
+    qk_tile_bf16<JB, kTileRowVecs>(qt2 + v * 16, ldq, k, ks, hd2, st + v * 16, ldst, scale);
+  switch (nvec - v) {
+    case 3: qk_tile_bf16<JB, 3>(qt2 + v * 16, ldq, k, ks, hd2, st + v * 16, ldst, scale); break;
+    case 2: qk_tile_bf16<JB, 2>(qt2 + v * 16, ldq, k, ks, hd2, st + v * 16, ldst, scale); break;
+    case 1: qk_tile_bf16<JB, 1>(qt2 + v * 16, ldq, k, ks, hd2, st + v * 16, ldst, scale); break;
+    default: break;
+  }
+}
+
+// PV with bf16 products: V of one cache block as pairs of keys, vp2[(jj * nc + c) * 16 + i] =
+// (v_{2jj}[16c + i], v_{2jj+1}[16c + i]) (a missing odd key is 0), and the probabilities of
+// each row as pairs pp2[jj * ldp + r] = bf16(p_r[2jj]), bf16(p_r[2jj + 1]) (rounded to nearest
+// even, as flash attention kernels feed P to their bf16 PV product); the sums stay fp32.
+__attribute__((target("avx512bf16"))) inline void pair_v_rows(const uint16_t* v, int64_t vs,
+                                                              int nk, int nc, uint32_t* vp2) {
+  for (int jj = 0; jj < (nk + 1) / 2; ++jj) {
+    const uint16_t* a = v + 2 * jj * vs;
+    const bool odd = 2 * jj + 1 < nk;
+    for (int c = 0; c < nc; ++c) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * c)));
+      const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + vs + 16 * c)))
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp2 + (jj * nc + c) * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+__attribute__((target("avx512bf16"))) inline void pair_probs(const float* st, int ldst, int nk, int nvec,
+                                                             uint32_t* pp2) {
+  for (int jj = 0; jj < (nk + 1) / 2; ++jj) {
+    const bool odd = 2 * jj + 1 < nk;
+    for (int v = 0; v < nvec; ++v) {
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + 2 * jj * ldst + 16 * v)));
+      const __m512i hi = odd ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(
+                                   _mm512_loadu_ps(st + (2 * jj + 1) * ldst + 16 * v)))
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(pp2 + jj * ldst + 16 * v, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// acc[r * ldacc + 16c + i] += sum_jj pp2[jj * ldp + r] . vp2[(jj * nc + c) * 16 + i] for NR rows
+// and NC chunks of 16 dims.
+template <int NR, int NC>
+__attribute__((target("avx512bf16"))) OCTAVO_INLINE void pv_tile_bf16(float* acc, int ldacc,
+    const uint32_t* pp2, int ldp, const uint32_t* vp2, int nc, int njj) {
+  __m512 a[NR][NC];
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c] = _mm512_loadu_ps(acc + r * ldacc + 16 * c);
+  }
+  for (int jj = 0; jj < njj; ++jj) {
+    __m512i vv[NC];
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_si512(vp2 + (jj * nc + c) * 16);
+    OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp2[jj * ldp + r]));
+      OCTAVO_UNROLL for (int c = 0; c < NC; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], pb, (__m512bh)vv[c]);
+    }
+  }
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + r * ldacc + 16 * c, a[r][c]);
+  }
+}
+
+template <int NR>
+__attribute__((target("avx512bf16"))) void pv_tile_chunks_bf16(float* acc, int ldacc,
+    const uint32_t* pp2, int ldp, const uint32_t* vp2, int nc, int njj) {
+  int c = 0;
+  for (; c + 4 <= nc; c += 4) pv_tile_bf16<NR, 4>(acc + 16 * c, ldacc, pp2, ldp, vp2 + 16 * c, nc, njj);
+  switch (nc - c) {
+    case 3: pv_tile_bf16<NR, 3>(acc + 16 * c, ldacc, pp2, ldp, vp2 + 16 * c, nc, njj); break;
+    case 2: pv_tile_bf16<NR, 2>(acc + 16 * c, ldacc, pp2, ldp, vp2 + 16 * c, nc, njj); break;
+    case 1: pv_tile_bf16<NR, 1>(acc + 16 * c, ldacc, pp2, ldp, vp2 + 16 * c, nc, njj); break;
+    default: break;
+  }
+}
+
+// OCTAVO_CPU_NO_AVX512BF16=1 takes the fp32 path (tests use it on bf16 CPUs).
+bool attention_use_avx512_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16") &&
+                         std::getenv("OCTAVO_CPU_NO_AVX512BF16") == nullptr;
+  return ok;
+}
+#endif
+
 template <int NR>
 OCTAVO_INLINE void pv_tile_chunks(float* acc, int ldacc, const float* pt, int ldp, const float* vf,
                                   int ldv, int nk, int nchunks) {
@@ -282,6 +406,7 @@ class Attention {
     const int rp = (rows + kVec - 1) / kVec * kVec;  // rows padded to whole vectors
     const int bs = p_.block_size;
     auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
+    auto grow32 = [](std::vector<uint32_t>& v, size_t n) { if (v.size() < n) v.resize(n); };
     sc.reserve(rp, rp, hdp_, bsp_, size_t(bs) * rp);
     grow(sc.qt, size_t(hd_) * rp);
     grow(sc.kf, size_t(bs) * hdp_);
@@ -289,10 +414,29 @@ class Attention {
     grow(sc.slope, rp);
     grow(sc.corr, rp);
     load_queries(w, q_start, ctx - q_len, sc);
+#if defined(CPU_CAPABILITY_AVX512)
+    const bool bf16_qk = std::is_same_v<T, c10::BFloat16> && hd_ % 2 == 0 && attention_use_avx512_bf16();
+#else
+    constexpr bool bf16_qk = false;
+#endif
+    // bf16 PV as well where the head size is whole 16-dim chunks
+    const bool bf16_pv = bf16_qk && hd_ % 16 == 0;
+    if (bf16_qk) grow32(sc.qt2, size_t(hd_ / 2) * rp);
+    if (bf16_pv) {
+      grow32(sc.vp2, size_t((bs + 1) / 2) * hd_);
+      grow32(sc.pp2, size_t((bs + 1) / 2) * rp);
+    }
     // Padding rows repeat the last row (finite softmax state); their outputs are never stored.
     for (int r = 0; r < rp; ++r) {
       const int src = std::min(r, rows - 1);
-      for (int d = 0; d < hd_; ++d) sc.qt[size_t(d) * rp + r] = sc.q[size_t(src) * hdp_ + d];
+      if (bf16_qk) {   // the unscaled bf16 query, its dims in pairs
+        const char* q2 = reinterpret_cast<const char*>(
+            static_cast<const T*>(p_.query) + int64_t(q_start + token_of(w, src)) * p_.q_stride_token +
+            int64_t(head_of(w, src)) * p_.q_stride_head);
+        for (int dd = 0; dd < hd_ / 2; ++dd) std::memcpy(&sc.qt2[size_t(dd) * rp + r], q2 + 4 * dd, 4);
+      } else {
+        for (int d = 0; d < hd_; ++d) sc.qt[size_t(d) * rp + r] = sc.q[size_t(src) * hdp_ + d];
+      }
       sc.pos[r] = sc.pos[src];
       sc.m[r] = kNegInf;
       sc.l[r] = 0.f;
@@ -313,12 +457,24 @@ class Attention {
         prefetch_rows<2>(key_row(blocks[b + 1], 0, w.h0), p_.kc_stride_token);
         prefetch_rows<2>(value_row(blocks[b + 1], 0, w.h0), p_.vc_stride_token);
       }
-      convert_rows(key_row(blocks[b], off, w.h0), p_.kc_stride_token, nk, sc.kf.data());
-      int j = 0;
-      for (; j + kTileKeys <= nk; j += kTileKeys)
-        qk_tile_rows<kTileKeys>(sc.qt.data(), rp, sc.kf.data() + size_t(j) * hdp_, hdp_, hd_, st + size_t(j) * rp, rp, nvec);
-      for (; j < nk; ++j)
-        qk_tile_rows<1>(sc.qt.data(), rp, sc.kf.data() + size_t(j) * hdp_, hdp_, hd_, st + size_t(j) * rp, rp, nvec);
+      if (bf16_qk) {
+#if defined(CPU_CAPABILITY_AVX512)
+        const uint16_t* k0 = reinterpret_cast<const uint16_t*>(key_row(blocks[b], off, w.h0));
+        const int64_t ks = p_.kc_stride_token;
+        int j = 0;
+        for (; j + kTileKeys <= nk; j += kTileKeys)
+          qk_tile_rows_bf16<kTileKeys>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, st + size_t(j) * rp, rp, nvec, p_.scale);
+        for (; j < nk; ++j)
+          qk_tile_rows_bf16<1>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, st + size_t(j) * rp, rp, nvec, p_.scale);
+#endif
+      } else {
+        convert_rows(key_row(blocks[b], off, w.h0), p_.kc_stride_token, nk, sc.kf.data());
+        int j = 0;
+        for (; j + kTileKeys <= nk; j += kTileKeys)
+          qk_tile_rows<kTileKeys>(sc.qt.data(), rp, sc.kf.data() + size_t(j) * hdp_, hdp_, hd_, st + size_t(j) * rp, rp, nvec);
+        for (; j < nk; ++j)
+          qk_tile_rows<1>(sc.qt.data(), rp, sc.kf.data() + size_t(j) * hdp_, hdp_, hd_, st + size_t(j) * rp, rp, nvec);
+      }
       softmax_cols(st, rp, j0, nk, sc);
       for (int r = 0; r < rows; ++r) {
         const float c = sc.corr[r];
@@ -326,6 +482,20 @@ class Attention {
         float* acc = sc.acc.data() + size_t(r) * hdp_;
         const fVec vc(c);
         for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
+      }
+      if (bf16_pv) {
+#if defined(CPU_CAPABILITY_AVX512)
+        const int nc = hd_ / 16, njj = (nk + 1) / 2;
+        pair_v_rows(reinterpret_cast<const uint16_t*>(value_row(blocks[b], off, w.h0)),
+                    p_.vc_stride_token, nk, nc, sc.vp2.data());
+        pair_probs(st, rp, nk, nvec, sc.pp2.data());
+        int r = 0;
+        for (; r + 4 <= rows; r += 4)
+          pv_tile_chunks_bf16<4>(sc.acc.data() + size_t(r) * hdp_, hdp_, sc.pp2.data() + r, rp, sc.vp2.data(), nc, njj);
+        for (; r < rows; ++r)
+          pv_tile_chunks_bf16<1>(sc.acc.data() + size_t(r) * hdp_, hdp_, sc.pp2.data() + r, rp, sc.vp2.data(), nc, njj);
+#endif
+        continue;
       }
       convert_rows(value_row(blocks[b], off, w.h0), p_.vc_stride_token, nk, sc.vf.data());
       int r = 0;

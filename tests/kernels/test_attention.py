@@ -1,5 +1,11 @@
-"""paged_attention kernel vs octavo.ops_native (and the reference vs a dense-mask softmax)."""
+"""paged_attention kernel vs octavo.ops_native (and the reference vs a dense-mask softmax). On
+avx512_bf16 CPUs the bf16 prefill tiles take vdpbf16ps products (QK; PV too where the head size
+is whole 16-dim chunks, with the probabilities rounded to bf16): the fp32 tiles they replace are
+checked under OCTAVO_CPU_NO_AVX512BF16=1."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,6 +83,36 @@ def test_paged_attention_decode_multi_chunk(dtype, kw):
 def test_paged_attention_long_prefill():
     check(make_batch([(300, 300), (129, 400)], 8, 8, 64, 32, torch.float32, seed=11), torch.bfloat16,
           sliding_window=100)
+
+
+def test_paged_attention_long_prefill_gqa_head_sizes():
+    # prefill tiles (one kv head, > 8 rows per item) for every head size the models use: bf16
+    # QK and PV (64, 128, 80, 96), QK only (72: PV stays fp32), odd key counts per block
+    for head_size in (64, 128, 80, 96, 72):
+        check(make_batch([(200, 200), (77, 150), (33, 33)], 16, 4, head_size, 16, torch.float32,
+                         seed=head_size), torch.bfloat16)
+    check(make_batch([(150, 150)], 8, 2, 128, 32, torch.float32, seed=4), torch.bfloat16,
+          soft_cap=20.0, sliding_window=61)
+
+
+FP32_TILES_SCRIPT = r"""
+import torch
+import test_attention as t
+from attention_cases import make_batch
+for head_size in (64, 128, 72):
+    t.check(make_batch([(200, 200), (77, 150), (1, 40)], 16, 4, head_size, 16, torch.float32,
+                       seed=head_size), torch.bfloat16)
+t.test_paged_attention_long_prefill()
+print("ok")
+"""
+
+
+def test_fp32_prefill_tiles_for_bf16():
+    # the tiles bf16 takes on CPUs without avx512_bf16 (forced off here)
+    res = subprocess.run([sys.executable, "-c", FP32_TILES_SCRIPT], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, OCTAVO_CPU_NO_AVX512BF16="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
 def test_empty_batch():
