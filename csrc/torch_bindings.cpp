@@ -121,7 +121,7 @@ TORCH_LIBRARY(octavo, m) {
   m.def("int8_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor w_scales, Tensor w_colsum, "
         "Tensor? input_scale, Tensor? input_zero_point, bool asymmetric, Tensor? bias) -> ()");
   // W8A16: out [M, N] = x [M, K] @ W^T (+ bias), W = int8 codes * scale + offset per group of
-  // K, packed by ops_native.pack_int8_woq_panels; CPU only
+  // K, packed by ops_native.pack_int8_woq_panels (CPU and CUDA: groups of whole 16-wide K steps)
   m.def("int8_woq_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, "
         "int group_size, Tensor? bias) -> ()");
   // out [T, D] = silu(x[:, :D]) * x[:, D:]

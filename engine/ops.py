@@ -360,10 +360,35 @@ def fused_moe_int4_prepared(hidden: torch.Tensor, prepared: MoEInt4Weights,
 
 
 
+def _cuda_kernel(op: str) -> bool:
+    # whether the extension was built with a CUDA kernel for `op` ("octavo::name")
+    return not USING_NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+
+
+def int8_woq_cuda_supported(dtype: torch.dtype, k: int, group_size: int) -> bool:
+    """Whether the CUDA weight-only INT8 kernels (csrc/cuda/int8_woq_gemm.cu, moe_int8.cu) take
+    these operands: fp32 / bf16 / fp16 activations, groups of whole 16-wide K steps (or one group
+    over K), an extension built with CUDA."""
+    gs, _ = ops_native.int4_groups(k, group_size)
+    return (dtype in (torch.float32, torch.bfloat16, torch.float16) and (gs % 16 == 0 or gs >= k)
+            and _cuda_kernel("octavo::int8_woq_gemm"))
+
+
+def moe_int8_kernel_takes(device: torch.device, dtype: torch.dtype, hidden_size: int,
+                          inter_size: int, group_size13: int, group_size2: int) -> bool:
+    """Whether fused_moe_int8_prepared runs a kernel (not the reference) for these operands: the
+    CPU kernel, or the CUDA one where the CUDA weight-only INT8 GEMM would take both stacks."""
+    if device.type == "cpu":
+        return not USING_NATIVE
+    return (device.type == "cuda" and _cuda_kernel("octavo::fused_moe_int8_packed")
+            and int8_woq_cuda_supported(dtype, hidden_size, group_size13)
+            and int8_woq_cuda_supported(dtype, inter_size, group_size2))
+
+
 class MoEInt8Weights(NamedTuple):
-    """Weight-only int8 experts packed once for the CPU kernel (ops_native.prepare_moe_int8_weights;
-    layout in ops_native's INT8 MoE section): each expert in the dense weight-only int8 layout,
-    gate and up rows each padded to whole 16-row panels."""
+    """Weight-only int8 experts packed once (ops_native.prepare_moe_int8_weights; layout in
+    ops_native's INT8 MoE section), one layout for the CPU and CUDA kernels: each expert in the
+    dense weight-only int8 layout, gate and up rows each padded to whole 16-row panels."""
     w13: torch.Tensor                 # int8 [E, 2 * ceil(I/16), H, 16]
     w13_scales_offsets: torch.Tensor  # float32 [E, 2 * ceil(I/16), G13, 2, 16]
     w2: torch.Tensor                  # int8 [E, ceil(H/16), I, 16]
@@ -393,9 +418,9 @@ def fused_moe_int8_prepared(hidden: torch.Tensor, prepared: MoEInt8Weights,
     meta13 = torch.empty(e, 2 * i, h, dtype=torch.int8, device="meta")
     meta2 = torch.empty(e, h, i, dtype=torch.int8, device="meta")
     ops_native.check_fused_moe_args(hidden, meta13, meta2, topk_weights, topk_ids, activation)
-    if USING_NATIVE or hidden.device.type != "cpu":
-        # no INT8 MoE kernel for this device (CUDA, as for the dense weight-only int8 GEMM):
-        # the reference, on the packed weights
+    if USING_NATIVE or not moe_int8_kernel_takes(hidden.device, hidden.dtype, h, i, p.group_size13,
+                                                 p.group_size2):
+        # no INT8 MoE kernel for these operands: the reference, on the packed weights
         return ops_native.fused_moe_int8_prepared(hidden, p, topk_weights, topk_ids, activation)
     _check_ids_on_cpu(topk_ids, e)
     out = torch.empty_like(hidden)
@@ -796,7 +821,7 @@ def int8_gemm_prepared(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None
 def int8_woq_gemm_prepared(x: torch.Tensor, w: Int8WoqWeight,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., K] -> [..., N]; w: ops_native.int8_woq_prepare(...)
-    if x.is_cuda:   # no CUDA kernel for weight-only int8 yet
+    if x.is_cuda and not int8_woq_cuda_supported(x.dtype, w.k, w.group_size):
         return ops_native.int8_woq_gemm_prepared(x, w, bias)
     x2 = _rows(x)
     out = torch.empty(x2.shape[0], w.n, dtype=x.dtype, device=x.device)

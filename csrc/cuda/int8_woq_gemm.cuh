@@ -22,6 +22,7 @@
 #include "cuda/int8_woq_gemm_params.h"
 #include "cuda/launch.cuh"
 #include "cuda/ptx.cuh"
+#include "cuda/vec.cuh"
 
 namespace octavo::cuda {
 
@@ -70,6 +71,7 @@ __device__ __forceinline__ void w8_pairs(uint32_t v, uint32_t& even, uint32_t& o
   } else {
     // 2^23 + (q + 128) as fp32, minus 2^23 + 128: q exactly, so its bf16 is the upper half
     uint32_t h[4];
+    OCTAVO_UNROLL
     for (int i = 0; i < 4; ++i)
       h[i] = __float_as_uint(__uint_as_float(0x4B000000u | ((u >> (8 * i)) & 0xFFu)) - 8388736.f);
     even = (h[0] >> 16) | (h[2] & 0xFFFF0000u);
@@ -111,6 +113,7 @@ __device__ __forceinline__ void w8_load_x(W8Smem<T, MT, NU>& sm, int st, int64_t
     const int64_t col = kt * kW8BK + 8 * ch;
     const T* src = row_of(r);
     if constexpr (std::is_same_v<T, float>) {
+      OCTAVO_UNROLL
       for (int e = 0; e < 8; ++e) {
         const float v = src != nullptr && col + e < k ? src[col + e] : 0.f;
         const M hi = from_float<M>(v);
@@ -125,6 +128,7 @@ __device__ __forceinline__ void w8_load_x(W8Smem<T, MT, NU>& sm, int st, int64_t
       if (src != nullptr && vec16 && col + 8 <= k) {
         cp_async_16(dst, src + col);
       } else {
+        OCTAVO_UNROLL
         for (int e = 0; e < 8; ++e) dst[e] = src != nullptr && col + e < k ? src[col + e] : from_float<M>(0.f);
       }
     }
@@ -140,9 +144,12 @@ struct W8Acc {
   float xsum[MT][4];     // the current group's sum_k x (C fragment of x @ ones)
 
   __device__ __forceinline__ void zero() {
+    OCTAVO_UNROLL
     for (int mt = 0; mt < MT; ++mt)
+      OCTAVO_UNROLL
       for (int j = 0; j < 4; ++j) {
         xsum[mt][j] = 0.f;
+        OCTAVO_UNROLL
         for (int i = 0; i < 4; ++i) acc[mt][j][i] = part[mt][j][i] = 0.f;
       }
   }
@@ -156,23 +163,30 @@ __device__ __forceinline__ int w8_col(int jt, int i, int t) { return 4 * t + 2 *
 template <typename M, int MT>
 __device__ __forceinline__ void w8_fold(const float* so, int64_t groups, W8Acc<MT>& r, int64_t pa,
                                         int64_t pb, int64_t grp, int t) {
+  OCTAVO_UNROLL
   for (int jt = 0; jt < 4; ++jt) {
     const int64_t p = jt < 2 ? pa : pb;
     if (p < 0) continue;
     const float* sg = so + (p * groups + grp) * 32;
+    OCTAVO_UNROLL
     for (int e = 0; e < 2; ++e) {
       const int j = w8_col(jt, e, t);
       const float s = sg[j], oc = sg[16 + j] - W8Magic<M>::kValue * s;
+      OCTAVO_UNROLL
       for (int mt = 0; mt < MT; ++mt)
+        OCTAVO_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int i = 2 * h + e;
           r.acc[mt][jt][i] += s * r.part[mt][jt][i] + oc * r.xsum[mt][2 * h];
         }
     }
   }
+  OCTAVO_UNROLL
   for (int mt = 0; mt < MT; ++mt)
+    OCTAVO_UNROLL
     for (int j = 0; j < 4; ++j) {
       r.xsum[mt][j] = 0.f;
+      OCTAVO_UNROLL
       for (int i = 0; i < 4; ++i) r.part[mt][j][i] = 0.f;
     }
 }
@@ -188,16 +202,20 @@ __device__ __forceinline__ void w8_step(W8Smem<T, MT, NU>& sm, W8Acc<MT>& r, int
   uint32_t v[4];
   ldmatrix_x4_trans(v, &sm.w[st][slot][lane / 16][16 * s + lane % 16][0]);
   uint32_t b[4][2];
+  OCTAVO_UNROLL
   for (int h = 0; h < 2; ++h) {
     w8_pairs<M>(v[2 * h], b[2 * h][0], b[2 * h + 1][0]);
     w8_pairs<M>(v[2 * h + 1], b[2 * h][1], b[2 * h + 1][1]);
   }
   constexpr uint32_t kOnes = W8Magic<M>::kOne * 0x10001u;
   const uint32_t ones[2] = {kOnes, kOnes};
+  OCTAVO_UNROLL
   for (int mt = 0; mt < MT; ++mt)
+    OCTAVO_UNROLL
     for (int pl = 0; pl < W8Mma<T>::kPlanes; ++pl) {
       uint32_t af[4];
       ldmatrix_x4(af, &sm.x[st][pl][16 * mt + lane % 8 + 8 * ((lane / 8) % 2)][16 * s + 8 * (lane / 16)]);
+      OCTAVO_UNROLL
       for (int jt = 0; jt < 4; ++jt) w8_mma<M>(r.part[mt][jt], af, b[jt]);
       w8_mma<M>(r.xsum[mt], af, ones);
     }
@@ -262,23 +280,32 @@ __global__ void __launch_bounds__(kW8Warps * 32) int8_woq_gemm_kernel(const Int8
     // red[kw - 1][uw][lane][mt][16]: the accumulators of warps kw > 0
     const auto slice = [&](int kwi) { return red + ((((kwi - 1) * NU + uw) * 32 + lane) * MT) * 16; };
     if (kw > 0)
+      OCTAVO_UNROLL
       for (int mt = 0; mt < MT; ++mt)
+        OCTAVO_UNROLL
         for (int j = 0; j < 4; ++j)
+          OCTAVO_UNROLL
           for (int i = 0; i < 4; ++i) slice(kw)[mt * 16 + 4 * j + i] = r.acc[mt][j][i];
     __syncthreads();
     if (kw > 0) return;
     for (int w = 1; w < KW; ++w)
+      OCTAVO_UNROLL
       for (int mt = 0; mt < MT; ++mt)
+        OCTAVO_UNROLL
         for (int j = 0; j < 4; ++j)
+          OCTAVO_UNROLL
           for (int i = 0; i < 4; ++i) r.acc[mt][j][i] += slice(w)[mt * 16 + 4 * j + i];
   }
   if (!active) return;
   T* out = static_cast<T*>(a.out);
   const T* bias = static_cast<const T*>(a.bias);
+  OCTAVO_UNROLL
   for (int mt = 0; mt < MT; ++mt)
+    OCTAVO_UNROLL
     for (int j = 0; j < 4; ++j) {
       const int64_t p = j < 2 ? pa : pb;
       if (p < 0) continue;
+      OCTAVO_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int64_t row = m0 + 16 * mt + g + 8 * (i / 2), col = 16 * p + w8_col(j, i, t);
         if (row >= a.m || col >= a.n) continue;

@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kW8Warps * 32) moe_int8_gemm_kernel(const MoeI
   const auto row_of = [&](int r) -> const T* { return rows[r]; };
   const auto shift = [](int64_t q, int64_t by) -> int64_t { return q < 0 ? -1 : q + by; };
   W8Acc<1> r[NA];
+  OCTAVO_UNROLL
   for (int h = 0; h < NA; ++h) r[h].zero();
   __syncthreads();  // rows[] written
 
@@ -94,15 +95,18 @@ __global__ void __launch_bounds__(kW8Warps * 32) moe_int8_gemm_kernel(const MoeI
       const int64_t grp = k0 / st.group_size;
       if (grp != group) {
         if (group >= 0)
+          OCTAVO_UNROLL
           for (int h = 0; h < NA; ++h)
             w8_fold<M, 1>(so, st.groups, r[h], shift(qa, h * up_base), shift(qb, h * up_base), group, t);
         group = grp;
       }
+      OCTAVO_UNROLL
       for (int h = 0; h < NA; ++h) w8_step<T, 1, NU>(sm, r[h], int(kt % kW8Stages), uw + h * NW, s, lane);
     }
   }
   cp_async_wait_all();
   if (active && group >= 0)
+    OCTAVO_UNROLL
     for (int h = 0; h < NA; ++h)
       w8_fold<M, 1>(so, st.groups, r[h], shift(qa, h * up_base), shift(qb, h * up_base), group, t);
 
@@ -111,20 +115,28 @@ __global__ void __launch_bounds__(kW8Warps * 32) moe_int8_gemm_kernel(const MoeI
     // red[kw - 1][uw][lane][h][16]: the accumulators of warps kw > 0
     const auto slice = [&](int kwi) { return red + ((((kwi - 1) * NW + uw) * 32 + lane) * NA) * 16; };
     if (kw > 0)
+      OCTAVO_UNROLL
       for (int h = 0; h < NA; ++h)
+        OCTAVO_UNROLL
         for (int j = 0; j < 4; ++j)
+          OCTAVO_UNROLL
           for (int i = 0; i < 4; ++i) slice(kw)[h * 16 + 4 * j + i] = r[h].acc[0][j][i];
     __syncthreads();
     if (kw > 0) return;
     for (int v = 1; v < KW; ++v)
+      OCTAVO_UNROLL
       for (int h = 0; h < NA; ++h)
+        OCTAVO_UNROLL
         for (int j = 0; j < 4; ++j)
+          OCTAVO_UNROLL
           for (int i = 0; i < 4; ++i) r[h].acc[0][j][i] += slice(v)[h * 16 + 4 * j + i];
   }
   if (!active) return;
+  OCTAVO_UNROLL
   for (int j = 0; j < 4; ++j) {
     const int64_t q = j < 2 ? qa : qb;
     if (q < 0) continue;
+    OCTAVO_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int row = g + 8 * (i / 2);
       const int64_t col = 16 * q + w8_col(j, i, t), tr = int64_t(tile) * kMoeBlockM + row;
@@ -147,6 +159,7 @@ __global__ void moe_int8_sum_kernel(const MoeInt8Args a) {
   T* out = static_cast<T*>(a.out) + t * a.out_stride;
   for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
     float s = 0.f;
+    OCTAVO_UNROLL
     for (int j = 0; j < a.top_k; ++j) s += src[j * H + c];
     out[c] = from_float<T>(s);
   }

@@ -1,7 +1,7 @@
-// Tensor-level CUDA entry points of the INT4 weight-only and INT8 W8A8 GEMMs, registered here for
-// the schemas in torch_bindings.cpp (the CPU kernels' operands, so the same prepared weights and
-// layers run on either device): check inputs, set the device guard, take the current stream,
-// call the launchers in csrc/cuda/int{4,8}_gemm.cu.
+// Tensor-level CUDA entry points of the INT4 weight-only, INT8 W8A8 and weight-only INT8 GEMMs,
+// registered here for the schemas in torch_bindings.cpp (the CPU kernels' operands, so the same
+// prepared weights and layers run on either device): check inputs, set the device guard, take the
+// current stream, call the launchers in csrc/cuda/int{4,8}_gemm.cu and int8_woq_gemm.cu.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,6 +9,7 @@
 
 #include "cuda/int4_gemm_args.h"
 #include "cuda/int8_gemm_args.h"
+#include "cuda/int8_woq_gemm_args.h"
 
 namespace octavo {
 namespace {
@@ -37,10 +38,22 @@ void int8_gemm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwei
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void int8_woq_gemm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+                        const at::Tensor& scales_offsets, int64_t group_size,
+                        const std::optional<at::Tensor>& bias) {
+  const cuda::Int8WoqGemmArgs a = cuda_args::int8_woq_gemm(out, x, qweight, scales_offsets, group_size,
+                                                           bias, at::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(cuda::launch_int8_woq_gemm(a, c10::cuda::getCurrentCUDAStream()),
+              "int8_woq_gemm: unsupported dtype");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace octavo
 
 TORCH_LIBRARY_IMPL(octavo, CUDA, m) {
   m.impl("int4_gemm", &octavo::int4_gemm_cuda);
   m.impl("int8_gemm", &octavo::int8_gemm_cuda);
+  m.impl("int8_woq_gemm", &octavo::int8_woq_gemm_cuda);
 }

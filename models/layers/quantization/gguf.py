@@ -106,8 +106,8 @@ class GGUFInt4MoEMethod(Int4MoEMethod):
 
 
 class GGUFInt8MoEMethod:
-    """GGUF experts on the weight-only INT8 MoE kernel (ops.fused_moe_int8_prepared; off CPU
-    dequantized once at load, int8_moe.prepare_int8_experts). Parameters:
+    """GGUF experts on the weight-only INT8 MoE kernel (ops.fused_moe_int8_prepared: CPU and
+    CUDA; elsewhere dequantized once at load, int8_moe.prepare_int8_experts). Parameters:
     codes int8 w13_qweight [E, 2I/tp, H] (gate rows, then up rows) / w2_qweight [E, H, I/tp], and
     scales and offsets float32 [E, N, K/group] (W = codes * scale + offset), each filled one expert
     and projection at a time; a rank keeps its rows of gate / up and its columns (and groups) of

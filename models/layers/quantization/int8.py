@@ -145,7 +145,8 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 class Int8WoqLinearMethod(LinearMethodBase):
     """Subclasses create the checkpoint's parameters and `codes(layer)`; this class repacks
-    them for the weight-only kernel once and applies it (dequantized off CPU)."""
+    them for the weight-only kernel once and applies it (CPU and CUDA; dequantized once at load
+    elsewhere, for act order, and on CUDA for groups that are not whole 16-wide K steps)."""
 
     def codes(self, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int,
                                     torch.Tensor | None]:
@@ -158,7 +159,10 @@ class Int8WoqLinearMethod(LinearMethodBase):
         q, scales, offsets, group_size, g_idx = self.codes(layer)
         layer.int8_woq = layer.dequantized = None
         perm = ops_native.int4_act_order(g_idx, q.shape[1], group_size)
-        if perm is not None or q.device.type != "cpu":
+        kernel = q.device.type == "cpu" or (
+            q.device.type == "cuda"
+            and ops.int8_woq_cuda_supported(layer.params_dtype, q.shape[1], group_size))
+        if perm is not None or not kernel:
             # act-order groups are not contiguous: one dequantized weight (rare for 8 bits)
             gs, _ = ops_native.int4_groups(q.shape[1], group_size)
             g = g_idx.long() if g_idx is not None else torch.arange(q.shape[1], device=q.device) // gs

@@ -5,7 +5,8 @@ experts in the logical layout: codes [E, N, K] and zero points [E, N, G] as uint
 [E, N, G] float32; each rank keeps its slice of I), then are handed to the kernel as int8 codes
 q - 128 with offsets -(z - 128) * s. GGUF's int8-kept experts have their own method
 (quantization.gguf.GGUFInt8MoEMethod); both keep and run their experts through
-prepare_int8_experts / apply_int8_experts (off CPU: dequantized once at load)."""
+prepare_int8_experts / apply_int8_experts (on CPU and CUDA kept in int8; where no kernel takes
+them, dequantized once at load)."""
 from __future__ import annotations
 
 import torch
@@ -16,11 +17,15 @@ from octavo.models.layers.quantization.int4_moe import Int4MoEMethod
 
 def prepare_int8_experts(moe, q13, s13, o13, q2, s2, o2, gs13: int, gs2: int, kernel=None):
     """Int8 experts (codes, scales, offsets of w13 [E, 2I, H] and w2 [E, H, I]) -> what the
-    methods keep in FusedMoE._prepared: ops.MoEInt8Weights for the CPU kernel, or (kernel
-    False; by default off CPU, where octavo has no INT8 MoE kernel) the experts dequantized once
-    in the layer's dtype, as the dense weight-only int8 layers are."""
+    methods keep in FusedMoE._prepared: ops.MoEInt8Weights for the CPU and CUDA kernels, or
+    (kernel False; by default where no INT8 MoE kernel takes them: other devices, or CUDA with
+    groups that are not whole 16-wide K steps) the experts dequantized once in the layer's dtype,
+    as the dense weight-only int8 layers are."""
     if kernel is None:
-        kernel = q13.device.type == "cpu"
+        h, i = q13.shape[2], q2.shape[2]
+        kernel = q13.device.type == "cpu" or ops.moe_int8_kernel_takes(
+            q13.device, moe.w13_weight.dtype, h, i, ops_native.int4_groups(h, gs13)[0],
+            ops_native.int4_groups(i, gs2)[0])
     if kernel:
         return ops.prepare_moe_int8_weights(q13, s13, o13, q2, s2, o2, gs13, gs2)
     dtype = moe.w13_weight.dtype
