@@ -13,7 +13,8 @@ static void launch_int8_woq_gemm_t(const Int8WoqGemmArgs& a, cudaStream_t stream
   if (a.m <= 16) {
     launch(int8_woq_gemm_kernel<T, 1, 1>, dim3(static_cast<unsigned>(units)), block, 0, stream, a);
   } else {
-    const dim3 grid(static_cast<unsigned>((units + 3) / 4), static_cast<unsigned>((a.m + 16 * kMT - 1) / (16 * kMT)));
+    const dim3 grid(static_cast<unsigned>((units + 3) / 4),
+                    static_cast<unsigned>((a.m + 16 * kMT - 1) / (16 * kMT)));
     launch(int8_woq_gemm_kernel<T, kMT, 4>, grid, block, 0, stream, a);
   }
 }
