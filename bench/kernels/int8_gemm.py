@@ -50,8 +50,10 @@ def main():
     gs = args.group_size
     copy_gbs = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
     where = "cuda" if args.device == "cuda" else f"cpu threads={torch.get_num_threads()}"
-    # W8A16 has no CUDA kernel yet: on a GPU its row times the plain-PyTorch reference
-    woq = "int8_woq_gemm" if args.device == "cpu" else "int8_woq_gemm reference"
+    # W8A16 on a GPU: the CUDA kernel where it takes the group size (whole 16-wide K steps),
+    # else the plain-PyTorch reference
+    woq = "int8_woq_gemm" if args.device == "cpu" or ops.int8_woq_cuda_supported(
+        dtype, max(k for k, _ in shapes.values()), gs) else "int8_woq_gemm reference"
     print(f"int8_gemm {args.dtype} on {where}; copy bandwidth "
           f"{copy_gbs:.1f} GB/s (bytes = weight as stored + x + out)")
     g = generator(0)
