@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/amx.h"
 #include "cpu/cpu_types.h"
 
 namespace octavo::cpu::CPU_CAPABILITY {
@@ -43,6 +44,7 @@ struct Scratch {
   std::vector<float> qt, kf, slope, corr;  // prefill tiles only
   std::vector<uint32_t> qt2;               // prefill tiles, bf16 scores: Q as transposed pairs
   std::vector<uint32_t> vp2, pp2;          // prefill tiles, bf16 PV: V and P as pairs of keys
+  std::vector<uint32_t> pa, kpad;          // AMX prefill: P rows as A tiles, keys gathered to 16 rows
   void reserve(int rows, int rows_per_head, int hdp, int bsp, size_t logits = 0) {
     auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
     grow(q, size_t(rows) * hdp);
@@ -305,6 +307,52 @@ __attribute__((target("avx512bf16"))) void pv_tile_chunks_bf16(float* acc, int l
   }
 }
 
+// AMX prefill items hold at most this many rows (four 16-row accumulator tiles); keys go in
+// chunks of this many (up to four 32-key steps of PV per accumulator tile load and store).
+constexpr int kAmxMaxRows = 64;
+constexpr int kAmxKeys = 128;
+
+// dst[i * ldd + j] = src[j * lds + i] for a 16 x 16 block of 32-bit words.
+inline void transpose16x16(const uint32_t* src, int lds, uint32_t* dst, int ldd) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + size_t(i) * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + k] now holds, in its 128-bit lane L, column 4L + k of rows 4q..4q+3
+  for (int i = 0; i < 16; i += 8) {
+    for (int k = 0; k < 4; ++k) {
+      t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + 4 + k], 0x88);
+      t[i + 4 + k] = _mm512_shuffle_i32x4(r[i + k], r[i + 4 + k], 0xdd);
+    }
+  }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0xdd);
+  }
+  // r[i] is now column i
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + size_t(i) * ldd, r[i]);
+}
+
+// dst[16c + i] = (a[16c + i], b[16c + i]) as a bf16 pair for nc chunks of 16 dims; a missing
+// row (nullptr) is zero.
+inline void pair_two_rows(const uint16_t* a, const uint16_t* b, int nc, uint32_t* dst) {
+  for (int c = 0; c < nc; ++c) {
+    const __m512i lo = a != nullptr ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * c)))
+                                    : _mm512_setzero_si512();
+    const __m512i hi = b != nullptr ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 * c)))
+                                    : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + 16 * c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
 // OCTAVO_CPU_NO_AVX512BF16=1 takes the fp32 path (tests use it on bf16 CPUs).
 bool attention_use_avx512_bf16() {
   static const bool ok = __builtin_cpu_supports("avx512bf16") &&
@@ -447,6 +495,13 @@ class Attention {
     const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
     const int hi = std::min(ctx, last_pos + 1);
     const int32_t* blocks = p_.block_table + int64_t(w.seq) * p_.bt_stride;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (bf16_qk && hd_ % 32 == 0 && rp <= kAmxMaxRows && use_amx()) {
+      amx_keys(w, sc, rows, rp, lo, hi, blocks);
+      store_output(w, q_start, sc);
+      return;
+    }
+#endif
     const int b_first = lo / bs, b_end = (hi + bs - 1) / bs;
     float* st = sc.scores.data();
     const int nvec = rp / kVec, nchunks = hdp_ / kVec;
@@ -507,10 +562,168 @@ class Attention {
     store_output(w, q_start, sc);
   }
 
+#if defined(CPU_CAPABILITY_AVX512)
+  // AMX prefill (bf16, head size a multiple of 32, at most 64 rows): keys in chunks of 128,
+  // wherever the cache blocks start and end. Scores come transposed, S^T = K Q^T: A tiles are 16
+  // keys x 32 dims read straight from the cache (or gathered into 16 zero-padded rows where the
+  // keys cross a block or run out), B tiles the item's Q pairs qt2 (16 dim pairs x 16 rows). The
+  // softmax runs over st[key * rp + row] as on the other paths (the scale applied there), P goes
+  // to bf16 key pairs (pair_probs) and is transposed to rows x 32 keys (the A tile of PV), V to
+  // key pairs (16 pairs x the head's dims: the B tiles of PV), and the accumulator tiles are
+  // loaded from and stored back to sc.acc after its rescale.
+  void amx_keys(const WorkItem& w, Scratch& sc, int rows, int rp, int lo, int hi,
+                const int32_t* blocks) const {
+    const int bs = p_.block_size, nrt = rp / 16, nc = hd_ / 16;
+    auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
+    auto grow32 = [](std::vector<uint32_t>& v, size_t n) { if (v.size() < n) v.resize(n); };
+    grow(sc.scores, size_t(kAmxKeys) * rp);
+    grow32(sc.pp2, size_t(kAmxKeys / 2) * rp);
+    grow32(sc.pa, size_t(rp) * (kAmxKeys / 2));
+    grow32(sc.vp2, size_t(kAmxKeys / 2) * hd_);
+    grow32(sc.kpad, size_t(16) * hd_ / 2);
+    float* st = sc.scores.data();
+    const int64_t ks = p_.kc_stride_token;
+    // keys every row sees unmasked: before the first row's position and inside every window
+    const bool plain = p_.soft_cap <= 0.f && p_.alibi_slopes == nullptr;
+    const int first_pos = static_cast<int>(sc.pos[0]);
+    amx_config_full_tiles();
+    for (int c0 = lo; c0 < hi; c0 += kAmxKeys) {
+      const int nk = std::min(kAmxKeys, hi - c0), steps = (nk + 31) / 32;
+      if (c0 + kAmxKeys < hi) {  // the next chunk's first block into L2
+        const int n0 = c0 + kAmxKeys, o = n0 % bs, n = std::min(16, bs - o);
+        prefetch_rows<2>(key_row(blocks[n0 / bs], o, w.h0), ks, n);
+        prefetch_rows<2>(value_row(blocks[n0 / bs], o, w.h0), p_.vc_stride_token, n);
+      }
+      for (int g = 0; g * 16 < nk; ++g) {
+        const int j0 = c0 + 16 * g, ng = std::min(16, nk - 16 * g);
+        const T* a = key_row(blocks[j0 / bs], j0 % bs, w.h0);
+        int64_t as = ks;
+        if (ng < 16 || j0 % bs + 16 > bs) {
+          uint16_t* kp = reinterpret_cast<uint16_t*>(sc.kpad.data());
+          for (int i = 0; i < 16; ++i) {
+            if (i < ng) std::memcpy(kp + i * hd_, key_row(blocks[(j0 + i) / bs], (j0 + i) % bs, w.h0), hd_ * 2);
+            else std::memset(kp + i * hd_, 0, hd_ * 2);
+          }
+          a = reinterpret_cast<const T*>(kp);
+          as = hd_;
+        }
+        amx_scores(a, as, sc.qt2.data(), rp, nrt, st + size_t(16 * g) * rp);
+      }
+      const bool visible = plain && c0 + nk - 1 <= first_pos &&
+                           (p_.sliding_window <= 0 || c0 > last_row_pos(sc, rows) - p_.sliding_window);
+      softmax_cols(st, rp, c0, nk, sc, p_.scale, visible);
+      for (int r = 0; r < rows; ++r) {
+        const float c = sc.corr[r];
+        if (c == 1.f) continue;
+        float* acc = sc.acc.data() + size_t(r) * hdp_;
+        const fVec vc(c);
+        for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
+      }
+      // P: key pairs of every row, missing pairs zero, then 16 x 16 pair transposes into one
+      // A tile per row tile and 32 keys
+      pair_probs(st, rp, nk, rp / 16, sc.pp2.data());
+      const int pairs = (nk + 1) / 2;
+      std::memset(sc.pp2.data() + size_t(pairs) * rp, 0, size_t(16 * steps - pairs) * rp * 4);
+      for (int rt = 0; rt < nrt; ++rt)
+        for (int s = 0; s < steps; ++s)
+          transpose16x16(sc.pp2.data() + size_t(16 * s) * rp + 16 * rt, rp,
+                         sc.pa.data() + size_t(rt * steps + s) * 256, 16);
+      // V: key pairs x dims, missing keys zero
+      for (int jj = 0; jj < 16 * steps; ++jj) {
+        const int ja = c0 + 2 * jj, jb = ja + 1;
+        const uint16_t* va = ja < c0 + nk ? reinterpret_cast<const uint16_t*>(value_row(blocks[ja / bs], ja % bs, w.h0)) : nullptr;
+        const uint16_t* vb = jb < c0 + nk ? reinterpret_cast<const uint16_t*>(value_row(blocks[jb / bs], jb % bs, w.h0)) : nullptr;
+        pair_two_rows(va, vb, nc, sc.vp2.data() + size_t(jj) * hd_);
+      }
+      amx_pv(sc.pa.data(), sc.vp2.data(), nrt, steps, nc, hd_, sc.acc.data(), hdp_);
+    }
+    amx_release();
+  }
+
+  static int last_row_pos(const Scratch& sc, int rows) {
+    int m = 0;
+    for (int r = 0; r < rows; ++r) m = std::max(m, static_cast<int>(sc.pos[r]));
+    return m;
+  }
+
+  // st[key * rp + 16 rt + i] (keys 0..15) = dot(a key row, q row) for the nrt row tiles.
+  __attribute__((target("amx-tile,amx-bf16"))) void amx_scores(const T* a, int64_t as, const uint32_t* qt2,
+                                                              int rp, int nrt, float* st) const {
+    amx_memory_barrier();
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int64_t qb = int64_t(rp) * 4;
+    for (int s = 0; s < hd_ / 32; ++s) {
+      _tile_loadd(4, a + 32 * s, as * 2);
+      const uint32_t* q = qt2 + size_t(16 * s) * rp;
+      _tile_loadd(5, q, qb);
+      _tile_dpbf16ps(0, 4, 5);
+      if (nrt > 1) {
+        _tile_loadd(5, q + 16, qb);
+        _tile_dpbf16ps(1, 4, 5);
+      }
+      if (nrt > 2) {
+        _tile_loadd(5, q + 32, qb);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if (nrt > 3) {
+        _tile_loadd(5, q + 48, qb);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, st, qb);
+    if (nrt > 1) _tile_stored(1, st + 16, qb);
+    if (nrt > 2) _tile_stored(2, st + 32, qb);
+    if (nrt > 3) _tile_stored(3, st + 48, qb);
+    amx_memory_barrier();
+  }
+
+  // acc[16 rt + i][16 c + d] += sum over steps x 32 keys of P x V, for every row tile and dim
+  // chunk: pa holds (row tile, step) A tiles, vp2 the key pairs (row stride hd words).
+  __attribute__((target("amx-tile,amx-bf16"))) static void amx_pv(const uint32_t* pa, const uint32_t* vp2,
+                                                                  int nrt, int steps, int nc, int hd,
+                                                                  float* acc, int ldacc) {
+    amx_memory_barrier();
+    const int64_t ab = int64_t(ldacc) * 4, vb = int64_t(hd) * 4;
+    for (int rt = 0; rt < nrt; ++rt) {
+      const uint32_t* a = pa + size_t(rt * steps) * 256;
+      float* o = acc + size_t(rt) * 16 * ldacc;
+      // the row tile's A tiles stay in tiles 1-4 while every dim chunk's B tiles pass by
+      _tile_loadd(1, a, 64);
+      if (steps > 1) _tile_loadd(2, a + 256, 64);
+      if (steps > 2) _tile_loadd(3, a + 512, 64);
+      if (steps > 3) _tile_loadd(4, a + 768, 64);
+      for (int c = 0; c < nc; ++c) {
+        const uint32_t* v = vp2 + 16 * c;
+        _tile_loadd(0, o + 16 * c, ab);
+        _tile_loadd(5, v, vb);
+        _tile_dpbf16ps(0, 1, 5);
+        if (steps > 1) {
+          _tile_loadd(6, v + size_t(16) * hd, vb);
+          _tile_dpbf16ps(0, 2, 6);
+        }
+        if (steps > 2) {
+          _tile_loadd(5, v + size_t(32) * hd, vb);
+          _tile_dpbf16ps(0, 3, 5);
+        }
+        if (steps > 3) {
+          _tile_loadd(6, v + size_t(48) * hd, vb);
+          _tile_dpbf16ps(0, 4, 6);
+        }
+        _tile_stored(0, o + 16 * c, ab);
+      }
+    }
+    amx_memory_barrier();
+  }
+#endif
+
   // Softmax step over st[j * ld + r] (keys j0 + j, j < nk) for every row r < ld, vectorized over
   // rows: masks, caps and exponentiates in place, updates m and l, and leaves in sc.corr the
   // factor that rescales each row's accumulator.
-  void softmax_cols(float* st, int ld, int j0, int nk, Scratch& sc) const {
+  void softmax_cols(float* st, int ld, int j0, int nk, Scratch& sc, float in_scale = 1.f,
+                    bool visible = false) const {
     const fVec vinf(kNegInf), zero(0.f);
     for (int r0 = 0; r0 < ld; r0 += kVec) {
       const fVec vpos = fVec::loadu(sc.pos.data() + r0);
@@ -520,10 +733,13 @@ class Attention {
       for (int j = 0; j < nk; ++j) {
         const fVec key(float(j0 + j));
         fVec x = fVec::loadu(st + size_t(j) * ld + r0);
-        if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
-        if (p_.alibi_slopes != nullptr) x = at::vec::fmadd(vslope, key - vpos, x);
-        x = fVec::blendv(vinf, x, (key <= vpos) & (key > vlo));
-        x.store(st + size_t(j) * ld + r0);
+        if (in_scale != 1.f) x = x * fVec(in_scale);
+        if (!visible) {
+          if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
+          if (p_.alibi_slopes != nullptr) x = at::vec::fmadd(vslope, key - vpos, x);
+          x = fVec::blendv(vinf, x, (key <= vpos) & (key > vlo));
+        }
+        if (in_scale != 1.f || !visible) x.store(st + size_t(j) * ld + r0);
         vmax = at::vec::maximum(vmax, x);
       }
       const fVec m_old = fVec::loadu(sc.m.data() + r0);

@@ -1,7 +1,9 @@
 """paged_attention kernel vs octavo.ops_native (and the reference vs a dense-mask softmax). On
 avx512_bf16 CPUs the bf16 prefill tiles take vdpbf16ps products (QK; PV too where the head size
 is whole 16-dim chunks, with the probabilities rounded to bf16): the fp32 tiles they replace are
-checked under OCTAVO_CPU_NO_AVX512BF16=1."""
+checked under OCTAVO_CPU_NO_AVX512BF16=1. On AMX CPUs bf16 prefill with head sizes that are
+multiples of 32 runs on tiles in chunks of 32 keys; the vdpbf16ps tiles are checked there under
+OCTAVO_CPU_NO_AMX=1."""
 import math
 import os
 import subprocess
@@ -93,6 +95,38 @@ def test_paged_attention_long_prefill_gqa_head_sizes():
                          seed=head_size), torch.bfloat16)
     check(make_batch([(150, 150)], 8, 2, 128, 32, torch.float32, seed=4), torch.bfloat16,
           soft_cap=20.0, sliding_window=61)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 64])
+def test_paged_attention_prefill_key_chunks(block_size):
+    # 32-key chunks over blocks of 8 (every chunk crosses blocks), 16 and 64; chunks that start
+    # inside a block (sliding windows), run out mid-chunk (odd contexts) or hold one key; GQA
+    # with 64 rows per item, MHA with 16, head sizes 64..256
+    for head_size in (64, 128, 256, 96):
+        check(make_batch([(200, 200), (77, 150), (33, 33), (17, 50)], 16, 4, head_size, block_size,
+                         torch.float32, seed=head_size + block_size), torch.bfloat16)
+    check(make_batch([(150, 150), (40, 95)], 8, 8, 128, block_size, torch.float32, seed=7),
+          torch.bfloat16, sliding_window=45)
+    check(make_batch([(130, 161)], 16, 2, 64, block_size, torch.float32, seed=8), torch.bfloat16,
+          soft_cap=20.0, sliding_window=37)
+
+
+NO_AMX_SCRIPT = r"""
+import torch
+import test_attention as t
+for bs in (8, 16):
+    t.test_paged_attention_prefill_key_chunks(bs)
+t.test_paged_attention_long_prefill_gqa_head_sizes()
+print("ok")
+"""
+
+
+def test_prefill_tiles_without_amx():
+    # the vdpbf16ps tiles bf16 prefill takes on avx512_bf16 CPUs without AMX (forced off here)
+    res = subprocess.run([sys.executable, "-c", NO_AMX_SCRIPT], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, OCTAVO_CPU_NO_AMX="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
 FP32_TILES_SCRIPT = r"""

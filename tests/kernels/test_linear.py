@@ -1,6 +1,7 @@
 """The CPU linear kernels (out = x @ weight^T + bias; plain and panel-packed weights) vs
-octavo.ops_native and an fp64 reference, in every variant this CPU can run (avx512_bf16 dot
-products, the AVX2 panel kernel (also what AVX-512 CPUs without bf16 dot products run), DEFAULT)."""
+octavo.ops_native and an fp64 reference, in every variant this CPU can run (AMX tiles for bf16
+with 4 or more rows, avx512_bf16 dot products, the AVX2 panel kernel (also what AVX-512 CPUs
+without bf16 dot products run), DEFAULT)."""
 import os
 import re
 import subprocess
@@ -110,7 +111,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             out = ops.linear_packed(x, ops_native.pack_linear_panels(w), n, b)
             assert_close_to_ref(out, ops_native.linear(x, w, b), exact, what=f"packed {dtype} {m} {k} {n}")
 for dtype in (torch.float32, torch.bfloat16):  # every row-block shape of the packed kernels
-    for m in (1, 2, 3, 5, 8, 17, 300):
+    for m in (1, 2, 3, 5, 8, 16, 17, 300):
         g = torch.Generator().manual_seed(m)
         x = torch.randn(m, 141, generator=g).to(dtype)[:, :133]
         w = (torch.randn(70, 133, generator=g) / 133 ** 0.5).to(dtype)
@@ -123,8 +124,10 @@ print("ok")
 
 
 @pytest.mark.parametrize("env", [dict(ATEN_CPU_CAPABILITY="default"), dict(ATEN_CPU_CAPABILITY="avx2"),
-                                 dict(OCTAVO_CPU_NO_AVX512BF16="1")],
-                         ids=["default", "avx2", "avx512-without-bf16-dot"])
+                                 dict(OCTAVO_CPU_NO_AVX512BF16="1"), dict(OCTAVO_CPU_NO_AMX="1"),
+                                 dict(OCTAVO_CPU_AMX_MIN_ROWS="1")],
+                         ids=["default", "avx2", "avx512-without-bf16-dot", "avx512-bf16-without-amx",
+                              "amx-from-one-row"])
 def test_variant(env):
     res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
@@ -144,7 +147,7 @@ PACKED_DTYPES = [torch.bfloat16, torch.float32]
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 17, 33, 100, 300])  # every row blocking
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 15, 16, 17, 32, 33, 100, 300])  # every row blocking
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_packed(dtype, m, k, n, bias):
