@@ -304,7 +304,10 @@ __attribute__((target("avx512bf16"))) static void packed_block_bf16(const Linear
       acc[m][t] = r.first ? _mm512_setzero_ps() : _mm512_loadu_ps(r.scratch + m * kPanel + 16 * t);
   for (int64_t kk = r.kk0; kk < std::min(r.kk1, kfull); ++kk) {
     const c10::BFloat16* wk = wp + kk * 2 * kPanel;
-    if (prefetch) __builtin_prefetch(wk + 32 * 2 * kPanel, 0, 3);  // 8 KiB ahead
+    // all four lines of the pair row 16 KiB ahead, into L2: 1.1-1.2x the weight streaming rate
+    // of one line 8 KiB ahead into L1 when the weights come from DRAM (Xeon, 2026-12-03)
+    if (prefetch)
+      for (int l = 0; l < 4; ++l) __builtin_prefetch(wk + 64 * 2 * kPanel + 32 * l, 0, 2);
     packed_step<MB>(acc, wk, x + 2 * kk, p.x_stride);
   }
   if (!r.last) {
