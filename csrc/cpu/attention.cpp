@@ -611,7 +611,8 @@ class Attention {
       }
       const bool visible = plain && c0 + nk - 1 <= first_pos &&
                            (p_.sliding_window <= 0 || c0 > last_row_pos(sc, rows) - p_.sliding_window);
-      softmax_cols(st, rp, c0, nk, sc, p_.scale, visible);
+      if (visible) softmax_cols_visible(st, rp, nk, sc, p_.scale);
+      else softmax_cols(st, rp, c0, nk, sc, p_.scale);
       for (int r = 0; r < rows; ++r) {
         const float c = sc.corr[r];
         if (c == 1.f) continue;
@@ -690,7 +691,6 @@ class Attention {
     for (int rt = 0; rt < nrt; ++rt) {
       const uint32_t* a = pa + size_t(rt * steps) * 256;
       float* o = acc + size_t(rt) * 16 * ldacc;
-      // the row tile's A tiles stay in tiles 1-4 while every dim chunk's B tiles pass by
       _tile_loadd(1, a, 64);
       if (steps > 1) _tile_loadd(2, a + 256, 64);
       if (steps > 2) _tile_loadd(3, a + 512, 64);
@@ -719,11 +719,54 @@ class Attention {
   }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+  // softmax_cols for a chunk of keys every row sees unmasked, without caps or biases, on raw
+  // scores st[j * ld + r] that the scale (> 0) has not touched yet: the max of the raw scores
+  // times the scale, then exp(scale * x - m) in one fused step; four independent max and sum
+  // chains so that the 128 keys of a chunk do not wait on one another.
+  void softmax_cols_visible(float* st, int ld, int nk, Scratch& sc, float scale) const {
+    const __m512 vs = _mm512_set1_ps(scale), vinf = _mm512_set1_ps(kNegInf);
+    for (int r0 = 0; r0 < ld; r0 += 16) {
+      float* col = st + r0;
+      __m512 m4[4] = {vinf, vinf, vinf, vinf};
+      int j = 0;
+      for (; j + 4 <= nk; j += 4)
+        for (int u = 0; u < 4; ++u) m4[u] = _mm512_max_ps(m4[u], _mm512_loadu_ps(col + size_t(j + u) * ld));
+      for (; j < nk; ++j) m4[0] = _mm512_max_ps(m4[0], _mm512_loadu_ps(col + size_t(j) * ld));
+      const __m512 vmax = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(m4[0], m4[1]), _mm512_max_ps(m4[2], m4[3])), vs);
+      const fVec m_old = fVec::loadu(sc.m.data() + r0);
+      const fVec m_new = at::vec::maximum(m_old, fVec(vmax));
+      const fVec m_sub = fVec::blendv(m_new, fVec(0.f), m_new == fVec(kNegInf));
+      const fVec corr = (m_old - m_sub).exp_u20();
+      const __m512 vm = m_sub;
+      fVec s4[4] = {fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f)};
+      j = 0;
+      for (; j + 4 <= nk; j += 4) {
+        for (int u = 0; u < 4; ++u) {
+          float* x = col + size_t(j + u) * ld;
+          const fVec e = fVec(_mm512_fmsub_ps(_mm512_loadu_ps(x), vs, vm)).exp_u20();
+          e.store(x);
+          s4[u] = s4[u] + e;
+        }
+      }
+      for (; j < nk; ++j) {
+        float* x = col + size_t(j) * ld;
+        const fVec e = fVec(_mm512_fmsub_ps(_mm512_loadu_ps(x), vs, vm)).exp_u20();
+        e.store(x);
+        s4[0] = s4[0] + e;
+      }
+      const fVec sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+      (fVec::loadu(sc.l.data() + r0) * corr + sum).store(sc.l.data() + r0);
+      m_new.store(sc.m.data() + r0);
+      corr.store(sc.corr.data() + r0);
+    }
+  }
+#endif
+
   // Softmax step over st[j * ld + r] (keys j0 + j, j < nk) for every row r < ld, vectorized over
   // rows: masks, caps and exponentiates in place, updates m and l, and leaves in sc.corr the
   // factor that rescales each row's accumulator.
-  void softmax_cols(float* st, int ld, int j0, int nk, Scratch& sc, float in_scale = 1.f,
-                    bool visible = false) const {
+  void softmax_cols(float* st, int ld, int j0, int nk, Scratch& sc, float in_scale = 1.f) const {
     const fVec vinf(kNegInf), zero(0.f);
     for (int r0 = 0; r0 < ld; r0 += kVec) {
       const fVec vpos = fVec::loadu(sc.pos.data() + r0);
@@ -734,12 +777,10 @@ class Attention {
         const fVec key(float(j0 + j));
         fVec x = fVec::loadu(st + size_t(j) * ld + r0);
         if (in_scale != 1.f) x = x * fVec(in_scale);
-        if (!visible) {
-          if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
-          if (p_.alibi_slopes != nullptr) x = at::vec::fmadd(vslope, key - vpos, x);
-          x = fVec::blendv(vinf, x, (key <= vpos) & (key > vlo));
-        }
-        if (in_scale != 1.f || !visible) x.store(st + size_t(j) * ld + r0);
+        if (p_.soft_cap > 0.f) x = fVec(p_.soft_cap) * (x / fVec(p_.soft_cap)).tanh();
+        if (p_.alibi_slopes != nullptr) x = at::vec::fmadd(vslope, key - vpos, x);
+        x = fVec::blendv(vinf, x, (key <= vpos) & (key > vlo));
+        x.store(st + size_t(j) * ld + r0);
         vmax = at::vec::maximum(vmax, x);
       }
       const fVec m_old = fVec::loadu(sc.m.data() + r0);
@@ -971,12 +1012,13 @@ void make_items(const PagedAttentionParams& p, int num_threads, std::vector<Work
     const bool decode_like = q_len * p.num_heads <= kDecodeRows;
     const int tok_chunk = decode_like ? std::max(q_len, 1) : chunk;
     const int head_step = decode_like ? heads_per_split : 1;
-    for (int t0 = 0; t0 < q_len; t0 += tok_chunk) {
-      const int t1 = std::min(q_len, t0 + tok_chunk);
-      int64_t keys = ctx - q_len + t1;  // keys seen by the last row
-      if (p.sliding_window > 0) keys = std::min<int64_t>(keys, p.sliding_window + t1 - t0);
-      for (int h0 = 0; h0 < p.num_kv_heads; h0 += head_step) {
-        const int h1 = std::min(p.num_kv_heads, h0 + head_step);
+    // kv heads outer: a thread's consecutive items share one head's keys and values (in L2)
+    for (int h0 = 0; h0 < p.num_kv_heads; h0 += head_step) {
+      const int h1 = std::min(p.num_kv_heads, h0 + head_step);
+      for (int t0 = 0; t0 < q_len; t0 += tok_chunk) {
+        const int t1 = std::min(q_len, t0 + tok_chunk);
+        int64_t keys = ctx - q_len + t1;  // keys seen by the last row
+        if (p.sliding_window > 0) keys = std::min<int64_t>(keys, p.sliding_window + t1 - t0);
         const int64_t cost = (int64_t(t1 - t0) * group * (keys + 16) + keys * 4) * (h1 - h0);
         items.push_back({s, h0, h1, t0, t1, cost});
       }
