@@ -1,17 +1,21 @@
 // Mixture of experts on CPU: top-k routing, alignment of (token, slot) pairs by expert, and the
 // expert MLPs on weights packed once into 64-output panels, so that each selected expert's
 // weights are read once per call whatever the number of tokens routed to it. FP8 experts keep
-// their e4m3 bytes in the same panels and are widened to fp32 in registers.
+// their e4m3 bytes in the same panels and are widened to fp32 in registers. On AMX CPUs the bf16
+// chunks of 4 or more rows run on tile registers: the routed hidden rows are gathered once into
+// expert order, so that every chunk's rows (and the intermediate's) are contiguous for tile loads.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "cpu/amx.h"
 #include "cpu/cpu_types.h"
 
 namespace octavo::cpu {
@@ -30,7 +34,8 @@ struct MoeParams {
   const float* topk_weights;    // [T * top_k]
   const int32_t* pair_order;    // [T * top_k] pairs grouped by expert
   const int64_t* expert_start;  // [E + 1]
-  void* inter;                  // scratch [T * top_k, I] (in expert order), hidden's dtype
+  void* inter;                  // scratch [T * top_k + 16, I] (in expert order), hidden's
+                                // dtype; the 16 rows past the last are read (never used) by tiles
   float* partial;               // scratch [T * top_k, H] (in pair order): weighted expert outputs
   int64_t out_stride, hidden_stride;
   int64_t num_tokens, hidden_size, inter_size, top_k, num_experts;
@@ -45,6 +50,18 @@ namespace octavo::cpu::CPU_CAPABILITY {
 constexpr int kPanel = 64;   // outputs per packed panel (ops_native.PANEL)
 constexpr int kRows = 96;    // rows per chunk: the [96, 64] fp32 sums (24 KiB) stay in L1
 constexpr int kGenericMB = 4;
+constexpr int kTileRows = 16;  // rows of one AMX tile: scratch holds this many past the last row
+static_assert(kRows % kTileRows == 0, "a chunk's sums must hold whole tiles");
+
+// One chunk's rows: pointers for every kernel; where the rows are also evenly spaced (base, and
+// the kTileRows - 1 rows after the last are readable), the tile kernels load them from there.
+template <typename T>
+struct ChunkRows {
+  const T* const* ptr;  // [m]
+  const T* base;        // row r at base + r * stride, or null
+  int64_t stride;
+  int m;
+};
 
 // acc[r * 64 + j] = sum_k rows[r][k] * W[j][k] for one packed panel [ceil(K/2), 64, 2] of W.
 // Any dtype, any capability: each K pair's 128 weights are widened once and multiplied by the
@@ -175,16 +192,19 @@ __attribute__((target("avx512bf16"))) static inline void bf16_step(__m512 (&a)[M
   }
 }
 
+// acc [MB, 64] = the sums over K pairs [kk0, ceil(K/2)), added to acc's sums over [0, kk0) when
+// kk0 > 0 (the tiles' share).
 template <int MB>
 __attribute__((target("avx512bf16"))) static void panel_bf16_block(
-    const c10::BFloat16* const* rows, const c10::BFloat16* panel, int64_t k, bool prefetch,
-    float* acc) {
+    const c10::BFloat16* const* rows, const c10::BFloat16* panel, int64_t k, int64_t kk0,
+    bool prefetch, float* acc) {
   __m512 a[MB][4];
   for (int m = 0; m < MB; ++m)
-    for (int t = 0; t < 4; ++t) a[m][t] = _mm512_setzero_ps();
+    for (int t = 0; t < 4; ++t)
+      a[m][t] = kk0 > 0 ? _mm512_loadu_ps(acc + m * kPanel + 16 * t) : _mm512_setzero_ps();
   const int64_t kfull = k / 2;
   int32_t pairs[MB];
-  for (int64_t kk = 0; kk < kfull; ++kk) {
+  for (int64_t kk = kk0; kk < kfull; ++kk) {
     const c10::BFloat16* wk = panel + kk * 2 * kPanel;
     if (prefetch) __builtin_prefetch(wk + 32 * 2 * kPanel, 0, 3);  // 8 KiB ahead
     for (int m = 0; m < MB; ++m) std::memcpy(&pairs[m], rows[m] + 2 * kk, 4);
@@ -201,19 +221,76 @@ __attribute__((target("avx512bf16"))) static void panel_bf16_block(
     for (int t = 0; t < 4; ++t) _mm512_storeu_ps(acc + m * kPanel + 16 * t, a[m][t]);
 }
 
+// kk0 > 0: acc holds the sums over K pairs [0, kk0) already (panel_amx's tail).
 static void panel_bf16(const c10::BFloat16* const* rows, int m, const c10::BFloat16* panel,
-                       int64_t k, float* acc) {
+                       int64_t k, int64_t kk0, float* acc) {
   for (int r0 = 0; r0 < m; r0 += kBf16MB) {
-    const bool pf = r0 == 0;  // the first pass streams the panel from memory
+    const bool pf = r0 == 0 && kk0 == 0;  // the first pass streams the panel from memory
+    const c10::BFloat16* const* r = rows + r0;
+    float* a = acc + r0 * kPanel;
     switch (std::min(kBf16MB, m - r0)) {
-      case 1: panel_bf16_block<1>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
-      case 2: panel_bf16_block<2>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
-      case 3: panel_bf16_block<3>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
-      case 4: panel_bf16_block<4>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
-      case 5: panel_bf16_block<5>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
-      default: panel_bf16_block<6>(rows + r0, panel, k, pf, acc + r0 * kPanel); break;
+      case 1: panel_bf16_block<1>(r, panel, k, kk0, pf, a); break;
+      case 2: panel_bf16_block<2>(r, panel, k, kk0, pf, a); break;
+      case 3: panel_bf16_block<3>(r, panel, k, kk0, pf, a); break;
+      case 4: panel_bf16_block<4>(r, panel, k, kk0, pf, a); break;
+      case 5: panel_bf16_block<5>(r, panel, k, kk0, pf, a); break;
+      default: panel_bf16_block<6>(r, panel, k, kk0, pf, a); break;
     }
   }
+}
+
+// ---- AMX: 16-row blocks of a chunk's contiguous rows through tile registers -------------------
+// As gemm.cpp's linear_packed: K in steps of 32 (16 pairs), tile 4 holds 16 rows x 32 K of x,
+// tiles 5-7 take turns holding 16 output columns of the panel (pair rows 256 bytes apart: AMX's B
+// layout), tiles 0-3 sum the panel's 64 outputs; the pairs past the last full step (K mod 32, an
+// odd K's last pair) go through panel_bf16_block, starting from the tile sums.
+constexpr int64_t kAmxPairs = 16;
+constexpr int kAmxMinRows = 4;  // fewer rows: the vdpbf16ps blocks (as linear_packed)
+
+// acc [16, 64] = 16 rows of x (first row xr, row stride xs elements) times pairs [0, kmain).
+__attribute__((target("amx-tile,amx-bf16"))) static void amx_block(const c10::BFloat16* xr,
+                                                                  int64_t xs,
+                                                                  const c10::BFloat16* wp,
+                                                                  int64_t kmain, float* acc) {
+  amx_memory_barrier();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
+  constexpr int64_t wb = 2 * kPanel * sizeof(c10::BFloat16);  // bytes from one pair row to the next
+  for (int64_t kk = 0; kk < kmain; kk += kAmxPairs) {
+    const c10::BFloat16* wk = wp + kk * 2 * kPanel;
+    _tile_loadd(4, xr + 2 * kk, xb);
+    _tile_loadd(5, wk, wb);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, wk + 32, wb);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, wk + 64, wb);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, wk + 96, wb);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  constexpr int64_t ab = kPanel * sizeof(float);
+  _tile_stored(0, acc, ab);
+  _tile_stored(1, acc + 16, ab);
+  _tile_stored(2, acc + 32, ab);
+  _tile_stored(3, acc + 48, ab);
+  amx_memory_barrier();
+}
+
+// acc [m, 64] for rows.m rows at rows.base (acc has room for m rounded up to 16 rows). The tile
+// configuration is loaded per call: a chunk's work (up to kRows rows x K x 64) dwarfs it.
+static void panel_amx(const ChunkRows<c10::BFloat16>& rows, const c10::BFloat16* panel, int64_t k,
+                      float* acc) {
+  const int64_t kmain = k / 32 * kAmxPairs;
+  if (kmain > 0) {
+    amx_config_full_tiles();
+    for (int r0 = 0; r0 < rows.m; r0 += kTileRows)
+      amx_block(rows.base + r0 * rows.stride, rows.stride, panel, kmain, acc + r0 * kPanel);
+    amx_release();
+  }
+  if (kmain < (k + 1) / 2) panel_bf16(rows.ptr, rows.m, panel, k, kmain, acc);
 }
 
 static bool use_avx512_bf16() {
@@ -357,6 +434,28 @@ static inline float activate(float x, int act) {
   }
 }
 
+// dst[j] = act(g[j]) * u[j], j < n: kVec lanes at a time with at::vec's exp / erf / tanh (the
+// formulas of activation.cpp), the tail scalar. The scalar activate per element cost a third of
+// the tiles' time at prefill.
+template <typename T>
+static void act_mul(const float* g, const float* u, int n, int act, T* dst) {
+  int j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    const fVec x = fVec::loadu(g + j);
+    fVec a;
+    if (act == 0) {
+      a = x / (fVec(1.f) + x.neg().exp());
+    } else if (act == 1) {
+      a = fVec(0.5f) * x * (fVec(1.f) + (x * fVec(0.70710678118654752f)).erf());
+    } else {
+      const fVec inner = fVec(0.79788456080286536f) * (x + fVec(0.044715f) * x * x * x);
+      a = fVec(0.5f) * x * (fVec(1.f) + inner.tanh());
+    }
+    store_f(dst + j, a * fVec::loadu(u + j));
+  }
+  for (; j < n; ++j) dst[j] = from_f<T>(activate(g[j], act) * u[j]);
+}
+
 // (expert, panel) work items over the experts that received at least one pair.
 static std::vector<std::pair<int64_t, int64_t>> expert_tasks(const MoeParams& p, int64_t panels) {
   std::vector<std::pair<int64_t, int64_t>> tasks;
@@ -366,10 +465,27 @@ static std::vector<std::pair<int64_t, int64_t>> expert_tasks(const MoeParams& p,
   return tasks;
 }
 
-// panel_gemm(rows, m, panel, scales, k, block_k, acc): W is the weights' element type (T, or
-// uint8_t e4m3 codes with scales; the others ignore scales).
+// The hidden rows of the pairs in expert order, [T * top_k + 16, H] (the 16 rows after the last
+// zeroed for the tiles), so that each expert's gate/up rows are contiguous like the down rows.
+template <typename T>
+static std::unique_ptr<T[]> gather_rows(const MoeParams& p) {
+  const int64_t pairs = p.num_tokens * p.top_k, h = p.hidden_size;
+  std::unique_ptr<T[]> xg(new T[(pairs + kTileRows) * h]);
+  const T* hidden = static_cast<const T*>(p.hidden);
+  at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / h), [&](int64_t b, int64_t end) {
+    for (int64_t pos = b; pos < end; ++pos)
+      std::memcpy(xg.get() + pos * h, hidden + (p.pair_order[pos] / p.top_k) * p.hidden_stride,
+                  h * sizeof(T));
+  });
+  std::memset(static_cast<void*>(xg.get() + pairs * h), 0, kTileRows * h * sizeof(T));
+  return xg;
+}
+
+// panel_gemm(rows, panel, scales, k, block_k, acc) with rows a ChunkRows<T>: W is the weights'
+// element type (T, or uint8_t e4m3 codes with scales; the others ignore scales). gather: copy the
+// routed hidden rows into expert order first (gather_rows), so gate/up rows get a base too.
 template <typename T, typename W, class Panel>
-static void moe_impl(const MoeParams& p, Panel panel_gemm) {
+static void moe_impl(const MoeParams& p, bool gather, Panel panel_gemm) {
   const T* hidden = static_cast<const T*>(p.hidden);
   const W* w13 = static_cast<const W*>(p.w13);
   const W* w2 = static_cast<const W*>(p.w2);
@@ -382,6 +498,7 @@ static void moe_impl(const MoeParams& p, Panel panel_gemm) {
   const int64_t sc2 = p.w2_scale ? (i + p.block_k2 - 1) / p.block_k2 * kPanel : 0;
 
   // 1. inter[row, 64q..] = act(gate) * up for one 64-column panel pair of one expert
+  const std::unique_ptr<T[]> xg = gather ? gather_rows<T>(p) : nullptr;
   const auto up_tasks = expert_tasks(p, pi);
   at::parallel_for(0, static_cast<int64_t>(up_tasks.size()), 1, [&](int64_t b, int64_t end) {
     alignas(64) float g[kRows * kPanel], u[kRows * kPanel];
@@ -395,14 +512,13 @@ static void moe_impl(const MoeParams& p, Panel panel_gemm) {
       for (int64_t c0 = s0; c0 < s1; c0 += kRows) {
         const int mc = static_cast<int>(std::min<int64_t>(kRows, s1 - c0));
         for (int r = 0; r < mc; ++r)
-          rows[r] = hidden + (p.pair_order[c0 + r] / p.top_k) * p.hidden_stride;
-        panel_gemm(rows, mc, gate, gate_s, h, p.block_k13, g);
-        panel_gemm(rows, mc, gate + panel_h, gate_s ? gate_s + sc13 : nullptr, h, p.block_k13, u);
-        for (int r = 0; r < mc; ++r) {
-          T* dst = inter + (c0 + r) * i + q * kPanel;
-          for (int j = 0; j < valid; ++j)
-            dst[j] = from_f<T>(activate(g[r * kPanel + j], p.act) * u[r * kPanel + j]);
-        }
+          rows[r] = xg ? xg.get() + (c0 + r) * h
+                       : hidden + (p.pair_order[c0 + r] / p.top_k) * p.hidden_stride;
+        const ChunkRows<T> cr{rows, xg ? xg.get() + c0 * h : nullptr, h, mc};
+        panel_gemm(cr, gate, gate_s, h, p.block_k13, g);
+        panel_gemm(cr, gate + panel_h, gate_s ? gate_s + sc13 : nullptr, h, p.block_k13, u);
+        for (int r = 0; r < mc; ++r)
+          act_mul(g + r * kPanel, u + r * kPanel, valid, p.act, inter + (c0 + r) * i + q * kPanel);
       }
     }
   });
@@ -421,7 +537,7 @@ static void moe_impl(const MoeParams& p, Panel panel_gemm) {
       for (int64_t c0 = s0; c0 < s1; c0 += kRows) {
         const int mc = static_cast<int>(std::min<int64_t>(kRows, s1 - c0));
         for (int r = 0; r < mc; ++r) rows[r] = inter + (c0 + r) * i;
-        panel_gemm(rows, mc, panel, panel_s, i, p.block_k2, y);
+        panel_gemm(ChunkRows<T>{rows, inter + c0 * i, i, mc}, panel, panel_s, i, p.block_k2, y);
         for (int r = 0; r < mc; ++r) {
           const int64_t pair = p.pair_order[c0 + r];
           const float wgt = p.topk_weights[pair];
@@ -447,36 +563,60 @@ static void moe_impl(const MoeParams& p, Panel panel_gemm) {
   });
 }
 
+// True when some expert gets at least `rows` pairs.
+static bool any_expert_rows(const MoeParams& p, int64_t rows) {
+  for (int64_t e = 0; e < p.num_experts; ++e)
+    if (p.expert_start[e + 1] - p.expert_start[e] >= rows) return true;
+  return false;
+}
+
 void fused_moe_kernel(const MoeParams& p) {
   if (p.w13_scale != nullptr) {
-    OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { moe_impl<scalar_t, uint8_t>(p, panel_fp8<scalar_t>); });
+    OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] {
+      moe_impl<scalar_t, uint8_t>(p, false, [](const ChunkRows<scalar_t>& r, const uint8_t* panel,
+                                               const float* s, int64_t k, int64_t bk, float* acc) {
+        panel_fp8<scalar_t>(r.ptr, r.m, panel, s, k, bk, acc);
+      });
+    });
     return;
   }
 #if defined(CPU_CAPABILITY_AVX512)
   if (p.dtype == DType::kBFloat16 && use_avx512_bf16()) {
+    using Rows = ChunkRows<c10::BFloat16>;
+    if (use_amx() && any_expert_rows(p, kAmxMinRows)) {
+      moe_impl<c10::BFloat16, c10::BFloat16>(
+          p, true, [](const Rows& r, const c10::BFloat16* panel, const float*, int64_t k, int64_t,
+                      float* acc) {
+            if (r.base != nullptr && r.m >= kAmxMinRows) panel_amx(r, panel, k, acc);
+            else panel_bf16(r.ptr, r.m, panel, k, 0, acc);
+          });
+      return;
+    }
     moe_impl<c10::BFloat16, c10::BFloat16>(
-        p, [](const c10::BFloat16* const* rows, int m, const c10::BFloat16* panel, const float*,
-              int64_t k, int64_t, float* acc) { panel_bf16(rows, m, panel, k, acc); });
+        p, false, [](const Rows& r, const c10::BFloat16* panel, const float*, int64_t k, int64_t,
+                     float* acc) { panel_bf16(r.ptr, r.m, panel, k, 0, acc); });
     return;
   }
 #endif
 #if defined(CPU_CAPABILITY_AVX2)
   if (p.dtype == DType::kBFloat16) {
     moe_impl<c10::BFloat16, c10::BFloat16>(
-        p, [](const c10::BFloat16* const* rows, int m, const c10::BFloat16* panel, const float*,
-              int64_t k, int64_t, float* acc) { panel_avx2(rows, m, panel, k, acc); });
+        p, false, [](const ChunkRows<c10::BFloat16>& r, const c10::BFloat16* panel, const float*,
+                     int64_t k, int64_t, float* acc) { panel_avx2(r.ptr, r.m, panel, k, acc); });
     return;
   }
   if (p.dtype == DType::kFloat32) {
-    moe_impl<float, float>(p, [](const float* const* rows, int m, const float* panel, const float*,
-                                 int64_t k, int64_t, float* acc) { panel_avx2(rows, m, panel, k, acc); });
+    moe_impl<float, float>(p, false, [](const ChunkRows<float>& r, const float* panel, const float*,
+                                        int64_t k, int64_t, float* acc) {
+      panel_avx2(r.ptr, r.m, panel, k, acc);
+    });
     return;
   }
 #endif
   OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] {
-    moe_impl<scalar_t, scalar_t>(p, [](const scalar_t* const* rows, int m, const scalar_t* panel,
-                                       const float*, int64_t k, int64_t, float* acc) {
-      panel_generic<scalar_t>(rows, m, panel, k, acc);
+    moe_impl<scalar_t, scalar_t>(p, false, [](const ChunkRows<scalar_t>& r, const scalar_t* panel,
+                                              const float*, int64_t k, int64_t, float* acc) {
+      panel_generic<scalar_t>(r.ptr, r.m, panel, k, acc);
     });
   });
 }
@@ -738,7 +878,9 @@ void moe_packed(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13
   std::vector<int32_t> order;
   std::vector<int64_t> start;
   group_pairs(topk_ids, e, order, start);
-  at::Tensor inter = at::empty({t * k, i}, hidden.options());
+  // 16 rows past the last: the tiles' reads of a last partial 16-row block
+  at::Tensor inter = at::empty({t * k + 16, i}, hidden.options());
+  inter.narrow(0, t * k, 16).zero_();
   at::Tensor partial = at::empty({t * k, h}, hidden.options().dtype(at::kFloat));
   cpu::MoeParams p{};
   p.out = out.data_ptr();

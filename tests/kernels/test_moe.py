@@ -1,5 +1,7 @@
 """MoE ops (topk_routing, moe_align, fused_moe): the references vs independent computations
-(transformers' routers and experts, a dense per-token einsum), then octavo.ops vs the references."""
+(transformers' routers and experts, a dense per-token einsum), then octavo.ops vs the references
+(bf16 chunks of 4 or more rows on AMX tiles where the CPU has them; OCTAVO_CPU_NO_AMX=1 checked
+in a subprocess)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -277,7 +279,19 @@ MOE_CASES = {
                                                     [3, 1], [3, 1], [2, 0]])),
     # 100 rows on one expert: more than one 96-row chunk
     "over-a-chunk": (100, 66, 40, 3, 1, torch.zeros(100, 1, dtype=torch.long)),
+    # AMX (bf16, 4 or more rows on an expert): every token on expert 0 (300 rows: 96-row chunks
+    # and a 12-row rest), the others 3 (vdpbf16ps), 4, 17, 33 and 243 rows; odd H (5 tile steps
+    # and a half pair), I = 75 (2 tile steps, 5 pairs and a half on the vector path)
+    "amx-rows-3-to-300": (300, 161, 75, 6, 2, torch.stack(
+        [torch.zeros(300, dtype=torch.long),
+         torch.tensor([1] * 3 + [2] * 4 + [3] * 17 + [4] * 33 + [5] * 243)], 1)),
+    # E = 7, top_k = 3, H and I off 16 / 32 / 64 (about 64 rows per expert)
+    "amx-e7-odd-sizes": (150, 197, 83, 7, 3, None),
+    # top_k = E, K below one 32-wide tile step on both GEMMs (all on the vector path)
+    "amx-short-k": (40, 30, 20, 3, 3, None),
 }
+AMX_CASES = ["prefill", "topk-equals-e", "over-a-chunk", "amx-rows-3-to-300", "amx-e7-odd-sizes",
+             "amx-short-k"]
 
 
 def _run_case(name, dtype, activation="silu", prepared=True, stride=0):
@@ -307,10 +321,37 @@ def test_fused_moe_kernel_activations(activation):
     _run_case("e5-odd-sizes", torch.bfloat16, activation)
 
 
+NO_AMX_SCRIPT = r"""
+import torch
+import test_moe
+for name in test_moe.AMX_CASES:
+    test_moe._run_case(name, torch.bfloat16)
+print("ok")
+"""
+
+
+def test_fused_moe_without_amx():
+    # the vdpbf16ps panels bf16 prefill takes on avx512_bf16 CPUs without AMX (forced off here)
+    import os
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", NO_AMX_SCRIPT], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, OCTAVO_CPU_NO_AMX="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 def test_fused_moe_kernel_unprepared_and_strided():
     # the raw-weight op packs on each call; hidden may be a row-strided view
     a = _run_case("e5-odd-sizes", torch.bfloat16, prepared=False)
     torch.testing.assert_close(a, _run_case("e5-odd-sizes", torch.bfloat16, stride=9), rtol=0, atol=0)
+
+
+def test_fused_moe_kernel_amx_strided_rows():
+    # the gathered rows of a row-strided hidden give the same tiles' sums
+    a = _run_case("amx-e7-odd-sizes", torch.bfloat16)
+    torch.testing.assert_close(a, _run_case("amx-e7-odd-sizes", torch.bfloat16, stride=5),
+                               rtol=0, atol=0)
 
 
 def test_fused_moe_kernel_zero_tokens():
