@@ -4,15 +4,18 @@
 // (high nibble). Weights are read once per 8 rows of x (4 on AVX2); codes never leave registers as
 // floats on avx512_bf16 CPUs (nibble | 0x4300 is the bf16 of 128 + q, fed straight to vdpbf16ps);
 // on AVX2 / AVX-512 without bf16 they are widened and converted in registers and FMA'd in fp32.
+// On AMX CPUs bf16 GEMMs of 16 or more rows run on tile registers (cpu/int4_amx.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_types.h"
+#include "cpu/int4_amx.h"
 
 namespace octavo::cpu {
 
@@ -286,6 +289,67 @@ static bool int4_use_avx512_bf16() {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- AMX: bf16 x of 16 or more rows --------------------------------------------------------
+// x copied once into rows zero padded to whole 32-wide K steps (and to 32 rows); rows in chunks
+// of about 1 MiB of x (at least 256 rows), panels inner, so a chunk stays in L2 while each panel
+// is expanded once per chunk into its thread's bf16 B buffer and read by all the chunk's rows.
+constexpr int64_t kInt4AmxMinRows = 16;
+constexpr int64_t kInt4AmxChunkRows = 256;
+constexpr int64_t kInt4AmxChunkBytes = 1 << 20;
+
+static bool int4_use_amx(const Int4GemmParams& p) {
+  return p.dtype == DType::kBFloat16 && int4_use_avx512_bf16() && use_amx() &&
+         p.m >= kInt4AmxMinRows && int4_amx_groups_ok(p.group_size, p.groups);
+}
+
+static void int4_gemm_amx(const Int4GemmParams& p) {
+  using bf16 = c10::BFloat16;
+  const int64_t kpad = int4_amx_kpad(p.k), mpad = (p.m + 31) / 32 * 32;
+  const int64_t k2 = (p.k + 1) / 2, panels = (p.n + kP - 1) / kP;
+  std::unique_ptr<bf16[]> xp(new bf16[mpad * kpad]);  // [mpad, kpad]
+  const bf16* x = static_cast<const bf16*>(p.x);
+  at::parallel_for(0, mpad, 64, [&](int64_t b, int64_t end) {
+    for (int64_t r = b; r < end; ++r) {
+      bf16* dst = xp.get() + r * kpad;
+      const int64_t n = r < p.m ? p.k : 0;
+      if (n > 0) std::memcpy(dst, x + r * p.x_stride, n * sizeof(bf16));
+      std::memset(static_cast<void*>(dst + n), 0, (kpad - n) * sizeof(bf16));
+    }
+  });
+  bf16* out = static_cast<bf16*>(p.out);
+  const bf16* bias = static_cast<const bf16*>(p.bias);
+  const Int4AmxGroups kg{p.k, p.group_size, p.groups};
+  const int64_t chunk = std::max<int64_t>(
+      kInt4AmxChunkRows, kInt4AmxChunkBytes / (kpad * static_cast<int64_t>(sizeof(bf16))) / 32 * 32);
+  for (int64_t c0 = 0; c0 < p.m; c0 += chunk) {
+    const int64_t c1 = std::min(p.m, c0 + chunk);
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<bf16[]> wb(new bf16[kpad * kP]);  // [kpad / 2, 32, 2]
+      alignas(64) float tot[kInt4AmxMaxRows * kP];
+      amx_config_full_tiles();
+      for (int64_t pi = begin; pi < end; ++pi) {
+        int4_amx_expand(p.qw + pi * k2 * kP, p.k, kpad, wb.get());
+        const float* sz = p.sz + pi * p.groups * 2 * kP;
+        const int64_t n0 = pi * kP;
+        const int valid = static_cast<int>(std::min<int64_t>(kP, p.n - n0));
+        for (int64_t m0 = c0; m0 < c1; m0 += kInt4AmxMaxRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kInt4AmxMaxRows, c1 - m0));
+          int4_amx_rows(xp.get() + m0 * kpad, kpad, wb.get(), kg, sz, p.xsum + m0 * p.groups, rows,
+                        tot);
+          for (int m = 0; m < rows; ++m) {
+            bf16* o = out + (m0 + m) * p.out_stride + n0;
+            for (int j = 0; j < valid; ++j)
+              o[j] = from_f<bf16>(tot[m * kP + j] + (bias ? to_f(bias[n0 + j]) : 0.f));
+          }
+        }
+      }
+      amx_release();
+    });
+  }
+}
+#endif
+
 // Panels per parallel task: at least ~64 KiB of weights each, so a small matrix (a decode step's
 // K/V projection) runs on one thread rather than paying an OpenMP wake-up comparable to its work.
 static int64_t min_panels_per_task(int64_t panel_bytes) {
@@ -319,6 +383,12 @@ static void int4_gemm_impl(const Int4GemmParams& params) {
   group_sums<T>(params, xsum.data());
   Int4GemmParams p = params;
   p.xsum = xsum.data();
+#if defined(CPU_CAPABILITY_AVX512)
+  if (std::is_same_v<T, c10::BFloat16> && int4_use_amx(p)) {
+    int4_gemm_amx(p);
+    return;
+  }
+#endif
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
   const int64_t panels = (p.n + kP - 1) / kP;

@@ -5,7 +5,9 @@
 // (128 + q) on avx512_bf16 CPUs with bf16 activations, widened to fp32 FMAs otherwise. Work is
 // split over (expert, panel) so both threads stream weights even for one token and one expert.
 // Act-order experts (GPTQ desc_act) carry w13_perm: each (token, expert) row is gathered in its
-// expert's K order into the chunk's scratch before the gate_up GEMM (H values per row).
+// expert's K order into the chunk's scratch before the gate_up GEMM (H values per row). On AMX
+// CPUs, bf16 experts with 16 or more rows in a chunk run on tile registers (cpu/int4_amx.h): the
+// routed rows are gathered into expert order with K zero padded to whole 32-wide steps.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "cpu/cpu_types.h"
+#include "cpu/int4_amx.h"
 
 namespace octavo::cpu {
 
@@ -307,6 +310,37 @@ static void group_sums(const C* buf, int64_t width, int64_t r0, int64_t r1, int6
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kAmxMinRows = 16;  // an expert's rows in a chunk that take the tiles
+
+// Whether this chunk takes the tiles: bf16 rows, AMX, groups of whole 32-wide K steps (or one
+// group) on both GEMMs, and some expert with kAmxMinRows rows.
+template <typename C>
+static bool chunk_uses_amx(const MoeInt4Params& p, const std::vector<int64_t>& start) {
+  if (!std::is_same_v<C, c10::BFloat16> || !use_amx() ||
+      !int4_amx_groups_ok(p.gs13, p.groups13) || !int4_amx_groups_ok(p.gs2, p.groups2))
+    return false;
+  for (size_t e = 0; e + 1 < start.size(); ++e)
+    if (start[e + 1] - start[e] >= kAmxMinRows) return true;
+  return false;
+}
+
+// A thread's tiles and expanded panels for one parallel region of a chunk that takes them.
+struct AmxScratch {
+  bool on;
+  std::vector<c10::BFloat16> b0, b1;  // [kpad / 2, 32, 2] each
+  AmxScratch(bool use, int64_t kpad) : on(use) {
+    if (!on) return;
+    b0.resize(kpad * kP);
+    b1.resize(kpad * kP);
+    amx_config_full_tiles();
+  }
+  ~AmxScratch() {
+    if (on) amx_release();
+  }
+};
+#endif
+
 // One pass over tokens [t0, t1): C is the rows' compute type (float, or bf16 for vdpbf16ps).
 template <typename T, typename C>
 static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
@@ -328,28 +362,46 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
   for (int64_t e = 0; e < e_count; ++e)
     if (start[e + 1] > start[e]) active.push_back(e);
   const int64_t na = static_cast<int64_t>(active.size());
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool amx = chunk_uses_amx<C>(p, start);
+  const int64_t kpad13 = int4_amx_kpad(h), kpad2 = int4_amx_kpad(i);
+  const Int4AmxGroups kg13{h, p.gs13, p.groups13}, kg2{i, p.gs2, p.groups2};
+  auto tiles = [&](int64_t e) { return amx && start[e + 1] - start[e] >= kAmxMinRows; };
+#else
+  const bool amx = false;
+#endif
+  // rows of the gathered hidden and of the intermediate: whole 32-wide K steps for the tiles,
+  // and kTilePad rows past the last (zeros) that a last partial tile block reads
+  const int64_t hw = amx ? (h + 31) / 32 * 32 : hp, iw = amx ? (i + 31) / 32 * 32 : ip;
+  const int64_t kTilePad = amx ? 32 : 0;
 
-  // the chunk's hidden rows in C, zero padded, and their group sums; with w13_perm, each
-  // pair's row gathered in its expert's K order (xg, in expert order) and the sums of that
+  // the chunk's hidden rows in C, zero padded, and their group sums; with w13_perm (or the
+  // tiles), each pair's row gathered (in its expert's K order) into xg, in expert order, and
+  // the sums of that
   std::vector<C> xin(nt * hp, to_c<C>(0.f));
   const T* hidden = static_cast<const T*>(p.hidden);
   for (int64_t t = 0; t < nt; ++t)
     for (int64_t c = 0; c < h; ++c) xin[t * hp + c] = to_c<C>(to_f(hidden[(t0 + t) * p.hidden_stride + c]));
+  const bool gather = p.w13_perm != nullptr || amx;
   std::vector<C> xg;
   std::vector<float> xs13;
-  if (p.w13_perm == nullptr) {
+  if (!gather) {
     xs13.resize(nt * p.groups13);
     group_sums(xin.data(), hp, 0, nt, h, p.gs13, p.groups13, xs13.data());
   } else {
-    xg.assign(pairs * hp, to_c<C>(0.f));
+    xg.assign((pairs + kTilePad) * hw, to_c<C>(0.f));
     xs13.resize(pairs * p.groups13);
     std::atomic<bool> bad{false};
     at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / h), [&](int64_t b, int64_t end) {
       for (int64_t pos = b; pos < end; ++pos) {
         const int64_t q = order[pos];
-        const int32_t* perm = p.w13_perm + p.topk_ids[t0 * k + q] * h;
         const C* src = xin.data() + (q / k) * hp;
-        C* dst = xg.data() + pos * hp;
+        C* dst = xg.data() + pos * hw;
+        if (p.w13_perm == nullptr) {
+          std::memcpy(static_cast<void*>(dst), src, h * sizeof(C));
+          continue;
+        }
+        const int32_t* perm = p.w13_perm + p.topk_ids[t0 * k + q] * h;
         for (int64_t c = 0; c < h; ++c) {
           const int32_t from = perm[c];
           if (from < 0 || from >= h) {
@@ -359,35 +411,58 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
           dst[c] = src[from];
         }
       }
-      group_sums(xg.data(), hp, b, end, h, p.gs13, p.groups13, xs13.data());
+      group_sums(xg.data(), hw, b, end, h, p.gs13, p.groups13, xs13.data());
     });
     TORCH_CHECK(!bad, "fused_moe_int4: w13_perm holds a column outside [0, ", h, ")");
   }
-  const C* xrows = p.w13_perm == nullptr ? xin.data() : xg.data();
+  const C* xrows = gather ? xg.data() : xin.data();
+  const int64_t xw = gather ? hw : hp;
 
   // 1. inter[pos, 32q..] = act(gate) * up, pos = the pair's place in expert order
-  std::vector<C> inter(pairs * ip, to_c<C>(0.f));
+  std::vector<C> inter((pairs + kTilePad) * iw, to_c<C>(0.f));
   at::parallel_for(0, na * pi, 1, [&](int64_t b, int64_t end) {
-    alignas(64) float g[8 * kP], u[8 * kP];
+    alignas(64) float g[32 * kP], u[32 * kP];
     const C* rows[8];
     const float* sums[8];
+#if defined(CPU_CAPABILITY_AVX512)
+    AmxScratch sc(amx, kpad13);
+#endif
     for (int64_t task = b; task < end; ++task) {
       const int64_t e = active[task / pi], q = task % pi;
       const Panel gate{p.w13 + (e * 2 * pi + q) * bytes13, p.w13_so + (e * 2 * pi + q) * so13, h,
                        p.gs13, p.groups13};
       const Panel up{gate.qw + pi * bytes13, gate.sz + pi * so13, h, p.gs13, p.groups13};
       const int valid = static_cast<int>(std::min<int64_t>(kP, i - q * kP));
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<C, c10::BFloat16>) {
+        if (tiles(e)) {
+          int4_amx_expand(gate.qw, h, kpad13, sc.b0.data());
+          int4_amx_expand(up.qw, h, kpad13, sc.b1.data());
+          for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kInt4AmxMaxRows) {
+            const int mb = static_cast<int>(std::min<int64_t>(kInt4AmxMaxRows, start[e + 1] - c0));
+            const float* xs = xs13.data() + c0 * p.groups13;
+            int4_amx_rows(xg.data() + c0 * hw, hw, sc.b0.data(), kg13, gate.sz, xs, mb, g);
+            int4_amx_rows(xg.data() + c0 * hw, hw, sc.b1.data(), kg13, up.sz, xs, mb, u);
+            for (int r = 0; r < mb; ++r) {
+              C* dst = inter.data() + (c0 + r) * iw + q * kP;
+              for (int j = 0; j < valid; ++j) dst[j] = to_c<C>(activate(g[r * kP + j], p.act) * u[r * kP + j]);
+            }
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kMB) {
         const int mb = static_cast<int>(std::min<int64_t>(kMB, start[e + 1] - c0));
         for (int r = 0; r < mb; ++r) {
-          const int64_t x = p.w13_perm == nullptr ? order[c0 + r] / k : c0 + r;  // token or pair
-          rows[r] = xrows + x * hp;
+          const int64_t x = gather ? c0 + r : order[c0 + r] / k;  // pair or token
+          rows[r] = xrows + x * xw;
           sums[r] = xs13.data() + x * p.groups13;
         }
         panel_rows<C>(gate, rows, sums, mb, g);
         panel_rows<C>(up, rows, sums, mb, u);
         for (int r = 0; r < mb; ++r) {
-          C* dst = inter.data() + (c0 + r) * ip + q * kP;
+          C* dst = inter.data() + (c0 + r) * iw + q * kP;
           for (int j = 0; j < valid; ++j) dst[j] = to_c<C>(activate(g[r * kP + j], p.act) * u[r * kP + j]);
         }
       }
@@ -396,36 +471,57 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
   std::vector<float> xs2(pairs * p.groups2);
   at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, i)),
                    [&](int64_t b, int64_t end) {
-    group_sums(inter.data(), ip, b, end, i, p.gs2, p.groups2, xs2.data());
+    group_sums(inter.data(), iw, b, end, i, p.gs2, p.groups2, xs2.data());
   });
 
   // 2. out[t, 32q..] = sum over the active experts of weight * (w2[e] panel q @ inter): tasks
   //    own output columns, so the sums need no atomics and run in expert order
   T* out = static_cast<T*>(p.out);
   at::parallel_for(0, ph, 1, [&](int64_t b, int64_t end) {
-    alignas(64) float y[8 * kP];
+    alignas(64) float y[32 * kP];
     std::vector<float> acc(nt * kP);
     const C* rows[8];
     const float* sums[8];
+#if defined(CPU_CAPABILITY_AVX512)
+    AmxScratch sc(amx, kpad2);
+#endif
     for (int64_t q = b; q < end; ++q) {
       std::fill(acc.begin(), acc.end(), 0.f);
       const int valid = static_cast<int>(std::min<int64_t>(kP, h - q * kP));
       for (const int64_t e : active) {
         const Panel down{p.w2 + (e * ph + q) * bytes2, p.w2_so + (e * ph + q) * so2, i, p.gs2,
                          p.groups2};
-        for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kMB) {
-          const int mb = static_cast<int>(std::min<int64_t>(kMB, start[e + 1] - c0));
-          for (int r = 0; r < mb; ++r) {
-            rows[r] = inter.data() + (c0 + r) * ip;
-            sums[r] = xs2.data() + (c0 + r) * p.groups2;
-          }
-          panel_rows<C>(down, rows, sums, mb, y);
+        // rows [c0, c0 + mb) of the expert done: y [mb, 32] into the tokens' sums
+        auto add_rows = [&](int64_t c0, int mb) {
           for (int r = 0; r < mb; ++r) {
             const int64_t pair = order[c0 + r];
             const float wgt = p.topk_weights[t0 * k + pair];
             float* dst = acc.data() + (pair / k) * kP;
             for (int j = 0; j < valid; ++j) dst[j] += wgt * y[r * kP + j];
           }
+        };
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<C, c10::BFloat16>) {
+          if (tiles(e)) {
+            int4_amx_expand(down.qw, i, kpad2, sc.b0.data());
+            for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kInt4AmxMaxRows) {
+              const int mb = static_cast<int>(std::min<int64_t>(kInt4AmxMaxRows, start[e + 1] - c0));
+              int4_amx_rows(inter.data() + c0 * iw, iw, sc.b0.data(), kg2, down.sz,
+                            xs2.data() + c0 * p.groups2, mb, y);
+              add_rows(c0, mb);
+            }
+            continue;
+          }
+        }
+#endif
+        for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kMB) {
+          const int mb = static_cast<int>(std::min<int64_t>(kMB, start[e + 1] - c0));
+          for (int r = 0; r < mb; ++r) {
+            rows[r] = inter.data() + (c0 + r) * iw;
+            sums[r] = xs2.data() + (c0 + r) * p.groups2;
+          }
+          panel_rows<C>(down, rows, sums, mb, y);
+          add_rows(c0, mb);
         }
       }
       for (int64_t t = 0; t < nt; ++t) {

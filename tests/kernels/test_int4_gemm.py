@@ -1,7 +1,8 @@
 """The INT4 weight-only GEMM (ops.int4_gemm_prepared: pack once, then the CPU kernel) vs the
 dequantize-then-matmul reference (ops_native.int4_gemm) and an fp64 one: group sizes 32/64/128
 and per-channel, with and without zero points, GPTQ act-order g_idx, M from 1 to 300, K and N
-off the 32-output panel and the K pair, in every CPU variant this machine runs."""
+off the 32-output panel and the K pair, in every CPU variant this machine runs (bf16 with 16 or more
+rows on AMX tiles where the CPU has them; OCTAVO_CPU_NO_AMX=1 checked in a subprocess)."""
 import os
 import subprocess
 import sys
@@ -75,6 +76,21 @@ def test_int4_gemm_awkward_k(dtype, k):
         _check(4, 45, k, dtype, gs, True, act_order=False, bias=True)
 
 
+@pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 100, 257])
+@pytest.mark.parametrize("k,group_size", [(129, 32), (129, -1), (200, 64), (390, 128), (96, 16),
+                                          (31, -1), (1, -1)])
+def test_int4_gemm_amx_shapes(m, k, group_size):
+    # bf16 with 16 or more rows: AMX tiles where the CPU has them (one or two 16-row tiles per
+    # block, K zero padded to 32-wide steps, a 1-column last group); groups of 16 keep vdpbf16ps
+    _check(m, 45, k, torch.bfloat16, group_size, True, act_order=False, bias=True, shift=4.0)
+
+
+def test_int4_gemm_amx_row_chunks():
+    # 600 rows of K = 2048: three 256-row chunks, each panel expanded once per chunk
+    _check(600, 70, 2048, torch.bfloat16, 128, True, act_order=False, bias=True)
+    _check(600, 40, 2048, torch.bfloat16, 64, False, act_order=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_gemm_bias_and_strided_rows(dtype):
     _check(5, 100, 256, dtype, 64, True, act_order=False, bias=True, stride=24)
@@ -136,7 +152,8 @@ VARIANT_SCRIPT = r"""
 import torch
 from test_int4_gemm import _check
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for m, n, k, gs in ((1, 33, 256, 32), (8, 70, 129, -1), (9, 64, 384, 128), (300, 40, 64, 64)):
+    for m, n, k, gs in ((1, 33, 256, 32), (8, 70, 129, -1), (9, 64, 384, 128), (300, 40, 64, 64),
+                        (33, 45, 129, 32)):
         _check(m, n, k, dtype, gs, True, act_order=False, bias=True)
         _check(m, n, k if k % 2 == 0 else k + 1, dtype, gs, False, act_order=gs != -1)
 print("ok")
@@ -144,8 +161,8 @@ print("ok")
 
 
 @pytest.mark.parametrize("env", [dict(ATEN_CPU_CAPABILITY="default"), dict(ATEN_CPU_CAPABILITY="avx2"),
-                                 dict(OCTAVO_CPU_NO_AVX512BF16="1")],
-                         ids=["default", "avx2", "avx512-without-bf16-dot"])
+                                 dict(OCTAVO_CPU_NO_AVX512BF16="1"), dict(OCTAVO_CPU_NO_AMX="1")],
+                         ids=["default", "avx2", "avx512-without-bf16-dot", "avx512-bf16-without-amx"])
 def test_variant(env):
     res = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT], cwd=os.path.dirname(__file__),
                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)

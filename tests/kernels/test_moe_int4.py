@@ -1,10 +1,11 @@
 """Fused MoE with 4-bit experts: the reference (ops_native.fused_moe_int4) vs a dense fp64 einsum
 on the dequantized weights, the packed layout's round trip, then the CPU kernel (codes unpacked in
 registers inside the fused MoE loops) vs the reference: fp32 / bf16 / fp16 activations, T from 1
-to 64, idle experts, all tokens on one expert, E = 3, top-k = E, I and H off the 32-row panel and
-the group, groups of 32 / 64 / 128 / per channel, with and without zero points, with offsets, and
-GPTQ act order (random g_idx per expert on w13, w2 or both; the reference dequantizes with it); on
-every CPU variant this machine runs."""
+to 300, idle experts, all tokens on one expert, E = 3 / 7, top-k = E, I and H off the 32-row panel
+and the group, groups of 32 / 64 / 128 / per channel, with and without zero points, with offsets,
+and GPTQ act order (random g_idx per expert on w13, w2 or both; the reference dequantizes with it);
+on every CPU variant this machine runs (bf16 experts with 16 or more rows on AMX tiles where the
+CPU has them, OCTAVO_CPU_NO_AMX=1 checked in a subprocess)."""
 import os
 import subprocess
 import sys
@@ -62,7 +63,18 @@ CASES = {
     "all-on-one": (7, 128, 96, 4, 1, torch.zeros(7, 1, dtype=torch.long)),
     "e3-topk-equals-e": (7, 130, 200, 3, 3, None),
     "prefill": (64, 256, 136, 6, 2, None),
+    # AMX (bf16, 16 or more rows on an expert, groups of whole 32-wide K steps): every token on
+    # expert 0 (300 rows: 32-row blocks and a 12-row rest), the others 3, 4 (vdpbf16ps), 17, 33
+    # and 243 rows; odd H = 161 (a 1-column last group), I = 75
+    "amx-rows-3-to-300": (300, 161, 75, 6, 2, torch.stack(
+        [torch.zeros(300, dtype=torch.long),
+         torch.tensor([1] * 3 + [2] * 4 + [3] * 17 + [4] * 33 + [5] * 243)], 1)),
+    # E = 7, top_k = 3, H and I off 16 / 32 (about 64 rows per expert)
+    "amx-e7-odd-sizes": (150, 197, 83, 7, 3, None),
+    # top_k = E, 40 rows on each expert
+    "amx-topk-equals-e": (40, 96, 80, 3, 3, None),
 }
+AMX_CASES = ["prefill", "amx-rows-3-to-300", "amx-e7-odd-sizes", "amx-topk-equals-e"]
 GROUPS = (32, 64, 128, -1)
 
 
@@ -204,6 +216,31 @@ def test_fused_moe_int4_act_order(name, gs, dtype):
 def test_fused_moe_int4_act_order_one_stack(stacks, dtype):
     _run("e3-topk-equals-e", dtype, 32, act_order=stacks)
     _run("two-tokens-odd-sizes", dtype, 16, zeros=False, offsets=True, act_order=stacks)
+
+
+NO_AMX_SCRIPT = r"""
+import torch
+import test_moe_int4 as m
+for name in m.AMX_CASES:
+    for gs in (32, -1):
+        m._run(name, torch.bfloat16, gs)
+    m._run(name, torch.bfloat16, 64, act_order="both")
+print("ok")
+"""
+
+
+def test_fused_moe_int4_without_amx():
+    # the vdpbf16ps panels bf16 prefill takes on avx512_bf16 CPUs without AMX (forced off here)
+    res = subprocess.run([sys.executable, "-c", NO_AMX_SCRIPT], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, OCTAVO_CPU_NO_AMX="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_fused_moe_int4_amx_groups_of_16():
+    # groups that are not whole 32-wide steps keep the vdpbf16ps panels, also with many rows
+    _run("amx-topk-equals-e", torch.bfloat16, 16)
+    _run("amx-e7-odd-sizes", torch.bfloat16, 16, zeros=False, offsets=True, act_order="w13")
 
 
 def test_fused_moe_int4_strided_rows_equal_contiguous():
