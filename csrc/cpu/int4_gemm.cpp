@@ -4,7 +4,7 @@
 // (high nibble). Weights are read once per 8 rows of x (4 on AVX2); codes never leave registers as
 // floats on avx512_bf16 CPUs (nibble | 0x4300 is the bf16 of 128 + q, fed straight to vdpbf16ps);
 // on AVX2 / AVX-512 without bf16 they are widened and converted in registers and FMA'd in fp32.
-// On AMX CPUs bf16 GEMMs of 16 or more rows run on tile registers (cpu/int4_amx.h).
+// On AMX CPUs bf16 GEMMs of 8 or more rows run on tile registers (cpu/int4_amx.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -290,11 +290,11 @@ static bool int4_use_avx512_bf16() {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-// ---- AMX: bf16 x of 16 or more rows --------------------------------------------------------
+// ---- AMX: bf16 x of 8 or more rows ---------------------------------------------------------
 // x copied once into rows zero padded to whole 32-wide K steps (and to 32 rows); rows in chunks
 // of about 1 MiB of x (at least 256 rows), panels inner, so a chunk stays in L2 while each panel
 // is expanded once per chunk into its thread's bf16 B buffer and read by all the chunk's rows.
-constexpr int64_t kInt4AmxMinRows = 16;
+constexpr int64_t kInt4AmxMinRows = 8;  // M = 8: 2x the vdpbf16ps kernel; 4-7 rows measured even
 constexpr int64_t kInt4AmxChunkRows = 256;
 constexpr int64_t kInt4AmxChunkBytes = 1 << 20;
 

@@ -1,7 +1,7 @@
 """The INT4 weight-only GEMM (ops.int4_gemm_prepared: pack once, then the CPU kernel) vs the
 dequantize-then-matmul reference (ops_native.int4_gemm) and an fp64 one: group sizes 32/64/128
 and per-channel, with and without zero points, GPTQ act-order g_idx, M from 1 to 300, K and N
-off the 32-output panel and the K pair, in every CPU variant this machine runs (bf16 with 16 or more
+off the 32-output panel and the K pair, in every CPU variant this machine runs (bf16 with 8 or more
 rows on AMX tiles where the CPU has them; OCTAVO_CPU_NO_AMX=1 checked in a subprocess)."""
 import os
 import subprocess
@@ -76,11 +76,11 @@ def test_int4_gemm_awkward_k(dtype, k):
         _check(4, 45, k, dtype, gs, True, act_order=False, bias=True)
 
 
-@pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 100, 257])
+@pytest.mark.parametrize("m", [8, 9, 16, 17, 31, 32, 33, 100, 257])
 @pytest.mark.parametrize("k,group_size", [(129, 32), (129, -1), (200, 64), (390, 128), (96, 16),
                                           (31, -1), (1, -1)])
 def test_int4_gemm_amx_shapes(m, k, group_size):
-    # bf16 with 16 or more rows: AMX tiles where the CPU has them (one or two 16-row tiles per
+    # bf16 with 8 or more rows: AMX tiles where the CPU has them (one or two 16-row tiles per
     # block, K zero padded to 32-wide steps, a 1-column last group); groups of 16 keep vdpbf16ps
     _check(m, 45, k, torch.bfloat16, group_size, True, act_order=False, bias=True, shift=4.0)
 

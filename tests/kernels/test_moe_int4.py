@@ -4,7 +4,7 @@ registers inside the fused MoE loops) vs the reference: fp32 / bf16 / fp16 activ
 to 300, idle experts, all tokens on one expert, E = 3 / 7, top-k = E, I and H off the 32-row panel
 and the group, groups of 32 / 64 / 128 / per channel, with and without zero points, with offsets,
 and GPTQ act order (random g_idx per expert on w13, w2 or both; the reference dequantizes with it);
-on every CPU variant this machine runs (bf16 experts with 16 or more rows on AMX tiles where the
+on every CPU variant this machine runs (bf16 experts with 8 or more rows on AMX tiles where the
 CPU has them, OCTAVO_CPU_NO_AMX=1 checked in a subprocess)."""
 import os
 import subprocess
@@ -63,18 +63,18 @@ CASES = {
     "all-on-one": (7, 128, 96, 4, 1, torch.zeros(7, 1, dtype=torch.long)),
     "e3-topk-equals-e": (7, 130, 200, 3, 3, None),
     "prefill": (64, 256, 136, 6, 2, None),
-    # AMX (bf16, 16 or more rows on an expert, groups of whole 32-wide K steps): every token on
-    # expert 0 (300 rows: 32-row blocks and a 12-row rest), the others 3, 4 (vdpbf16ps), 17, 33
-    # and 243 rows; odd H = 161 (a 1-column last group), I = 75
-    "amx-rows-3-to-300": (300, 161, 75, 6, 2, torch.stack(
+    # AMX (bf16, 8 or more rows on an expert, groups of whole 32-wide K steps): every token on
+    # expert 0 (300 rows: 32-row blocks and a 12-row rest), the others 7 (vdpbf16ps), 8, 17, 33
+    # and 235 rows; odd H = 161 (a 1-column last group), I = 75
+    "amx-rows-7-to-300": (300, 161, 75, 6, 2, torch.stack(
         [torch.zeros(300, dtype=torch.long),
-         torch.tensor([1] * 3 + [2] * 4 + [3] * 17 + [4] * 33 + [5] * 243)], 1)),
+         torch.tensor([1] * 7 + [2] * 8 + [3] * 17 + [4] * 33 + [5] * 235)], 1)),
     # E = 7, top_k = 3, H and I off 16 / 32 (about 64 rows per expert)
     "amx-e7-odd-sizes": (150, 197, 83, 7, 3, None),
     # top_k = E, 40 rows on each expert
     "amx-topk-equals-e": (40, 96, 80, 3, 3, None),
 }
-AMX_CASES = ["prefill", "amx-rows-3-to-300", "amx-e7-odd-sizes", "amx-topk-equals-e"]
+AMX_CASES = ["prefill", "amx-rows-7-to-300", "amx-e7-odd-sizes", "amx-topk-equals-e"]
 GROUPS = (32, 64, 128, -1)
 
 
