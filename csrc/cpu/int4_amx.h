@@ -47,75 +47,78 @@ struct Int4AmxGroups {
   int64_t k, gs, groups;
 };
 
-// tot [rows, 32] = the panel (expanded in b) times rows <= 16 * R rows of x (row stride xs
-// elements, zero padded to int4_amx_kpad(k) columns; 16 * R rows readable). sz [groups, 2, 32]:
-// scales, then offsets; xsum: row r's sum over group g at xsum[r * groups + g]. The tiles must be
-// configured (amx_config_full_tiles).
+// tot [rows, 32] += group g's share of the panel (expanded in b) times rows <= 16 * R rows of x
+// (row stride xs elements, zero padded to int4_amx_kpad(k) columns; 16 * R rows readable).
+// sz [groups, 2, 32]: scales, then offsets; xsum: row r's sum over group g at xsum[r * groups +
+// g]. The tiles must be configured (amx_config_full_tiles).
 template <int R>
-__attribute__((target("amx-tile,amx-bf16"))) inline void int4_amx_block(
+__attribute__((target("amx-tile,amx-bf16"))) inline void int4_amx_group(
     const c10::BFloat16* x, int64_t xs, const c10::BFloat16* b, const Int4AmxGroups& kg,
-    const float* sz, const float* xsum, int rows, float* tot) {
+    int64_t g, const float* sz, const float* xsum, int rows, float* tot) {
   static_assert(R == 1 || R == 2, "one or two 16-row tiles");
   alignas(64) float acc[16 * R][32];
-  for (int r = 0; r < rows; ++r) {
-    _mm512_storeu_ps(tot + r * 32, _mm512_setzero_ps());
-    _mm512_storeu_ps(tot + r * 32 + 16, _mm512_setzero_ps());
-  }
   const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
   constexpr int64_t bb = 64 * sizeof(c10::BFloat16);  // bytes from one pair row to the next
+  const int64_t s0 = g * kg.gs / kInt4AmxK;
+  const int64_t s1 = (std::min(kg.k, (g + 1) * kg.gs) + kInt4AmxK - 1) / kInt4AmxK;
+  amx_memory_barrier();
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (R == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t st = s0; st < s1; ++st) {
+    const c10::BFloat16* bk = b + st * (kInt4AmxK / 2) * 64;
+    _tile_loadd(4, x + st * kInt4AmxK, xb);
+    _tile_loadd(6, bk, bb);
+    _tile_loadd(7, bk + 32, bb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (R == 2) {
+      _tile_loadd(5, x + 16 * xs + st * kInt4AmxK, xb);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, &acc[0][0], 128);
+  _tile_stored(1, &acc[0][16], 128);
+  if constexpr (R == 2) {
+    _tile_stored(2, &acc[16][0], 128);
+    _tile_stored(3, &acc[16][16], 128);
+  }
+  amx_memory_barrier();
+  // acc = sum x * (128 + q): W x = s * acc + (offset - 128 s) * sum(x)
+  const float* s = sz + g * 64;
   const __m512 c128 = _mm512_set1_ps(128.f);
-  for (int64_t g = 0; g < kg.groups; ++g) {
-    const int64_t s0 = g * kg.gs / kInt4AmxK;
-    const int64_t s1 = (std::min(kg.k, (g + 1) * kg.gs) + kInt4AmxK - 1) / kInt4AmxK;
-    amx_memory_barrier();
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (R == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    for (int64_t st = s0; st < s1; ++st) {
-      const c10::BFloat16* bk = b + st * (kInt4AmxK / 2) * 64;
-      _tile_loadd(4, x + st * kInt4AmxK, xb);
-      _tile_loadd(6, bk, bb);
-      _tile_loadd(7, bk + 32, bb);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (R == 2) {
-        _tile_loadd(5, x + 16 * xs + st * kInt4AmxK, xb);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, &acc[0][0], 128);
-    _tile_stored(1, &acc[0][16], 128);
-    if constexpr (R == 2) {
-      _tile_stored(2, &acc[16][0], 128);
-      _tile_stored(3, &acc[16][16], 128);
-    }
-    amx_memory_barrier();
-    // acc = sum x * (128 + q): W x = s * acc + (offset - 128 s) * sum(x)
-    const float* s = sz + g * 64;
-    const __m512 sc0 = _mm512_loadu_ps(s), sc1 = _mm512_loadu_ps(s + 16);
-    const __m512 o0 = _mm512_fnmadd_ps(c128, sc0, _mm512_loadu_ps(s + 32));
-    const __m512 o1 = _mm512_fnmadd_ps(c128, sc1, _mm512_loadu_ps(s + 48));
-    for (int r = 0; r < rows; ++r) {
-      const __m512 xsv = _mm512_set1_ps(xsum[r * kg.groups + g]);
-      float* t = tot + r * 32;
-      _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_load_ps(acc[r]), sc0,
-                                          _mm512_fmadd_ps(xsv, o0, _mm512_loadu_ps(t))));
-      _mm512_storeu_ps(t + 16, _mm512_fmadd_ps(_mm512_load_ps(acc[r] + 16), sc1,
-                                               _mm512_fmadd_ps(xsv, o1, _mm512_loadu_ps(t + 16))));
-    }
+  const __m512 sc0 = _mm512_loadu_ps(s), sc1 = _mm512_loadu_ps(s + 16);
+  const __m512 o0 = _mm512_fnmadd_ps(c128, sc0, _mm512_loadu_ps(s + 32));
+  const __m512 o1 = _mm512_fnmadd_ps(c128, sc1, _mm512_loadu_ps(s + 48));
+  for (int r = 0; r < rows; ++r) {
+    const __m512 xsv = _mm512_set1_ps(xsum[r * kg.groups + g]);
+    float* t = tot + r * 32;
+    _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_load_ps(acc[r]), sc0,
+                                        _mm512_fmadd_ps(xsv, o0, _mm512_loadu_ps(t))));
+    _mm512_storeu_ps(t + 16, _mm512_fmadd_ps(_mm512_load_ps(acc[r] + 16), sc1,
+                                             _mm512_fmadd_ps(xsv, o1, _mm512_loadu_ps(t + 16))));
   }
 }
 
-// tot [rows, 32] for rows <= 32: one or two 16-row tiles.
+// tot [rows, 32] = the panel times `rows` rows of x (any count; x readable to the next multiple
+// of 32 rows). Groups outer, 32-row blocks inner: a group's slice of b (8 KiB for 128-wide
+// groups) stays in L1 while every block reads it, so the tiles stream only x from L2.
 inline void int4_amx_rows(const c10::BFloat16* x, int64_t xs, const c10::BFloat16* b,
-                          const Int4AmxGroups& kg, const float* sz, const float* xsum, int rows,
+                          const Int4AmxGroups& kg, const float* sz, const float* xsum, int64_t rows,
                           float* tot) {
-  if (rows > 16) int4_amx_block<2>(x, xs, b, kg, sz, xsum, rows, tot);
-  else int4_amx_block<1>(x, xs, b, kg, sz, xsum, rows, tot);
+  std::memset(static_cast<void*>(tot), 0, rows * 32 * sizeof(float));
+  for (int64_t g = 0; g < kg.groups; ++g)
+    for (int64_t m0 = 0; m0 < rows; m0 += kInt4AmxMaxRows) {
+      const int mb = static_cast<int>(std::min<int64_t>(kInt4AmxMaxRows, rows - m0));
+      const c10::BFloat16* xm = x + m0 * xs;
+      const float* sm = xsum + m0 * kg.groups;
+      if (mb > 16) int4_amx_group<2>(xm, xs, b, kg, g, sz, sm, mb, tot + m0 * 32);
+      else int4_amx_group<1>(xm, xs, b, kg, g, sz, sm, mb, tot + m0 * 32);
+    }
 }
 
 }  // namespace octavo::cpu::CPU_CAPABILITY

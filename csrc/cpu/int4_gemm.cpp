@@ -326,22 +326,20 @@ static void int4_gemm_amx(const Int4GemmParams& p) {
     const int64_t c1 = std::min(p.m, c0 + chunk);
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       std::unique_ptr<bf16[]> wb(new bf16[kpad * kP]);  // [kpad / 2, 32, 2]
-      alignas(64) float tot[kInt4AmxMaxRows * kP];
+      std::unique_ptr<float[]> tot(new float[(c1 - c0) * kP]);  // [c1 - c0, 32]
       amx_config_full_tiles();
       for (int64_t pi = begin; pi < end; ++pi) {
         int4_amx_expand(p.qw + pi * k2 * kP, p.k, kpad, wb.get());
         const float* sz = p.sz + pi * p.groups * 2 * kP;
         const int64_t n0 = pi * kP;
         const int valid = static_cast<int>(std::min<int64_t>(kP, p.n - n0));
-        for (int64_t m0 = c0; m0 < c1; m0 += kInt4AmxMaxRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kInt4AmxMaxRows, c1 - m0));
-          int4_amx_rows(xp.get() + m0 * kpad, kpad, wb.get(), kg, sz, p.xsum + m0 * p.groups, rows,
-                        tot);
-          for (int m = 0; m < rows; ++m) {
-            bf16* o = out + (m0 + m) * p.out_stride + n0;
-            for (int j = 0; j < valid; ++j)
-              o[j] = from_f<bf16>(tot[m * kP + j] + (bias ? to_f(bias[n0 + j]) : 0.f));
-          }
+        int4_amx_rows(xp.get() + c0 * kpad, kpad, wb.get(), kg, sz, p.xsum + c0 * p.groups,
+                      c1 - c0, tot.get());
+        for (int64_t m = c0; m < c1; ++m) {
+          bf16* o = out + m * p.out_stride + n0;
+          const float* t = tot.get() + (m - c0) * kP;
+          for (int j = 0; j < valid; ++j)
+            o[j] = from_f<bf16>(t[j] + (bias ? to_f(bias[n0 + j]) : 0.f));
         }
       }
       amx_release();

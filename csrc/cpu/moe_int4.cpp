@@ -348,15 +348,20 @@ static bool chunk_uses_amx(const MoeInt4Params& p, const std::vector<int64_t>& s
   return false;
 }
 
-// A thread's tiles and expanded panels for one parallel region of a chunk that takes them.
+// A thread's tiles, expanded panel and output totals for one parallel region of a chunk that
+// takes the tiles.
 struct AmxScratch {
   bool on;
-  std::vector<c10::BFloat16> b0, b1;  // [kpad / 2, 32, 2] each
+  std::vector<c10::BFloat16> b0;  // [kpad / 2, 32, 2]
+  std::vector<float> t[2];        // [rows, 32] each
   AmxScratch(bool use, int64_t kpad) : on(use) {
     if (!on) return;
     b0.resize(kpad * kP);
-    b1.resize(kpad * kP);
     amx_config_full_tiles();
+  }
+  float* totals(int which, int64_t rows) {
+    if (static_cast<int64_t>(t[which].size()) < rows * kP) t[which].resize(rows * kP);
+    return t[which].data();
   }
   ~AmxScratch() {
     if (on) amx_release();
@@ -444,7 +449,7 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
   // 1. inter[pos, 32q..] = act(gate) * up, pos = the pair's place in expert order
   std::vector<C> inter((pairs + kTilePad) * iw, to_c<C>(0.f));
   at::parallel_for(0, na * pi, 1, [&](int64_t b, int64_t end) {
-    alignas(64) float g[32 * kP], u[32 * kP];
+    alignas(64) float g[8 * kP], u[8 * kP];
     const C* rows[8];
     const float* sums[8];
 #if defined(CPU_CAPABILITY_AVX512)
@@ -459,16 +464,16 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<C, c10::BFloat16>) {
         if (tiles(e)) {
+          const int64_t c0 = start[e], n = start[e + 1] - c0;
+          float* tg = sc.totals(0, n);
+          float* tu = sc.totals(1, n);
+          const float* xs = xs13.data() + c0 * p.groups13;
           int4_amx_expand(gate.qw, h, kpad13, sc.b0.data());
-          int4_amx_expand(up.qw, h, kpad13, sc.b1.data());
-          for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kInt4AmxMaxRows) {
-            const int mb = static_cast<int>(std::min<int64_t>(kInt4AmxMaxRows, start[e + 1] - c0));
-            const float* xs = xs13.data() + c0 * p.groups13;
-            int4_amx_rows(xg.data() + c0 * hw, hw, sc.b0.data(), kg13, gate.sz, xs, mb, g);
-            int4_amx_rows(xg.data() + c0 * hw, hw, sc.b1.data(), kg13, up.sz, xs, mb, u);
-            for (int r = 0; r < mb; ++r)
-              act_mul(g + r * kP, u + r * kP, valid, p.act, inter.data() + (c0 + r) * iw + q * kP);
-          }
+          int4_amx_rows(xg.data() + c0 * hw, hw, sc.b0.data(), kg13, gate.sz, xs, n, tg);
+          int4_amx_expand(up.qw, h, kpad13, sc.b0.data());
+          int4_amx_rows(xg.data() + c0 * hw, hw, sc.b0.data(), kg13, up.sz, xs, n, tu);
+          for (int64_t r = 0; r < n; ++r)
+            act_mul(tg + r * kP, tu + r * kP, valid, p.act, inter.data() + (c0 + r) * iw + q * kP);
           continue;
         }
       }
@@ -510,25 +515,24 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
       for (const int64_t e : active) {
         const Panel down{p.w2 + (e * ph + q) * bytes2, p.w2_so + (e * ph + q) * so2, i, p.gs2,
                          p.groups2};
-        // rows [c0, c0 + mb) of the expert done: y [mb, 32] into the tokens' sums
-        auto add_rows = [&](int64_t c0, int mb) {
-          for (int r = 0; r < mb; ++r) {
+        // rows [c0, c0 + mb) of the expert done: yr [mb, 32] into the tokens' sums
+        auto add_rows = [&](int64_t c0, int64_t mb, const float* yr) {
+          for (int64_t r = 0; r < mb; ++r) {
             const int64_t pair = order[c0 + r];
             const float wgt = p.topk_weights[t0 * k + pair];
             float* dst = acc.data() + (pair / k) * kP;
-            for (int j = 0; j < valid; ++j) dst[j] += wgt * y[r * kP + j];
+            for (int j = 0; j < valid; ++j) dst[j] += wgt * yr[r * kP + j];
           }
         };
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<C, c10::BFloat16>) {
           if (tiles(e)) {
+            const int64_t c0 = start[e], n = start[e + 1] - c0;
+            float* ty = sc.totals(0, n);
             int4_amx_expand(down.qw, i, kpad2, sc.b0.data());
-            for (int64_t c0 = start[e]; c0 < start[e + 1]; c0 += kInt4AmxMaxRows) {
-              const int mb = static_cast<int>(std::min<int64_t>(kInt4AmxMaxRows, start[e + 1] - c0));
-              int4_amx_rows(inter.data() + c0 * iw, iw, sc.b0.data(), kg2, down.sz,
-                            xs2.data() + c0 * p.groups2, mb, y);
-              add_rows(c0, mb);
-            }
+            int4_amx_rows(inter.data() + c0 * iw, iw, sc.b0.data(), kg2, down.sz,
+                          xs2.data() + c0 * p.groups2, n, ty);
+            add_rows(c0, n, ty);
             continue;
           }
         }
@@ -540,7 +544,7 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
             sums[r] = xs2.data() + (c0 + r) * p.groups2;
           }
           panel_rows<C>(down, rows, sums, mb, y);
-          add_rows(c0, mb);
+          add_rows(c0, mb, y);
         }
       }
       for (int64_t t = 0; t < nt; ++t) {
