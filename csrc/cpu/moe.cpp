@@ -206,7 +206,9 @@ __attribute__((target("avx512bf16"))) static void panel_bf16_block(
   int32_t pairs[MB];
   for (int64_t kk = kk0; kk < kfull; ++kk) {
     const c10::BFloat16* wk = panel + kk * 2 * kPanel;
-    if (prefetch) __builtin_prefetch(wk + 32 * 2 * kPanel, 0, 3);  // 8 KiB ahead
+    // all four lines of the pair row 16 KiB ahead into L2, as linear_packed's decode rows
+    if (prefetch)
+      for (int l = 0; l < 4; ++l) __builtin_prefetch(wk + 64 * 2 * kPanel + 32 * l, 0, 2);
     for (int m = 0; m < MB; ++m) std::memcpy(&pairs[m], rows[m] + 2 * kk, 4);
     bf16_step<MB>(a, wk, pairs);
   }
