@@ -399,9 +399,9 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
   const bool amx = false;
 #endif
   // rows of the gathered hidden and of the intermediate: whole 32-wide K steps for the tiles,
-  // and kTilePad rows past the last (zeros) that a last partial tile block reads
+  // and tile_pad rows past the last (zeros) that a last partial tile block reads
   const int64_t hw = amx ? (h + 31) / 32 * 32 : hp, iw = amx ? (i + 31) / 32 * 32 : ip;
-  const int64_t kTilePad = amx ? 32 : 0;
+  const int64_t tile_pad = amx ? 32 : 0;
 
   // the chunk's hidden rows in C, zero padded, and their group sums; with w13_perm (or the
   // tiles), each pair's row gathered (in its expert's K order) into xg, in expert order, and
@@ -417,7 +417,7 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
     xs13.resize(nt * p.groups13);
     group_sums(xin.data(), hp, 0, nt, h, p.gs13, p.groups13, xs13.data());
   } else {
-    xg.assign((pairs + kTilePad) * hw, to_c<C>(0.f));
+    xg.assign((pairs + tile_pad) * hw, to_c<C>(0.f));
     xs13.resize(pairs * p.groups13);
     std::atomic<bool> bad{false};
     at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / h), [&](int64_t b, int64_t end) {
@@ -447,7 +447,7 @@ static void moe_int4_chunk(const MoeInt4Params& p, int64_t t0, int64_t t1) {
   const int64_t xw = gather ? hw : hp;
 
   // 1. inter[pos, 32q..] = act(gate) * up, pos = the pair's place in expert order
-  std::vector<C> inter((pairs + kTilePad) * iw, to_c<C>(0.f));
+  std::vector<C> inter((pairs + tile_pad) * iw, to_c<C>(0.f));
   at::parallel_for(0, na * pi, 1, [&](int64_t b, int64_t end) {
     alignas(64) float g[8 * kP], u[8 * kP];
     const C* rows[8];
