@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <c10/util/BFloat16.h>
+
 namespace octavo::cpu::CPU_CAPABILITY {
 
 // True where the CPU has AMX-BF16 and the kernel lets this process use the tile state (Linux 5.16+
@@ -59,6 +61,43 @@ __attribute__((target("amx-tile"))) inline void amx_config_full_tiles() {
 inline void amx_memory_barrier() { asm volatile("" ::: "memory"); }
 
 __attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
+
+// A 64-output panel of K pairs [ceil(K/2), 64, 2] (linear_packed's and the fused MoE's layout:
+// pair rows 256 bytes apart, the tiles' B layout) times 16 rows of x: out [16, 64] fp32 = x rows
+// (first row xr, row stride xs elements) . the panel's pairs [0, kmain), kmain a multiple of 16.
+// K in steps of 32: tile 4 holds 16 rows x 32 K of x, tiles 5-7 take turns holding 16 output
+// columns, tiles 0-3 sum the 64 outputs. Needs amx_config_full_tiles() on this thread.
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_panel_block(const c10::BFloat16* xr,
+                                                                         int64_t xs,
+                                                                         const c10::BFloat16* wp,
+                                                                         int64_t kmain, float* out) {
+  constexpr int64_t kCols = 64, kPairsPerStep = 16;
+  amx_memory_barrier();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
+  constexpr int64_t wb = 2 * kCols * sizeof(c10::BFloat16);  // bytes from one pair row to the next
+  for (int64_t kk = 0; kk < kmain; kk += kPairsPerStep) {
+    const c10::BFloat16* wk = wp + kk * 2 * kCols;
+    _tile_loadd(4, xr + 2 * kk, xb);
+    _tile_loadd(5, wk, wb);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, wk + 32, wb);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, wk + 64, wb);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, wk + 96, wb);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  constexpr int64_t ob = kCols * sizeof(float);
+  _tile_stored(0, out, ob);
+  _tile_stored(1, out + 16, ob);
+  _tile_stored(2, out + 32, ob);
+  _tile_stored(3, out + 48, ob);
+  amx_memory_barrier();
+}
 
 }  // namespace octavo::cpu::CPU_CAPABILITY
 #endif  // CPU_CAPABILITY_AVX512

@@ -379,50 +379,15 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
 }
 
 // ---- AMX: 16-row blocks of the packed layout through tile registers ---------------------------
-// K in steps of 32 (16 pairs): tile 4 holds 16 rows x 32 K of x, tiles 5-7 take turns holding 16
-// output columns of the panel (its pair rows are 256 bytes apart, which is the B layout AMX
-// wants), tiles 0-3 sum the panel's 64 outputs. The pairs past the last full step (K mod 32, an
-// odd K's last pair) and the epilogue (bias, bf16 store) go through packed_block_bf16, starting
-// from the tile sums. Rows come in chunks of about 1 MiB of x (at least 256 rows, so that a
+// amx_panel_block (amx.h) takes K in steps of 32 (16 pairs). The pairs past the last full step
+// (K mod 32, an odd K's last pair) and the epilogue (bias, bf16 store) go through
+// packed_block_bf16, starting from the tile sums. Rows come in chunks of about 1 MiB of x (at least 256 rows, so that a
 // long-K panel streamed from memory serves enough rows), panels inner, so a chunk of x stays in
 // L2 while every panel of a thread reads it.
 constexpr int kAmxRows = 16;
 constexpr int64_t kAmxPairs = 16;
 constexpr int64_t kAmxChunkBytes = 1 << 20;
 constexpr int64_t kAmxChunkRows = 256;
-
-// 16 rows of x (first row xr, row stride xs elements) times the panel's pairs [0, kmain) into
-// scratch [16, 64] fp32.
-__attribute__((target("amx-tile,amx-bf16"))) static void amx_block(const c10::BFloat16* xr,
-                                                                  int64_t xs,
-                                                                  const c10::BFloat16* wp,
-                                                                  int64_t kmain, float* scratch) {
-  amx_memory_barrier();
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
-  constexpr int64_t wb = 2 * kPanel * sizeof(c10::BFloat16);  // bytes from one pair row to the next
-  for (int64_t kk = 0; kk < kmain; kk += kAmxPairs) {
-    const c10::BFloat16* wk = wp + kk * 2 * kPanel;
-    _tile_loadd(4, xr + 2 * kk, xb);
-    _tile_loadd(5, wk, wb);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, wk + 32, wb);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(7, wk + 64, wb);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, wk + 96, wb);
-    _tile_dpbf16ps(3, 4, 5);
-  }
-  constexpr int64_t sb = kPanel * sizeof(float);
-  _tile_stored(0, scratch, sb);
-  _tile_stored(1, scratch + 16, sb);
-  _tile_stored(2, scratch + 32, sb);
-  _tile_stored(3, scratch + 48, sb);
-  amx_memory_barrier();
-}
 
 // Rows [r0, r1) through one panel. tail: the last partial 16-row block of x, zero padded to 16
 // rows (row stride K), or nullptr when M is a multiple of 16.
@@ -434,8 +399,8 @@ static void packed_panel_amx(const LinearParams& p, const c10::BFloat16* wp, int
   for (int64_t m0 = r0; m0 < r1; m0 += kAmxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - m0));
     if (kmain > 0) {
-      if (rows == kAmxRows) amx_block(x + m0 * p.x_stride, p.x_stride, wp, kmain, scratch);
-      else amx_block(tail, p.k, wp, kmain, scratch);
+      if (rows == kAmxRows) amx_panel_block(x + m0 * p.x_stride, p.x_stride, wp, kmain, scratch);
+      else amx_panel_block(tail, p.k, wp, kmain, scratch);
     }
     for (int r = 0; r < rows; r += kMaxPackedMB)
       packed_block_bf16_any(p, wp, n0, m0 + r, std::min(kMaxPackedMB, rows - r),

@@ -17,6 +17,7 @@
 
 #include "cpu/amx.h"
 #include "cpu/cpu_types.h"
+#include "cpu/moe_act.h"
 
 namespace octavo::cpu {
 
@@ -242,44 +243,11 @@ static void panel_bf16(const c10::BFloat16* const* rows, int m, const c10::BFloa
 }
 
 // ---- AMX: 16-row blocks of a chunk's contiguous rows through tile registers -------------------
-// As gemm.cpp's linear_packed: K in steps of 32 (16 pairs), tile 4 holds 16 rows x 32 K of x,
-// tiles 5-7 take turns holding 16 output columns of the panel (pair rows 256 bytes apart: AMX's B
-// layout), tiles 0-3 sum the panel's 64 outputs; the pairs past the last full step (K mod 32, an
-// odd K's last pair) go through panel_bf16_block, starting from the tile sums.
+// As gemm.cpp's linear_packed: amx_panel_block (amx.h) takes K in steps of 32 (16 pairs); the
+// pairs past the last full step (K mod 32, an odd K's last pair) go through panel_bf16_block,
+// starting from the tile sums.
 constexpr int64_t kAmxPairs = 16;
 constexpr int kAmxMinRows = 4;  // fewer rows: the vdpbf16ps blocks (as linear_packed)
-
-// acc [16, 64] = 16 rows of x (first row xr, row stride xs elements) times pairs [0, kmain).
-__attribute__((target("amx-tile,amx-bf16"))) static void amx_block(const c10::BFloat16* xr,
-                                                                  int64_t xs,
-                                                                  const c10::BFloat16* wp,
-                                                                  int64_t kmain, float* acc) {
-  amx_memory_barrier();
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
-  constexpr int64_t wb = 2 * kPanel * sizeof(c10::BFloat16);  // bytes from one pair row to the next
-  for (int64_t kk = 0; kk < kmain; kk += kAmxPairs) {
-    const c10::BFloat16* wk = wp + kk * 2 * kPanel;
-    _tile_loadd(4, xr + 2 * kk, xb);
-    _tile_loadd(5, wk, wb);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, wk + 32, wb);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(7, wk + 64, wb);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, wk + 96, wb);
-    _tile_dpbf16ps(3, 4, 5);
-  }
-  constexpr int64_t ab = kPanel * sizeof(float);
-  _tile_stored(0, acc, ab);
-  _tile_stored(1, acc + 16, ab);
-  _tile_stored(2, acc + 32, ab);
-  _tile_stored(3, acc + 48, ab);
-  amx_memory_barrier();
-}
 
 // acc [m, 64] for rows.m rows at rows.base (acc has room for m rounded up to 16 rows). The tile
 // configuration is loaded per call: a chunk's work (up to kRows rows x K x 64) dwarfs it.
@@ -289,7 +257,7 @@ static void panel_amx(const ChunkRows<c10::BFloat16>& rows, const c10::BFloat16*
   if (kmain > 0) {
     amx_config_full_tiles();
     for (int r0 = 0; r0 < rows.m; r0 += kTileRows)
-      amx_block(rows.base + r0 * rows.stride, rows.stride, panel, kmain, acc + r0 * kPanel);
+      amx_panel_block(rows.base + r0 * rows.stride, rows.stride, panel, kmain, acc + r0 * kPanel);
     amx_release();
   }
   if (kmain < (k + 1) / 2) panel_bf16(rows.ptr, rows.m, panel, k, kmain, acc);
@@ -424,39 +392,6 @@ static void panel_avx2(const T* const* rows, int m, const T* panel, int64_t k, f
   }
 }
 #endif
-
-static inline float activate(float x, int act) {
-  switch (act) {
-    case 0: return x / (1.f + std::exp(-x));
-    case 1: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-    default: {
-      const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-      return 0.5f * x * (1.f + std::tanh(inner));
-    }
-  }
-}
-
-// dst[j] = act(g[j]) * u[j], j < n: kVec lanes at a time with at::vec's exp / erf / tanh (the
-// formulas of activation.cpp), the tail scalar. The scalar activate per element cost a third of
-// the tiles' time at prefill.
-template <typename T>
-static void act_mul(const float* g, const float* u, int n, int act, T* dst) {
-  int j = 0;
-  for (; j + kVec <= n; j += kVec) {
-    const fVec x = fVec::loadu(g + j);
-    fVec a;
-    if (act == 0) {
-      a = x / (fVec(1.f) + x.neg().exp());
-    } else if (act == 1) {
-      a = fVec(0.5f) * x * (fVec(1.f) + (x * fVec(0.70710678118654752f)).erf());
-    } else {
-      const fVec inner = fVec(0.79788456080286536f) * (x + fVec(0.044715f) * x * x * x);
-      a = fVec(0.5f) * x * (fVec(1.f) + inner.tanh());
-    }
-    store_f(dst + j, a * fVec::loadu(u + j));
-  }
-  for (; j < n; ++j) dst[j] = from_f<T>(activate(g[j], act) * u[j]);
-}
 
 // (expert, panel) work items over the experts that received at least one pair.
 static std::vector<std::pair<int64_t, int64_t>> expert_tasks(const MoeParams& p, int64_t panels) {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/cpu_types.h"
+#include "cpu/moe_act.h"
 #include "cpu/int4_amx.h"
 
 namespace octavo::cpu {
@@ -278,42 +279,10 @@ static void panel_rows(const Panel& w, const C* const* x, const float* const* xs
   }
 }
 
-static inline float activate(float x, int act) {
-  switch (act) {
-    case 0: return x / (1.f + std::exp(-x));
-    case 1: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-    default: {
-      const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-      return 0.5f * x * (1.f + std::tanh(inner));
-    }
-  }
-}
-
 template <typename C>
 static inline C to_c(float v) {
   if constexpr (std::is_same_v<C, float>) return v;
   else return static_cast<C>(v);
-}
-
-// dst[j] = act(g[j]) * u[j], j < n: kVec lanes at a time with at::vec's exp / erf / tanh (the
-// formulas of activation.cpp and moe.cpp), the tail scalar.
-template <typename C>
-static void act_mul(const float* g, const float* u, int n, int act, C* dst) {
-  int j = 0;
-  for (; j + kVec <= n; j += kVec) {
-    const fVec x = fVec::loadu(g + j);
-    fVec a;
-    if (act == 0) {
-      a = x / (fVec(1.f) + x.neg().exp());
-    } else if (act == 1) {
-      a = fVec(0.5f) * x * (fVec(1.f) + (x * fVec(0.70710678118654752f)).erf());
-    } else {
-      const fVec inner = fVec(0.79788456080286536f) * (x + fVec(0.044715f) * x * x * x);
-      a = fVec(0.5f) * x * (fVec(1.f) + inner.tanh());
-    }
-    store_f(dst + j, a * fVec::loadu(u + j));
-  }
-  for (; j < n; ++j) dst[j] = to_c<C>(activate(g[j], act) * u[j]);
 }
 
 // Rows [r0, r1) of buf [*, width] (width even: pairs) -> their per-group sums as the kernel reads them.

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/cpu_types.h"
+#include "cpu/moe_act.h"
 
 namespace octavo::cpu {
 
@@ -171,17 +172,6 @@ static void panel_rows(const Panel& w, const float* const* x, const float* const
 #else
     default: panel<4>(w, x, xsum, tot); break;
 #endif
-  }
-}
-
-static inline float activate(float x, int act) {
-  switch (act) {
-    case 0: return x / (1.f + std::exp(-x));
-    case 1: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-    default: {
-      const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-      return 0.5f * x * (1.f + std::tanh(inner));
-    }
   }
 }
 
