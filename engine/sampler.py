@@ -115,12 +115,21 @@ class Sampler:
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if meta.max_num_logprobs is not None else None)
 
+        sampled = None
+        if meta.needs_processing and meta.all_greedy and _only_bans(batch):
+            # greedy rows whose processing only bans tokens (min_tokens, bad words): the argmax
+            # stands unless it is banned, so the [N, V] copy is made only when one is
+            sampled = ops.argmax_rows(logits)
+            if _hits_ban(sampled.tolist(), batch, self.eos_token_ids):
+                sampled = None
+            else:
+                meta.needs_processing = False
         if meta.needs_processing:
             logits = apply_logits_processors(logits.clone(), batch, self.eos_token_ids)
             logits = apply_penalties(logits, batch)
-        if meta.all_greedy:
+        if sampled is None and meta.all_greedy:
             sampled = ops.argmax_rows(logits)
-        else:
+        elif sampled is None:
             sampled = sample_random(logits, batch, meta)
             if not meta.all_random:
                 sampled = torch.where(meta.greedy, ops.argmax_rows(logits), sampled)
@@ -130,6 +139,18 @@ class Sampler:
             logprobs = gather_logprobs(raw_logprobs, sampled,
                                        [s.params.logprobs for s in batch])
         return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=logprobs)
+
+
+def _only_bans(batch: Sequence[SamplingState]) -> bool:
+    return not any(s.params.allowed_token_ids or s.params.logit_bias
+                   or s.params.repetition_penalty != 1.0 or s.params.frequency_penalty != 0.0
+                   or s.params.presence_penalty != 0.0 for s in batch)
+
+
+def _hits_ban(tokens: Sequence[int], batch: Sequence[SamplingState],
+              eos_token_ids: Sequence[int]) -> bool:
+    return any(tok in _bad_word_bans(s) or tok in _min_tokens_bans(s, eos_token_ids)
+               for tok, s in zip(tokens, batch))
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: Sequence[SamplingState],

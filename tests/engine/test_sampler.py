@@ -98,6 +98,29 @@ def test_penalties_bias_allowed_bad_words_min_tokens_match_reference():
                                      for i, st in enumerate(rows)]
 
 
+def test_greedy_with_only_bans_skips_to_argmax_unless_it_is_banned():
+    """Greedy rows under min_tokens / bad words: the raw argmax when it is allowed, the best
+    allowed token when the raw argmax is banned; the caller's logits are never modified."""
+    logits = torch.randn(4, V)
+    logits[0, EOS] = 50.0      # banned under min_tokens: the runner-up must win
+    logits[1, 17] = 50.0       # a stop token, banned under min_tokens
+    logits[2, 22] = 50.0       # the last token of a bad word whose prefix [21] was generated
+    logits[3, 9] = 50.0        # allowed: min_tokens bans only EOS and stop tokens
+    rows = [state(output=[1], min_tokens=5, temperature=0.0),
+            state(output=[1], min_tokens=5, stop_token_ids=[17], temperature=0.0),
+            state(output=[21], bad_words=[[21, 22]], temperature=0.0),
+            state(output=[1], min_tokens=5, temperature=0.0)]
+    before = logits.clone()
+    toks = Sampler(EOS)(logits, rows).sampled_token_ids
+    assert toks == [int(reference_process(logits[i], st).argmax()) for i, st in enumerate(rows)]
+    assert toks[0] != EOS and toks[1] != 17 and toks[2] != 22 and toks[3] == 9
+    torch.testing.assert_close(logits, before, rtol=0, atol=0)
+    # nothing banned is on top: the same tokens as plain argmax
+    calm = torch.randn(4, V)
+    calm[:, [EOS, 17, 22]] = -5.0
+    assert Sampler(EOS)(calm, rows).sampled_token_ids == calm.argmax(-1).tolist()
+
+
 def _kw(p):
     return dict(repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
                 presence_penalty=p.presence_penalty, logit_bias=p.logit_bias,
