@@ -258,16 +258,20 @@ __attribute__((target("avx512bf16"))) inline void pair_v_rows(const uint16_t* v,
   }
 }
 
+// Two fp32 vectors rounded to bf16 and paired lane by lane: (a_i, b_i) in 32-bit lane i, a low.
+__attribute__((target("avx512bf16"))) OCTAVO_INLINE __m512i pair_bf16(__m512 a, __m512 b) {
+  const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+  const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
 __attribute__((target("avx512bf16"))) inline void pair_probs(const float* st, int ldst, int nk, int nvec,
                                                              uint32_t* pp2) {
   for (int jj = 0; jj < (nk + 1) / 2; ++jj) {
     const bool odd = 2 * jj + 1 < nk;
     for (int v = 0; v < nvec; ++v) {
-      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st + 2 * jj * ldst + 16 * v)));
-      const __m512i hi = odd ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(
-                                   _mm512_loadu_ps(st + (2 * jj + 1) * ldst + 16 * v)))
-                             : _mm512_setzero_si512();
-      _mm512_storeu_si512(pp2 + jj * ldst + 16 * v, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      const __m512 b = odd ? _mm512_loadu_ps(st + (2 * jj + 1) * ldst + 16 * v) : _mm512_setzero_ps();
+      _mm512_storeu_si512(pp2 + jj * ldst + 16 * v, pair_bf16(_mm512_loadu_ps(st + 2 * jj * ldst + 16 * v), b));
     }
   }
 }
@@ -611,7 +615,7 @@ class Attention {
       }
       const bool visible = plain && c0 + nk - 1 <= first_pos &&
                            (p_.sliding_window <= 0 || c0 > last_row_pos(sc, rows) - p_.sliding_window);
-      if (visible) softmax_cols_visible(st, rp, nk, sc, p_.scale);
+      if (visible) softmax_cols_visible(st, rp, nk, sc, p_.scale, sc.pp2.data());
       else softmax_cols(st, rp, c0, nk, sc, p_.scale);
       for (int r = 0; r < rows; ++r) {
         const float c = sc.corr[r];
@@ -622,7 +626,7 @@ class Attention {
       }
       // P: key pairs of every row, missing pairs zero, then 16 x 16 pair transposes into one
       // A tile per row tile and 32 keys
-      pair_probs(st, rp, nk, rp / 16, sc.pp2.data());
+      if (!visible) pair_probs(st, rp, nk, rp / 16, sc.pp2.data());
       const int pairs = (nk + 1) / 2;
       std::memset(sc.pp2.data() + size_t(pairs) * rp, 0, size_t(16 * steps - pairs) * rp * 4);
       for (int rt = 0; rt < nrt; ++rt)
@@ -724,7 +728,10 @@ class Attention {
   // scores st[j * ld + r] that the scale (> 0) has not touched yet: the max of the raw scores
   // times the scale, then exp(scale * x - m) in one fused step; four independent max and sum
   // chains so that the 128 keys of a chunk do not wait on one another.
-  void softmax_cols_visible(float* st, int ld, int nk, Scratch& sc, float scale) const {
+  // The probabilities leave as bf16 key pairs, pp2[jj * ld + r] = (p_2jj, p_2jj+1) (p_nk = 0 for an
+  // odd nk), as pair_probs would make them from the fp32 values: one pass over the scores fewer.
+  __attribute__((target("avx512bf16"))) void softmax_cols_visible(float* st, int ld, int nk, Scratch& sc,
+                                                                  float scale, uint32_t* pp2) const {
     const __m512 vs = _mm512_set1_ps(scale), vinf = _mm512_set1_ps(kNegInf);
     for (int r0 = 0; r0 < ld; r0 += 16) {
       float* col = st + r0;
@@ -740,20 +747,24 @@ class Attention {
       const fVec corr = (m_old - m_sub).exp_u20();
       const __m512 vm = m_sub;
       fVec s4[4] = {fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f)};
+      auto prob = [&](int key) OCTAVO_INLINE_LAMBDA {
+        return fVec(_mm512_fmsub_ps(_mm512_loadu_ps(col + size_t(key) * ld), vs, vm)).exp_u20();
+      };
       j = 0;
       for (; j + 4 <= nk; j += 4) {
-        for (int u = 0; u < 4; ++u) {
-          float* x = col + size_t(j + u) * ld;
-          const fVec e = fVec(_mm512_fmsub_ps(_mm512_loadu_ps(x), vs, vm)).exp_u20();
-          e.store(x);
-          s4[u] = s4[u] + e;
-        }
+        const fVec e0 = prob(j), e1 = prob(j + 1), e2 = prob(j + 2), e3 = prob(j + 3);
+        s4[0] = s4[0] + e0;
+        s4[1] = s4[1] + e1;
+        s4[2] = s4[2] + e2;
+        s4[3] = s4[3] + e3;
+        _mm512_storeu_si512(pp2 + size_t(j / 2) * ld + r0, pair_bf16(e0, e1));
+        _mm512_storeu_si512(pp2 + size_t(j / 2 + 1) * ld + r0, pair_bf16(e2, e3));
       }
-      for (; j < nk; ++j) {
-        float* x = col + size_t(j) * ld;
-        const fVec e = fVec(_mm512_fmsub_ps(_mm512_loadu_ps(x), vs, vm)).exp_u20();
-        e.store(x);
-        s4[0] = s4[0] + e;
+      for (; j < nk; j += 2) {
+        const fVec e0 = prob(j), e1 = j + 1 < nk ? prob(j + 1) : fVec(0.f);
+        s4[0] = s4[0] + e0;
+        s4[1] = s4[1] + e1;
+        _mm512_storeu_si512(pp2 + size_t(j / 2) * ld + r0, pair_bf16(e0, e1));
       }
       const fVec sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
       (fVec::loadu(sc.l.data() + r0) * corr + sum).store(sc.l.data() + r0);
