@@ -479,13 +479,32 @@ class Attention {
       grow32(sc.pp2, size_t((bs + 1) / 2) * rp);
     }
     // Padding rows repeat the last row (finite softmax state); their outputs are never stored.
+    auto query_row = [&](int r) {
+      const int src = std::min(r, rows - 1);
+      return reinterpret_cast<const char*>(static_cast<const T*>(p_.query) +
+                                           int64_t(q_start + token_of(w, src)) * p_.q_stride_token +
+                                           int64_t(head_of(w, src)) * p_.q_stride_head);
+    };
+#if defined(CPU_CAPABILITY_AVX512)
+    // whole 16 x 16 blocks of (rows, dim pairs) through one register transpose each
+    const bool block_qt2 = bf16_qk && hd_ % 32 == 0;
+    if (block_qt2) {
+      alignas(64) uint32_t blk[16 * 16];
+      for (int r0 = 0; r0 < rp; r0 += 16)
+        for (int d0 = 0; d0 < hd_ / 2; d0 += 16) {
+          for (int i = 0; i < 16; ++i) std::memcpy(blk + 16 * i, query_row(r0 + i) + 4 * d0, 64);
+          transpose16x16(blk, 16, sc.qt2.data() + size_t(d0) * rp + r0, rp);
+        }
+    }
+#else
+    constexpr bool block_qt2 = false;
+#endif
     for (int r = 0; r < rp; ++r) {
       const int src = std::min(r, rows - 1);
       if (bf16_qk) {   // the unscaled bf16 query, its dims in pairs
-        const char* q2 = reinterpret_cast<const char*>(
-            static_cast<const T*>(p_.query) + int64_t(q_start + token_of(w, src)) * p_.q_stride_token +
-            int64_t(head_of(w, src)) * p_.q_stride_head);
-        for (int dd = 0; dd < hd_ / 2; ++dd) std::memcpy(&sc.qt2[size_t(dd) * rp + r], q2 + 4 * dd, 4);
+        const char* q2 = query_row(r);
+        if (!block_qt2)
+          for (int dd = 0; dd < hd_ / 2; ++dd) std::memcpy(&sc.qt2[size_t(dd) * rp + r], q2 + 4 * dd, 4);
       } else {
         for (int d = 0; d < hd_; ++d) sc.qt[size_t(d) * rp + r] = sc.q[size_t(src) * hdp_ + d];
       }
