@@ -109,8 +109,9 @@ def main():
         n = args.prefill_seqs
         run_case(f"prefill {n}x{args.prefill}", [args.prefill] * n, [args.prefill] * n, args, copy_gbs)
     half = args.prefill // 2
-    run_case(f"chunked prefill {half} on {args.prefill} + decodes", [half] + [1] * 7,
-             [args.prefill] + ctx_mixed[:7], args, copy_gbs)
+    decodes = ctx_mixed[:7]  # fewer when --batch < 7
+    run_case(f"chunked prefill {half} on {args.prefill} + decodes", [half] + [1] * len(decodes),
+             [args.prefill] + decodes, args, copy_gbs)
 
 
 if __name__ == "__main__":

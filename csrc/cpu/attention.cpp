@@ -2,7 +2,8 @@
 // Work item = (sequence, kv heads, chunk of query tokens); the query heads sharing a kv head are
 // processed together so each K/V block is loaded once. Softmax in fp32, online across chunks.
 // Decode items (few rows, all kv heads): scores of a whole chunk of keys, one softmax, then PV,
-// each pass reading the cache blocks in address order with the next block prefetched.
+// each pass reading the cache blocks in address order with the next block prefetched; with bf16
+// caches on avx512_bf16 CPUs, items of one or two rows per kv head multiply in bf16 (vdpbf16ps).
 // Prefill items (one kv head, up to kTargetRows rows): register tiles over (keys x rows) against
 // the transposed queries, softmax vectorized over the rows.
 #include <ATen/Parallel.h>
@@ -31,6 +32,12 @@ constexpr int kChunkScores = 32 * 1024;
 // Decode passes walk a full cache block this many tokens at a time over all kv heads, so the block
 // (contiguous [block_size, Hk, hd]) is read nearly in address order.
 constexpr int kTokenGroup = 8;
+// Decode items with at most this many rows per kv head take the vdpbf16ps passes (bf16 caches on
+// avx512_bf16 CPUs). A vdpbf16ps (32 products) issues once per two cycles on the Xeon measured, an
+// FMA (16) twice per cycle, so the fp32 passes, which convert each key once for all the rows that
+// share it, are the faster ones at 4 rows per kv head (GQA 4 decode: ~8%); at 1 and 2 rows the
+// bf16 passes are (~10-25%).
+constexpr int kBf16DecodeRows = 2;
 
 // Query tokens [t0, t1) (local to the sequence) of kv heads [h0, h1).
 struct WorkItem {
@@ -45,6 +52,7 @@ struct Scratch {
   std::vector<uint32_t> qt2;               // prefill tiles, bf16 scores: Q as transposed pairs
   std::vector<uint32_t> vp2, pp2;          // prefill tiles, bf16 PV: V and P as pairs of keys
   std::vector<uint32_t> pa, kpad;          // AMX prefill: P rows as A tiles, keys gathered to 16 rows
+  std::vector<uint16_t> qb, pb;            // bf16 decode: unscaled queries, probabilities
   void reserve(int rows, int rows_per_head, int hdp, int bsp, size_t logits = 0) {
     auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
     grow(q, size_t(rows) * hdp);
@@ -357,6 +365,175 @@ inline void pair_two_rows(const uint16_t* a, const uint16_t* b, int nc, uint32_t
   }
 }
 
+// Decode on avx512_bf16 CPUs (bf16 cache, head size a multiple of 32 up to 256, at most
+// kBf16DecodeRows rows per kv head). The few rows of a decode item cannot fill the prefill tiles,
+// so QK goes the other way round: per key, hd/32 vdpbf16ps of the key row (read straight from the
+// cache) against the row's unscaled bf16 query leave one vector of partial sums, and a
+// transpose-add tree reduces 16 such vectors (16 keys) to one vector of 16 scores; the scale is
+// applied in fp32 afterwards.
+
+// out[i] = sum of the lanes of a[i] for 16 vectors: each level adds pairs of vectors after
+// interleaving them (32-bit, 64-bit, then twice 128-bit lanes), halving the lanes per key.
+OCTAVO_INLINE __m512 hsum16(const __m512 (&a)[16]) {
+  __m512 b[8], c[4], d[2];
+  // b[i]: per 128-bit lane (a_2i, a_2i+1, a_2i, a_2i+1) partial sums
+  OCTAVO_UNROLL for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  // c[i]: per 128-bit lane one partial sum of each of keys 4i..4i+3
+  OCTAVO_UNROLL for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // d[i]: 128-bit lanes (keys 8i..8i+3 twice, keys 8i+4..8i+7 twice), each half of the sums
+  OCTAVO_UNROLL for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
+}
+
+// acc[i] += q . k_i (per-lane partial sums) over NC chunks of 32 dims for the n keys
+// k + i * ks of a group of 16 (FULL: n = 16); the query's chunks stay in registers. Each
+// 64-byte chunk read also pulls the same chunk of row pf + i * ks into L2 (the next block), so
+// the prefetches are spread over the work instead of queueing up at once.
+template <int NC, bool FULL>
+__attribute__((target("avx512bf16"))) OCTAVO_INLINE void qk_16keys_bf16(const uint16_t* q,
+    const uint16_t* k, int64_t ks, int n, const uint16_t* pf, __m512 (&acc)[16]) {
+  __m512bh qv[NC];
+  OCTAVO_UNROLL for (int c = 0; c < NC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+  OCTAVO_UNROLL for (int i = 0; i < 16; ++i) {
+    if (!FULL && i == n) break;
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + i * ks + 32 * c), _MM_HINT_T1);
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(k + i * ks + 32 * c), qv[c]);
+    }
+  }
+}
+
+// s[r * lds + j] = scale * dot(q_r, k_j) for nrows bf16 query rows (q + r * 32 * NC) and nk keys
+// (k + j * ks) of one kv head, 16 keys at a time; the first row's pass prefetches the rows
+// pf + j * ks (pf = k where there is nothing to prefetch).
+template <int NC>
+__attribute__((target("avx512bf16"))) void qk_span_bf16(const uint16_t* q, int nrows,
+    const uint16_t* k, int64_t ks, int nk, const uint16_t* pf, float scale, float* s, int lds) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int j = 0; j < nk; j += 16) {
+    const int n = std::min(16, nk - j);
+    for (int r = 0; r < nrows; ++r) {
+      __m512 acc[16];
+      OCTAVO_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      const uint16_t* pr = r == 0 ? pf + j * ks : k + j * ks;
+      if (n == 16) qk_16keys_bf16<NC, true>(q + r * 32 * NC, k + j * ks, ks, n, pr, acc);
+      else qk_16keys_bf16<NC, false>(q + r * 32 * NC, k + j * ks, ks, n, pr, acc);
+      _mm512_mask_storeu_ps(s + size_t(r) * lds + j, __mmask16((1u << n) - 1), _mm512_mul_ps(hsum16(acc), vs));
+    }
+  }
+}
+
+// qk_span_bf16 for head sizes of 32 to 256 (hd / 32 query vectors in registers).
+void qk_span_bf16_hd(const uint16_t* q, int nrows, int hd, const uint16_t* k, int64_t ks, int nk,
+                     const uint16_t* pf, float scale, float* s, int lds) {
+  switch (hd / 32) {
+    case 1: qk_span_bf16<1>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    case 2: qk_span_bf16<2>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    case 3: qk_span_bf16<3>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    case 4: qk_span_bf16<4>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    case 5: qk_span_bf16<5>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    case 6: qk_span_bf16<6>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    case 7: qk_span_bf16<7>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    case 8: qk_span_bf16<8>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
+    default: TORCH_CHECK(false, "paged_attention: bf16 decode scores need 32 <= head size <= 256");
+  }
+}
+
+// PV of decode items: the probabilities of two keys as one bf16 pair (p_j, p_j+1) broadcast,
+// against the two keys' V rows interleaved into pairs by unpacklo/hi_epi16, so one vdpbf16ps
+// adds both keys to 16 dims. The unpacks work inside 128-bit lanes: for the 32 dims at 32c,
+// lane 4L + i of the lo accumulator acc[32c + 4L + i] holds dim 32c + 8L + i, of the hi one
+// acc[32c + 16 + 4L + i] dim 32c + 8L + 4 + i; unpermute_acc_bf16 restores the order at the end.
+// acc_r (+ ldacc) += sum_j p_r[j] (+ ldp) v_j (+ vs) for NR rows, NC chunks of 32 dims, nk keys;
+// the same chunks of rows pf + j * vs go to L2 meanwhile, as in qk_16keys_bf16.
+template <int NR, int NC>
+__attribute__((target("avx512bf16"))) OCTAVO_INLINE void pv_rows_bf16(float* acc, int ldacc,
+    const uint16_t* p, int ldp, const uint16_t* v, int64_t vs, int nk, const uint16_t* pf) {
+  __m512 a[NR][2 * NC];
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < 2 * NC; ++c) a[r][c] = _mm512_loadu_ps(acc + r * ldacc + 16 * c);
+  }
+  auto step = [&](const uint16_t* v0, const uint16_t* v1, int j)
+      __attribute__((always_inline, target("avx512bf16"))) {
+    __m512i lo[NC], hi[NC];
+    OCTAVO_UNROLL for (int c = 0; c < NC; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + j * vs + 32 * c), _MM_HINT_T1);
+      if (v1 != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf + (j + 1) * vs + 32 * c), _MM_HINT_T1);
+      const __m512i x = _mm512_loadu_si512(v0 + 32 * c);
+      const __m512i y = v1 != nullptr ? _mm512_loadu_si512(v1 + 32 * c) : _mm512_setzero_si512();
+      lo[c] = _mm512_unpacklo_epi16(x, y);
+      hi[c] = _mm512_unpackhi_epi16(x, y);
+    }
+    OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+      uint32_t pair = p[r * ldp + j];  // (p_j, p_j+1), or (p_j, 0) for a last odd key
+      if (v1 != nullptr) std::memcpy(&pair, p + r * ldp + j, 4);
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      OCTAVO_UNROLL for (int c = 0; c < NC; ++c) {
+        a[r][2 * c] = _mm512_dpbf16_ps(a[r][2 * c], pb, (__m512bh)lo[c]);
+        a[r][2 * c + 1] = _mm512_dpbf16_ps(a[r][2 * c + 1], pb, (__m512bh)hi[c]);
+      }
+    }
+  };
+  int j = 0;
+  for (; j + 2 <= nk; j += 2) step(v + j * vs, v + (j + 1) * vs, j);
+  if (j < nk) step(v + j * vs, nullptr, j);
+  OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
+    OCTAVO_UNROLL for (int c = 0; c < 2 * NC; ++c) _mm512_storeu_ps(acc + r * ldacc + 16 * c, a[r][c]);
+  }
+}
+
+// pv_rows_bf16 over all hd / 32 chunks of nrows rows: 2 rows x 2 chunks or one row x 4 chunks
+// (8 accumulators) per register block; the first block of rows prefetches pf (pf = v: nothing).
+__attribute__((target("avx512bf16"))) void pv_span_bf16(float* acc, int ldacc, const uint16_t* p,
+    int ldp, int nrows, int hd, const uint16_t* v, int64_t vs, int nk, const uint16_t* pf) {
+  const int nc = hd / 32;
+  int r = 0;
+  for (; r + 2 <= nrows; r += 2) {
+    float* a = acc + size_t(r) * ldacc;
+    const uint16_t* pr = p + size_t(r) * ldp;
+    const uint16_t* f = r == 0 ? pf : v;
+    int c = 0;
+    for (; c + 2 <= nc; c += 2) pv_rows_bf16<2, 2>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c);
+    if (c < nc) pv_rows_bf16<2, 1>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c);
+  }
+  for (; r < nrows; ++r) {
+    float* a = acc + size_t(r) * ldacc;
+    const uint16_t* pr = p + size_t(r) * ldp;
+    const uint16_t* f = r == 0 ? pf : v;
+    int c = 0;
+    for (; c + 4 <= nc; c += 4) pv_rows_bf16<1, 4>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c);
+    switch (nc - c) {
+      case 3: pv_rows_bf16<1, 3>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c); break;
+      case 2: pv_rows_bf16<1, 2>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c); break;
+      case 1: pv_rows_bf16<1, 1>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c); break;
+      default: break;
+    }
+  }
+}
+
+// n probabilities (a multiple of 16) to bf16, rounded to nearest even as in pair_probs.
+__attribute__((target("avx512bf16"))) void probs_to_bf16(const float* src, int n, uint16_t* dst) {
+  for (int i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+}
+
+// The dims of an accumulator row (hd a multiple of 32) back in order after pv_rows_bf16.
+inline void unpermute_acc_bf16(float* acc, int hd) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int d = 0; d < hd; d += 32) {
+    const __m512 lo = _mm512_loadu_ps(acc + d), hi = _mm512_loadu_ps(acc + d + 16);
+    _mm512_storeu_ps(acc + d, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(acc + d + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
 // OCTAVO_CPU_NO_AVX512BF16=1 takes the fp32 path (tests use it on bf16 CPUs).
 bool attention_use_avx512_bf16() {
   static const bool ok = __builtin_cpu_supports("avx512bf16") &&
@@ -409,6 +586,8 @@ class Attention {
     const int ld = (chunk_blocks * bs + kVec - 1) / kVec * kVec;
     sc.reserve(rows, rows_per_head, hdp_, bsp_, size_t(rows) * ld);
     load_queries(w, q_start, ctx - q_len, sc);
+    const bool bf16 = decode_bf16() && rows_per_head <= kBf16DecodeRows;
+    if (bf16) load_queries_bf16(w, q_start, ld, sc);
     const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
     const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
     const int hi = std::min(ctx, last_pos + 1);
@@ -421,7 +600,8 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        qk_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        if (bf16) qk_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        else qk_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
       for (int kvh = w.h0; kvh < w.h1; ++kvh)
         prefetch_rows<2>(value_row(blocks[cb0], 0, kvh), p_.vc_stride_token);
@@ -429,11 +609,10 @@ class Attention {
         float* prow = logits + size_t(r) * ld;
         const int kvh = w.h0 + r / rows_per_head;
         float corr = 1.f;
-        if (!softmax_span(prow, r, kvh * group_ + r % group_, c0, c1 - c0, sc, corr)) {
-          std::fill(prow, prow + ld, 0.f);
-          continue;
-        }
-        if (corr != 1.f) {
+        const bool any = softmax_span(prow, r, kvh * group_ + r % group_, c0, c1 - c0, sc, corr);
+        if (!any) std::fill(prow, prow + ld, 0.f);
+        if (bf16) row_to_bf16(prow, (c1 - c0 + kVec - 1) / kVec * kVec, sc.pb.data() + size_t(r) * ld);
+        if (any && corr != 1.f) {
           float* acc = sc.acc.data() + size_t(r) * hdp_;
           const fVec vc(corr);
           for (int c = 0; c < hdp_; c += kVec) (fVec::loadu(acc + c) * vc).store(acc + c);
@@ -442,9 +621,11 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        pv_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        if (bf16) pv_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
+        else pv_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
     }
+    if (bf16) unpermute_rows(rows, sc);
     store_output(w, q_start, sc);
   }
 
@@ -871,6 +1052,77 @@ class Attention {
                   value_row(block, j, kvh), step, rows_per_head, sc);
       }
     }
+  }
+
+  // Decode items on avx512_bf16 CPUs: bf16 cache and a head size of whole 32-dim chunks up to
+  // 256 (the fp32 passes above otherwise, and under OCTAVO_CPU_NO_AVX512BF16=1); run_chunked
+  // also needs at most kBf16DecodeRows rows per kv head.
+  bool decode_bf16() const {
+#if defined(CPU_CAPABILITY_AVX512)
+    return std::is_same_v<T, c10::BFloat16> && hd_ % 32 == 0 && hd_ <= 256 && attention_use_avx512_bf16();
+#else
+    return false;
+#endif
+  }
+
+  // The item's query rows as they are in bf16 (unscaled, sc.qb[r * hd_]); sc.pb sized for the
+  // probabilities of a chunk (row stride ld).
+  void load_queries_bf16(const WorkItem& w, int q_start, int ld, Scratch& sc) const {
+    const int rows = (w.t1 - w.t0) * group_ * (w.h1 - w.h0);
+    if (sc.qb.size() < size_t(rows) * hd_) sc.qb.resize(size_t(rows) * hd_);
+    if (sc.pb.size() < size_t(rows) * ld) sc.pb.resize(size_t(rows) * ld);
+    for (int r = 0; r < rows; ++r) {
+      const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + token_of(w, r)) * p_.q_stride_token +
+                     int64_t(head_of(w, r)) * p_.q_stride_head;
+      std::memcpy(sc.qb.data() + size_t(r) * hd_, src, size_t(hd_) * 2);
+    }
+  }
+
+  // qk_block with bf16 products: per kv head, the span's keys 16 at a time against each row (head
+  // by head, as the 16-key reduction wants one head's keys together; the rows of the next block
+  // are prefetched alongside).
+  void qk_block_bf16(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, float* s, int ld,
+                     Scratch& sc) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    const int64_t ks = p_.kc_stride_token;
+    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+      const int r0 = (kvh - w.h0) * rows_per_head;
+      const auto* k = reinterpret_cast<const uint16_t*>(key_row(block, o0, kvh));
+      const auto* pf = next >= 0 ? reinterpret_cast<const uint16_t*>(key_row(next, o0, kvh)) : k;
+      qk_span_bf16_hd(sc.qb.data() + size_t(r0) * hd_, rows_per_head, hd_, k, ks, o1 - o0, pf, p_.scale,
+                      s + size_t(r0) * ld, ld);
+    }
+#endif
+  }
+
+  // pv_block with bf16 products: p holds the rows' bf16 probabilities (row stride ld), and the
+  // accumulators' dims stay permuted until unpermute_rows.
+  void pv_block_bf16(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, const uint16_t* p,
+                     int ld, Scratch& sc) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    const int64_t vs = p_.vc_stride_token;
+    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+      const int r0 = (kvh - w.h0) * rows_per_head;
+      const auto* v = reinterpret_cast<const uint16_t*>(value_row(block, o0, kvh));
+      const auto* pf = next >= 0 ? reinterpret_cast<const uint16_t*>(value_row(next, o0, kvh)) : v;
+      pv_span_bf16(sc.acc.data() + size_t(r0) * hdp_, hdp_, p + size_t(r0) * ld, ld, rows_per_head, hd_, v, vs,
+                   o1 - o0, pf);
+    }
+#endif
+  }
+
+  void row_to_bf16(const float* p, int n, uint16_t* dst) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    probs_to_bf16(p, n, dst);
+#endif
+  }
+
+  void unpermute_rows(int rows, Scratch& sc) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    for (int r = 0; r < rows; ++r) unpermute_acc_bf16(sc.acc.data() + size_t(r) * hdp_, hd_);
+#endif
   }
 
   const T* key_row(int64_t block, int off, int kvh) const {

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from attention_cases import make_batch, to_dtype
+from attention_cases import VARIANT_IDS, VARIANTS, make_batch, to_dtype
 from kernel_utils import DTYPES, assert_close_to_ref
 from octavo import ops, ops_native
 
@@ -82,6 +82,42 @@ def test_paged_attention_decode_multi_chunk(dtype, kw):
     check(make_batch(seqs, 32, 8, 64, 16, torch.float32, seed=13), dtype, **kw)
 
 
+# decode contexts: one key, ending inside the first block, just past it, and across many blocks
+DECODE_CTXS = [1, 15, 17, 300, 2100]
+
+
+def variant_kwargs(variant, num_heads):
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = torch.tensor([2 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
+    return kw
+
+
+@pytest.mark.parametrize("head_size", [64, 128, 256, 96, 80])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 4), (16, 4), (16, 2)])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_paged_attention_decode_bf16(head_size, num_heads, num_kv_heads, block_size):
+    # bf16 decode items (several kv heads per item, one for GQA 8): on avx512_bf16 CPUs items with
+    # 1 or 2 rows per kv head (MHA, GQA 2, MHA with a 2-token query) take vdpbf16ps scores 16
+    # keys at a time and PV over key pairs with bf16 probabilities where the head size is whole
+    # 32-dim chunks (80 keeps the fp32 passes, as do GQA 4 and 8); one batch mixes every context
+    # length, and a 2-token query (speculative decode) shares it
+    seqs = [(1, c) for c in DECODE_CTXS] + [(2, 45)]
+    check(make_batch(seqs, num_heads, num_kv_heads, head_size, block_size, torch.float32,
+                     seed=head_size + num_heads + block_size), torch.bfloat16)
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_paged_attention_decode_bf16_variants(head_size, variant):
+    # sliding windows (spans that start inside a block), soft-cap and ALiBi on the bf16 decode
+    # passes (MHA, GQA 2) and the fp32 ones (GQA 4)
+    seqs = [(1, c) for c in DECODE_CTXS] + [(1, 64)]
+    for num_heads, num_kv_heads in ((8, 8), (8, 4), (16, 4)):
+        check(make_batch(seqs, num_heads, num_kv_heads, head_size, 16, torch.float32, seed=head_size + 1),
+              torch.bfloat16, **variant_kwargs(variant, num_heads))
+
+
 def test_paged_attention_long_prefill():
     check(make_batch([(300, 300), (129, 400)], 8, 8, 64, 32, torch.float32, seed=11), torch.bfloat16,
           sliding_window=100)
@@ -144,6 +180,27 @@ print("ok")
 def test_fp32_prefill_tiles_for_bf16():
     # the tiles bf16 takes on CPUs without avx512_bf16 (forced off here)
     res = subprocess.run([sys.executable, "-c", FP32_TILES_SCRIPT], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, OCTAVO_CPU_NO_AVX512BF16="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+FP32_DECODE_SCRIPT = r"""
+import torch
+import test_attention as t
+from attention_cases import VARIANTS
+for head_size in (64, 128, 96):
+    t.test_paged_attention_decode_bf16(head_size, 8, 8, 16)
+t.test_paged_attention_decode_bf16(64, 8, 4, 32)
+for variant in VARIANTS:
+    t.test_paged_attention_decode_bf16_variants(64, variant)
+print("ok")
+"""
+
+
+def test_fp32_decode_for_bf16():
+    # the fp32 decode passes bf16 takes on CPUs without avx512_bf16 (forced off here)
+    res = subprocess.run([sys.executable, "-c", FP32_DECODE_SCRIPT], cwd=os.path.dirname(__file__),
                          env=dict(os.environ, OCTAVO_CPU_NO_AVX512BF16="1"), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
