@@ -157,12 +157,16 @@ print("ok")
 """
 
 
+def _run_ok(script, **env):
+    """Runs script (which prints "ok" at its end) in a subprocess with env added."""
+    res = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__),
+                         env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 def test_prefill_tiles_without_amx():
     # the vdpbf16ps tiles bf16 prefill takes on avx512_bf16 CPUs without AMX (forced off here)
-    res = subprocess.run([sys.executable, "-c", NO_AMX_SCRIPT], cwd=os.path.dirname(__file__),
-                         env=dict(os.environ, OCTAVO_CPU_NO_AMX="1"), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    _run_ok(NO_AMX_SCRIPT, OCTAVO_CPU_NO_AMX="1")
 
 
 FP32_TILES_SCRIPT = r"""
@@ -179,10 +183,7 @@ print("ok")
 
 def test_fp32_prefill_tiles_for_bf16():
     # the tiles bf16 takes on CPUs without avx512_bf16 (forced off here)
-    res = subprocess.run([sys.executable, "-c", FP32_TILES_SCRIPT], cwd=os.path.dirname(__file__),
-                         env=dict(os.environ, OCTAVO_CPU_NO_AVX512BF16="1"), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    _run_ok(FP32_TILES_SCRIPT, OCTAVO_CPU_NO_AVX512BF16="1")
 
 
 FP32_DECODE_SCRIPT = r"""
@@ -200,10 +201,7 @@ print("ok")
 
 def test_fp32_decode_for_bf16():
     # the fp32 decode passes bf16 takes on CPUs without avx512_bf16 (forced off here)
-    res = subprocess.run([sys.executable, "-c", FP32_DECODE_SCRIPT], cwd=os.path.dirname(__file__),
-                         env=dict(os.environ, OCTAVO_CPU_NO_AVX512BF16="1"), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    _run_ok(FP32_DECODE_SCRIPT, OCTAVO_CPU_NO_AVX512BF16="1")
 
 
 def test_empty_batch():
