@@ -85,11 +85,16 @@ class SamplingMetadata:
         )
 
 
-def _needs_processing(s: SamplingState) -> bool:
+def _rewrites_logits(s: SamplingState) -> bool:
+    """Whether processing changes this row's logits other than by banning tokens."""
     p = s.params
-    return bool(p.allowed_token_ids or p.logit_bias or s.bad_words_token_ids
-                or len(s.output_token_ids) < p.min_tokens or p.repetition_penalty != 1.0
+    return bool(p.allowed_token_ids or p.logit_bias or p.repetition_penalty != 1.0
                 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
+
+
+def _needs_processing(s: SamplingState) -> bool:
+    return bool(_rewrites_logits(s) or s.bad_words_token_ids
+                or len(s.output_token_ids) < s.params.min_tokens)
 
 
 class Sampler:
@@ -116,35 +121,28 @@ class Sampler:
                         if meta.max_num_logprobs is not None else None)
 
         sampled = None
-        if meta.needs_processing and meta.all_greedy and _only_bans(batch):
+        if meta.needs_processing and meta.all_greedy and not any(map(_rewrites_logits, batch)):
             # greedy rows whose processing only bans tokens (min_tokens, bad words): the argmax
             # stands unless it is banned, so the [N, V] copy is made only when one is
-            sampled = ops.argmax_rows(logits)
-            if _hits_ban(sampled.tolist(), batch, self.eos_token_ids):
-                sampled = None
+            top = ops.argmax_rows(logits)
+            if not _hits_ban(top.tolist(), batch, self.eos_token_ids):
+                sampled = top
+        if sampled is None:
+            if meta.needs_processing:
+                logits = apply_logits_processors(logits.clone(), batch, self.eos_token_ids)
+                logits = apply_penalties(logits, batch)
+            if meta.all_greedy:
+                sampled = ops.argmax_rows(logits)
             else:
-                meta.needs_processing = False
-        if meta.needs_processing:
-            logits = apply_logits_processors(logits.clone(), batch, self.eos_token_ids)
-            logits = apply_penalties(logits, batch)
-        if sampled is None and meta.all_greedy:
-            sampled = ops.argmax_rows(logits)
-        elif sampled is None:
-            sampled = sample_random(logits, batch, meta)
-            if not meta.all_random:
-                sampled = torch.where(meta.greedy, ops.argmax_rows(logits), sampled)
+                sampled = sample_random(logits, batch, meta)
+                if not meta.all_random:
+                    sampled = torch.where(meta.greedy, ops.argmax_rows(logits), sampled)
 
         logprobs: list[dict[int, Logprob] | None] = [None] * len(batch)
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled,
                                        [s.params.logprobs for s in batch])
         return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=logprobs)
-
-
-def _only_bans(batch: Sequence[SamplingState]) -> bool:
-    return not any(s.params.allowed_token_ids or s.params.logit_bias
-                   or s.params.repetition_penalty != 1.0 or s.params.frequency_penalty != 0.0
-                   or s.params.presence_penalty != 0.0 for s in batch)
 
 
 def _hits_ban(tokens: Sequence[int], batch: Sequence[SamplingState],

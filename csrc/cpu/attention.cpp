@@ -683,9 +683,10 @@ class Attention {
     for (int r = 0; r < rp; ++r) {
       const int src = std::min(r, rows - 1);
       if (bf16_qk) {   // the unscaled bf16 query, its dims in pairs
-        const char* q2 = query_row(r);
-        if (!block_qt2)
+        if (!block_qt2) {
+          const char* q2 = query_row(r);
           for (int dd = 0; dd < hd_ / 2; ++dd) std::memcpy(&sc.qt2[size_t(dd) * rp + r], q2 + 4 * dd, 4);
+        }
       } else {
         for (int d = 0; d < hd_; ++d) sc.qt[size_t(d) * rp + r] = sc.q[size_t(src) * hdp_ + d];
       }
