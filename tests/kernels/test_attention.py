@@ -147,6 +147,21 @@ def test_paged_attention_prefill_key_chunks(block_size):
           soft_cap=20.0, sliding_window=37)
 
 
+def test_paged_attention_prefill_rising_scores():
+    # keys from position 150 on scaled up 60x: a later key chunk's scores rise far above the
+    # running max of the first (on AMX the one-pass softmax against the running max must redo
+    # such a chunk with the new max), and 2x (a rise it may keep); MHA and GQA, head sizes 64/128
+    for factor in (60.0, 2.0):
+        for num_heads, num_kv_heads, head_size in ((8, 8, 64), (16, 4, 128)):
+            batch = make_batch([(400, 400), (100, 300)], num_heads, num_kv_heads, head_size, 16,
+                               torch.float32, seed=int(factor) + head_size)
+            bs = batch["key_cache"].shape[1]
+            for s, ctx in enumerate(batch["seq_lens"].tolist()):
+                for j in range(150, ctx):
+                    batch["key_cache"][batch["block_table"][s, j // bs], j % bs] *= factor
+            check(batch, torch.bfloat16)
+
+
 NO_AMX_SCRIPT = r"""
 import torch
 import test_attention as t
