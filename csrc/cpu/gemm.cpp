@@ -389,6 +389,41 @@ constexpr int64_t kAmxPairs = 16;
 constexpr int64_t kAmxChunkBytes = 1 << 20;
 constexpr int64_t kAmxChunkRows = 256;
 
+// The tile sums of rows [m0, m0 + rows) of a panel (scratch [16, 64] fp32) plus the bias, to bf16
+// output, where K is whole 32-wide steps (no pairs left for packed_block_bf16): one pass, two
+// cvtne2ps2bf16 a row, instead of packed_block_bf16's calls of up to 6 rows each (~4% of a
+// 2040 x 768 x 4096 GEMM on the AMX Xeon).
+__attribute__((target("avx512bf16"))) static void amx_epilogue(const LinearParams& p, const float* scratch,
+                                                              int64_t n0, int64_t m0, int rows) {
+  const c10::BFloat16* bias = static_cast<const c10::BFloat16*>(p.bias);
+  c10::BFloat16* out = static_cast<c10::BFloat16*>(p.out) + m0 * p.out_stride;
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, p.n - n0));
+  __m512 b[4];
+  __mmask16 mask[4];
+  for (int t = 0; t < 4; ++t) {
+    const int c = std::max(0, std::min(16, cols - 16 * t));
+    mask[t] = static_cast<__mmask16>((1u << c) - 1u);
+    b[t] = bias != nullptr ? _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask[t], bias + n0 + 16 * t))
+                           : _mm512_setzero_ps();
+  }
+  if (cols == kPanel) {
+    for (int m = 0; m < rows; ++m) {
+      const float* sr = scratch + m * kPanel;
+      c10::BFloat16* o = out + m * p.out_stride + n0;
+      _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(sr + 16), b[1]),
+                                                          _mm512_add_ps(_mm512_loadu_ps(sr), b[0])));
+      _mm512_storeu_si512(o + 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_loadu_ps(sr + 48), b[3]),
+                                                               _mm512_add_ps(_mm512_loadu_ps(sr + 32), b[2])));
+    }
+    return;
+  }
+  for (int m = 0; m < rows; ++m)
+    for (int t = 0; t < 4; ++t)
+      if (mask[t] != 0)
+        _mm256_mask_storeu_epi16(out + m * p.out_stride + n0 + 16 * t, mask[t],
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(scratch + m * kPanel + 16 * t), b[t])));
+}
+
 // Rows [r0, r1) through one panel. tail: the last partial 16-row block of x, zero padded to 16
 // rows (row stride K), or nullptr when M is a multiple of 16.
 static void packed_panel_amx(const LinearParams& p, const c10::BFloat16* wp, int64_t n0,
@@ -401,6 +436,10 @@ static void packed_panel_amx(const LinearParams& p, const c10::BFloat16* wp, int
     if (kmain > 0) {
       if (rows == kAmxRows) amx_panel_block(x + m0 * p.x_stride, p.x_stride, wp, kmain, scratch);
       else amx_panel_block(tail, p.k, wp, kmain, scratch);
+    }
+    if (p.k % 32 == 0 && p.k > 0) {  // no pairs left (nor an odd last column): sums straight to bf16
+      amx_epilogue(p, scratch, n0, m0, rows);
+      continue;
     }
     for (int r = 0; r < rows; r += kMaxPackedMB)
       packed_block_bf16_any(p, wp, n0, m0 + r, std::min(kMaxPackedMB, rows - r),
