@@ -651,8 +651,8 @@ class Attention {
     const int chunk_blocks = std::max(1, kChunkScores / (rows * bs));
     const int ld = (chunk_blocks * bs + kVec - 1) / kVec * kVec;
     sc.reserve(rows, rows_per_head, hdp_, bsp_, size_t(rows) * ld);
-    load_queries(w, q_start, ctx - q_len, sc);
     const bool bf16 = decode_bf16() && rows_per_head <= kBf16DecodeRows;
+    load_queries(w, q_start, ctx - q_len, sc, !bf16);
     if (bf16) load_queries_bf16(w, q_start, ld, sc);
     const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
     const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
@@ -712,12 +712,12 @@ class Attention {
     grow(sc.vf, size_t(bs) * hdp_);
     grow(sc.slope, rp);
     grow(sc.corr, rp);
-    load_queries(w, q_start, ctx - q_len, sc);
 #if defined(CPU_CAPABILITY_AVX512)
     const bool bf16_qk = std::is_same_v<T, c10::BFloat16> && hd_ % 2 == 0 && attention_use_avx512_bf16();
 #else
     constexpr bool bf16_qk = false;
 #endif
+    load_queries(w, q_start, ctx - q_len, sc, !bf16_qk);
     // bf16 PV as well where the head size is whole 16-dim chunks
     const bool bf16_pv = bf16_qk && hd_ % 16 == 0;
     if (bf16_qk) grow32(sc.qt2, size_t(hd_ / 2) * rp);
@@ -1252,16 +1252,19 @@ class Attention {
   }
 
   // Q rows into fp32 scratch, pre-scaled, zero padded; softmax state reset.
-  void load_queries(const WorkItem& w, int q_start, int pos0, Scratch& sc) const {
+  // (convert false: the bf16 paths, which read the queries as they are, skip the fp32 copy)
+  void load_queries(const WorkItem& w, int q_start, int pos0, Scratch& sc, bool convert = true) const {
     const fVec vscale(p_.scale);
     const int rows = (w.t1 - w.t0) * group_ * (w.h1 - w.h0);
     for (int r = 0; r < rows; ++r) {
       const int t = token_of(w, r);
-      const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + t) * p_.q_stride_token +
-                     int64_t(head_of(w, r)) * p_.q_stride_head;
-      float* dst = sc.q.data() + size_t(r) * hdp_;
-      for (int c = 0; c < nfull_; ++c) (load_f(src + c * kVec) * vscale).store(dst + c * kVec);
-      if (tail_ > 0) (load_f_partial(src + nfull_ * kVec, tail_) * vscale).store(dst + nfull_ * kVec);
+      if (convert) {
+        const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + t) * p_.q_stride_token +
+                       int64_t(head_of(w, r)) * p_.q_stride_head;
+        float* dst = sc.q.data() + size_t(r) * hdp_;
+        for (int c = 0; c < nfull_; ++c) (load_f(src + c * kVec) * vscale).store(dst + c * kVec);
+        if (tail_ > 0) (load_f_partial(src + nfull_ * kVec, tail_) * vscale).store(dst + nfull_ * kVec);
+      }
       std::fill(sc.acc.data() + size_t(r) * hdp_, sc.acc.data() + size_t(r + 1) * hdp_, 0.f);
       sc.m[r] = kNegInf;
       sc.l[r] = 0.f;
