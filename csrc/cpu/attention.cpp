@@ -607,16 +607,17 @@ class Attention {
 #endif
   }
 
-  // Pairs [jj0, jj1) of sequence s, kv head h: row jj holds V of keys 2 jj and 2 jj + 1 (zero past
-  // the context) as amx_pv's B tiles want them, hd words a row.
-  void pair_values(int s, int h, int64_t jj0, int64_t jj1, uint32_t* dst) const {
+  // npairs rows of V pairs of kv head h from key j0 on (blocks: the sequence's block table): row
+  // i holds V of keys j0 + 2i and j0 + 2i + 1, zero from key jend on, as amx_pv's B tiles want
+  // them, hd words a row.
+  void pair_values(const int32_t* blocks, int h, int64_t j0, int64_t jend, int64_t npairs, uint32_t* dst) const {
 #if defined(CPU_CAPABILITY_AVX512)
-    const int ctx = p_.seq_lens[s], bs = p_.block_size;
-    const int32_t* blocks = p_.block_table + int64_t(s) * p_.bt_stride;
+    const int bs = p_.block_size;
     auto row = [&](int64_t j) {
-      return j < ctx ? reinterpret_cast<const uint16_t*>(value_row(blocks[j / bs], int(j % bs), h)) : nullptr;
+      return j < jend ? reinterpret_cast<const uint16_t*>(value_row(blocks[j / bs], int(j % bs), h)) : nullptr;
     };
-    for (int64_t jj = jj0; jj < jj1; ++jj) pair_two_rows(row(2 * jj), row(2 * jj + 1), hd_ / 16, dst + jj * hd_);
+    for (int64_t i = 0; i < npairs; ++i)
+      pair_two_rows(row(j0 + 2 * i), row(j0 + 2 * i + 1), hd_ / 16, dst + i * hd_);
 #endif
   }
 
@@ -907,12 +908,7 @@ class Attention {
       if (vshared != nullptr && c0 % 2 == 0) {
         vp = vshared + size_t(c0 / 2) * hd_;
       } else {
-        for (int jj = 0; jj < 16 * steps; ++jj) {
-          const int ja = c0 + 2 * jj, jb = ja + 1;
-          const uint16_t* va = ja < c0 + nk ? reinterpret_cast<const uint16_t*>(value_row(blocks[ja / bs], ja % bs, w.h0)) : nullptr;
-          const uint16_t* vb = jb < c0 + nk ? reinterpret_cast<const uint16_t*>(value_row(blocks[jb / bs], jb % bs, w.h0)) : nullptr;
-          pair_two_rows(va, vb, nc, sc.vp2.data() + size_t(jj) * hd_);
-        }
+        pair_values(blocks, w.h0, c0, c0 + nk, 16 * steps, sc.vp2.data());
       }
       amx_pv(sc.pa.data(), vp, nrt, steps, nc, hd_, sc.acc.data(), hdp_);
     }
@@ -1416,7 +1412,7 @@ void make_items(const PagedAttentionParams& p, int num_threads, std::vector<Work
 
 // Sequences whose prefill splits into several AMX items per kv head get their V paired once,
 // up front (vp_off[s] >= 0; rows: pairs per head, past the context and a whole key chunk zero),
-// instead of once per item and key chunk (~9% of a 2040-token prefill's attention).
+// instead of once per item and key chunk (2040-token prefill attention -17..-25% in the kernel lab).
 template <typename T>
 void share_values(const PagedAttentionParams& p, Attention<T>& attn, std::vector<uint32_t>& buf,
                   std::vector<int64_t>& off, std::vector<int64_t>& rows) {
@@ -1442,7 +1438,8 @@ void share_values(const PagedAttentionParams& p, Attention<T>& attn, std::vector
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int s = tasks[i].first, h = tasks[i].second;
-      attn.pair_values(s, h, 0, rows[s], buf.data() + off[s] + int64_t(h) * rows[s] * p.head_size);
+      attn.pair_values(p.block_table + int64_t(s) * p.bt_stride, h, 0, p.seq_lens[s], rows[s],
+                       buf.data() + off[s] + int64_t(h) * rows[s] * p.head_size);
     }
   });
   attn.set_shared_values(buf.data(), off.data(), rows.data());
