@@ -112,6 +112,15 @@ class ModelRunner:
         # per-request state layers (Mamba) hold slots; the others are paged
         self.state_layers = [m for m in self.cache_layers if isinstance(m.cache_spec(), StateSpec)]
         self.paged_layers = [m for m in self.cache_layers if m not in self.state_layers]
+        if config.kv_cache_dtype == "fp8":
+            latent = [m for m in self.paged_layers if not isinstance(m, Attention)]
+            if latent:
+                raise ValueError(f"kv_cache_dtype='fp8' covers paged K/V attention; "
+                                 f"{model_cls.__name__}'s {type(latent[0]).__name__} keeps a "
+                                 f"latent cache octavo does not quantize yet: use "
+                                 f"kv_cache_dtype='auto'")
+            for m in self.attn_layers:
+                m.kv_cache_dtype = torch.float8_e4m3fn
         # a state model runs tensor parallel where its class says so (its mixers replicated)
         tp_ok = getattr(model_cls, "supports_tensor_parallel", False)
         if self.state_layers and (config.pipeline_parallel_size > 1

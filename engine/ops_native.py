@@ -111,23 +111,37 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
             _rotate(t.view(t.shape[0], -1, head_size), cos, sin, is_neox)
 
 
+def fp8_kv_quantize(x: torch.Tensor) -> torch.Tensor:
+    """x in the fp8 KV cache format (kv_cache_dtype="fp8"): float8_e4m3fn without subnormals.
+    Magnitudes under 2^-7 store as 0, those in [2^-7, 2^-6) as 2^-6; the rest round to nearest
+    even and saturate at 448 (torch's own conversion)."""
+    xf = x.float()
+    a = xf.abs()
+    tiny = torch.where(a < 2.0 ** -7, xf * 0, torch.copysign(torch.full_like(xf, 2.0 ** -6), xf))
+    return torch.where(a < 2.0 ** -6, tiny, xf).to(torch.float8_e4m3fn)
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # key/value: [T, Hk, hd]; caches: [num_blocks, block_size, Hk, hd]; slot -1 is skipped
+    # key/value: [T, Hk, hd]; caches: [num_blocks, block_size, Hk, hd]; slot -1 is skipped;
+    # float8_e4m3fn caches take any float key/value (fp8_kv_quantize)
     block_size = key_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     blocks, offsets = slots // block_size, slots % block_size
-    key_cache[blocks, offsets] = key[keep].to(key_cache.dtype)
-    value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
+    for src, cache in ((key, key_cache), (value, value_cache)):
+        rows = src[keep]
+        rows = fp8_kv_quantize(rows) if cache.dtype == torch.float8_e4m3fn else rows.to(cache.dtype)
+        cache[blocks, offsets] = rows
 
 
-def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, ctx: int) -> torch.Tensor:
-    # cache: [num_blocks, block_size, Hk, hd] -> [ctx, Hk, hd] in the accumulation type
+def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, ctx: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    # cache: [num_blocks, block_size, Hk, hd] -> [ctx, Hk, hd] in dtype (the accumulation type)
     block_size = cache.shape[1]
     nb = (ctx + block_size - 1) // block_size
     blocks = block_row[:nb].long()
-    return _acc(cache[blocks].flatten(0, 1)[:ctx])
+    return cache[blocks].flatten(0, 1)[:ctx].to(dtype)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -151,8 +165,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         q_len = q1 - q0
         if q_len == 0:
             continue
-        k = _gather_context(key_cache, block_table[s], ctx).permute(1, 2, 0)  # [Hk, hd, ctx]
-        v = _gather_context(value_cache, block_table[s], ctx).transpose(0, 1)  # [Hk, ctx, hd]
+        k = _gather_context(key_cache, block_table[s], ctx, acc_dtype).permute(1, 2, 0)  # [Hk, hd, ctx]
+        v = _gather_context(value_cache, block_table[s], ctx, acc_dtype).transpose(0, 1)  # [Hk, ctx, hd]
         keys = torch.arange(ctx, device=query.device)
         # Chunk the query rows so a long prefill does not materialize [Hq, q_len, ctx] at once.
         for c0 in range(0, q_len, 256):

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <cmath>
@@ -18,6 +19,7 @@
 
 #include "cpu/amx.h"
 #include "cpu/cpu_types.h"
+#include "cpu/fp8_kv.h"
 
 namespace octavo::cpu::CPU_CAPABILITY {
 
@@ -43,6 +45,12 @@ constexpr int kBf16DecodeRows = 2;
 // probabilities up to e^8 stay far from fp32 and bf16 limits, and the pass that only looked
 // for the new max is gone (~5% of a 2040-token prefill's attention on the AMX Xeon).
 constexpr float kLazyMax = 8.f;
+// fp8 caches (fp8_kv.h) in the decode passes: the stored bytes become bf16 words of the value
+// times 2^-120, which vdpbf16ps multiplies as they are, so the queries go in times 2^64 (the
+// scores' scale takes 2^56 back) and the probabilities times 2^100 (the softmax sums take 2^-20):
+// every product and partial sum stays far inside fp32's normal range.
+constexpr float kFp8QueryMul = 0x1p64f, kFp8ScoreMul = 0x1p56f;
+constexpr float kFp8ProbMul = 0x1p100f, kFp8SumMul = 0x1p-20f;
 
 // Query tokens [t0, t1) (local to the sequence) of kv heads [h0, h1).
 struct WorkItem {
@@ -420,20 +428,38 @@ OCTAVO_INLINE __m512 hsum16(const __m512 (&a)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
 }
 
+// 32 cache values as bf16 words: a bf16 cache's as they are; an fp8 cache's (fp8_kv.h) as the
+// value times 2^-120: each byte sign-extended to 16 bits, shifted left 4 (the magnitude lands in
+// bf16's exponent and mantissa, the sign-extension bits at 11..15) and masked to 0x87f0 (the
+// sign kept at bit 15).
+OCTAVO_INLINE __m512i load_bf16x32(const uint16_t* p) { return _mm512_loadu_si512(p); }
+OCTAVO_INLINE __m512i load_bf16x32(const uint8_t* p) {
+  const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_and_si512(_mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x87f0));
+}
+
+// Prefetch into L2 for the 32-value chunk c of a cache row: every chunk of bf16 rows, every
+// other one (64 bytes) of fp8 rows.
+template <typename C>
+OCTAVO_INLINE void prefetch_chunk(const C* p, int c) {
+  if (sizeof(C) == 2 || c % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+}
+
 // acc[i] += q . k_i (per-lane partial sums) over NC chunks of 32 dims for the n keys
 // k + i * ks of a group of 16 (FULL: n = 16); the query's chunks stay in registers. Each
 // 64-byte chunk read also pulls the same chunk of row pf + i * ks into L2 (the next block), so
-// the prefetches are spread over the work instead of queueing up at once.
-template <int NC, bool FULL>
+// the prefetches are spread over the work instead of queueing up at once. C: uint16_t for a
+// bf16 cache, uint8_t for an fp8 one (load_bf16x32).
+template <int NC, bool FULL, typename C>
 __attribute__((target("avx512bf16"))) OCTAVO_INLINE void qk_16keys_bf16(const uint16_t* q,
-    const uint16_t* k, int64_t ks, int n, const uint16_t* pf, __m512 (&acc)[16]) {
+    const C* k, int64_t ks, int n, const C* pf, __m512 (&acc)[16]) {
   __m512bh qv[NC];
   OCTAVO_UNROLL for (int c = 0; c < NC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
   OCTAVO_UNROLL for (int i = 0; i < 16; ++i) {
     if (!FULL && i == n) break;
     OCTAVO_UNROLL for (int c = 0; c < NC; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + i * ks + 32 * c), _MM_HINT_T1);
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(k + i * ks + 32 * c), qv[c]);
+      prefetch_chunk(pf + i * ks + 32 * c, c);
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)load_bf16x32(k + i * ks + 32 * c), qv[c]);
     }
   }
 }
@@ -441,16 +467,16 @@ __attribute__((target("avx512bf16"))) OCTAVO_INLINE void qk_16keys_bf16(const ui
 // s[r * lds + j] = scale * dot(q_r, k_j) for nrows bf16 query rows (q + r * 32 * NC) and nk keys
 // (k + j * ks) of one kv head, 16 keys at a time; the first row's pass prefetches the rows
 // pf + j * ks (pf = k where there is nothing to prefetch).
-template <int NC>
+template <int NC, typename C>
 __attribute__((target("avx512bf16"))) void qk_span_bf16(const uint16_t* q, int nrows,
-    const uint16_t* k, int64_t ks, int nk, const uint16_t* pf, float scale, float* s, int lds) {
+    const C* k, int64_t ks, int nk, const C* pf, float scale, float* s, int lds) {
   const __m512 vs = _mm512_set1_ps(scale);
   for (int j = 0; j < nk; j += 16) {
     const int n = std::min(16, nk - j);
     for (int r = 0; r < nrows; ++r) {
       __m512 acc[16];
       OCTAVO_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      const uint16_t* pr = r == 0 ? pf + j * ks : k + j * ks;
+      const C* pr = r == 0 ? pf + j * ks : k + j * ks;
       if (n == 16) qk_16keys_bf16<NC, true>(q + r * 32 * NC, k + j * ks, ks, n, pr, acc);
       else qk_16keys_bf16<NC, false>(q + r * 32 * NC, k + j * ks, ks, n, pr, acc);
       _mm512_mask_storeu_ps(s + size_t(r) * lds + j, __mmask16((1u << n) - 1), _mm512_mul_ps(hsum16(acc), vs));
@@ -459,8 +485,9 @@ __attribute__((target("avx512bf16"))) void qk_span_bf16(const uint16_t* q, int n
 }
 
 // qk_span_bf16 for head sizes of 32 to 256 (hd / 32 query vectors in registers).
-void qk_span_bf16_hd(const uint16_t* q, int nrows, int hd, const uint16_t* k, int64_t ks, int nk,
-                     const uint16_t* pf, float scale, float* s, int lds) {
+template <typename C>
+void qk_span_bf16_hd(const uint16_t* q, int nrows, int hd, const C* k, int64_t ks, int nk,
+                     const C* pf, float scale, float* s, int lds) {
   switch (hd / 32) {
     case 1: qk_span_bf16<1>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
     case 2: qk_span_bf16<2>(q, nrows, k, ks, nk, pf, scale, s, lds); break;
@@ -481,21 +508,21 @@ void qk_span_bf16_hd(const uint16_t* q, int nrows, int hd, const uint16_t* k, in
 // acc[32c + 16 + 4L + i] dim 32c + 8L + 4 + i; unpermute_acc_bf16 restores the order at the end.
 // acc_r (+ ldacc) += sum_j p_r[j] (+ ldp) v_j (+ vs) for NR rows, NC chunks of 32 dims, nk keys;
 // the same chunks of rows pf + j * vs go to L2 meanwhile, as in qk_16keys_bf16.
-template <int NR, int NC>
+template <int NR, int NC, typename C>
 __attribute__((target("avx512bf16"))) OCTAVO_INLINE void pv_rows_bf16(float* acc, int ldacc,
-    const uint16_t* p, int ldp, const uint16_t* v, int64_t vs, int nk, const uint16_t* pf) {
+    const uint16_t* p, int ldp, const C* v, int64_t vs, int nk, const C* pf) {
   __m512 a[NR][2 * NC];
   OCTAVO_UNROLL for (int r = 0; r < NR; ++r) {
     OCTAVO_UNROLL for (int c = 0; c < 2 * NC; ++c) a[r][c] = _mm512_loadu_ps(acc + r * ldacc + 16 * c);
   }
-  auto step = [&](const uint16_t* v0, const uint16_t* v1, int j)
+  auto step = [&](const C* v0, const C* v1, int j)
       __attribute__((always_inline, target("avx512bf16"))) {
     __m512i lo[NC], hi[NC];
     OCTAVO_UNROLL for (int c = 0; c < NC; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + j * vs + 32 * c), _MM_HINT_T1);
-      if (v1 != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf + (j + 1) * vs + 32 * c), _MM_HINT_T1);
-      const __m512i x = _mm512_loadu_si512(v0 + 32 * c);
-      const __m512i y = v1 != nullptr ? _mm512_loadu_si512(v1 + 32 * c) : _mm512_setzero_si512();
+      prefetch_chunk(pf + j * vs + 32 * c, c);
+      if (v1 != nullptr) prefetch_chunk(pf + (j + 1) * vs + 32 * c, c);
+      const __m512i x = load_bf16x32(v0 + 32 * c);
+      const __m512i y = v1 != nullptr ? load_bf16x32(v1 + 32 * c) : _mm512_setzero_si512();
       lo[c] = _mm512_unpacklo_epi16(x, y);
       hi[c] = _mm512_unpackhi_epi16(x, y);
     }
@@ -519,14 +546,15 @@ __attribute__((target("avx512bf16"))) OCTAVO_INLINE void pv_rows_bf16(float* acc
 
 // pv_rows_bf16 over all hd / 32 chunks of nrows rows: 2 rows x 2 chunks or one row x 4 chunks
 // (8 accumulators) per register block; the first block of rows prefetches pf (pf = v: nothing).
+template <typename C>
 __attribute__((target("avx512bf16"))) void pv_span_bf16(float* acc, int ldacc, const uint16_t* p,
-    int ldp, int nrows, int hd, const uint16_t* v, int64_t vs, int nk, const uint16_t* pf) {
+    int ldp, int nrows, int hd, const C* v, int64_t vs, int nk, const C* pf) {
   const int nc = hd / 32;
   int r = 0;
   for (; r + 2 <= nrows; r += 2) {
     float* a = acc + size_t(r) * ldacc;
     const uint16_t* pr = p + size_t(r) * ldp;
-    const uint16_t* f = r == 0 ? pf : v;
+    const C* f = r == 0 ? pf : v;
     int c = 0;
     for (; c + 2 <= nc; c += 2) pv_rows_bf16<2, 2>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c);
     if (c < nc) pv_rows_bf16<2, 1>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c);
@@ -534,7 +562,7 @@ __attribute__((target("avx512bf16"))) void pv_span_bf16(float* acc, int ldacc, c
   for (; r < nrows; ++r) {
     float* a = acc + size_t(r) * ldacc;
     const uint16_t* pr = p + size_t(r) * ldp;
-    const uint16_t* f = r == 0 ? pf : v;
+    const C* f = r == 0 ? pf : v;
     int c = 0;
     for (; c + 4 <= nc; c += 4) pv_rows_bf16<1, 4>(a + 32 * c, ldacc, pr, ldp, v + 32 * c, vs, nk, f + 32 * c);
     switch (nc - c) {
@@ -550,6 +578,14 @@ __attribute__((target("avx512bf16"))) void pv_span_bf16(float* acc, int ldacc, c
 __attribute__((target("avx512bf16"))) void probs_to_bf16(const float* src, int n, uint16_t* dst) {
   for (int i = 0; i < n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+}
+
+// probs_to_bf16 of the probabilities times mul.
+__attribute__((target("avx512bf16"))) void probs_to_bf16_scaled(const float* src, int n, float mul, uint16_t* dst) {
+  const __m512 m = _mm512_set1_ps(mul);
+  for (int i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i), m)));
 }
 
 // The dims of an accumulator row (hd a multiple of 32) back in order after pv_rows_bf16.
@@ -593,7 +629,18 @@ class Attention {
       : p_(p), group_(p.num_heads / p.num_kv_heads), hd_(p.head_size),
         nfull_(p.head_size / kVec), tail_(p.head_size % kVec),
         hdp_((p.head_size + kVec - 1) / kVec * kVec),
-        bsp_((p.block_size + kVec - 1) / kVec * kVec) {}
+        bsp_((p.block_size + kVec - 1) / kVec * kVec), kv_fp8_(p.kv_fp8) {}
+
+  // Whether decode items can read an fp8 cache directly (avx512_bf16, head size a multiple of 32
+  // up to 256); paged_attention_impl dequantizes the blocks of every other sequence first.
+  static bool fp8_decode_supported(const PagedAttentionParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return p.head_size % 32 == 0 && p.head_size <= 256 && attention_use_avx512_bf16();
+#else
+    (void)p;
+    return false;
+#endif
+  }
 
   // Whether the AMX prefill items may read V pairs made once per sequence and kv head (bf16,
   // head size a multiple of 32, AMX, no sliding window: every item's key chunks start at even
@@ -634,7 +681,7 @@ class Attention {
   }
 
   void run(const WorkItem& w, Scratch& sc) const {
-    if (w.h1 - w.h0 > 1 || (w.t1 - w.t0) * group_ <= 8) {
+    if (kv_fp8_ || w.h1 - w.h0 > 1 || (w.t1 - w.t0) * group_ <= 8) {
       run_chunked(w, sc);
     } else {
       run_tiled(w, sc);
@@ -652,9 +699,11 @@ class Attention {
     const int chunk_blocks = std::max(1, kChunkScores / (rows * bs));
     const int ld = (chunk_blocks * bs + kVec - 1) / kVec * kVec;
     sc.reserve(rows, rows_per_head, hdp_, bsp_, size_t(rows) * ld);
-    const bool bf16 = decode_bf16() && rows_per_head <= kBf16DecodeRows;
+    // fp8 caches: the bf16 passes, through rows converted per block and head
+    const bool fp8 = kv_fp8_;
+    const bool bf16 = fp8 || (decode_bf16() && rows_per_head <= kBf16DecodeRows);
     load_queries(w, q_start, ctx - q_len, sc, !bf16);
-    if (bf16) load_queries_bf16(w, q_start, ld, sc);
+    if (bf16) load_queries_bf16(w, q_start, ld, sc, fp8 ? kFp8QueryMul : 1.f);
     const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
     const int lo = p_.sliding_window > 0 ? std::max(0, first_pos - p_.sliding_window + 1) : 0;
     const int hi = std::min(ctx, last_pos + 1);
@@ -667,18 +716,21 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        if (bf16) qk_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        if (fp8) qk_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        else if (bf16) qk_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
         else qk_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
-      for (int kvh = w.h0; kvh < w.h1; ++kvh)
-        prefetch_rows<2>(value_row(blocks[cb0], 0, kvh), p_.vc_stride_token);
+      if (!fp8)
+        for (int kvh = w.h0; kvh < w.h1; ++kvh)
+          prefetch_rows<2>(value_row(blocks[cb0], 0, kvh), p_.vc_stride_token);
       for (int r = 0; r < rows; ++r) {
         float* prow = logits + size_t(r) * ld;
         const int kvh = w.h0 + r / rows_per_head;
         float corr = 1.f;
         const bool any = softmax_span(prow, r, kvh * group_ + r % group_, c0, c1 - c0, sc, corr);
         if (!any) std::fill(prow, prow + ld, 0.f);
-        if (bf16) row_to_bf16(prow, (c1 - c0 + kVec - 1) / kVec * kVec, sc.pb.data() + size_t(r) * ld);
+        if (bf16) row_to_bf16(prow, (c1 - c0 + kVec - 1) / kVec * kVec, sc.pb.data() + size_t(r) * ld,
+                              fp8 ? kFp8ProbMul : 1.f);
         if (any && corr != 1.f) {
           float* acc = sc.acc.data() + size_t(r) * hdp_;
           const fVec vc(corr);
@@ -688,11 +740,14 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        if (bf16) pv_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
+        if (fp8) pv_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
+        else if (bf16) pv_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
         else pv_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
     }
     if (bf16) unpermute_rows(rows, sc);
+    if (fp8)
+      for (int r = 0; r < rows; ++r) sc.l[r] *= kFp8SumMul;
     store_output(w, q_start, sc);
   }
 
@@ -1160,16 +1215,25 @@ class Attention {
 #endif
   }
 
-  // The item's query rows as they are in bf16 (unscaled, sc.qb[r * hd_]); sc.pb sized for the
-  // probabilities of a chunk (row stride ld).
-  void load_queries_bf16(const WorkItem& w, int q_start, int ld, Scratch& sc) const {
+  // The item's query rows in bf16 (unscaled, sc.qb[r * hd_]): as they are, or times mul (a power
+  // of two, exact) for fp8 caches, from any query dtype; sc.pb sized for the probabilities of a
+  // chunk (row stride ld).
+  void load_queries_bf16(const WorkItem& w, int q_start, int ld, Scratch& sc, float mul = 1.f) const {
     const int rows = (w.t1 - w.t0) * group_ * (w.h1 - w.h0);
     if (sc.qb.size() < size_t(rows) * hd_) sc.qb.resize(size_t(rows) * hd_);
     if (sc.pb.size() < size_t(rows) * ld) sc.pb.resize(size_t(rows) * ld);
     for (int r = 0; r < rows; ++r) {
       const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + token_of(w, r)) * p_.q_stride_token +
                      int64_t(head_of(w, r)) * p_.q_stride_head;
-      std::memcpy(sc.qb.data() + size_t(r) * hd_, src, size_t(hd_) * 2);
+      uint16_t* dst = sc.qb.data() + size_t(r) * hd_;
+      if (std::is_same_v<T, c10::BFloat16> && mul == 1.f) {
+        std::memcpy(dst, src, size_t(hd_) * 2);
+      } else {
+        for (int d = 0; d < hd_; ++d) {
+          const c10::BFloat16 b(static_cast<float>(src[d]) * mul);  // rounded to nearest even
+          std::memcpy(dst + d, &b, 2);
+        }
+      }
     }
   }
 
@@ -1208,10 +1272,47 @@ class Attention {
 #endif
   }
 
-  void row_to_bf16(const float* p, int n, uint16_t* dst) const {
+  void row_to_bf16(const float* p, int n, uint16_t* dst, float mul) const {
 #if defined(CPU_CAPABILITY_AVX512)
-    probs_to_bf16(p, n, dst);
+    if (mul == 1.f) probs_to_bf16(p, n, dst);
+    else probs_to_bf16_scaled(p, n, mul, dst);
 #endif
+  }
+
+  // qk_block_bf16 over an fp8 cache: the same 16-key passes, each key chunk read as bf16 times
+  // 2^-120 (load_bf16x32), against the queries times 2^64.
+  void qk_block_fp8(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, float* s, int ld,
+                    Scratch& sc) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+      const int r0 = (kvh - w.h0) * rows_per_head;
+      const uint8_t* k = cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, block, o0, kvh);
+      const uint8_t* pf = next >= 0 ? cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, next, o0, kvh) : k;
+      qk_span_bf16_hd(sc.qb.data() + size_t(r0) * hd_, rows_per_head, hd_, k, p_.kc_stride_token, o1 - o0,
+                      pf, p_.scale * kFp8ScoreMul, s + size_t(r0) * ld, ld);
+    }
+#endif
+  }
+
+  // pv_block_bf16 over an fp8 cache (V chunks read as in qk_block_fp8, probabilities times 2^100).
+  void pv_block_fp8(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, const uint16_t* p,
+                    int ld, Scratch& sc) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+      const int r0 = (kvh - w.h0) * rows_per_head;
+      const uint8_t* v = cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, block, o0, kvh);
+      const uint8_t* pf = next >= 0 ? cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, next, o0, kvh) : v;
+      pv_span_bf16(sc.acc.data() + size_t(r0) * hdp_, hdp_, p + size_t(r0) * ld, ld, rows_per_head, hd_,
+                   v, p_.vc_stride_token, o1 - o0, pf);
+    }
+#endif
+  }
+
+  // Row (block, off, kvh) of an fp8 cache (strides in bytes).
+  static const uint8_t* cache8(const void* cache, int64_t sb, int64_t st, int64_t sh, int64_t block, int off, int kvh) {
+    return static_cast<const uint8_t*>(cache) + block * sb + off * st + kvh * sh;
   }
 
   void unpermute_rows(int rows, Scratch& sc) const {
@@ -1368,6 +1469,7 @@ class Attention {
 
   const PagedAttentionParams& p_;
   const int group_, hd_, nfull_, tail_, hdp_, bsp_;
+  const bool kv_fp8_;  // decode items straight from an fp8 cache (the only items such a call runs)
   // V pairs shared by the AMX prefill items of a sequence (share_values)
   const uint32_t* vp_base_ = nullptr;
   const int64_t* vp_off_ = nullptr;
@@ -1377,12 +1479,15 @@ class Attention {
 // Decode-like sequences (few query rows) take all kv heads in one item, so each cache block is
 // read as one contiguous run; they are split over kv heads only when there are too few items
 // for the threads. Prefill sequences get one item per (kv head, chunk of tokens).
-void make_items(const PagedAttentionParams& p, int num_threads, std::vector<WorkItem>& items) {
+// skip[s] != 0 (skip may be null): sequence s has no items here.
+void make_items(const PagedAttentionParams& p, int num_threads, std::vector<WorkItem>& items,
+                const uint8_t* skip) {
   items.clear();
   const int group = p.num_heads / p.num_kv_heads;
   const int chunk = std::max(1, kTargetRows / group);
   int64_t base_items = 0;
   for (int s = 0; s < p.num_seqs; ++s) {
+    if (skip != nullptr && skip[s]) continue;
     const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
     base_items += q_len * p.num_heads <= kDecodeRows ? (q_len > 0)
                                                      : int64_t(p.num_kv_heads) * ((q_len + chunk - 1) / chunk);
@@ -1391,6 +1496,7 @@ void make_items(const PagedAttentionParams& p, int num_threads, std::vector<Work
   const int splits = int(std::min<int64_t>(p.num_kv_heads, (want + base_items - 1) / std::max<int64_t>(base_items, 1)));
   const int heads_per_split = (p.num_kv_heads + splits - 1) / splits;
   for (int s = 0; s < p.num_seqs; ++s) {
+    if (skip != nullptr && skip[s]) continue;
     const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
     const int ctx = p.seq_lens[s];
     const bool decode_like = q_len * p.num_heads <= kDecodeRows;
@@ -1414,8 +1520,8 @@ void make_items(const PagedAttentionParams& p, int num_threads, std::vector<Work
 // up front (vp_off[s] >= 0; rows: pairs per head, past the context and a whole key chunk zero),
 // instead of once per item and key chunk (2040-token prefill attention -17..-25% in the kernel lab).
 template <typename T>
-void share_values(const PagedAttentionParams& p, Attention<T>& attn, std::vector<uint32_t>& buf,
-                  std::vector<int64_t>& off, std::vector<int64_t>& rows) {
+void share_values(const PagedAttentionParams& p, const uint8_t* skip, Attention<T>& attn,
+                  std::vector<uint32_t>& buf, std::vector<int64_t>& off, std::vector<int64_t>& rows) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (!attn.amx_prefill_shares_values()) return;
   const int group = p.num_heads / p.num_kv_heads, chunk = std::max(1, kTargetRows / group);
@@ -1426,6 +1532,7 @@ void share_values(const PagedAttentionParams& p, Attention<T>& attn, std::vector
   for (int s = 0; s < p.num_seqs; ++s) {
     const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
     if (q_len * p.num_heads <= kDecodeRows || q_len <= chunk) continue;  // one item per head
+    if (skip != nullptr && skip[s]) continue;
     off[s] = total;
     rows[s] = (p.seq_lens[s] + 1) / 2 + kAmxKeys / 2;
     total += rows[s] * p.num_kv_heads * p.head_size;
@@ -1446,8 +1553,9 @@ void share_values(const PagedAttentionParams& p, Attention<T>& attn, std::vector
 #endif
 }
 
+// The items of every sequence not skipped (skip may be null).
 template <typename T>
-void paged_attention_impl(const PagedAttentionParams& p) {
+void run_items(const PagedAttentionParams& p, const uint8_t* skip) {
   Attention<T> attn(p);
   // Reused across calls; bound to references so worker threads see the caller's vectors.
   static thread_local std::vector<WorkItem> items_buf;
@@ -1455,10 +1563,10 @@ void paged_attention_impl(const PagedAttentionParams& p) {
   static thread_local std::vector<uint32_t> vpairs_buf;
   std::vector<WorkItem>& items = items_buf;
   std::vector<int64_t>& prefix = prefix_buf;
-  make_items(p, at::get_num_threads(), items);
+  make_items(p, at::get_num_threads(), items, skip);
   const int64_t n = int64_t(items.size());
   if (n == 0) return;
-  share_values(p, attn, vpairs_buf, vp_off_buf, vp_rows_buf);
+  share_values(p, skip, attn, vpairs_buf, vp_off_buf, vp_rows_buf);
   prefix.assign(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
   // Contiguous item ranges of equal cost, a few per thread.
@@ -1473,6 +1581,93 @@ void paged_attention_impl(const PagedAttentionParams& p) {
       for (int64_t i = i0; i < i1; ++i) attn.run(items[i], scratch);
     }
   });
+}
+
+// fp8 caches, sequences not skipped: their context's K/V rows decoded into T caches of their
+// own (one block per block of the sequence, its table rebuilt), then the items of the T kernel.
+// Prefill sequences take this way (their AMX/tile passes read T rows), and everything does where
+// the decode passes cannot read fp8 (no avx512_bf16, head sizes other than 32..256 in 32s).
+template <typename T>
+void run_dequantized(const PagedAttentionParams& p, const uint8_t* skip) {
+  static const std::array<float, 256> lut = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = fp8_kv_decode(uint8_t(b));
+    return t;
+  }();
+  static thread_local std::vector<T> kbuf, vbuf;
+  static thread_local std::vector<int32_t> table;
+  const int bs = p.block_size, hk = p.num_kv_heads, hd = p.head_size;
+  const int64_t row = int64_t(hk) * hd, block_elems = bs * row;
+  int max_nb = 1;
+  std::vector<std::pair<int, int>> tasks;  // (sequence, block index in it)
+  for (int s = 0; s < p.num_seqs; ++s) {
+    if ((skip != nullptr && skip[s]) || p.query_start_loc[s + 1] == p.query_start_loc[s]) continue;
+    const int nb = (p.seq_lens[s] + bs - 1) / bs;
+    max_nb = std::max(max_nb, nb);
+    for (int b = 0; b < nb; ++b) tasks.push_back({s, b});
+  }
+  if (tasks.empty()) return;
+  const int64_t total = int64_t(tasks.size());
+  if (int64_t(kbuf.size()) < total * block_elems) {
+    kbuf.resize(total * block_elems);
+    vbuf.resize(total * block_elems);
+  }
+  table.assign(size_t(p.num_seqs) * max_nb, 0);
+  for (int64_t i = 0; i < total; ++i) table[size_t(tasks[i].first) * max_nb + tasks[i].second] = int32_t(i);
+  T* kb = kbuf.data();
+  T* vb = vbuf.data();
+  at::parallel_for(0, total, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int s = tasks[i].first, b = tasks[i].second;
+      const int64_t src_block = p.block_table[int64_t(s) * p.bt_stride + b];
+      const int ntok = std::min(bs, p.seq_lens[s] - b * bs);
+      for (int t = 0; t < ntok; ++t)
+        for (int h = 0; h < hk; ++h) {
+          const uint8_t* ks = static_cast<const uint8_t*>(p.key_cache) + src_block * p.kc_stride_block +
+                              t * p.kc_stride_token + h * p.kc_stride_head;
+          const uint8_t* vs = static_cast<const uint8_t*>(p.value_cache) + src_block * p.vc_stride_block +
+                              t * p.vc_stride_token + h * p.vc_stride_head;
+          T* kd = kb + i * block_elems + t * row + int64_t(h) * hd;
+          T* vd = vb + i * block_elems + t * row + int64_t(h) * hd;
+          for (int d = 0; d < hd; ++d) {
+            kd[d] = static_cast<T>(lut[ks[d]]);
+            vd[d] = static_cast<T>(lut[vs[d]]);
+          }
+        }
+    }
+  });
+  PagedAttentionParams q = p;
+  q.key_cache = kb;
+  q.value_cache = vb;
+  q.kc_stride_block = q.vc_stride_block = block_elems;
+  q.kc_stride_token = q.vc_stride_token = row;
+  q.kc_stride_head = q.vc_stride_head = hd;
+  q.block_table = table.data();
+  q.bt_stride = max_nb;
+  q.kv_fp8 = false;
+  run_items<T>(q, skip);
+}
+
+template <typename T>
+void paged_attention_impl(const PagedAttentionParams& p) {
+  if (!p.kv_fp8) {
+    run_items<T>(p, nullptr);
+    return;
+  }
+  // fp8 caches: decode-like sequences read the cache directly where the decode passes can,
+  // the others through dequantized copies of their blocks.
+  const bool direct = Attention<T>::fp8_decode_supported(p);
+  std::vector<uint8_t> is_direct(p.num_seqs), not_direct(p.num_seqs);
+  bool any_direct = false, any_other = false;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
+    is_direct[s] = direct && q_len * p.num_heads <= kDecodeRows;
+    not_direct[s] = !is_direct[s];
+    any_direct |= is_direct[s] && q_len > 0;
+    any_other |= !is_direct[s] && q_len > 0;
+  }
+  if (any_other) run_dequantized<T>(p, is_direct.data());
+  if (any_direct) run_items<T>(p, not_direct.data());
 }
 
 }  // namespace
@@ -1512,8 +1707,10 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
   TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "paged_attention: Hq=",
               num_heads, " is not a multiple of Hk=", num_kv_heads);
   OCTAVO_CHECK_SAME_DTYPE(query, out);
-  OCTAVO_CHECK_SAME_DTYPE(query, key_cache);
-  OCTAVO_CHECK_SAME_DTYPE(query, value_cache);
+  OCTAVO_CHECK_SAME_DTYPE(key_cache, value_cache);
+  // fp8 caches (kv_cache_dtype="fp8", written by reshape_and_cache) serve queries of any float dtype
+  const bool fp8 = key_cache.scalar_type() == at::kFloat8_e4m3fn;
+  if (!fp8) OCTAVO_CHECK_SAME_DTYPE(query, key_cache);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &query, &key_cache, &value_cache})
     TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1,
                 "paged_attention: query/out/caches must have a unit last stride");
@@ -1574,6 +1771,7 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
   p.soft_cap = static_cast<float>(soft_cap);
   p.sliding_window = static_cast<int>(sliding_window);
   p.dtype = cpu::to_dtype(query, "paged_attention");
+  p.kv_fp8 = fp8;
   OCTAVO_CALL_CPU_KERNEL(paged_attention_kernel, p);
 }
 

@@ -4,6 +4,7 @@
 #include <atomic>
 
 #include "cpu/cpu_types.h"
+#include "cpu/fp8_kv.h"
 
 namespace octavo::cpu::CPU_CAPABILITY {
 
@@ -18,6 +19,22 @@ static void copy_heads(T* dst, int64_t dst_head_stride, const T* src, int64_t sr
     std::memcpy(dst + h * dst_head_stride, src + h * src_head_stride, sizeof(T) * head_size);
 }
 
+// n values to fp8 KV bytes (fp8_kv.h); branch-free, so the compiler vectorizes the loop.
+template <typename T>
+static void encode_fp8(uint8_t* dst, const T* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = fp8_kv_encode(static_cast<float>(src[i]));
+}
+
+template <typename T>
+static void quantize_heads(uint8_t* dst, int64_t dst_head_stride, const T* src, int64_t src_head_stride,
+                           int heads, int head_size) {
+  if (dst_head_stride == head_size && src_head_stride == head_size) {
+    encode_fp8(dst, src, heads * head_size);
+    return;
+  }
+  for (int h = 0; h < heads; ++h) encode_fp8(dst + h * dst_head_stride, src + h * src_head_stride, head_size);
+}
+
 template <typename T>
 static bool cache_impl(const CacheParams& p) {
   std::atomic<bool> ok{true};
@@ -30,6 +47,15 @@ static bool cache_impl(const CacheParams& p) {
         continue;
       }
       const int64_t block = slot / p.block_size, off = slot % p.block_size;
+      if (p.cache_fp8) {
+        quantize_heads(static_cast<uint8_t*>(p.key_cache) + block * p.kc_stride_block + off * p.kc_stride_token,
+                       p.kc_stride_head, static_cast<const T*>(p.key) + t * p.k_stride_token,
+                       p.k_stride_head, p.num_kv_heads, p.head_size);
+        quantize_heads(static_cast<uint8_t*>(p.value_cache) + block * p.vc_stride_block + off * p.vc_stride_token,
+                       p.vc_stride_head, static_cast<const T*>(p.value) + t * p.v_stride_token,
+                       p.v_stride_head, p.num_kv_heads, p.head_size);
+        continue;
+      }
       copy_heads(static_cast<T*>(p.key_cache) + block * p.kc_stride_block + off * p.kc_stride_token,
                  p.kc_stride_head, static_cast<const T*>(p.key) + t * p.k_stride_token,
                  p.k_stride_head, p.num_kv_heads, p.head_size);
@@ -41,17 +67,20 @@ static bool cache_impl(const CacheParams& p) {
   return ok.load();
 }
 
-bool reshape_and_cache_kernel(const CacheParams& p) {
+void reshape_and_cache_kernel(const CacheParams& p) {
   bool ok = true;
   OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { ok = cache_impl<scalar_t>(p); });
-  return ok;
+  *p.ok = ok;
 }
 
 }  // namespace octavo::cpu::CPU_CAPABILITY
 
 #if defined(OCTAVO_CPU_LAUNCHERS)
 #include "cpu/check.h"
+#include "cpu/dispatch.h"
 #include "ops.h"
+
+OCTAVO_DECLARE_CPU_KERNEL(reshape_and_cache_kernel, CacheParams)
 
 namespace octavo {
 
@@ -72,8 +101,10 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
                   slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
               "reshape_and_cache: slot_mapping must be a contiguous [T] int64 tensor");
   OCTAVO_CHECK_SAME_DTYPE(key, value);
-  OCTAVO_CHECK_SAME_DTYPE(key, key_cache);
-  OCTAVO_CHECK_SAME_DTYPE(key, value_cache);
+  OCTAVO_CHECK_SAME_DTYPE(key_cache, value_cache);
+  // fp8 caches (kv_cache_dtype="fp8") take keys/values of any float dtype, quantized on write
+  const bool fp8 = key_cache.scalar_type() == at::kFloat8_e4m3fn;
+  if (!fp8) OCTAVO_CHECK_SAME_DTYPE(key, key_cache);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&key, &value, &key_cache, &value_cache})
     TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1,
                 "reshape_and_cache: tensors must have a unit last stride");
@@ -99,8 +130,16 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   p.head_size = static_cast<int>(key.size(2));
   p.block_size = static_cast<int>(key_cache.size(1));
   p.dtype = cpu::to_dtype(key, "reshape_and_cache");
-  // A memcpy kernel: the DEFAULT build is as fast as any other.
-  const bool ok = cpu::DEFAULT::reshape_and_cache_kernel(p);
+  p.cache_fp8 = fp8;
+  // A memcpy kernel: the DEFAULT build is as fast as any other; fp8's rounding vectorizes in the
+  // best build this CPU runs.
+  bool ok = true;
+  p.ok = &ok;
+  if (fp8) {
+    OCTAVO_CALL_CPU_KERNEL(reshape_and_cache_kernel, p);
+  } else {
+    cpu::DEFAULT::reshape_and_cache_kernel(p);
+  }
   TORCH_CHECK(ok, "reshape_and_cache: a slot is >= num_blocks * block_size = ", p.num_slots);
 }
 

@@ -62,7 +62,9 @@ struct CacheParams {
   int64_t vc_stride_block, vc_stride_token, vc_stride_head;
   int64_t num_tokens, num_slots;
   int num_kv_heads, head_size, block_size;
-  DType dtype;
+  DType dtype;                // of key/value (and of the caches unless cache_fp8)
+  bool cache_fp8;             // caches hold fp8 e4m3 bytes (kv_cache_dtype="fp8"): quantize on write
+  bool* ok;                   // set false if a slot is out of range
 };
 
 struct PagedAttentionParams {
@@ -81,7 +83,8 @@ struct PagedAttentionParams {
   int num_seqs, num_heads, num_kv_heads, head_size, block_size;
   float scale, soft_cap;
   int sliding_window;
-  DType dtype;
+  DType dtype;                    // of query/out (and of the caches unless kv_fp8)
+  bool kv_fp8;                    // caches hold fp8 e4m3 bytes, written by reshape_and_cache
 };
 
 }  // namespace octavo::cpu

@@ -44,13 +44,16 @@ class Attention(CustomOp, CacheLayer):
         # [num_blocks, block_size, Hk, hd], set by the runner; None/empty: no cache yet
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # the cache's dtype when it differs from the model's (kv_cache_dtype="fp8": set by the
+        # runner; the kernels quantize on write and read the bytes back)
+        self.kv_cache_dtype: torch.dtype | None = None
 
     @property
     def has_cache(self) -> bool:
         return self.k_cache is not None and self.k_cache.numel() > 0
 
     def cache_spec(self) -> PagedKVSpec:
-        return PagedKVSpec(self.num_kv_heads, self.head_size)
+        return PagedKVSpec(self.num_kv_heads, self.head_size, self.kv_cache_dtype)
 
     # counts bind_cache calls over all layers: what holds the caches (decoder_plan.py) rebuilds
     cache_bindings: int = 0

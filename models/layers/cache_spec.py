@@ -33,13 +33,21 @@ class CacheSpec:
 
 @dataclass(frozen=True)
 class PagedKVSpec(CacheSpec):
-    """K and V, each [num_blocks, block_size, num_kv_heads, head_size]."""
+    """K and V, each [num_blocks, block_size, num_kv_heads, head_size], in `dtype` (None: the
+    model dtype; torch.float8_e4m3fn for kv_cache_dtype="fp8")."""
     num_kv_heads: int
     head_size: int
+    dtype: torch.dtype | None = None
 
     def shapes(self, num_blocks, block_size):
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_size)
         return [shape, shape]
+
+    def page_bytes(self, block_size, dtype):
+        return super().page_bytes(block_size, self.dtype or dtype)
+
+    def allocate(self, num_blocks, block_size, dtype, device):
+        return super().allocate(num_blocks, block_size, self.dtype or dtype, device)
 
 
 @dataclass(frozen=True)

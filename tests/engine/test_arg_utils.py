@@ -51,7 +51,7 @@ def field_cases(model: str, tmp: str) -> dict[str, tuple[list[str] | None, objec
         "seed": (["7"], 7),
         "max_logprobs": (["5"], 5),
         "quantization": (None, None),                   # gptq, awq, int4 (bad values tested below)
-        "kv_cache_dtype": (["auto"], "auto"),
+        "kv_cache_dtype": (["fp8_e4m3"], "fp8"),        # vLLM's other name for fp8
         "block_size": (["8"], 8),
         "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
         "enable_state_snapshots": (["--no-enable-state-snapshots"], False),
@@ -189,7 +189,7 @@ def test_bad_flag_values_exit_2(argv, match, llama_dir, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["--runner", "pooling"], "not supported: octavo runs generative models only"),
-    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "kv_cache_dtype='fp8_e5m2' is not supported"),
     (["-tp", "0"], "tensor_parallel_size must be a positive integer"),
     (["--pipeline-parallel-size", "0"], "pipeline_parallel_size must be a positive integer"),
     (["--distributed-executor-backend", "ray"], "pip install ray"),

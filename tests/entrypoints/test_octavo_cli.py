@@ -149,8 +149,8 @@ def test_generate_accepts_vllm_engine_flags(chat_model_dir):
     pooling = octavo("generate", "x", "--model", chat_model_dir, "--runner", "pooling", *KV)
     assert pooling.returncode == 2 and "Traceback" not in pooling.stderr
     assert "not supported: octavo runs generative models only" in pooling.stderr
-    fp8 = octavo("generate", "x", "--model", chat_model_dir, "--kv-cache-dtype", "fp8", *KV)
-    assert fp8.returncode == 2 and "kv_cache_dtype='fp8' is not supported" in fp8.stderr
+    e5m2 = octavo("generate", "x", "--model", chat_model_dir, "--kv-cache-dtype", "fp8_e5m2", *KV)
+    assert e5m2.returncode == 2 and "kv_cache_dtype='fp8_e5m2' is not supported" in e5m2.stderr
     bad = octavo("generate", "x", "--load-format", "npcache")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
