@@ -19,10 +19,29 @@ static void copy_heads(T* dst, int64_t dst_head_stride, const T* src, int64_t sr
     std::memcpy(dst + h * dst_head_stride, src + h * src_head_stride, sizeof(T) * head_size);
 }
 
-// n values to fp8 KV bytes (fp8_kv.h); branch-free, so the compiler vectorizes the loop.
+// n values to fp8 KV bytes (fp8_kv.h); on AVX-512 16 at a time, the same bit operations as
+// fp8_kv_encode with the special ranges as masked moves (the scalar loop did not vectorize:
+// a 2040-token prefill's cache writes took ~6x the bf16 copy).
 template <typename T>
 static void encode_fp8(uint8_t* dst, const T* src, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = fp8_kv_encode(static_cast<float>(src[i]));
+  int i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), half = _mm512_set1_epi32(0x7ffff);
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(120 << 3);
+  for (; i + kVec <= n; i += kVec) {
+    const __m512i x = _mm512_castps_si512(static_cast<__m512>(load_f(src + i)));
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(x, 24), _mm512_set1_epi32(0x80));
+    const __m512i u = _mm512_and_si512(x, abs_mask);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 20), one);
+    __m512i mag = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), lsb), 20), bias);
+    mag = _mm512_mask_mov_epi32(mag, _mm512_cmplt_epu32_mask(u, _mm512_set1_epi32(0x3c800000)), _mm512_set1_epi32(0x08));
+    mag = _mm512_mask_mov_epi32(mag, _mm512_cmplt_epu32_mask(u, _mm512_set1_epi32(0x3c000000)), _mm512_setzero_si512());
+    mag = _mm512_mask_mov_epi32(mag, _mm512_cmpge_epu32_mask(u, _mm512_set1_epi32(0x43e00000)), _mm512_set1_epi32(0x7e));
+    mag = _mm512_mask_mov_epi32(mag, _mm512_cmpgt_epu32_mask(u, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x7f));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(_mm512_or_si512(mag, sign)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = fp8_kv_encode(static_cast<float>(src[i]));
 }
 
 template <typename T>
