@@ -699,9 +699,10 @@ class Attention {
     const int chunk_blocks = std::max(1, kChunkScores / (rows * bs));
     const int ld = (chunk_blocks * bs + kVec - 1) / kVec * kVec;
     sc.reserve(rows, rows_per_head, hdp_, bsp_, size_t(rows) * ld);
-    // fp8 caches: the bf16 passes, through rows converted per block and head
+    // fp8 caches: the bf16 passes reading the bytes in registers (1-2 rows per kv head), or the
+    // fp32 ones over each block's rows converted once for all the rows
     const bool fp8 = kv_fp8_;
-    const bool bf16 = fp8 || (decode_bf16() && rows_per_head <= kBf16DecodeRows);
+    const bool bf16 = (fp8 || decode_bf16()) && rows_per_head <= kBf16DecodeRows;
     load_queries(w, q_start, ctx - q_len, sc, !bf16);
     if (bf16) load_queries_bf16(w, q_start, ld, sc, fp8 ? kFp8QueryMul : 1.f);
     const int first_pos = ctx - q_len + w.t0, last_pos = ctx - q_len + w.t1 - 1;
@@ -716,7 +717,8 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        if (fp8) qk_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        if (fp8 && bf16) qk_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        else if (fp8) qk_block_fp8_f32(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
         else if (bf16) qk_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
         else qk_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
@@ -740,13 +742,14 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        if (fp8) pv_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
+        if (fp8 && bf16) pv_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
+        else if (fp8) pv_block_fp8_f32(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
         else if (bf16) pv_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
         else pv_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
     }
     if (bf16) unpermute_rows(rows, sc);
-    if (fp8)
+    if (fp8 && bf16)
       for (int r = 0; r < rows; ++r) sc.l[r] *= kFp8SumMul;
     store_output(w, q_start, sc);
   }
@@ -1183,8 +1186,8 @@ class Attention {
       for (int kvh = w.h0; kvh < w.h1; ++kvh) {
         if (next >= 0) prefetch_rows<2>(key_row(next, j, kvh), p_.kc_stride_token, step);
         const int r0 = (kvh - w.h0) * rows_per_head;
-        scores(sc.q.data() + size_t(r0) * hdp_, key_row(block, j, kvh), step, rows_per_head,
-               s + size_t(r0) * ld + (j - o0), ld);
+        scores(sc.q.data() + size_t(r0) * hdp_, key_row(block, j, kvh), p_.kc_stride_token, step,
+               rows_per_head, s + size_t(r0) * ld + (j - o0), ld);
       }
     }
   }
@@ -1199,7 +1202,7 @@ class Attention {
         if (next >= 0) prefetch_rows<2>(value_row(next, j, kvh), p_.vc_stride_token, step);
         const int r0 = (kvh - w.h0) * rows_per_head;
         pv_direct(sc.acc.data() + size_t(r0) * hdp_, p + size_t(r0) * ld + (j - o0), ld,
-                  value_row(block, j, kvh), step, rows_per_head, sc);
+                  value_row(block, j, kvh), p_.vc_stride_token, step, rows_per_head, sc);
       }
     }
   }
@@ -1310,6 +1313,61 @@ class Attention {
 #endif
   }
 
+  // The fp32 decode passes over an fp8 cache: per kv head, the block's rows [o0, o1) decoded
+  // exactly into fp32 scratch (the rows of block `next` pulled into L2 meanwhile), then the
+  // same register blocks as over a float cache.
+  void qk_block_fp8_f32(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, float* s, int ld,
+                        Scratch& sc) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    if (sc.kf.size() < size_t(p_.block_size) * hdp_) sc.kf.resize(size_t(p_.block_size) * hdp_);
+    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+      const int r0 = (kvh - w.h0) * rows_per_head;
+      fp8_rows_to_f32(cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, block, o0, kvh),
+                      p_.kc_stride_token, o1 - o0,
+                      next >= 0 ? cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, next, o0, kvh)
+                                : nullptr,
+                      sc.kf.data());
+      scores(sc.q.data() + size_t(r0) * hdp_, sc.kf.data(), hdp_, o1 - o0, rows_per_head, s + size_t(r0) * ld, ld);
+    }
+#endif
+  }
+
+  void pv_block_fp8_f32(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, const float* p,
+                        int ld, Scratch& sc) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    const int rows_per_head = (w.t1 - w.t0) * group_;
+    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+      const int r0 = (kvh - w.h0) * rows_per_head;
+      fp8_rows_to_f32(cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, block, o0, kvh),
+                      p_.vc_stride_token, o1 - o0,
+                      next >= 0 ? cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, next, o0, kvh)
+                                : nullptr,
+                      sc.vf.data());
+      pv_direct(sc.acc.data() + size_t(r0) * hdp_, p + size_t(r0) * ld, ld, sc.vf.data(), hdp_, o1 - o0,
+                rows_per_head, sc);
+    }
+#endif
+  }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // n fp8 rows of hd_ bytes (row j at src + j * ks) to fp32 dst[j * hdp_ + d], exactly: each byte
+  // sign-extended to 32 bits and shifted into fp32's exponent/mantissa (the value times 2^-120,
+  // normal or zero), times 2^120; each 64 bytes read prefetch the same bytes of row pf + j * ks.
+  void fp8_rows_to_f32(const uint8_t* src, int64_t ks, int n, const uint8_t* pf, float* dst) const {
+    const __m512i m = _mm512_set1_epi32(int32_t(0x87f00000u));
+    const __m512 up = _mm512_set1_ps(0x1p120f);
+    for (int j = 0; j < n; ++j) {
+      for (int d = 0; d < hd_; d += 16) {
+        if (pf != nullptr && d % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + j * ks + d), _MM_HINT_T1);
+        const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j * ks + d)));
+        _mm512_storeu_ps(dst + size_t(j) * hdp_ + d,
+                         _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(w, 20), m)), up));
+      }
+    }
+  }
+#endif
+
   // Row (block, off, kvh) of an fp8 cache (strides in bytes).
   static const uint8_t* cache8(const void* cache, int64_t sb, int64_t st, int64_t sh, int64_t block, int off, int kvh) {
     return static_cast<const uint8_t*>(cache) + block * sb + off * st + kvh * sh;
@@ -1369,18 +1427,19 @@ class Attention {
     }
   }
 
-  void scores(const float* q, const T* kbase, int nk, int rows, float* s, int lds) const {
-    const int64_t ks = p_.kc_stride_token;
+  // (K: the cache's T rows, stride ks = the cache's token stride; or fp32 rows of an fp8 block)
+  template <typename K>
+  void scores(const float* q, const K* kbase, int64_t ks, int nk, int rows, float* s, int lds) const {
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
-      const T* k = kbase + j * ks;
+      const K* k = kbase + j * ks;
       int r = 0;
       for (; r + kRowBlock <= rows; r += kRowBlock)
         dot_rows_4keys<kRowBlock>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * lds + j, lds);
       for (; r < rows; ++r) dot_rows_4keys<1>(q + r * hdp_, hdp_, k, ks, nfull_, tail_, s + r * lds + j, lds);
     }
     for (; j < nk; ++j) {
-      const T* k = kbase + int64_t(j) * p_.kc_stride_token;
+      const K* k = kbase + int64_t(j) * ks;
       int r = 0;
       for (; r + 8 <= rows; r += 8) dot_rows<8>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * lds + j, lds);
       for (; r + 4 <= rows; r += 4) dot_rows<4>(q + r * hdp_, hdp_, k, nfull_, tail_, s + r * lds + j, lds);
@@ -1425,13 +1484,17 @@ class Attention {
   }
 
   // acc rows [0, rows) (stride hdp_) += p rows (stride ldp) x V rows [0, nk) read from the cache.
-  void pv_direct(float* acc0, const float* p, int ldp, const T* v0, int nk, int rows, Scratch& sc) const {
-    const int64_t vs = p_.vc_stride_token;
-    if (tail_ != 0) {  // partial last chunk: V rows through fp32 scratch
-      convert_rows(v0, vs, nk, sc.vf.data());
-      for (int i = 0; i < rows; ++i)
-        pv_tile_chunks<1>(acc0 + size_t(i) * hdp_, hdp_, p + i * ldp, 1, sc.vf.data(), hdp_, nk, hdp_ / kVec);
-      return;
+  // (V: the cache's T rows, stride vs = the cache's token stride; or fp32 rows of an fp8 block,
+  // whose head sizes are whole vectors)
+  template <typename V>
+  void pv_direct(float* acc0, const float* p, int ldp, const V* v0, int64_t vs, int nk, int rows, Scratch& sc) const {
+    if constexpr (std::is_same_v<V, T>) {
+      if (tail_ != 0) {  // partial last chunk: V rows through fp32 scratch
+        convert_rows(v0, vs, nk, sc.vf.data());
+        for (int i = 0; i < rows; ++i)
+          pv_tile_chunks<1>(acc0 + size_t(i) * hdp_, hdp_, p + i * ldp, 1, sc.vf.data(), hdp_, nk, hdp_ / kVec);
+        return;
+      }
     }
     const int nchunks = hdp_ / kVec;
     for (int c = 0; c < nchunks; c += 4) {
@@ -1444,7 +1507,7 @@ class Attention {
       for (; i < rows; ++i) {
         float* a1 = acc0 + size_t(i) * hdp_ + c * kVec;
         const float* p1 = p + i * ldp;
-        const T* v = v0 + c * kVec;
+        const V* v = v0 + c * kVec;
         switch (nc) {
           case 4: pv_rows_direct<1, 4>(a1, hdp_, p1, ldp, v, vs, nk); break;
           case 3: pv_rows_direct<1, 3>(a1, hdp_, p1, ldp, v, vs, nk); break;

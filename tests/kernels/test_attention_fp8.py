@@ -2,11 +2,12 @@
 and paged_attention reading them, against octavo.ops_native (torch's own fp8 conversion, fp64
 attention over the dequantized caches) and hand-computed values of the format.
 
-On avx512_bf16 CPUs decode sequences (head sizes 32..256 in 32s) read the fp8 bytes directly and
-multiply in bf16 (queries and probabilities rounded to bf16 whatever the query dtype), so the
-kernel is held to twice the error of the reference run with bf16 queries; prefill sequences, other
-head sizes and CPUs without avx512_bf16 (forced here with OCTAVO_CPU_NO_AVX512BF16=1) attend over
-dequantized copies of their blocks."""
+On avx512_bf16 CPUs decode sequences (head sizes 32..256 in 32s) read the fp8 cache directly:
+with one or two query rows per kv head they multiply in bf16 (queries and probabilities rounded to
+bf16 whatever the query dtype), so the kernel is held to twice the error of the reference run with
+bf16 queries; with more (GQA 4, 8, MQA) each block's rows are decoded to fp32 once for all rows.
+Prefill sequences, other head sizes and CPUs without avx512_bf16 (forced here with
+OCTAVO_CPU_NO_AVX512BF16=1) attend over dequantized copies of their blocks."""
 import os
 import subprocess
 import sys
