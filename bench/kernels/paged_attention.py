@@ -6,6 +6,7 @@ K/V + Q + O traffic beside this machine's copy bandwidth, and GFLOP/s.
 --cold cycles through enough copies of the inputs that each call finds its KV cache out of the
 last-level cache, as in the engine (where the other layers' caches and weights run in between);
 without it a small decode batch is timed from L3.
+--kv-cache-dtype fp8 stores K/V as kv_cache_dtype="fp8" does (float8_e4m3fn, one byte a value).
 """
 import torch
 
@@ -14,13 +15,16 @@ from octavo.bench.kernels.common import (check, copy_bandwidth, generator, parse
                                            parser, report, time_fn)
 
 
-def make_inputs(q_lens, ctxs, num_heads, num_kv_heads, head_size, block_size, dtype, seed=0):
+def make_inputs(q_lens, ctxs, num_heads, num_kv_heads, head_size, block_size, dtype, seed=0,
+                kv_cache_dtype="auto"):
     g = generator(seed)
     blocks = [(c + block_size - 1) // block_size for c in ctxs]
     num_blocks, max_blocks = sum(blocks), max(blocks)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
     key_cache = torch.randn(shape, generator=g).to(dtype)
     value_cache = torch.randn(shape, generator=g).to(dtype)
+    if kv_cache_dtype == "fp8":
+        key_cache, value_cache = (ops_native.fp8_kv_quantize(c) for c in (key_cache, value_cache))
     perm = torch.randperm(num_blocks, generator=g).int()
     block_table = torch.zeros(len(ctxs), max_blocks, dtype=torch.int32)
     used = 0
@@ -39,7 +43,7 @@ def traffic(inp, q_lens, ctxs, sliding_window=0):
     q = inp["query"]
     _, hq, hd = q.shape
     hk = inp["key_cache"].shape[2]
-    es = q.element_size()
+    es, kv_es = q.element_size(), inp["key_cache"].element_size()
     kv_keys, qk_pairs = 0, 0
     for q_len, ctx in zip(q_lens, ctxs):
         lo = max(0, ctx - q_len - sliding_window + 1) if sliding_window else 0
@@ -47,7 +51,7 @@ def traffic(inp, q_lens, ctxs, sliding_window=0):
         for i in range(q_len):
             p = ctx - q_len + i
             qk_pairs += p + 1 - (max(0, p - sliding_window + 1) if sliding_window else 0)
-    nbytes = 2 * kv_keys * hk * hd * es + 2 * q.numel() * es
+    nbytes = 2 * kv_keys * hk * hd * kv_es + 2 * q.numel() * es
     return nbytes, 4 * qk_pairs * hq * hd
 
 
@@ -64,10 +68,11 @@ def cold_copies(inp, cold):
 
 def run_case(name, q_lens, ctxs, args, copy_gbs, check_ref=True, **kw):
     dtype = getattr(torch, args.dtype)
-    inp = make_inputs(q_lens, ctxs, args.heads, args.kv_heads, args.head_size, args.block_size, dtype)
+    inp = make_inputs(q_lens, ctxs, args.heads, args.kv_heads, args.head_size, args.block_size, dtype,
+                      kv_cache_dtype=args.kv_cache_dtype)
     out = torch.empty_like(inp["query"])
     copies = [inp] + [make_inputs(q_lens, ctxs, args.heads, args.kv_heads, args.head_size,
-                                  args.block_size, dtype, seed=i)
+                                  args.block_size, dtype, seed=i, kv_cache_dtype=args.kv_cache_dtype)
                       for i in range(1, cold_copies(inp, args.cold))]
     calls = iter(range(1 << 62))
     if check_ref:
@@ -92,11 +97,13 @@ def main():
     p.add_argument("--prefill-seqs", type=int, default=1,
                    help="also time this many prompts of --prefill tokens in one call (if > 1)")
     p.add_argument("--cold", action="store_true", help="KV caches out of the LLC on every call")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: K/V stored as float8_e4m3fn (kv_cache_dtype='fp8')")
     args = parse(p)
     if args.quick:
         args.batch, args.context, args.prefill = 8, 256, 128
     args.repeats = args.repeats or (3 if args.quick else 10)
-    print(f"paged_attention {args.dtype} Hq={args.heads} Hk={args.kv_heads} hd={args.head_size} "
+    print(f"paged_attention {args.dtype} kv_cache={args.kv_cache_dtype} Hq={args.heads} Hk={args.kv_heads} hd={args.head_size} "
           f"block={args.block_size} threads={torch.get_num_threads()}")
     copy_gbs = copy_bandwidth(64 << 20 if args.quick else 256 << 20)
     print(f"copy bandwidth: {copy_gbs:.1f} GB/s")

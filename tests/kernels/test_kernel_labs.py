@@ -11,3 +11,12 @@ def test_lab_quick(lab):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "GB/s" in res.stdout and "FAIL" not in res.stdout
+
+
+def test_paged_attention_lab_fp8_cache():
+    # the lab's fp8 KV cache (kv_cache_dtype="fp8"): checked against the reference, then timed
+    res = subprocess.run([sys.executable, "-m", "octavo.bench.kernels.paged_attention", "--quick",
+                          "--dtype", "bfloat16", "--kv-cache-dtype", "fp8"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "kv_cache=fp8" in res.stdout and "GB/s" in res.stdout and "FAIL" not in res.stdout
