@@ -42,28 +42,36 @@ void head_switch(int head_size, F&& body) {
   }
 }
 
-template <typename T, int HD_MAX>
+template <typename T, typename C, int HD_MAX>
 void launch_decode(const PagedAttentionArgs& a, cudaStream_t stream) {
   const DecodeSplit split = decode_split(a);
   const int parts = split.partitions > 0 ? split.partitions : 1;
   PagedAttentionArgs d = a;
   if (parts == 1) d.workspace = nullptr;  // one partition: the kernel writes the output itself
-  launch(attn::paged_decode_kernel<T, HD_MAX>, dim3(a.num_heads, a.num_seqs, parts),
+  launch(attn::paged_decode_kernel<T, C, HD_MAX>, dim3(a.num_heads, a.num_seqs, parts),
          dim3(attn::kThreads), 0, stream, d, split.partition_keys);
   if (parts > 1)
     launch(attn::paged_decode_merge_kernel<T>, dim3(a.num_heads, a.num_seqs), dim3(attn::kThreads),
            0, stream, d, parts);
 }
 
-template <typename T, int HD_MAX>
+template <typename T, typename C, int HD_MAX>
 void launch_prefill(const PagedAttentionArgs& a, cudaStream_t stream) {
   // The tensor-core prefill (attention_prefill.cuh) goes first; this kernel serves the shapes
-  // and dtypes it declines (fp32, head sizes outside {32, 64, 80, 96, 128}, unaligned rows).
+  // and dtypes it declines (fp32 queries, head sizes outside {32, 64, 80, 96, 128}, unaligned
+  // rows).
   if (launch_paged_prefill_mma(a, stream)) return;
   constexpr int rows = attn::PrefillShape<HD_MAX>::kRows;
   const int64_t tiles = a.num_tokens / rows + a.num_seqs;  // upper bound, see attn::tile_seq
-  launch(attn::paged_prefill_kernel<T, HD_MAX>, dim3(tiles, a.num_heads), dim3(attn::kThreads), 0,
+  launch(attn::paged_prefill_kernel<T, C, HD_MAX>, dim3(tiles, a.num_heads), dim3(attn::kThreads), 0,
          stream, a);
+}
+
+// Query/output type T, cache element type C (T, or Fp8Kv for an fp8 cache).
+template <typename T, typename C, int HD_MAX>
+void launch_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
+  if (is_decode(a)) launch_decode<T, C, HD_MAX>(a, stream);
+  else launch_prefill<T, C, HD_MAX>(a, stream);
 }
 
 }  // namespace
@@ -78,8 +86,8 @@ bool launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
   if (a.num_tokens == 0 || a.num_seqs == 0) return true;
   OCTAVO_CUDA_DTYPE_SWITCH(a.dtype, [&] {
     head_switch(a.head_size, [&](auto hd_max) {
-      if (is_decode(a)) launch_decode<scalar_t, hd_max.value>(a, stream);
-      else launch_prefill<scalar_t, hd_max.value>(a, stream);
+      if (a.cache_fp8) launch_attention<scalar_t, Fp8Kv, hd_max.value>(a, stream);
+      else launch_attention<scalar_t, scalar_t, hd_max.value>(a, stream);
     });
   });
 }

@@ -1,7 +1,10 @@
 // Paged attention kernels on CUDA cores (no torch headers): a split-context decode kernel with a
-// log-sum-exp merge, and a tiled online-softmax prefill kernel for varlen query batches.
+// log-sum-exp merge, and a tiled online-softmax prefill kernel for varlen query batches. T is the
+// query/output type, C the cache element type: T, or Fp8Kv for an fp8 cache, whose loads decode
+// each byte to its fp32 value (cuda/fp8_kv.cuh) before the same fp32 arithmetic.
 #pragma once
 
+#include "cuda/fp8_kv.cuh"
 #include "cuda/vec.cuh"
 
 namespace octavo::cuda::attn {
@@ -84,11 +87,11 @@ __device__ __forceinline__ int64_t cache_offset(const PagedAttentionArgs& a, con
 
 // ---- decode ---------------------------------------------------------------------------------
 // One block per (query head, sequence, partition of the keys). A group of kGroup lanes reads
-// one key row with 16-byte loads (kSlots vectors per lane): a warp scores 32 / kGroup keys at
-// once, one block 512 keys (kChunk) per round.
-template <typename T, int HD_MAX>
+// one key row with vector loads of the cache type C (16 bytes; 8 for fp8), kSlots per lane: a
+// warp scores 32 / kGroup keys at once, one block 512 keys (kChunk) per round.
+template <typename C, int HD_MAX>
 struct DecodeShape {
-  static constexpr int kVec = Vec<T>::kElems;
+  static constexpr int kVec = Vec<C>::kElems;
   static constexpr int kGroup = HD_MAX / kVec < 32 ? HD_MAX / kVec : 32;  // lanes per key
   static constexpr int kSlots = HD_MAX / kVec / kGroup;                     // vectors per lane
   static constexpr int kGroups = kThreads / kGroup;                         // keys per step
@@ -106,9 +109,9 @@ __device__ __forceinline__ Partials partials(const PagedAttentionArgs& a, int nu
 }
 
 // q . k for the key row k (this lane's vectors; summed over the group by the caller).
-template <typename T, int HD_MAX>
-__device__ __forceinline__ float decode_dot(const T* k, const float (*q)[Vec<T>::kElems], int nv) {
-  using S = DecodeShape<T, HD_MAX>;
+template <typename C, int HD_MAX>
+__device__ __forceinline__ float decode_dot(const C* k, const float (*q)[Vec<C>::kElems], int nv) {
+  using S = DecodeShape<C, HD_MAX>;
   const int g_lane = threadIdx.x % S::kGroup;
   float dot = 0.f;
   OCTAVO_UNROLL
@@ -125,11 +128,11 @@ __device__ __forceinline__ float decode_dot(const T* k, const float (*q)[Vec<T>:
 
 // Scores keys [lo, hi) of the partition against q into logits[0, hi - lo). Each step a warp
 // scores kUnroll * 32 / G keys, its loads independent of each other's shuffles.
-template <typename T, int HD_MAX>
+template <typename C, int HD_MAX>
 __device__ __forceinline__ void decode_scores(const PagedAttentionArgs& a, const int32_t* bt_row,
-                                              const T* k_head, const float (*q)[Vec<T>::kElems],
+                                              const C* k_head, const float (*q)[Vec<C>::kElems],
                                               int lo, int hi, int pos, float slope, float* logits) {
-  using S = DecodeShape<T, HD_MAX>;
+  using S = DecodeShape<C, HD_MAX>;
   constexpr int kUnroll = 4;
   const int lane = threadIdx.x % 32, g_lane = lane % S::kGroup;
   const int nv = a.head_size / S::kVec;
@@ -139,7 +142,7 @@ __device__ __forceinline__ void decode_scores(const PagedAttentionArgs& a, const
     OCTAVO_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       const int key = kb + u * S::kGroups + lane / S::kGroup;
-      dot[u] = key < hi ? decode_dot<T, HD_MAX>(k_head + cache_offset(a, bt_row, key, a.kc_stride_block,
+      dot[u] = key < hi ? decode_dot<C, HD_MAX>(k_head + cache_offset(a, bt_row, key, a.kc_stride_block,
                                                                       a.kc_stride_token), q, nv)
                         : 0.f;
     }
@@ -154,11 +157,11 @@ __device__ __forceinline__ void decode_scores(const PagedAttentionArgs& a, const
 
 // acc += this group's share of sum_k p_k v_k over keys [lo, hi), p_k = logits[k - lo]; kUnroll
 // keys per group are loaded before they are accumulated.
-template <typename T, int HD_MAX>
+template <typename C, int HD_MAX>
 __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const int32_t* bt_row,
-                                              const T* v_head, const float* logits, int lo, int hi,
-                                              float (&acc)[DecodeShape<T, HD_MAX>::kSlots][Vec<T>::kElems]) {
-  using S = DecodeShape<T, HD_MAX>;
+                                              const C* v_head, const float* logits, int lo, int hi,
+                                              float (&acc)[DecodeShape<C, HD_MAX>::kSlots][Vec<C>::kElems]) {
+  using S = DecodeShape<C, HD_MAX>;
   constexpr int kUnroll = S::kSlots > 1 ? 2 : 4;  // at most 32 loaded floats per lane
   const int g_lane = threadIdx.x % S::kGroup, group = threadIdx.x / S::kGroup;
   const int nv = a.head_size / S::kVec;
@@ -168,7 +171,7 @@ __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const
     for (int u = 0; u < kUnroll; ++u) {
       const int key = kb + u * S::kGroups;
       if (key >= hi) break;
-      const T* v = v_head + cache_offset(a, bt_row, key, a.vc_stride_block, a.vc_stride_token);
+      const C* v = v_head + cache_offset(a, bt_row, key, a.vc_stride_block, a.vc_stride_token);
       OCTAVO_UNROLL
       for (int sl = 0; sl < S::kSlots; ++sl)
         if (g_lane + sl * S::kGroup < nv) load_vec(v + (g_lane + sl * S::kGroup) * S::kVec, vf[u][sl]);
@@ -187,12 +190,12 @@ __device__ __forceinline__ void decode_values(const PagedAttentionArgs& a, const
 
 // Sums acc over the block's groups (through red [kGroups, HD_MAX]) and writes the output row
 // (no workspace) or the partition's partials at `slot`.
-template <typename T, int HD_MAX>
+template <typename T, typename C, int HD_MAX>
 __device__ __forceinline__ void decode_store(const PagedAttentionArgs& a,
-                                             const float (&acc)[DecodeShape<T, HD_MAX>::kSlots][Vec<T>::kElems],
+                                             const float (&acc)[DecodeShape<C, HD_MAX>::kSlots][Vec<C>::kElems],
                                              float m, float l, float* red, const Partials& ws, int t,
                                              int h, int64_t slot) {
-  using S = DecodeShape<T, HD_MAX>;
+  using S = DecodeShape<C, HD_MAX>;
   const int g_lane = threadIdx.x % S::kGroup, group = threadIdx.x / S::kGroup;
   const int nv = a.head_size / S::kVec;
   OCTAVO_UNROLL
@@ -218,11 +221,11 @@ __device__ __forceinline__ void decode_store(const PagedAttentionArgs& a,
   __syncthreads();  // red is reused by the next row
 }
 
-// This lane's query vectors of row t, head h (zeros past head_size).
-template <typename T, int HD_MAX>
+// This lane's query vectors of row t, head h (zeros past head_size), laid out like the keys.
+template <typename T, typename C, int HD_MAX>
 __device__ __forceinline__ void decode_query(const PagedAttentionArgs& a, int t, int h,
-                                             float (&q)[DecodeShape<T, HD_MAX>::kSlots][Vec<T>::kElems]) {
-  using S = DecodeShape<T, HD_MAX>;
+                                             float (&q)[DecodeShape<C, HD_MAX>::kSlots][Vec<C>::kElems]) {
+  using S = DecodeShape<C, HD_MAX>;
   const T* q_row = static_cast<const T*>(a.query) + t * a.q_stride_token + h * a.q_stride_head;
   OCTAVO_UNROLL
   for (int sl = 0; sl < S::kSlots; ++sl) {
@@ -260,10 +263,10 @@ __device__ __forceinline__ float softmax_chunk(float* logits, int n, MaxSum& st)
 
 // grid: (Hq, S, P), partitions of partition_keys keys (a multiple of kChunk). With a workspace
 // (P > 1) each block writes its partials; without, the output.
-template <typename T, int HD_MAX>
+template <typename T, typename C, int HD_MAX>
 __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(PagedAttentionArgs a,
                                                                    int partition_keys) {
-  using S = DecodeShape<T, HD_MAX>;
+  using S = DecodeShape<C, HD_MAX>;
   __shared__ float logits[kChunk];               // scores, then exp(score - max)
   __shared__ float red[S::kGroups * HD_MAX];     // per-group value sums
   const int h = blockIdx.x, s = blockIdx.y, part = blockIdx.z, num_partitions = gridDim.z;
@@ -271,8 +274,8 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(PagedAttentio
   const int kvh = h / (a.num_heads / a.num_kv_heads);
   const float slope = a.alibi_slopes ? a.alibi_slopes[h] : 0.f;
   const int32_t* bt_row = a.block_table + s * a.bt_stride;
-  const T* k_head = static_cast<const T*>(a.key_cache) + kvh * a.kc_stride_head;
-  const T* v_head = static_cast<const T*>(a.value_cache) + kvh * a.vc_stride_head;
+  const C* k_head = static_cast<const C*>(a.key_cache) + kvh * a.kc_stride_head;
+  const C* v_head = static_cast<const C*>(a.value_cache) + kvh * a.vc_stride_head;
   const Partials ws = partials(a, num_partitions);
   // a decode batch has one row per sequence; other rows of a batch with T == S loop here
   for (int i = 0; i < r.q_len; ++i) {
@@ -288,21 +291,21 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(PagedAttentio
       continue;
     }
     float q[S::kSlots][S::kVec];
-    decode_query<T, HD_MAX>(a, t, h, q);
+    decode_query<T, C, HD_MAX>(a, t, h, q);
     float acc[S::kSlots][S::kVec] = {};
     MaxSum st;
     for (int c0 = lo; c0 < hi; c0 += kChunk) {
       const int c1 = min(hi, c0 + kChunk);
-      decode_scores<T, HD_MAX>(a, bt_row, k_head, q, c0, c1, pos, slope, logits);
+      decode_scores<C, HD_MAX>(a, bt_row, k_head, q, c0, c1, pos, slope, logits);
       const float corr = softmax_chunk(logits, c1 - c0, st);
       OCTAVO_UNROLL
       for (int sl = 0; sl < S::kSlots; ++sl)
         OCTAVO_UNROLL
         for (int e = 0; e < S::kVec; ++e) acc[sl][e] *= corr;
-      decode_values<T, HD_MAX>(a, bt_row, v_head, logits, c0, c1, acc);
+      decode_values<C, HD_MAX>(a, bt_row, v_head, logits, c0, c1, acc);
       __syncthreads();  // logits read before the next chunk's scores
     }
-    decode_store<T, HD_MAX>(a, acc, st.m, st.l, red, ws, t, h, slot);
+    decode_store<T, C, HD_MAX>(a, acc, st.m, st.l, red, ws, t, h, slot);
   }
 }
 
@@ -357,10 +360,10 @@ __device__ __forceinline__ int tile_seq(const int32_t* qsl, int num_seqs, int ti
 
 // kv_s[d * 32 + j] = key (k0 + j)'s dim d (transposed: lane j reads a row without conflicts);
 // keys at or past `hi` read as 0.
-template <typename T, int HD_MAX>
+template <typename C, int HD_MAX>
 __device__ __forceinline__ void load_keys_t(const PagedAttentionArgs& a, const int32_t* bt_row,
-                                            const T* k_head, int k0, int hi, float* kv_s) {
-  constexpr int kVec = Vec<T>::kElems, kKeys = PrefillShape<HD_MAX>::kKeys;
+                                            const C* k_head, int k0, int hi, float* kv_s) {
+  constexpr int kVec = Vec<C>::kElems, kKeys = PrefillShape<HD_MAX>::kKeys;
   const int nv = a.head_size / kVec;
   for (int idx = threadIdx.x; idx < kKeys * nv; idx += kThreads) {
     const int j = idx % kKeys, v = idx / kKeys, key = k0 + j;
@@ -373,10 +376,10 @@ __device__ __forceinline__ void load_keys_t(const PagedAttentionArgs& a, const i
 }
 
 // kv_s[j * HD_MAX + d] = value (k0 + j)'s dim d; values at or past `hi` read as 0.
-template <typename T, int HD_MAX>
+template <typename C, int HD_MAX>
 __device__ __forceinline__ void load_values(const PagedAttentionArgs& a, const int32_t* bt_row,
-                                            const T* v_head, int k0, int hi, float* kv_s) {
-  constexpr int kVec = Vec<T>::kElems, kKeys = PrefillShape<HD_MAX>::kKeys;
+                                            const C* v_head, int k0, int hi, float* kv_s) {
+  constexpr int kVec = Vec<C>::kElems, kKeys = PrefillShape<HD_MAX>::kKeys;
   const int nv = a.head_size / kVec;
   for (int idx = threadIdx.x; idx < kKeys * nv; idx += kThreads) {
     const int j = idx / nv, v = idx % nv, key = k0 + j;
@@ -446,7 +449,7 @@ __device__ __forceinline__ void prefill_values(const float* kv_s, const float* p
 }
 
 // grid: (T / kRows + S, Hq); blocks past their sequence's rows exit at once.
-template <typename T, int HD_MAX>
+template <typename T, typename C, int HD_MAX>
 __global__ void __launch_bounds__(kThreads, 4) paged_prefill_kernel(PagedAttentionArgs a) {
   using P = PrefillShape<HD_MAX>;
   __shared__ float q_s[P::kRows * HD_MAX];   // [rows, HD_MAX] query tile
@@ -461,8 +464,8 @@ __global__ void __launch_bounds__(kThreads, 4) paged_prefill_kernel(PagedAttenti
   const int kvh = h / (a.num_heads / a.num_kv_heads);
   const float slope = a.alibi_slopes ? a.alibi_slopes[h] : 0.f;
   const int32_t* bt_row = a.block_table + s * a.bt_stride;
-  const T* k_head = static_cast<const T*>(a.key_cache) + kvh * a.kc_stride_head;
-  const T* v_head = static_cast<const T*>(a.value_cache) + kvh * a.vc_stride_head;
+  const C* k_head = static_cast<const C*>(a.key_cache) + kvh * a.kc_stride_head;
+  const C* v_head = static_cast<const C*>(a.value_cache) + kvh * a.vc_stride_head;
   const int64_t t0 = r.q0 + row0;
   for (int idx = threadIdx.x; idx < P::kRows * a.head_size; idx += kThreads) {
     const int rr = idx / a.head_size, d = idx % a.head_size;
@@ -472,11 +475,11 @@ __global__ void __launch_bounds__(kThreads, 4) paged_prefill_kernel(PagedAttenti
   RowState<HD_MAX> st[P::kRowsPerWarp];
   const int lo = key_range(pos0, a.sliding_window).lo, hi = pos0 + nrows;
   for (int k0 = lo; k0 < hi; k0 += P::kKeys) {
-    load_keys_t<T, HD_MAX>(a, bt_row, k_head, k0, hi, kv_s);
+    load_keys_t<C, HD_MAX>(a, bt_row, k_head, k0, hi, kv_s);
     __syncthreads();
     prefill_scores<T, HD_MAX>(a, q_s, kv_s, p_s, k0, pos0, nrows, slope, st);
     __syncthreads();  // K read, weights written
-    load_values<T, HD_MAX>(a, bt_row, v_head, k0, hi, kv_s);
+    load_values<C, HD_MAX>(a, bt_row, v_head, k0, hi, kv_s);
     __syncthreads();
     prefill_values<HD_MAX>(kv_s, p_s, st);
     __syncthreads();  // V read before the next tile's K lands

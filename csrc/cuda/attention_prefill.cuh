@@ -1,11 +1,14 @@
 // Tensor-core prefill for paged attention (flash-attention-2 style): S = Q K^T and O += P V with
 // mma.sync m16n8k16 (bf16/fp16, fp32 accumulate), K/V tiles gathered from the paged cache into
-// shared memory with cp.async, online softmax in registers. No torch headers.
+// shared memory with cp.async, online softmax in registers. An fp8 cache (C = Fp8Kv) is decoded
+// into the same bf16/fp16 tiles with plain loads instead (exact; cp.async cannot convert). No
+// torch headers.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/fp8_kv.cuh"
 #include "cuda/ptx.cuh"
 
 // Constant-trip loops over fragments must unroll on the GPU so the arrays stay in registers;
@@ -57,21 +60,27 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
   else mma_m16n8k16_f16(d, a, b, d);
 }
 
-// Copies ROWS rows of HD elements into a [ROWS][HD + kPad] shared tile with 16-byte cp.async;
-// a row whose source row_src(r) is null is zero-filled (keys past the context: P = 0 must not
-// meet NaN garbage in V). kThreads / ROWS threads share a row (one row_src call, i.e. one block
-// table lookup, per thread) and take its 16-byte chunks in turn, so neighbours fill one sector.
+// Copies ROWS rows of HD elements into a [ROWS][HD + kPad] shared tile with 16-byte cp.async
+// (rows of fp8 bytes: 8-byte loads decoded to T and stored); a row whose source row_src(r) is
+// null is zero-filled (keys past the context: P = 0 must not meet NaN garbage in V).
+// kThreads / ROWS threads share a row (one row_src call, i.e. one block table lookup, per thread)
+// and take its 8-element chunks in turn, so neighbours fill one sector.
 template <int HD, int ROWS, typename T, typename F>
 __device__ __forceinline__ void load_tile(T* tile, F row_src) {
   constexpr int kChunks = HD / 8, kPerRow = kThreads / ROWS;
   static_assert(kThreads % ROWS == 0 && kChunks % kPerRow == 0, "tile shape");
   const int r = threadIdx.x / kPerRow, sub = threadIdx.x % kPerRow;
-  const T* src = row_src(r);
+  const auto* src = row_src(r);
   T* dst = tile + r * (HD + kPad);
 OCTAVO_PREFILL_UNROLL
   for (int c = sub; c < kChunks; c += kPerRow) {
-    if (src) cp_async_16(dst + c * 8, src + c * 8);
-    else *reinterpret_cast<uint4*>(dst + c * 8) = make_uint4(0u, 0u, 0u, 0u);
+    if (!src) {
+      *reinterpret_cast<uint4*>(dst + c * 8) = make_uint4(0u, 0u, 0u, 0u);
+    } else if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(src)>>, T>) {
+      cp_async_16(dst + c * 8, src + c * 8);
+    } else {
+      fp8_kv_to(dst + c * 8, src + c * 8);
+    }
   }
 }
 
@@ -190,16 +199,17 @@ OCTAVO_PREFILL_UNROLL
     }
 }
 
-// Global row of key `key` of sequence `seq`, kv head `kvh`, in a paged cache (or null past hi).
-template <typename T>
-__device__ __forceinline__ const T* cache_row(const PagedAttentionArgs& a, const void* cache,
+// Global row of key `key` of sequence `seq`, kv head `kvh`, in a paged cache of element type C
+// (or null past hi).
+template <typename C>
+__device__ __forceinline__ const C* cache_row(const PagedAttentionArgs& a, const void* cache,
                                               int64_t stride_block, int64_t stride_token,
                                               int64_t stride_head, int seq, int kvh, int key, int hi) {
   if (key >= hi) return nullptr;
   const int64_t block = a.block_table[seq * a.bt_stride + key / a.block_size];
   OCTAVO_DEVICE_CHECK(block >= 0 && block < a.num_cache_blocks,
                       "paged_attention: block_table entry out of range");
-  return static_cast<const T*>(cache) + block * stride_block + (key % a.block_size) * stride_token +
+  return static_cast<const C*>(cache) + block * stride_block + (key % a.block_size) * stride_token +
          kvh * stride_head;
 }
 
@@ -255,27 +265,27 @@ __device__ __forceinline__ RowInfo row_info(const PagedAttentionArgs& a, const T
 }
 
 // Loader of the K or V tile starting at key kv0 (rows past kv_hi zero-filled).
-template <typename T, int HD>
+template <typename T, typename C, int HD>
 __device__ __forceinline__ void load_kv(const PagedAttentionArgs& a, const Tile& tl, T* tile,
                                         bool value, int kv0) {
   load_tile<HD, kBN>(tile, [&](int r) {
-    return value ? cache_row<T>(a, a.value_cache, a.vc_stride_block, a.vc_stride_token,
+    return value ? cache_row<C>(a, a.value_cache, a.vc_stride_block, a.vc_stride_token,
                                 a.vc_stride_head, tl.seq, tl.kvh, kv0 + r, tl.kv_hi)
-                 : cache_row<T>(a, a.key_cache, a.kc_stride_block, a.kc_stride_token,
+                 : cache_row<C>(a, a.key_cache, a.kc_stride_block, a.kc_stride_token,
                                 a.kc_stride_head, tl.seq, tl.kvh, kv0 + r, tl.kv_hi);
   });
 }
 
 // Q tile -> the warp's A fragments (staged in vs), then V tile 0 is issued into vs; K tile 0 is
 // in ks when this returns.
-template <typename T, int HD>
+template <typename T, typename C, int HD>
 __device__ __forceinline__ void load_q_and_first_kv(const PagedAttentionArgs& a, const Tile& tl,
                                                     T* ks, T* vs, uint32_t (&qf)[HD / 16][4]) {
   const T* query = static_cast<const T*>(a.query);
   load_tile<HD, kBM>(vs, [&](int r) {
     return r < tl.nrows ? packed_row(query, tl, r, a.q_stride_token, a.q_stride_head) : nullptr;
   });
-  load_kv<T, HD>(a, tl, ks, false, tl.kv_lo);
+  load_kv<T, C, HD>(a, tl, ks, false, tl.kv_lo);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -284,7 +294,7 @@ OCTAVO_PREFILL_UNROLL
   for (int kk = 0; kk < HD / 16; ++kk)
     ldmatrix_x4(qf[kk], vs + (warp * 16 + (mat % 2) * 8 + r) * (HD + kPad) + kk * 16 + (mat / 2) * 8);
   __syncthreads();  // every warp has its Q fragments before V overwrites the Q tile
-  load_kv<T, HD>(a, tl, vs, true, tl.kv_lo);
+  load_kv<T, C, HD>(a, tl, vs, true, tl.kv_lo);
   cp_async_commit();
 }
 
@@ -312,7 +322,7 @@ OCTAVO_PREFILL_UNROLL
 // grid: (num_seqs + T * G / kBM, num_kv_heads), kThreads threads. Block rows are (token, group
 // head) pairs of one kv head, token-major, so the G query heads share each K/V tile. Each K/V
 // tile has its own buffer: the next K tile loads during P V, the next V tile during Q K^T.
-template <typename T, int HD>
+template <typename T, typename C, int HD>
 __global__ void __launch_bounds__(kThreads, min_blocks<HD>()) paged_prefill_mma_kernel(PagedAttentionArgs a) {
   static_assert(HD % 16 == 0, "head size must be a multiple of 16");
   Tile tl;
@@ -321,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<HD>()) paged_prefill_mma_
   T* ks = smem;                      // [kBN][HD + kPad]
   T* vs = smem + kBN * (HD + kPad);  // [kBN][HD + kPad]; holds the Q tile first
   uint32_t qf[HD / 16][4];           // A fragments of the warp's 16 rows
-  load_q_and_first_kv<T, HD>(a, tl, ks, vs, qf);
+  load_q_and_first_kv<T, C, HD>(a, tl, ks, vs, qf);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int wp_lo, wp_hi;
   const RowInfo ri = row_info(a, tl, warp, lane / 4, wp_lo, wp_hi);
@@ -343,24 +353,38 @@ __global__ void __launch_bounds__(kThreads, min_blocks<HD>()) paged_prefill_mma_
       softmax_tile<T, HD>(s, m, l, o, pa);
     }
     __syncthreads();  // K tile j is consumed
-    if (j + 1 < num_tiles) load_kv<T, HD>(a, tl, ks, false, kv0 + kBN);
+    if (j + 1 < num_tiles) load_kv<T, C, HD>(a, tl, ks, false, kv0 + kBN);
     cp_async_commit();
     cp_async_wait<1>();  // V tile j has landed
     __syncthreads();
     if (work) pv_tile<T, HD>(o, pa, vs, lane);
     __syncthreads();  // V tile j is consumed
-    if (j + 1 < num_tiles) load_kv<T, HD>(a, tl, vs, true, kv0 + kBN);
+    if (j + 1 < num_tiles) load_kv<T, C, HD>(a, tl, vs, true, kv0 + kBN);
     cp_async_commit();
   }
   cp_async_wait_all();
   if (wp_hi >= wp_lo) store_rows<T, HD>(a, tl, o, l);
 }
 
-template <typename T, int HD>
+template <typename T, typename C, int HD>
 inline void launch_for(const PagedAttentionArgs& a, cudaStream_t stream) {
   const int64_t group = a.num_heads / a.num_kv_heads;
   const dim3 grid(unsigned(a.num_seqs + a.num_tokens * group / kBM), unsigned(a.num_kv_heads));
-  launch(paged_prefill_mma_kernel<T, HD>, grid, dim3(kThreads), smem_bytes<HD>(), stream, a);
+  launch(paged_prefill_mma_kernel<T, C, HD>, grid, dim3(kThreads), smem_bytes<HD>(), stream, a);
+}
+
+// The query type (bf16/fp16) and the cache's (the same, or fp8 bytes) of a head size.
+template <int HD>
+inline void launch_hd(const PagedAttentionArgs& a, cudaStream_t stream) {
+  const bool bf16 = a.dtype == DType::kBFloat16;
+  if (a.cache_fp8) {
+    if (bf16) launch_for<__nv_bfloat16, Fp8Kv, HD>(a, stream);
+    else launch_for<__half, Fp8Kv, HD>(a, stream);
+  } else if (bf16) {
+    launch_for<__nv_bfloat16, __nv_bfloat16, HD>(a, stream);
+  } else {
+    launch_for<__half, __half, HD>(a, stream);
+  }
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -381,10 +405,9 @@ inline bool launch_paged_prefill_mma(const PagedAttentionArgs& a, cudaStream_t s
   if (!aligned16(a.query) || !aligned16(a.out) || !aligned16(a.key_cache) || !aligned16(a.value_cache))
     return false;
   if (a.num_tokens == 0 || a.num_seqs == 0) return true;
-  const bool bf16 = a.dtype == DType::kBFloat16;
-#define OCTAVO_PREFILL_HD(HD)                                                                 \
-  case HD:                                                                                    \
-    if (bf16) launch_for<__nv_bfloat16, HD>(a, stream); else launch_for<__half, HD>(a, stream); \
+#define OCTAVO_PREFILL_HD(HD) \
+  case HD:                    \
+    launch_hd<HD>(a, stream); \
     return true;
   switch (a.head_size) {
     OCTAVO_PREFILL_HD(32)

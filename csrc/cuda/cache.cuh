@@ -1,14 +1,25 @@
-// Cache write kernel: key/value rows of each token go to their slot in the paged caches
-// (no torch headers).
+// Cache write kernel: key/value rows of each token go to their slot in the paged caches, copied
+// or (fp8 caches) quantized (no torch headers).
 #pragma once
 
+#include <type_traits>
+
+#include "cuda/fp8_kv.cuh"
 #include "cuda/vec.cuh"
 
 namespace octavo::cuda {
 
-// grid: (T); the block copies the token's Hk * hd elements of key and value, N at a time
-// (hd % N == 0).
-template <typename T, int N>
+// N elements of a key/value row into a cache of element type C: a copy when C is T, else
+// rounded to fp8 KV bytes.
+template <typename T, typename C, int N>
+__device__ __forceinline__ void cache_n(C* dst, const T* src) {
+  if constexpr (std::is_same_v<C, T>) copy_n<T, N>(dst, src);
+  else quantize_n<T, N>(dst, src);
+}
+
+// grid: (T); the block writes the token's Hk * hd elements of key and value, N at a time
+// (hd % N == 0). C: the cache element type (T, or Fp8Kv for an fp8 cache).
+template <typename T, typename C, int N>
 __global__ void reshape_and_cache_kernel(CacheArgs a) {
   const int64_t t = blockIdx.x;
   const int64_t slot = a.slot_mapping[t];
@@ -17,13 +28,13 @@ __global__ void reshape_and_cache_kernel(CacheArgs a) {
   const int64_t block = slot / a.block_size, offset = slot % a.block_size;
   const T* k = static_cast<const T*>(a.key) + t * a.k_stride_token;
   const T* v = static_cast<const T*>(a.value) + t * a.v_stride_token;
-  T* kc = static_cast<T*>(a.key_cache) + block * a.kc_stride_block + offset * a.kc_stride_token;
-  T* vc = static_cast<T*>(a.value_cache) + block * a.vc_stride_block + offset * a.vc_stride_token;
+  C* kc = static_cast<C*>(a.key_cache) + block * a.kc_stride_block + offset * a.kc_stride_token;
+  C* vc = static_cast<C*>(a.value_cache) + block * a.vc_stride_block + offset * a.vc_stride_token;
   const int nv = a.head_size / N;
   for (int idx = threadIdx.x; idx < a.num_kv_heads * nv; idx += blockDim.x) {
     const int h = idx / nv, d = idx % nv * N;
-    copy_n<T, N>(kc + h * a.kc_stride_head + d, k + h * a.k_stride_head + d);
-    copy_n<T, N>(vc + h * a.vc_stride_head + d, v + h * a.v_stride_head + d);
+    cache_n<T, C, N>(kc + h * a.kc_stride_head + d, k + h * a.k_stride_head + d);
+    cache_n<T, C, N>(vc + h * a.vc_stride_head + d, v + h * a.v_stride_head + d);
   }
 }
 

@@ -55,7 +55,8 @@ struct CacheArgs {
   int64_t vc_stride_block, vc_stride_token, vc_stride_head;
   int64_t num_tokens, num_slots;
   int num_kv_heads, head_size, block_size;
-  DType dtype;
+  DType dtype;               // of key and value
+  bool cache_fp8;            // caches hold fp8 KV bytes (cuda/fp8_kv.cuh), else dtype
 };
 
 struct PagedAttentionArgs {
@@ -78,7 +79,8 @@ struct PagedAttentionArgs {
   int num_seqs, num_heads, num_kv_heads, head_size, block_size, max_blocks;
   float scale, soft_cap;           // soft_cap <= 0: off
   int sliding_window;              // <= 0: off; else key j is seen by position p if p-w < j <= p
-  DType dtype;
+  DType dtype;                     // of query and out
+  bool cache_fp8;                  // caches hold fp8 KV bytes (cuda/fp8_kv.cuh), else dtype
 };
 
 // Each returns false for an unsupported dtype; launch errors are left to cudaGetLastError.

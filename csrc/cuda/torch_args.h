@@ -158,19 +158,24 @@ inline cuda::CacheArgs reshape_and_cache(const at::Tensor& key, const at::Tensor
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
                   slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
               op, ": slot_mapping must be a contiguous [T] int64 tensor");
-  for (const at::Tensor* t : List{&value, &key_cache, &value_cache}) {
-    TORCH_CHECK(t->scalar_type() == key.scalar_type(), op, ": dtype ", t->scalar_type(),
-                " != key dtype ", key.scalar_type());
+  // fp8 caches (kv_cache_dtype="fp8") take keys/values of any float dtype, quantized on write
+  const bool fp8 = key_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(value.scalar_type() == key.scalar_type(), op, ": value dtype ", value.scalar_type(),
+              " != key dtype ", key.scalar_type());
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op, ": value_cache dtype ",
+              value_cache.scalar_type(), " != key_cache dtype ", key_cache.scalar_type());
+  TORCH_CHECK(fp8 || key_cache.scalar_type() == key.scalar_type(), op, ": cache dtype ",
+              key_cache.scalar_type(), " != key dtype ", key.scalar_type(),
+              " (only float8_e4m3fn caches take another dtype)");
+  for (const at::Tensor* t : List{&key, &value, &key_cache, &value_cache})
     TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1, op, ": tensors must have a unit last stride");
-  }
-  TORCH_CHECK(key.size(-1) <= 1 || key.stride(-1) == 1, op, ": tensors must have a unit last stride");
   return {key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
           slot_mapping.data_ptr<int64_t>(), key.stride(0), key.stride(1), value.stride(0),
           value.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
           value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), key.size(0),
           key_cache.size(0) * key_cache.size(1), static_cast<int>(key.size(1)),
           static_cast<int>(key.size(2)), static_cast<int>(key_cache.size(1)),
-          to_dtype(key, op)};
+          to_dtype(key, op), fp8};
 }
 
 // Every check that needs no host read of the int32 metadata (a GPU launch must not sync): the
@@ -200,14 +205,19 @@ inline cuda::PagedAttentionArgs paged_attention(
               " is not a multiple of Hk=", num_kv_heads);
   TORCH_CHECK(head_size % 8 == 0 && head_size > 0 && head_size <= 256, op,
               ": head size must be a multiple of 8 in [8, 256], got ", head_size);
-  for (const at::Tensor* t : List{&out, &key_cache, &value_cache}) {
-    TORCH_CHECK(t->scalar_type() == query.scalar_type(), op, ": out/cache dtype ", t->scalar_type(),
-                " != query dtype ", query.scalar_type());
-  }
+  TORCH_CHECK(out.scalar_type() == query.scalar_type(), op, ": out dtype ", out.scalar_type(),
+              " != query dtype ", query.scalar_type());
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op, ": value_cache dtype ",
+              value_cache.scalar_type(), " != key_cache dtype ", key_cache.scalar_type());
+  // fp8 caches (kv_cache_dtype="fp8") serve queries of any float dtype
+  const bool fp8 = key_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(fp8 || key_cache.scalar_type() == query.scalar_type(), op, ": cache dtype ",
+              key_cache.scalar_type(), " != query dtype ", query.scalar_type(),
+              " (only float8_e4m3fn caches take another dtype)");
   for (const at::Tensor* t : List{&out, &query, &key_cache, &value_cache})
     TORCH_CHECK(t->stride(-1) == 1, op, ": query/out/caches must have a unit last stride");
-  // the kernels read cache rows with 16-byte loads
-  const int64_t vec = 16 / query.element_size();
+  // the kernels read cache rows with 16-byte loads (8-byte ones of 8 fp8 values)
+  const int64_t vec = fp8 ? 8 : 16 / query.element_size();
   for (const at::Tensor* t : List{&key_cache, &value_cache})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && t->stride(0) % vec == 0 &&
                     t->stride(1) % vec == 0 && t->stride(2) % vec == 0,
@@ -265,6 +275,7 @@ inline cuda::PagedAttentionArgs paged_attention(
   a.soft_cap = static_cast<float>(soft_cap);
   a.sliding_window = static_cast<int>(sliding_window);
   a.dtype = dtype;
+  a.cache_fp8 = fp8;
   return a;
 }
 

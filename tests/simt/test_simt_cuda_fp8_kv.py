@@ -1,0 +1,221 @@
+"""The fp8 KV cache (kv_cache_dtype="fp8") on the CUDA path under the SIMT emulator:
+reshape_and_cache quantizing into float8_e4m3fn caches (byte-exact vs ops_native.fp8_kv_quantize)
+and the paged attention kernels (split-context decode, CUDA-core prefill, tensor-core prefill)
+reading them.
+
+The kernels decode each cache byte to its exact fp32 value and then compute as with a model-dtype
+cache, so attention is held to the rule of tests/kernels against ops_native over the same fp8
+caches: at most twice the error of the PyTorch reference run with the kernel's query dtype (fp32
+sums; the tensor-core prefill also rounds P to bf16/fp16, as with any cache), measured against that
+reference in fp64. With bf16/fp16 queries the fp8 kernels must moreover give bit for bit what the
+same kernels give over a bf16/fp16 cache holding the dequantized values (every fp8 KV value is
+exact in both, and the loads have the same shape)."""
+import math
+
+import pytest
+import torch
+
+import simt_ext
+from attention_cases import VARIANT_IDS, VARIANTS, make_batch
+from kernel_utils import ALL_DTYPES, assert_close_to_ref
+from octavo import ops_native
+
+FP8 = torch.float8_e4m3fn
+# decode rows only (T == S: the split-context kernels); 1100 keys span three 512-key partitions
+DECODE = [(1, 1), (1, 1100), (1, 37), (1, 600)]
+# decode rows, chunked prefills over a cached prefix, full prefills (one longer than a 64-row
+# tensor-core tile once G heads are packed), an empty sequence
+MIXED = [(1, 1), (1, 37), (19, 19), (5, 70), (0, 9), (40, 40), (3, 3)]
+HEADS = [(4, 4), (8, 2), (4, 1)]  # GQA ratios 1, 4 and MQA
+
+
+@pytest.fixture(scope="module")
+def simt():
+    return simt_ext.load()
+
+
+def alibi(num_heads):
+    return torch.tensor([2 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
+
+
+def bits_below(x: torch.Tensor) -> torch.Tensor:
+    """The next representable magnitude below each positive x, in x's dtype."""
+    int_type = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return (x.view(int_type[x.dtype]) - 1).view(x.dtype)
+
+
+def edge_values(dtype: torch.dtype) -> torch.Tensor:
+    """Values at and next to every boundary of the format, both signs, in dtype: the flush and
+    2^-6 thresholds, every e4m3 value and every midpoint between neighbours (ties to even) with
+    the representable values just below them, the saturation region, huge values, infinities,
+    signed zeros and NaNs."""
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(FP8).float()   # 0 .. 448, no NaN
+    grid = grid[grid >= 2.0 ** -6]
+    mids = (grid[1:] + grid[:-1]) / 2
+    big = [448.0, 450.0, 455.0, 463.0, 464.0, 465.0, 500.0, 1e4, 65504.0, 1e30, math.inf]
+    pos = torch.cat([torch.tensor([2.0 ** -7, 2.0 ** -6, 2.0 ** -6 * 1.5, 3e-3]), grid, mids,
+                     torch.tensor(big)]).to(dtype)
+    finite = pos[torch.isfinite(pos) & (pos > 0)]
+    pos = torch.cat([pos, bits_below(finite), torch.tensor([0.0, math.nan], dtype=dtype)])
+    return torch.cat([pos, -pos])
+
+
+def cache_case(dtype, num_tokens, num_kv_heads, head_size, block_size, seed):
+    """Strided key/value views with random values over 1e-4 .. 1e3 (flushed to saturated) and the
+    edge values in the first rows; slots with padding; fp8 caches of random bytes (NaNs too)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-4, 3, num_tokens)[:, None, None, None]
+    kv = (torch.randn(num_tokens, 2, num_kv_heads, head_size, generator=g) * scale).to(dtype)
+    edges = edge_values(dtype)
+    flat = kv.view(-1)
+    flat[: edges.numel()] = edges[: flat.numel()]
+    flat[-min(flat.numel(), edges.numel()):] = edges.flip(0)[: flat.numel()]
+    num_blocks = (num_tokens + block_size - 1) // block_size + 2
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[::5] = -1  # padding tokens are skipped
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    caches = [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).view(FP8) for _ in range(2)]
+    return kv[:, 0], kv[:, 1], caches, slots
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+# head sizes 64/128/8 take vector loads and stores (4 or 8 bytes); 20 (fp16/bf16) and 6 are scalar
+@pytest.mark.parametrize("num_kv_heads,head_size,block_size", [(3, 64, 4), (1, 128, 16), (8, 8, 1),
+                                                            (2, 20, 3), (2, 6, 5)])
+def test_reshape_and_cache_fp8(simt, dtype, num_kv_heads, head_size, block_size):
+    key, value, caches, slots = cache_case(dtype, 97, num_kv_heads, head_size, block_size, head_size)
+    emu = [c.clone() for c in caches]
+    simt.reshape_and_cache(key, value, emu[0], emu[1], slots)
+    ops_native.reshape_and_cache(key, value, caches[0], caches[1], slots)
+    for got, ref in zip(emu, caches):
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_reshape_and_cache_fp8_every_edge(simt):
+    # every edge value of every dtype through the scalar and the vector path, slot by slot
+    for dtype in ALL_DTYPES:
+        for head_size in (8, 1):
+            edges = edge_values(dtype)
+            n = (edges.numel() + head_size - 1) // head_size * head_size
+            x = torch.zeros(n, dtype=dtype)
+            x[: edges.numel()] = edges
+            key = x.view(-1, 1, head_size)
+            slots = torch.arange(key.shape[0])
+            caches = [torch.zeros(key.shape[0], 1, 1, head_size, dtype=FP8) for _ in range(4)]
+            simt.reshape_and_cache(key, -key, caches[0], caches[1], slots)
+            ops_native.reshape_and_cache(key, -key, caches[2], caches[3], slots)
+            for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+                assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), (dtype, head_size)
+    # and a few by hand: 2^-7 -> 2^-6, below -> 0, 17 -> 16 (tie to even), 460 -> 448, inf -> 448
+    x = torch.tensor([2.0 ** -7, 2.0 ** -7 * 0.99, 17.0, 460.0, math.inf, -0.0, 0.3, math.nan])
+    caches = [torch.zeros(8, 1, 1, 1, dtype=FP8) for _ in range(2)]
+    simt.reshape_and_cache(x.view(8, 1, 1), x.view(8, 1, 1), caches[0], caches[1], torch.arange(8))
+    assert caches[0].view(torch.uint8).flatten().tolist() == [0x08, 0x00, 0x58, 0x7e, 0x7e, 0x80, 0x2a, 0x7f]
+
+
+def quantized(batch):
+    """The batch with K/V stored through the reference quantizer (scaled so that values beyond 1
+    and below 2^-6 both occur); unused slots stay NaN bytes, which no kernel may read."""
+    out = dict(batch)
+    for name, scale in (("key_cache", 3.0), ("value_cache", 1.0)):
+        out[name] = ops_native.fp8_kv_quantize(batch[name] * scale)
+    return out
+
+
+def run(simt, b, **kw):
+    out = torch.full_like(b["query"], float("nan"))
+    simt.paged_attention(out, b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"],
+                         b["seq_lens"], b["block_table"], b["scale"], kw.get("sliding_window", 0),
+                         kw.get("soft_cap", 0.0), kw.get("alibi_slopes"))
+    return out
+
+
+def check(simt, batch, dtype, **kw):
+    """Emulated fp8 attention with `dtype` queries vs ops_native over the same fp8 caches."""
+    b = dict(batch, query=batch["query"].to(dtype))
+    out = run(simt, b, **kw)
+    native = ops_native.paged_attention(**b, **kw)
+    exact = ops_native.paged_attention(**dict(b, query=b["query"].double()), **kw)
+    rows = int(b["query_start_loc"][-1])
+    assert torch.isfinite(out[:rows]).all()
+    assert_close_to_ref(out[:rows], native[:rows], exact[:rows], what=f"fp8 paged_attention {dtype} {kw}")
+    return out
+
+
+def batch_for(seqs, num_heads, num_kv_heads, head_size, block_size, seed):
+    return quantized(make_batch(seqs, num_heads, num_kv_heads, head_size, block_size, torch.float32,
+                                seed=seed))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_fp8_decode_split_context(simt, dtype, num_heads, num_kv_heads):
+    check(simt, batch_for(DECODE, num_heads, num_kv_heads, 64, 16, seed=num_heads + num_kv_heads), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_fp8_prefill_mixed(simt, dtype, num_heads, num_kv_heads):
+    # bf16/fp16 queries take the tensor-core prefill (head size 64), fp32 the CUDA-core one
+    check(simt, batch_for(MIXED, num_heads, num_kv_heads, 64, 7, seed=num_heads * num_kv_heads), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# 8 and 40: one and five 8-byte loads per row, CUDA-core prefill; 80, 128: tensor-core prefill
+# with bf16 queries; 256: the largest bucket
+@pytest.mark.parametrize("head_size", [8, 40, 80, 128, 256])
+def test_fp8_head_sizes(simt, dtype, head_size):
+    for seqs in ([(1, 13), (1, 530), (1, 3)], [(1, 13), (6, 40), (2, 2), (17, 17)]):
+        check(simt, batch_for(seqs, 4, 2, head_size, 5, seed=head_size), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_fp8_variants(simt, dtype, seqs, variant):
+    num_heads, num_kv_heads = 8, 2
+    batch = batch_for(seqs, num_heads, num_kv_heads, 32, 16, seed=3)
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = alibi(num_heads)
+    check(simt, batch, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_size", [64, 40])
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+def test_fp8_equals_dequantized_cache(simt, dtype, head_size, seqs):
+    # the same kernels over a cache in the query dtype holding the fp8 values: identical bits
+    # (head size 64: the tensor-core prefill for mixed batches; 40: the CUDA-core one)
+    batch = batch_for(seqs, 8, 2, head_size, 16, seed=head_size + 1)
+    b = dict(batch, query=batch["query"].to(dtype))
+    kw = dict(sliding_window=300, soft_cap=30.0, alibi_slopes=alibi(8))
+    out = run(simt, b, **kw)
+    deq = run(simt, dict(b, key_cache=b["key_cache"].to(dtype), value_cache=b["value_cache"].to(dtype)), **kw)
+    rows = int(b["query_start_loc"][-1])
+    assert torch.isfinite(out[:rows]).all()
+    assert torch.equal(out[:rows], deq[:rows])
+
+
+def test_fp8_errors(simt):
+    b = batch_for([(2, 5), (1, 20)], 4, 2, 32, 16, seed=0)
+
+    def call(**over):
+        c = {**b, **over}
+        simt.paged_attention(torch.empty_like(c["query"]), c["query"], c["key_cache"], c["value_cache"],
+                             c["query_start_loc"], c["seq_lens"], c["block_table"], c["scale"], 0, 0.0, None)
+
+    with pytest.raises(RuntimeError, match="value_cache dtype Float != key_cache dtype Float8_e4m3fn"):
+        call(value_cache=b["value_cache"].float())
+    with pytest.raises(RuntimeError, match="only float8_e4m3fn caches take another dtype"):
+        call(query=b["query"].bfloat16(), key_cache=b["key_cache"].float(), value_cache=b["value_cache"].float())
+    with pytest.raises(RuntimeError, match="out dtype"):
+        simt.paged_attention(torch.empty_like(b["query"]).bfloat16(), b["query"], b["key_cache"],
+                             b["value_cache"], b["query_start_loc"], b["seq_lens"], b["block_table"],
+                             b["scale"], 0, 0.0, None)
+    key = torch.randn(1, 2, 32)
+    with pytest.raises(RuntimeError, match="value_cache dtype Float != key_cache dtype Float8_e4m3fn"):
+        simt.reshape_and_cache(key, key, b["key_cache"], b["value_cache"].float(), torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="only float8_e4m3fn caches take another dtype"):
+        simt.reshape_and_cache(key.bfloat16(), key.bfloat16(), b["key_cache"].float(), b["value_cache"].float(),
+                               torch.zeros(1, dtype=torch.int64))
