@@ -89,7 +89,7 @@ class EngineArgs:
                                     "without it",
                                     aliases=("-q",))
     kv_cache_dtype: str = _opt("auto", "'auto' (the model dtype) or 'fp8' (float8 e4m3, half the "
-                               "bytes of bf16; CPU only; 'fp8_e4m3' is the same)")
+                               "bytes of bf16; 'fp8_e4m3' is the same)")
     block_size: int = _opt(16, "tokens per KV-cache block (a power of two)", type=int)
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes (on by "
                                        "default)",
