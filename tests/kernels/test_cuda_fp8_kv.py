@@ -1,0 +1,89 @@
+"""The fp8 KV cache (kv_cache_dtype="fp8") on a GPU: reshape_and_cache byte-exact vs
+ops_native.fp8_kv_quantize, paged_attention over fp8 caches held to the rule of tests/kernels
+against ops_native over the same caches (fp64), and the decode path captured in a CUDA graph.
+Skipped where torch.cuda is unavailable; tests/simt/test_simt_cuda_fp8_kv.py runs the same kernels
+under the SIMT emulator (with the edge values of the format)."""
+import pytest
+import torch
+
+from attention_cases import VARIANT_IDS, VARIANTS, make_batch
+from kernel_utils import ALL_DTYPES, assert_close_to_ref
+from octavo import ops, ops_native
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+FP8 = torch.float8_e4m3fn
+DECODE = [(1, 1), (1, 1100), (1, 37), (1, 600), (1, 7000)]
+MIXED = [(1, 1), (1, 37), (19, 19), (5, 70), (0, 9), (129, 2000), (300, 300), (3, 3)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("head_size", [6, 20, 128])
+def test_reshape_and_cache_fp8_cuda(dtype, head_size):
+    g = torch.Generator().manual_seed(head_size)
+    num_tokens, hk, block_size, num_blocks = 301, 3, 16, 24
+    scale = torch.logspace(-4, 3, num_tokens)[:, None, None, None]   # flushed .. saturated
+    kv = (torch.randn(num_tokens, 2, hk, head_size, generator=g) * scale).to(dtype).cuda()
+    kv[0, 0, 0, :6] = torch.tensor([2.0 ** -7, -2.0 ** -7 * 0.99, 2.0 ** -6 * 0.999, 460.0,
+                                    -float("inf"), -0.0]).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens].cuda()
+    slots[::7] = -1
+    shape = (num_blocks, block_size, hk, head_size)
+    caches = [torch.zeros(shape, dtype=FP8, device="cuda") for _ in range(4)]
+    ops.reshape_and_cache(kv[:, 0], kv[:, 1], caches[0], caches[1], slots)
+    ops_native.reshape_and_cache(kv[:, 0], kv[:, 1], caches[2], caches[3], slots)
+    for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
+def fp8_batch(seqs, num_heads, num_kv_heads, head_size, block_size, seed, dtype):
+    """A batch on the GPU with `dtype` queries and K/V quantized into fp8 caches."""
+    b = make_batch(seqs, num_heads, num_kv_heads, head_size, block_size, torch.float32, seed=seed,
+                   fill_unused=0.0)
+    b["key_cache"] = ops_native.fp8_kv_quantize(b["key_cache"] * 3.0)
+    b["value_cache"] = ops_native.fp8_kv_quantize(b["value_cache"])
+    b["query"] = b["query"].to(dtype)
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def check(b, **kw):
+    if kw.get("alibi_slopes") is not None:
+        kw["alibi_slopes"] = kw["alibi_slopes"].cuda()
+    out = ops.paged_attention(**b, **kw)
+    native = ops_native.paged_attention(**b, **kw)
+    exact = ops_native.paged_attention(**dict(b, query=b["query"].double()), **kw)
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(out, native, exact, what=f"fp8 paged_attention {b['query'].dtype} {kw}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (16, 4), (8, 1)])
+@pytest.mark.parametrize("head_size", [40, 64, 128, 256])
+def test_paged_attention_fp8_cuda(dtype, seqs, num_heads, num_kv_heads, head_size):
+    check(fp8_batch(seqs, num_heads, num_kv_heads, head_size, 16, num_heads + head_size, dtype))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_paged_attention_fp8_cuda_variants(dtype, seqs, variant):
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = torch.tensor([2 ** (-8 * (i + 1) / 8) for i in range(8)])
+    check(fp8_batch(seqs, 8, 2, 128, 16, 3, dtype), **kw)
+
+
+def test_paged_attention_fp8_cuda_graph_decode():
+    # the fp8 decode path launches by shapes only too: a captured graph replays with new seq_lens
+    b = fp8_batch([(1, 1500), (1, 900), (1, 20)], 8, 2, 64, 16, 2, torch.bfloat16)
+    out = torch.empty_like(b["query"])
+    ops.paged_attention(**b, out=out)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_attention(**b, out=out)
+    for lens in ([1500, 900, 20], [3, 1200, 700]):
+        b["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ops_native.paged_attention(**b), rtol=2e-2, atol=2e-2)
