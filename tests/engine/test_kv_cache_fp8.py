@@ -65,3 +65,17 @@ def test_fp8_close_to_model_dtype_cache(model_dir):
 def test_fp8_errors(model_dir):
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8_e5m2' is not supported"):
         EngineConfig(model=model_dir, kv_cache_dtype="fp8_e5m2")
+
+
+def test_fp8_prefix_cache_hit_reproduces_the_run(model_dir):
+    # a second pass over the same prompts reads their K/V from cached fp8 blocks (prefix cache
+    # hits) instead of writing them: the same greedy tokens and logprobs
+    llm = LLM(model_dir, dtype="bfloat16", kv_cache_dtype="fp8", **KV)
+    prompts = [p * 3 for p in PROMPTS]                   # 36 tokens: two full cached blocks
+    first, second = _generate(llm, prompts), _generate(llm, prompts)
+    for a, b in zip(first, second):
+        assert b.num_cached_tokens > 0
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [next(iter(lp.values())).logprob for lp in a.outputs[0].logprobs]
+        lb = [next(iter(lp.values())).logprob for lp in b.outputs[0].logprobs]
+        torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=0, atol=1e-3)
