@@ -103,6 +103,22 @@ def test_jamba_preempts_when_kv_blocks_run_out(model_dirs):
         assert out.outputs[0].token_ids == tokens
 
 
+def test_jamba_with_fp8_kv_cache(model_dirs):
+    """kv_cache_dtype="fp8" on the hybrid: its attention layers' K/V go to float8 blocks, the
+    Mamba states stay as they are, and the prompt logprobs stay close to the fp32 cache's."""
+    path = model_dirs["JambaForCausalLM"]
+    kwargs = dict(dtype="float32", max_model_len=128, kv_cache_memory=1 << 22)
+    auto, fp8 = LLM(path, **kwargs), LLM(path, kv_cache_dtype="fp8", **kwargs)
+    runner = fp8.llm_engine.runner
+    assert runner.attn_layers and all(m.k_cache.dtype == torch.float8_e4m3fn for m in runner.attn_layers)
+    assert all(t.dtype != torch.float8_e4m3fn for t in runner._state_tensors)
+    params = SamplingParams(max_tokens=4, prompt_logprobs=0)
+    for a, b in zip(*(llm.generate(PROMPTS, params, use_tqdm=False) for llm in (auto, fp8))):
+        la = torch.tensor([next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]])
+        lb = torch.tensor([next(iter(d.values())).logprob for d in b.prompt_logprobs[1:]])
+        torch.testing.assert_close(lb, la, rtol=0, atol=0.1)
+
+
 @pytest.mark.parametrize("arch", ["MambaForCausalLM", "Mamba2ForCausalLM"])
 def test_beam_search_matches_reference(arch, model_dirs):
     path = model_dirs[arch]

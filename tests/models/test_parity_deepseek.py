@@ -221,3 +221,9 @@ def test_tensor_parallel_two_ranks_match_one(model_dirs, tmp_path):
     its own heads' W_UK / W_UV; o_proj by row), experts' intermediate size split."""
     assert_two_ranks_match_one({case: model_dirs(case) for case in
                                 ["deepseek_v2", "deepseek_v2-lite", "deepseek_v3"]}, tmp_path)
+
+
+def test_fp8_kv_cache_is_refused_for_the_latent_cache(model_dirs):
+    # MLA's latent cache is not quantized: kv_cache_dtype="fp8" says so instead of running
+    with pytest.raises(ValueError, match="latent cache octavo does not quantize"):
+        LLM(model_dirs("deepseek_v3"), kv_cache_dtype="fp8", kv_cache_memory=1 << 22)
