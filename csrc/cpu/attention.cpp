@@ -574,18 +574,24 @@ __attribute__((target("avx512bf16"))) void pv_span_bf16(float* acc, int ldacc, c
   }
 }
 
-// n probabilities (a multiple of 16) to bf16, rounded to nearest even as in pair_probs.
-__attribute__((target("avx512bf16"))) void probs_to_bf16(const float* src, int n, uint16_t* dst) {
-  for (int i = 0; i < n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+// n probabilities (a multiple of 16) times mul (a power of two: 1, or kFp8ProbMul) to bf16,
+// rounded to nearest even as in pair_probs.
+__attribute__((target("avx512bf16"))) void probs_to_bf16(const float* src, int n, uint16_t* dst, float mul) {
+  const __m512 m = _mm512_set1_ps(mul);
+  for (int i = 0; i < n; i += 16) {
+    __m512 x = _mm512_loadu_ps(src + i);
+    if (mul != 1.f) x = _mm512_mul_ps(x, m);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(x));
+  }
 }
 
-// probs_to_bf16 of the probabilities times mul.
-__attribute__((target("avx512bf16"))) void probs_to_bf16_scaled(const float* src, int n, float mul, uint16_t* dst) {
-  const __m512 m = _mm512_set1_ps(mul);
-  for (int i = 0; i < n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i), m)));
+// 16 fp8 KV bytes (fp8_kv.h) to their exact fp32 values: each byte sign-extended to 32 bits and
+// shifted into fp32's exponent/mantissa (the value times 2^-120, normal or zero), times 2^120.
+OCTAVO_INLINE __m512 fp8_to_f32x16(const uint8_t* p) {
+  const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(w, 20),
+                                                            _mm512_set1_epi32(int32_t(0x87f00000u)))),
+                       _mm512_set1_ps(0x1p120f));
 }
 
 // The dims of an accumulator row (hd a multiple of 32) back in order after pv_rows_bf16.
@@ -717,9 +723,12 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        if (fp8 && bf16) qk_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        if (fp8 && bf16)
+          qk_block_bf16<uint8_t>(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc,
+                                 p_.scale * kFp8ScoreMul);
         else if (fp8) qk_block_fp8_f32(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
-        else if (bf16) qk_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
+        else if (bf16)
+          qk_block_bf16<uint16_t>(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc, p_.scale);
         else qk_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
       if (!fp8)
@@ -742,9 +751,9 @@ class Attention {
       for (int b = cb0; b < cb1; ++b) {
         const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs);
         const int64_t next = b + 1 < cb1 ? blocks[b + 1] : -1;
-        if (fp8 && bf16) pv_block_fp8(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
+        if (fp8 && bf16) pv_block_bf16<uint8_t>(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
         else if (fp8) pv_block_fp8_f32(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
-        else if (bf16) pv_block_bf16(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
+        else if (bf16) pv_block_bf16<uint16_t>(w, blocks[b], next, j0 - b * bs, j1 - b * bs, sc.pb.data() + (j0 - c0), ld, sc);
         else pv_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
     }
@@ -1242,74 +1251,44 @@ class Attention {
 
   // qk_block with bf16 products: per kv head, the span's keys 16 at a time against each row (head
   // by head, as the 16-key reduction wants one head's keys together; the rows of the next block
-  // are prefetched alongside).
+  // are prefetched alongside). C: uint16_t for a bf16 cache (scale p_.scale), uint8_t for an fp8
+  // one (each chunk read as bf16 times 2^-120 by load_bf16x32, against the queries times 2^64:
+  // scale p_.scale * kFp8ScoreMul).
+  template <typename C>
   void qk_block_bf16(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, float* s, int ld,
-                     Scratch& sc) const {
+                     Scratch& sc, float scale) const {
 #if defined(CPU_CAPABILITY_AVX512)
     const int rows_per_head = (w.t1 - w.t0) * group_;
-    const int64_t ks = p_.kc_stride_token;
     for (int kvh = w.h0; kvh < w.h1; ++kvh) {
       const int r0 = (kvh - w.h0) * rows_per_head;
-      const auto* k = reinterpret_cast<const uint16_t*>(key_row(block, o0, kvh));
-      const auto* pf = next >= 0 ? reinterpret_cast<const uint16_t*>(key_row(next, o0, kvh)) : k;
-      qk_span_bf16_hd(sc.qb.data() + size_t(r0) * hd_, rows_per_head, hd_, k, ks, o1 - o0, pf, p_.scale,
-                      s + size_t(r0) * ld, ld);
+      const C* k = key_at<C>(block, o0, kvh);
+      const C* pf = next >= 0 ? key_at<C>(next, o0, kvh) : k;
+      qk_span_bf16_hd(sc.qb.data() + size_t(r0) * hd_, rows_per_head, hd_, k, p_.kc_stride_token, o1 - o0, pf,
+                      scale, s + size_t(r0) * ld, ld);
     }
 #endif
   }
 
   // pv_block with bf16 products: p holds the rows' bf16 probabilities (row stride ld), and the
   // accumulators' dims stay permuted until unpermute_rows.
+  template <typename C>
   void pv_block_bf16(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, const uint16_t* p,
                      int ld, Scratch& sc) const {
 #if defined(CPU_CAPABILITY_AVX512)
     const int rows_per_head = (w.t1 - w.t0) * group_;
-    const int64_t vs = p_.vc_stride_token;
     for (int kvh = w.h0; kvh < w.h1; ++kvh) {
       const int r0 = (kvh - w.h0) * rows_per_head;
-      const auto* v = reinterpret_cast<const uint16_t*>(value_row(block, o0, kvh));
-      const auto* pf = next >= 0 ? reinterpret_cast<const uint16_t*>(value_row(next, o0, kvh)) : v;
-      pv_span_bf16(sc.acc.data() + size_t(r0) * hdp_, hdp_, p + size_t(r0) * ld, ld, rows_per_head, hd_, v, vs,
-                   o1 - o0, pf);
+      const C* v = value_at<C>(block, o0, kvh);
+      const C* pf = next >= 0 ? value_at<C>(next, o0, kvh) : v;
+      pv_span_bf16(sc.acc.data() + size_t(r0) * hdp_, hdp_, p + size_t(r0) * ld, ld, rows_per_head, hd_, v,
+                   p_.vc_stride_token, o1 - o0, pf);
     }
 #endif
   }
 
   void row_to_bf16(const float* p, int n, uint16_t* dst, float mul) const {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (mul == 1.f) probs_to_bf16(p, n, dst);
-    else probs_to_bf16_scaled(p, n, mul, dst);
-#endif
-  }
-
-  // qk_block_bf16 over an fp8 cache: the same 16-key passes, each key chunk read as bf16 times
-  // 2^-120 (load_bf16x32), against the queries times 2^64.
-  void qk_block_fp8(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, float* s, int ld,
-                    Scratch& sc) const {
-#if defined(CPU_CAPABILITY_AVX512)
-    const int rows_per_head = (w.t1 - w.t0) * group_;
-    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
-      const int r0 = (kvh - w.h0) * rows_per_head;
-      const uint8_t* k = cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, block, o0, kvh);
-      const uint8_t* pf = next >= 0 ? cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, next, o0, kvh) : k;
-      qk_span_bf16_hd(sc.qb.data() + size_t(r0) * hd_, rows_per_head, hd_, k, p_.kc_stride_token, o1 - o0,
-                      pf, p_.scale * kFp8ScoreMul, s + size_t(r0) * ld, ld);
-    }
-#endif
-  }
-
-  // pv_block_bf16 over an fp8 cache (V chunks read as in qk_block_fp8, probabilities times 2^100).
-  void pv_block_fp8(const WorkItem& w, int64_t block, int64_t next, int o0, int o1, const uint16_t* p,
-                    int ld, Scratch& sc) const {
-#if defined(CPU_CAPABILITY_AVX512)
-    const int rows_per_head = (w.t1 - w.t0) * group_;
-    for (int kvh = w.h0; kvh < w.h1; ++kvh) {
-      const int r0 = (kvh - w.h0) * rows_per_head;
-      const uint8_t* v = cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, block, o0, kvh);
-      const uint8_t* pf = next >= 0 ? cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, next, o0, kvh) : v;
-      pv_span_bf16(sc.acc.data() + size_t(r0) * hdp_, hdp_, p + size_t(r0) * ld, ld, rows_per_head, hd_,
-                   v, p_.vc_stride_token, o1 - o0, pf);
-    }
+    probs_to_bf16(p, n, dst, mul);
 #endif
   }
 
@@ -1323,11 +1302,8 @@ class Attention {
     if (sc.kf.size() < size_t(p_.block_size) * hdp_) sc.kf.resize(size_t(p_.block_size) * hdp_);
     for (int kvh = w.h0; kvh < w.h1; ++kvh) {
       const int r0 = (kvh - w.h0) * rows_per_head;
-      fp8_rows_to_f32(cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, block, o0, kvh),
-                      p_.kc_stride_token, o1 - o0,
-                      next >= 0 ? cache8(p_.key_cache, p_.kc_stride_block, p_.kc_stride_token, p_.kc_stride_head, next, o0, kvh)
-                                : nullptr,
-                      sc.kf.data());
+      fp8_rows_to_f32(key_at<uint8_t>(block, o0, kvh), p_.kc_stride_token, o1 - o0,
+                      next >= 0 ? key_at<uint8_t>(next, o0, kvh) : nullptr, sc.kf.data());
       scores(sc.q.data() + size_t(r0) * hdp_, sc.kf.data(), hdp_, o1 - o0, rows_per_head, s + size_t(r0) * ld, ld);
     }
 #endif
@@ -1339,11 +1315,8 @@ class Attention {
     const int rows_per_head = (w.t1 - w.t0) * group_;
     for (int kvh = w.h0; kvh < w.h1; ++kvh) {
       const int r0 = (kvh - w.h0) * rows_per_head;
-      fp8_rows_to_f32(cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, block, o0, kvh),
-                      p_.vc_stride_token, o1 - o0,
-                      next >= 0 ? cache8(p_.value_cache, p_.vc_stride_block, p_.vc_stride_token, p_.vc_stride_head, next, o0, kvh)
-                                : nullptr,
-                      sc.vf.data());
+      fp8_rows_to_f32(value_at<uint8_t>(block, o0, kvh), p_.vc_stride_token, o1 - o0,
+                      next >= 0 ? value_at<uint8_t>(next, o0, kvh) : nullptr, sc.vf.data());
       pv_direct(sc.acc.data() + size_t(r0) * hdp_, p + size_t(r0) * ld, ld, sc.vf.data(), hdp_, o1 - o0,
                 rows_per_head, sc);
     }
@@ -1351,27 +1324,17 @@ class Attention {
   }
 
 #if defined(CPU_CAPABILITY_AVX512)
-  // n fp8 rows of hd_ bytes (row j at src + j * ks) to fp32 dst[j * hdp_ + d], exactly: each byte
-  // sign-extended to 32 bits and shifted into fp32's exponent/mantissa (the value times 2^-120,
-  // normal or zero), times 2^120; each 64 bytes read prefetch the same bytes of row pf + j * ks.
+  // n fp8 rows of hd_ bytes (row j at src + j * ks) to fp32 dst[j * hdp_ + d], exactly
+  // (fp8_to_f32x16); each 64 bytes read prefetch the same bytes of row pf + j * ks.
   void fp8_rows_to_f32(const uint8_t* src, int64_t ks, int n, const uint8_t* pf, float* dst) const {
-    const __m512i m = _mm512_set1_epi32(int32_t(0x87f00000u));
-    const __m512 up = _mm512_set1_ps(0x1p120f);
     for (int j = 0; j < n; ++j) {
       for (int d = 0; d < hd_; d += 16) {
         if (pf != nullptr && d % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + j * ks + d), _MM_HINT_T1);
-        const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j * ks + d)));
-        _mm512_storeu_ps(dst + size_t(j) * hdp_ + d,
-                         _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(w, 20), m)), up));
+        _mm512_storeu_ps(dst + size_t(j) * hdp_ + d, fp8_to_f32x16(src + j * ks + d));
       }
     }
   }
 #endif
-
-  // Row (block, off, kvh) of an fp8 cache (strides in bytes).
-  static const uint8_t* cache8(const void* cache, int64_t sb, int64_t st, int64_t sh, int64_t block, int off, int kvh) {
-    return static_cast<const uint8_t*>(cache) + block * sb + off * st + kvh * sh;
-  }
 
   void unpermute_rows(int rows, Scratch& sc) const {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -1379,14 +1342,20 @@ class Attention {
 #endif
   }
 
-  const T* key_row(int64_t block, int off, int kvh) const {
-    return static_cast<const T*>(p_.key_cache) + block * p_.kc_stride_block +
-           off * p_.kc_stride_token + kvh * p_.kc_stride_head;
+  // Row (block, off, kvh) of the caches, read as elements of C (the strides count the cache's own
+  // elements: T, or bytes of an fp8 cache; uint16_t views a bf16 cache's bits).
+  template <typename C>
+  const C* key_at(int64_t block, int off, int kvh) const {
+    return static_cast<const C*>(p_.key_cache) + block * p_.kc_stride_block + off * p_.kc_stride_token +
+           kvh * p_.kc_stride_head;
   }
-  const T* value_row(int64_t block, int off, int kvh) const {
-    return static_cast<const T*>(p_.value_cache) + block * p_.vc_stride_block +
-           off * p_.vc_stride_token + kvh * p_.vc_stride_head;
+  template <typename C>
+  const C* value_at(int64_t block, int off, int kvh) const {
+    return static_cast<const C*>(p_.value_cache) + block * p_.vc_stride_block + off * p_.vc_stride_token +
+           kvh * p_.vc_stride_head;
   }
+  const T* key_row(int64_t block, int off, int kvh) const { return key_at<T>(block, off, kvh); }
+  const T* value_row(int64_t block, int off, int kvh) const { return value_at<T>(block, off, kvh); }
 
   // LOCALITY 3: into L1 (prefetcht0), 2: into L2 (prefetcht1).
   template <int LOCALITY = 3>
@@ -1694,17 +1663,9 @@ void run_dequantized(const PagedAttentionParams& p, const uint8_t* skip) {
           T* vd = vb + i * block_elems + t * row + int64_t(h) * hd;
           int d = 0;
 #if defined(CPU_CAPABILITY_AVX512)
-          // the bits of fp8_kv_decode 16 at a time: sign-extended bytes shifted into fp32's
-          // exponent/mantissa (the value times 2^-120, normal or zero), times 2^120
-          const __m512i m = _mm512_set1_epi32(int32_t(0x87f00000u));
-          const __m512 up = _mm512_set1_ps(0x1p120f);
-          auto dec = [&](const uint8_t* b) {
-            const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-            return fVec(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(w, 20), m)), up));
-          };
-          for (; d + 16 <= hd; d += 16) {
-            store_f(kd + d, dec(ks + d));
-            store_f(vd + d, dec(vs + d));
+          for (; d + 16 <= hd; d += 16) {   // fp8_kv_decode 16 at a time
+            store_f(kd + d, fVec(fp8_to_f32x16(ks + d)));
+            store_f(vd + d, fVec(fp8_to_f32x16(vs + d)));
           }
 #endif
           for (; d < hd; ++d) {

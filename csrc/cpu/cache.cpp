@@ -2,22 +2,13 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cstring>
+#include <type_traits>
 
 #include "cpu/cpu_types.h"
 #include "cpu/fp8_kv.h"
 
 namespace octavo::cpu::CPU_CAPABILITY {
-
-template <typename T>
-static void copy_heads(T* dst, int64_t dst_head_stride, const T* src, int64_t src_head_stride,
-                       int heads, int head_size) {
-  if (dst_head_stride == head_size && src_head_stride == head_size) {
-    std::memcpy(dst, src, sizeof(T) * heads * head_size);
-    return;
-  }
-  for (int h = 0; h < heads; ++h)
-    std::memcpy(dst + h * dst_head_stride, src + h * src_head_stride, sizeof(T) * head_size);
-}
 
 // n values to fp8 KV bytes (fp8_kv.h); on AVX-512 16 at a time, the same bit operations as
 // fp8_kv_encode with the special ranges as masked moves (the scalar loop did not vectorize:
@@ -44,17 +35,25 @@ static void encode_fp8(uint8_t* dst, const T* src, int n) {
   for (; i < n; ++i) dst[i] = fp8_kv_encode(static_cast<float>(src[i]));
 }
 
-template <typename T>
-static void quantize_heads(uint8_t* dst, int64_t dst_head_stride, const T* src, int64_t src_head_stride,
-                           int heads, int head_size) {
-  if (dst_head_stride == head_size && src_head_stride == head_size) {
-    encode_fp8(dst, src, heads * head_size);
-    return;
-  }
-  for (int h = 0; h < heads; ++h) encode_fp8(dst + h * dst_head_stride, src + h * src_head_stride, head_size);
+// n values of a key/value row into a cache of element type C: copied (C = T) or rounded to fp8
+// KV bytes (C = uint8_t).
+template <typename T, typename C>
+static void write_values(C* dst, const T* src, int n) {
+  if constexpr (std::is_same_v<C, T>) std::memcpy(dst, src, sizeof(T) * n);
+  else encode_fp8(dst, src, n);
 }
 
-template <typename T>
+template <typename T, typename C>
+static void write_heads(C* dst, int64_t dst_head_stride, const T* src, int64_t src_head_stride,
+                        int heads, int head_size) {
+  if (dst_head_stride == head_size && src_head_stride == head_size) {
+    write_values(dst, src, heads * head_size);
+    return;
+  }
+  for (int h = 0; h < heads; ++h) write_values(dst + h * dst_head_stride, src + h * src_head_stride, head_size);
+}
+
+template <typename T, typename C>
 static bool cache_impl(const CacheParams& p) {
   std::atomic<bool> ok{true};
   at::parallel_for(0, p.num_tokens, 16, [&](int64_t begin, int64_t end) {
@@ -66,21 +65,12 @@ static bool cache_impl(const CacheParams& p) {
         continue;
       }
       const int64_t block = slot / p.block_size, off = slot % p.block_size;
-      if (p.cache_fp8) {
-        quantize_heads(static_cast<uint8_t*>(p.key_cache) + block * p.kc_stride_block + off * p.kc_stride_token,
-                       p.kc_stride_head, static_cast<const T*>(p.key) + t * p.k_stride_token,
-                       p.k_stride_head, p.num_kv_heads, p.head_size);
-        quantize_heads(static_cast<uint8_t*>(p.value_cache) + block * p.vc_stride_block + off * p.vc_stride_token,
-                       p.vc_stride_head, static_cast<const T*>(p.value) + t * p.v_stride_token,
-                       p.v_stride_head, p.num_kv_heads, p.head_size);
-        continue;
-      }
-      copy_heads(static_cast<T*>(p.key_cache) + block * p.kc_stride_block + off * p.kc_stride_token,
-                 p.kc_stride_head, static_cast<const T*>(p.key) + t * p.k_stride_token,
-                 p.k_stride_head, p.num_kv_heads, p.head_size);
-      copy_heads(static_cast<T*>(p.value_cache) + block * p.vc_stride_block + off * p.vc_stride_token,
-                 p.vc_stride_head, static_cast<const T*>(p.value) + t * p.v_stride_token,
-                 p.v_stride_head, p.num_kv_heads, p.head_size);
+      write_heads(static_cast<C*>(p.key_cache) + block * p.kc_stride_block + off * p.kc_stride_token,
+                  p.kc_stride_head, static_cast<const T*>(p.key) + t * p.k_stride_token,
+                  p.k_stride_head, p.num_kv_heads, p.head_size);
+      write_heads(static_cast<C*>(p.value_cache) + block * p.vc_stride_block + off * p.vc_stride_token,
+                  p.vc_stride_head, static_cast<const T*>(p.value) + t * p.v_stride_token,
+                  p.v_stride_head, p.num_kv_heads, p.head_size);
     }
   });
   return ok.load();
@@ -88,7 +78,9 @@ static bool cache_impl(const CacheParams& p) {
 
 void reshape_and_cache_kernel(const CacheParams& p) {
   bool ok = true;
-  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] { ok = cache_impl<scalar_t>(p); });
+  OCTAVO_CPU_DTYPE_SWITCH(p.dtype, [&] {
+    ok = p.cache_fp8 ? cache_impl<scalar_t, uint8_t>(p) : cache_impl<scalar_t, scalar_t>(p);
+  });
   *p.ok = ok;
 }
 
@@ -150,15 +142,10 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   p.block_size = static_cast<int>(key_cache.size(1));
   p.dtype = cpu::to_dtype(key, "reshape_and_cache");
   p.cache_fp8 = fp8;
-  // A memcpy kernel: the DEFAULT build is as fast as any other; fp8's rounding vectorizes in the
-  // best build this CPU runs.
+  // the best build this CPU runs (fp8's rounding is vectorized; a copy is a memcpy in any build)
   bool ok = true;
   p.ok = &ok;
-  if (fp8) {
-    OCTAVO_CALL_CPU_KERNEL(reshape_and_cache_kernel, p);
-  } else {
-    cpu::DEFAULT::reshape_and_cache_kernel(p);
-  }
+  OCTAVO_CALL_CPU_KERNEL(reshape_and_cache_kernel, p);
   TORCH_CHECK(ok, "reshape_and_cache: a slot is >= num_blocks * block_size = ", p.num_slots);
 }
 
