@@ -43,3 +43,19 @@ def to_dtype(batch, dtype):
     for k in ("query", "key_cache", "value_cache"):
         out[k] = batch[k].to(dtype)
     return out
+
+
+def check_graph_decode(batch):
+    """(CUDA) The decode path launches by shapes only: paged_attention captured once in a CUDA graph
+    and replayed with new seq_lens matches octavo.ops_native on the new lengths."""
+    from octavo import ops, ops_native
+    out = torch.empty_like(batch["query"])
+    ops.paged_attention(**batch, out=out)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_attention(**batch, out=out)
+    for lens in ([1500, 900, 20], [3, 1200, 700]):
+        batch["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ops_native.paged_attention(**batch), rtol=2e-2, atol=2e-2)

@@ -6,7 +6,7 @@ under the SIMT emulator (with the edge values of the format)."""
 import pytest
 import torch
 
-from attention_cases import VARIANT_IDS, VARIANTS, make_batch
+from attention_cases import VARIANT_IDS, VARIANTS, check_graph_decode, make_batch
 from kernel_utils import ALL_DTYPES, assert_close_to_ref
 from octavo import ops, ops_native
 
@@ -76,14 +76,4 @@ def test_paged_attention_fp8_cuda_variants(dtype, seqs, variant):
 
 def test_paged_attention_fp8_cuda_graph_decode():
     # the fp8 decode path launches by shapes only too: a captured graph replays with new seq_lens
-    b = fp8_batch([(1, 1500), (1, 900), (1, 20)], 8, 2, 64, 16, 2, torch.bfloat16)
-    out = torch.empty_like(b["query"])
-    ops.paged_attention(**b, out=out)  # warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ops.paged_attention(**b, out=out)
-    for lens in ([1500, 900, 20], [3, 1200, 700]):
-        b["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int32))
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, ops_native.paged_attention(**b), rtol=2e-2, atol=2e-2)
+    check_graph_decode(fp8_batch([(1, 1500), (1, 900), (1, 20)], 8, 2, 64, 16, 2, torch.bfloat16))

@@ -4,7 +4,7 @@ same kernels run under the SIMT emulator on the CPU in tests/simt."""
 import pytest
 import torch
 
-from attention_cases import VARIANT_IDS, VARIANTS, make_batch, to_dtype
+from attention_cases import VARIANT_IDS, VARIANTS, check_graph_decode, make_batch, to_dtype
 from kernel_utils import ALL_DTYPES, assert_close_to_ref
 from octavo import ops, ops_native
 
@@ -153,16 +153,7 @@ def test_paged_attention_cuda_graph_decode():
     b = {k: v.cuda() if torch.is_tensor(v) else v
          for k, v in to_dtype(make_batch([(1, 1500), (1, 900), (1, 20)], 8, 2, 64, 16, torch.float32,
                                          seed=2, fill_unused=0.0), torch.bfloat16).items()}
-    out = torch.empty_like(b["query"])
-    ops.paged_attention(**b, out=out)  # warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ops.paged_attention(**b, out=out)
-    for lens in ([1500, 900, 20], [3, 1200, 700]):
-        b["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int32))
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, ops_native.paged_attention(**b), rtol=2e-2, atol=2e-2)
+    check_graph_decode(b)
 
 
 def test_paged_attention_cuda_opcheck_and_errors():
