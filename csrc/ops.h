@@ -81,7 +81,8 @@ void reshape_and_cache_cpu(const at::Tensor& key,      // [T, Hk, hd]
                            const at::Tensor& value,    // [T, Hk, hd]
                            at::Tensor& key_cache,      // [num_blocks, block_size, Hk, hd]
                            at::Tensor& value_cache,    // [num_blocks, block_size, Hk, hd]
-                           const at::Tensor& slot_mapping);  // [T] int64, -1 = skip
+                           const at::Tensor& slot_mapping,  // [T] int64, -1 = skip
+                           double k_scale, double v_scale);  // fp8 caches: store key / k_scale
 void paged_attention_cpu(at::Tensor& out,                    // [T, Hq, hd]
                          const at::Tensor& query,            // [T, Hq, hd]
                          const at::Tensor& key_cache,        // [num_blocks, block_size, Hk, hd]
@@ -90,7 +91,8 @@ void paged_attention_cpu(at::Tensor& out,                    // [T, Hq, hd]
                          const at::Tensor& seq_lens,         // [S] int32
                          const at::Tensor& block_table,      // [S, max_blocks] int32
                          double scale, int64_t sliding_window, double soft_cap,
-                         const std::optional<at::Tensor>& alibi_slopes);  // [Hq] float32
+                         const std::optional<at::Tensor>& alibi_slopes,  // [Hq] float32
+                         double k_scale, double v_scale);  // fp8 caches: K = stored * k_scale
 
 // MLA over the paged latent cache: keys are all L+R columns, values the first L
 void mla_paged_attention_cpu(at::Tensor& out,                    // [T, H, L]
@@ -309,12 +311,14 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query,
                            const std::optional<at::Tensor>& key, int64_t head_size,
                            const at::Tensor& cos_sin_cache, bool is_neox);
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale,
+                            double v_scale);
 void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& query_start_loc,
                           const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
                           int64_t sliding_window, double soft_cap,
-                          const std::optional<at::Tensor>& alibi_slopes);
+                          const std::optional<at::Tensor>& alibi_slopes, double k_scale,
+                          double v_scale);
 void mla_paged_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                               const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                               const at::Tensor& block_table, double scale, int64_t kv_lora_rank);

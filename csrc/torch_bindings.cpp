@@ -30,10 +30,10 @@ void gelu_and_mul_meta(at::Tensor&, const at::Tensor&, const std::string&) {}
 void rotary_embedding_meta(const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&,
                            int64_t, const at::Tensor&, bool) {}
 void reshape_and_cache_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
-                            const at::Tensor&) {}
+                            const at::Tensor&, double, double) {}
 void paged_attention_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
-                          double, const std::optional<at::Tensor>&) {}
+                          double, const std::optional<at::Tensor>&, double, double) {}
 void mla_paged_attention_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, double, int64_t) {}
 void topk_routing_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const std::string&, bool,
@@ -133,13 +133,16 @@ TORCH_LIBRARY(octavo, m) {
   // rotates the first rot_dim dims of each query/key head in place (neox or GPT-J pairs)
   m.def("rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
         "Tensor cos_sin_cache, bool is_neox) -> ()");
-  // writes key/value [T, Hk, hd] into the paged caches at slot_mapping (-1 skipped)
+  // writes key/value [T, Hk, hd] into the paged caches at slot_mapping (-1 skipped); fp8 caches
+  // store key / k_scale and value / v_scale (other caches ignore the scales)
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
-        "Tensor slot_mapping) -> ()");
-  // causal varlen attention of query [T, Hq, hd] over the paged caches (prefill and decode)
+        "Tensor slot_mapping, float k_scale=1.0, float v_scale=1.0) -> ()");
+  // causal varlen attention of query [T, Hq, hd] over the paged caches (prefill and decode); an
+  // fp8 cache's keys are its values times k_scale, its values times v_scale
   m.def("paged_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
         "Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float scale, "
-        "int sliding_window, float soft_cap, Tensor? alibi_slopes) -> ()");
+        "int sliding_window, float soft_cap, Tensor? alibi_slopes, float k_scale=1.0, "
+        "float v_scale=1.0) -> ()");
   // MLA: causal attention of q [T, H, L+R] over the paged latent cache [N, B, L+R] (keys: all
   // L+R columns, values: the first L) -> out [T, H, L]
   m.def("mla_paged_attention(Tensor! out, Tensor q, Tensor kv_cache, Tensor query_start_loc, "

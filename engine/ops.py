@@ -125,22 +125,26 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # key/value: [T, Hk, hd] -> caches [num_blocks, block_size, Hk, hd] at slot_mapping (-1 skipped)
-    torch.ops.octavo.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> None:
+    # key/value: [T, Hk, hd] -> caches [num_blocks, block_size, Hk, hd] at slot_mapping (-1 skipped);
+    # fp8 caches store key / k_scale and value / v_scale
+    torch.ops.octavo.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor, scale: float, sliding_window: int = 0,
                     soft_cap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    # query: [T, Hq, hd] -> out [T, Hq, hd]; see INTERFACES.md for the masking rules
+                    out: torch.Tensor | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+    # query: [T, Hq, hd] -> out [T, Hq, hd]; see INTERFACES.md for the masking rules; an fp8
+    # cache's keys are its values times k_scale, its values times v_scale
     if out is None:
         out = torch.empty_like(query)
     torch.ops.octavo.paged_attention(out, query, key_cache, value_cache, query_start_loc,
                                      seq_lens, block_table, scale, sliding_window, soft_cap,
-                                     alibi_slopes)
+                                     alibi_slopes, k_scale, v_scale)
     return out
 
 

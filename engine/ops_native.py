@@ -6,6 +6,8 @@ inputs' dtype, like the kernels do.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -122,17 +124,29 @@ def fp8_kv_quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> None:
     # key/value: [T, Hk, hd]; caches: [num_blocks, block_size, Hk, hd]; slot -1 is skipped;
-    # float8_e4m3fn caches take any float key/value (fp8_kv_quantize)
+    # float8_e4m3fn caches take any float key/value, divided (in fp32) by k_scale / v_scale and
+    # quantized (fp8_kv_quantize); other caches ignore the scales
+    _check_kv_scales("reshape_and_cache", k_scale, v_scale)
     block_size = key_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     blocks, offsets = slots // block_size, slots % block_size
-    for src, cache in ((key, key_cache), (value, value_cache)):
+    for src, cache, kv_scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
         rows = src[keep]
-        rows = fp8_kv_quantize(rows) if cache.dtype == torch.float8_e4m3fn else rows.to(cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:
+            rows = fp8_kv_quantize(rows.float() / kv_scale if kv_scale != 1.0 else rows)
+        else:
+            rows = rows.to(cache.dtype)
         cache[blocks, offsets] = rows
+
+
+def _check_kv_scales(op: str, k_scale: float, v_scale: float) -> None:
+    if not all(math.isfinite(s) and s > 0 for s in (k_scale, v_scale)):
+        raise ValueError(f"{op}: k_scale and v_scale must be positive and finite, got {k_scale} "
+                         f"and {v_scale}")
 
 
 def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, ctx: int,
@@ -148,9 +162,14 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor, scale: float, sliding_window: int = 0,
                     soft_cap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     # query: [T, Hq, hd]; caches: [num_blocks, block_size, Hk, hd]; query_start_loc: [S+1] int32;
-    # seq_lens: [S] int32; block_table: [S, max_blocks] int32; returns out [T, Hq, hd].
+    # seq_lens: [S] int32; block_table: [S, max_blocks] int32; returns out [T, Hq, hd]. An fp8
+    # cache's keys are its values times k_scale, its values times v_scale (others ignore both).
+    _check_kv_scales("paged_attention", k_scale, v_scale)
+    if key_cache.dtype != torch.float8_e4m3fn:
+        k_scale = v_scale = 1.0
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -167,6 +186,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             continue
         k = _gather_context(key_cache, block_table[s], ctx, acc_dtype).permute(1, 2, 0)  # [Hk, hd, ctx]
         v = _gather_context(value_cache, block_table[s], ctx, acc_dtype).transpose(0, 1)  # [Hk, ctx, hd]
+        if k_scale != 1.0:
+            k = k * k_scale
+        if v_scale != 1.0:
+            v = v * v_scale
         keys = torch.arange(ctx, device=query.device)
         # Chunk the query rows so a long prefill does not materialize [Hq, q_len, ctx] at once.
         for c0 in range(0, q_len, 256):

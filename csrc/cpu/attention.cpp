@@ -734,6 +734,12 @@ class Attention {
       if (!fp8)
         for (int kvh = w.h0; kvh < w.h1; ++kvh)
           prefetch_rows<2>(value_row(blocks[cb0], 0, kvh), p_.vc_stride_token);
+      else  // the fp8 rows of the first V block (one line per 64 bytes)
+        for (int kvh = w.h0; kvh < w.h1; ++kvh) {
+          const uint8_t* v = value_at<uint8_t>(blocks[cb0], 0, kvh);
+          for (int j = 0; j < bs; ++j)
+            for (int b = 0; b < hd_; b += 64) __builtin_prefetch(v + j * p_.vc_stride_token + b, 0, 2);
+        }
       for (int r = 0; r < rows; ++r) {
         float* prow = logits + size_t(r) * ld;
         const int kvh = w.h0 + r / rows_per_head;
@@ -1493,7 +1499,7 @@ class Attention {
       T* dst = static_cast<T*>(p_.out) + int64_t(q_start + token_of(w, r)) * p_.o_stride_token +
                int64_t(head_of(w, r)) * p_.o_stride_head;
       const float* acc = sc.acc.data() + size_t(r) * hdp_;
-      const fVec inv(sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f);
+      const fVec inv(sc.l[r] > 0.f ? p_.out_scale / sc.l[r] : 0.f);
       for (int c = 0; c < nfull_; ++c) store_f(dst + c * kVec, fVec::loadu(acc + c * kVec) * inv);
       if (tail_ > 0) store_f_partial(dst + nfull_ * kVec, fVec::loadu(acc + nfull_ * kVec) * inv, tail_);
     }
@@ -1730,7 +1736,8 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
                          const at::Tensor& value_cache, const at::Tensor& query_start_loc,
                          const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
                          int64_t sliding_window, double soft_cap,
-                         const std::optional<at::Tensor>& alibi_slopes) {
+                         const std::optional<at::Tensor>& alibi_slopes, double k_scale,
+                         double v_scale) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &query, &key_cache, &value_cache, &query_start_loc,
                               &seq_lens, &block_table})
     TORCH_CHECK(t->device().is_cpu(), "paged_attention: all tensors must be on the CPU");
@@ -1781,6 +1788,9 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
   }
   TORCH_CHECK(sliding_window >= 0, "paged_attention: sliding_window must be >= 0");
   TORCH_CHECK(soft_cap >= 0, "paged_attention: soft_cap must be >= 0");
+  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0,
+              "paged_attention: k_scale and v_scale must be positive and finite, got ", k_scale,
+              " and ", v_scale);
   cpu::PagedAttentionParams p{};
   p.out = out.data_ptr();
   p.query = query.data_ptr();
@@ -1806,7 +1816,10 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.head_size = static_cast<int>(query.size(2));
   p.block_size = static_cast<int>(block_size);
-  p.scale = static_cast<float>(scale);
+  // an fp8 cache's K scale multiplies every score (folded into the softmax scale), its V scale
+  // every output (folded into the softmax's 1/l); other caches ignore both
+  p.scale = static_cast<float>(fp8 ? scale * k_scale : scale);
+  p.out_scale = static_cast<float>(fp8 ? v_scale : 1.0);
   p.soft_cap = static_cast<float>(soft_cap);
   p.sliding_window = static_cast<int>(sliding_window);
   p.dtype = cpu::to_dtype(query, "paged_attention");

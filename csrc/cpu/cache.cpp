@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -14,13 +15,16 @@ namespace octavo::cpu::CPU_CAPABILITY {
 // fp8_kv_encode with the special ranges as masked moves (the scalar loop did not vectorize:
 // a 2040-token prefill's cache writes took ~6x the bf16 copy).
 template <typename T>
-static void encode_fp8(uint8_t* dst, const T* src, int n) {
+static void encode_fp8(uint8_t* dst, const T* src, int n, float scale) {
   int i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vscale = _mm512_set1_ps(scale);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), half = _mm512_set1_epi32(0x7ffff);
   const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(120 << 3);
   for (; i + kVec <= n; i += kVec) {
-    const __m512i x = _mm512_castps_si512(static_cast<__m512>(load_f(src + i)));
+    __m512 f = static_cast<__m512>(load_f(src + i));
+    if (scale != 1.f) f = _mm512_div_ps(f, vscale);
+    const __m512i x = _mm512_castps_si512(f);
     const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(x, 24), _mm512_set1_epi32(0x80));
     const __m512i u = _mm512_and_si512(x, abs_mask);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 20), one);
@@ -32,25 +36,26 @@ static void encode_fp8(uint8_t* dst, const T* src, int n) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(_mm512_or_si512(mag, sign)));
   }
 #endif
-  for (; i < n; ++i) dst[i] = fp8_kv_encode(static_cast<float>(src[i]));
+  for (; i < n; ++i) dst[i] = fp8_kv_encode(scale != 1.f ? static_cast<float>(src[i]) / scale : static_cast<float>(src[i]));
 }
 
-// n values of a key/value row into a cache of element type C: copied (C = T) or rounded to fp8
-// KV bytes (C = uint8_t).
+// n values of a key/value row into a cache of element type C: copied (C = T) or divided by scale
+// (in fp32) and rounded to fp8 KV bytes (C = uint8_t).
 template <typename T, typename C>
-static void write_values(C* dst, const T* src, int n) {
+static void write_values(C* dst, const T* src, int n, float scale) {
   if constexpr (std::is_same_v<C, T>) std::memcpy(dst, src, sizeof(T) * n);
-  else encode_fp8(dst, src, n);
+  else encode_fp8(dst, src, n, scale);
 }
 
 template <typename T, typename C>
 static void write_heads(C* dst, int64_t dst_head_stride, const T* src, int64_t src_head_stride,
-                        int heads, int head_size) {
+                        int heads, int head_size, float scale) {
   if (dst_head_stride == head_size && src_head_stride == head_size) {
-    write_values(dst, src, heads * head_size);
+    write_values(dst, src, heads * head_size, scale);
     return;
   }
-  for (int h = 0; h < heads; ++h) write_values(dst + h * dst_head_stride, src + h * src_head_stride, head_size);
+  for (int h = 0; h < heads; ++h)
+    write_values(dst + h * dst_head_stride, src + h * src_head_stride, head_size, scale);
 }
 
 template <typename T, typename C>
@@ -67,10 +72,10 @@ static bool cache_impl(const CacheParams& p) {
       const int64_t block = slot / p.block_size, off = slot % p.block_size;
       write_heads(static_cast<C*>(p.key_cache) + block * p.kc_stride_block + off * p.kc_stride_token,
                   p.kc_stride_head, static_cast<const T*>(p.key) + t * p.k_stride_token,
-                  p.k_stride_head, p.num_kv_heads, p.head_size);
+                  p.k_stride_head, p.num_kv_heads, p.head_size, p.k_scale);
       write_heads(static_cast<C*>(p.value_cache) + block * p.vc_stride_block + off * p.vc_stride_token,
                   p.vc_stride_head, static_cast<const T*>(p.value) + t * p.v_stride_token,
-                  p.v_stride_head, p.num_kv_heads, p.head_size);
+                  p.v_stride_head, p.num_kv_heads, p.head_size, p.v_scale);
     }
   });
   return ok.load();
@@ -96,7 +101,8 @@ OCTAVO_DECLARE_CPU_KERNEL(reshape_and_cache_kernel, CacheParams)
 namespace octavo {
 
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                           at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale,
+                           double v_scale) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&key, &value, &key_cache, &value_cache, &slot_mapping})
     TORCH_CHECK(t->device().is_cpu(), "reshape_and_cache: all tensors must be on the CPU");
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(),
@@ -142,6 +148,11 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   p.block_size = static_cast<int>(key_cache.size(1));
   p.dtype = cpu::to_dtype(key, "reshape_and_cache");
   p.cache_fp8 = fp8;
+  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0,
+              "reshape_and_cache: k_scale and v_scale must be positive and finite, got ", k_scale,
+              " and ", v_scale);
+  p.k_scale = static_cast<float>(fp8 ? k_scale : 1.0);
+  p.v_scale = static_cast<float>(fp8 ? v_scale : 1.0);
   // the best build this CPU runs (fp8's rounding is vectorized; a copy is a memcpy in any build)
   bool ok = true;
   p.ok = &ok;

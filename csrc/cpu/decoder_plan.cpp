@@ -189,6 +189,7 @@ struct Layer {
   bool neox = true;
   mutable at::Tensor k_cache, v_cache;  // written through by reshape_and_cache
   double scale = 1, soft_cap = 0;
+  double k_scale = 1, v_scale = 1;  // an fp8 cache's K/V scales
   int64_t window = 0;
   // MLP: dense, or router + experts (+ a shared expert, optionally gated)
   bool moe = false;
@@ -236,13 +237,14 @@ struct Layer {
     {
       OCTAVO_RECORD("octavo::reshape_and_cache");
       reshape_and_cache_cpu(k.view({t, num_kv_heads, head_dim}),
-                            v.view({t, num_kv_heads, head_dim}), k_cache, v_cache, slots);
+                            v.view({t, num_kv_heads, head_dim}), k_cache, v_cache, slots, k_scale,
+                            v_scale);
     }
     at::Tensor attn = at::empty_like(q3);
     {
       OCTAVO_RECORD("octavo::paged_attention");
       paged_attention_cpu(attn, q3, k_cache, v_cache, qsl, seq_lens, block_table, scale, window,
-                          soft_cap, std::nullopt);
+                          soft_cap, std::nullopt, k_scale, v_scale);
     }
     return o(attn.view({t, num_heads * head_dim}));
   }

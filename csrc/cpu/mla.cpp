@@ -24,7 +24,7 @@ void mla_paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Ten
   const at::Tensor cache = kv_cache.unsqueeze(2);  // [num_blocks, block_size, 1, L+R]
   at::Tensor full = at::empty_like(q);             // [T, H, L+R]
   paged_attention_cpu(full, q, cache, cache, query_start_loc, seq_lens, block_table, scale, 0, 0.0,
-                      std::nullopt);
+                      std::nullopt, 1.0, 1.0);
   out.copy_(full.narrow(2, 0, kv_lora_rank));
 }
 

@@ -64,6 +64,7 @@ struct CacheParams {
   int num_kv_heads, head_size, block_size;
   DType dtype;                // of key/value (and of the caches unless cache_fp8)
   bool cache_fp8;             // caches hold fp8 e4m3 bytes (kv_cache_dtype="fp8"): quantize on write
+  float k_scale, v_scale;     // fp8 caches store key / k_scale and value / v_scale
   bool* ok;                   // set false if a slot is out of range
 };
 
@@ -81,7 +82,8 @@ struct PagedAttentionParams {
   int64_t vc_stride_block, vc_stride_token, vc_stride_head;
   int64_t bt_stride;
   int num_seqs, num_heads, num_kv_heads, head_size, block_size;
-  float scale, soft_cap;
+  float scale, soft_cap;           // scale: times k_scale for fp8 caches
+  float out_scale;                // the outputs' factor: v_scale for fp8 caches, else 1
   int sliding_window;
   DType dtype;                    // of query/out (and of the caches unless kv_fp8)
   bool kv_fp8;                    // caches hold fp8 e4m3 bytes, written by reshape_and_cache

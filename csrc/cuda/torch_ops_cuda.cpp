@@ -74,7 +74,9 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query,
 }
 
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                            at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale,
+                            double v_scale) {
+  TORCH_CHECK(k_scale == 1.0 && v_scale == 1.0, "reshape_and_cache: fp8 K/V scales are not supported on CUDA yet");
   run(cuda::launch_reshape_and_cache,
       cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kCUDA), key,
       "reshape_and_cache");
@@ -93,7 +95,9 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                           const at::Tensor& value_cache, const at::Tensor& query_start_loc,
                           const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
                           int64_t sliding_window, double soft_cap,
-                          const std::optional<at::Tensor>& alibi_slopes) {
+                          const std::optional<at::Tensor>& alibi_slopes, double k_scale,
+                          double v_scale) {
+  TORCH_CHECK(k_scale == 1.0 && v_scale == 1.0, "paged_attention: fp8 K/V scales are not supported on CUDA yet");
   cuda::PagedAttentionArgs a =
       cuda_args::paged_attention(out, query, key_cache, value_cache, query_start_loc, seq_lens,
                                  block_table, scale, sliding_window, soft_cap, alibi_slopes, kCUDA);
