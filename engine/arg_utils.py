@@ -90,6 +90,9 @@ class EngineArgs:
                                     aliases=("-q",))
     kv_cache_dtype: str = _opt("auto", "'auto' (the model dtype) or 'fp8' (float8 e4m3, half the "
                                "bytes of bf16; 'fp8_e4m3' is the same)")
+    calculate_kv_scales: bool = _opt(False, "with kv_cache_dtype='fp8': each layer's K and V scales "
+                                     "from the first batch's largest values (otherwise the "
+                                     "checkpoint's k_scale/v_scale, else 1.0)", action=_BOOL)
     block_size: int = _opt(16, "tokens per KV-cache block (a power of two)", type=int)
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes (on by "
                                        "default)",

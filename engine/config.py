@@ -51,6 +51,7 @@ class EngineConfig:
     runner: str = "auto"                         # "auto" resolves to "generate"
     max_logprobs: int = 20                       # most logprobs a request may ask for; -1: any
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False            # fp8 cache: scales from the first batch
     load_format: str = "auto"
     tokenizer_mode: str = "auto"
     swap_space: float = 4.0                      # accepted, no effect (preemption recomputes)
@@ -129,6 +130,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: use 'auto' "
                              "(the model dtype) or 'fp8' (e4m3, half the bytes)")
+        if self.calculate_kv_scales and self.kv_cache_dtype != "fp8":
+            raise ValueError("calculate_kv_scales=True scales an fp8 KV cache: add "
+                             "kv_cache_dtype='fp8' (or drop calculate_kv_scales)")
         if self.tokenizer_mode != "auto":
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported: use "
                              "tokenizer_mode='auto'")

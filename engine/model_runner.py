@@ -121,6 +121,8 @@ class ModelRunner:
                                  f"kv_cache_dtype='auto'")
             for m in self.attn_layers:
                 m.kv_cache_dtype = torch.float8_e4m3fn
+        # calculate_kv_scales: the first step with tokens sets every layer's K/V scales
+        self._kv_scales_pending = config.kv_cache_dtype == "fp8" and config.calculate_kv_scales
         # a state model runs tensor parallel where its class says so (its mixers replicated)
         tp_ok = getattr(model_cls, "supports_tensor_parallel", False)
         if self.state_layers and (config.pipeline_parallel_size > 1
@@ -327,6 +329,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
+        if self._kv_scales_pending and any(s.num_new_tokens for s in out.scheduled):
+            return self._execute_calculating_kv_scales(out)
         self.prepare_states(out)
         bucket = None
         if self.decode_graphs is not None:
@@ -354,6 +358,26 @@ class ModelRunner:
         if self.keep_hidden:
             kept = hidden[:sum(s.num_new_tokens for s in out.scheduled)]
         return StepOutput(sample_reqs, logits, prompt_logits, kept)
+
+    def _execute_calculating_kv_scales(self, out: SchedulerOutput) -> StepOutput:
+        """calculate_kv_scales: the first step with tokens runs eagerly from Python, each
+        attention layer setting its K/V scales from its K and V before writing them; decode
+        graphs captured with the old scales are captured again."""
+        for m in self.attn_layers:
+            m.calculate_kv_scales = True
+        self._kv_scales_pending = False
+        graphs, self.decode_graphs = self.decode_graphs, None
+        try:
+            return self.execute(out)
+        finally:
+            self.decode_graphs = graphs
+            for m in self.attn_layers:
+                m.calculate_kv_scales = False
+            logger.info("fp8 KV cache scales from the first batch: k %s, v %s",
+                        [round(m.k_scale, 6) for m in self.attn_layers[:4]],
+                        [round(m.v_scale, 6) for m in self.attn_layers[:4]])
+            if graphs is not None and self.device.type == "cuda" and self.num_blocks:
+                graphs.capture()
 
 
 class _DummyRequest:

@@ -126,12 +126,15 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: dict[str, set] = {}
     unexpected = []
+    kv_scales = _KVScales(model)
     for name, tensor in _checkpoint_tensors(model, model_dir, keep_q4):
         if name.endswith(_SKIP_SUFFIXES) or (tied and name.startswith("lm_head.")):
             continue
         routed = route(name) if route is not None else None
         target, shard_id = routed if routed is not None else _route(name, packed)
         param = params.get(target)
+        if param is None and kv_scales.load(name, tensor):
+            continue
         if param is None:
             unexpected.append(name)
             continue
@@ -148,6 +151,44 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     model.loaded_parameter_names = set(loaded)   # (optional ones a checkpoint may lack)
     if model_dir.endswith(".gguf") and _gguf_int4_enabled():
         _keep_gguf_head(model, model_dir)
+
+
+class _KVScales:
+    """An fp8 KV cache's per-layer scales as checkpoints store them (vLLM reads the same names):
+    `<attn>.k_scale` / `.v_scale`, the older `<attn>.kv_scale` (both), or compressed-tensors'
+    `<attn>.k_proj.output_scale` / `.v_proj.output_scale`, where <attn> is the module holding
+    the layer's Attention (e.g. model.layers.0.self_attn). A per-head tensor gives its largest
+    value (a scale too large only costs precision; one too small saturates)."""
+
+    _SUFFIXES = ((".k_proj.output_scale", "k"), (".v_proj.output_scale", "v"),
+                 (".kv_scale", "kv"), (".k_scale", "k"), (".v_scale", "v"))
+
+    def __init__(self, model: nn.Module) -> None:
+        from octavo.models.layers.attention import Attention
+        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+
+    def _layer(self, prefix: str):
+        if prefix in self.layers:
+            return self.layers[prefix]
+        inner = [m for name, m in self.layers.items() if name.startswith(prefix + ".")]
+        return inner[0] if len(inner) == 1 else None
+
+    def load(self, name: str, tensor: torch.Tensor) -> bool:
+        for suffix, which in self._SUFFIXES:
+            if name.endswith(suffix):
+                layer = self._layer(name[:-len(suffix)])
+                if layer is None:
+                    return False
+                value = float(tensor.float().max())
+                if not (value > 0 and value != float("inf")):
+                    raise ValueError(f"checkpoint tensor {name!r}: a KV-cache scale must be "
+                                     f"positive and finite, got {value}")
+                if "k" in which:
+                    layer.k_scale = value
+                if "v" in which:
+                    layer.v_scale = value
+                return True
+        return False
 
 
 def _keep_gguf_head(model: nn.Module, path: str) -> None:

@@ -312,6 +312,8 @@ struct DecoderPlan : torch::CustomClassHolder {
     l.v_cache = need(t, "v_cache");
     l.scale = need_value(f, "scale");
     l.soft_cap = need_value(f, "soft_cap");
+    l.k_scale = need_value(f, "k_scale");
+    l.v_scale = need_value(f, "v_scale");
     l.window = need_value(i, "window");
     l.moe = need_value(i, "moe") != 0;
     if (!l.moe) {

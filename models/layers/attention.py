@@ -5,6 +5,7 @@ The model runner builds one AttentionMetadata per step and binds `k_cache` / `v_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,12 @@ class Attention(CustomOp, CacheLayer):
         # the cache's dtype when it differs from the model's (kv_cache_dtype="fp8": set by the
         # runner; the kernels quantize on write and read the bytes back)
         self.kv_cache_dtype: torch.dtype | None = None
+        # an fp8 cache stores K / k_scale and V / v_scale (vLLM's per-layer scales): 1.0, the
+        # checkpoint's (loader.py), or calculated from the first batch's K and V when
+        # calculate_kv_scales is set (pending until then); other caches ignore them
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+        self.calculate_kv_scales = False
 
     @property
     def has_cache(self) -> bool:
@@ -77,11 +84,33 @@ class Attention(CustomOp, CacheLayer):
             return _attention_without_cache(impl, q, k, v, attn_metadata, self).flatten(1)
         slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(q.device)
         if k is not None:
-            impl.reshape_and_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping)
+            if self.calculate_kv_scales:
+                self._calculate_kv_scales(k, v, attn_metadata.slot_mapping)
+            impl.reshape_and_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping,
+                                   self.k_scale, self.v_scale)
         out = impl.paged_attention(q, self.k_cache, self.v_cache, attn_metadata.query_start_loc,
                                    attn_metadata.seq_lens, attn_metadata.block_table, self.scale,
-                                   self.sliding_window, self.logit_soft_cap, slopes)
+                                   self.sliding_window, self.logit_soft_cap, slopes,
+                                   k_scale=self.k_scale, v_scale=self.v_scale)
         return out.view(num_tokens, self.num_heads * self.head_size)
+
+    # vLLM's calculate_kv_scales: the largest |K| of the first batch maps to 200 and the largest
+    # |V| to 100 (of e4m3's 448), leaving headroom for later tokens (beyond it they saturate)
+    K_SCALE_CONSTANT = 200.0
+    V_SCALE_CONSTANT = 100.0
+
+    def _calculate_kv_scales(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        rows = slots >= 0                      # padding rows hold no token
+        if not bool(rows.any()):
+            return
+        k_max = float(k[rows].float().abs().amax())
+        v_max = float(v[rows].float().abs().amax())
+        if math.isfinite(k_max) and k_max > 0:
+            self.k_scale = k_max / self.K_SCALE_CONSTANT
+        if math.isfinite(v_max) and v_max > 0:
+            self.v_scale = v_max / self.V_SCALE_CONSTANT
+        self.calculate_kv_scales = False
+        Attention.cache_bindings += 1          # what captured the old scales rebuilds
 
     def forward_ops(self, q, k, v, attn_metadata):
         return self._forward(ops, q, k, v, attn_metadata)

@@ -176,8 +176,10 @@ class _LayerArgs:
         _plain(core, "attention")
         _require(core.alibi_slopes is None, "the attention uses ALiBi")
         _require(core.has_cache, "no KV cache is bound")
+        _require(not core.calculate_kv_scales, "the K/V scales are calculated on the first batch")
         self.t["k_cache"], self.t["v_cache"] = core.k_cache, core.v_cache
-        self.f.update(scale=core.scale, soft_cap=float(core.logit_soft_cap))
+        self.f.update(scale=core.scale, soft_cap=float(core.logit_soft_cap),
+                      k_scale=float(core.k_scale), v_scale=float(core.v_scale))
         self.i["window"] = int(core.sliding_window)
 
     def moe(self, block) -> None:

@@ -52,6 +52,7 @@ def field_cases(model: str, tmp: str) -> dict[str, tuple[list[str] | None, objec
         "max_logprobs": (["5"], 5),
         "quantization": (None, None),                   # gptq, awq, int4 (bad values tested below)
         "kv_cache_dtype": (["fp8_e4m3"], "fp8"),        # vLLM's other name for fp8
+        "calculate_kv_scales": ([], True),
         "block_size": (["8"], 8),
         "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
         "enable_state_snapshots": (["--no-enable-state-snapshots"], False),

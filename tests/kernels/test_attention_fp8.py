@@ -127,6 +127,82 @@ def test_fp8_errors():
                               b["value_cache"].float(), torch.zeros(1, dtype=torch.int64))
 
 
+SCALES = [(0.37, 3.0), (2.0 ** -5, 0.011), (40.0, 1.0)]
+
+
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_fp8_scales(dtype, k_scale, v_scale):
+    """With scales the cache stores K / k_scale and V / v_scale (fp32 division, then the
+    format's rounding): byte-identical to the reference, and equal to quantizing the divided
+    values by hand."""
+    g = torch.Generator().manual_seed(1)
+    T, hk, hd, nb, bs = 37, 2, 64, 8, 16
+    k = (torch.randn(T, hk, hd, generator=g) * torch.logspace(-3, 2, T)[:, None, None]).to(dtype)
+    v = (torch.randn(T, hk, hd, generator=g) * 0.05).to(dtype)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    caches = [torch.zeros(nb, bs, hk, hd, dtype=FP8) for _ in range(4)]
+    ops.reshape_and_cache(k, v, caches[0], caches[1], slots, k_scale, v_scale)
+    ops_native.reshape_and_cache(k, v, caches[2], caches[3], slots, k_scale, v_scale)
+    for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    blocks, offs = slots // bs, slots % bs
+    for cache, x, s in ((caches[0], k, k_scale), (caches[1], v, v_scale)):
+        by_hand = ops_native.fp8_kv_quantize(x.float() / torch.tensor(s, dtype=torch.float32))
+        assert torch.equal(cache[blocks, offs].view(torch.uint8), by_hand.view(torch.uint8))
+    # model-dtype caches ignore the scales: a plain copy
+    plain = [torch.zeros(nb, bs, hk, hd, dtype=dtype) for _ in range(2)]
+    ops.reshape_and_cache(k, v, plain[0], plain[1], slots, k_scale, v_scale)
+    assert torch.equal(plain[0][blocks, offs], k) and torch.equal(plain[1][blocks, offs], v)
+
+
+def scaled_reference(batch, k_scale, v_scale):
+    """The batch's fp8 caches as fp32 caches holding stored * scale: what a scaled fp8 cache
+    means, attended through the unscaled reference."""
+    return dict(batch, key_cache=batch["key_cache"].float() * k_scale,
+                value_cache=batch["value_cache"].float() * v_scale)
+
+
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 2), (16, 2)])
+def test_paged_attention_fp8_scales(num_heads, num_kv_heads, k_scale, v_scale):
+    """Decode (bf16 passes with 1-2 rows per kv head, fp32 ones with more) and prefill rows
+    (dequantized copies) read K as stored * k_scale and V as stored * v_scale: against fp64
+    attention over caches holding those values, within twice the bf16-query reference's error."""
+    batch = quantized(make_batch(MIXED + DECODE, num_heads, num_kv_heads, 64, 16, torch.float32,
+                                 seed=num_heads + num_kv_heads, fill_unused=0.0))
+    b = dict(batch, query=batch["query"].bfloat16())
+    out = ops.paged_attention(**b, k_scale=k_scale, v_scale=v_scale)
+    ref = scaled_reference(b, k_scale, v_scale)
+    exact = ops_native.paged_attention(**dict(ref, query=b["query"].double()))
+    bf16 = ops_native.paged_attention(**ref)     # bf16 queries, fp32 sums
+    err, ref_err = max_err(out, exact), max_err(bf16, exact)
+    assert err <= 2 * ref_err + 1e-5 * v_scale, f"scales {k_scale}, {v_scale}: {err:.3g} > 2 x {ref_err:.3g}"
+    # the plain-PyTorch op agrees on what the scales mean
+    native = ops_native.paged_attention(**dict(b, query=b["query"].double()), k_scale=k_scale,
+                                        v_scale=v_scale)
+    torch.testing.assert_close(native, exact, rtol=1e-6, atol=1e-6 * v_scale)
+    # and they matter: the unscaled result is far off whenever a scale is not 1
+    unscaled = ops.paged_attention(**b)
+    assert max_err(unscaled, exact) > 10 * err
+
+
+def test_fp8_scales_ignored_and_checked():
+    batch = make_batch(MIXED, 8, 2, 64, 16, torch.bfloat16, seed=3, fill_unused=0.0)
+    # a model-dtype cache ignores the scales
+    torch.testing.assert_close(ops.paged_attention(**batch, k_scale=0.5, v_scale=4.0),
+                               ops.paged_attention(**batch), rtol=0, atol=0)
+    q = quantized(batch)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="k_scale and v_scale must be positive and finite"):
+            ops.paged_attention(**q, k_scale=bad)
+        with pytest.raises(RuntimeError, match="k_scale and v_scale must be positive and finite"):
+            ops.reshape_and_cache(torch.randn(1, 2, 64), torch.randn(1, 2, 64), q["key_cache"],
+                                  q["value_cache"], torch.zeros(1, dtype=torch.int64), 1.0, bad)
+        with pytest.raises(ValueError, match="k_scale and v_scale must be positive and finite"):
+            ops_native.paged_attention(**q, v_scale=bad)
+
+
 OTHER_PATHS_SCRIPT = r"""
 import torch
 import test_attention_fp8 as t
@@ -138,6 +214,8 @@ for hs in (64, 128):
 for v in ({"sliding_window": 20}, {"alibi": True}):
     t.test_paged_attention_fp8_variants(v)
 t.test_reshape_and_cache_fp8(torch.bfloat16)
+t.test_reshape_and_cache_fp8_scales(torch.float32, 0.37, 3.0)
+t.test_paged_attention_fp8_scales(8, 2, 0.37, 3.0)
 print("ok")
 """
 
