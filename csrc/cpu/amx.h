@@ -10,6 +10,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -96,6 +97,65 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_panel_block(const c
   _tile_stored(1, out + 16, ob);
   _tile_stored(2, out + 32, ob);
   _tile_stored(3, out + 48, ob);
+  amx_memory_barrier();
+}
+
+// amx_panel_block for nblk (2..4) consecutive 16-row blocks of x (block b's first row at
+// xr + 16 * b * xs), K in chunks of kAmxChunkSteps steps: block 0 streams a chunk's B tiles from
+// memory, the other blocks find them in L1, and the last block's pass pulls the next chunk into
+// L2 meanwhile, so the later blocks' products overlap the next chunk's reads (one panel per
+// block, as before, read the panel from memory once and again from L2, one after the other).
+// The sums wait in out ([nblk, 16, 64] fp32) between chunks.
+constexpr int64_t kAmxChunkSteps = 8;  // 8 x 4 KiB of B: in L1 while the blocks take turns
+
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_panel_blocks(const c10::BFloat16* xr,
+                                                                          int64_t xs, int nblk,
+                                                                          const c10::BFloat16* wp,
+                                                                          int64_t kmain, float* out) {
+  constexpr int64_t kCols = 64, kPairsPerStep = 16, kChunk = kAmxChunkSteps * kPairsPerStep;
+  constexpr int64_t wb = 2 * kCols * sizeof(c10::BFloat16), ob = kCols * sizeof(float);
+  constexpr int64_t kChunkBytes = kChunk * wb;
+  const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
+  amx_memory_barrier();
+  for (int64_t k0 = 0; k0 < kmain; k0 += kChunk) {
+    const int64_t k1 = std::min(kmain, k0 + kChunk);
+    for (int b = 0; b < nblk; ++b) {
+      float* o = out + b * 16 * kCols;
+      if (k0 == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        _tile_loadd(0, o, ob);
+        _tile_loadd(1, o + 16, ob);
+        _tile_loadd(2, o + 32, ob);
+        _tile_loadd(3, o + 48, ob);
+      }
+      const c10::BFloat16* x = xr + 16 * b * xs;
+      const bool prefetch = b == nblk - 1;  // (past the last chunk: the next panel, this thread's next)
+      for (int64_t kk = k0; kk < k1; kk += kPairsPerStep) {
+        const c10::BFloat16* wk = wp + kk * 2 * kCols;
+        if (prefetch) {
+          const char* f = reinterpret_cast<const char*>(wk) + kChunkBytes;
+          for (int l = 0; l < kPairsPerStep * wb; l += 64) _mm_prefetch(f + l, _MM_HINT_T1);
+        }
+        _tile_loadd(4, x + 2 * kk, xb);
+        _tile_loadd(5, wk, wb);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, wk + 32, wb);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, wk + 64, wb);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, wk + 96, wb);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, o, ob);
+      _tile_stored(1, o + 16, ob);
+      _tile_stored(2, o + 32, ob);
+      _tile_stored(3, o + 48, ob);
+    }
+  }
   amx_memory_barrier();
 }
 

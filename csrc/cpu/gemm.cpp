@@ -431,7 +431,25 @@ static void packed_panel_amx(const LinearParams& p, const c10::BFloat16* wp, int
   const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x);
   const int64_t kfull = p.k / 2, kmain = p.k / 32 * kAmxPairs;
   alignas(64) float scratch[kAmxRows * kPanel];
-  for (int64_t m0 = r0; m0 < r1; m0 += kAmxRows) {
+  int64_t m_start = r0;
+  // OCTAVO_CPU_AMX_BLOCKS=0: every 16-row block through the whole panel alone (the kernel lab's A/B)
+  static const bool multi = [] {
+    const char* e = std::getenv("OCTAVO_CPU_AMX_BLOCKS");
+    return e == nullptr || e[0] != '0';
+  }();
+  if (multi && p.k % 32 == 0 && p.k > 0) {
+    // whole 16-row blocks, up to four at a time through each chunk of K (amx_panel_blocks):
+    // M = 32 decode GEMMs -5..-14% at K = 2048/5632 in the kernel lab, level at K = 768
+    alignas(64) float sums[4 * kAmxRows * kPanel];
+    const int64_t full_end = r0 + (r1 - r0) / kAmxRows * kAmxRows;
+    while (full_end - m_start >= 2 * kAmxRows) {
+      const int nblk = static_cast<int>(std::min<int64_t>(4, (full_end - m_start) / kAmxRows));
+      amx_panel_blocks(x + m_start * p.x_stride, p.x_stride, nblk, wp, kmain, sums);
+      for (int b = 0; b < nblk; ++b) amx_epilogue(p, sums + b * kAmxRows * kPanel, n0, m_start + b * kAmxRows, kAmxRows);
+      m_start += nblk * kAmxRows;
+    }
+  }
+  for (int64_t m0 = m_start; m0 < r1; m0 += kAmxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, r1 - m0));
     if (kmain > 0) {
       if (rows == kAmxRows) amx_panel_block(x + m0 * p.x_stride, p.x_stride, wp, kmain, scratch);

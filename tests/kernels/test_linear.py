@@ -161,10 +161,19 @@ def test_linear_packed_long_k(dtype, m):
     _check_packed(*_case(m, 4099, 77, dtype, True), what=f"long K {dtype} m={m}")
 
 
+@pytest.mark.parametrize("m", [32, 48, 64, 80, 47])
+@pytest.mark.parametrize("k", [32, 320, 2016, 4096])
+def test_linear_packed_row_blocks_through_k_chunks(m, k):
+    # AMX (K in whole 32-wide steps): two to four 16-row blocks take turns over each 8-step chunk
+    # of K (a partial last chunk at K = 320 and 2016, a single step at 32); the rest one by one
+    _check_packed(*_case(m, k, 200, torch.bfloat16, True), what=f"row blocks m={m} k={k}")
+
+
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 def test_linear_packed_strided_rows(dtype):
-    # (K = 768: the AMX path's own epilogue for K in whole 32-wide steps, 20 rows: a partial block)
-    for m, k in ((3, 769), (13, 769), (20, 768)):
+    # (K = 768: the AMX path's own epilogue for K in whole 32-wide steps, 20 rows: a partial block;
+    # 40 rows: two whole blocks through K's chunks together, then the partial one)
+    for m, k in ((3, 769), (13, 769), (20, 768), (40, 768)):
         x, w, b = _case(m, k, 133, dtype, True, stride=40)
         _check_packed(x, w, b, what="strided x")
         big = torch.full((m, 200), 7.0, dtype=dtype)
