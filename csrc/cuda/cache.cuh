@@ -10,15 +10,16 @@
 namespace octavo::cuda {
 
 // N elements of a key/value row into a cache of element type C: a copy when C is T, else
-// rounded to fp8 KV bytes.
+// divided by scale and rounded to fp8 KV bytes.
 template <typename T, typename C, int N>
-__device__ __forceinline__ void cache_n(C* dst, const T* src) {
+__device__ __forceinline__ void cache_n(C* dst, const T* src, float scale) {
   if constexpr (std::is_same_v<C, T>) copy_n<T, N>(dst, src);
-  else quantize_n<T, N>(dst, src);
+  else quantize_n<T, N>(dst, src, scale);
 }
 
 // grid: (T); the block writes the token's Hk * hd elements of key and value, N at a time
-// (hd % N == 0). C: the cache element type (T, or Fp8Kv for an fp8 cache).
+// (hd % N == 0). C: the cache element type (T, or Fp8Kv for an fp8 cache, which stores
+// key / k_scale and value / v_scale).
 template <typename T, typename C, int N>
 __global__ void reshape_and_cache_kernel(CacheArgs a) {
   const int64_t t = blockIdx.x;
@@ -33,8 +34,8 @@ __global__ void reshape_and_cache_kernel(CacheArgs a) {
   const int nv = a.head_size / N;
   for (int idx = threadIdx.x; idx < a.num_kv_heads * nv; idx += blockDim.x) {
     const int h = idx / nv, d = idx % nv * N;
-    cache_n<T, C, N>(kc + h * a.kc_stride_head + d, k + h * a.k_stride_head + d);
-    cache_n<T, C, N>(vc + h * a.vc_stride_head + d, v + h * a.v_stride_head + d);
+    cache_n<T, C, N>(kc + h * a.kc_stride_head + d, k + h * a.k_stride_head + d, a.k_scale);
+    cache_n<T, C, N>(vc + h * a.vc_stride_head + d, v + h * a.v_stride_head + d, a.v_scale);
   }
 }
 

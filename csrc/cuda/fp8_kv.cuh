@@ -72,12 +72,15 @@ __device__ __forceinline__ void fp8_kv_to(T* dst, const Fp8Kv* src) {
   *reinterpret_cast<uint4*>(dst) = raw;
 }
 
-// dst[0:N] = src[0:N] as fp8 KV bytes: one load of N values, one store of N bytes (N == 1, or
-// N == Vec<T>::kElems with src 16-byte and dst N-byte aligned).
+// dst[0:N] = src[0:N] / scale as fp8 KV bytes: one load of N values, one store of N bytes (N == 1,
+// or N == Vec<T>::kElems with src 16-byte and dst N-byte aligned). The division is IEEE fp32
+// (__fdiv_rn, not a reciprocal multiply), so the bytes match the CPU kernel and ops_native.
 template <typename T, int N>
-__device__ __forceinline__ void quantize_n(Fp8Kv* dst, const T* src) {
+__device__ __forceinline__ void quantize_n(Fp8Kv* dst, const T* src, float scale) {
   float f[N];
   load_n<T, N>(src, f);
+  OCTAVO_UNROLL
+  for (int e = 0; e < N; ++e) f[e] = __fdiv_rn(f[e], scale);
   if constexpr (N == 1) {
     dst->bits = fp8_kv_encode(f[0]);
   } else {

@@ -57,6 +57,7 @@ struct CacheArgs {
   int num_kv_heads, head_size, block_size;
   DType dtype;               // of key and value
   bool cache_fp8;            // caches hold fp8 KV bytes (cuda/fp8_kv.cuh), else dtype
+  float k_scale, v_scale;    // fp8 caches store key / k_scale, value / v_scale (fp32 division)
 };
 
 struct PagedAttentionArgs {

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -22,6 +23,12 @@ inline cuda::DType to_dtype(const at::Tensor& t, const char* op) {
       TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), "; use float32, bfloat16 or float16");
   }
   return cuda::DType::kFloat32;
+}
+
+// An fp8 cache's K/V scales (vLLM's k_scale / v_scale), checked for every cache dtype.
+inline void check_kv_scales(double k_scale, double v_scale, const char* op) {
+  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0, op,
+              ": k_scale and v_scale must be positive and finite, got ", k_scale, " and ", v_scale);
 }
 
 inline void check_on(const at::Tensor& t, at::DeviceType dev, const char* op, const char* name) {
@@ -141,7 +148,8 @@ inline cuda::RotaryArgs rotary_embedding(const at::Tensor& positions, at::Tensor
 
 inline cuda::CacheArgs reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
                                          at::Tensor& key_cache, at::Tensor& value_cache,
-                                         const at::Tensor& slot_mapping, at::DeviceType dev) {
+                                         const at::Tensor& slot_mapping, double k_scale,
+                                         double v_scale, at::DeviceType dev) {
   const char* op = "reshape_and_cache";
   using List = std::initializer_list<const at::Tensor*>;
   for (const at::Tensor* t : List{&key, &value, &key_cache, &value_cache, &slot_mapping}) {
@@ -169,13 +177,17 @@ inline cuda::CacheArgs reshape_and_cache(const at::Tensor& key, const at::Tensor
               " (only float8_e4m3fn caches take another dtype)");
   for (const at::Tensor* t : List{&key, &value, &key_cache, &value_cache})
     TORCH_CHECK(t->size(-1) <= 1 || t->stride(-1) == 1, op, ": tensors must have a unit last stride");
+  check_kv_scales(k_scale, v_scale, op);
+  // model-dtype caches ignore the scales (their copy never reads them)
+  const float ks = static_cast<float>(fp8 ? k_scale : 1.0);
+  const float vs = static_cast<float>(fp8 ? v_scale : 1.0);
   return {key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
           slot_mapping.data_ptr<int64_t>(), key.stride(0), key.stride(1), value.stride(0),
           value.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
           value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), key.size(0),
           key_cache.size(0) * key_cache.size(1), static_cast<int>(key.size(1)),
           static_cast<int>(key.size(2)), static_cast<int>(key_cache.size(1)),
-          to_dtype(key, op), fp8};
+          to_dtype(key, op), fp8, ks, vs};
 }
 
 // Every check that needs no host read of the int32 metadata (a GPU launch must not sync): the

@@ -76,10 +76,10 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query,
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                             at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale,
                             double v_scale) {
-  TORCH_CHECK(k_scale == 1.0 && v_scale == 1.0, "reshape_and_cache: fp8 K/V scales are not supported on CUDA yet");
   run(cuda::launch_reshape_and_cache,
-      cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kCUDA), key,
-      "reshape_and_cache");
+      cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale,
+                                   v_scale, kCUDA),
+      key, "reshape_and_cache");
 }
 
 void mla_paged_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,

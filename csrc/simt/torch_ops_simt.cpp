@@ -45,9 +45,11 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
 }
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale,
+                       double v_scale) {
   run(cuda::launch_reshape_and_cache,
-      cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kCPU),
+      cuda_args::reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale,
+                                   v_scale, kCPU),
       "reshape_and_cache");
 }
 
@@ -137,7 +139,7 @@ TORCH_LIBRARY(octavo_simt, m) {
   m.def("rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
         "Tensor cos_sin_cache, bool is_neox) -> ()", &rotary_embedding);
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
-        "Tensor slot_mapping) -> ()", &reshape_and_cache);
+        "Tensor slot_mapping, float k_scale=1.0, float v_scale=1.0) -> ()", &reshape_and_cache);
   m.def("paged_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
         "Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float scale, "
         "int sliding_window, float soft_cap, Tensor? alibi_slopes) -> ()", &paged_attention);

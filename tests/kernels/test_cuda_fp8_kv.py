@@ -2,7 +2,13 @@
 ops_native.fp8_kv_quantize, paged_attention over fp8 caches held to the rule of tests/kernels
 against ops_native over the same caches (fp64), and the decode path captured in a CUDA graph.
 Skipped where torch.cuda is unavailable; tests/simt/test_simt_cuda_fp8_kv.py runs the same kernels
-under the SIMT emulator (with the edge values of the format)."""
+under the SIMT emulator (with the edge values of the format).
+
+With K/V scales (k_scale / v_scale) the writes are held byte-exact to ops_native run on the CPU:
+torch's CUDA division by a Python scalar multiplies by the reciprocal, which the spec (and the
+kernels' IEEE division) does not."""
+import math
+
 import pytest
 import torch
 
@@ -15,6 +21,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 FP8 = torch.float8_e4m3fn
 DECODE = [(1, 1), (1, 1100), (1, 37), (1, 600), (1, 7000)]
 MIXED = [(1, 1), (1, 37), (19, 19), (5, 70), (0, 9), (129, 2000), (300, 300), (3, 3)]
+# (k_scale, v_scale): different K and V scales, each above and below 1, and a power of two
+SCALES = [(0.37, 3.0), (3.0, 2.0 ** -5), (2.0 ** -5, 0.37)]
+SCALE_IDS = ["k0.37-v3", "k3-v2^-5", "k2^-5-v0.37"]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -34,6 +43,43 @@ def test_reshape_and_cache_fp8_cuda(dtype, head_size):
     ops_native.reshape_and_cache(kv[:, 0], kv[:, 1], caches[2], caches[3], slots)
     for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
         assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
+def scaled_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An fp8 cache's bytes with every NaN as 0x7f: the sign of NaN / scale is the platform's (a GPU
+    returns its canonical positive NaN, x86 keeps the dividend's)."""
+    b = cache.view(torch.uint8)
+    return torch.where(b & 0x7F == 0x7F, torch.full_like(b, 0x7F), b)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("head_size", [6, 128])
+@pytest.mark.parametrize("k_scale,v_scale", SCALES, ids=SCALE_IDS)
+def test_reshape_and_cache_fp8_cuda_scales(dtype, head_size, k_scale, v_scale):
+    g = torch.Generator().manual_seed(head_size)
+    num_tokens, hk, block_size, num_blocks = 301, 3, 16, 24
+    scale = torch.logspace(-4, 3, num_tokens)[:, None, None, None]   # flushed .. saturated
+    kv = (torch.randn(num_tokens, 2, hk, head_size, generator=g) * scale).to(dtype)
+    # keys whose quotient by k_scale lands next to a rounding tie of the format: there a
+    # reciprocal multiply rounds differently from the division
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(FP8).double()
+    grid = grid[grid >= 2.0 ** -6]
+    ties = (((grid[1:] + grid[:-1]) / 2) * k_scale).to(dtype)
+    keys = kv[1:, 0].flatten()
+    keys[: ties.numel()] = ties
+    kv[1:, 0] = keys.view(kv[1:, 0].shape)
+    kv[0, 0, 0, :6] = torch.tensor([2.0 ** -7, -2.0 ** -7 * 0.99, 2.0 ** -6 * 0.999, 460.0,
+                                    -math.inf, math.nan]).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[::7] = -1
+    shape = (num_blocks, block_size, hk, head_size)
+    gpu = [torch.zeros(shape, dtype=FP8, device="cuda") for _ in range(2)]
+    ref = [torch.zeros(shape, dtype=FP8) for _ in range(2)]
+    ops.reshape_and_cache(kv[:, 0].cuda(), kv[:, 1].cuda(), gpu[0], gpu[1], slots.cuda(), k_scale,
+                          v_scale)
+    ops_native.reshape_and_cache(kv[:, 0], kv[:, 1], ref[0], ref[1], slots, k_scale, v_scale)
+    for got, want in zip(gpu, ref):
+        assert torch.equal(scaled_bytes(got.cpu()), scaled_bytes(want))
 
 
 def fp8_batch(seqs, num_heads, num_kv_heads, head_size, block_size, seed, dtype):

@@ -9,7 +9,10 @@ caches: at most twice the error of the PyTorch reference run with the kernel's q
 sums; the tensor-core prefill also rounds P to bf16/fp16, as with any cache), measured against that
 reference in fp64. With bf16/fp16 queries the fp8 kernels must moreover give bit for bit what the
 same kernels give over a bf16/fp16 cache holding the dequantized values (every fp8 KV value is
-exact in both, and the loads have the same shape)."""
+exact in both, and the loads have the same shape).
+
+With K/V scales (vLLM's k_scale / v_scale) the caches store key / k_scale (IEEE fp32 division, then
+the rounding above): the writes are byte-exact against ops_native again."""
 import math
 
 import pytest
@@ -27,6 +30,10 @@ DECODE = [(1, 1), (1, 1100), (1, 37), (1, 600)]
 # tensor-core tile once G heads are packed), an empty sequence
 MIXED = [(1, 1), (1, 37), (19, 19), (5, 70), (0, 9), (40, 40), (3, 3)]
 HEADS = [(4, 4), (8, 2), (4, 1)]  # GQA ratios 1, 4 and MQA
+# (k_scale, v_scale): different K and V scales, each above and below 1, and a power of two
+SCALES = [(0.37, 3.0), (3.0, 2.0 ** -5), (2.0 ** -5, 0.37)]
+SCALE_IDS = ["k0.37-v3", "k3-v2^-5", "k2^-5-v0.37"]
+BAD_SCALES = [0.0, -1.0, math.inf, -math.inf, math.nan]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +118,71 @@ def test_reshape_and_cache_fp8_every_edge(simt):
     caches = [torch.zeros(8, 1, 1, 1, dtype=FP8) for _ in range(2)]
     simt.reshape_and_cache(x.view(8, 1, 1), x.view(8, 1, 1), caches[0], caches[1], torch.arange(8))
     assert caches[0].view(torch.uint8).flatten().tolist() == [0x08, 0x00, 0x58, 0x7e, 0x7e, 0x80, 0x2a, 0x7f]
+
+
+def tie_values(scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs whose quotient by `scale` lands on or next to a midpoint between two fp8 values, in
+    dtype: there a reciprocal multiply (x * (1 / scale)) rounds differently from the division."""
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(FP8).double()
+    grid = grid[grid >= 2.0 ** -6]
+    x = (((grid[1:] + grid[:-1]) / 2) * scale).to(dtype)
+    pos = torch.cat([x, bits_below(x), (x.view(bits_below(x).dtype) + 1).view(dtype)])
+    return torch.cat([pos, -pos])
+
+
+def scaled_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An fp8 cache's bytes with every NaN as 0x7f: the sign of NaN / scale is the platform's
+    (x86 keeps the dividend's, a GPU returns its canonical positive NaN; torch's CPU division
+    does either), so a scaled write is byte-exact up to the sign of NaN."""
+    b = cache.view(torch.uint8)
+    return torch.where(b & 0x7F == 0x7F, torch.full_like(b, 0x7F), b)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES, ids=SCALE_IDS)
+# 64 and 8: the vector path; 6: the scalar one
+@pytest.mark.parametrize("num_kv_heads,head_size,block_size", [(3, 64, 4), (8, 8, 1), (2, 6, 5)])
+def test_reshape_and_cache_fp8_scales(simt, dtype, k_scale, v_scale, num_kv_heads, head_size,
+                                      block_size):
+    key, value, caches, slots = cache_case(dtype, 97, num_kv_heads, head_size, block_size, head_size)
+    emu = [c.clone() for c in caches]
+    simt.reshape_and_cache(key, value, emu[0], emu[1], slots, k_scale, v_scale)
+    ops_native.reshape_and_cache(key, value, caches[0], caches[1], slots, k_scale, v_scale)
+    for got, ref in zip(emu, caches):
+        assert torch.equal(scaled_bytes(got), scaled_bytes(ref))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("scale", [0.37, 3.0, 0.1, 2.0 ** -5])
+def test_reshape_and_cache_fp8_scale_ties(simt, dtype, scale):
+    # values next to the rounding ties of x / scale and the format's edges, as key (scaled by
+    # `scale`) and value (by 1 / scale), through the vector (hd 8) and the scalar (hd 1) path
+    x = torch.cat([tie_values(scale, dtype), edge_values(dtype)])
+    for head_size in (8, 1):
+        n = (x.numel() + head_size - 1) // head_size * head_size
+        key = torch.zeros(n, dtype=dtype)
+        key[: x.numel()] = x
+        key = key.view(-1, 1, head_size)
+        slots = torch.arange(key.shape[0])
+        caches = [torch.zeros(key.shape[0], 1, 1, head_size, dtype=FP8) for _ in range(4)]
+        simt.reshape_and_cache(key, key, caches[0], caches[1], slots, scale, 1 / scale)
+        ops_native.reshape_and_cache(key, key, caches[2], caches[3], slots, scale, 1 / scale)
+        for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+            assert torch.equal(scaled_bytes(got), scaled_bytes(ref)), (dtype, head_size)
+    if dtype == torch.float32 and scale != 2.0 ** -5:
+        # the inputs tell the division from a reciprocal multiply (else this test could not)
+        recip = ops_native.fp8_kv_quantize(x * (1 / scale)).view(torch.uint8)
+        assert not torch.equal(recip, ops_native.fp8_kv_quantize(x / scale).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reshape_and_cache_scales_ignored_on_model_dtype_cache(simt, dtype):
+    key, value, fp8_caches, slots = cache_case(dtype, 41, 2, 16, 4, seed=1)
+    caches = [torch.zeros(fp8_caches[0].shape, dtype=dtype) for _ in range(4)]
+    simt.reshape_and_cache(key, value, caches[0], caches[1], slots, 0.37, 3.0)
+    ops_native.reshape_and_cache(key, value, caches[2], caches[3], slots)
+    for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
 
 
 def quantized(batch):
@@ -219,3 +291,23 @@ def test_fp8_errors(simt):
     with pytest.raises(RuntimeError, match="only float8_e4m3fn caches take another dtype"):
         simt.reshape_and_cache(key.bfloat16(), key.bfloat16(), b["key_cache"].float(), b["value_cache"].float(),
                                torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bad", BAD_SCALES, ids=str)
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_bad_scales(simt, bad, which, fp8):
+    # every cache dtype checks the scales, like the CPU kernels and ops_native
+    b = batch_for([(2, 5), (1, 20)], 4, 2, 32, 16, seed=0)
+    if not fp8:
+        b = dict(b, query=b["query"].bfloat16(), key_cache=b["key_cache"].bfloat16(),
+                 value_cache=b["value_cache"].bfloat16())
+    scales = {"k_scale": 1.0, "v_scale": 1.0, f"{which}_scale": bad}
+    match = "k_scale and v_scale must be positive and finite"
+    key = torch.randn(1, 2, 32, dtype=b["query"].dtype)
+    with pytest.raises(RuntimeError, match=f"reshape_and_cache: {match}"):
+        simt.reshape_and_cache(key, key, b["key_cache"], b["value_cache"], torch.zeros(1, dtype=torch.int64),
+                               scales["k_scale"], scales["v_scale"])
+    with pytest.raises(ValueError, match=match):  # the reference agrees
+        ops_native.reshape_and_cache(key, key, b["key_cache"], b["value_cache"],
+                                     torch.zeros(1, dtype=torch.int64), **scales)
