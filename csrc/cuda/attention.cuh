@@ -1,8 +1,11 @@
 // Paged attention kernels on CUDA cores (no torch headers): a split-context decode kernel with a
 // log-sum-exp merge, and a tiled online-softmax prefill kernel for varlen query batches. T is the
 // query/output type, C the cache element type: T, or Fp8Kv for an fp8 cache, whose loads decode
-// each byte to its fp32 value (cuda/fp8_kv.cuh) before the same fp32 arithmetic.
+// each byte to its fp32 value (cuda/fp8_kv.cuh) before the same fp32 arithmetic. An fp8 cache's
+// K scale is in a.scale (the host folds it in); the softmax normalizer l becomes l / v_scale.
 #pragma once
+
+#include <type_traits>
 
 #include "cuda/fp8_kv.cuh"
 #include "cuda/vec.cuh"
@@ -305,7 +308,10 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(PagedAttentio
       decode_values<C, HD_MAX>(a, bt_row, v_head, logits, c0, c1, acc);
       __syncthreads();  // logits read before the next chunk's scores
     }
-    decode_store<T, C, HD_MAX>(a, acc, st.m, st.l, red, ws, t, h, slot);
+    // an fp8 cache's V scale multiplies the output: folded into the normalizer, which the
+    // split-context merge sums too (a model-dtype cache compiles without it)
+    const float l = std::is_same_v<C, Fp8Kv> ? st.l * a.inv_v_scale : st.l;
+    decode_store<T, C, HD_MAX>(a, acc, st.m, l, red, ws, t, h, slot);
   }
 }
 
@@ -489,9 +495,10 @@ __global__ void __launch_bounds__(kThreads, 4) paged_prefill_kernel(PagedAttenti
     const int rr = warp * P::kRowsPerWarp + i;
     if (rr >= nrows) continue;
     T* out = static_cast<T*>(a.out) + (t0 + rr) * a.o_stride_token + h * a.o_stride_head;
+    const float l = std::is_same_v<C, Fp8Kv> ? st[i].l * a.inv_v_scale : st[i].l;  // fp8: V scale
     OCTAVO_UNROLL
     for (int c = 0; c < P::kDims; ++c)
-      if (lane + 32 * c < a.head_size) out[lane + 32 * c] = from_float<T>(st[i].acc[c] / st[i].l);
+      if (lane + 32 * c < a.head_size) out[lane + 32 * c] = from_float<T>(st[i].acc[c] / l);
   }
 }
 

@@ -1,8 +1,8 @@
 // Tensor-core prefill for paged attention (flash-attention-2 style): S = Q K^T and O += P V with
 // mma.sync m16n8k16 (bf16/fp16, fp32 accumulate), K/V tiles gathered from the paged cache into
 // shared memory with cp.async, online softmax in registers. An fp8 cache (C = Fp8Kv) is decoded
-// into the same bf16/fp16 tiles with plain loads instead (exact; cp.async cannot convert). No
-// torch headers.
+// into the same bf16/fp16 tiles with plain loads instead (exact; cp.async cannot convert); its K
+// scale is in a.scale, its V scale divides the final l. No torch headers.
 #pragma once
 
 #include <cstdint>
@@ -298,10 +298,12 @@ OCTAVO_PREFILL_UNROLL
   cp_async_commit();
 }
 
-// out rows = o / l (l summed over the 4 lanes of a row); padding rows are not written.
+// out rows = o / (l * l_scale) (l summed over the 4 lanes of a row; l_scale: 1 / v_scale for an
+// fp8 cache, else 1); padding rows are not written.
 template <typename T, int HD>
 __device__ __forceinline__ void store_rows(const PagedAttentionArgs& a, const Tile& tl,
-                                           const float (&o)[HD / 8][4], const float (&l)[2]) {
+                                           const float (&o)[HD / 8][4], const float (&l)[2],
+                                           float l_scale) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
 OCTAVO_PREFILL_UNROLL
   for (int h = 0; h < 2; ++h) {
@@ -310,7 +312,7 @@ OCTAVO_PREFILL_UNROLL
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int r = warp * 16 + g + 8 * h;
     if (r >= tl.nrows) continue;
-    const float inv = 1.f / sum;
+    const float inv = 1.f / (sum * l_scale);
     T* orow = packed_row(static_cast<T*>(a.out), tl, r, a.o_stride_token, a.o_stride_head);
 OCTAVO_PREFILL_UNROLL
     for (int d = 0; d < HD / 8; ++d)
@@ -363,7 +365,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<HD>()) paged_prefill_mma_
     cp_async_commit();
   }
   cp_async_wait_all();
-  if (wp_hi >= wp_lo) store_rows<T, HD>(a, tl, o, l);
+  const float l_scale = std::is_same_v<C, Fp8Kv> ? a.inv_v_scale : 1.f;
+  if (wp_hi >= wp_lo) store_rows<T, HD>(a, tl, o, l, l_scale);
 }
 
 template <typename T, typename C, int HD>

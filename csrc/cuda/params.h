@@ -78,10 +78,14 @@ struct PagedAttentionArgs {
   int64_t num_tokens;              // T
   int64_t num_cache_blocks;        // num_blocks (block_table entries must be below it)
   int num_seqs, num_heads, num_kv_heads, head_size, block_size, max_blocks;
-  float scale, soft_cap;           // soft_cap <= 0: off
+  float scale, soft_cap;           // scale: times k_scale for an fp8 cache; soft_cap <= 0: off
   int sliding_window;              // <= 0: off; else key j is seen by position p if p-w < j <= p
   DType dtype;                     // of query and out
   bool cache_fp8;                  // caches hold fp8 KV bytes (cuda/fp8_kv.cuh), else dtype
+  // 1 / v_scale for an fp8 cache, whose values are stored * v_scale (else 1): the kernels divide
+  // by l * inv_v_scale instead of l. Last, so that the fields before keep their offsets and the
+  // model-dtype kernels their code (ptxas: the same registers)
+  float inv_v_scale;
 };
 
 // Each returns false for an unsupported dtype; launch errors are left to cudaGetLastError.

@@ -196,7 +196,8 @@ inline cuda::PagedAttentionArgs paged_attention(
     at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
     const at::Tensor& value_cache, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
     const at::Tensor& block_table, double scale, int64_t sliding_window, double soft_cap,
-    const std::optional<at::Tensor>& alibi_slopes, at::DeviceType dev) {
+    const std::optional<at::Tensor>& alibi_slopes, double k_scale, double v_scale,
+    at::DeviceType dev) {
   const char* op = "paged_attention";
   using List = std::initializer_list<const at::Tensor*>;
   for (const at::Tensor* t : List{&out, &query, &key_cache, &value_cache, &query_start_loc,
@@ -252,6 +253,7 @@ inline cuda::PagedAttentionArgs paged_attention(
   }
   TORCH_CHECK(sliding_window >= 0 && sliding_window <= INT32_MAX, op, ": sliding_window must be >= 0");
   TORCH_CHECK(soft_cap >= 0, op, ": soft_cap must be >= 0");
+  check_kv_scales(k_scale, v_scale, op);
   TORCH_CHECK(query.size(0) <= INT32_MAX, op, ": at most 2^31 - 1 query tokens, got ", query.size(0));
   TORCH_CHECK(key_cache.size(1) > 0, op, ": cache block_size must be > 0");
   TORCH_CHECK(num_seqs <= 65535, op, ": at most 65535 sequences per call (the decode grid's y), got ", num_seqs);
@@ -283,7 +285,11 @@ inline cuda::PagedAttentionArgs paged_attention(
   a.head_size = static_cast<int>(head_size);
   a.block_size = static_cast<int>(key_cache.size(1));
   a.max_blocks = static_cast<int>(block_table.size(1));
-  a.scale = static_cast<float>(scale);
+  // an fp8 cache's K scale multiplies every score (folded into the softmax scale, as on the
+  // CPU), its V scale every output (folded into the softmax's normalizer l); other caches ignore
+  // both. A reciprocal, so that the kernels multiply (a power-of-two scale stays exact)
+  a.scale = static_cast<float>(fp8 ? scale * k_scale : scale);
+  a.inv_v_scale = static_cast<float>(fp8 ? 1.0 / v_scale : 1.0);
   a.soft_cap = static_cast<float>(soft_cap);
   a.sliding_window = static_cast<int>(sliding_window);
   a.dtype = dtype;

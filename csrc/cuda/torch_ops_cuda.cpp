@@ -97,10 +97,10 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                           int64_t sliding_window, double soft_cap,
                           const std::optional<at::Tensor>& alibi_slopes, double k_scale,
                           double v_scale) {
-  TORCH_CHECK(k_scale == 1.0 && v_scale == 1.0, "paged_attention: fp8 K/V scales are not supported on CUDA yet");
   cuda::PagedAttentionArgs a =
       cuda_args::paged_attention(out, query, key_cache, value_cache, query_start_loc, seq_lens,
-                                 block_table, scale, sliding_window, soft_cap, alibi_slopes, kCUDA);
+                                 block_table, scale, sliding_window, soft_cap, alibi_slopes,
+                                 k_scale, v_scale, kCUDA);
   const c10::cuda::CUDAGuard guard(query.device());
   // [T, Hq, partitions, hd + 2] split-context partials; from the caching allocator (and the
   // graph's pool under capture), sized by shapes only

@@ -57,10 +57,12 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& value_cache, const at::Tensor& query_start_loc,
                      const at::Tensor& seq_lens, const at::Tensor& block_table, double scale,
                      int64_t sliding_window, double soft_cap,
-                     const std::optional<at::Tensor>& alibi_slopes) {
+                     const std::optional<at::Tensor>& alibi_slopes, double k_scale,
+                     double v_scale) {
   cuda::PagedAttentionArgs a =
       cuda_args::paged_attention(out, query, key_cache, value_cache, query_start_loc, seq_lens,
-                                 block_table, scale, sliding_window, soft_cap, alibi_slopes, kCPU);
+                                 block_table, scale, sliding_window, soft_cap, alibi_slopes,
+                                 k_scale, v_scale, kCPU);
   // poisoned like the GPU's uninitialized memory: a partial the merge reads unwritten shows up
   at::Tensor workspace = at::full({cuda::paged_attention_workspace_floats(a)}, NAN, at::kFloat);
   a.workspace = workspace.numel() ? workspace.data_ptr<float>() : nullptr;
@@ -142,7 +144,8 @@ TORCH_LIBRARY(octavo_simt, m) {
         "Tensor slot_mapping, float k_scale=1.0, float v_scale=1.0) -> ()", &reshape_and_cache);
   m.def("paged_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
         "Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float scale, "
-        "int sliding_window, float soft_cap, Tensor? alibi_slopes) -> ()", &paged_attention);
+        "int sliding_window, float soft_cap, Tensor? alibi_slopes, float k_scale=1.0, "
+        "float v_scale=1.0) -> ()", &paged_attention);
   // self tests (simt/selftest.cu)
   m.def("selftest_divergent_sync(Tensor! out, int mode) -> ()", &divergent_sync);
   m.def("selftest_shuffle(Tensor! out, Tensor x, int kind, int arg, int width) -> ()", &shuffle);

@@ -82,13 +82,46 @@ def test_reshape_and_cache_fp8_cuda_scales(dtype, head_size, k_scale, v_scale):
         assert torch.equal(scaled_bytes(got.cpu()), scaled_bytes(want))
 
 
-def fp8_batch(seqs, num_heads, num_kv_heads, head_size, block_size, seed, dtype):
-    """A batch on the GPU with `dtype` queries and K/V quantized into fp8 caches."""
+def test_scales_ignored_on_model_dtype_cache_cuda():
+    # bf16 caches: the scales change neither the write nor the attention
+    b = {k: v.cuda() if torch.is_tensor(v) else v
+         for k, v in make_batch(MIXED, 8, 2, 128, 16, torch.bfloat16, seed=4).items()}
+    key = torch.randn(5, 2, 128, device="cuda").bfloat16()
+    slots = torch.tensor([0, 3, -1, 17, 40], device="cuda")
+    caches = [torch.zeros_like(b["key_cache"]) for _ in range(4)]
+    ops.reshape_and_cache(key, -key, caches[0], caches[1], slots, 0.37, 3.0)
+    ops.reshape_and_cache(key, -key, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    for seqs in (DECODE, MIXED):
+        b = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in make_batch(seqs, 8, 2, 128, 16, torch.bfloat16, seed=4).items()}
+        assert torch.equal(ops.paged_attention(**b, k_scale=0.37, v_scale=3.0), ops.paged_attention(**b))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan], ids=str)
+@pytest.mark.parametrize("which", ["k_scale", "v_scale"])
+def test_bad_scales_cuda(bad, which):
+    b = fp8_batch([(2, 5), (1, 20)], 4, 2, 32, 16, 0, torch.bfloat16)
+    scales = {"k_scale": 1.0, "v_scale": 1.0, which: bad}
+    match = "k_scale and v_scale must be positive and finite"
+    with pytest.raises(RuntimeError, match=f"paged_attention: {match}"):
+        ops.paged_attention(**dict(b, **scales))
+    key = torch.randn(1, 2, 32, device="cuda")
+    with pytest.raises(RuntimeError, match=f"reshape_and_cache: {match}"):
+        ops.reshape_and_cache(key, key, b["key_cache"], b["value_cache"],
+                              torch.zeros(1, dtype=torch.int64, device="cuda"), **scales)
+
+
+def fp8_batch(seqs, num_heads, num_kv_heads, head_size, block_size, seed, dtype, k_scale=1.0,
+              v_scale=1.0):
+    """A batch on the GPU with `dtype` queries and K/V quantized into fp8 caches, stored divided by
+    the K/V scales, which the batch carries."""
     b = make_batch(seqs, num_heads, num_kv_heads, head_size, block_size, torch.float32, seed=seed,
                    fill_unused=0.0)
-    b["key_cache"] = ops_native.fp8_kv_quantize(b["key_cache"] * 3.0)
-    b["value_cache"] = ops_native.fp8_kv_quantize(b["value_cache"])
+    b["key_cache"] = ops_native.fp8_kv_quantize(b["key_cache"] * 3.0 / k_scale)
+    b["value_cache"] = ops_native.fp8_kv_quantize(b["value_cache"] / v_scale)
     b["query"] = b["query"].to(dtype)
+    b.update(k_scale=k_scale, v_scale=v_scale)
     return {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
 
 
@@ -120,6 +153,42 @@ def test_paged_attention_fp8_cuda_variants(dtype, seqs, variant):
     check(fp8_batch(seqs, 8, 2, 128, 16, 3, dtype), **kw)
 
 
-def test_paged_attention_fp8_cuda_graph_decode():
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.37, 3.0)], ids=["unscaled", "scaled"])
+def test_paged_attention_fp8_cuda_graph_decode(k_scale, v_scale):
     # the fp8 decode path launches by shapes only too: a captured graph replays with new seq_lens
-    check_graph_decode(fp8_batch([(1, 1500), (1, 900), (1, 20)], 8, 2, 64, 16, 2, torch.bfloat16))
+    check_graph_decode(fp8_batch([(1, 1500), (1, 900), (1, 20)], 8, 2, 64, 16, 2, torch.bfloat16,
+                                 k_scale, v_scale))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (16, 4), (8, 1)])
+# 40 and 256: the CUDA-core prefill; 64 and 128: the tensor-core one (bf16/fp16 queries)
+@pytest.mark.parametrize("head_size", [40, 64, 128, 256])
+@pytest.mark.parametrize("k_scale,v_scale", SCALES, ids=SCALE_IDS)
+def test_paged_attention_fp8_cuda_scales(dtype, seqs, num_heads, num_kv_heads, head_size, k_scale,
+                                         v_scale):
+    check(fp8_batch(seqs, num_heads, num_kv_heads, head_size, 16, num_heads + head_size, dtype,
+                    k_scale, v_scale))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_paged_attention_fp8_cuda_scales_variants(dtype, seqs, variant):
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = torch.tensor([2 ** (-8 * (i + 1) / 8) for i in range(8)])
+    check(fp8_batch(seqs, 8, 2, 128, 16, 3, dtype, 0.37, 3.0), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("head_size", [64, 40])
+def test_paged_attention_fp8_cuda_pow2_scales_equal_dequantized(dtype, seqs, head_size):
+    # power-of-two scales are exact: the fp8 kernels give the bits they give over a cache in the
+    # query dtype holding the fp8 values times the scales
+    b = fp8_batch(seqs, 8, 2, head_size, 16, 7, dtype, 2.0 ** -5, 4.0)
+    deq = dict(b, key_cache=b["key_cache"].to(dtype) * 2.0 ** -5,
+               value_cache=b["value_cache"].to(dtype) * 4.0, k_scale=1.0, v_scale=1.0)
+    assert torch.equal(ops.paged_attention(**b), ops.paged_attention(**deq))

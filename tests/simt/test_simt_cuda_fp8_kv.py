@@ -12,7 +12,10 @@ same kernels give over a bf16/fp16 cache holding the dequantized values (every f
 exact in both, and the loads have the same shape).
 
 With K/V scales (vLLM's k_scale / v_scale) the caches store key / k_scale (IEEE fp32 division, then
-the rounding above): the writes are byte-exact against ops_native again."""
+the rounding above) and the kernels read K = stored * k_scale, V = stored * v_scale: the writes are
+byte-exact against ops_native again, attention is held to the same rule against ops_native with
+the same scales, and with power-of-two scales (exact) the fp8 kernels must give bit for bit what
+they give over a bf16/fp16 cache holding the dequantized values times the scales."""
 import math
 
 import pytest
@@ -185,12 +188,13 @@ def test_reshape_and_cache_scales_ignored_on_model_dtype_cache(simt, dtype):
         assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
 
 
-def quantized(batch):
+def quantized(batch, k_scale=1.0, v_scale=1.0):
     """The batch with K/V stored through the reference quantizer (scaled so that values beyond 1
-    and below 2^-6 both occur); unused slots stay NaN bytes, which no kernel may read."""
-    out = dict(batch)
-    for name, scale in (("key_cache", 3.0), ("value_cache", 1.0)):
-        out[name] = ops_native.fp8_kv_quantize(batch[name] * scale)
+    and below 2^-6 both occur) divided by the K/V scales, which the batch then carries; unused
+    slots stay NaN bytes, which no kernel may read."""
+    out = dict(batch, k_scale=k_scale, v_scale=v_scale)
+    for name, mult, kv_scale in (("key_cache", 3.0, k_scale), ("value_cache", 1.0, v_scale)):
+        out[name] = ops_native.fp8_kv_quantize(batch[name] * mult / kv_scale)
     return out
 
 
@@ -198,7 +202,8 @@ def run(simt, b, **kw):
     out = torch.full_like(b["query"], float("nan"))
     simt.paged_attention(out, b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"],
                          b["seq_lens"], b["block_table"], b["scale"], kw.get("sliding_window", 0),
-                         kw.get("soft_cap", 0.0), kw.get("alibi_slopes"))
+                         kw.get("soft_cap", 0.0), kw.get("alibi_slopes"), b.get("k_scale", 1.0),
+                         b.get("v_scale", 1.0))
     return out
 
 
@@ -214,9 +219,9 @@ def check(simt, batch, dtype, **kw):
     return out
 
 
-def batch_for(seqs, num_heads, num_kv_heads, head_size, block_size, seed):
+def batch_for(seqs, num_heads, num_kv_heads, head_size, block_size, seed, k_scale=1.0, v_scale=1.0):
     return quantized(make_batch(seqs, num_heads, num_kv_heads, head_size, block_size, torch.float32,
-                                seed=seed))
+                                seed=seed), k_scale, v_scale)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -256,17 +261,63 @@ def test_fp8_variants(simt, dtype, seqs, variant):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_size", [64, 40])
 @pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
-def test_fp8_equals_dequantized_cache(simt, dtype, head_size, seqs):
-    # the same kernels over a cache in the query dtype holding the fp8 values: identical bits
-    # (head size 64: the tensor-core prefill for mixed batches; 40: the CUDA-core one)
-    batch = batch_for(seqs, 8, 2, head_size, 16, seed=head_size + 1)
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (2.0 ** -5, 4.0)], ids=["unscaled", "pow2"])
+def test_fp8_equals_dequantized_cache(simt, dtype, head_size, seqs, k_scale, v_scale):
+    # the same kernels over a cache in the query dtype holding the fp8 values times the scales:
+    # identical bits, the scales being powers of two (head size 64: the tensor-core prefill for
+    # mixed batches; 40: the CUDA-core one; decode: three partitions and the merge)
+    batch = batch_for(seqs, 8, 2, head_size, 16, seed=head_size + 1, k_scale=k_scale, v_scale=v_scale)
     b = dict(batch, query=batch["query"].to(dtype))
     kw = dict(sliding_window=300, soft_cap=30.0, alibi_slopes=alibi(8))
     out = run(simt, b, **kw)
-    deq = run(simt, dict(b, key_cache=b["key_cache"].to(dtype), value_cache=b["value_cache"].to(dtype)), **kw)
+    deq = dict(b, key_cache=b["key_cache"].to(dtype) * k_scale,
+               value_cache=b["value_cache"].to(dtype) * v_scale)
+    ref = run(simt, dict(deq, k_scale=1.0, v_scale=1.0), **kw)
     rows = int(b["query_start_loc"][-1])
     assert torch.isfinite(out[:rows]).all()
-    assert torch.equal(out[:rows], deq[:rows])
+    assert torch.equal(out[:rows], ref[:rows])
+
+
+# decode rows of contexts under one 512-key chunk: one partition, no workspace, no merge
+DECODE_SHORT = [(1, 1), (1, 37), (1, 300), (1, 512)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("seqs", [DECODE, DECODE_SHORT, MIXED], ids=["decode", "decode1", "mixed"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES, ids=SCALE_IDS)
+def test_fp8_scales(simt, dtype, seqs, num_heads, num_kv_heads, k_scale, v_scale):
+    # head size 64: bf16/fp16 mixed batches take the tensor-core prefill, fp32 the CUDA-core one
+    check(simt, batch_for(seqs, num_heads, num_kv_heads, 64, 16, seed=num_heads, k_scale=k_scale,
+                          v_scale=v_scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# 40 and 256: the CUDA-core prefill for every query dtype; 128: tensor-core with bf16 queries
+@pytest.mark.parametrize("head_size", [40, 128, 256])
+@pytest.mark.parametrize("variant", [{}, VARIANTS[-1]], ids=["plain", "all"])
+def test_fp8_scales_head_sizes(simt, dtype, head_size, variant):
+    kw = {k: v for k, v in variant.items() if k != "alibi"}
+    if variant.get("alibi"):
+        kw["alibi_slopes"] = alibi(4)
+    for seqs in ([(1, 13), (1, 530), (1, 3)], [(1, 13), (6, 40), (2, 2), (17, 17)]):
+        check(simt, batch_for(seqs, 4, 2, head_size, 5, seed=head_size, k_scale=0.37, v_scale=3.0),
+              dtype, **kw)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+def test_scales_ignored_on_model_dtype_cache(simt, cache_dtype, seqs):
+    # a bf16/fp16 cache is read as it is, whatever the scales (head size 64 and 40: both prefills)
+    for head_size in (64, 40):
+        b = make_batch(seqs, 8, 2, head_size, 16, cache_dtype, seed=5)
+        out = run(simt, dict(b, k_scale=0.37, v_scale=3.0))
+        ref = run(simt, b)
+        rows = int(b["query_start_loc"][-1])
+        assert torch.isfinite(out[:rows]).all()
+        assert torch.equal(out[:rows], ref[:rows])
+        native = ops_native.paged_attention(**b, k_scale=0.37, v_scale=3.0)
+        assert torch.equal(native, ops_native.paged_attention(**b))
 
 
 def test_fp8_errors(simt):
@@ -304,6 +355,8 @@ def test_bad_scales(simt, bad, which, fp8):
                  value_cache=b["value_cache"].bfloat16())
     scales = {"k_scale": 1.0, "v_scale": 1.0, f"{which}_scale": bad}
     match = "k_scale and v_scale must be positive and finite"
+    with pytest.raises(RuntimeError, match=f"paged_attention: {match}"):
+        run(simt, dict(b, **scales))
     key = torch.randn(1, 2, 32, dtype=b["query"].dtype)
     with pytest.raises(RuntimeError, match=f"reshape_and_cache: {match}"):
         simt.reshape_and_cache(key, key, b["key_cache"], b["value_cache"], torch.zeros(1, dtype=torch.int64),
@@ -311,3 +364,5 @@ def test_bad_scales(simt, bad, which, fp8):
     with pytest.raises(ValueError, match=match):  # the reference agrees
         ops_native.reshape_and_cache(key, key, b["key_cache"], b["value_cache"],
                                      torch.zeros(1, dtype=torch.int64), **scales)
+    with pytest.raises(ValueError, match=match):
+        ops_native.paged_attention(**dict(b, **scales))
