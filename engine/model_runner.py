@@ -365,6 +365,7 @@ class ModelRunner:
         graphs captured with the old scales are captured again."""
         for m in self.attn_layers:
             m.calculate_kv_scales = True
+        Attention.cache_bindings += 1      # a decoder plan built before now (it would skip them)
         self._kv_scales_pending = False
         graphs, self.decode_graphs = self.decode_graphs, None
         try:

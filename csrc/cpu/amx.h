@@ -63,6 +63,39 @@ inline void amx_memory_barrier() { asm volatile("" ::: "memory"); }
 
 __attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
 
+// One K step of 32 (16 pairs) for 16 rows x 64 outputs: tile 4 takes the rows' 32 K values (x,
+// row stride xb bytes), tiles 5-7 take turns holding 16 output columns of the step's 4 KiB of
+// panel (wk, pair rows 256 bytes apart), tiles 0-3 add the products to the 64 outputs.
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_step(const c10::BFloat16* x, int64_t xb,
+                                                                  const c10::BFloat16* wk) {
+  constexpr int64_t wb = 2 * 64 * sizeof(c10::BFloat16);
+  _tile_loadd(4, x, xb);
+  _tile_loadd(5, wk, wb);
+  _tile_dpbf16ps(0, 4, 5);
+  _tile_loadd(6, wk + 32, wb);
+  _tile_dpbf16ps(1, 4, 6);
+  _tile_loadd(7, wk + 64, wb);
+  _tile_dpbf16ps(2, 4, 7);
+  _tile_loadd(5, wk + 96, wb);
+  _tile_dpbf16ps(3, 4, 5);
+}
+
+__attribute__((target("amx-tile"))) inline void amx_zero_sums() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// The sums of tiles 0-3 to out [16, 64] fp32 (row stride 64).
+__attribute__((target("amx-tile"))) inline void amx_store_sums(float* out) {
+  constexpr int64_t ob = 64 * sizeof(float);
+  _tile_stored(0, out, ob);
+  _tile_stored(1, out + 16, ob);
+  _tile_stored(2, out + 32, ob);
+  _tile_stored(3, out + 48, ob);
+}
+
 // A 64-output panel of K pairs [ceil(K/2), 64, 2] (linear_packed's and the fused MoE's layout:
 // pair rows 256 bytes apart, the tiles' B layout) times 16 rows of x: out [16, 64] fp32 = x rows
 // (first row xr, row stride xs elements) . the panel's pairs [0, kmain), kmain a multiple of 16.
@@ -74,29 +107,10 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_panel_block(const c
                                                                          int64_t kmain, float* out) {
   constexpr int64_t kCols = 64, kPairsPerStep = 16;
   amx_memory_barrier();
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  amx_zero_sums();
   const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
-  constexpr int64_t wb = 2 * kCols * sizeof(c10::BFloat16);  // bytes from one pair row to the next
-  for (int64_t kk = 0; kk < kmain; kk += kPairsPerStep) {
-    const c10::BFloat16* wk = wp + kk * 2 * kCols;
-    _tile_loadd(4, xr + 2 * kk, xb);
-    _tile_loadd(5, wk, wb);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, wk + 32, wb);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(7, wk + 64, wb);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, wk + 96, wb);
-    _tile_dpbf16ps(3, 4, 5);
-  }
-  constexpr int64_t ob = kCols * sizeof(float);
-  _tile_stored(0, out, ob);
-  _tile_stored(1, out + 16, ob);
-  _tile_stored(2, out + 32, ob);
-  _tile_stored(3, out + 48, ob);
+  for (int64_t kk = 0; kk < kmain; kk += kPairsPerStep) amx_step(xr + 2 * kk, xb, wp + kk * 2 * kCols);
+  amx_store_sums(out);
   amx_memory_barrier();
 }
 
@@ -114,7 +128,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_panel_blocks(const 
                                                                           int64_t kmain, float* out) {
   constexpr int64_t kCols = 64, kPairsPerStep = 16, kChunk = kAmxChunkSteps * kPairsPerStep;
   constexpr int64_t wb = 2 * kCols * sizeof(c10::BFloat16), ob = kCols * sizeof(float);
-  constexpr int64_t kChunkBytes = kChunk * wb;
+  constexpr int64_t kChunkBytes = kChunk * wb;  // (wb: bytes from one pair row to the next)
   const int64_t xb = xs * static_cast<int64_t>(sizeof(c10::BFloat16));
   amx_memory_barrier();
   for (int64_t k0 = 0; k0 < kmain; k0 += kChunk) {
@@ -122,10 +136,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_panel_blocks(const 
     for (int b = 0; b < nblk; ++b) {
       float* o = out + b * 16 * kCols;
       if (k0 == 0) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        amx_zero_sums();
       } else {
         _tile_loadd(0, o, ob);
         _tile_loadd(1, o + 16, ob);
@@ -140,20 +151,9 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_panel_blocks(const 
           const char* f = reinterpret_cast<const char*>(wk) + kChunkBytes;
           for (int l = 0; l < kPairsPerStep * wb; l += 64) _mm_prefetch(f + l, _MM_HINT_T1);
         }
-        _tile_loadd(4, x + 2 * kk, xb);
-        _tile_loadd(5, wk, wb);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, wk + 32, wb);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(7, wk + 64, wb);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_loadd(5, wk + 96, wb);
-        _tile_dpbf16ps(3, 4, 5);
+        amx_step(x + 2 * kk, xb, wk);
       }
-      _tile_stored(0, o, ob);
-      _tile_stored(1, o + 16, ob);
-      _tile_stored(2, o + 32, ob);
-      _tile_stored(3, o + 48, ob);
+      amx_store_sums(o);
     }
   }
   amx_memory_barrier();

@@ -731,15 +731,10 @@ class Attention {
           qk_block_bf16<uint16_t>(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc, p_.scale);
         else qk_block(w, blocks[b], next, j0 - b * bs, j1 - b * bs, logits + (j0 - c0), ld, sc);
       }
-      if (!fp8)
-        for (int kvh = w.h0; kvh < w.h1; ++kvh)
-          prefetch_rows<2>(value_row(blocks[cb0], 0, kvh), p_.vc_stride_token);
-      else  // the fp8 rows of the first V block (one line per 64 bytes)
-        for (int kvh = w.h0; kvh < w.h1; ++kvh) {
-          const uint8_t* v = value_at<uint8_t>(blocks[cb0], 0, kvh);
-          for (int j = 0; j < bs; ++j)
-            for (int b = 0; b < hd_; b += 64) __builtin_prefetch(v + j * p_.vc_stride_token + b, 0, 2);
-        }
+      for (int kvh = w.h0; kvh < w.h1; ++kvh) {  // the first V block's rows, into L2
+        if (fp8) prefetch_rows<2>(value_at<uint8_t>(blocks[cb0], 0, kvh), p_.vc_stride_token);
+        else prefetch_rows<2>(value_row(blocks[cb0], 0, kvh), p_.vc_stride_token);
+      }
       for (int r = 0; r < rows; ++r) {
         float* prow = logits + size_t(r) * ld;
         const int kvh = w.h0 + r / rows_per_head;
@@ -1364,9 +1359,9 @@ class Attention {
   const T* value_row(int64_t block, int off, int kvh) const { return value_at<T>(block, off, kvh); }
 
   // LOCALITY 3: into L1 (prefetcht0), 2: into L2 (prefetcht1).
-  template <int LOCALITY = 3>
-  void prefetch_rows(const T* row, int64_t stride, int n = -1) const {
-    const int bytes = hd_ * int(sizeof(T));
+  template <int LOCALITY = 3, typename C = T>
+  void prefetch_rows(const C* row, int64_t stride, int n = -1) const {
+    const int bytes = hd_ * int(sizeof(C));
     if (n < 0) n = p_.block_size;
     for (int j = 0; j < n; ++j)
       for (int b = 0; b < bytes; b += 64)
@@ -1788,9 +1783,7 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
   }
   TORCH_CHECK(sliding_window >= 0, "paged_attention: sliding_window must be >= 0");
   TORCH_CHECK(soft_cap >= 0, "paged_attention: soft_cap must be >= 0");
-  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0,
-              "paged_attention: k_scale and v_scale must be positive and finite, got ", k_scale,
-              " and ", v_scale);
+  cpu::check_kv_scales(k_scale, v_scale, "paged_attention");
   cpu::PagedAttentionParams p{};
   p.out = out.data_ptr();
   p.query = query.data_ptr();

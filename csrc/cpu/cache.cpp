@@ -2,7 +2,6 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
-#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -148,9 +147,7 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   p.block_size = static_cast<int>(key_cache.size(1));
   p.dtype = cpu::to_dtype(key, "reshape_and_cache");
   p.cache_fp8 = fp8;
-  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0,
-              "reshape_and_cache: k_scale and v_scale must be positive and finite, got ", k_scale,
-              " and ", v_scale);
+  cpu::check_kv_scales(k_scale, v_scale, "reshape_and_cache");
   p.k_scale = static_cast<float>(fp8 ? k_scale : 1.0);
   p.v_scale = static_cast<float>(fp8 ? v_scale : 1.0);
   // the best build this CPU runs (fp8's rounding is vectorized; a copy is a memcpy in any build)

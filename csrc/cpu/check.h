@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 #include "cpu/params.h"
 
 namespace octavo::cpu {
@@ -18,6 +20,12 @@ inline DType to_dtype(const at::Tensor& t, const char* op) {
                   " (expected float32, bfloat16 or float16)");
   }
   return DType::kFloat32;
+}
+
+// An fp8 cache's K/V scales (vLLM's k_scale / v_scale), checked for every cache dtype.
+inline void check_kv_scales(double k_scale, double v_scale, const char* op) {
+  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0, op,
+              ": k_scale and v_scale must be positive and finite, got ", k_scale, " and ", v_scale);
 }
 
 }  // namespace octavo::cpu
