@@ -146,11 +146,12 @@ def test_paged_attention_fp8_cuda(dtype, seqs, num_heads, num_kv_heads, head_siz
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_paged_attention_fp8_cuda_variants(dtype, seqs, variant):
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.37, 3.0)], ids=["unscaled", "scaled"])
+def test_paged_attention_fp8_cuda_variants(dtype, seqs, variant, k_scale, v_scale):
     kw = {k: v for k, v in variant.items() if k != "alibi"}
     if variant.get("alibi"):
         kw["alibi_slopes"] = torch.tensor([2 ** (-8 * (i + 1) / 8) for i in range(8)])
-    check(fp8_batch(seqs, 8, 2, 128, 16, 3, dtype), **kw)
+    check(fp8_batch(seqs, 8, 2, 128, 16, 3, dtype, k_scale, v_scale), **kw)
 
 
 @pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.37, 3.0)], ids=["unscaled", "scaled"])
@@ -170,16 +171,6 @@ def test_paged_attention_fp8_cuda_scales(dtype, seqs, num_heads, num_kv_heads, h
                                          v_scale):
     check(fp8_batch(seqs, num_heads, num_kv_heads, head_size, 16, num_heads + head_size, dtype,
                     k_scale, v_scale))
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_paged_attention_fp8_cuda_scales_variants(dtype, seqs, variant):
-    kw = {k: v for k, v in variant.items() if k != "alibi"}
-    if variant.get("alibi"):
-        kw["alibi_slopes"] = torch.tensor([2 ** (-8 * (i + 1) / 8) for i in range(8)])
-    check(fp8_batch(seqs, 8, 2, 128, 16, 3, dtype, 0.37, 3.0), **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

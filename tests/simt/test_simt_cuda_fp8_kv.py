@@ -101,17 +101,22 @@ def test_reshape_and_cache_fp8(simt, dtype, num_kv_heads, head_size, block_size)
         assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
 
 
+def one_value_rows(x: torch.Tensor, head_size: int):
+    """x zero-padded to whole rows of head_size as a key [n, 1, head_size], its slots (one token
+    per block) and four empty fp8 caches for it (two written by the kernel, two by ops_native)."""
+    n = (x.numel() + head_size - 1) // head_size * head_size
+    key = torch.zeros(n, dtype=x.dtype)
+    key[: x.numel()] = x
+    key = key.view(-1, 1, head_size)
+    caches = [torch.zeros(key.shape[0], 1, 1, head_size, dtype=FP8) for _ in range(4)]
+    return key, torch.arange(key.shape[0]), caches
+
+
 def test_reshape_and_cache_fp8_every_edge(simt):
     # every edge value of every dtype through the scalar and the vector path, slot by slot
     for dtype in ALL_DTYPES:
         for head_size in (8, 1):
-            edges = edge_values(dtype)
-            n = (edges.numel() + head_size - 1) // head_size * head_size
-            x = torch.zeros(n, dtype=dtype)
-            x[: edges.numel()] = edges
-            key = x.view(-1, 1, head_size)
-            slots = torch.arange(key.shape[0])
-            caches = [torch.zeros(key.shape[0], 1, 1, head_size, dtype=FP8) for _ in range(4)]
+            key, slots, caches = one_value_rows(edge_values(dtype), head_size)
             simt.reshape_and_cache(key, -key, caches[0], caches[1], slots)
             ops_native.reshape_and_cache(key, -key, caches[2], caches[3], slots)
             for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
@@ -162,12 +167,7 @@ def test_reshape_and_cache_fp8_scale_ties(simt, dtype, scale):
     # `scale`) and value (by 1 / scale), through the vector (hd 8) and the scalar (hd 1) path
     x = torch.cat([tie_values(scale, dtype), edge_values(dtype)])
     for head_size in (8, 1):
-        n = (x.numel() + head_size - 1) // head_size * head_size
-        key = torch.zeros(n, dtype=dtype)
-        key[: x.numel()] = x
-        key = key.view(-1, 1, head_size)
-        slots = torch.arange(key.shape[0])
-        caches = [torch.zeros(key.shape[0], 1, 1, head_size, dtype=FP8) for _ in range(4)]
+        key, slots, caches = one_value_rows(x, head_size)
         simt.reshape_and_cache(key, key, caches[0], caches[1], slots, scale, 1 / scale)
         ops_native.reshape_and_cache(key, key, caches[2], caches[3], slots, scale, 1 / scale)
         for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
