@@ -50,13 +50,38 @@ inline fVec load_f_partial(const T* p, int n) {
   return fVec::loadu(tmp);
 }
 
-// Stores kVec floats, converting to T.
+// Stores kVec floats, converting to T (round to nearest even). at::vec's conversions take two
+// vectors; given one twice (v, v) they convert it twice and pack: the fused residual-add + RMSNorm
+// of 2040 x 768 bf16 values ran 2.5x slower for it on the AMX Xeon.
 inline void store_f(float* p, const fVec& v) { v.store(p); }
 inline void store_f(c10::BFloat16* p, const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // One vector's round-to-nearest-even (NaN -> 0xffff), as at::vec's two-vector conversion
+  // computes it, without converting v twice and packing
+  const __m512i u = _mm512_castps_si512(v);
+  __m512i t = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(t, _mm512_set1_epi32(0x7fff)), u), 16);
+  t = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(0xffff), t);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(t));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i u = _mm256_castps_si256(v);
+  __m256i t = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(t, _mm256_set1_epi32(0x7fff)), u), 16);
+  t = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), t, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+#else
   at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, kVec);
+#endif
 }
 inline void store_f(c10::Half* p, const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
   at::vec::convert_from_float<c10::Half>(v, v).store(p, kVec);
+#endif
 }
 
 template <typename T>

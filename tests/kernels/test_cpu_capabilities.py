@@ -36,6 +36,13 @@ for dtype in (torch.float32, torch.bfloat16):
     for kw in ({}, dict(sliding_window=7, soft_cap=3.0, alibi_slopes=torch.rand(8))):
         assert_close_to_ref(ops.paged_attention(**b, **kw), ops_native.paged_attention(**b, **kw),
                             ops_native.paged_attention(**to_dtype(b, torch.float64), **kw))
+for dtype in (torch.bfloat16, torch.float16):    # residual: the fp32 sum rounded to nearest even
+    x = (torch.randn(3, 1003) * torch.tensor([1.0, 2.0 ** -9, 2.0 ** -12])[:, None]).to(dtype)
+    x[2, 5], x[2, 1000] = float("nan"), float("inf")
+    r = torch.ones(3, 1003, dtype=dtype)
+    r_k = r.clone()
+    ops.fused_add_rms_norm(x.clone(), r_k, torch.ones(1003, dtype=dtype), 1e-5)
+    torch.testing.assert_close(r_k, (x.float() + r.float()).to(dtype), rtol=0, atol=0, equal_nan=True)
 x = torch.randn(7, 1003)
 x[2, 5], x[3], x[4, 1], x[4, 900] = float("nan"), float("-inf"), 50.0, 50.0
 assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))

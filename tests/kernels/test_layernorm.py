@@ -40,6 +40,25 @@ def test_fused_add_rms_norm(dtype, num_tokens, hidden):
     torch.testing.assert_close(r_k, (x.float() + r.float()).to(dtype), rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_add_rms_norm_residual_rounding(dtype):
+    # the residual is the fp32 sum rounded once to nearest even: halfway sums (1 + 2^-9 between
+    # bf16's 1 and 1 + 2^-8, odd multiples of the half step), infinities and NaN, in whole
+    # vectors and the scalar tail (hidden 16 * 8 + 5)
+    hidden = 133
+    steps = torch.tensor([2.0 ** -9, 3 * 2.0 ** -9, 2.0 ** -12, 3 * 2.0 ** -12, 1.0, -2.0 ** -9])
+    x = steps.repeat(4, hidden // 6 + 1)[:, :hidden].clone()
+    r = torch.ones(4, hidden)
+    r[1] = -1.0
+    r[2] = 256.0
+    x[3, 7], r[3, 8], x[3, 9], r[3, 9] = float("nan"), float("inf"), float("inf"), float("-inf")
+    x[3, 130], r[3, 131] = float("nan"), float("-inf")
+    x, r = x.to(dtype), r.to(dtype)
+    r_k = r.clone()
+    ops.fused_add_rms_norm(x.clone(), r_k, torch.ones(hidden, dtype=dtype), 1e-5)
+    torch.testing.assert_close(r_k, (x.float() + r.float()).to(dtype), rtol=0, atol=0, equal_nan=True)
+
 def test_rms_norm_errors():
     x = torch.randn(4, 16)
     with pytest.raises(RuntimeError, match="weight"):
