@@ -24,6 +24,21 @@ def test_act_and_mul(dtype, kind, approx, num_tokens, d):
                         what=f"{kind}/{approx}")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_extremes(dtype):
+    # bf16/fp16 silu takes exp(-x) as a power of two (its own clamps at 2^-125 and 2^127): a sweep
+    # through both clamps and past them, and infinities / NaN, match torch's silu times up
+    gate = torch.cat([torch.linspace(-130, 130, 1037), torch.tensor([-88.7, -87.3, 86.6, 88.0,
+                      float("inf"), float("-inf"), float("nan"), 0.0, -0.0])])
+    up = torch.linspace(0.5, 2.0, gate.numel())
+    x = torch.cat([gate, up]).to(dtype)[None]
+    out, native = ops.silu_and_mul(x), ops_native.silu_and_mul(x)
+    exact = ops_native.silu_and_mul(x.double())
+    assert torch.equal(out.isnan(), exact.isnan()) and torch.equal(out.isinf(), exact.isinf())
+    finite = exact.isfinite()
+    assert_close_to_ref(out[finite], native[finite], exact[finite], what="silu extremes")
+
 def test_strided_rows():
     base = torch.randn(9, 2 * 100 + 30)
     x = base[:, : 2 * 100]
