@@ -8,6 +8,23 @@ import os
 # millisecond; it overrides the passive policy's zero) keeps the workers awake within a step and
 # lets them sleep between requests: batch-1 MoE decode ran 1.3-1.4x faster with it (bench/README).
 # Both only take effect if torch is not imported yet; GOMP_SPINCOUNT=0 restores pure sleeping.
+def _warn_if_torch_came_first() -> None:
+    """With torch (and so libgomp) loaded before octavo and OMP_WAIT_POLICY=PASSIVE already set, the
+    spin count below cannot take effect and OpenMP workers sleep after every op: the small Llama's
+    32 x 128/128 run took 1.4x as long on the 2-core Xeon (bench/README, 2026-12-04). Say how to
+    get it back."""
+    import sys
+    if ("torch" in sys.modules and "GOMP_SPINCOUNT" not in os.environ
+            and os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"):
+        import warnings
+        warnings.warn("octavo: torch was imported before octavo with OMP_WAIT_POLICY=PASSIVE, so "
+                      "OpenMP workers sleep between operations (decode up to 1.4x slower); import "
+                      "octavo before torch, or set GOMP_SPINCOUNT=20000 before starting Python "
+                      "(GOMP_SPINCOUNT=0 keeps them sleeping and silences this)",
+                      RuntimeWarning, stacklevel=3)
+
+
+_warn_if_torch_came_first()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
