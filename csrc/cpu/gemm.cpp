@@ -288,6 +288,7 @@ struct PackedRange {
   int64_t kk0, kk1;
   float* scratch;
   bool first, last, prefetch;
+  int64_t prefetch_pairs;  // how far ahead, in K pairs, the prefetches run
 };
 
 template <int MB>
@@ -304,10 +305,11 @@ __attribute__((target("avx512bf16"))) static void packed_block_bf16(const Linear
       acc[m][t] = r.first ? _mm512_setzero_ps() : _mm512_loadu_ps(r.scratch + m * kPanel + 16 * t);
   for (int64_t kk = r.kk0; kk < std::min(r.kk1, kfull); ++kk) {
     const c10::BFloat16* wk = wp + kk * 2 * kPanel;
-    // all four lines of the pair row 16 KiB ahead, into L2: 1.1-1.2x the weight streaming rate
-    // of one line 8 KiB ahead into L1 when the weights come from DRAM (Xeon, 2026-12-03)
+    // all four lines of the pair row, into L2 (decode: 16 KiB ahead, 1.1-1.2x the weight
+    // streaming rate of one line 8 KiB ahead into L1 when the weights come from DRAM, Xeon,
+    // 2026-12-03)
     if (prefetch)
-      for (int l = 0; l < 4; ++l) __builtin_prefetch(wk + 64 * 2 * kPanel + 32 * l, 0, 2);
+      for (int l = 0; l < 4; ++l) __builtin_prefetch(wk + r.prefetch_pairs * 2 * kPanel + 32 * l, 0, 2);
     packed_step<MB>(acc, wk, x + 2 * kk, p.x_stride);
   }
   if (!r.last) {
@@ -350,17 +352,30 @@ static void packed_block_bf16_any(const LinearParams& p, const c10::BFloat16* wp
   }
 }
 
-// Many rows (prefill): chunks of kChunkRows rows x K ranges of kKPairs pairs, so the 64 x
-// 2*kKPairs weight tile (32 KiB) stays in L1 while all the chunk's row blocks use it.
+// Many rows (prefill, batched decode): chunks of kChunkRows rows x K ranges of kKPairs pairs,
+// so the 64 x 2*kKPairs weight tile (32 KiB) is read from memory once while all the chunk's row
+// blocks use it. The chunk's first block prefetches the next tile (the next range, or the next
+// panel's first) into L2, so the next range's first block does not wait on memory.
 constexpr int64_t kChunkRows = 96;
 constexpr int64_t kKPairs = 128;
+
+// Rows of the block that starts at row m0 when `rows` rows are cut into the fewest blocks of at
+// most kMaxPackedMB, as evenly as can be: 32 rows as 6, 6, 5, 5, 5, 5 rather than five blocks of 6
+// and one of 2, which re-reads the whole weight tile for a third of a block's products.
+static int even_block_rows(int64_t rows, int64_t m0) {
+  const int64_t blocks = (rows + kMaxPackedMB - 1) / kMaxPackedMB;
+  const int64_t base = rows / blocks, longer = rows % blocks;  // the first `longer` get base + 1
+  return static_cast<int>(m0 < longer * (base + 1) ? base + 1 : base);
+}
 
 static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, int64_t n0) {
   const int64_t kfull = p.k / 2;
   if (p.m <= 2 * kMaxPackedMB) {  // decode: one pass over the panel, the weights from memory
-    for (int64_t m0 = 0; m0 < p.m; m0 += kMaxPackedMB)
-      packed_block_bf16_any(p, wp, n0, m0, static_cast<int>(std::min<int64_t>(kMaxPackedMB, p.m - m0)),
-                            PackedRange{0, kfull, nullptr, true, true, m0 == 0});
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int mb = even_block_rows(p.m, m0);
+      packed_block_bf16_any(p, wp, n0, m0, mb, PackedRange{0, kfull, nullptr, true, true, m0 == 0, 64});
+      m0 += mb;
+    }
     return;
   }
   alignas(64) float scratch[kChunkRows * kPanel];  // [kChunkRows, 64] partial sums
@@ -368,11 +383,12 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
   for (int64_t c0 = 0; c0 < p.m; c0 += kChunkRows) {
     const int64_t c1 = std::min(p.m, c0 + kChunkRows);
     for (int64_t r = 0; r < nranges; ++r) {
-      for (int64_t m0 = c0; m0 < c1; m0 += kMaxPackedMB) {
+      for (int64_t m0 = c0; m0 < c1;) {
+        const int mb = even_block_rows(c1 - c0, m0 - c0);
         const PackedRange range{r * kKPairs, (r + 1) * kKPairs, scratch + (m0 - c0) * kPanel,
-                                r == 0, r == nranges - 1, false};
-        packed_block_bf16_any(p, wp, n0, m0, static_cast<int>(std::min<int64_t>(kMaxPackedMB, c1 - m0)),
-                              range);
+                                r == 0, r == nranges - 1, m0 == c0, kKPairs};
+        packed_block_bf16_any(p, wp, n0, m0, mb, range);
+        m0 += mb;
       }
     }
   }
@@ -461,7 +477,7 @@ static void packed_panel_amx(const LinearParams& p, const c10::BFloat16* wp, int
     }
     for (int r = 0; r < rows; r += kMaxPackedMB)
       packed_block_bf16_any(p, wp, n0, m0 + r, std::min(kMaxPackedMB, rows - r),
-                            PackedRange{kmain, kfull, scratch + r * kPanel, kmain == 0, true, false});
+                            PackedRange{kmain, kfull, scratch + r * kPanel, kmain == 0, true, false, 0});
   }
 }
 
