@@ -26,6 +26,8 @@ namespace octavo::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr int kTargetRows = 64;    // rows (tokens x grouped heads) per prefill work item
+// bf16 prefill without AMX: keys per softmax / PV chunk (whole cache blocks; bf16_key_chunks)
+constexpr int kBf16ChunkKeys = 128;  // 2040-token prefill attention 1.2-1.3x faster than one 16-key block at a time (Zen 4)
 constexpr int kDecodeRows = 256;   // sequences with q_len * Hq <= this take all kv heads per item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Decode items compute the scores of up to this many (row, key) pairs before one softmax and the
@@ -843,8 +845,15 @@ class Attention {
     }
 #endif
     const int b_first = lo / bs, b_end = (hi + bs - 1) / bs;
-    float* st = sc.scores.data();
     const int nvec = rp / kVec, nchunks = hdp_ / kVec;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (bf16_pv) {
+      bf16_key_chunks(w, sc, rows, rp, lo, hi, blocks);
+      store_output(w, q_start, sc);
+      return;
+    }
+#endif
+    float* st = sc.scores.data();
     for (int b = b_first; b < b_end; ++b) {
       const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs), nk = j1 - j0;
       const int off = j0 - b * bs;
@@ -901,6 +910,71 @@ class Attention {
     }
     store_output(w, q_start, sc);
   }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // bf16 prefill without AMX (bf16 cache, head size a multiple of 16): keys in chunks of whole
+  // cache blocks, up to kBf16ChunkKeys, rather than one block at a time, so the PV tiles load and
+  // store their accumulators, and the rows' running sums are rescaled, once per chunk instead of
+  // once per 16 keys. A block with an odd number of keys ends its chunk, so V's and P's key pairs
+  // (pair_v_rows, pair_probs) line up across the chunk's blocks.
+  void bf16_key_chunks(const WorkItem& w, Scratch& sc, int rows, int rp, int lo, int hi,
+                       const int32_t* blocks) const {
+    const int bs = p_.block_size, nvec = rp / kVec, nc = hd_ / 16;
+    const int max_keys = std::max(bs, kBf16ChunkKeys / bs * bs);
+    if (sc.scores.size() < size_t(max_keys + bs) * rp) sc.scores.resize(size_t(max_keys + bs) * rp);
+    if (sc.vp2.size() < size_t(max_keys + bs) / 2 * hd_ + hd_) sc.vp2.resize(size_t(max_keys + bs) / 2 * hd_ + hd_);
+    if (sc.pp2.size() < size_t(max_keys + bs) / 2 * rp + rp) sc.pp2.resize(size_t(max_keys + bs) / 2 * rp + rp);
+    float* st = sc.scores.data();
+    const int64_t ks = p_.kc_stride_token;
+    const bool plain = p_.soft_cap <= 0.f && p_.alibi_slopes == nullptr;
+    const int first_pos = static_cast<int>(sc.pos[0]);
+    const int b_end = (hi + bs - 1) / bs;
+    for (int b = lo / bs; b < b_end;) {
+      const int c0 = std::max(lo, b * bs);
+      int nk = 0;
+      while (b < b_end && nk < max_keys) {
+        const int j0 = std::max(lo, b * bs), j1 = std::min(hi, (b + 1) * bs), nkb = j1 - j0;
+        const int off = j0 - b * bs;
+        if (b + 1 < b_end) {
+          prefetch_rows<2>(key_row(blocks[b + 1], 0, w.h0), ks);
+          prefetch_rows<2>(value_row(blocks[b + 1], 0, w.h0), p_.vc_stride_token);
+        }
+        const uint16_t* k0 = reinterpret_cast<const uint16_t*>(key_row(blocks[b], off, w.h0));
+        float* sb = st + size_t(nk) * rp;
+        int j = 0;
+        for (; j + kTileKeys <= nkb; j += kTileKeys)
+          qk_tile_rows_bf16<kTileKeys>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, sb + size_t(j) * rp, rp, nvec, p_.scale);
+        for (; j < nkb; ++j)
+          qk_tile_rows_bf16<1>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, sb + size_t(j) * rp, rp, nvec, p_.scale);
+        pair_v_rows(reinterpret_cast<const uint16_t*>(value_row(blocks[b], off, w.h0)), p_.vc_stride_token,
+                    nkb, nc, sc.vp2.data() + size_t(nk / 2) * hd_);
+        nk += nkb;
+        ++b;
+        if (nkb & 1) break;
+      }
+      // keys every row sees unmasked go through amx_keys' one-pass softmax, which writes P's
+      // pairs itself (the scores are scaled already here)
+      const bool visible = plain && c0 + nk - 1 <= first_pos &&
+                           (p_.sliding_window <= 0 || c0 > last_row_pos(sc, rows) - p_.sliding_window);
+      if (visible) softmax_cols_visible(st, rp, nk, sc, 1.f, sc.pp2.data());
+      else softmax_cols(st, rp, c0, nk, sc);
+      for (int r = 0; r < rows; ++r) {
+        const float c = sc.corr[r];
+        if (c == 1.f) continue;
+        float* acc = sc.acc.data() + size_t(r) * hdp_;
+        const fVec vc(c);
+        for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
+      }
+      if (!visible) pair_probs(st, rp, nk, nvec, sc.pp2.data());
+      const int njj = (nk + 1) / 2;
+      int r = 0;
+      for (; r + 4 <= rows; r += 4)
+        pv_tile_chunks_bf16<4>(sc.acc.data() + size_t(r) * hdp_, hdp_, sc.pp2.data() + r, rp, sc.vp2.data(), nc, njj);
+      for (; r < rows; ++r)
+        pv_tile_chunks_bf16<1>(sc.acc.data() + size_t(r) * hdp_, hdp_, sc.pp2.data() + r, rp, sc.vp2.data(), nc, njj);
+    }
+  }
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
   // AMX prefill (bf16, head size a multiple of 32, at most 64 rows): keys in chunks of 128,
