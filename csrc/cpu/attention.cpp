@@ -27,7 +27,7 @@ namespace {
 
 constexpr int kTargetRows = 64;    // rows (tokens x grouped heads) per prefill work item
 // bf16 prefill without AMX: keys per softmax / PV chunk (whole cache blocks; bf16_key_chunks)
-constexpr int kBf16ChunkKeys = 128;  // 2040-token prefill attention 1.2-1.3x faster than one 16-key block at a time (Zen 4)
+constexpr int kBf16ChunkKeys = 128;  // 2040-token prefill attention 1.25-1.35x faster than 16-key blocks (Zen 4)
 constexpr int kDecodeRows = 256;   // sequences with q_len * Hq <= this take all kv heads per item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Decode items compute the scores of up to this many (row, key) pairs before one softmax and the
@@ -789,13 +789,7 @@ class Attention {
     constexpr bool bf16_qk = false;
 #endif
     load_queries(w, q_start, ctx - q_len, sc, !bf16_qk);
-    // bf16 PV as well where the head size is whole 16-dim chunks
-    const bool bf16_pv = bf16_qk && hd_ % 16 == 0;
     if (bf16_qk) grow32(sc.qt2, size_t(hd_ / 2) * rp);
-    if (bf16_pv) {
-      grow32(sc.vp2, size_t((bs + 1) / 2) * hd_);
-      grow32(sc.pp2, size_t((bs + 1) / 2) * rp);
-    }
     // Padding rows repeat the last row (finite softmax state); their outputs are never stored.
     auto query_row = [&](int r) {
       const int src = std::min(r, rows - 1);
@@ -847,7 +841,7 @@ class Attention {
     const int b_first = lo / bs, b_end = (hi + bs - 1) / bs;
     const int nvec = rp / kVec, nchunks = hdp_ / kVec;
 #if defined(CPU_CAPABILITY_AVX512)
-    if (bf16_pv) {
+    if (bf16_qk && hd_ % 16 == 0) {  // bf16 PV as well where the head size is whole 16-dim chunks
       bf16_key_chunks(w, sc, rows, rp, lo, hi, blocks);
       store_output(w, q_start, sc);
       return;
@@ -863,13 +857,7 @@ class Attention {
       }
       if (bf16_qk) {
 #if defined(CPU_CAPABILITY_AVX512)
-        const uint16_t* k0 = reinterpret_cast<const uint16_t*>(key_row(blocks[b], off, w.h0));
-        const int64_t ks = p_.kc_stride_token;
-        int j = 0;
-        for (; j + kTileKeys <= nk; j += kTileKeys)
-          qk_tile_rows_bf16<kTileKeys>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, st + size_t(j) * rp, rp, nvec, p_.scale);
-        for (; j < nk; ++j)
-          qk_tile_rows_bf16<1>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, st + size_t(j) * rp, rp, nvec, p_.scale);
+        qk_keys_bf16(sc, rp, key_row(blocks[b], off, w.h0), nk, st);
 #endif
       } else {
         convert_rows(key_row(blocks[b], off, w.h0), p_.kc_stride_token, nk, sc.kf.data());
@@ -880,27 +868,7 @@ class Attention {
           qk_tile_rows<1>(sc.qt.data(), rp, sc.kf.data() + size_t(j) * hdp_, hdp_, hd_, st + size_t(j) * rp, rp, nvec);
       }
       softmax_cols(st, rp, j0, nk, sc);
-      for (int r = 0; r < rows; ++r) {
-        const float c = sc.corr[r];
-        if (c == 1.f) continue;
-        float* acc = sc.acc.data() + size_t(r) * hdp_;
-        const fVec vc(c);
-        for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
-      }
-      if (bf16_pv) {
-#if defined(CPU_CAPABILITY_AVX512)
-        const int nc = hd_ / 16, njj = (nk + 1) / 2;
-        pair_v_rows(reinterpret_cast<const uint16_t*>(value_row(blocks[b], off, w.h0)),
-                    p_.vc_stride_token, nk, nc, sc.vp2.data());
-        pair_probs(st, rp, nk, nvec, sc.pp2.data());
-        int r = 0;
-        for (; r + 4 <= rows; r += 4)
-          pv_tile_chunks_bf16<4>(sc.acc.data() + size_t(r) * hdp_, hdp_, sc.pp2.data() + r, rp, sc.vp2.data(), nc, njj);
-        for (; r < rows; ++r)
-          pv_tile_chunks_bf16<1>(sc.acc.data() + size_t(r) * hdp_, hdp_, sc.pp2.data() + r, rp, sc.vp2.data(), nc, njj);
-#endif
-        continue;
-      }
+      rescale_acc(sc, rows);
       convert_rows(value_row(blocks[b], off, w.h0), p_.vc_stride_token, nk, sc.vf.data());
       int r = 0;
       for (; r + 4 <= rows; r += 4)
@@ -911,7 +879,31 @@ class Attention {
     store_output(w, q_start, sc);
   }
 
+  // acc rows times the corrections the last softmax pass left in sc.corr (1: unchanged)
+  void rescale_acc(Scratch& sc, int rows) const {
+    for (int r = 0; r < rows; ++r) {
+      const float c = sc.corr[r];
+      if (c == 1.f) continue;
+      float* acc = sc.acc.data() + size_t(r) * hdp_;
+      const fVec vc(c);
+      for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
+    }
+  }
+
 #if defined(CPU_CAPABILITY_AVX512)
+  // st[j * rp + r] = scale * dot(q_r, k_j) for nk bf16 cache rows from k (vdpbf16ps tiles over
+  // the item's transposed query pairs sc.qt2)
+  void qk_keys_bf16(const Scratch& sc, int rp, const T* k, int nk, float* st) const {
+    const uint16_t* k0 = reinterpret_cast<const uint16_t*>(k);
+    const int64_t ks = p_.kc_stride_token;
+    const int nvec = rp / kVec;
+    int j = 0;
+    for (; j + kTileKeys <= nk; j += kTileKeys)
+      qk_tile_rows_bf16<kTileKeys>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, st + size_t(j) * rp, rp, nvec, p_.scale);
+    for (; j < nk; ++j)
+      qk_tile_rows_bf16<1>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, st + size_t(j) * rp, rp, nvec, p_.scale);
+  }
+
   // bf16 prefill without AMX (bf16 cache, head size a multiple of 16): keys in chunks of whole
   // cache blocks, up to kBf16ChunkKeys, rather than one block at a time, so the PV tiles load and
   // store their accumulators, and the rows' running sums are rescaled, once per chunk instead of
@@ -939,13 +931,7 @@ class Attention {
           prefetch_rows<2>(key_row(blocks[b + 1], 0, w.h0), ks);
           prefetch_rows<2>(value_row(blocks[b + 1], 0, w.h0), p_.vc_stride_token);
         }
-        const uint16_t* k0 = reinterpret_cast<const uint16_t*>(key_row(blocks[b], off, w.h0));
-        float* sb = st + size_t(nk) * rp;
-        int j = 0;
-        for (; j + kTileKeys <= nkb; j += kTileKeys)
-          qk_tile_rows_bf16<kTileKeys>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, sb + size_t(j) * rp, rp, nvec, p_.scale);
-        for (; j < nkb; ++j)
-          qk_tile_rows_bf16<1>(sc.qt2.data(), rp, k0 + j * ks, ks, hd_ / 2, sb + size_t(j) * rp, rp, nvec, p_.scale);
+        qk_keys_bf16(sc, rp, key_row(blocks[b], off, w.h0), nkb, st + size_t(nk) * rp);
         pair_v_rows(reinterpret_cast<const uint16_t*>(value_row(blocks[b], off, w.h0)), p_.vc_stride_token,
                     nkb, nc, sc.vp2.data() + size_t(nk / 2) * hd_);
         nk += nkb;
@@ -958,13 +944,7 @@ class Attention {
                            (p_.sliding_window <= 0 || c0 > last_row_pos(sc, rows) - p_.sliding_window);
       if (visible) softmax_cols_visible(st, rp, nk, sc, 1.f, sc.pp2.data());
       else softmax_cols(st, rp, c0, nk, sc);
-      for (int r = 0; r < rows; ++r) {
-        const float c = sc.corr[r];
-        if (c == 1.f) continue;
-        float* acc = sc.acc.data() + size_t(r) * hdp_;
-        const fVec vc(c);
-        for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
-      }
+      rescale_acc(sc, rows);
       if (!visible) pair_probs(st, rp, nk, nvec, sc.pp2.data());
       const int njj = (nk + 1) / 2;
       int r = 0;
@@ -1028,13 +1008,7 @@ class Attention {
                            (p_.sliding_window <= 0 || c0 > last_row_pos(sc, rows) - p_.sliding_window);
       if (visible) softmax_cols_visible(st, rp, nk, sc, p_.scale, sc.pp2.data());
       else softmax_cols(st, rp, c0, nk, sc, p_.scale);
-      for (int r = 0; r < rows; ++r) {
-        const float c = sc.corr[r];
-        if (c == 1.f) continue;
-        float* acc = sc.acc.data() + size_t(r) * hdp_;
-        const fVec vc(c);
-        for (int x = 0; x < hdp_; x += kVec) (fVec::loadu(acc + x) * vc).store(acc + x);
-      }
+      rescale_acc(sc, rows);
       // P: key pairs of every row, missing pairs zero, then 16 x 16 pair transposes into one
       // A tile per row tile and 32 keys
       if (!visible) pair_probs(st, rp, nk, rp / 16, sc.pp2.data());

@@ -287,8 +287,8 @@ __attribute__((target("avx512bf16"))) static inline void packed_step(__m512 (&ac
 struct PackedRange {
   int64_t kk0, kk1;
   float* scratch;
-  bool first, last, prefetch;
-  int64_t prefetch_pairs;  // how far ahead, in K pairs, the prefetches run
+  bool first, last;
+  int64_t prefetch_pairs;  // prefetch the weights this many K pairs ahead (0: none)
 };
 
 template <int MB>
@@ -298,7 +298,7 @@ __attribute__((target("avx512bf16"))) static void packed_block_bf16(const Linear
                                                                    const PackedRange& r) {
   const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x) + m0 * p.x_stride;  // [MB, K]
   const int64_t kfull = p.k / 2;
-  const bool prefetch = r.prefetch;
+  const bool prefetch = r.prefetch_pairs > 0;
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int t = 0; t < 4; ++t)
@@ -373,7 +373,7 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
   if (p.m <= 2 * kMaxPackedMB) {  // decode: one pass over the panel, the weights from memory
     for (int64_t m0 = 0; m0 < p.m;) {
       const int mb = even_block_rows(p.m, m0);
-      packed_block_bf16_any(p, wp, n0, m0, mb, PackedRange{0, kfull, nullptr, true, true, m0 == 0, 64});
+      packed_block_bf16_any(p, wp, n0, m0, mb, PackedRange{0, kfull, nullptr, true, true, m0 == 0 ? 64 : 0});
       m0 += mb;
     }
     return;
@@ -386,7 +386,7 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
       for (int64_t m0 = c0; m0 < c1;) {
         const int mb = even_block_rows(c1 - c0, m0 - c0);
         const PackedRange range{r * kKPairs, (r + 1) * kKPairs, scratch + (m0 - c0) * kPanel,
-                                r == 0, r == nranges - 1, m0 == c0, kKPairs};
+                                r == 0, r == nranges - 1, m0 == c0 ? kKPairs : 0};
         packed_block_bf16_any(p, wp, n0, m0, mb, range);
         m0 += mb;
       }
@@ -477,7 +477,7 @@ static void packed_panel_amx(const LinearParams& p, const c10::BFloat16* wp, int
     }
     for (int r = 0; r < rows; r += kMaxPackedMB)
       packed_block_bf16_any(p, wp, n0, m0 + r, std::min(kMaxPackedMB, rows - r),
-                            PackedRange{kmain, kfull, scratch + r * kPanel, kmain == 0, true, false, 0});
+                            PackedRange{kmain, kfull, scratch + r * kPanel, kmain == 0, true, 0});
   }
 }
 
