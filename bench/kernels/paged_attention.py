@@ -89,7 +89,8 @@ def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32, help="decode batch size")
     p.add_argument("--context", type=int, default=1024, help="max decode context (mixed lengths)")
-    p.add_argument("--prefill", type=int, default=1024, help="prefill prompt length")
+    p.add_argument("--prefill", type=int, default=1024,
+                   help="prefill prompt length (0: the decode cases only)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
@@ -111,6 +112,10 @@ def main():
     ctx_mixed = [max(1, args.context * (i + 1) // args.batch) for i in range(args.batch)]
     run_case(f"decode b={args.batch} ctx={args.context}", [1] * args.batch, ctx_full, args, copy_gbs)
     run_case(f"decode b={args.batch} ctx=mixed<={args.context}", [1] * args.batch, ctx_mixed, args, copy_gbs)
+    if args.prefill < 0 or args.batch < 1:
+        raise SystemExit("--prefill must be >= 0 and --batch >= 1")
+    if args.prefill == 0:
+        return
     run_case(f"prefill 1x{args.prefill}", [args.prefill], [args.prefill], args, copy_gbs)
     if args.prefill_seqs > 1:
         n = args.prefill_seqs
