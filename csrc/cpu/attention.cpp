@@ -60,6 +60,12 @@ struct WorkItem {
   int64_t cost;
 };
 
+// v holds at least n elements (grown, never shrunk: the per-thread buffers below are reused)
+template <typename V>
+void grow(std::vector<V>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
 // Per-thread buffers, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> q, acc, scores, vf, m, l, pos;
@@ -69,7 +75,6 @@ struct Scratch {
   std::vector<uint32_t> pa, kpad;          // AMX prefill: P rows as A tiles, keys gathered to 16 rows
   std::vector<uint16_t> qb, pb;            // bf16 decode: unscaled queries, probabilities
   void reserve(int rows, int rows_per_head, int hdp, int bsp, size_t logits = 0) {
-    auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
     grow(q, size_t(rows) * hdp);
     grow(acc, size_t(rows) * hdp);
     grow(scores, std::max(size_t(rows_per_head) * bsp, logits));
@@ -775,8 +780,6 @@ class Attention {
     const int rows = (w.t1 - w.t0) * group_;
     const int rp = (rows + kVec - 1) / kVec * kVec;  // rows padded to whole vectors
     const int bs = p_.block_size;
-    auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
-    auto grow32 = [](std::vector<uint32_t>& v, size_t n) { if (v.size() < n) v.resize(n); };
     sc.reserve(rp, rp, hdp_, bsp_, size_t(bs) * rp);
     grow(sc.qt, size_t(hd_) * rp);
     grow(sc.kf, size_t(bs) * hdp_);
@@ -789,7 +792,7 @@ class Attention {
     constexpr bool bf16_qk = false;
 #endif
     load_queries(w, q_start, ctx - q_len, sc, !bf16_qk);
-    if (bf16_qk) grow32(sc.qt2, size_t(hd_ / 2) * rp);
+    if (bf16_qk) grow(sc.qt2, size_t(hd_ / 2) * rp);
     // Padding rows repeat the last row (finite softmax state); their outputs are never stored.
     auto query_row = [&](int r) {
       const int src = std::min(r, rows - 1);
@@ -913,9 +916,9 @@ class Attention {
                        const int32_t* blocks) const {
     const int bs = p_.block_size, nvec = rp / kVec, nc = hd_ / 16;
     const int max_keys = std::max(bs, kBf16ChunkKeys / bs * bs);
-    if (sc.scores.size() < size_t(max_keys + bs) * rp) sc.scores.resize(size_t(max_keys + bs) * rp);
-    if (sc.vp2.size() < size_t(max_keys + bs) / 2 * hd_ + hd_) sc.vp2.resize(size_t(max_keys + bs) / 2 * hd_ + hd_);
-    if (sc.pp2.size() < size_t(max_keys + bs) / 2 * rp + rp) sc.pp2.resize(size_t(max_keys + bs) / 2 * rp + rp);
+    grow(sc.scores, size_t(max_keys + bs) * rp);
+    grow(sc.vp2, size_t(max_keys + bs) / 2 * hd_ + hd_);
+    grow(sc.pp2, size_t(max_keys + bs) / 2 * rp + rp);
     float* st = sc.scores.data();
     const int64_t ks = p_.kc_stride_token;
     const bool plain = p_.soft_cap <= 0.f && p_.alibi_slopes == nullptr;
@@ -968,13 +971,11 @@ class Attention {
   void amx_keys(const WorkItem& w, Scratch& sc, int rows, int rp, int lo, int hi,
                 const int32_t* blocks) const {
     const int bs = p_.block_size, nrt = rp / 16, nc = hd_ / 16;
-    auto grow = [](std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); };
-    auto grow32 = [](std::vector<uint32_t>& v, size_t n) { if (v.size() < n) v.resize(n); };
     grow(sc.scores, size_t(kAmxKeys) * rp);
-    grow32(sc.pp2, size_t(kAmxKeys / 2) * rp);
-    grow32(sc.pa, size_t(rp) * (kAmxKeys / 2));
-    grow32(sc.vp2, size_t(kAmxKeys / 2) * hd_);
-    grow32(sc.kpad, size_t(16) * hd_ / 2);
+    grow(sc.pp2, size_t(kAmxKeys / 2) * rp);
+    grow(sc.pa, size_t(rp) * (kAmxKeys / 2));
+    grow(sc.vp2, size_t(kAmxKeys / 2) * hd_);
+    grow(sc.kpad, size_t(16) * hd_ / 2);
     float* st = sc.scores.data();
     const int64_t ks = p_.kc_stride_token;
     // keys every row sees unmasked: before the first row's position and inside every window
@@ -1281,8 +1282,8 @@ class Attention {
   // chunk (row stride ld).
   void load_queries_bf16(const WorkItem& w, int q_start, int ld, Scratch& sc, float mul = 1.f) const {
     const int rows = (w.t1 - w.t0) * group_ * (w.h1 - w.h0);
-    if (sc.qb.size() < size_t(rows) * hd_) sc.qb.resize(size_t(rows) * hd_);
-    if (sc.pb.size() < size_t(rows) * ld) sc.pb.resize(size_t(rows) * ld);
+    grow(sc.qb, size_t(rows) * hd_);
+    grow(sc.pb, size_t(rows) * ld);
     for (int r = 0; r < rows; ++r) {
       const T* src = static_cast<const T*>(p_.query) + int64_t(q_start + token_of(w, r)) * p_.q_stride_token +
                      int64_t(head_of(w, r)) * p_.q_stride_head;
@@ -1348,7 +1349,7 @@ class Attention {
                         Scratch& sc) const {
 #if defined(CPU_CAPABILITY_AVX512)
     const int rows_per_head = (w.t1 - w.t0) * group_;
-    if (sc.kf.size() < size_t(p_.block_size) * hdp_) sc.kf.resize(size_t(p_.block_size) * hdp_);
+    grow(sc.kf, size_t(p_.block_size) * hdp_);
     for (int kvh = w.h0; kvh < w.h1; ++kvh) {
       const int r0 = (kvh - w.h0) * rows_per_head;
       fp8_rows_to_f32(key_at<uint8_t>(block, o0, kvh), p_.kc_stride_token, o1 - o0,
