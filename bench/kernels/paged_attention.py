@@ -101,6 +101,8 @@ def main():
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="fp8: K/V stored as float8_e4m3fn (kv_cache_dtype='fp8')")
     args = parse(p)
+    if args.prefill < 0 or args.batch < 1:
+        raise SystemExit("--prefill must be >= 0 and --batch >= 1")
     if args.quick:
         args.batch, args.context, args.prefill = 8, 256, 128
     args.repeats = args.repeats or (3 if args.quick else 10)
@@ -112,8 +114,6 @@ def main():
     ctx_mixed = [max(1, args.context * (i + 1) // args.batch) for i in range(args.batch)]
     run_case(f"decode b={args.batch} ctx={args.context}", [1] * args.batch, ctx_full, args, copy_gbs)
     run_case(f"decode b={args.batch} ctx=mixed<={args.context}", [1] * args.batch, ctx_mixed, args, copy_gbs)
-    if args.prefill < 0 or args.batch < 1:
-        raise SystemExit("--prefill must be >= 0 and --batch >= 1")
     if args.prefill == 0:
         return
     run_case(f"prefill 1x{args.prefill}", [args.prefill], [args.prefill], args, copy_gbs)
