@@ -567,20 +567,13 @@ void fused_moe_kernel(const MoeParams& p) {
 
 #include "cpu/check.h"
 #include "cpu/dispatch.h"
+#include "cpu/moe_checks.h"
 #include "ops.h"
 
 OCTAVO_DECLARE_CPU_KERNEL(fused_moe_kernel, MoeParams)
 
 namespace octavo {
 namespace {
-
-int activation_kind(const std::string& activation) {
-  if (activation == "silu") return 0;
-  if (activation == "gelu") return 1;
-  if (activation == "gelu_tanh") return 2;
-  TORCH_CHECK(false, "fused_moe: activation must be 'silu', 'gelu' or 'gelu_tanh', got '",
-              activation, "'");
-}
 
 // Picks k of n values by repeated arg-max; the lower index wins ties (as a stable sort).
 void pick_top(const float* v, int64_t n, int64_t k, std::vector<char>& taken, int32_t* ids) {
@@ -803,12 +796,8 @@ void moe_packed(at::Tensor& out, const at::Tensor& hidden, const at::Tensor& w13
                   w2_packed.size(4) == 2 && w2_packed.is_contiguous(),
               "fused_moe: w2_packed must be a contiguous [", e, ", ", (h + 63) / 64, ", ", (i + 1) / 2,
               ", 64, 2] tensor (ops_native.pack_moe_weights), got ", w2_packed.sizes());
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == t && topk_ids.scalar_type() == at::kInt &&
-                  topk_ids.is_contiguous(), "fused_moe: topk_ids must be a contiguous [T, k] int32 tensor");
-  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes() && topk_weights.scalar_type() == at::kFloat &&
-                  topk_weights.is_contiguous(),
-              "fused_moe: topk_weights must be a contiguous float32 tensor shaped like topk_ids");
-  const int act = activation_kind(activation);
+  cpu::check_moe_routing(topk_ids, topk_weights, t, "fused_moe");
+  const int act = cpu::moe_activation_kind(activation, "fused_moe");
   if (fp8 != nullptr) check_fp8_scales(*fp8, e, h, i);
   if (t == 0 || h == 0) return;
   const int64_t k = topk_ids.size(1);

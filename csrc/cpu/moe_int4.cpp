@@ -547,6 +547,7 @@ void fused_moe_int4_kernel(const MoeInt4Params& p) {
 
 #include "cpu/check.h"
 #include "cpu/dispatch.h"
+#include "cpu/moe_checks.h"
 #include "ops.h"
 
 OCTAVO_DECLARE_CPU_KERNEL(fused_moe_int4_kernel, MoeInt4Params)
@@ -606,18 +607,8 @@ void fused_moe_int4_packed_cpu(at::Tensor& out, const at::Tensor& hidden,
   const int64_t g13 = (h + gs13 - 1) / gs13, g2 = (i + gs2 - 1) / gs2;
   check_int4_stack(w13_packed, w13_scales_offsets, e, 2 * ((i + 31) / 32), h, g13, "w13");
   check_int4_stack(w2_packed, w2_scales_offsets, e, (h + 31) / 32, i, g2, "w2");
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == t && topk_ids.scalar_type() == at::kInt &&
-                  topk_ids.is_contiguous(),
-              "fused_moe_int4: topk_ids must be a contiguous [T, k] int32 tensor");
-  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes() && topk_weights.scalar_type() == at::kFloat &&
-                  topk_weights.is_contiguous(),
-              "fused_moe_int4: topk_weights must be a contiguous float32 tensor shaped like topk_ids");
-  int act = -1;
-  if (activation == "silu") act = 0;
-  else if (activation == "gelu") act = 1;
-  else if (activation == "gelu_tanh") act = 2;
-  TORCH_CHECK(act >= 0, "fused_moe_int4: activation must be 'silu', 'gelu' or 'gelu_tanh', got '",
-              activation, "'");
+  cpu::check_moe_routing(topk_ids, topk_weights, t, "fused_moe_int4");
+  const int act = cpu::moe_activation_kind(activation, "fused_moe_int4");
   if (w13_perm.has_value()) {
     const at::Tensor& pm = *w13_perm;
     OCTAVO_CHECK_CPU(pm);
@@ -633,10 +624,7 @@ void fused_moe_int4_packed_cpu(at::Tensor& out, const at::Tensor& hidden,
     out.zero_();
     return;
   }
-  const int32_t* ids = topk_ids.data_ptr<int32_t>();
-  for (int64_t q = 0; q < t * k; ++q)
-    TORCH_CHECK(ids[q] >= 0 && ids[q] < e, "fused_moe_int4: expert id ", ids[q], " is not in [0, ",
-                e, ")");
+  cpu::check_expert_ids(topk_ids, e, "fused_moe_int4");
   cpu::MoeInt4Params p{};
   p.out = out.data_ptr();
   p.hidden = hidden.data_ptr();
@@ -645,7 +633,7 @@ void fused_moe_int4_packed_cpu(at::Tensor& out, const at::Tensor& hidden,
   p.w2 = w2_packed.data_ptr<uint8_t>();
   p.w2_so = w2_scales_offsets.data_ptr<float>();
   p.topk_weights = topk_weights.data_ptr<float>();
-  p.topk_ids = ids;
+  p.topk_ids = topk_ids.data_ptr<int32_t>();
   p.w13_perm = w13_perm.has_value() ? w13_perm->data_ptr<int32_t>() : nullptr;
   p.out_stride = out.stride(0);
   p.hidden_stride = hidden.stride(0);
