@@ -358,6 +358,9 @@ static void packed_block_bf16_any(const LinearParams& p, const c10::BFloat16* wp
 // panel's first) into L2, so the next range's first block does not wait on memory.
 constexpr int64_t kChunkRows = 96;
 constexpr int64_t kKPairs = 128;
+// Decode (at most 2 * kMaxPackedMB rows): one pass over each panel; its first row block
+// prefetches the weights this many K pairs (16 KiB) ahead.
+constexpr int64_t kDecodePrefetchPairs = 64;
 
 // Rows of the block that starts at row m0 when `rows` rows are cut into the fewest blocks of at
 // most kMaxPackedMB, as evenly as can be: 32 rows as 6, 6, 5, 5, 5, 5 rather than five blocks of 6
@@ -373,7 +376,8 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
   if (p.m <= 2 * kMaxPackedMB) {  // decode: one pass over the panel, the weights from memory
     for (int64_t m0 = 0; m0 < p.m;) {
       const int mb = even_block_rows(p.m, m0);
-      packed_block_bf16_any(p, wp, n0, m0, mb, PackedRange{0, kfull, nullptr, true, true, m0 == 0 ? 64 : 0});
+      const PackedRange whole{0, kfull, nullptr, true, true, m0 == 0 ? kDecodePrefetchPairs : 0};
+      packed_block_bf16_any(p, wp, n0, m0, mb, whole);
       m0 += mb;
     }
     return;
