@@ -36,6 +36,10 @@ void linear_packed_cpu(at::Tensor& out,                      // [M, N]
 // weight [N, K] (2- or 4-byte elements) -> out [ceil(N/64), ceil(K/2), 64, 2]: linear_packed's
 // layout, as ops_native.pack_linear_panels (zero padded)
 void pack_linear_panels_cpu(at::Tensor& out, const at::Tensor& weight);
+// codes uint8 [N, K], scales and offsets float32 [N, G] -> int4_gemm's packed [ceil(N/32),
+// ceil(K/2), 32] and scales_offsets [ceil(N/32), G, 2, 32], as ops_native.pack_int4_panels
+void pack_int4_panels_cpu(at::Tensor& packed, at::Tensor& scales_offsets, const at::Tensor& qweight,
+                          const at::Tensor& scales, const at::Tensor& offsets);
 void int4_gemm_cpu(at::Tensor& out,                    // [M, N]
                    const at::Tensor& x,                // [M, K] (K in the packed order)
                    const at::Tensor& qweight,          // uint8 [ceil(N/32), ceil(K/2), 32]

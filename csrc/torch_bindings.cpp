@@ -15,6 +15,8 @@ void linear_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
 void linear_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const std::optional<at::Tensor>&) {}
 void pack_linear_panels_meta(at::Tensor&, const at::Tensor&) {}
+void pack_int4_panels_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&) {}
 void int4_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                     const std::optional<at::Tensor>&) {}
 void fp8_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -107,6 +109,10 @@ TORCH_LIBRARY(octavo, m) {
   // repack a dense weight [N, K] into that layout (load time; ops_native.pack_linear_panels);
   // out may be weight's own memory (N a multiple of 64, K even, contiguous): packed in place
   m.def("pack_linear_panels(Tensor! out, Tensor weight) -> ()");
+  // codes uint8 [N, K] + float32 scales / offsets [N, G] -> int4_gemm's layout (load time;
+  // ops_native.pack_int4_panels); CPU only
+  m.def("pack_int4_panels(Tensor! packed, Tensor! scales_offsets, Tensor qweight, Tensor scales, "
+        "Tensor offsets) -> ()");
   // out [M, N] = x [M, K] @ W^T (+ bias), W = 4-bit codes * scale + offset per group of K,
   // packed by ops_native.pack_int4_panels; CPU, and CUDA (torch_ops_cuda_int_gemm.cpp)
   m.def("int4_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, int group_size, "
@@ -231,6 +237,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("linear", &octavo::linear_cpu);
   m.impl("linear_packed", &octavo::linear_packed_cpu);
   m.impl("pack_linear_panels", &octavo::pack_linear_panels_cpu);
+  m.impl("pack_int4_panels", &octavo::pack_int4_panels_cpu);
   m.impl("int4_gemm", &octavo::int4_gemm_cpu);
   m.impl("int8_gemm", &octavo::int8_gemm_cpu);
   m.impl("int8_woq_gemm", &octavo::int8_woq_gemm_cpu);
@@ -297,6 +304,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("linear_packed", &linear_packed_meta);
   m.impl("argmax_rows", &argmax_rows_meta);
   m.impl("pack_linear_panels", &pack_linear_panels_meta);
+  m.impl("pack_int4_panels", &pack_int4_panels_meta);
   m.impl("int4_gemm", &int4_gemm_meta);
   m.impl("int8_gemm", &int8_gemm_meta);
   m.impl("int8_woq_gemm", &int8_woq_gemm_meta);

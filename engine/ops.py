@@ -275,6 +275,35 @@ class Int4Weight(NamedTuple):
     perm: torch.Tensor | None     # act-order: x[:, perm] is the packed K order
 
 
+def pack_int4_panels(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                     group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # codes [N, K] -> (uint8 [ceil(N/32), ceil(K/2), 32], float32 [ceil(N/32), G, 2, 32]): the
+    # layout and bytes of ops_native.pack_int4_panels, in one pass over the codes on the CPU
+    if qweight.device.type != "cpu" or USING_NATIVE:
+        return ops_native.pack_int4_panels(qweight, scales, offsets, group_size)
+    n, k = qweight.shape
+    _, groups = ops_native.int4_groups(k, group_size)
+    q = qweight if qweight.dtype == torch.uint8 else qweight.to(torch.uint8)
+    if k > 1 and q.stride(1) != 1:
+        q = q.contiguous()
+    s, o = scales.float().contiguous(), offsets.float().contiguous()
+    if s.shape != (n, groups) or o.shape != (n, groups):
+        raise ValueError(f"pack_int4_panels: scales and offsets must be [{n}, {groups}], got "
+                         f"{tuple(s.shape)} and {tuple(o.shape)}")
+    packed = torch.empty(-(-n // 32), (k + 1) // 2, 32, dtype=torch.uint8)
+    so = torch.empty(-(-n // 32), groups, 2, 32, dtype=torch.float32)
+    torch.ops.octavo.pack_int4_panels(packed, so, q, s, o)
+    return packed, so
+
+
+def int4_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, g_idx: torch.Tensor | None = None,
+                 offsets: torch.Tensor | None = None) -> "Int4Weight":
+    """ops_native.int4_prepare with the codes packed by pack_int4_panels above."""
+    return ops_native.int4_prepare(qweight, scales, zeros, group_size, g_idx, offsets,
+                                   pack=pack_int4_panels)
+
+
 def int4_cuda_supported(dtype: torch.dtype, k: int, group_size: int) -> bool:
     """Whether the CUDA INT4 kernel takes these operands: tensor cores (bf16 / fp16 activations),
     groups of whole 16-wide K steps (or one group over K)."""

@@ -554,9 +554,10 @@ def int4_gemm_packed(x: torch.Tensor, packed: torch.Tensor, scales_offsets: torc
 
 def int4_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, g_idx: torch.Tensor | None = None,
-                 offsets: torch.Tensor | None = None):
+                 offsets: torch.Tensor | None = None, pack=None):
     """Repack a 4-bit weight once after loading for int4_gemm_prepared (ops.Int4Weight).
-    `offsets` [N, G], when given, replaces -zeros * scales (GGUF's Q4_1 min, exactly)."""
+    `offsets` [N, G], when given, replaces -zeros * scales (GGUF's Q4_1 min, exactly). `pack`:
+    what packs the codes (pack_int4_panels's signature; ops.int4_prepare passes the C++ one)."""
     from octavo.ops import Int4Weight
     n, k = qweight.shape
     gs, _ = int4_groups(k, group_size)
@@ -568,7 +569,7 @@ def int4_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         offsets = -z * scales.float()
     elif perm is not None:
         raise ValueError("int4_prepare: offsets with act-order g_idx are not supported")
-    packed, so = pack_int4_panels(qweight, scales, offsets, gs)
+    packed, so = (pack or pack_int4_panels)(qweight, scales, offsets, gs)
     return Int4Weight(packed, so, n, k, gs, perm)
 
 

@@ -1,5 +1,6 @@
 // Repacking a dense weight [N, K] into linear_packed's panel layout [ceil(N/64), ceil(K/2), 64, 2]
-// once at load (ops_native.pack_linear_panels is the reference). torch's permute + contiguous
+// once at load (ops_native.pack_linear_panels is the reference), and a 4-bit one into int4_gemm's
+// (ops_native.pack_int4_panels; see pack_int4_panels_kernel). torch's permute + contiguous
 // moves one element at a time through strided indexing; here a pair of elements is one machine
 // word, each thread owns whole panels, and a row is read a cache line at a time while the 64
 // outputs' words of that line land in the panel's rows (which stay in L1 meanwhile).
@@ -18,6 +19,15 @@ struct PackPanelsParams {
   int64_t n, k, ld;
   int elem_size;       // 2 (bf16 / fp16) or 4 (fp32)
   bool in_place;       // out is weight's own memory (n % 64 == 0, k even, ld == k)
+};
+
+struct PackInt4Params {
+  const uint8_t* q;          // codes [n, k], row stride q_ld
+  const float* scales;       // [n, groups], row stride s_ld
+  const float* offsets;      // [n, groups], row stride o_ld
+  uint8_t* packed;           // [ceil(n/32), ceil(k/2), 32] contiguous
+  float* so;                 // [ceil(n/32), groups, 2, 32] contiguous
+  int64_t n, k, groups, q_ld, s_ld, o_ld;
 };
 
 }  // namespace octavo::cpu
@@ -82,6 +92,46 @@ void pack_linear_panels_kernel(const PackPanelsParams& a) {
   });
 }
 
+// INT4: panel p of 32 outputs holds, in byte 2j+i of its row kk, the code of (output p*32+j,
+// k = 2kk+i) in the low nibble and that of (output p*32+16+j, same k) in the high nibble, and
+// the group scales and offsets of its 32 outputs as so[p][g][0 | 1][32]; zero padded. The same
+// bytes as the reference's (q0 | q1 << 4 in uint8: codes above 15 are not masked there either).
+// At load the reference's pad / view / permute / contiguous chain made four passes over the
+// codes; here each panel is one pass, its 32 source rows' current lines staying in L1.
+constexpr int kInt4Panel = 32;
+
+void pack_int4_panels_kernel(const PackInt4Params& a) {
+  const int64_t panels = (a.n + kInt4Panel - 1) / kInt4Panel, k2 = (a.k + 1) / 2;
+  const int64_t grain = std::max<int64_t>(1, (256 << 10) / (kInt4Panel * std::max<int64_t>(a.k, 1)));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      uint8_t* o = a.packed + p * k2 * kInt4Panel;
+      const uint8_t* rows[kInt4Panel];  // nullptr: a padding output
+      for (int r = 0; r < kInt4Panel; ++r) {
+        const int64_t row = p * kInt4Panel + r;
+        rows[r] = row < a.n ? a.q + row * a.q_ld : nullptr;
+      }
+      for (int64_t kk = 0; kk < k2; ++kk) {
+        for (int j = 0; j < kInt4Panel / 2; ++j) {
+          for (int i = 0; i < 2; ++i) {
+            const int64_t col = 2 * kk + i;
+            const uint8_t lo = rows[j] != nullptr && col < a.k ? rows[j][col] : 0;
+            const uint8_t hi = rows[j + 16] != nullptr && col < a.k ? rows[j + 16][col] : 0;
+            o[kk * kInt4Panel + 2 * j + i] = static_cast<uint8_t>(lo | static_cast<uint8_t>(hi << 4));
+          }
+        }
+      }
+      float* so = a.so + p * a.groups * 2 * kInt4Panel;
+      for (int64_t g = 0; g < a.groups; ++g)
+        for (int r = 0; r < kInt4Panel; ++r) {
+          const int64_t row = p * kInt4Panel + r;
+          so[(g * 2) * kInt4Panel + r] = row < a.n ? a.scales[row * a.s_ld + g] : 0.f;
+          so[(g * 2 + 1) * kInt4Panel + r] = row < a.n ? a.offsets[row * a.o_ld + g] : 0.f;
+        }
+    }
+  });
+}
+
 }  // namespace octavo::cpu::CPU_CAPABILITY
 
 #if defined(OCTAVO_CPU_LAUNCHERS)
@@ -92,6 +142,7 @@ void pack_linear_panels_kernel(const PackPanelsParams& a) {
 #include "ops.h"
 
 OCTAVO_DECLARE_CPU_KERNEL(pack_linear_panels_kernel, PackPanelsParams)
+OCTAVO_DECLARE_CPU_KERNEL(pack_int4_panels_kernel, PackInt4Params)
 
 namespace octavo {
 
@@ -116,6 +167,42 @@ void pack_linear_panels_cpu(at::Tensor& out, const at::Tensor& weight) {
   cpu::PackPanelsParams p{weight.data_ptr(), out.data_ptr(), n, k,
                           n > 1 ? weight.stride(0) : k, static_cast<int>(es), in_place};
   OCTAVO_CALL_CPU_KERNEL(pack_linear_panels_kernel, p);
+}
+
+void pack_int4_panels_cpu(at::Tensor& packed, at::Tensor& scales_offsets, const at::Tensor& qweight,
+                          const at::Tensor& scales, const at::Tensor& offsets) {
+  const char* op = "pack_int4_panels";
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&packed, &scales_offsets, &qweight,
+                                                                     &scales, &offsets})
+    TORCH_CHECK(t->device().is_cpu(), op, ": tensors must be on the CPU");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                  (qweight.size(1) <= 1 || qweight.stride(1) == 1),
+              op, ": qweight must be uint8 codes [N, K] with a unit last stride, got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t n = qweight.size(0), k = qweight.size(1);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&scales, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == n &&
+                    (t->size(1) <= 1 || t->stride(1) == 1),
+                op, ": scales and offsets must be float32 [N, G] with a unit last stride (N = ", n,
+                "), got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK(offsets.sizes() == scales.sizes(), op, ": scales and offsets shapes differ: ",
+              scales.sizes(), " vs ", offsets.sizes());
+  const int64_t groups = scales.size(1), panels = (n + 31) / 32, k2 = (k + 1) / 2;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.sizes() == at::IntArrayRef({panels, k2, 32}),
+              op, ": packed must be a contiguous uint8 [", panels, ", ", k2, ", 32], got ",
+              packed.sizes());
+  TORCH_CHECK(scales_offsets.scalar_type() == at::kFloat && scales_offsets.is_contiguous() &&
+                  scales_offsets.sizes() == at::IntArrayRef({panels, groups, 2, 32}),
+              op, ": scales_offsets must be a contiguous float32 [", panels, ", ", groups,
+              ", 2, 32], got ", scales_offsets.sizes());
+  if (panels == 0) return;
+  cpu::PackInt4Params p{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                        offsets.data_ptr<float>(), packed.data_ptr<uint8_t>(),
+                        scales_offsets.data_ptr<float>(), n, k, groups,
+                        n > 1 ? qweight.stride(0) : k, n > 1 ? scales.stride(0) : groups,
+                        n > 1 ? offsets.stride(0) : groups};
+  OCTAVO_CALL_CPU_KERNEL(pack_int4_panels_kernel, p);
 }
 
 }  // namespace octavo

@@ -108,6 +108,47 @@ def test_pack_int4_panels_round_trip():
     assert packed[0, 3, 2 * 5 + 1] == q[5, 7] | (q[21, 7] << 4)
 
 
+needs_extension = pytest.mark.skipif(ops.USING_NATIVE, reason="octavo._C is not built: ops.pack_int4_panels "
+                                     "is the reference itself")
+
+
+@needs_extension
+@pytest.mark.parametrize("n,k,group_size", [(1, 1, -1), (31, 2, -1), (32, 64, 32), (45, 99, 32),
+                                          (100, 256, 128), (7, 257, 64)])
+def test_pack_int4_panels_cpp_matches_reference(n, k, group_size):
+    # ops.pack_int4_panels (the C++ pass used at load) writes the reference's exact bytes, padding
+    # included, from strided codes and scales too
+    q, s, z, _ = make_int4(n, k, group_size, True, False)
+    offsets = -z * s
+    ref = ops_native.pack_int4_panels(q, s, offsets, group_size)
+    got = ops.pack_int4_panels(q, s, offsets, group_size)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    wide = torch.zeros(n, k + 5, dtype=torch.int16)          # int16 codes with a row stride
+    wide[:, :k] = q
+    s_t, o_t = s.t().contiguous().t(), offsets.t().contiguous().t()   # column-major scales
+    got = ops.pack_int4_panels(wide[:, :k], s_t, o_t, group_size)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@needs_extension
+def test_pack_int4_panels_cpp_codes_above_15_and_prepare():
+    # codes are not masked (the reference ORs them as they are), and ops.int4_prepare (act order
+    # included) gives ops_native.int4_prepare's weight
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 256, (40, 70), generator=g, dtype=torch.uint8)
+    s = torch.rand(40, 3, generator=g)
+    o = torch.rand(40, 3, generator=g)
+    ref = ops_native.pack_int4_panels(q, s, o, 32)
+    got = ops.pack_int4_panels(q, s, o, 32)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    q, s, z, g_idx = make_int4(64, 128, 32, True, True)
+    a, b = ops.int4_prepare(q, s, z, 32, g_idx), ops_native.int4_prepare(q, s, z, 32, g_idx)
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.scales_offsets, b.scales_offsets)
+    assert torch.equal(a.perm, b.perm) and (a.n, a.k, a.group_size) == (b.n, b.k, b.group_size)
+    with pytest.raises(ValueError, match="scales and offsets must be"):
+        ops.pack_int4_panels(q, s[:, :2], s[:, :2], 32)
+
+
 def test_int4_dequantize_hand_computed():
     q = torch.tensor([[0, 15, 8, 3]], dtype=torch.uint8)
     s = torch.tensor([[0.5, 2.0]])

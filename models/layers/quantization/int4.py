@@ -51,7 +51,7 @@ class Int4LinearMethod(LinearMethodBase):
                                      "of whole 16-wide K steps")
             elif q.device.type != "cpu":
                 raise ValueError("the INT4 kernels run on CPU and CUDA only")
-            w = ops_native.int4_prepare(q, scales, zeros, group_size, g_idx, offsets)
+            w = ops.int4_prepare(q, scales, zeros, group_size, g_idx, offsets)
             # the act-order permutation beside the codes (no host copy per call: CUDA graphs)
             layer.int4_weight = w if w.perm is None else w._replace(perm=w.perm.to(q.device))
         except ValueError as e:
