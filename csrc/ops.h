@@ -40,6 +40,10 @@ void pack_linear_panels_cpu(at::Tensor& out, const at::Tensor& weight);
 // ceil(K/2), 32] and scales_offsets [ceil(N/32), G, 2, 32], as ops_native.pack_int4_panels
 void pack_int4_panels_cpu(at::Tensor& packed, at::Tensor& scales_offsets, const at::Tensor& qweight,
                           const at::Tensor& scales, const at::Tensor& offsets);
+// raw GGUF Q4_0 (ggml_type 2) / Q4_1 (3) blocks uint8 [rows, row bytes] -> codes uint8 [rows, K],
+// d and m float32 [rows, K/32] (W = codes * d + m), as gguf_loader.q4_blocks
+void gguf_q4_blocks_cpu(at::Tensor& codes, at::Tensor& d, at::Tensor& m, const at::Tensor& raw,
+                        int64_t ggml_type);
 void int4_gemm_cpu(at::Tensor& out,                    // [M, N]
                    const at::Tensor& x,                // [M, K] (K in the packed order)
                    const at::Tensor& qweight,          // uint8 [ceil(N/32), ceil(K/2), 32]

@@ -17,6 +17,7 @@ void linear_packed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
 void pack_linear_panels_meta(at::Tensor&, const at::Tensor&) {}
 void pack_int4_panels_meta(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&) {}
+void gguf_q4_blocks_meta(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, int64_t) {}
 void int4_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                     const std::optional<at::Tensor>&) {}
 void fp8_gemm_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -113,6 +114,9 @@ TORCH_LIBRARY(octavo, m) {
   // ops_native.pack_int4_panels); CPU only
   m.def("pack_int4_panels(Tensor! packed, Tensor! scales_offsets, Tensor qweight, Tensor scales, "
         "Tensor offsets) -> ()");
+  // GGUF Q4_0 / Q4_1 blocks [rows, row bytes] -> codes [rows, K], d, m [rows, K/32] (load time;
+  // gguf_loader.q4_blocks); CPU only
+  m.def("gguf_q4_blocks(Tensor! codes, Tensor! d, Tensor! m, Tensor raw, int ggml_type) -> ()");
   // out [M, N] = x [M, K] @ W^T (+ bias), W = 4-bit codes * scale + offset per group of K,
   // packed by ops_native.pack_int4_panels; CPU, and CUDA (torch_ops_cuda_int_gemm.cpp)
   m.def("int4_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales_offsets, int group_size, "
@@ -238,6 +242,7 @@ TORCH_LIBRARY_IMPL(octavo, CPU, m) {
   m.impl("linear_packed", &octavo::linear_packed_cpu);
   m.impl("pack_linear_panels", &octavo::pack_linear_panels_cpu);
   m.impl("pack_int4_panels", &octavo::pack_int4_panels_cpu);
+  m.impl("gguf_q4_blocks", &octavo::gguf_q4_blocks_cpu);
   m.impl("int4_gemm", &octavo::int4_gemm_cpu);
   m.impl("int8_gemm", &octavo::int8_gemm_cpu);
   m.impl("int8_woq_gemm", &octavo::int8_woq_gemm_cpu);
@@ -305,6 +310,7 @@ TORCH_LIBRARY_IMPL(octavo, Meta, m) {
   m.impl("argmax_rows", &argmax_rows_meta);
   m.impl("pack_linear_panels", &pack_linear_panels_meta);
   m.impl("pack_int4_panels", &pack_int4_panels_meta);
+  m.impl("gguf_q4_blocks", &gguf_q4_blocks_meta);
   m.impl("int4_gemm", &int4_gemm_meta);
   m.impl("int8_gemm", &int8_gemm_meta);
   m.impl("int8_woq_gemm", &int8_woq_gemm_meta);

@@ -296,6 +296,28 @@ def pack_int4_panels(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch
     return packed, so
 
 
+def gguf_q4_blocks(raw, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """GGUF Q4_0 (2) / Q4_1 (3) blocks, a [rows, row bytes] uint8 array (numpy, e.g. a slice of
+    the file's read-only mmap, or a tensor) -> (codes uint8 [rows, K], d, m float32 [rows, K/32])
+    decoded in C++ as gguf_loader.q4_blocks_reference does; None without the extension."""
+    if USING_NATIVE:
+        return None
+    if not isinstance(raw, torch.Tensor):
+        import warnings
+
+        import numpy as np
+        with warnings.catch_warnings():     # read only: the op never writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(raw))
+    rows, row_bytes = raw.shape
+    blocks = row_bytes // (20 if ggml_type == 3 else 18)
+    codes = torch.empty(rows, 32 * blocks, dtype=torch.uint8)
+    d = torch.empty(rows, blocks, dtype=torch.float32)
+    m = torch.empty(rows, blocks, dtype=torch.float32)
+    torch.ops.octavo.gguf_q4_blocks(codes, d, m, raw.contiguous(), ggml_type)
+    return codes, d, m
+
+
 def int4_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, g_idx: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None) -> "Int4Weight":

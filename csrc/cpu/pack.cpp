@@ -5,6 +5,7 @@
 // word, each thread owns whole panels, and a row is read a cache line at a time while the 64
 // outputs' words of that line land in the panel's rows (which stay in L1 meanwhile).
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +29,15 @@ struct PackInt4Params {
   uint8_t* packed;           // [ceil(n/32), ceil(k/2), 32] contiguous
   float* so;                 // [ceil(n/32), groups, 2, 32] contiguous
   int64_t n, k, groups, q_ld, s_ld, o_ld;
+};
+
+struct Q4BlocksParams {
+  const uint8_t* raw;        // [rows, row_bytes]: GGUF Q4_0 (18-byte) or Q4_1 (20-byte) blocks
+  uint8_t* codes;            // [rows, 32 * blocks] contiguous
+  float* d;                  // [rows, blocks]
+  float* m;                  // [rows, blocks]
+  int64_t rows, blocks, row_bytes;
+  bool q4_1;
 };
 
 }  // namespace octavo::cpu
@@ -132,6 +142,39 @@ void pack_int4_panels_kernel(const PackInt4Params& a) {
   });
 }
 
+// GGUF's 4-bit blocks, decoded as gguf_loader.q4_blocks does: a block of 32 weights is an fp16
+// scale d (Q4_1: then an fp16 min m; Q4_0: m = -8 d) and 16 bytes whose low nibbles are weights
+// 0-15 and high nibbles 16-31. One pass over the file's bytes instead of the reference's copy,
+// two nibble tensors and their concatenation.
+void gguf_q4_blocks_kernel(const Q4BlocksParams& a) {
+  const int64_t header = a.q4_1 ? 4 : 2, block_bytes = header + 16;
+  const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, a.row_bytes));
+  at::parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = a.raw + r * a.row_bytes;
+      uint8_t* codes = a.codes + r * a.blocks * 32;
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        const uint8_t* blk = row + b * block_bytes;
+        uint16_t bits;
+        std::memcpy(&bits, blk, 2);
+        const float d = static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+        float m = -8.f * d;
+        if (a.q4_1) {
+          std::memcpy(&bits, blk + 2, 2);
+          m = static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+        }
+        a.d[r * a.blocks + b] = d;
+        a.m[r * a.blocks + b] = m;
+        const uint8_t* qs = blk + header;
+        for (int t = 0; t < 16; ++t) {
+          codes[b * 32 + t] = qs[t] & 15;
+          codes[b * 32 + 16 + t] = qs[t] >> 4;
+        }
+      }
+    }
+  });
+}
+
 }  // namespace octavo::cpu::CPU_CAPABILITY
 
 #if defined(OCTAVO_CPU_LAUNCHERS)
@@ -143,6 +186,7 @@ void pack_int4_panels_kernel(const PackInt4Params& a) {
 
 OCTAVO_DECLARE_CPU_KERNEL(pack_linear_panels_kernel, PackPanelsParams)
 OCTAVO_DECLARE_CPU_KERNEL(pack_int4_panels_kernel, PackInt4Params)
+OCTAVO_DECLARE_CPU_KERNEL(gguf_q4_blocks_kernel, Q4BlocksParams)
 
 namespace octavo {
 
@@ -203,6 +247,29 @@ void pack_int4_panels_cpu(at::Tensor& packed, at::Tensor& scales_offsets, const 
                         n > 1 ? qweight.stride(0) : k, n > 1 ? scales.stride(0) : groups,
                         n > 1 ? offsets.stride(0) : groups};
   OCTAVO_CALL_CPU_KERNEL(pack_int4_panels_kernel, p);
+}
+
+void gguf_q4_blocks_cpu(at::Tensor& codes, at::Tensor& d, at::Tensor& m, const at::Tensor& raw,
+                        int64_t ggml_type) {
+  const char* op = "gguf_q4_blocks";
+  TORCH_CHECK(ggml_type == 2 || ggml_type == 3, op, ": ggml_type must be 2 (Q4_0) or 3 (Q4_1), got ",
+              ggml_type);
+  const int64_t block_bytes = ggml_type == 3 ? 20 : 18;
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&codes, &d, &m, &raw})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), op, ": tensors must be contiguous CPU tensors");
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.size(1) % block_bytes == 0, op,
+              ": raw must be uint8 [rows, row bytes], row bytes a multiple of ", block_bytes, ", got ",
+              raw.sizes());
+  const int64_t rows = raw.size(0), blocks = raw.size(1) / block_bytes;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.sizes() == at::IntArrayRef({rows, 32 * blocks}),
+              op, ": codes must be uint8 [", rows, ", ", 32 * blocks, "], got ", codes.sizes());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&d, &m})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->sizes() == at::IntArrayRef({rows, blocks}), op,
+                ": d and m must be float32 [", rows, ", ", blocks, "], got ", t->sizes());
+  if (rows == 0 || blocks == 0) return;
+  cpu::Q4BlocksParams p{raw.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), d.data_ptr<float>(),
+                        m.data_ptr<float>(), rows, blocks, raw.size(1), ggml_type == 3};
+  OCTAVO_CALL_CPU_KERNEL(gguf_q4_blocks_kernel, p);
 }
 
 }  // namespace octavo

@@ -196,6 +196,33 @@ def test_block_dequantization_matches_the_gguf_package(qtype, shape):
     assert gguf_loader.dequantize_blocks(raw, int(GGMLQuantizationType.Q4_K)) is None
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("shape", [(1, 32), (3, 96), (17, 160), (64, 576)])
+def test_q4_block_decoding_matches_the_gguf_package(qtype, shape):
+    # q4_blocks (the C++ pass where octavo._C is built) gives the torch reference's codes, d and m
+    # exactly, and codes * d + m is the gguf package's dequantization
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from octavo import ops
+
+    t = GGMLQuantizationType[qtype]
+    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32) * 3
+    raw = quantize(x, t)
+    raw.setflags(write=False)                       # as a slice of the file's read-only mmap
+    codes, d, m = gguf_loader.q4_blocks(raw, int(t))
+    ref = gguf_loader.q4_blocks_reference(raw, int(t))
+    assert codes.dtype == torch.uint8 and tuple(codes.shape) == shape
+    for got, want in zip((codes, d, m), ref):
+        assert torch.equal(got, want)
+    w = codes.float() * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
+    np.testing.assert_array_equal(w.numpy(), dequantize(raw, t))
+    if ops.USING_NATIVE:
+        print("octavo._C is not built: q4_blocks ran the reference itself")
+    else:
+        assert ops.gguf_q4_blocks(raw, int(t)) is not None
+
+
 def test_truncated_gguf_says_so(tiny_gguf, tmp_path):
     data = open(tiny_gguf, "rb").read()
     cut = tmp_path / "cut.gguf"
