@@ -379,7 +379,7 @@ def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
     INT4 MoE section); g_idx may be GPTQ's act order. Pass the result to fused_moe_int4_prepared."""
     return ops_native.prepare_moe_int4_weights(w13_q, w13_scales, w13_zeros, w2_q, w2_scales,
                                                w2_zeros, group_size, w13_offsets, w2_offsets,
-                                               w13_g_idx, w2_g_idx)
+                                               w13_g_idx, w2_g_idx, pack=pack_int4_panels)
 
 
 def _moe_int4_kernel_on(device: torch.device) -> bool:

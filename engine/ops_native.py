@@ -691,14 +691,14 @@ def _moe_int4_offsets(scales: torch.Tensor, zeros: torch.Tensor | None,
 
 
 def _pack_int4_experts(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       group_size: int, pack=None) -> tuple[torch.Tensor, torch.Tensor]:
     # [E, N, K] -> (uint8 [E, ceil(N/32), ceil(K/2), 32], float32 [E, ceil(N/32), G, 2, 32])
     gs, groups = int4_groups(q.shape[2], group_size)
     if q.shape[0] == 0:
         p = -(-q.shape[1] // INT4_PANEL)
         return (q.new_zeros(0, p, (q.shape[2] + 1) // 2, INT4_PANEL, dtype=torch.uint8),
                 q.new_zeros(0, p, groups, 2, INT4_PANEL, dtype=torch.float32))
-    parts = [pack_int4_panels(q[x], scales[x], offsets[x], gs) for x in range(q.shape[0])]
+    parts = [(pack or pack_int4_panels)(q[x], scales[x], offsets[x], gs) for x in range(q.shape[0])]
     return torch.stack([a for a, _ in parts]), torch.stack([b for _, b in parts])
 
 
@@ -737,10 +737,11 @@ def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
                              group_size: int, w13_offsets: torch.Tensor | None = None,
                              w2_offsets: torch.Tensor | None = None,
                              w13_g_idx: torch.Tensor | None = None,
-                             w2_g_idx: torch.Tensor | None = None):
+                             w2_g_idx: torch.Tensor | None = None, pack=None):
     """Pack 4-bit experts once after loading (layout above) -> ops.MoEInt4Weights. g_idx (per
     expert [E, K] or shared [K]) may be GPTQ's act order: every group but the last holds exactly
-    group_size columns, as GPTQ writes it (else ValueError)."""
+    group_size columns, as GPTQ writes it (else ValueError). `pack`: what packs each expert
+    (pack_int4_panels's signature; ops.prepare_moe_int4_weights passes the C++ one)."""
     from octavo.ops import MoEInt4Weights
     e, i2, h = w13_q.shape
     i = i2 // 2
@@ -760,9 +761,9 @@ def prepare_moe_int4_weights(w13_q: torch.Tensor, w13_scales: torch.Tensor,
     if perm13 is not None:  # w13's columns by group; the kernel gathers hidden in this order
         w13_q = _cols(w13_q, perm13)
     # gate and up rows padded separately, so a panel never mixes them
-    gate = _pack_int4_experts(w13_q[:, :i], w13_scales[:, :i], off13[:, :i], group_size)
-    up = _pack_int4_experts(w13_q[:, i:], w13_scales[:, i:], off13[:, i:], group_size)
-    w2p, w2so = _pack_int4_experts(w2_q, w2_scales, off2, group_size)
+    gate = _pack_int4_experts(w13_q[:, :i], w13_scales[:, :i], off13[:, :i], group_size, pack)
+    up = _pack_int4_experts(w13_q[:, i:], w13_scales[:, i:], off13[:, i:], group_size, pack)
+    w2p, w2so = _pack_int4_experts(w2_q, w2_scales, off2, group_size, pack)
     dev = w13_q.device
     return MoEInt4Weights(torch.cat((gate[0], up[0]), 1).contiguous(),
                           torch.cat((gate[1], up[1]), 1).contiguous(), w2p, w2so, h, i, group_size,

@@ -151,6 +151,18 @@ def test_act_order_packing_round_trip():
     assert torch.equal(shared.w13_perm, shared.w13_perm[2].expand(3, 70))
 
 
+@pytest.mark.skipif(ops.USING_NATIVE, reason="octavo._C is not built: ops packs with the reference")
+def test_prepare_packs_like_the_reference():
+    # ops.prepare_moe_int4_weights packs each expert with the C++ pack_int4_panels: the same
+    # bytes as ops_native's, act order and offsets included
+    _, w13, w2, _, _ = make_int4_moe(1, 70, 45, 3, 1, 16, offsets=True)
+    g13, g2 = act_order_g_idx(3, 70, 16, 3), act_order_g_idx(3, 45, 16, 4)
+    args = (*w13[:3], *w2[:3], 16, w13[3], w2[3], g13, g2)
+    ours, ref = ops.prepare_moe_int4_weights(*args), ops_native.prepare_moe_int4_weights(*args)
+    for a, b in zip(ours, ref):
+        assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
+
+
 def test_act_order_bad_g_idx_raises():
     _, w13, w2, _, _ = make_int4_moe(1, 64, 64, 2, 1, 32)
     lopsided = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)    # groups of 40 and 24
