@@ -25,6 +25,7 @@ from octavo.models.layers.cache_spec import CacheLayer, StateSpec
 from octavo.models.loader import load_weights
 from octavo.models.registry import get_model_class
 
+from . import weight_memory
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs, decode_batch_sizes
 from .kv_cache import split_cache_budget
@@ -91,7 +92,9 @@ class ModelRunner:
         hf_config = config.hf_config
         model_cls = model_cls or get_model_class(hf_config)
         t0 = time.perf_counter()
-        with _default_dtype(self.dtype), self.device:
+        huge = (weight_memory.HugePageWeights() if self.device.type == "cpu" and weight_memory.enabled()
+                else contextlib.nullcontext())
+        with _default_dtype(self.dtype), self.device, huge:
             self.model = model_cls(hf_config)
         load_weights(self.model, config.model, config.quantization)
         for module in self.model.modules():

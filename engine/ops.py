@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from octavo import ops_native
+from octavo import ops_native, weight_memory
 
 
 def _load_extension() -> bool:
@@ -88,7 +88,7 @@ def pack_linear_panels(weight: torch.Tensor, in_place: bool = False) -> torch.Te
         return ops_native.pack_linear_panels(weight)
     if k > 1 and weight.stride(1) != 1:
         weight = weight.contiguous()
-    out = torch.empty(-(-n // 64), (k + 1) // 2, 64, 2, dtype=weight.dtype)
+    out = weight_memory.empty((-(-n // 64), (k + 1) // 2, 64, 2), weight.dtype)
     torch.ops.octavo.pack_linear_panels(out, weight)
     return out
 
@@ -290,8 +290,8 @@ def pack_int4_panels(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch
     if s.shape != (n, groups) or o.shape != (n, groups):
         raise ValueError(f"pack_int4_panels: scales and offsets must be [{n}, {groups}], got "
                          f"{tuple(s.shape)} and {tuple(o.shape)}")
-    packed = torch.empty(-(-n // 32), (k + 1) // 2, 32, dtype=torch.uint8)
-    so = torch.empty(-(-n // 32), groups, 2, 32, dtype=torch.float32)
+    packed = weight_memory.empty((-(-n // 32), (k + 1) // 2, 32), torch.uint8)
+    so = weight_memory.empty((-(-n // 32), groups, 2, 32), torch.float32)
     torch.ops.octavo.pack_int4_panels(packed, so, q, s, o)
     return packed, so
 
