@@ -1,12 +1,15 @@
 """Model weights on transparent huge pages (CPU).
 
 A decode step streams every weight once. On 4 KiB pages each 4 KiB of a weight costs a TLB
-miss, and under a hypervisor a miss walks two page tables (the guest's and the host's): the
-2-core Zen 4 KVM guest ran the batch-32 decode GEMM at 345-357 GFLOP/s with its weights on 4 KiB
-pages and at 394-413 on 2 MiB ones (bench/README.md, 2026-12-05). So while a model is built, every
-large CPU `torch.empty` (the parameters the checkpoint is then copied into, and octavo's bf16
-panels are packed into in place) is carved from anonymous mappings advised `MADV_HUGEPAGE`
-instead of malloc's heap.
+miss, and under a hypervisor a miss walks two page tables (the guest's and the host's): on the
+2-core Zen 4 KVM guest the batch-32 decode GEMM ran at 344-357 GFLOP/s on cold weights on 4 KiB
+pages and at 404-413 on 2 MiB ones, and small Llama's 32 x 128/128 throughput rose 3-10%
+(bench/README.md, 2026-12-05). So while a model is built, every large CPU `torch.empty` (the
+parameters the checkpoint is then copied into, and octavo's bf16 panels are packed into in
+place) is carved from anonymous mappings advised `MADV_HUGEPAGE` instead of malloc's heap, and
+`empty` gives weights made after loading (panels packed out of place) a mapping of their own.
+The price is paid at load, where a huge page's first touch can cost more than 512 small ones
+(in that guest ~0.5-1 s a GB more when the host had taken the memory back).
 
 Where the kernel runs THP as `madvise` or `always` this puts the weights on huge pages; with
 `never`, or on other systems, the mappings are plain anonymous memory. OCTAVO_HUGE_PAGE_WEIGHTS=0
