@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import weakref
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -38,8 +39,9 @@ def enabled() -> bool:
 class _Chunk:
     """One private anonymous mapping of at least `nbytes` usable from a 2 MiB boundary, handed out
     front to back. Each tensor made from it holds a reference to the mapping, which is unmapped
-    once the last of them is freed. Past the last whole 2 MiB the mapping keeps 4 KiB pages, so a
-    tail never costs a whole huge page."""
+    once the last of them is freed; a tensor freed before (a checkpoint weight that was repacked
+    into another tensor after loading) gives its pages back at once. Past the last whole 2 MiB
+    the mapping keeps 4 KiB pages, so a tail never costs a whole huge page."""
 
     def __init__(self, nbytes: int) -> None:
         nbytes = -(-nbytes // _ALIGN) * _ALIGN
@@ -56,7 +58,19 @@ class _Chunk:
         if start + nbytes > self.end:
             return None
         self.next = start + nbytes
-        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=start)
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        view = memoryview(self.map)[start:start + nbytes]
+        out = torch.frombuffer(view, dtype=torch.uint8)    # the storage holds `view` until freed
+        done = weakref.finalize(view, _release, self.map, start, nbytes)
+        done.atexit = False
+        return out
+
+
+def _release(mapping: mmap.mmap, start: int, nbytes: int) -> None:
+    """Drop the pages of a freed tensor (start is page-aligned, its last page its own)."""
+    if not mapping.closed:
+        mapping.madvise(mmap.MADV_DONTNEED, start, -(-nbytes // _ALIGN) * _ALIGN)
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

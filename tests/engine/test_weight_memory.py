@@ -27,6 +27,8 @@ def vma_of(addr: int) -> dict | None:
             if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
                 lo, hi = (int(x, 16) for x in head[0].split("-"))
                 vma = {"lo": lo, "hi": hi} if lo <= addr < hi else None
+            elif vma is not None and head[0] == "Rss:":
+                vma["rss"] = int(head[1]) << 10
             elif vma is not None and head[0] == "VmFlags:":
                 vma["flags"] = head[1:]
                 return vma
@@ -77,6 +79,23 @@ def test_mappings_are_released_with_their_tensors():
     gc.collect()
     vma = vma_of(addr)
     assert vma is None or "hg" not in vma.get("flags", [])
+
+
+def test_a_tensor_freed_before_its_neighbours_gives_its_pages_back():
+    """A checkpoint weight repacked into another tensor after loading is dropped while the rest
+    of its chunk lives on: its memory must not stay resident."""
+    with weight_memory.HugePageWeights():
+        keep = torch.empty(6 << 20, dtype=torch.uint8)
+        drop = torch.empty(16 << 20, dtype=torch.uint8)
+    keep.fill_(1)
+    drop.fill_(2)
+    before = vma_of(keep.data_ptr())["rss"]
+    assert before >= (22 << 20)
+    del drop
+    gc.collect()
+    after = vma_of(keep.data_ptr())["rss"]
+    assert after <= before - (14 << 20), (before, after)
+    assert int(keep.sum()) == 6 << 20                   # the neighbour's bytes are untouched
 
 
 def test_a_weight_larger_than_a_chunk_gets_a_mapping_of_its_own(monkeypatch):
