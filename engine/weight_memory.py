@@ -7,7 +7,8 @@ pages and at 404-413 on 2 MiB ones, and small Llama's 32 x 128/128 throughput ro
 (bench/README.md, 2026-12-05). So while a model is built, every large CPU `torch.empty` (the
 parameters the checkpoint is then copied into, and octavo's bf16 panels are packed into in
 place) is carved from anonymous mappings advised `MADV_HUGEPAGE` instead of malloc's heap, and
-`empty` gives weights made after loading (panels packed out of place) a mapping of their own.
+`empty` gives weights made after loading (panels packed out of place, MoE experts) a mapping
+of their own.
 The price is paid at load, where a huge page's first touch can cost more than 512 small ones
 (in that guest ~0.5-1 s a GB more when the host had taken the memory back).
 

@@ -376,6 +376,20 @@ def test_pack_moe_weights_round_trip():
     assert torch.equal(back13, w13) and torch.equal(back2, w2)
 
 
+@pytest.mark.parametrize("e,h,i", [(4, 256, 128), (3, 100, 64), (2, 64, 192), (2, 64, 100), (2, 33, 128),
+                                   (8, 1024, 512)])
+def test_prepare_moe_weights_equals_the_reference_packing(e, h, i):
+    """ops.prepare_moe_weights copies whole panels straight into the packed tensors (on a
+    huge-page mapping when they span one) and falls back to ops_native where panels need padding:
+    the bytes are ops_native.pack_moe_weights' either way."""
+    _, w13, w2, _, _ = make_moe(1, h, i, e, 1, torch.bfloat16)
+    prepared = ops.prepare_moe_weights(w13, w2)
+    ref13, ref2 = ops_native.pack_moe_weights(w13, w2)
+    assert torch.equal(prepared.w13, ref13) and torch.equal(prepared.w2, ref2)
+    assert (prepared.hidden_size, prepared.inter_size) == (h, i)
+    assert prepared.w13.is_contiguous() and prepared.w2.is_contiguous()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_opcheck(dtype):
     hidden, w13, w2, tw, ti = make_moe(5, 40, 24, 4, 2, dtype)
