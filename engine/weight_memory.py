@@ -52,7 +52,10 @@ class _Chunk:
         self.end = self.next + nbytes
         whole = self.next + nbytes // HUGE_PAGE * HUGE_PAGE
         if whole > self.next:
-            self.map.madvise(mmap.MADV_HUGEPAGE, self.next, whole - self.next)
+            try:
+                self.map.madvise(mmap.MADV_HUGEPAGE, self.next, whole - self.next)
+            except OSError:          # a kernel without THP (EINVAL): plain pages, same mapping
+                pass
 
     def take(self, nbytes: int) -> torch.Tensor | None:
         start = -(-self.next // _ALIGN) * _ALIGN
@@ -71,7 +74,10 @@ class _Chunk:
 def _release(mapping: mmap.mmap, start: int, nbytes: int) -> None:
     """Drop the pages of a freed tensor (start is page-aligned, its last page its own)."""
     if not mapping.closed:
-        mapping.madvise(mmap.MADV_DONTNEED, start, -(-nbytes // _ALIGN) * _ALIGN)
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, start, -(-nbytes // _ALIGN) * _ALIGN)
+        except OSError:              # kept until the whole mapping goes
+            pass
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -81,7 +87,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not enabled():
         return torch.empty(shape, dtype=dtype)
-    return _Chunk(nbytes).take(nbytes).view(dtype).view(shape)
+    try:
+        return _Chunk(nbytes).take(nbytes).view(dtype).view(shape)
+    except OSError:
+        return torch.empty(shape, dtype=dtype)
 
 
 class HugePageWeights(TorchFunctionMode):
@@ -98,7 +107,7 @@ class HugePageWeights(TorchFunctionMode):
         nbytes = math.prod(shape) * dtype.itemsize
         flat = self.chunk.take(nbytes) if self.chunk is not None else None
         if flat is None:
-            self.chunk = _Chunk(max(_CHUNK, nbytes))
+            self.chunk = _Chunk(max(_CHUNK, nbytes))   # OSError when refused: see __torch_function__
             flat = self.chunk.take(nbytes)
         self.bytes += nbytes
         return flat.view(dtype).view(shape)
@@ -111,7 +120,11 @@ class HugePageWeights(TorchFunctionMode):
                 dtype = kwargs.get("dtype") or torch.get_default_dtype()
                 device = torch.device(kwargs.get("device") or torch.get_default_device())
                 if device.type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
-                    out = self._alloc(shape, dtype)
+                    try:
+                        out = self._alloc(shape, dtype)
+                    except OSError:          # a mapping refused (overcommit limits): malloc's
+                        self.chunk = None
+                        return func(*args, **kwargs)
                     return out.requires_grad_() if kwargs.get("requires_grad") else out
         return func(*args, **kwargs)
 

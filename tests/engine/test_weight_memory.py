@@ -5,6 +5,7 @@ tensors."""
 from __future__ import annotations
 
 import gc
+import mmap
 import sys
 
 import pytest
@@ -181,6 +182,32 @@ def test_a_model_built_on_huge_pages_generates_the_same_tokens(tmp_path, monkeyp
     assert all(advised_huge(p) for p in panels)
     got = [o.outputs[0].token_ids for o in huge.generate(prompts, sp, use_tqdm=False)]
     assert got == expected
+
+
+def test_refused_mappings_fall_back_to_malloc(monkeypatch):
+    """A kernel without THP (madvise: EINVAL) keeps the mapping on plain pages; a mapping refused
+    outright (strict overcommit) gives torch's own allocation: the model builds either way."""
+    def no_thp(self, *args):
+        raise OSError(22, "Invalid argument")
+    real = mmap.mmap
+
+    class NoTHP(real):
+        madvise = no_thp
+    monkeypatch.setattr(weight_memory.mmap, "mmap", NoTHP)
+    with weight_memory.HugePageWeights() as mode:
+        plain = torch.empty(4 << 20, dtype=torch.uint8)
+    assert mode.bytes == 4 << 20 and not advised_huge(plain)
+    plain.fill_(5)
+    assert int(plain.sum()) == 5 * (4 << 20)
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(weight_memory.mmap, "mmap", refused)
+    with weight_memory.HugePageWeights() as mode:
+        a = torch.empty(4 << 20, dtype=torch.uint8)
+    b = weight_memory.empty((4 << 20,), torch.uint8)
+    assert mode.bytes == 0 and a.shape == b.shape == (4 << 20,)
+    assert not advised_huge(a) and not advised_huge(b)
 
 
 def test_off_switch(monkeypatch):
