@@ -243,21 +243,14 @@ def prepare_moe_weights(w13: torch.Tensor, w2: torch.Tensor):
     pass the result to fused_moe_prepared."""
     if w13.device.type != "cpu":
         return (w13, w2)
-    e, i2, h = w13.shape
-    i = i2 // 2
-    if i % 64 or h % 2 or w2.shape != (e, h, i):
-        w13p, w2p = ops_native.pack_moe_weights(w13, w2)         # panels padded at the edges
-        return PackedMoEWeights(w13p, w2p, h, i)
-    # no padding: the same layout copied straight into the weights' own (huge-page) memory
-    w13p = weight_memory.empty((e, i // 64, 2, h // 2, 64, 2), w13.dtype)
-    for half in range(2):
-        w13p[:, :, half].copy_(w13[:, half * i:(half + 1) * i].reshape(e, i // 64, 64, h // 2, 2)
-                               .permute(0, 1, 3, 2, 4))
-    w2p = weight_memory.empty((e, -(-h // 64), i // 2, 64, 2), w2.dtype)
-    if h % 64:
-        w2p.copy_(ops_native.pack_moe_panels(w2))
-    else:
-        w2p.copy_(w2.reshape(e, h // 64, 64, i // 2, 2).permute(0, 1, 3, 2, 4))
+    # ops_native.pack_moe_weights' layout, each panel view copied straight into the weights' own
+    # (huge-page) memory: one pass, no intermediate packed copies
+    h, i = w13.shape[2], w13.shape[1] // 2
+    gate, up, down = (ops_native.moe_panels_view(w) for w in (w13[:, :i], w13[:, i:], w2))
+    w13p = weight_memory.empty((gate.shape[0], gate.shape[1], 2, *gate.shape[2:]), w13.dtype)
+    w13p[:, :, 0].copy_(gate)
+    w13p[:, :, 1].copy_(up)
+    w2p = weight_memory.empty(tuple(down.shape), w2.dtype).copy_(down)
     return PackedMoEWeights(w13p, w2p, h, i)
 
 

@@ -421,11 +421,17 @@ def _fused_moe_experts(hidden, expert, e: int, i: int, topk_weights, topk_ids, a
     return out.to(hidden.dtype)
 
 
+def moe_panels_view(w: torch.Tensor) -> torch.Tensor:
+    """pack_moe_panels(w) as a strided view of w (of a zero-padded copy where N or K need it)."""
+    e, n, k = w.shape
+    if k % 2 or n % PANEL:
+        w = F.pad(w, (0, k % 2, 0, -n % PANEL))
+    return w.reshape(e, w.shape[1] // PANEL, PANEL, w.shape[2] // 2, 2).permute(0, 1, 3, 2, 4)
+
+
 def pack_moe_panels(w: torch.Tensor) -> torch.Tensor:
     """w [E, N, K] -> [E, ceil(N/64), ceil(K/2), 64, 2]: pack_linear_panels of every expert."""
-    e, n, k = w.shape
-    w = F.pad(w, (0, k % 2, 0, -n % PANEL))
-    return w.view(e, w.shape[1] // PANEL, PANEL, w.shape[2] // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+    return moe_panels_view(w).contiguous()
 
 
 def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
