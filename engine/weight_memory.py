@@ -10,7 +10,8 @@ place) is carved from anonymous mappings advised `MADV_HUGEPAGE` instead of mall
 `empty` gives weights made after loading (panels packed out of place, MoE experts) a mapping
 of their own.
 The price is paid at load, where a huge page's first touch can cost more than 512 small ones
-(in that guest ~0.5-1 s a GB more when the host had taken the memory back).
+(in that guest up to ~1.5 s a GB more: small's 268 MB loaded up to 0.4 s slower, medium's 1.7 GB
+up to 1.8 s, when the host had taken the memory back).
 
 Where the kernel runs THP as `madvise` or `always` this puts the weights on huge pages; with
 `never`, or on other systems, the mappings are plain anonymous memory. OCTAVO_HUGE_PAGE_WEIGHTS=0
