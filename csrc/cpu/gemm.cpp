@@ -466,16 +466,29 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
   }
   alignas(64) float scratch[kChunkRows * kPanel];  // [kChunkRows, 64] partial sums
   const int64_t nranges = std::max<int64_t>(1, (kfull + kKPairs - 1) / kKPairs);
+  const c10::BFloat16* x = static_cast<const c10::BFloat16*>(p.x);
+  // the K loops of the ranges before the last, by block rows (no epilogue to run there)
+  static constexpr void (*loops[kMaxPackedMB + 1])(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t,
+                                                    float*, bool, int64_t) = {
+      nullptr, packed_k_loop<1>, packed_k_loop<2>, packed_k_loop<3>, packed_k_loop<4>, packed_k_loop<5>, packed_k_loop<6>};
+  int block_rows[kChunkRows];
   for (int64_t c0 = 0; c0 < p.m; c0 += kChunkRows) {
     const int64_t c1 = std::min(p.m, c0 + kChunkRows);
-    for (int64_t r = 0; r < nranges; ++r) {
-      for (int64_t m0 = c0; m0 < c1;) {
-        const int mb = even_block_rows(c1 - c0, m0 - c0);
-        const PackedRange range{r * kKPairs, (r + 1) * kKPairs, scratch + (m0 - c0) * kPanel,
-                                r == 0, r == nranges - 1, m0 == c0 ? kKPairs : 0};
-        packed_block_bf16_any(p, wp, n0, m0, mb, range);
-        m0 += mb;
-      }
+    int nblocks = 0;  // the chunk's row blocks, cut once (even_block_rows divides)
+    for (int64_t m0 = c0; m0 < c1; m0 += block_rows[nblocks++]) block_rows[nblocks] = even_block_rows(c1 - c0, m0 - c0);
+    for (int64_t r = 0; r + 1 < nranges; ++r) {
+      const int64_t kk0 = r * kKPairs;
+      int64_t m0 = c0;
+      for (int b = 0; b < nblocks; m0 += block_rows[b++])
+        loops[block_rows[b]](wp + kk0 * 2 * kPanel, x + m0 * p.x_stride + 2 * kk0, p.x_stride, kKPairs,
+                             scratch + (m0 - c0) * kPanel, r == 0, b == 0 ? kKPairs : 0);
+    }
+    const int64_t r = nranges - 1;
+    int64_t m0 = c0;
+    for (int b = 0; b < nblocks; m0 += block_rows[b++]) {
+      const PackedRange range{r * kKPairs, (r + 1) * kKPairs, scratch + (m0 - c0) * kPanel, r == 0, true,
+                              b == 0 ? kKPairs : 0};
+      packed_block_bf16_any(p, wp, n0, m0, block_rows[b], range);
     }
   }
 }
