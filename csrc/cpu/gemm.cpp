@@ -291,13 +291,15 @@ struct PackedRange {
   int64_t prefetch_pairs;  // prefetch the weights this many K pairs ahead (0: none)
 };
 
-// The K loop of an MB x 64 block (MB <= 6) in inline assembly: sums [MB, 64] fp32 (row stride 64)
-// are zeroed (first) or loaded, n K pairs of the panel (w: 256 bytes a pair) and of x's rows (x,
-// row stride xs bytes) are accumulated, and the sums stored back. Accumulators zmm0-23, the pair
-// row's four weight vectors zmm24-27, the broadcast x pair zmm31. The same loop from intrinsics
-// (packed_step) ran at 430-434 GFLOP/s against 446-453 on the Zen 4 VM (M = 2016, K = 2048,
-// N = 2304, weights hot, alternated 3x, 2026-12-05); the compiler's version differs only in
-// scheduling and addressing. prefetch: bytes ahead of w to pull the pair row into L2 (0: none).
+// The K loop of an MB x 64 block (MB <= 6) in inline assembly: packed_k_loop<MB>(wk, xk, x_stride,
+// pairs, sums, zero, prefetch_pairs) zeroes (zero) or loads the sums [MB, 64] fp32 (row stride 64),
+// adds `pairs` K pairs, from the panel's pair row at wk on (256 bytes a pair) and from x's MB rows
+// at xk on (row stride x_stride elements), and stores the sums back; prefetch_pairs > 0: each
+// pair row also pulls the one that many pairs ahead into L2. Accumulators zmm0-23, the pair row's
+// four weight vectors zmm24-27, the broadcast x pair zmm31: the instructions of the intrinsics
+// (packed_step), which GCC schedules and addresses differently; the same 6 x 4 block ran at
+// 430-434 GFLOP/s from intrinsics and 446-453 from this loop (Zen 4 VM, M = 2016, K = 2048,
+// N = 2304, weights hot, alternated 3 times, 2026-12-05).
 #define OCTAVO_ROW_ADDR_0 "(%[x])"
 #define OCTAVO_ROW_ADDR_1 "(%[x],%[xs],1)"
 #define OCTAVO_ROW_ADDR_2 "(%[x],%[xs],2)"
