@@ -82,9 +82,10 @@ def test_killed_worker_raises_naming_the_rank_and_leaves_no_process(llama_dir):
 
 
 _CTRL_C_DRIVER = textwrap.dedent('''
-    import sys
+    import faulthandler, signal, sys
     from octavo import LLM, SamplingParams
     if __name__ == "__main__":
+        faulthandler.register(signal.SIGUSR1, all_threads=True)   # the test's dump if it hangs
         llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory=1 << 22,
                   tensor_parallel_size=2)
         print(*[p.pid for p in llm.llm_engine.executor.procs], flush=True)
@@ -105,7 +106,13 @@ def test_a_driver_stopped_by_ctrl_c_or_killed_leaves_no_worker(llama_dir, tmp_pa
         assert len(pids) == 2, proc.stderr.read()
         time.sleep(1.0)
         proc.send_signal(sig)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # say where the driver hangs (every thread's stack)
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2.0)
+            proc.kill()
+            pytest.fail(f"the driver did not exit within 60 s of {sig.name}:\n{proc.communicate()[1][-6000:]}")
         if sig == signal.SIGINT:
             assert "KeyboardInterrupt" in proc.stderr.read()
         assert not _wait_gone(pids)
