@@ -148,8 +148,9 @@ PACKED_DTYPES = [torch.bfloat16, torch.float32]
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 # every row blocking: blocks of up to 6 rows cut evenly (7 = 4 + 3, 11 = 6 + 5, 32 = 6 + 6 + 5 x 4),
-# row chunks of 96 (109 = 96 + 5 + 4 + 4), AMX 16-row blocks and their partial tails
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 15, 16, 17, 32, 33, 100, 109, 300])
+# one chunk's prefetch split over 3, 4, 5 and 6 blocks (15, 20, 26, 32), row chunks of 96
+# (109 = 96 + 5 + 4 + 4), AMX 16-row blocks and their partial tails
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 15, 16, 17, 20, 26, 32, 33, 100, 109, 300])
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_packed(dtype, m, k, n, bias):
