@@ -6,7 +6,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("lab", ["activation", "rotary_embedding", "reshape_and_cache"])
+@pytest.mark.parametrize("lab", ["activation", "rotary_embedding", "reshape_and_cache", "decode_gemms"])
 def test_lab_quick(lab):
     res = subprocess.run([sys.executable, "-m", f"octavo.bench.kernels.{lab}", "--quick"],
                          capture_output=True, text=True, timeout=300)
