@@ -86,6 +86,9 @@ _CTRL_C_DRIVER = textwrap.dedent('''
     from octavo import LLM, SamplingParams
     if __name__ == "__main__":
         faulthandler.register(signal.SIGUSR1, all_threads=True)   # the test's dump if it hangs
+        # Ctrl-C as in a terminal, even where pytest runs in a background job (`cmd &` in a
+        # script), whose children inherit SIGINT ignored and would never see it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory=1 << 22,
                   tensor_parallel_size=2)
         print(*[p.pid for p in llm.llm_engine.executor.procs], flush=True)
