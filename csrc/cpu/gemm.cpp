@@ -293,7 +293,7 @@ struct PackedRange {
 };
 
 // The K loop of an MB x 64 block (MB <= 6) in inline assembly: packed_k_loop<MB>(wk, xk, x_stride,
-// pairs, sums, zero, prefetch_pairs) zeroes (zero) or loads the sums [MB, 64] fp32 (row stride 64),
+// pairs, sums, zero, prefetch_pairs, prefetch_line, prefetch_lines) zeroes (zero) or loads the sums [MB, 64] fp32 (row stride 64),
 // adds `pairs` K pairs, from the panel's pair row at wk on (256 bytes a pair) and from x's MB rows
 // at xk on (row stride x_stride elements), and stores the sums back; prefetch_pairs > 0: each
 // pair row also pulls prefetch_lines (1, 2 or 4) of the 64-byte lines of the one that many pairs
@@ -541,8 +541,8 @@ static void packed_panel_bf16(const LinearParams& p, const c10::BFloat16* wp, in
     // faster, M = 16 1.05-1.15x; Zen 4 VM, 2026-12-05); row chunks of prefill read their panel
     // back from L2 after the first and keep it on the first block (level or 1-2% better there).
     const int pf_blocks = p.m <= kChunkRows ? std::min(nblocks, 4) : 1;
-    auto pf_lines = [&](int b) { return b >= pf_blocks ? 0 : pf_blocks == 1 ? 4 : pf_blocks == 2 || (pf_blocks == 3 && b == 0) ? 2 : 1; };
-    auto pf_line = [&](int b) { return pf_blocks == 2 ? 2 * b : pf_blocks == 3 && b > 0 ? b + 1 : b; };
+    auto pf_line = [&](int b) { return (4 * b + pf_blocks - 1) / pf_blocks; };  // block b's first line
+    auto pf_lines = [&](int b) { return pf_line(b + 1) - pf_line(b); };
     auto pf_pairs = [&](int b) -> int64_t { return b < pf_blocks ? kKPairs : 0; };
     for (int64_t r = 0; r + 1 < nranges; ++r) {
       const int64_t kk0 = r * kKPairs;
