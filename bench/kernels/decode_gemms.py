@@ -10,7 +10,7 @@ GB/s = weight bytes streamed per second.
 """
 import torch
 
-from octavo import ops_native, weight_memory
+from octavo import ops, ops_native
 from octavo.bench.kernels.common import check, copy_bandwidth, parse, parser, report, time_fn
 
 # hidden, ffn, layers, qkv outputs, vocab: the peers' random Llamas (../shared/peers)
@@ -18,9 +18,8 @@ PRESETS = {"small": (768, 2048, 12, 2304, 32000), "medium": (2048, 5632, 16, 307
 
 
 def packed(n: int, k: int, g: torch.Generator) -> torch.Tensor:
-    w = ops_native.pack_linear_panels(torch.randn(n, k, generator=g, dtype=torch.bfloat16) * k ** -0.5)
-    out = weight_memory.empty(tuple(w.shape), torch.bfloat16)
-    return out.copy_(w)
+    # ops.pack_linear_panels: the engine's packing, into octavo.weight_memory's placement
+    return ops.pack_linear_panels(torch.randn(n, k, generator=g, dtype=torch.bfloat16) * k ** -0.5)
 
 
 def main():
@@ -44,11 +43,11 @@ def main():
           f"{len(shapes)} GEMMs + LM head, threads={torch.get_num_threads()}, "
           f"copy bandwidth {copy_gbs:.1f} GB/s")
     layer_bytes = sum(n * k * 2 for n, k in shapes)
+    w_down = ops_native.unpack_linear_panels(weights[0][3], h, f)  # the check's plain weight
     for m in rows:
         xs = {k: torch.randn(m, k, generator=g, dtype=torch.bfloat16) for k in (h, f)}
         outs = {n: torch.empty(m, n, dtype=torch.bfloat16) for n in (qkv, h, 2 * f, vocab)}
         # the packed op against the plain linear on the unpacked weight (first layer, down)
-        w_down = ops_native.unpack_linear_panels(weights[0][3], h, f)
         x = xs[f]
         torch.ops.octavo.linear_packed(outs[h], x, weights[0][3], None)
         check(f"M={m} down", outs[h], ops_native.linear(x, w_down, None),
