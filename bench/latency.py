@@ -7,6 +7,10 @@ is timed from submitting the batch to its last token. TTFT and TPOT come from th
 iterations: the engine is driven by its own step() loop (what LLM.generate does, minus the
 progress bar) and the wall time at which each request's first token comes out is recorded.
 TTFT of a request = first token time - submit time; TPOT = (end - first token) / (output_len - 1).
+Every batch (warm-up, timed, profiled) starts from an empty prefix cache: the same prompts
+again would otherwise find their blocks cached, and TTFT would be a cached prompt's (vLLM's
+suite reuses its prompts the same way, but reports no TTFT). The record's `prefix_hits` counts
+the prompt tokens found cached over the run (those shared inside one batch, as with --prompt).
 
 --temperature T (default 1) and --prompt TEXT (every request's prompt, instead of random tokens)
 make workloads where speculative decoding (--speculative-config) can help; its acceptance rate
@@ -35,6 +39,8 @@ def run_batch(engine: Any, prompts: list[list[int]], params: Any, tag: str
               ) -> tuple[float, list[float], list[float]]:
     """One batch through engine.step(): (latency, per-request TTFTs, per-request TPOTs)."""
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    if not engine.reset_prefix_cache():
+        raise RuntimeError("a latency batch must start with no request running")
     start = time.perf_counter()
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, {"prompt_token_ids": p}, params)
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "avg_ttft": statistics.mean(ttfts), "ttft_percentiles": percentiles(ttfts, PERCENTILES),
               "avg_tpot": statistics.mean(tpots), "tpot_percentiles": percentiles(tpots, PERCENTILES),
               "ttft_method": "LLMEngine.step loop, wall time of each request's first token",
+              "prefix_hits": engine.kv.prefix_hits,
               "weight_bytes": engine_weight_bytes(engine), "engine": engine_kwargs(args)}
     if profile is not None:
         record["profile"] = profile

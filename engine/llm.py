@@ -114,6 +114,10 @@ class LLM:
     def list_loras(self) -> set[int]:
         return self.llm_engine.list_loras()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (as vLLM's): False while requests still hold KV blocks."""
+        return self.llm_engine.reset_prefix_cache()
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         done: dict[str, RequestOutput] = {}

@@ -242,6 +242,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's LLM.reset_prefix_cache): later prompts are
+        computed whole. Returns False, changing nothing, while a request holds KV blocks."""
+        return self.kv.reset_prefix_cache()
+
     def get_num_unfinished_requests(self) -> int:
         return len(self.parents)
 

@@ -25,6 +25,18 @@ def test_latency_fields(llama_dir, tmp_path, capsys):
     assert "99% percentile latency" in text and "Avg time to first token" in text
 
 
+def test_latency_batches_do_not_hit_the_prefix_cache(llama_dir, tmp_path):
+    # 40-token prompts hold two full 16-token blocks: reused across batches they would be found
+    # cached from the second batch on, and TTFT would time a cached prompt
+    out = tmp_path / "lat.jsonl"
+    latency.main(["--model", llama_dir, "--input-len", "40", "--output-len", "3",
+                  "--batch-size", "2", "--num-iters-warmup", "1", "--num-iters", "2",
+                  "--output-json", str(out)])
+    (r,) = [json.loads(line) for line in open(out)]
+    assert r["engine"].get("enable_prefix_caching", True) is not False
+    assert r["prefix_hits"] == 0
+
+
 def test_latency_with_speculative_decoding_reports_acceptance(llama_dir, tmp_path, capsys):
     out = tmp_path / "lat.jsonl"
     latency.main(["--model", llama_dir, "--prompt", "a b c a b c a b c a b", "--temperature",

@@ -59,6 +59,29 @@ def test_prefix_caching_on_and_off(llama_dir, alone):
     assert off.llm_engine.kv.prefix_hits == 0
 
 
+def test_reset_prefix_cache(llama_dir):
+    # vLLM's LLM.reset_prefix_cache: after it the same prompt is computed whole, with the same
+    # tokens; refused (False, nothing changed) while a request holds blocks
+    llm = make_llm(llama_dir, block_size=4)
+    prompt = "The capital of France is Paris. The capital of Italy is Rome."
+    first = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    second = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens > 0
+    assert llm.reset_prefix_cache()
+    third = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert third.num_cached_tokens == 0
+    assert third.outputs[0].token_ids == second.outputs[0].token_ids == first.outputs[0].token_ids
+    engine = llm.llm_engine
+    engine.add_request("held", prompt, GREEDY)
+    engine.step()                                     # the prompt's blocks are allocated
+    hits = engine.kv.prefix_hits
+    assert not llm.reset_prefix_cache()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens > 0   # kept
+    assert engine.kv.prefix_hits > hits
+
+
 def test_preemption_keeps_outputs(llama_dir, alone):
     # 16 blocks of 4 tokens: eight requests cannot all hold their blocks at once
     engine_kw = dict(block_size=4, max_model_len=64, max_num_seqs=8)
